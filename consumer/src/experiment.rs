@@ -1,0 +1,293 @@
+//! Running an experiment on an unpacked package: the cargo steps of its mode, each in its own
+//! process group with a cleared environment, under one deadline for the whole job, the output of
+//! every step captured (up to a limit) into the job's log.
+//!
+//! Resolution (`cargo fetch`) failing means the package is broken; a failing build or test step
+//! is the package's outcome. Hitting the deadline kills the whole process tree.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use quarry_shared::job::{Mode, Outcome, Toolchain};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+/// The environment every step runs in.
+#[derive(Debug, Clone)]
+pub struct CargoEnv {
+    /// The consumer's own cargo home: registry configuration and the download cache, shared by
+    /// its jobs so a dependency is downloaded once per consumer.
+    pub cargo_home: PathBuf,
+    pub rustup_home: PathBuf,
+    /// Directories holding `cargo` and `rustup` (the rustup proxies).
+    pub path: String,
+    pub log_limit_bytes: usize,
+}
+
+/// What running the experiment produced.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub log: String,
+}
+
+struct Step {
+    args: &'static [&'static str],
+    /// The outcome if this step fails.
+    on_failure: Outcome,
+}
+
+fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
+    let fetch = Step {
+        args: &["fetch"],
+        on_failure: Outcome::Broken,
+    };
+    let build = |args| Step {
+        args,
+        on_failure: Outcome::BuildFail,
+    };
+    match mode {
+        Mode::Check => (
+            vec![fetch, build(&["check", "--frozen"])],
+            Outcome::BuildPass,
+        ),
+        Mode::Build => (
+            vec![fetch, build(&["build", "--frozen"])],
+            Outcome::BuildPass,
+        ),
+        Mode::Clippy => (
+            vec![fetch, build(&["clippy", "--frozen"])],
+            Outcome::BuildPass,
+        ),
+        Mode::Doc => (
+            vec![fetch, build(&["doc", "--frozen", "--no-deps"])],
+            Outcome::BuildPass,
+        ),
+        Mode::Test => (
+            vec![
+                fetch,
+                build(&["build", "--frozen", "--all-targets"]),
+                Step {
+                    args: &["test", "--frozen"],
+                    on_failure: Outcome::TestFail,
+                },
+            ],
+            Outcome::TestPass,
+        ),
+    }
+}
+
+/// Runs `mode`'s steps in `package_dir` with `toolchain`, building into `target_dir`.
+pub async fn run(
+    env: &CargoEnv,
+    package_dir: &Path,
+    target_dir: &Path,
+    toolchain: &Toolchain,
+    mode: Mode,
+    timeout: Duration,
+) -> std::io::Result<Execution> {
+    let deadline = Instant::now() + timeout;
+    let log = Arc::new(Mutex::new(Log::new(env.log_limit_bytes)));
+    let (steps, success) = steps(mode);
+    for step in steps {
+        let toolchain_arg = format!("+{toolchain}");
+        let mut args = vec![toolchain_arg.as_str()];
+        args.extend(step.args);
+        log_line(&log, &format!("$ cargo {}\n", args.join(" ")));
+        let status = run_step(env, package_dir, target_dir, &args, deadline, &log).await?;
+        match status {
+            StepStatus::TimedOut => {
+                log_line(
+                    &log,
+                    &format!(
+                        "\nquarry: killed after the time limit of {}s\n",
+                        timeout.as_secs()
+                    ),
+                );
+                return Ok(finish(&log, Outcome::Timeout, None));
+            }
+            StepStatus::Exited(0) => {}
+            StepStatus::Exited(code) => return Ok(finish(&log, step.on_failure, Some(code))),
+            StepStatus::Signalled(signal) => {
+                log_line(&log, &format!("\nquarry: step killed by signal {signal}\n"));
+                return Ok(finish(&log, step.on_failure, None));
+            }
+        }
+    }
+    Ok(finish(&log, success, Some(0)))
+}
+
+fn finish(log: &Mutex<Log>, outcome: Outcome, exit_code: Option<i32>) -> Execution {
+    Execution {
+        outcome,
+        exit_code,
+        log: lock(log).text(),
+    }
+}
+
+enum StepStatus {
+    Exited(i32),
+    Signalled(i32),
+    TimedOut,
+}
+
+async fn run_step(
+    env: &CargoEnv,
+    dir: &Path,
+    target_dir: &Path,
+    args: &[&str],
+    deadline: Instant,
+    log: &Arc<Mutex<Log>>,
+) -> std::io::Result<StepStatus> {
+    let mut command = Command::new("cargo");
+    command
+        .args(args)
+        .current_dir(dir)
+        // Nothing of the consumer's environment (credentials included) reaches the package.
+        .env_clear()
+        .env("PATH", &env.path)
+        .env("HOME", env.cargo_home.parent().unwrap_or(&env.cargo_home))
+        .env("CARGO_HOME", &env.cargo_home)
+        .env("RUSTUP_HOME", &env.rustup_home)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .env("CARGO_TERM_COLOR", "never")
+        .env("CARGO_INCREMENTAL", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills rustc, build scripts and tests too.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let group = ProcessGroup(child.id().map(|id| Pid::from_raw(id as i32)));
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|out| tokio::spawn(capture(out, log.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|err| tokio::spawn(capture(err, log.clone()))),
+    ];
+    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
+        Ok(status) => status?,
+        Err(_) => {
+            group.kill();
+            child.wait().await?;
+            for reader in readers.into_iter().flatten() {
+                reader.abort();
+            }
+            return Ok(StepStatus::TimedOut);
+        }
+    };
+    // Leftover processes of the step (a daemonized build script) die with it.
+    group.kill();
+    for reader in readers.into_iter().flatten() {
+        // The pipes close once every process holding them is gone; do not wait past that.
+        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    }
+    Ok(
+        match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => StepStatus::Exited(code),
+            (None, Some(signal)) => StepStatus::Signalled(signal),
+            (None, None) => StepStatus::Exited(-1),
+        },
+    )
+}
+
+/// Kills a whole process group when asked, and when dropped (a cancelled job).
+struct ProcessGroup(Option<Pid>);
+
+impl ProcessGroup {
+    fn kill(&self) {
+        if let Some(pid) = self.0 {
+            // ESRCH (already gone) is the common, harmless case.
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn capture(mut stream: impl AsyncRead + Unpin, log: Arc<Mutex<Log>>) {
+    let mut buffer = vec![0u8; 8192];
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => lock(&log).push(&buffer[..n]),
+        }
+    }
+}
+
+fn log_line(log: &Mutex<Log>, text: &str) {
+    lock(log).push(text.as_bytes());
+}
+
+fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
+    // Appending bytes cannot leave the log inconsistent, so a poisoned lock is still usable.
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Captured output, cut at a limit with a marker saying how much was dropped.
+struct Log {
+    bytes: Vec<u8>,
+    limit: usize,
+    dropped: u64,
+}
+
+impl Log {
+    fn new(limit: usize) -> Log {
+        Log {
+            bytes: Vec::new(),
+            limit,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let room = self.limit.saturating_sub(self.bytes.len());
+        let kept = chunk.len().min(room);
+        self.bytes.extend_from_slice(&chunk[..kept]);
+        self.dropped += (chunk.len() - kept) as u64;
+    }
+
+    fn text(&self) -> String {
+        let mut text = String::from_utf8_lossy(&self.bytes).into_owned();
+        if self.dropped > 0 {
+            text.push_str(&format!(
+                "\n[quarry: output truncated, {} more bytes dropped]\n",
+                self.dropped
+            ));
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_is_cut_with_a_marker() {
+        let mut log = Log::new(4);
+        log.push(b"abcdef");
+        log.push(b"gh");
+        let text = log.text();
+        assert!(text.starts_with("abcd\n"), "{text}");
+        assert!(text.contains("4 more bytes dropped"), "{text}");
+    }
+}

@@ -1,0 +1,388 @@
+//! The consumer: takes jobs from the work queue and turns each into exactly one result.
+//!
+//! For each delivery: parse the job (poison messages go to the dead-letter queue with the
+//! reason), skip it if it already has a result (a redelivery), fetch the `.crate` through S3,
+//! unpack it into a scratch directory, run the experiment, write the result to PostgreSQL, and
+//! only after that commit ack the delivery. An infrastructure failure is recorded as a failed
+//! attempt and the delivery goes back to the queue; after the last attempt the job gets an
+//! `error` result and its message is dead-lettered with the reason.
+//!
+//! On SIGTERM the consumer stops taking deliveries and lets the jobs in hand finish within the
+//! grace period; a job still running after it is killed and its delivery, never acked, is
+//! redelivered by the broker.
+
+mod experiment;
+mod fetch;
+mod unpack;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use quarry_shared::Config;
+use quarry_shared::job::{Job, Outcome, Toolchain};
+use quarry_shared::queue::{Broker, Publisher};
+use quarry_shared::registry::RegistryClient;
+use quarry_shared::s3::CrateBucket;
+use quarry_shared::store::{NewResult, Store};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub use experiment::{CargoEnv, Execution};
+pub use fetch::{FetchError, Fetcher, Source};
+
+/// Attempts at a job before it is given an `error` result and dead-lettered.
+pub const MAX_ATTEMPTS: i32 = 3;
+
+/// What one consumer did before it stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    pub results: u64,
+    pub duplicates_skipped: u64,
+    pub dead_lettered: u64,
+    pub attempts_failed: u64,
+}
+
+/// Why a job could not be run this time: Quarry's fault, not the package's.
+struct InfraError(String);
+
+struct Worker {
+    name: String,
+    store: Store,
+    publisher: Publisher,
+    fetcher: Fetcher,
+    cargo: CargoEnv,
+    jobs_dir: PathBuf,
+    /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
+    toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
+    stats: std::sync::Mutex<ConsumerStats>,
+}
+
+/// Consumes jobs until `shutdown` is cancelled (or the broker connection fails).
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ConsumerStats> {
+    let name = config.consumer.name.clone().unwrap_or_else(default_name);
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let broker = Broker::connect(&config.rabbitmq).await?;
+    let publisher = broker.publisher().await?;
+    let bucket = CrateBucket::new(&config.s3);
+    if let Err(err) = bucket.ensure_exists().await {
+        tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
+    }
+    let registry = RegistryClient::new(&config.registry)?;
+    let cargo = prepare_cargo_home(config, &name)?;
+    let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
+    std::fs::create_dir_all(&jobs_dir)
+        .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
+
+    let worker = Arc::new(Worker {
+        name: name.clone(),
+        store,
+        publisher,
+        fetcher: Fetcher::new(bucket, registry),
+        cargo,
+        jobs_dir,
+        toolchains: Mutex::new(HashMap::new()),
+        stats: Default::default(),
+    });
+    let concurrency = config.consumer.concurrency.max(1);
+    let (_channel, deliveries) = broker.consume(concurrency, &name).await?;
+    tracing::info!(consumer = %name, concurrency, "consuming jobs");
+
+    let work = deliveries
+        .take_until(shutdown.clone().cancelled_owned())
+        .for_each_concurrent(usize::from(concurrency), |delivery| {
+            let worker = worker.clone();
+            async move {
+                match delivery {
+                    Ok(delivery) => worker.handle(delivery).await,
+                    Err(err) => tracing::error!(%err, "delivery failed"),
+                }
+            }
+        });
+    tokio::pin!(work);
+    tokio::select! {
+        () = &mut work => {
+            if !shutdown.is_cancelled() {
+                tracing::warn!("the broker ended the delivery stream");
+            }
+        }
+        () = shutdown.cancelled() => {
+            let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
+            if tokio::time::timeout(grace, &mut work).await.is_err() {
+                tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
+            }
+        }
+    }
+    // Closing the connection returns every unacked delivery to the queue.
+    broker.close().await;
+    let stats = *worker.stats.lock().unwrap_or_else(|p| p.into_inner());
+    tracing::info!(consumer = %name, ?stats, "consumer stopped");
+    Ok(stats)
+}
+
+impl Worker {
+    async fn handle(&self, delivery: Delivery) {
+        if let Err(err) = self.process(&delivery).await {
+            // The result could not be recorded (database down?): let another attempt do it.
+            tracing::error!(error = %format!("{err:#}"), "job not processed; returning it to the queue");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Err(err) = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+            {
+                tracing::error!(%err, "cannot return the delivery; the broker will redeliver it");
+            }
+        }
+    }
+
+    fn count(&self, update: impl FnOnce(&mut ConsumerStats)) {
+        update(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        let job = match Job::from_message(&delivery.data) {
+            Ok(job) => job,
+            Err(invalid) => {
+                tracing::warn!(reason = %invalid, "dead-lettering an invalid message");
+                self.publisher
+                    .dead_letter(&delivery.data, &invalid.0)
+                    .await?;
+                self.count(|s| s.dead_lettered += 1);
+                return ack(delivery).await;
+            }
+        };
+        if self.store.has_result(job.id).await? {
+            tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
+            self.count(|s| s.duplicates_skipped += 1);
+            return ack(delivery).await;
+        }
+        if !self.store.job_exists(job.id).await? {
+            let reason = format!(
+                "job {} is not recorded in the database (run deleted?)",
+                job.id
+            );
+            self.publisher.dead_letter(&delivery.data, &reason).await?;
+            self.count(|s| s.dead_lettered += 1);
+            return ack(delivery).await;
+        }
+
+        let attempt = self.store.start_attempt(&job, &self.name).await?;
+        tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
+        let started = Instant::now();
+        let execution = self.execute(&job).await;
+        let duration = started.elapsed();
+        let execution = match execution {
+            Ok(execution) => execution,
+            Err(InfraError(reason)) => {
+                self.store
+                    .record_attempt_failed(&job, attempt, &self.name, &reason)
+                    .await?;
+                self.count(|s| s.attempts_failed += 1);
+                if attempt < MAX_ATTEMPTS {
+                    tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; job goes back to the queue");
+                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await?;
+                    return Ok(());
+                }
+                let reason = format!("gave up after {attempt} attempts: {reason}");
+                self.publisher.dead_letter(&delivery.data, &reason).await?;
+                self.store
+                    .record_dead_lettered(&job, &self.name, &reason)
+                    .await?;
+                self.count(|s| s.dead_lettered += 1);
+                Execution {
+                    outcome: Outcome::Error,
+                    exit_code: None,
+                    log: reason,
+                }
+            }
+        };
+        let recorded = self
+            .store
+            .record_result(&NewResult {
+                job_id: job.id,
+                run_id: job.run_id,
+                outcome: execution.outcome,
+                exit_code: execution.exit_code,
+                duration,
+                attempt,
+                consumer: self.name.clone(),
+                log: execution.log,
+            })
+            .await?;
+        if recorded {
+            self.count(|s| s.results += 1);
+            tracing::info!(job = %job.id, package = %job.package, outcome = %execution.outcome, ?duration, "job finished");
+        } else {
+            self.count(|s| s.duplicates_skipped += 1);
+        }
+        // Only now, with the result committed, is the message done with.
+        ack(delivery).await
+    }
+
+    async fn execute(&self, job: &Job) -> Result<Execution, InfraError> {
+        self.check_toolchain(&job.toolchain).await?;
+        let archive = match self.fetcher.fetch(&job.package).await {
+            Ok((bytes, source)) => {
+                tracing::debug!(package = %job.package, ?source, "crate fetched");
+                bytes
+            }
+            Err(FetchError::Missing(why)) => return Ok(broken(why)),
+            Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
+        };
+        let scratch = self.jobs_dir.join(job.id.to_string());
+        let _cleanup = ScratchDir::create(&scratch)
+            .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
+        let root = format!("{}-{}", job.package.name, job.package.version);
+        let unpack_into = scratch.join("src");
+        let package_dir = match tokio::task::spawn_blocking(move || {
+            unpack::unpack(&archive, &unpack_into, &root)
+        })
+        .await
+        {
+            Ok(Ok(dir)) => dir,
+            Ok(Err(why)) => return Ok(broken(format!("cannot unpack the package: {why}"))),
+            Err(err) => return Err(InfraError(format!("unpacking panicked: {err}"))),
+        };
+        experiment::run(
+            &self.cargo,
+            &package_dir,
+            &scratch.join("target"),
+            &job.toolchain,
+            job.experiment.mode,
+            Duration::from_secs(job.experiment.timeout_secs),
+        )
+        .await
+        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))
+    }
+
+    /// Checks once per consumer that a toolchain is installed and answers.
+    async fn check_toolchain(&self, toolchain: &Toolchain) -> Result<(), InfraError> {
+        let mut known = self.toolchains.lock().await;
+        let state = match known.get(toolchain) {
+            Some(state) => state.clone(),
+            None => {
+                let state = probe_toolchain(&self.cargo, toolchain).await;
+                match &state {
+                    Ok(version) => tracing::info!(%toolchain, %version, "toolchain ready"),
+                    Err(why) => tracing::error!(%toolchain, %why, "toolchain unusable"),
+                }
+                known.insert(toolchain.clone(), state.clone());
+                state
+            }
+        };
+        state.map(drop).map_err(InfraError)
+    }
+}
+
+async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {
+    let output = tokio::process::Command::new("cargo")
+        .arg(format!("+{toolchain}"))
+        .arg("--version")
+        .env_clear()
+        .env("PATH", &cargo.path)
+        .env("CARGO_HOME", &cargo.cargo_home)
+        .env("RUSTUP_HOME", &cargo.rustup_home)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "toolchain {toolchain} is not usable on this consumer: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+fn broken(why: String) -> Execution {
+    Execution {
+        outcome: Outcome::Broken,
+        exit_code: None,
+        log: format!("quarry: {why}\n"),
+    }
+}
+
+async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .context("cannot ack the delivery")?;
+    Ok(())
+}
+
+/// A job's scratch directory, removed when the job is done with it (whatever happened).
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(path: &std::path::Path) -> std::io::Result<ScratchDir> {
+        if path.exists() {
+            std::fs::remove_dir_all(path)?;
+        }
+        std::fs::create_dir_all(path)?;
+        Ok(ScratchDir(path.to_owned()))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(dir = %self.0.display(), %err, "cannot remove a scratch directory");
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "consumer".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Sets up the consumer's cargo home: where cargo keeps downloaded dependencies, and the source
+/// replacement that points cargo at the configured registry instead of crates.io.
+fn prepare_cargo_home(config: &Config, name: &str) -> anyhow::Result<CargoEnv> {
+    let home = config.consumer.work_dir.join(name);
+    let cargo_home = home.join("cargo-home");
+    std::fs::create_dir_all(&cargo_home)
+        .with_context(|| format!("cannot create {}", cargo_home.display()))?;
+    let mut cargo_config = String::from("[term]\ncolor = \"never\"\n[net]\nretry = 3\n");
+    if !config.registry.is_crates_io() {
+        let index = config.registry.index_url.trim_start_matches("sparse+");
+        cargo_config.push_str(&format!(
+            "[source.crates-io]\nreplace-with = \"quarry-registry\"\n\
+             [source.quarry-registry]\nregistry = \"sparse+{index}\"\n"
+        ));
+    }
+    std::fs::write(cargo_home.join("config.toml"), cargo_config)?;
+    let user_home = std::env::var_os("HOME").map(PathBuf::from);
+    let rustup_home = std::env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| user_home.as_ref().map(|h| h.join(".rustup")))
+        .context("cannot find the rustup home: set RUSTUP_HOME")?;
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    Ok(CargoEnv {
+        cargo_home: std::path::absolute(&cargo_home)?,
+        rustup_home,
+        path,
+        log_limit_bytes: config.consumer.log_limit_bytes,
+    })
+}

@@ -1,0 +1,57 @@
+//! `quarry-consumer`: one worker of the fleet. A thin command line over the `quarry_consumer`
+//! library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use quarry_shared::Config;
+use quarry_shared::config::ConfigArgs;
+
+/// Takes Quarry jobs from RabbitMQ, fetches each package through the S3 cache, runs the
+/// experiment and records its outcome in PostgreSQL before acknowledging the job. Runs until
+/// SIGINT or SIGTERM, then finishes (or gives back) the jobs in hand and exits 0.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Name in logs and the event log [default: <hostname>-<pid>].
+    #[arg(long, env = "QUARRY_CONSUMER_NAME")]
+    name: Option<String>,
+    /// Jobs run at once by this process.
+    #[arg(long, env = "QUARRY_CONSUMER_CONCURRENCY")]
+    concurrency: Option<u16>,
+    /// Directory for the cargo home and job scratch space.
+    #[arg(long, env = "QUARRY_CONSUMER_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    quarry_shared::telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = Config::load(&cli.config)?;
+    if let Some(name) = cli.name {
+        config.consumer.name = Some(name);
+    }
+    if let Some(concurrency) = cli.concurrency {
+        config.consumer.concurrency = concurrency;
+    }
+    if let Some(work_dir) = cli.work_dir {
+        config.consumer.work_dir = work_dir;
+    }
+    let shutdown = quarry_shared::shutdown::on_signal()?;
+    quarry_consumer::run(&config, shutdown).await?;
+    Ok(())
+}

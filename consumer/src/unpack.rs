@@ -1,0 +1,114 @@
+//! Unpacking a `.crate` (a gzipped tar) into a job's scratch directory, refusing what a package
+//! archive has no business containing: links, devices, paths that escape the directory, and
+//! archives that expand past the size or entry limits.
+
+use std::path::{Component, Path, PathBuf};
+
+const MAX_ENTRIES: usize = 100_000;
+const MAX_UNPACKED_BYTES: u64 = 1 << 30;
+
+/// Unpacks `archive` into `into` and returns the package's root (`<into>/<name>-<version>`).
+pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(into).map_err(|e| format!("cannot create {}: {e}", into.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    tar.set_preserve_permissions(false);
+    tar.set_unpack_xattrs(false);
+    let mut total: u64 = 0;
+    let entries = tar
+        .entries()
+        .map_err(|e| format!("not a tar archive: {e}"))?;
+    for (n, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| format!("corrupt archive: {e}"))?;
+        if n >= MAX_ENTRIES {
+            return Err(format!("archive has more than {MAX_ENTRIES} entries"));
+        }
+        let path = entry
+            .path()
+            .map_err(|e| format!("bad path in archive: {e}"))?
+            .into_owned();
+        if path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(format!(
+                "archive entry {} escapes the package directory",
+                path.display()
+            ));
+        }
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(format!(
+                "archive entry {} is a {:?}, not a file or directory",
+                path.display(),
+                kind
+            ));
+        }
+        total = total.saturating_add(entry.header().size().unwrap_or(u64::MAX));
+        if total > MAX_UNPACKED_BYTES {
+            return Err(format!(
+                "archive expands past {} MiB",
+                MAX_UNPACKED_BYTES >> 20
+            ));
+        }
+        entry
+            .unpack_in(into)
+            .map_err(|e| format!("cannot unpack {}: {e}", path.display()))?;
+    }
+    let root = into.join(expected_root);
+    if root.join("Cargo.toml").is_file() {
+        Ok(root)
+    } else {
+        Err(format!(
+            "archive has no {expected_root}/Cargo.toml at its top"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (path, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            // set_path refuses `..`; write the raw name to craft hostile archives.
+            let name = &mut header.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn unpacks_a_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = archive(&[
+            ("a-1.0.0/Cargo.toml", b"[package]"),
+            ("a-1.0.0/src/lib.rs", b""),
+        ]);
+        let root = unpack(&bytes, dir.path(), "a-1.0.0").unwrap();
+        assert!(root.join("src/lib.rs").is_file());
+    }
+
+    #[test]
+    fn refuses_paths_that_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = archive(&[("a-1.0.0/../../evil", b"x")]);
+        let err = unpack(&bytes, dir.path(), "a-1.0.0").unwrap_err();
+        assert!(err.contains("escapes"), "{err}");
+        assert!(!dir.path().parent().unwrap().join("evil").exists());
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(unpack(b"not gzip at all", dir.path(), "a-1.0.0").is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The producer: turns an experiment definition into a run and its jobs.
+//!
+//! One invocation creates (or resumes) the run in PostgreSQL, pages the registry, and for each
+//! page: reads every selected crate's versions from the sparse index, records the page's jobs in
+//! PostgreSQL, publishes those not yet published, waits for the broker's confirms, and marks them
+//! published. Only then does it ask for the next page, so an interrupted producer loses at most
+//! the page in hand, and a re-run publishes nothing twice.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use quarry_shared::Config;
+use quarry_shared::job::{Experiment, Job, PackageVersion, RunId, Toolchain};
+use quarry_shared::queue::{Broker, Publisher};
+use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
+use quarry_shared::store::Store;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Index files fetched at once while expanding a page.
+const INDEX_CONCURRENCY: usize = 8;
+
+/// Which packages a run covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Selection {
+    /// Page the registry's crate listing, in `sort` order, stopping after `limit` crates.
+    Listing { sort: Sort, limit: Option<u64> },
+    /// Exactly these packages (`name` for the newest version, or `name@version`).
+    Packages { packages: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sort {
+    /// Alphabetical, as the registry lists them.
+    Alpha,
+    /// Most downloaded first.
+    Downloads,
+}
+
+impl Sort {
+    fn as_query(self) -> &'static str {
+        match self {
+            Sort::Alpha => "alpha",
+            Sort::Downloads => "downloads",
+        }
+    }
+}
+
+/// Everything that defines a run; stored with it, and compared when a run is resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDefinition {
+    pub toolchains: Vec<Toolchain>,
+    pub experiment: Experiment,
+    pub selection: Selection,
+}
+
+/// What one producer invocation did: the outcome output, printed and stored with the run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishSummary {
+    pub run_id: RunId,
+    pub run_name: String,
+    /// The run existed and this invocation continued it.
+    pub resumed: bool,
+    pub pages: u64,
+    pub packages_selected: u64,
+    pub jobs_total: u64,
+    pub jobs_queued: u64,
+    /// Jobs already published or finished by an earlier invocation.
+    pub jobs_already_queued_or_done: u64,
+    /// Packages left out, with why (no usable version, index unreadable, ...).
+    pub packages_failed: BTreeMap<String, String>,
+    /// False when interrupted: re-run the same command to continue.
+    pub complete: bool,
+}
+
+impl std::fmt::Display for PublishSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "run {} ({}){}",
+            self.run_name,
+            self.run_id,
+            if self.resumed { ", resumed" } else { "" }
+        )?;
+        writeln!(
+            f,
+            "{} packages selected over {} page(s): {} jobs, {} queued now, {} already queued or done",
+            self.packages_selected,
+            self.pages,
+            self.jobs_total,
+            self.jobs_queued,
+            self.jobs_already_queued_or_done
+        )?;
+        if !self.packages_failed.is_empty() {
+            writeln!(f, "{} packages left out:", self.packages_failed.len())?;
+            for (name, why) in &self.packages_failed {
+                writeln!(f, "  {name}: {why}")?;
+            }
+        }
+        if !self.complete {
+            writeln!(
+                f,
+                "interrupted: run the same command again to continue where this one stopped"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Run names become directory names in reports: keep them plain.
+pub fn validate_run_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    anyhow::ensure!(
+        ok,
+        "invalid run name {name:?}: use 1 to 64 letters, digits, '.', '-' or '_', not starting with '.'"
+    );
+    Ok(())
+}
+
+/// Creates or resumes the run `name` and publishes its jobs, page by page, until the selection is
+/// exhausted or `shutdown` is cancelled (then the page in hand is finished first).
+pub async fn publish_run(
+    config: &Config,
+    name: &str,
+    definition: &RunDefinition,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<PublishSummary> {
+    validate_run_name(name)?;
+    anyhow::ensure!(
+        !definition.toolchains.is_empty(),
+        "a run needs at least one toolchain"
+    );
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let broker = Broker::connect(&config.rabbitmq).await?;
+    let publisher = broker.publisher().await?;
+    let registry = RegistryClient::new(&config.registry)?;
+
+    let definition_json = serde_json::to_value(definition)?;
+    let (run, resumed) = store.create_or_resume_run(name, &definition_json).await?;
+    tracing::info!(run = %run.id, name, resumed, "publishing run");
+
+    let mut summary = PublishSummary {
+        run_id: run.id,
+        run_name: run.name.clone(),
+        resumed,
+        ..PublishSummary::default()
+    };
+    let mut pages = Pages::new(&registry, &definition.selection);
+    let mut interrupted = false;
+    while let Some(page) = pages.next().await? {
+        summary.pages += 1;
+        let mut jobs = Vec::new();
+        let resolved = futures::stream::iter(page)
+            .map(|request| resolve(&registry, request))
+            .buffered(INDEX_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        for (name, resolution) in resolved {
+            match resolution {
+                Ok(package) => {
+                    summary.packages_selected += 1;
+                    for toolchain in &definition.toolchains {
+                        jobs.push(Job::new(
+                            run.id,
+                            package.clone(),
+                            toolchain.clone(),
+                            definition.experiment.clone(),
+                        ));
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(package = %name, %why, "package left out");
+                    summary.packages_failed.insert(name, why);
+                }
+            }
+        }
+        let published = publish_page(&store, &publisher, &jobs).await?;
+        summary.jobs_total += jobs.len() as u64;
+        summary.jobs_queued += published;
+        summary.jobs_already_queued_or_done += jobs.len() as u64 - published;
+        tracing::info!(
+            page = summary.pages,
+            selected = summary.packages_selected,
+            queued = summary.jobs_queued,
+            "page published"
+        );
+        if shutdown.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+    }
+    summary.complete = !interrupted;
+    if summary.complete {
+        store
+            .finish_publishing(run.id, &serde_json::to_value(&summary)?)
+            .await?;
+    }
+    broker.close().await;
+    Ok(summary)
+}
+
+/// Records a page's jobs, publishes the ones not yet published, and marks them once confirmed.
+/// Returns how many were published.
+async fn publish_page(store: &Store, publisher: &Publisher, jobs: &[Job]) -> anyhow::Result<u64> {
+    let pending = store.record_jobs(jobs).await?;
+    let to_publish: Vec<&Job> = jobs.iter().filter(|j| pending.contains(&j.id)).collect();
+    publisher
+        .publish_jobs(to_publish.iter().copied())
+        .await
+        .context("publishing a page of jobs failed; re-run the producer to continue")?;
+    store.mark_published(&pending).await?;
+    Ok(pending.len() as u64)
+}
+
+/// A package to look up: a name, and optionally the exact version wanted.
+#[derive(Debug, Clone)]
+struct Request {
+    name: String,
+    version: Option<String>,
+}
+
+/// Pages of package requests, from the registry listing or from an explicit list.
+struct Pages<'a> {
+    registry: &'a RegistryClient,
+    selection: &'a Selection,
+    next: Option<String>,
+    taken: u64,
+    done: bool,
+}
+
+const PER_PAGE: u32 = 100;
+
+impl<'a> Pages<'a> {
+    fn new(registry: &'a RegistryClient, selection: &'a Selection) -> Pages<'a> {
+        Pages {
+            registry,
+            selection,
+            next: None,
+            taken: 0,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Option<Vec<Request>>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.selection {
+            Selection::Packages { packages } => {
+                self.done = true;
+                Ok(Some(packages.iter().map(|spec| parse_spec(spec)).collect()))
+            }
+            Selection::Listing { sort, limit } => {
+                let remaining = limit.map_or(u64::MAX, |l| l.saturating_sub(self.taken));
+                if remaining == 0 {
+                    return Ok(None);
+                }
+                let per_page = PER_PAGE.min(u32::try_from(remaining).unwrap_or(u32::MAX));
+                let first = format!("?page=1&per_page={per_page}&sort={}", sort.as_query());
+                let query = self.next.clone().unwrap_or(first);
+                let page = self
+                    .registry
+                    .crates_page(Some(&query), per_page)
+                    .await
+                    .context("cannot read the registry's crate listing")?;
+                let requests: Vec<Request> = page
+                    .crates
+                    .into_iter()
+                    .take(usize::try_from(remaining).unwrap_or(usize::MAX))
+                    .map(|c| Request {
+                        name: c.name,
+                        version: None,
+                    })
+                    .collect();
+                self.taken += requests.len() as u64;
+                self.next = page.meta.next_page;
+                self.done = self.next.is_none() || requests.is_empty();
+                Ok(Some(requests))
+            }
+        }
+    }
+}
+
+fn parse_spec(spec: &str) -> Request {
+    match spec.split_once('@') {
+        Some((name, version)) => Request {
+            name: name.trim().to_owned(),
+            version: Some(version.trim().to_owned()),
+        },
+        None => Request {
+            name: spec.trim().to_owned(),
+            version: None,
+        },
+    }
+}
+
+/// Looks the request up in the index: the exact version asked for, or else the newest version
+/// that is neither yanked nor a pre-release.
+async fn resolve(
+    registry: &RegistryClient,
+    request: Request,
+) -> (String, Result<PackageVersion, String>) {
+    let label = match &request.version {
+        Some(v) => format!("{}@{v}", request.name),
+        None => request.name.clone(),
+    };
+    let entries = match registry.index_entries(&request.name).await {
+        Ok(entries) => entries,
+        Err(RegistryError::NotFound(_)) => {
+            return (label, Err("not in the registry's index".to_owned()));
+        }
+        Err(err) => return (label, Err(err.to_string())),
+    };
+    let chosen = match &request.version {
+        Some(version) => entries.iter().find(|e| &e.vers == version),
+        None => newest_stable(&entries),
+    };
+    let result = chosen
+        .map(|e| PackageVersion {
+            name: e.name.clone(),
+            version: e.vers.clone(),
+            checksum: e.cksum.clone(),
+        })
+        .ok_or_else(|| match &request.version {
+            Some(v) => format!("version {v} is not in the index"),
+            None => "no version that is neither yanked nor a pre-release".to_owned(),
+        });
+    (label, result)
+}
+
+fn newest_stable(entries: &[IndexEntry]) -> Option<&IndexEntry> {
+    entries
+        .iter()
+        .filter(|e| !e.yanked)
+        .filter_map(|e| Some((semver::Version::parse(&e.vers).ok()?, e)))
+        .filter(|(v, _)| v.pre.is_empty())
+        .max_by(|(a, _), (b, _)| a.cmp(b))
+        .map(|(_, e)| e)
+}
+
+/// Polls the run's progress until every job has a result, logging it as it goes.
+pub async fn wait_for_run(
+    config: &Config,
+    run: RunId,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<quarry_shared::store::Progress> {
+    let store = Store::connect(&config.database).await?;
+    let started = std::time::Instant::now();
+    let mut last = None;
+    loop {
+        let progress = store.progress(run).await?;
+        if last != Some(progress.finished) {
+            let rate = progress.finished as f64 / started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "{}/{} jobs finished ({:.1}/s)",
+                progress.finished,
+                progress
+                    .total
+                    .map_or_else(|| "?".to_owned(), |t| t.to_string()),
+                rate
+            );
+            last = Some(progress.finished);
+        }
+        if progress.is_complete() || shutdown.is_cancelled() {
+            return Ok(progress);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(vers: &str, yanked: bool) -> IndexEntry {
+        IndexEntry {
+            name: "a".into(),
+            vers: vers.into(),
+            deps: vec![],
+            cksum: "00".into(),
+            features: Default::default(),
+            features2: None,
+            yanked,
+            links: None,
+            rust_version: None,
+            v: None,
+        }
+    }
+
+    #[test]
+    fn newest_stable_skips_yanked_and_prereleases() {
+        let entries = [
+            entry("1.0.0", false),
+            entry("1.2.0", true),
+            entry("1.10.0", false),
+            entry("2.0.0-rc.1", false),
+        ];
+        assert_eq!(newest_stable(&entries).unwrap().vers, "1.10.0");
+        assert!(newest_stable(&[entry("1.0.0", true)]).is_none());
+    }
+
+    #[test]
+    fn run_names_are_plain() {
+        assert!(validate_run_name("nightly-2026-11-23.check").is_ok());
+        assert!(validate_run_name("../etc").is_err());
+        assert!(validate_run_name("").is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! `quarry-producer`: starts runs. A thin command line over the `quarry_producer` library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
+use quarry_shared::Config;
+use quarry_shared::config::ConfigArgs;
+use quarry_shared::job::{Experiment, Mode, Toolchain};
+use quarry_shared::store::Store;
+
+/// Starts Quarry runs: pages a crates.io-compatible registry and publishes one job per package
+/// version and toolchain to RabbitMQ, recording each in PostgreSQL first. Re-running the same
+/// command continues an interrupted run without publishing anything twice.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create (or continue) a run and publish its jobs.
+    Run(RunArgs),
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Name of the run; running the same name again resumes it.
+    #[arg(long)]
+    name: String,
+    /// Rustup toolchain to test with; give it twice (start, then end) to compare two.
+    #[arg(long = "toolchain", required = true, value_name = "TOOLCHAIN")]
+    toolchains: Vec<Toolchain>,
+    /// What to do with each package.
+    #[arg(long, value_enum, default_value_t = Mode::Check)]
+    mode: Mode,
+    /// Time limit for one package's experiment, in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Take at most this many crates from the registry listing.
+    #[arg(long, conflicts_with = "packages")]
+    limit: Option<u64>,
+    /// Order of the registry listing.
+    #[arg(long, value_enum, default_value_t = Sort::Alpha)]
+    sort: Sort,
+    /// Test exactly these packages (`name` or `name@version`) instead of paging the listing.
+    #[arg(long = "package", value_name = "NAME[@VERSION]")]
+    packages: Vec<String>,
+    /// Wait until every job has a result, showing progress.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    quarry_shared::telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&cli.config)?;
+    let shutdown = quarry_shared::shutdown::on_signal()?;
+    match cli.command {
+        Command::Migrate => {
+            Store::connect(&config.database).await?.migrate().await?;
+            eprintln!("database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            anyhow::ensure!(
+                args.toolchains.len() <= 2,
+                "a run compares at most two toolchains (start and end)"
+            );
+            let selection = if args.packages.is_empty() {
+                Selection::Listing {
+                    sort: args.sort,
+                    limit: args.limit,
+                }
+            } else {
+                Selection::Packages {
+                    packages: args.packages,
+                }
+            };
+            let definition = RunDefinition {
+                toolchains: args.toolchains,
+                experiment: Experiment {
+                    mode: args.mode,
+                    timeout_secs: args.timeout,
+                },
+                selection,
+            };
+            let summary = publish_run(&config, &args.name, &definition, &shutdown).await?;
+            eprint!("{summary}");
+            // The run id alone on stdout, for scripts.
+            println!("{}", summary.run_id);
+            if !summary.complete {
+                return Ok(ExitCode::from(3));
+            }
+            if args.wait {
+                let progress = wait_for_run(&config, summary.run_id, &shutdown).await?;
+                if !progress.is_complete() {
+                    eprintln!("stopped waiting; the run goes on");
+                    return Ok(ExitCode::from(3));
+                }
+                eprintln!(
+                    "run {} finished; write its report with: quarry-reporter generate {}",
+                    summary.run_name, summary.run_name
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

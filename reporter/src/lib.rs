@@ -1,0 +1,274 @@
+//! The reporter: reads a run's results from PostgreSQL and writes its report, a directory holding
+//! `index.html` (open it offline), `report.json` (for machines), `summary.md` (to paste into an
+//! issue) and `logs/`, one text file per job.
+//!
+//! Counts come from the database's own aggregation, and every row from the same snapshot, so the
+//! report's numbers are the database's numbers. Everything taken from a package or a log is
+//! escaped before it goes into HTML.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use quarry_shared::Config;
+use quarry_shared::job::Outcome;
+use quarry_shared::store::{Progress, ResultRow, Run, Store};
+use serde::{Deserialize, Serialize};
+
+/// The machine-readable report (`report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub run: RunInfo,
+    pub progress: ProgressInfo,
+    /// Results per outcome, as counted by the database.
+    pub counts: BTreeMap<String, i64>,
+    pub packages: Vec<PackageRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: String,
+    pub name: String,
+    pub definition: serde_json::Value,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressInfo {
+    pub finished: i64,
+    pub total: Option<i64>,
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PackageRow {
+    pub name: String,
+    pub version: String,
+    pub toolchain: String,
+    pub outcome: String,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub attempt: i32,
+    pub consumer: String,
+    /// Path of the job's log, relative to the report directory.
+    pub log: String,
+}
+
+/// Where a report was written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub dir: PathBuf,
+    pub html: PathBuf,
+    pub json: PathBuf,
+    pub markdown: PathBuf,
+    pub report: Report,
+}
+
+/// Writes the report of `run` (an id or a name) under `output_dir/<run name>/`.
+pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::Result<Written> {
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    let progress = store.progress(run.id).await?;
+    let counts = store.outcome_counts(run.id).await?;
+    let rows = store.results(run.id).await?;
+    let dir = output_dir.join(&run.name);
+    write_report(&dir, &run, progress, &counts, &rows)
+}
+
+fn write_report(
+    dir: &Path,
+    run: &Run,
+    progress: Progress,
+    counts: &[(Outcome, i64)],
+    rows: &[ResultRow],
+) -> anyhow::Result<Written> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let mut packages = Vec::with_capacity(rows.len());
+    for row in rows {
+        let file = format!(
+            "{}-{}-{}.txt",
+            row.crate_name, row.crate_version, row.toolchain
+        );
+        std::fs::write(logs.join(&file), &row.log)
+            .with_context(|| format!("cannot write the log {file}"))?;
+        packages.push(PackageRow {
+            name: row.crate_name.clone(),
+            version: row.crate_version.clone(),
+            toolchain: row.toolchain.clone(),
+            outcome: row.outcome.to_string(),
+            exit_code: row.exit_code,
+            duration_ms: row.duration_ms,
+            attempt: row.attempt,
+            consumer: row.consumer.clone(),
+            log: format!("logs/{file}"),
+        });
+    }
+    let report = Report {
+        run: RunInfo {
+            id: run.id.to_string(),
+            name: run.name.clone(),
+            definition: run.definition.clone(),
+            created_at: run.created_at.to_rfc3339(),
+        },
+        progress: ProgressInfo {
+            finished: progress.finished,
+            total: progress.total,
+            complete: progress.is_complete(),
+        },
+        counts: counts
+            .iter()
+            .map(|(outcome, n)| (outcome.to_string(), *n))
+            .collect(),
+        packages,
+    };
+    let json = dir.join("report.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    let html = dir.join("index.html");
+    std::fs::write(&html, render_html(&report))
+        .with_context(|| format!("cannot write {}", html.display()))?;
+    let markdown = dir.join("summary.md");
+    std::fs::write(&markdown, render_markdown(&report))
+        .with_context(|| format!("cannot write {}", markdown.display()))?;
+    Ok(Written {
+        dir: dir.to_owned(),
+        html,
+        json,
+        markdown,
+        report,
+    })
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a relative link's path segments, so a file name cannot break out of `href`.
+fn escape_href(path: &str) -> String {
+    let mut out = String::new();
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'~' | b'+') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn progress_line(report: &Report) -> String {
+    match report.progress.total {
+        Some(total) if report.progress.complete => format!("complete: {total} jobs"),
+        Some(total) => format!("in progress: {} of {total} jobs", report.progress.finished),
+        None => format!(
+            "in progress: {} jobs finished, still publishing",
+            report.progress.finished
+        ),
+    }
+}
+
+fn render_html(report: &Report) -> String {
+    let e = escape_html;
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>Quarry report: {name}</title>\
+         <style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;}}\
+         td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left;}}\
+         .build-pass,.test-pass{{color:#16691c;}}.build-fail,.test-fail,.broken{{color:#a11;}}\
+         .error,.timeout,.out-of-memory{{color:#a60;}}</style></head><body>\n\
+         <h1>Run {name}</h1>\n<p>{id} · created {created} · {progress}</p>\n\
+         <h2>Outcomes</h2>\n<table id=\"counts\"><tr><th>outcome</th><th>packages</th></tr>\n",
+        name = e(&report.run.name),
+        id = e(&report.run.id),
+        created = e(&report.run.created_at),
+        progress = e(&progress_line(report)),
+    );
+    for (outcome, count) in &report.counts {
+        let _ = writeln!(
+            html,
+            "<tr class=\"{o}\"><td>{o}</td><td data-count=\"{o}\">{count}</td></tr>",
+            o = e(outcome)
+        );
+    }
+    let _ = write!(
+        html,
+        "</table>\n<h2>Packages</h2>\n<table id=\"packages\"><tr><th>package</th><th>version</th>\
+         <th>toolchain</th><th>outcome</th><th>exit</th><th>seconds</th><th>attempt</th><th>log</th></tr>\n"
+    );
+    for p in &report.packages {
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td><td>{}</td>\
+             <td>{:.1}</td><td>{}</td><td><a href=\"{}\">log</a></td></tr>",
+            e(&p.name),
+            e(&p.version),
+            e(&p.toolchain),
+            p.exit_code.map_or_else(String::new, |c| c.to_string()),
+            p.duration_ms as f64 / 1000.0,
+            p.attempt,
+            e(&escape_href(&p.log)),
+            o = e(&p.outcome),
+        );
+    }
+    html.push_str("</table>\n</body></html>\n");
+    html
+}
+
+fn render_markdown(report: &Report) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## Quarry run `{}`\n", report.run.name);
+    let _ = writeln!(md, "{}\n", progress_line(report));
+    md.push_str("| outcome | packages |\n|---|---:|\n");
+    for (outcome, count) in &report.counts {
+        let _ = writeln!(md, "| {outcome} | {count} |");
+    }
+    let failing: Vec<&PackageRow> = report
+        .packages
+        .iter()
+        .filter(|p| !matches!(p.outcome.as_str(), "build-pass" | "test-pass"))
+        .collect();
+    if !failing.is_empty() {
+        md.push_str("\n### Not passing\n\n");
+        for p in failing.iter().take(100) {
+            let _ = writeln!(
+                md,
+                "- `{}@{}` ({}): {}",
+                p.name, p.version, p.toolchain, p.outcome
+            );
+        }
+        if failing.len() > 100 {
+            let _ = writeln!(md, "- … and {} more", failing.len() - 100);
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markup_in_names_and_paths_is_neutralised() {
+        assert_eq!(
+            escape_html("<script>alert('x')</script>&"),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;"
+        );
+        assert_eq!(escape_href("logs/a\"b c.txt"), "logs/a%22b%20c.txt");
+    }
+}

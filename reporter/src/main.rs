@@ -1,0 +1,75 @@
+//! `quarry-reporter`: writes reports of runs. A thin command line over the `quarry_reporter`
+//! library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use quarry_shared::Config;
+use quarry_shared::config::ConfigArgs;
+
+/// Turns the results of a Quarry run, stored in PostgreSQL, into a report: an HTML page to open
+/// offline, a JSON file for machines, a markdown summary to paste into an issue, and every log.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the report of a run (by id or name) into OUTPUT/<run name>/.
+    Generate {
+        /// The run's id or name.
+        run: String,
+        /// Directory holding reports [default: the configured reporter.output_dir, `reports`].
+        #[arg(long, env = "QUARRY_REPORT_DIR")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    quarry_shared::telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Generate { run, output } => {
+            let output = output.unwrap_or_else(|| config.reporter.output_dir.clone());
+            let written = quarry_reporter::generate(&config, &run, &output).await?;
+            let counts: Vec<String> = written
+                .report
+                .counts
+                .iter()
+                .map(|(outcome, n)| format!("{n} {outcome}"))
+                .collect();
+            eprintln!(
+                "run {}: {}",
+                written.report.run.name,
+                if counts.is_empty() {
+                    "no results yet".to_owned()
+                } else {
+                    counts.join(", ")
+                }
+            );
+            eprintln!("summary: {}", written.markdown.display());
+            eprintln!("json:    {}", written.json.display());
+            // The report's path alone on stdout, for scripts.
+            println!("{}", written.html.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Quarry's configuration: one TOML format shared by the producer, the consumer and the reporter.
+//!
+//! Precedence, highest first: command-line flags, `QUARRY_*` environment variables (both read by
+//! clap through [`ConfigArgs`]), the TOML file, then built-in defaults that point at the local
+//! stack started by `deploy/local/up`. With no file and no overrides everything "just works"
+//! against that stack.
+//!
+//! Values that can carry credentials are [`Secret`]s: their `Debug` output is redacted, and
+//! clap is told never to print their environment values in `--help`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// Ports the local stack listens on (see `deploy/local/up`).
+pub const LOCAL_S3_PORT: u16 = 9014;
+pub const LOCAL_REGISTRY_PORT: u16 = 9015;
+
+/// A string that must never reach a log line, an error message or `--help`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret's value, for handing to a client library. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The value with any password in it replaced, for URLs that are worth showing.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Replaces the password of `user:password@host` URLs with `***`; leaves other strings alone.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Cannot fail: the URL already has a password, so it has an authority.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub rabbitmq: RabbitMqConfig,
+    pub s3: S3Config,
+    pub registry: RegistryConfig,
+    pub consumer: ConsumerConfig,
+    pub reporter: ReporterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// A libpq-style URL, e.g. `postgres://quarry:pw@db:5432/quarry`.
+    pub url: Secret,
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/quarry"),
+            pool_size: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitMqConfig {
+    /// An AMQP URL including the vhost, e.g. `amqp://user:pw@mq:5672/%2f`.
+    pub url: Secret,
+    /// Prefix of every exchange and queue name, so several Quarry installations can share a vhost.
+    pub prefix: String,
+}
+
+impl Default for RabbitMqConfig {
+    fn default() -> Self {
+        RabbitMqConfig {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: "quarry".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Custom endpoint (s3s-fs, MinIO, ...); `None` means AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix for the `.crate` cache inside the bucket.
+    pub prefix: String,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    /// Path-style addressing, needed by most S3-compatible servers.
+    pub force_path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: Some(format!("http://127.0.0.1:{LOCAL_S3_PORT}")),
+            region: "us-east-1".to_owned(),
+            bucket: "quarry-crates".to_owned(),
+            prefix: "crates/".to_owned(),
+            // The local stack's s3s-fs credentials (deploy/local/up); not valid anywhere else.
+            access_key_id: Secret::new("quarry"),
+            secret_access_key: Secret::new("quarry-local-secret"),
+            force_path_style: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Sparse index root (the directory holding `config.json`), e.g. `https://index.crates.io/`.
+    pub index_url: String,
+    /// Web API root, e.g. `https://crates.io`.
+    pub api_url: String,
+    /// Sent with every request; crates.io asks crawlers to say who they are.
+    pub user_agent: String,
+    pub request_timeout_secs: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            index_url: format!("http://127.0.0.1:{LOCAL_REGISTRY_PORT}/index/"),
+            api_url: format!("http://127.0.0.1:{LOCAL_REGISTRY_PORT}"),
+            user_agent: concat!(
+                "quarry/",
+                env!("CARGO_PKG_VERSION"),
+                " (+https://github.com/quarry-rs/quarry)"
+            )
+            .to_owned(),
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+impl RegistryConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// True when the registry is crates.io itself, so cargo needs no source replacement.
+    pub fn is_crates_io(&self) -> bool {
+        self.index_url.trim_end_matches('/') == "https://index.crates.io"
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Name shown in logs and the event log; defaults to `<hostname>-<pid>`.
+    pub name: Option<String>,
+    /// Where the consumer keeps its cargo home and per-job scratch directories.
+    pub work_dir: PathBuf,
+    /// Jobs run at once by one consumer process; also its RabbitMQ prefetch.
+    pub concurrency: u16,
+    /// How long a finishing job may take after SIGTERM before it is given back to the queue.
+    pub shutdown_grace_secs: u64,
+    /// Bytes of experiment output kept per job; the rest is cut with a marker.
+    pub log_limit_bytes: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            name: None,
+            work_dir: std::env::temp_dir().join("quarry-consumer"),
+            concurrency: 1,
+            shutdown_grace_secs: 30,
+            log_limit_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReporterConfig {
+    /// Reports are written to `<output_dir>/<run name>/`.
+    pub output_dir: PathBuf,
+}
+
+impl Default for ReporterConfig {
+    fn default() -> Self {
+        ReporterConfig {
+            output_dir: PathBuf::from("reports"),
+        }
+    }
+}
+
+/// Flags (and their `QUARRY_*` environment variables) that override the configuration file.
+/// Flattened into every binary's command line.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file. Without it, `quarry.toml` in the current directory is read if it
+    /// exists, else the built-in defaults for the local stack are used.
+    #[arg(long, global = true, env = "QUARRY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// PostgreSQL URL [default: postgres://postgres@127.0.0.1:5432/quarry].
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// RabbitMQ URL with vhost [default: amqp://guest:***@127.0.0.1:5672/%2f].
+    #[arg(long, global = true, env = "QUARRY_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// Prefix of Quarry's exchange and queue names [default: quarry].
+    #[arg(long, global = true, env = "QUARRY_QUEUE_PREFIX")]
+    pub queue_prefix: Option<String>,
+
+    /// S3 endpoint URL (leave unset in the file for AWS) [default: the local s3s-fs].
+    #[arg(long, global = true, env = "QUARRY_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 bucket caching `.crate` files [default: quarry-crates].
+    #[arg(long, global = true, env = "QUARRY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// S3 access key id.
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_S3_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    pub s3_access_key_id: Option<String>,
+
+    /// S3 secret access key. Prefer the environment variable: flags show up in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub s3_secret_access_key: Option<String>,
+
+    /// Sparse index URL of the registry [default: the local registry].
+    #[arg(long, global = true, env = "QUARRY_REGISTRY_INDEX")]
+    pub registry_index: Option<String>,
+
+    /// Web API URL of the registry [default: the local registry].
+    #[arg(long, global = true, env = "QUARRY_REGISTRY_API")]
+    pub registry_api: Option<String>,
+}
+
+const DEFAULT_CONFIG_FILE: &str = "quarry.toml";
+
+impl Config {
+    /// Reads the file named by `args` (or `./quarry.toml` if present) and applies the overrides.
+    pub fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Config::default(),
+        };
+        config.apply(args);
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+        Config::from_toml(&text)
+            .with_context(|| format!("invalid configuration file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        // toml's errors name the line and key but never echo secret values.
+        Ok(toml::from_str(text)?)
+    }
+
+    fn apply(&mut self, args: &ConfigArgs) {
+        let secret = |value: &Option<String>, target: &mut Secret| {
+            if let Some(value) = value {
+                *target = Secret::new(value.clone());
+            }
+        };
+        let plain = |value: &Option<String>, target: &mut String| {
+            if let Some(value) = value {
+                target.clone_from(value);
+            }
+        };
+        secret(&args.database_url, &mut self.database.url);
+        secret(&args.amqp_url, &mut self.rabbitmq.url);
+        plain(&args.queue_prefix, &mut self.rabbitmq.prefix);
+        if let Some(endpoint) = &args.s3_endpoint {
+            self.s3.endpoint = Some(endpoint.clone());
+        }
+        plain(&args.s3_bucket, &mut self.s3.bucket);
+        secret(&args.s3_access_key_id, &mut self.s3.access_key_id);
+        secret(&args.s3_secret_access_key, &mut self.s3.secret_access_key);
+        plain(&args.registry_index, &mut self.registry.index_url);
+        plain(&args.registry_api, &mut self.registry.api_url);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_override_defaults_and_flags_override_the_file() {
+        let mut config = Config::from_toml(
+            r#"
+            [database]
+            url = "postgres://quarry:hunter2@db/quarry"
+            [s3]
+            bucket = "from-file"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.s3.bucket, "from-file");
+        assert_eq!(
+            config.rabbitmq.prefix, "quarry",
+            "untouched sections keep defaults"
+        );
+
+        config.apply(&ConfigArgs {
+            s3_bucket: Some("from-flag".into()),
+            ..ConfigArgs::default()
+        });
+        assert_eq!(config.s3.bucket, "from-flag");
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug_or_redaction() {
+        let config = Config::from_toml(
+            r#"
+            [database]
+            url = "postgres://quarry:hunter2@db/quarry"
+            "#,
+        )
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(
+            config.database.url.redacted_url(),
+            "postgres://quarry:***@db/quarry"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error_naming_the_key() {
+        let err = Config::from_toml("[database]\nurll = \"x\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("urll"), "{err:#}");
+    }
+}

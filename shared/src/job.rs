@@ -1,0 +1,370 @@
+//! The domain: a [`Run`] of an [`Experiment`] publishes one [`Job`] per package version and
+//! [`Toolchain`]; a consumer turns each job into exactly one [`Outcome`].
+//!
+//! A `Job` is also the wire format of the work queue (JSON, versioned by [`JOB_FORMAT`]), so every
+//! field here is part of the contract between producer and consumer.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of the job message format; a consumer dead-letters messages of any other version.
+pub const JOB_FORMAT: u32 = 1;
+
+/// Namespace for Quarry's deterministic (v5) ids.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0f_5e2c_9d1b_4c7e_8f3a_2b5d_7e91_c4a8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(pub Uuid);
+
+impl RunId {
+    pub fn new() -> Self {
+        RunId(Uuid::new_v4())
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        RunId::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for RunId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(RunId(s.parse()?))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// The same run, package version and toolchain always give the same id, so a re-published or
+    /// redelivered job can never become a second job.
+    pub fn derive(run: RunId, package: &PackageVersion, toolchain: &Toolchain) -> JobId {
+        let key = format!(
+            "{}/{}@{}/{}",
+            run.0, package.name, package.version, toolchain.0
+        );
+        JobId(Uuid::new_v5(&ID_NAMESPACE, key.as_bytes()))
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A rustup toolchain name: `stable`, `nightly`, `1.95.0`, `nightly-2026-05-19`, ...
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Toolchain(String);
+
+impl Toolchain {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Toolchain {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        // The name ends up as `cargo +<name>`: refuse anything that could be read as a flag.
+        let valid = !s.is_empty()
+            && !s.starts_with('-')
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if valid {
+            Ok(Toolchain(s.to_owned()))
+        } else {
+            anyhow::bail!(
+                "invalid toolchain name {s:?}: expected a rustup toolchain such as `stable`, `nightly` or `1.95.0`"
+            )
+        }
+    }
+}
+
+impl TryFrom<String> for Toolchain {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Toolchain> for String {
+    fn from(t: Toolchain) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for Toolchain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What is done to each package, as in Crater.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `cargo check`
+    Check,
+    /// `cargo build`
+    Build,
+    /// `cargo build`, then `cargo test`
+    Test,
+    /// `cargo clippy`
+    Clippy,
+    /// `cargo doc --no-deps`
+    Doc,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Check => "check",
+            Mode::Build => "build",
+            Mode::Test => "test",
+            Mode::Clippy => "clippy",
+            Mode::Doc => "doc",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What every job of a run does, apart from the package and toolchain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Experiment {
+    pub mode: Mode,
+    /// Wall-clock limit for one job's experiment, resolution included.
+    pub timeout_secs: u64,
+}
+
+/// One published version of one package, as the index describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PackageVersion {
+    pub name: String,
+    pub version: String,
+    /// Hex sha256 of the `.crate` file, from the index.
+    pub checksum: String,
+}
+
+impl fmt::Display for PackageVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+/// One unit of work: run `experiment` on `package` with `toolchain`. The queue's message body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub format: u32,
+    pub id: JobId,
+    pub run_id: RunId,
+    pub package: PackageVersion,
+    pub toolchain: Toolchain,
+    pub experiment: Experiment,
+}
+
+impl Job {
+    pub fn new(
+        run_id: RunId,
+        package: PackageVersion,
+        toolchain: Toolchain,
+        experiment: Experiment,
+    ) -> Job {
+        Job {
+            format: JOB_FORMAT,
+            id: JobId::derive(run_id, &package, &toolchain),
+            run_id,
+            package,
+            toolchain,
+            experiment,
+        }
+    }
+
+    /// Parses a queue message, refusing other format versions and ids that do not match the
+    /// job's content (a hand-edited or corrupted message).
+    pub fn from_message(body: &[u8]) -> Result<Job, InvalidJob> {
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        let format: Format = serde_json::from_slice(body)
+            .map_err(|e| InvalidJob(format!("not a Quarry job message: {e}")))?;
+        if format.format != JOB_FORMAT {
+            return Err(InvalidJob(format!(
+                "job format {} is not supported (this consumer reads format {JOB_FORMAT})",
+                format.format
+            )));
+        }
+        let job: Job =
+            serde_json::from_slice(body).map_err(|e| InvalidJob(format!("malformed job: {e}")))?;
+        let expected = JobId::derive(job.run_id, &job.package, &job.toolchain);
+        if job.id != expected {
+            return Err(InvalidJob(format!(
+                "job id {} does not match its content (expected {expected})",
+                job.id
+            )));
+        }
+        Ok(job)
+    }
+
+    pub fn to_message(&self) -> Vec<u8> {
+        // Cannot fail: every field serializes to plain JSON.
+        serde_json::to_vec(self).expect("a Job always serializes")
+    }
+}
+
+/// Why a message could not be taken as a job; the consumer dead-letters it with this reason.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidJob(pub String);
+
+/// What happened to one job. Stored as its kebab-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Built (check, build, clippy, doc modes) without errors.
+    BuildPass,
+    BuildFail,
+    TestPass,
+    TestFail,
+    /// The experiment exceeded its time limit and was killed.
+    Timeout,
+    OutOfMemory,
+    /// The package could not even be unpacked or its dependencies resolved.
+    Broken,
+    /// Quarry's own infrastructure failed (after retries); says nothing about the package.
+    Error,
+    Skipped,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::BuildPass,
+        Outcome::BuildFail,
+        Outcome::TestPass,
+        Outcome::TestFail,
+        Outcome::Timeout,
+        Outcome::OutOfMemory,
+        Outcome::Broken,
+        Outcome::Error,
+        Outcome::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::BuildPass => "build-pass",
+            Outcome::BuildFail => "build-fail",
+            Outcome::TestPass => "test-pass",
+            Outcome::TestFail => "test-fail",
+            Outcome::Timeout => "timeout",
+            Outcome::OutOfMemory => "out-of-memory",
+            Outcome::Broken => "broken",
+            Outcome::Error => "error",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Outcome {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Outcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown outcome {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        Job::new(
+            RunId(Uuid::nil()),
+            PackageVersion {
+                name: "itoa".into(),
+                version: "1.0.15".into(),
+                checksum: "ab".repeat(32),
+            },
+            "1.95.0".parse().unwrap(),
+            Experiment {
+                mode: Mode::Check,
+                timeout_secs: 60,
+            },
+        )
+    }
+
+    #[test]
+    fn job_ids_are_deterministic_and_distinguish_toolchains() {
+        let a = job();
+        assert_eq!(a.id, job().id);
+        let mut b = job();
+        b.toolchain = "nightly".parse().unwrap();
+        assert_ne!(a.id, JobId::derive(b.run_id, &b.package, &b.toolchain));
+    }
+
+    #[test]
+    fn messages_round_trip_and_bad_ones_say_why() {
+        let a = job();
+        assert_eq!(Job::from_message(&a.to_message()).unwrap(), a);
+
+        let err = Job::from_message(b"{not json").unwrap_err();
+        assert!(err.0.contains("not a Quarry job"), "{err}");
+
+        let mut future = serde_json::to_value(&a).unwrap();
+        future["format"] = 99.into();
+        let err = Job::from_message(future.to_string().as_bytes()).unwrap_err();
+        assert!(err.0.contains("format 99"), "{err}");
+
+        let mut tampered = a.clone();
+        tampered.package.version = "9.9.9".into();
+        let err = Job::from_message(&tampered.to_message()).unwrap_err();
+        assert!(err.0.contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn toolchain_names_cannot_smuggle_flags() {
+        assert!("--config=evil".parse::<Toolchain>().is_err());
+        assert!("stable; rm -rf /".parse::<Toolchain>().is_err());
+        assert!("nightly-2026-05-19".parse::<Toolchain>().is_ok());
+    }
+
+    #[test]
+    fn outcomes_round_trip_through_their_names() {
+        for outcome in Outcome::ALL {
+            assert_eq!(outcome.as_str().parse::<Outcome>().unwrap(), outcome);
+            assert_eq!(
+                serde_json::to_value(outcome).unwrap(),
+                serde_json::Value::String(outcome.as_str().into())
+            );
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! What Quarry's producer, consumer and reporter share: the domain types ([`job`]), the
+//! configuration ([`config`]), and the clients for PostgreSQL ([`store`]), RabbitMQ ([`queue`]),
+//! S3 ([`s3`]) and crates.io-compatible registries ([`registry`]).
+
+pub mod config;
+pub mod job;
+pub mod queue;
+pub mod registry;
+pub mod s3;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;

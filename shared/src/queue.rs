@@ -1,0 +1,274 @@
+//! RabbitMQ: the work queue between producer and consumers.
+//!
+//! Topology (every name starts with the configured prefix, `quarry` by default):
+//! - `quarry.jobs`: a quorum queue of [`Job`] messages, fed through the default exchange.
+//!   Its delivery limit sends a message that keeps crashing consumers to the dead-letter queue.
+//! - `quarry.dead` (fanout exchange) → `quarry.jobs.dead`: messages that could not be processed,
+//!   each with an `x-quarry-reason` header.
+//!
+//! Every message is persistent and published with publisher confirms: `publish_jobs` returns only
+//! once the broker has taken responsibility for all of them.
+
+use anyhow::{Context as _, bail};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::RabbitMqConfig;
+use crate::job::Job;
+
+/// Header carrying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-quarry-reason";
+
+/// Deliveries of one message before the broker itself dead-letters it (crash-loop backstop).
+const DELIVERY_LIMIT: i64 = 10;
+
+/// The names of Quarry's exchanges and queues under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub jobs: String,
+    pub dead_exchange: String,
+    pub dead: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Topology {
+        Topology {
+            jobs: format!("{prefix}.jobs"),
+            dead_exchange: format!("{prefix}.dead"),
+            dead: format!("{prefix}.jobs.dead"),
+        }
+    }
+}
+
+pub struct Broker {
+    connection: Connection,
+    topology: Topology,
+}
+
+impl Broker {
+    /// Connects and declares the topology (idempotent: declaring what exists is a no-op).
+    pub async fn connect(config: &RabbitMqConfig) -> anyhow::Result<Broker> {
+        let connection = Connection::connect(config.url.expose(), ConnectionProperties::default())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot connect to RabbitMQ at {}",
+                    config.url.redacted_url()
+                )
+            })?;
+        let broker = Broker {
+            connection,
+            topology: Topology::new(&config.prefix),
+        };
+        broker.declare_topology().await?;
+        Ok(broker)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    async fn declare_topology(&self) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        let t = &self.topology;
+        channel
+            .exchange_declare(
+                t.dead_exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot declare the dead-letter exchange")?;
+        let mut quorum = FieldTable::default();
+        quorum.insert("x-queue-type".into(), long_string("quorum"));
+        channel
+            .queue_declare(t.dead.as_str().into(), durable(), quorum.clone())
+            .await
+            .context("cannot declare the dead-letter queue")?;
+        channel
+            .queue_bind(
+                t.dead.as_str().into(),
+                t.dead_exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut jobs_args = quorum;
+        jobs_args.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&t.dead_exchange),
+        );
+        jobs_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        channel
+            .queue_declare(t.jobs.as_str().into(), durable(), jobs_args)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot declare the work queue {} (if it exists with other arguments, \
+                     delete it or use another --queue-prefix)",
+                    t.jobs
+                )
+            })?;
+        channel.close(200, "topology declared".into()).await.ok();
+        Ok(())
+    }
+
+    /// A channel in confirm mode for publishing.
+    pub async fn publisher(&self) -> anyhow::Result<Publisher> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("cannot enable publisher confirms")?;
+        Ok(Publisher {
+            channel,
+            topology: self.topology.clone(),
+        })
+    }
+
+    /// Starts consuming the work queue with at most `prefetch` unacknowledged deliveries.
+    pub async fn consume(
+        &self,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> anyhow::Result<(Channel, lapin::Consumer)> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                self.topology.jobs.as_str().into(),
+                consumer_tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("cannot start consuming the work queue")?;
+        Ok((channel, consumer))
+    }
+
+    /// Messages ready in a queue (not counting those delivered and not yet acked).
+    pub async fn ready_messages(&self, queue: &str) -> anyhow::Result<u32> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel.close(200, "inspected".into()).await.ok();
+        Ok(declared.message_count())
+    }
+
+    pub async fn close(&self) {
+        self.connection.close(200, "bye".into()).await.ok();
+    }
+}
+
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Publisher {
+    /// Publishes persistent job messages and waits for the broker to confirm every one of them.
+    pub async fn publish_jobs<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = &'a Job>,
+    ) -> anyhow::Result<()> {
+        let mut confirms = Vec::new();
+        for job in jobs {
+            let properties = persistent().with_message_id(job.id.to_string().into());
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    self.topology.jobs.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &job.to_message(),
+                    properties,
+                )
+                .await
+                .context("cannot publish a job")?;
+            confirms.push(confirm);
+        }
+        for confirm in futures::future::join_all(confirms).await {
+            let confirmation = confirm.context("lost the broker's confirmation")?;
+            if !confirmation.is_ack() {
+                bail!("the broker refused a job message (nack)");
+            }
+            if confirmation.take_message().is_some() {
+                bail!("a job message was returned as unroutable: is the work queue missing?");
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a message body to the dead-letter queue with the reason it could not be processed.
+    pub async fn dead_letter(&self, body: &[u8], reason: &str) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), long_string(reason));
+        let confirmation = self
+            .channel
+            .basic_publish(
+                self.topology.dead_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent().with_headers(headers),
+            )
+            .await?
+            .await
+            .context("lost the broker's confirmation for a dead letter")?;
+        if !confirmation.is_ack() {
+            bail!("the broker refused a dead letter (nack)");
+        }
+        Ok(())
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// The reason header of a dead-lettered message, if it has one.
+pub fn dead_letter_reason(properties: &BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(REASON_HEADER)? {
+        AMQPValue::LongString(reason) => Some(reason.to_string()),
+        _ => None,
+    }
+}

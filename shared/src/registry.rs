@@ -1,0 +1,335 @@
+//! A client for crates.io-compatible registries: the web API's paged crate listing, the sparse
+//! index, and downloads. Also the index's data types, which the local test registry serves.
+//!
+//! Every request carries the configured User-Agent and is retried with exponential backoff and
+//! jitter when the failure is transient (connection errors, timeouts, 429 and 5xx).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable as _};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use crate::config::RegistryConfig;
+
+/// One line of a sparse index file: one published version of a crate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub name: String,
+    pub vers: String,
+    #[serde(default)]
+    pub deps: Vec<IndexDependency>,
+    pub cksum: String,
+    #[serde(default)]
+    pub features: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features2: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(default)]
+    pub yanked: bool,
+    #[serde(default)]
+    pub links: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rust_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexDependency {
+    /// The name the dependent uses (the rename, if renamed).
+    pub name: String,
+    pub req: String,
+    #[serde(default)]
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub optional: bool,
+    #[serde(default = "default_true")]
+    pub default_features: bool,
+    #[serde(default)]
+    pub target: Option<String>,
+    /// `normal`, `dev` or `build`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// The real crate name when `name` is a rename.
+    #[serde(default)]
+    pub package: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The sparse index's `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IndexConfig {
+    pub dl: String,
+    #[serde(default)]
+    pub api: Option<String>,
+}
+
+/// One page of `/api/v1/crates`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CratesPage {
+    pub crates: Vec<CrateSummary>,
+    pub meta: PageMeta,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CrateSummary {
+    pub name: String,
+    #[serde(default)]
+    pub max_version: Option<String>,
+    #[serde(default)]
+    pub downloads: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageMeta {
+    pub total: u64,
+    /// A query string (`?page=2&per_page=100` or `?seek=...`) for the next page, if any.
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// The path of a crate's file inside the index (`se/rd/serde`, `3/s/syn`, `1/a`).
+pub fn index_path(name: &str) -> String {
+    let name = name.to_ascii_lowercase();
+    match name.len() {
+        1 => format!("1/{name}"),
+        2 => format!("2/{name}"),
+        3 => format!("3/{}/{name}", &name[..1]),
+        _ => format!("{}/{}/{name}", &name[..2], &name[2..4]),
+    }
+}
+
+/// Why a registry request failed, sorted by whether trying again could help.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{0}")]
+    Permanent(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+impl RegistryError {
+    fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Transient(_))
+    }
+}
+
+#[derive(Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    index_url: String,
+    api_url: String,
+    index_config: std::sync::Arc<OnceCell<IndexConfig>>,
+    backoff: ExponentialBuilder,
+}
+
+impl RegistryClient {
+    pub fn new(config: &RegistryConfig) -> anyhow::Result<RegistryClient> {
+        let http = reqwest::Client::builder()
+            .user_agent(&config.user_agent)
+            .timeout(config.request_timeout())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(RegistryClient {
+            http,
+            index_url: with_trailing_slash(&config.index_url),
+            api_url: config.api_url.trim_end_matches('/').to_owned(),
+            index_config: Default::default(),
+            backoff: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(30))
+                .with_max_times(5)
+                .with_jitter(),
+        })
+    }
+
+    /// Overrides the retry policy (tests use short delays).
+    pub fn with_backoff(mut self, backoff: ExponentialBuilder) -> RegistryClient {
+        self.backoff = backoff;
+        self
+    }
+
+    pub async fn index_config(&self) -> Result<&IndexConfig, RegistryError> {
+        self.index_config
+            .get_or_try_init(|| async {
+                let url = format!("{}config.json", self.index_url);
+                let body = self.get(&url).await?;
+                serde_json::from_slice(&body).map_err(|e| {
+                    RegistryError::Permanent(format!("{url} is not a registry config.json: {e}"))
+                })
+            })
+            .await
+    }
+
+    /// Every version of `name` listed in the index, oldest first.
+    pub async fn index_entries(&self, name: &str) -> Result<Vec<IndexEntry>, RegistryError> {
+        let url = format!("{}{}", self.index_url, index_path(name));
+        let body = self.get(&url).await?;
+        parse_index_file(&body)
+            .map_err(|e| RegistryError::Permanent(format!("malformed index file {url}: {e}")))
+    }
+
+    /// One page of the crate listing; `next` is the previous page's `meta.next_page`.
+    pub async fn crates_page(
+        &self,
+        next: Option<&str>,
+        per_page: u32,
+    ) -> Result<CratesPage, RegistryError> {
+        let query = match next {
+            Some(query) => query.to_owned(),
+            None => format!("?page=1&per_page={per_page}&sort=alpha"),
+        };
+        let url = format!("{}/api/v1/crates{query}", self.api_url);
+        let body = self.get(&url).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            RegistryError::Permanent(format!("{url} is not a crates.io listing page: {e}"))
+        })
+    }
+
+    /// Downloads a `.crate` file. The caller checks its checksum.
+    pub async fn download(&self, name: &str, version: &str) -> Result<Bytes, RegistryError> {
+        let config = self.index_config().await?;
+        let url = download_url(&config.dl, name, version);
+        self.get(&url).await
+    }
+
+    async fn get(&self, url: &str) -> Result<Bytes, RegistryError> {
+        (|| self.get_once(url))
+            .retry(self.backoff)
+            .when(RegistryError::is_transient)
+            .notify(|err, delay| tracing::warn!(%url, %err, ?delay, "registry request failed, retrying"))
+            .await
+    }
+
+    async fn get_once(&self, url: &str) -> Result<Bytes, RegistryError> {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| RegistryError::Transient(format!("GET {url}: {}", error_chain(&e))))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound(url.to_owned()));
+        }
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            return Err(RegistryError::Transient(format!(
+                "GET {url}: HTTP {status}"
+            )));
+        }
+        if !status.is_success() {
+            return Err(RegistryError::Permanent(format!(
+                "GET {url}: HTTP {status}"
+            )));
+        }
+        response.bytes().await.map_err(|e| {
+            RegistryError::Transient(format!("GET {url}: body cut short: {}", error_chain(&e)))
+        })
+    }
+}
+
+/// Parses a sparse index file (one JSON object per line).
+pub fn parse_index_file(body: &[u8]) -> Result<Vec<IndexEntry>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| e.to_string())?;
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(n, line)| serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1)))
+        .collect()
+}
+
+/// Expands the `dl` template of `config.json` as cargo does.
+pub fn download_url(dl: &str, name: &str, version: &str) -> String {
+    const MARKERS: [&str; 5] = [
+        "{crate}",
+        "{version}",
+        "{prefix}",
+        "{lowerprefix}",
+        "{sha256-checksum}",
+    ];
+    if !MARKERS.iter().any(|m| dl.contains(m)) {
+        return format!("{}/{name}/{version}/download", dl.trim_end_matches('/'));
+    }
+    let prefix = index_path(name);
+    let prefix = prefix
+        .rsplit_once('/')
+        .map_or("", |(dir, _)| dir)
+        .to_owned();
+    dl.replace("{crate}", name)
+        .replace("{version}", version)
+        .replace("{lowerprefix}", &prefix.to_ascii_lowercase())
+        .replace("{prefix}", &prefix)
+}
+
+fn with_trailing_slash(url: &str) -> String {
+    let url = url.strip_prefix("sparse+").unwrap_or(url);
+    if url.ends_with('/') {
+        url.to_owned()
+    } else {
+        format!("{url}/")
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_paths_follow_cargos_layout() {
+        assert_eq!(index_path("a"), "1/a");
+        assert_eq!(index_path("ab"), "2/ab");
+        assert_eq!(index_path("syn"), "3/s/syn");
+        assert_eq!(index_path("Serde"), "se/rd/serde");
+    }
+
+    #[test]
+    fn download_templates_expand_like_cargo() {
+        assert_eq!(
+            download_url("https://static.crates.io/crates", "serde", "1.0.0"),
+            "https://static.crates.io/crates/serde/1.0.0/download"
+        );
+        assert_eq!(
+            download_url(
+                "http://r/{prefix}/{crate}-{version}.crate",
+                "serde",
+                "1.0.0"
+            ),
+            "http://r/se/rd/serde-1.0.0.crate"
+        );
+    }
+
+    #[test]
+    fn index_files_parse_and_errors_name_the_line() {
+        let good =
+            br#"{"name":"a","vers":"0.1.0","deps":[],"cksum":"00","features":{},"yanked":false}
+{"name":"a","vers":"0.2.0","deps":[],"cksum":"11","features":{},"yanked":true}
+"#;
+        let entries = parse_index_file(good).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries[1].yanked);
+        let err = parse_index_file(b"{\"name\":\"a\"}\ngarbage").unwrap_err();
+        assert!(err.starts_with("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,526 @@
+//! PostgreSQL: the single source of truth for runs, jobs, results and the job event log.
+//!
+//! Every SQL statement Quarry runs lives here, so the invariants the schema relies on are kept in
+//! one place:
+//! - a job row exists before its message is published (`record_jobs` then `mark_published`);
+//! - a job has at most one result (`record_result` inserts with `ON CONFLICT DO NOTHING`);
+//! - events are only appended, never updated.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::config::DatabaseConfig;
+use crate::job::{Job, JobId, Outcome, RunId};
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// Key of the session advisory lock held while migrating ("quarry" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7175_6172_7279;
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub id: RunId,
+    pub name: String,
+    pub definition: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub jobs_total: Option<i64>,
+    pub producer_summary: Option<serde_json::Value>,
+}
+
+/// How far a run has got: progress, kept apart from outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Jobs recorded by the producer so far.
+    pub recorded: i64,
+    /// Jobs with a final result.
+    pub finished: i64,
+    /// Known only once the producer has published everything.
+    pub total: Option<i64>,
+}
+
+impl Progress {
+    pub fn is_complete(&self) -> bool {
+        self.total.is_some_and(|total| self.finished >= total)
+    }
+}
+
+/// The final result of one job, as a consumer records it.
+#[derive(Debug, Clone)]
+pub struct NewResult {
+    pub job_id: JobId,
+    pub run_id: RunId,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration: Duration,
+    pub attempt: i32,
+    pub consumer: String,
+    pub log: String,
+}
+
+/// One row of a run's results, joined with its job, for reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRow {
+    pub job_id: Uuid,
+    pub crate_name: String,
+    pub crate_version: String,
+    pub toolchain: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub attempt: i32,
+    pub consumer: String,
+    pub finished_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub log: String,
+}
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub attempt: Option<i32>,
+    pub consumer: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl Store {
+    /// Connects (lazily: the pool opens connections on first use) and checks one connection works.
+    pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
+        let pg_config: tokio_postgres::Config = config
+            .url
+            .expose()
+            .parse()
+            .context("invalid database URL")?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .build()
+            .context("cannot build the PostgreSQL pool")?;
+        let store = Store { pool };
+        // Fail now, with a clear message, rather than at the first query.
+        drop(store.client().await.with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {}",
+                config.url.redacted_url()
+            )
+        })?);
+        Ok(store)
+    }
+
+    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Applies pending migrations. Safe to call from many processes at once: the session-level
+    /// advisory lock makes them take turns, and the later ones find nothing left to do.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let mut client = self.client().await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .context("cannot take the migration lock")?;
+        let outcome = embedded::migrations::runner()
+            .set_abort_divergent(true)
+            .run_async(&mut **client)
+            .await;
+        // Unlock even when migrating failed, or the pooled session would keep the lock.
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await;
+        outcome.context("database migration failed")?;
+        unlocked.context("cannot release the migration lock")?;
+        Ok(())
+    }
+
+    // ---- runs -------------------------------------------------------------------------------
+
+    /// Creates the run named `name`, or returns the existing one if its definition is the same
+    /// (`true` in the second field). A different definition under the same name is an error.
+    pub async fn create_or_resume_run(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> anyhow::Result<(Run, bool)> {
+        let client = self.client().await?;
+        let inserted = client
+            .execute(
+                "INSERT INTO runs (id, name, definition) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&RunId::new().0, &name, definition],
+            )
+            .await?;
+        let run = self
+            .run_by_name(name)
+            .await?
+            .context("run vanished right after it was created")?;
+        if inserted == 0 && &run.definition != definition {
+            bail!(
+                "a run named {name:?} already exists with a different definition; \
+                 choose another name, or repeat the original definition to resume it.\n\
+                 existing: {}\n   given: {}",
+                run.definition,
+                definition
+            );
+        }
+        Ok((run, inserted == 0))
+    }
+
+    pub async fn run_by_name(&self, name: &str) -> anyhow::Result<Option<Run>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, definition, created_at, published_at, jobs_total, producer_summary
+                 FROM runs WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        Ok(row.map(run_from_row))
+    }
+
+    /// Finds a run by id or, failing that, by name.
+    pub async fn find_run(&self, id_or_name: &str) -> anyhow::Result<Run> {
+        if let Ok(id) = id_or_name.parse::<Uuid>() {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT id, name, definition, created_at, published_at, jobs_total, producer_summary
+                     FROM runs WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            if let Some(row) = row {
+                return Ok(run_from_row(row));
+            }
+        }
+        self.run_by_name(id_or_name)
+            .await?
+            .with_context(|| format!("no run with id or name {id_or_name:?}"))
+    }
+
+    /// Records that the producer has published every job of the run.
+    pub async fn finish_publishing(
+        &self,
+        run: RunId,
+        summary: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE runs SET published_at = now(), producer_summary = $2,
+                     jobs_total = (SELECT count(*) FROM jobs WHERE run_id = $1)
+                 WHERE id = $1",
+                &[&run.0, summary],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn progress(&self, run: RunId) -> anyhow::Result<Progress> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM jobs WHERE run_id = $1),
+                        (SELECT count(*) FROM results WHERE run_id = $1),
+                        (SELECT jobs_total FROM runs WHERE id = $1)",
+                &[&run.0],
+            )
+            .await?;
+        Ok(Progress {
+            recorded: row.get(0),
+            finished: row.get(1),
+            total: row.get(2),
+        })
+    }
+
+    // ---- jobs (producer side) ---------------------------------------------------------------
+
+    /// Records jobs (idempotently) and returns those still to publish: not yet confirmed by the
+    /// broker and without a result.
+    pub async fn record_jobs(&self, jobs: &[Job]) -> anyhow::Result<Vec<JobId>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.id.0).collect();
+        let runs: Vec<Uuid> = jobs.iter().map(|j| j.run_id.0).collect();
+        let names: Vec<&str> = jobs.iter().map(|j| j.package.name.as_str()).collect();
+        let versions: Vec<&str> = jobs.iter().map(|j| j.package.version.as_str()).collect();
+        let checksums: Vec<&str> = jobs.iter().map(|j| j.package.checksum.as_str()).collect();
+        let toolchains: Vec<&str> = jobs.iter().map(|j| j.toolchain.as_str()).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+                 ON CONFLICT (id) DO NOTHING",
+                &[&ids, &runs, &names, &versions, &checksums, &toolchains],
+            )
+            .await
+            .context("cannot record jobs")?;
+        let rows = client
+            .query(
+                "SELECT j.id FROM jobs j
+                 WHERE j.id = ANY($1) AND j.published_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    /// Marks jobs as published (after the broker confirmed them) and logs their `queued` event.
+    pub async fn mark_published(&self, jobs: &[JobId]) -> anyhow::Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = jobs.iter().map(|j| j.0).collect();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO job_events (job_id, run_id, kind)
+             SELECT id, run_id, 'queued' FROM jobs WHERE id = ANY($1) AND published_at IS NULL",
+            &[&ids],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            &[&ids],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- results (consumer side) ------------------------------------------------------------
+
+    pub async fn has_result(&self, job: JobId) -> anyhow::Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1)",
+                &[&job.0],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// True when the job is recorded; a message for an unknown job is not worth running.
+    pub async fn job_exists(&self, job: JobId) -> anyhow::Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)",
+                &[&job.0],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Logs the start of an attempt and returns its number (1 for the first).
+    pub async fn start_attempt(&self, job: &Job, consumer: &str) -> anyhow::Result<i32> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer)
+                 SELECT $1, $2, 'started', COALESCE(max(attempt), 0) + 1, $3
+                 FROM job_events WHERE job_id = $1 AND kind = 'started'
+                 RETURNING attempt",
+                &[&job.id.0, &job.run_id.0, &consumer],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn record_attempt_failed(
+        &self,
+        job: &Job,
+        attempt: i32,
+        consumer: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.append_event(job, "attempt-failed", Some(attempt), consumer, reason)
+            .await
+    }
+
+    pub async fn record_dead_lettered(
+        &self,
+        job: &Job,
+        consumer: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.append_event(job, "dead-lettered", None, consumer, reason)
+            .await
+    }
+
+    async fn append_event(
+        &self,
+        job: &Job,
+        kind: &str,
+        attempt: Option<i32>,
+        consumer: &str,
+        detail: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &job.id.0,
+                    &job.run_id.0,
+                    &kind,
+                    &attempt,
+                    &consumer,
+                    &detail,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a job's final result and its `finished` event in one transaction. Returns false,
+    /// changing nothing, when the job already had a result.
+    pub async fn record_result(&self, result: &NewResult) -> anyhow::Result<bool> {
+        let duration_ms = i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt, consumer, log)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (job_id) DO NOTHING",
+                &[
+                    &result.job_id.0,
+                    &result.run_id.0,
+                    &result.outcome.as_str(),
+                    &result.exit_code,
+                    &duration_ms,
+                    &result.attempt,
+                    &result.consumer,
+                    &result.log,
+                ],
+            )
+            .await
+            .context("cannot record the result")?;
+        if inserted == 1 {
+            tx.execute(
+                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                 VALUES ($1, $2, 'finished', $3, $4, $5)",
+                &[
+                    &result.job_id.0,
+                    &result.run_id.0,
+                    &result.attempt,
+                    &result.consumer,
+                    &result.outcome.as_str(),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await.context("cannot commit the result")?;
+        Ok(inserted == 1)
+    }
+
+    // ---- reports ----------------------------------------------------------------------------
+
+    /// Every result of a run, ordered by package then toolchain.
+    pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
+                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log
+                 FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1
+                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                &[&run.0],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let outcome: String = row.get(4);
+                Ok(ResultRow {
+                    job_id: row.get(0),
+                    crate_name: row.get(1),
+                    crate_version: row.get(2),
+                    toolchain: row.get(3),
+                    outcome: outcome.parse()?,
+                    exit_code: row.get(5),
+                    duration_ms: row.get(6),
+                    attempt: row.get(7),
+                    consumer: row.get(8),
+                    finished_at: row.get(9),
+                    log: row.get(10),
+                })
+            })
+            .collect()
+    }
+
+    /// Result counts per outcome, counted by the database (reports are checked against this).
+    pub async fn outcome_counts(&self, run: RunId) -> anyhow::Result<Vec<(Outcome, i64)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome",
+                &[&run.0],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.get::<_, String>(0).parse()?, row.get(1))))
+            .collect()
+    }
+
+    /// A job's event log, oldest first.
+    pub async fn events(&self, job: JobId) -> anyhow::Result<Vec<JobEvent>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT at, kind, attempt, consumer, detail FROM job_events
+                 WHERE job_id = $1 ORDER BY id",
+                &[&job.0],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| JobEvent {
+                at: row.get(0),
+                kind: row.get(1),
+                attempt: row.get(2),
+                consumer: row.get(3),
+                detail: row.get(4),
+            })
+            .collect())
+    }
+}
+
+fn run_from_row(row: tokio_postgres::Row) -> Run {
+    Run {
+        id: RunId(row.get(0)),
+        name: row.get(1),
+        definition: row.get(2),
+        created_at: row.get(3),
+        published_at: row.get(4),
+        jobs_total: row.get(5),
+        producer_summary: row.get(6),
+    }
+}
