@@ -46,6 +46,10 @@ pub struct ConsumerStats {
     pub duplicates_skipped: u64,
     pub dead_lettered: u64,
     pub attempts_failed: u64,
+    /// `.crate` files found in S3 with the right checksum.
+    pub s3_hits: u64,
+    /// `.crate` files downloaded from the registry.
+    pub registry_fetches: u64,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -75,7 +79,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
     let registry = RegistryClient::new(&config.registry)?;
-    let cargo = prepare_cargo_home(config, &name)?;
+    let cargo = prepare_cargo_home(config)?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -241,6 +245,10 @@ impl Worker {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
+                self.count(|s| match source {
+                    Source::S3 => s.s3_hits += 1,
+                    Source::Registry => s.registry_fetches += 1,
+                });
                 bytes
             }
             Err(FetchError::Missing(why)) => return Ok(broken(why)),
@@ -359,9 +367,10 @@ fn default_name() -> String {
 
 /// Sets up the consumer's cargo home: where cargo keeps downloaded dependencies, and the source
 /// replacement that points cargo at the configured registry instead of crates.io.
-fn prepare_cargo_home(config: &Config, name: &str) -> anyhow::Result<CargoEnv> {
-    let home = config.consumer.work_dir.join(name);
-    let cargo_home = home.join("cargo-home");
+/// Consumers sharing a work directory share the cargo home (cargo locks its own caches), so a
+/// dependency is downloaded once per machine rather than once per consumer.
+fn prepare_cargo_home(config: &Config) -> anyhow::Result<CargoEnv> {
+    let cargo_home = config.consumer.work_dir.join("cargo-home");
     std::fs::create_dir_all(&cargo_home)
         .with_context(|| format!("cannot create {}", cargo_home.display()))?;
     let mut cargo_config = String::from("[term]\ncolor = \"never\"\n[net]\nretry = 3\n");
@@ -372,7 +381,10 @@ fn prepare_cargo_home(config: &Config, name: &str) -> anyhow::Result<CargoEnv> {
              [source.quarry-registry]\nregistry = \"sparse+{index}\"\n"
         ));
     }
-    std::fs::write(cargo_home.join("config.toml"), cargo_config)?;
+    // Written aside and renamed, so a consumer starting alongside never reads half a file.
+    let staged = cargo_home.join(format!("config.toml.{}", std::process::id()));
+    std::fs::write(&staged, cargo_config)?;
+    std::fs::rename(&staged, cargo_home.join("config.toml"))?;
     let user_home = std::env::var_os("HOME").map(PathBuf::from);
     let rustup_home = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)

@@ -81,7 +81,7 @@ pub struct DatabaseConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            url: Secret::new("postgres://postgres@127.0.0.1:5432/quarry"),
+            url: Secret::new("postgres://quarry:quarry@127.0.0.1:5432/quarry"),
             pool_size: 8,
         }
     }
@@ -225,7 +225,7 @@ pub struct ConfigArgs {
     #[arg(long, global = true, env = "QUARRY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// PostgreSQL URL [default: postgres://postgres@127.0.0.1:5432/quarry].
+    /// PostgreSQL URL [default: postgres://quarry:***@127.0.0.1:5432/quarry].
     #[arg(
         long,
         global = true,

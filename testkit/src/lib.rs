@@ -1,1 +1,237 @@
+//! Test support: a private slice of the real services for one test.
+//!
+//! [`TestStack::start`] gives a test its own PostgreSQL database, its own RabbitMQ vhost, its own
+//! s3s-fs server (on a free port, over a temporary directory), and an in-process registry serving
+//! the real `.crate` files of cargo's cache. Dropping the stack removes all of it, even when the
+//! test panicked, so runs never see each other's data.
+//!
+//! The services must be running (`deploy/local/up` starts them). Their addresses can be changed
+//! with `QUARRY_TEST_DATABASE_URL` (an admin connection), `QUARRY_TEST_AMQP_URL` (without vhost),
+//! `QUARRY_TEST_RABBITMQ_API` (the management API), `QUARRY_TEST_CRATES_DIR` and
+//! `QUARRY_TEST_TOOLCHAIN`.
 
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use quarry_registry::{Corpus, RunningRegistry};
+use quarry_shared::Config;
+use quarry_shared::config::Secret;
+use quarry_shared::job::Toolchain;
+use tempfile::TempDir;
+
+const S3_ACCESS_KEY: &str = "quarry-test";
+const S3_SECRET_KEY: &str = "quarry-test-secret";
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn admin_database_url() -> String {
+    env_or(
+        "QUARRY_TEST_DATABASE_URL",
+        "postgres://quarry:quarry@127.0.0.1:5432/postgres",
+    )
+}
+
+fn rabbitmq_api() -> String {
+    env_or("QUARRY_TEST_RABBITMQ_API", "http://127.0.0.1:15672")
+}
+
+/// The toolchain tests run experiments with (the one pinned by rust-toolchain.toml).
+pub fn toolchain() -> Toolchain {
+    env_or("QUARRY_TEST_TOOLCHAIN", "1.95.0")
+        .parse()
+        .expect("QUARRY_TEST_TOOLCHAIN must be a toolchain name")
+}
+
+/// The real `.crate` files tests serve: cargo's download cache, cut down to the crates whose
+/// dependencies it can all serve.
+pub fn crates_dir() -> PathBuf {
+    match std::env::var_os("QUARRY_TEST_CRATES_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let cargo_home = std::env::var_os("CARGO_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+                .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+            cargo_home.join("registry").join("cache")
+        }
+    }
+}
+
+pub struct TestStack {
+    /// Configuration pointing at this stack's private database, vhost, bucket and registry.
+    pub config: Config,
+    pub registry: RunningRegistry,
+    /// Scratch space of the test (consumer work dirs, reports); removed on drop.
+    pub dir: TempDir,
+    database: String,
+    vhost: String,
+    s3_server: Child,
+    _s3_root: TempDir,
+}
+
+impl TestStack {
+    pub async fn start() -> anyhow::Result<TestStack> {
+        let corpus = Corpus::load(&[crates_dir()])?.closed();
+        TestStack::start_with(corpus).await
+    }
+
+    pub async fn start_with(corpus: Corpus) -> anyhow::Result<TestStack> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("quarry_test_{id}");
+        let vhost = format!("quarry-test-{id}");
+
+        let admin = admin_database_url();
+        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .context("cannot reach PostgreSQL for tests: run deploy/local/up (or set QUARRY_TEST_DATABASE_URL)")?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .context("cannot create the test database")?;
+        let mut database_url: url::Url = admin.parse()?;
+        database_url.set_path(&database);
+
+        create_vhost(&vhost).await?;
+        let amqp_base = env_or("QUARRY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672");
+
+        let s3_root = tempfile::tempdir()?;
+        let (s3_server, s3_addr) = start_s3s_fs(s3_root.path())?;
+        let registry = quarry_registry::serve(corpus, "127.0.0.1:0".parse()?).await?;
+        let dir = tempfile::tempdir()?;
+
+        let mut config = Config::default();
+        config.database.url = Secret::new(database_url.to_string());
+        config.rabbitmq.url = Secret::new(format!("{}/{vhost}", amqp_base.trim_end_matches('/')));
+        config.s3.endpoint = Some(format!("http://{s3_addr}"));
+        config.s3.bucket = format!("quarry-test-{id}");
+        config.s3.access_key_id = Secret::new(S3_ACCESS_KEY);
+        config.s3.secret_access_key = Secret::new(S3_SECRET_KEY);
+        config.registry.index_url = registry.index_url();
+        config.registry.api_url = registry.api_url();
+        config.consumer.work_dir = dir.path().join("consumers");
+        config.consumer.shutdown_grace_secs = 10;
+        config.reporter.output_dir = dir.path().join("reports");
+        Ok(TestStack {
+            config,
+            registry,
+            dir,
+            database,
+            vhost,
+            s3_server,
+            _s3_root: s3_root,
+        })
+    }
+
+    /// The stack's configuration for a consumer named `name`.
+    pub fn consumer_config(&self, name: &str) -> Config {
+        let mut config = self.config.clone();
+        config.consumer.name = Some(name.to_owned());
+        config
+    }
+
+    /// A direct connection to the test database, for assertions the code under test cannot make.
+    pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(self.config.database.url.expose(), tokio_postgres::NoTls)
+                .await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        let _ = self.s3_server.kill();
+        let _ = self.s3_server.wait();
+        let database = self.database.clone();
+        let vhost = self.vhost.clone();
+        // Drop cannot be async, and may run inside a runtime: clean up on a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let (client, connection) =
+                    tokio_postgres::connect(&admin_database_url(), tokio_postgres::NoTls).await?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                    .await?;
+                delete_vhost(&vhost).await
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("test cleanup failed: {err:#}"),
+            Err(_) => eprintln!("test cleanup panicked"),
+        }
+    }
+}
+
+async fn create_vhost(vhost: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let api = rabbitmq_api();
+    http.put(format!("{api}/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("cannot create a RabbitMQ vhost through the management API: run deploy/local/up (it enables the management plugin)")?;
+    http.put(format!("{api}/api/permissions/{vhost}/guest"))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .context("cannot grant guest access to the test vhost")?;
+    Ok(())
+}
+
+async fn delete_vhost(vhost: &str) -> anyhow::Result<()> {
+    reqwest::Client::new()
+        .delete(format!("{}/api/vhosts/{vhost}", rabbitmq_api()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    let installed = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cargo/bin/s3s-fs"))
+        .filter(|path| path.exists());
+    installed.unwrap_or_else(|| PathBuf::from("s3s-fs"))
+}
+
+/// Starts s3s-fs on a free port and waits until it accepts connections.
+fn start_s3s_fs(root: &std::path::Path) -> anyhow::Result<(Child, SocketAddr)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut child = Command::new(s3s_fs_binary())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+        .arg(root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start s3s-fs: run deploy/local/up, which installs it")?;
+    let started = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("s3s-fs exited at start: {status}");
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!("s3s-fs did not listen on {addr} within 20s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, addr))
+}
