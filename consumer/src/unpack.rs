@@ -55,13 +55,29 @@ pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBu
             .map_err(|e| format!("cannot unpack {}: {e}", path.display()))?;
     }
     let root = into.join(expected_root);
-    if root.join("Cargo.toml").is_file() {
-        Ok(root)
-    } else {
-        Err(format!(
+    if !root.join("Cargo.toml").is_file() {
+        return Err(format!(
             "archive has no {expected_root}/Cargo.toml at its top"
-        ))
+        ));
     }
+    make_workspace_root(&root.join("Cargo.toml"))?;
+    Ok(root)
+}
+
+/// Marks the package as its own workspace root. Without this, cargo walks up from the scratch
+/// directory and adopts any `Cargo.toml` workspace above it (the consumer's own checkout, say),
+/// failing the package for where it was unpacked. Published manifests have no `[workspace]`
+/// (`cargo publish` strips it), so this adds one and changes nothing else.
+fn make_workspace_root(manifest: &Path) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(manifest).map_err(|e| format!("cannot read Cargo.toml: {e}"))?;
+    let parsed: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("Cargo.toml is not valid TOML: {e}"))?;
+    if !parsed.contains_key("workspace") {
+        std::fs::write(manifest, format!("{text}\n[workspace]\n"))
+            .map_err(|e| format!("cannot write Cargo.toml: {e}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
