@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use futures::StreamExt as _;
 use quarry_shared::registry::{CrateSummary, CratesPage, IndexConfig, PageMeta, index_path};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -355,11 +356,13 @@ async fn inject_faults(
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             bytes.truncate(keep);
-            let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
-                Ok(bytes),
-                Err(std::io::Error::other("body cut short by an injected fault")),
-            ];
-            Response::from_parts(parts, Body::from_stream(futures::stream::iter(chunks)))
+            // The pause lets the headers and the first bytes reach the client before the cut.
+            let head = futures::stream::iter([Ok::<_, std::io::Error>(bytes)]);
+            let cut = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(std::io::Error::other("body cut short by an injected fault"))
+            });
+            Response::from_parts(parts, Body::from_stream(head.chain(cut)))
         }
         _ => {
             parts.headers.remove(header::CONTENT_LENGTH);

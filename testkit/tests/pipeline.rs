@@ -1,0 +1,311 @@
+//! Behaviour of the pipeline's parts against the real services: re-running the producer, bad
+//! messages, a misbehaving registry, concurrent migrations.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
+use quarry_registry::Fault;
+use quarry_shared::job::{Experiment, Mode, RunId};
+use quarry_shared::queue::Broker;
+use quarry_shared::store::Store;
+use quarry_testkit::TestStack;
+use tokio_util::sync::CancellationToken;
+
+fn definition(selection: Selection) -> RunDefinition {
+    RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: 300,
+        },
+        selection,
+    }
+}
+
+fn first(limit: u64) -> Selection {
+    Selection::Listing {
+        sort: Sort::Alpha,
+        limit: Some(limit),
+    }
+}
+
+async fn ready(stack: &TestStack, queue: fn(&Broker) -> String) -> u32 {
+    let broker = Broker::connect(&stack.config.rabbitmq).await.unwrap();
+    let count = broker.ready_messages(&queue(&broker)).await.unwrap();
+    broker.close().await;
+    count
+}
+
+fn jobs_queue(broker: &Broker) -> String {
+    broker.topology().jobs.clone()
+}
+
+fn dead_queue(broker: &Broker) -> String {
+    broker.topology().dead.clone()
+}
+
+async fn wait_complete(stack: &TestStack, run: RunId) {
+    let progress = tokio::time::timeout(
+        Duration::from_secs(600),
+        wait_for_run(&stack.config, run, &CancellationToken::new()),
+    )
+    .await
+    .expect("the run finishes in time")
+    .unwrap();
+    assert!(progress.is_complete(), "{progress:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rerunning_the_producer_publishes_nothing_twice() {
+    let stack = TestStack::start().await.unwrap();
+    let never = CancellationToken::new();
+    let run = definition(first(12));
+
+    let once = publish_run(&stack.config, "twice", &run, &never)
+        .await
+        .unwrap();
+    assert_eq!((once.jobs_queued, once.jobs_total), (12, 12));
+    assert!(!once.resumed);
+
+    let again = publish_run(&stack.config, "twice", &run, &never)
+        .await
+        .unwrap();
+    assert!(again.resumed);
+    assert_eq!(again.run_id, once.run_id);
+    assert_eq!(again.jobs_queued, 0);
+    assert_eq!(again.jobs_already_queued_or_done, 12);
+    assert_eq!(ready(&stack, jobs_queue).await, 12, "one message per job");
+
+    // The same name with another definition is refused, and publishes nothing.
+    let err = publish_run(&stack.config, "twice", &definition(first(13)), &never)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("different definition"),
+        "{err:#}"
+    );
+    assert_eq!(ready(&stack, jobs_queue).await, 12);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn packages_missing_from_the_index_are_reported_not_fatal() {
+    let stack = TestStack::start().await.unwrap();
+    let corpus_crate = stack_crate_name(&stack).await;
+    let run = definition(Selection::Packages {
+        packages: vec![
+            corpus_crate.clone(),
+            "no-such-crate-anywhere".into(),
+            format!("{corpus_crate}@999.0.0"),
+        ],
+    });
+    let summary = publish_run(&stack.config, "partial", &run, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 1);
+    assert_eq!(summary.packages_failed.len(), 2, "{summary}");
+    assert!(summary.packages_failed["no-such-crate-anywhere"].contains("not in the registry"));
+    assert!(summary.complete);
+}
+
+async fn stack_crate_name(stack: &TestStack) -> String {
+    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let page = registry.crates_page(None, 1).await.unwrap();
+    page.crates[0].name.clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish_run(
+        &stack.config,
+        "with-poison",
+        &definition(first(3)),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+
+    // Garbage on the work queue, as a buggy or foreign publisher would send it.
+    let connection = Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for body in [&b"{not json"[..], br#"{"format": 99}"#] {
+        channel
+            .basic_publish(
+                "".into(),
+                "quarry.jobs".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let config = stack.consumer_config("poison-eater");
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    wait_complete(&stack, summary.run_id).await;
+    // The poison may sit behind the valid jobs; wait until it is gone from the work queue.
+    for _ in 0..100 {
+        if ready(&stack, jobs_queue).await == 0 && ready(&stack, dead_queue).await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    let stats = consumer.await.unwrap().unwrap();
+    assert_eq!(stats.results, 3);
+    assert_eq!(stats.dead_lettered, 2);
+
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let message = channel
+            .basic_get(
+                "quarry.jobs.dead".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        reasons.push(quarry_shared::queue::dead_letter_reason(&message.properties).unwrap());
+    }
+    reasons.sort();
+    assert!(reasons[0].contains("format 99"), "{reasons:?}");
+    assert!(reasons[1].contains("not a Quarry job"), "{reasons:?}");
+    connection.close(200, "done".into()).await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an_error() {
+    let stack = TestStack::start().await.unwrap();
+    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let page = registry.crates_page(None, 2).await.unwrap();
+    let (flaky, corrupt) = (page.crates[0].name.clone(), page.crates[1].name.clone());
+    stack.registry.set_faults(vec![
+        // The first two downloads of one crate fail with 503, then it is served.
+        Fault {
+            path_contains: format!("/crates/{flaky}/"),
+            status: Some(503),
+            times: Some(2),
+            ..Fault::default()
+        },
+        // The other is always served corrupted.
+        Fault {
+            path_contains: format!("/crates/{corrupt}/"),
+            corrupt: true,
+            ..Fault::default()
+        },
+    ]);
+    let summary = publish_run(
+        &stack.config,
+        "faulty-registry",
+        &definition(Selection::Packages {
+            packages: vec![flaky.clone(), corrupt.clone()],
+        }),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let config = stack.consumer_config("patient");
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    wait_complete(&stack, summary.run_id).await;
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
+
+    let sql = stack.sql().await.unwrap();
+    let outcome = |name: String| {
+        let sql = &sql;
+        async move {
+            let row = sql
+                .query_one(
+                    "SELECT r.outcome, r.log FROM results r JOIN jobs j ON j.id = r.job_id
+                     WHERE j.crate_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, String>(0), row.get::<_, String>(1))
+        }
+    };
+    let (flaky_outcome, _) = outcome(flaky).await;
+    assert_ne!(
+        flaky_outcome, "error",
+        "a 503 twice is retried, then served"
+    );
+    let (corrupt_outcome, log) = outcome(corrupt.clone()).await;
+    assert_eq!(corrupt_outcome, "error");
+    assert!(log.contains("sha256"), "{log}");
+    assert!(log.contains("gave up after 3 attempts"), "{log}");
+    assert_eq!(
+        ready(&stack, dead_queue).await,
+        1,
+        "dead-lettered with its reason"
+    );
+    let events: Vec<String> = sql
+        .query(
+            "SELECT e.kind FROM job_events e JOIN jobs j ON j.id = e.job_id
+             WHERE j.crate_name = $1 ORDER BY e.id",
+            &[&corrupt],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "queued",
+            "started",
+            "attempt-failed",
+            "started",
+            "attempt-failed",
+            "started",
+            "attempt-failed",
+            "dead-lettered",
+            "finished"
+        ],
+        "the event log explains what happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_started_by_many_processes_at_once_all_succeed() {
+    let stack = TestStack::start().await.unwrap();
+    let attempts: Vec<_> = (0..6)
+        .map(|_| {
+            let config = stack.config.database.clone();
+            tokio::spawn(async move { Store::connect(&config).await?.migrate().await })
+        })
+        .collect();
+    for attempt in attempts {
+        attempt
+            .await
+            .unwrap()
+            .expect("every migration run succeeds");
+    }
+    let sql = stack.sql().await.unwrap();
+    let applied: i64 = sql
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 1, "each migration applied once");
+}
