@@ -219,6 +219,9 @@ impl Default for ReporterConfig {
 /// Flags (and their `QUARRY_*` environment variables) that override the configuration file.
 /// Flattened into every binary's command line.
 #[derive(clap::Args, Debug, Clone, Default)]
+#[command(
+    next_help_heading = "Configuration (flags override QUARRY_* variables, which override the file)"
+)]
 pub struct ConfigArgs {
     /// TOML configuration file. Without it, `quarry.toml` in the current directory is read if it
     /// exists, else the built-in defaults for the local stack are used.
@@ -373,6 +376,22 @@ mod tests {
             config.database.url.redacted_url(),
             "postgres://quarry:***@db/quarry"
         );
+    }
+
+    #[test]
+    fn the_documented_example_is_valid_and_matches_the_defaults() {
+        let example = Config::from_toml(include_str!("../../docs/quarry.example.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            toml::to_string(&example.database).unwrap(),
+            toml::to_string(&defaults.database).unwrap()
+        );
+        assert_eq!(
+            toml::to_string(&example.s3).unwrap(),
+            toml::to_string(&defaults.s3).unwrap()
+        );
+        assert_eq!(example.registry.index_url, defaults.registry.index_url);
+        assert_eq!(example.rabbitmq.prefix, defaults.rabbitmq.prefix);
     }
 
     #[test]

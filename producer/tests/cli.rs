@@ -1,0 +1,50 @@
+//! The command line as a user meets it: help that explains, secrets that stay hidden, bad input
+//! refused with a clear message.
+
+use std::process::Command;
+
+fn producer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_quarry-producer"))
+}
+
+#[test]
+fn help_never_shows_secret_values_from_the_environment() {
+    let output = producer()
+        .args(["run", "--help"])
+        .env("QUARRY_DATABASE_URL", "postgres://quarry:hunter2@db/quarry")
+        .env("QUARRY_S3_SECRET_ACCESS_KEY", "s3-hunter2")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    assert!(help.contains("--toolchain"), "{help}");
+    assert!(help.contains("--database-url"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+}
+
+#[test]
+fn an_invalid_toolchain_is_refused_before_anything_is_published() {
+    let output = producer()
+        .args(["run", "--name", "x", "--toolchain", "--evil"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let output = producer()
+        .args(["run", "--name", "x", "--toolchain=stable;rm"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("invalid toolchain name"), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_file_is_named_in_the_error() {
+    let output = producer()
+        .args(["--config", "/nonexistent/quarry.toml", "migrate"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("/nonexistent/quarry.toml"), "{stderr}");
+}
