@@ -10,6 +10,8 @@
 //! `QUARRY_TEST_RABBITMQ_API` (the management API), `QUARRY_TEST_CRATES_DIR` and
 //! `QUARRY_TEST_TOOLCHAIN`.
 
+pub mod fixtures;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

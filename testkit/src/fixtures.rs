@@ -1,0 +1,40 @@
+//! Packs the fixture crates of `testkit/fixtures/` into real `.crate` archives, one per outcome
+//! class, and loads them as a registry corpus.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use quarry_registry::Corpus;
+
+/// The directory holding the fixture crates and `expected.json`.
+pub fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Packs every fixture into `<out>/<name>-<version>.crate` and loads them as a corpus.
+pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
+    for entry in std::fs::read_dir(dir())? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").is_file() {
+            pack(&path, out).with_context(|| format!("cannot pack {}", path.display()))?;
+        }
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
+fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
+    let package = manifest["package"].as_table().context("no [package]")?;
+    let name = package["name"].as_str().context("no package name")?;
+    let version = package["version"].as_str().context("no package version")?;
+    let root = format!("{name}-{version}");
+    let file = std::fs::File::create(out.join(format!("{root}.crate")))?;
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+        file,
+        flate2::Compression::default(),
+    ));
+    tar.append_dir_all(&root, crate_dir)?;
+    tar.into_inner()?.finish()?;
+    Ok(())
+}
