@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::sandbox::Sandbox;
+
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
 pub struct CargoEnv {
@@ -27,6 +29,8 @@ pub struct CargoEnv {
     /// Directories holding `cargo` and `rustup` (the rustup proxies).
     pub path: String,
     pub log_limit_bytes: usize,
+    /// Where the steps that run the package's code are confined.
+    pub sandbox: Sandbox,
 }
 
 /// What running the experiment produced.
@@ -39,6 +43,9 @@ pub struct Execution {
 
 struct Step {
     args: &'static [&'static str],
+    /// Runs the package's code (build scripts, proc macros, tests), so runs in the sandbox.
+    /// Only resolution, which needs the registry and runs nothing of the package, stays out.
+    sandboxed: bool,
     /// The outcome if this step fails.
     on_failure: Outcome,
 }
@@ -46,10 +53,12 @@ struct Step {
 fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
     let fetch = Step {
         args: &["fetch"],
+        sandboxed: false,
         on_failure: Outcome::Broken,
     };
     let build = |args| Step {
         args,
+        sandboxed: true,
         on_failure: Outcome::BuildFail,
     };
     match mode {
@@ -75,6 +84,7 @@ fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
                 build(&["build", "--frozen", "--all-targets"]),
                 Step {
                     args: &["test", "--frozen"],
+                    sandboxed: true,
                     on_failure: Outcome::TestFail,
                 },
             ],
@@ -83,11 +93,12 @@ fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
     }
 }
 
-/// Runs `mode`'s steps in `package_dir` with `toolchain`, building into `target_dir`.
+/// Runs `mode`'s steps in `package_dir` with `toolchain`. `scratch` is the job's directory (it
+/// holds `package_dir` and the target directory) and the only place the package can write to.
 pub async fn run(
     env: &CargoEnv,
+    scratch: &Path,
     package_dir: &Path,
-    target_dir: &Path,
     toolchain: &Toolchain,
     mode: Mode,
     timeout: Duration,
@@ -100,7 +111,17 @@ pub async fn run(
         let mut args = vec![toolchain_arg.as_str()];
         args.extend(step.args);
         log_line(&log, &format!("$ cargo {}\n", args.join(" ")));
-        let status = run_step(env, package_dir, target_dir, &args, deadline, &log).await?;
+        let sandbox = if step.sandboxed {
+            &env.sandbox
+        } else {
+            &Sandbox::Unsandboxed
+        };
+        let place = Place {
+            scratch,
+            dir: package_dir,
+            sandbox,
+        };
+        let status = run_step(env, &place, &args, deadline, &log).await?;
         match status {
             StepStatus::TimedOut => {
                 log_line(
@@ -137,25 +158,34 @@ enum StepStatus {
     TimedOut,
 }
 
+/// Where a step runs.
+struct Place<'a> {
+    scratch: &'a Path,
+    dir: &'a Path,
+    sandbox: &'a Sandbox,
+}
+
 async fn run_step(
     env: &CargoEnv,
-    dir: &Path,
-    target_dir: &Path,
+    place: &Place<'_>,
     args: &[&str],
     deadline: Instant,
     log: &Arc<Mutex<Log>>,
 ) -> std::io::Result<StepStatus> {
-    let mut command = Command::new("cargo");
+    let (program, args) = place
+        .sandbox
+        .command_line(place.scratch, place.dir, "cargo", args);
+    let mut command = Command::new(program);
     command
         .args(args)
-        .current_dir(dir)
+        .current_dir(place.dir)
         // Nothing of the consumer's environment (credentials included) reaches the package.
         .env_clear()
         .env("PATH", &env.path)
-        .env("HOME", env.cargo_home.parent().unwrap_or(&env.cargo_home))
+        .env("HOME", place.scratch)
         .env("CARGO_HOME", &env.cargo_home)
         .env("RUSTUP_HOME", &env.rustup_home)
-        .env("CARGO_TARGET_DIR", target_dir)
+        .env("CARGO_TARGET_DIR", place.scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0")
         .stdin(Stdio::null())

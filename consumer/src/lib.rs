@@ -13,6 +13,7 @@
 
 mod experiment;
 mod fetch;
+mod sandbox;
 mod unpack;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{FetchError, Fetcher, Source};
+pub use sandbox::Sandbox;
 
 /// Attempts at a job before it is given an `error` result and dead-lettered.
 pub const MAX_ATTEMPTS: i32 = 3;
@@ -79,7 +81,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
     let registry = RegistryClient::new(&config.registry)?;
-    let cargo = prepare_cargo_home(config)?;
+    let cargo = prepare_cargo_home(config).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -270,8 +272,8 @@ impl Worker {
         };
         experiment::run(
             &self.cargo,
+            &scratch,
             &package_dir,
-            &scratch.join("target"),
             &job.toolchain,
             job.experiment.mode,
             Duration::from_secs(job.experiment.timeout_secs),
@@ -369,7 +371,7 @@ fn default_name() -> String {
 /// replacement that points cargo at the configured registry instead of crates.io.
 /// Consumers sharing a work directory share the cargo home (cargo locks its own caches), so a
 /// dependency is downloaded once per machine rather than once per consumer.
-fn prepare_cargo_home(config: &Config) -> anyhow::Result<CargoEnv> {
+async fn prepare_cargo_home(config: &Config) -> anyhow::Result<CargoEnv> {
     let cargo_home = config.consumer.work_dir.join("cargo-home");
     std::fs::create_dir_all(&cargo_home)
         .with_context(|| format!("cannot create {}", cargo_home.display()))?;
@@ -391,10 +393,25 @@ fn prepare_cargo_home(config: &Config) -> anyhow::Result<CargoEnv> {
         .or_else(|| user_home.as_ref().map(|h| h.join(".rustup")))
         .context("cannot find the rustup home: set RUSTUP_HOME")?;
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    let cargo_home = std::path::absolute(&cargo_home)?;
+    let sandbox = if config.consumer.unsandboxed {
+        tracing::warn!(
+            "RUNNING UNSANDBOXED: packages' build scripts and tests run with this consumer's \
+             privileges, network and files"
+        );
+        Sandbox::Unsandboxed
+    } else {
+        // The toolchains, cargo's rustup proxy and the downloaded dependencies, all read-only.
+        let cargo_bin = sandbox::find_on_path("cargo")
+            .and_then(|cargo| cargo.parent().map(PathBuf::from))
+            .context("cargo is not on PATH")?;
+        Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin, cargo_home.clone()]).await?
+    };
     Ok(CargoEnv {
-        cargo_home: std::path::absolute(&cargo_home)?,
+        cargo_home,
         rustup_home,
         path,
         log_limit_bytes: config.consumer.log_limit_bytes,
+        sandbox,
     })
 }

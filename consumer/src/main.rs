@@ -25,6 +25,10 @@ struct Cli {
     /// Directory for the cargo home and job scratch space.
     #[arg(long, env = "QUARRY_CONSUMER_WORK_DIR")]
     work_dir: Option<PathBuf>,
+    /// Run packages' code without the bubblewrap sandbox (no isolation at all: only where
+    /// bubblewrap cannot run and the machine holds nothing of value).
+    #[arg(long, env = "QUARRY_CONSUMER_UNSANDBOXED")]
+    unsandboxed: bool,
 }
 
 #[tokio::main]
@@ -50,6 +54,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(work_dir) = cli.work_dir {
         config.consumer.work_dir = work_dir;
+    }
+    if cli.unsandboxed {
+        config.consumer.unsandboxed = true;
     }
     let shutdown = quarry_shared::shutdown::on_signal()?;
     quarry_consumer::run(&config, shutdown).await?;

@@ -13,8 +13,13 @@ as_root() {
 }
 
 # Runs a command as the postgres superuser over the local socket (peer or trust auth).
+# From /, which the postgres user can always read (it may not read the checkout).
 as_postgres() {
-    if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
+    if [[ $(id -u) -eq 0 ]]; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        (cd / && sudo -u postgres "$@")
+    fi
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

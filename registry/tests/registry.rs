@@ -151,6 +151,17 @@ async fn misbehaves_on_request() {
 
     registry.set_faults(vec![Fault {
         path_contains: "/download".into(),
+        delay_ms: Some(300),
+        times: Some(1),
+        ..Fault::default()
+    }]);
+    let started = std::time::Instant::now();
+    let slow = http.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(slow, good, "a delayed answer is still the right one");
+
+    registry.set_faults(vec![Fault {
+        path_contains: "/download".into(),
         truncate_to: Some(10),
         ..Fault::default()
     }]);

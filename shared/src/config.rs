@@ -187,6 +187,9 @@ pub struct ConsumerConfig {
     pub shutdown_grace_secs: u64,
     /// Bytes of experiment output kept per job; the rest is cut with a marker.
     pub log_limit_bytes: usize,
+    /// Run packages' code without the bubblewrap sandbox. Only for machines that cannot have it
+    /// and run nothing else of value: the consumer warns loudly.
+    pub unsandboxed: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -197,6 +200,7 @@ impl Default for ConsumerConfig {
             concurrency: 1,
             shutdown_grace_secs: 30,
             log_limit_bytes: 1024 * 1024,
+            unsandboxed: false,
         }
     }
 }

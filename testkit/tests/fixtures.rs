@@ -32,7 +32,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 5, "{summary}");
+    assert_eq!(summary.jobs_queued, 6, "{summary}");
 
     let shutdown = CancellationToken::new();
     let consumers: Vec<_> = ["fixtures-a", "fixtures-b"]
@@ -95,4 +95,55 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         })
         .collect();
     assert!(survivors.is_empty(), "{survivors:?}");
+}
+
+/// The escape fixture is a real detector: outside the sandbox, its escapes succeed and it says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
+    let packed = tempfile::tempdir().unwrap();
+    let corpus = fixtures::corpus(packed.path()).unwrap();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: TIME_LIMIT_SECS,
+        },
+        selection: Selection::Packages {
+            packages: vec!["quarry-fixture-sandboxed".into()],
+        },
+    };
+    let never = CancellationToken::new();
+    let summary = publish_run(&stack.config, "unsandboxed", &definition, &never)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let mut config = stack.consumer_config("unsandboxed");
+    config.consumer.unsandboxed = true;
+    let consumer = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    tokio::time::timeout(
+        Duration::from_secs(300),
+        wait_for_run(&stack.config, summary.run_id, &never),
+    )
+    .await
+    .expect("the job finishes in time")
+    .unwrap();
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
+
+    let written = quarry_reporter::generate(
+        &stack.config,
+        "unsandboxed",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    let package = &written.report.packages[0];
+    assert_eq!(package.outcome, "build-fail");
+    let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
+    assert!(log.contains("SANDBOX ESCAPE"), "{log}");
+    assert!(log.contains("connected to 127.0.0.1:5432"), "{log}");
 }
