@@ -6,6 +6,8 @@
 //! report's numbers are the database's numbers. Everything taken from a package or a log is
 //! escaped before it goes into HTML.
 
+mod compare;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ use quarry_shared::job::Outcome;
 use quarry_shared::store::{Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
+pub use compare::{Category, ComparedPackage, Comparison, categorize};
+
 /// The machine-readable report (`report.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -23,6 +27,8 @@ pub struct Report {
     pub progress: ProgressInfo,
     /// Results per outcome, as counted by the database.
     pub counts: BTreeMap<String, i64>,
+    /// For runs with two toolchains: each package's start and end outcomes, compared.
+    pub comparison: Option<Comparison>,
     pub packages: Vec<PackageRow>,
 }
 
@@ -105,6 +111,7 @@ fn write_report(
             log: format!("logs/{file}"),
         });
     }
+    let comparison = compare_toolchains(&run.definition, &packages);
     let report = Report {
         run: RunInfo {
             id: run.id.to_string(),
@@ -121,6 +128,7 @@ fn write_report(
             .iter()
             .map(|(outcome, n)| (outcome.to_string(), *n))
             .collect(),
+        comparison,
         packages,
     };
     let json = dir.join("report.json");
@@ -139,6 +147,51 @@ fn write_report(
         markdown,
         report,
     })
+}
+
+/// The run's toolchains, in order (start, then end), from its stored definition.
+fn toolchains(definition: &serde_json::Value) -> Vec<String> {
+    definition["toolchains"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn compare_toolchains(
+    definition: &serde_json::Value,
+    packages: &[PackageRow],
+) -> Option<Comparison> {
+    let [start, end] = <[String; 2]>::try_from(toolchains(definition)).ok()?;
+    type Sides<'a> = (Option<compare::Side<'a>>, Option<compare::Side<'a>>);
+    let mut by_package: BTreeMap<(String, String), Sides<'_>> = BTreeMap::new();
+    for p in packages {
+        let Ok(outcome) = p.outcome.parse() else {
+            continue;
+        };
+        let side = compare::Side {
+            outcome,
+            log: &p.log,
+        };
+        let entry = by_package
+            .entry((p.name.clone(), p.version.clone()))
+            .or_default();
+        if p.toolchain == start {
+            entry.0 = Some(side);
+        } else if p.toolchain == end {
+            entry.1 = Some(side);
+        }
+    }
+    Some(compare::compare(
+        &start,
+        &end,
+        by_package
+            .into_iter()
+            .map(|(key, (start, end))| (key, start, end)),
+    ))
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -206,6 +259,9 @@ fn render_html(report: &Report) -> String {
             o = e(outcome)
         );
     }
+    if let Some(comparison) = &report.comparison {
+        render_comparison_html(&mut html, comparison);
+    }
     let _ = write!(
         html,
         "</table>\n<h2>Packages</h2>\n<table id=\"packages\"><tr><th>package</th><th>version</th>\
@@ -230,6 +286,70 @@ fn render_html(report: &Report) -> String {
     html
 }
 
+fn render_comparison_html(html: &mut String, comparison: &Comparison) {
+    let e = escape_html;
+    let _ = write!(
+        html,
+        "</table>\n<h2>{} → {}</h2>\n<table id=\"categories\"><tr><th>category</th><th>packages</th></tr>\n",
+        e(&comparison.start),
+        e(&comparison.end)
+    );
+    for (category, count) in &comparison.categories {
+        let _ = writeln!(
+            html,
+            "<tr><td>{c}</td><td data-category=\"{c}\">{count}</td></tr>",
+            c = e(category)
+        );
+    }
+    let _ = write!(
+        html,
+        "</table>\n<table id=\"compared\"><tr><th>package</th><th>version</th><th>category</th>\
+         <th>{}</th><th>{}</th></tr>\n",
+        e(&comparison.start),
+        e(&comparison.end)
+    );
+    let side = |outcome: &Option<String>, log: &Option<String>| match (outcome, log) {
+        (Some(outcome), Some(log)) => format!(
+            "<a class=\"{o}\" href=\"{}\">{o}</a>",
+            e(&escape_href(log)),
+            o = e(outcome)
+        ),
+        _ => "pending".to_owned(),
+    };
+    let mut rows: Vec<&ComparedPackage> = comparison.packages.iter().collect();
+    // What needs a person's attention first.
+    rows.sort_by_key(|p| (category_rank(&p.category), p.name.clone()));
+    for p in rows {
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e(&p.name),
+            e(&p.version),
+            e(&p.category),
+            side(&p.start, &p.start_log),
+            side(&p.end, &p.end_log),
+        );
+    }
+}
+
+fn category_rank(category: &str) -> usize {
+    [
+        "regressed",
+        "fixed",
+        "spurious-regressed",
+        "spurious-fixed",
+        "error",
+        "broken",
+        "still-failing",
+        "pending",
+        "skipped",
+        "still-passing",
+    ]
+    .iter()
+    .position(|c| *c == category)
+    .unwrap_or(usize::MAX)
+}
+
 fn render_markdown(report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "## Quarry run `{}`\n", report.run.name);
@@ -237,6 +357,34 @@ fn render_markdown(report: &Report) -> String {
     md.push_str("| outcome | packages |\n|---|---:|\n");
     for (outcome, count) in &report.counts {
         let _ = writeln!(md, "| {outcome} | {count} |");
+    }
+    if let Some(comparison) = &report.comparison {
+        let _ = writeln!(
+            md,
+            "\n### `{}` → `{}`\n\n| category | packages |\n|---|---:|",
+            comparison.start, comparison.end
+        );
+        for (category, count) in &comparison.categories {
+            let _ = writeln!(md, "| {category} | {count} |");
+        }
+        let regressed: Vec<&ComparedPackage> = comparison
+            .packages
+            .iter()
+            .filter(|p| p.category == "regressed")
+            .collect();
+        if !regressed.is_empty() {
+            md.push_str("\n#### Regressed\n\n");
+            for p in regressed.iter().take(100) {
+                let _ = writeln!(
+                    md,
+                    "- `{}@{}`: {} → {}",
+                    p.name,
+                    p.version,
+                    p.start.as_deref().unwrap_or("pending"),
+                    p.end.as_deref().unwrap_or("pending")
+                );
+            }
+        }
     }
     let failing: Vec<&PackageRow> = report
         .packages

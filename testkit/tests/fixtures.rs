@@ -32,7 +32,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 6, "{summary}");
+    assert_eq!(summary.jobs_queued, 7, "{summary}");
 
     let shutdown = CancellationToken::new();
     let consumers: Vec<_> = ["fixtures-a", "fixtures-b"]
@@ -146,4 +146,89 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
     assert!(log.contains("SANDBOX ESCAPE"), "{log}");
     assert!(log.contains("connected to 127.0.0.1:5432"), "{log}");
+}
+
+/// Two toolchains: every package is compared, and the one that breaks on the end toolchain is
+/// reported as regressed.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_toolchains_are_compared_and_the_regression_stands_out() {
+    let packed = tempfile::tempdir().unwrap();
+    let corpus = fixtures::corpus(packed.path()).unwrap();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let expected: BTreeMap<String, String> = serde_json::from_slice(
+        &std::fs::read(fixtures::dir().join("expected-comparison.json")).unwrap(),
+    )
+    .unwrap();
+    let end = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain(), end.parse().unwrap()],
+        experiment: Experiment {
+            mode: Mode::Test,
+            timeout_secs: 120,
+        },
+        // Every fixture but the one that always times out, which would only slow this down.
+        selection: Selection::Packages {
+            packages: expected.keys().cloned().collect(),
+        },
+    };
+    let never = CancellationToken::new();
+    let summary = publish_run(&stack.config, "compared", &definition, &never)
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 2 * expected.len() as u64, "{summary}");
+
+    let shutdown = CancellationToken::new();
+    let consumers: Vec<_> = ["compare-a", "compare-b"]
+        .into_iter()
+        .map(|name| {
+            let config = stack.consumer_config(name);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
+        })
+        .collect();
+    tokio::time::timeout(
+        Duration::from_secs(600),
+        wait_for_run(&stack.config, summary.run_id, &never),
+    )
+    .await
+    .expect("the run finishes in time")
+    .unwrap();
+    shutdown.cancel();
+    for consumer in consumers {
+        consumer.await.unwrap().unwrap();
+    }
+
+    let written =
+        quarry_reporter::generate(&stack.config, "compared", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    let comparison = written
+        .report
+        .comparison
+        .as_ref()
+        .expect("a two-toolchain run is compared");
+    let categories: BTreeMap<String, String> = comparison
+        .packages
+        .iter()
+        .map(|p| (p.name.clone(), p.category.clone()))
+        .collect();
+    assert_eq!(
+        categories, expected,
+        "if a toolchain is missing, install it or set QUARRY_TEST_SECOND_TOOLCHAIN"
+    );
+    let regressed = comparison
+        .packages
+        .iter()
+        .find(|p| p.category == "regressed")
+        .unwrap();
+    let end_log =
+        std::fs::read_to_string(written.dir.join(regressed.end_log.as_ref().unwrap())).unwrap();
+    assert!(end_log.contains("does not build with"), "{end_log}");
+    let html = std::fs::read_to_string(&written.html).unwrap();
+    assert!(html.contains("<td data-category=\"regressed\">1</td>"));
+    let markdown = std::fs::read_to_string(&written.markdown).unwrap();
+    assert!(
+        markdown.contains("`quarry-fixture-regression@1.0.0`: test-pass → build-fail"),
+        "{markdown}"
+    );
 }
