@@ -4,8 +4,9 @@
 //! reason), skip it if it already has a result (a redelivery), fetch the `.crate` through S3,
 //! unpack it into a scratch directory, run the experiment, write the result to PostgreSQL, and
 //! only after that commit ack the delivery. An infrastructure failure is recorded as a failed
-//! attempt and the delivery goes back to the queue; after the last attempt the job gets an
-//! `error` result and its message is dead-lettered with the reason.
+//! attempt and the job is sent to the delay queue of its retry tier (it comes back to the work
+//! queue when the delay expires); after the last tier the job gets an `error` result and its
+//! message is dead-lettered with the reason.
 //!
 //! On SIGTERM the consumer stops taking deliveries and lets the jobs in hand finish within the
 //! grace period; a job still running after it is killed and its delivery, never acked, is
@@ -27,7 +28,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
 use quarry_shared::job::{Job, Outcome, Toolchain};
-use quarry_shared::queue::{Broker, Publisher};
+use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
 use quarry_shared::s3::CrateBucket;
 use quarry_shared::store::{NewResult, Store};
@@ -37,9 +38,6 @@ use tokio_util::sync::CancellationToken;
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{FetchError, Fetcher, Source};
 pub use sandbox::Sandbox;
-
-/// Attempts at a job before it is given an `error` result and dead-lettered.
-pub const MAX_ATTEMPTS: i32 = 3;
 
 /// What one consumer did before it stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -182,7 +180,10 @@ impl Worker {
             return ack(delivery).await;
         }
 
-        let attempt = self.store.start_attempt(&job, &self.name).await?;
+        let attempt = queue::failed_attempts(&delivery.properties) + 1;
+        self.store
+            .start_attempt(&job, attempt as i32, &self.name)
+            .await?;
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
         let execution = self.execute(&job).await;
@@ -191,20 +192,12 @@ impl Worker {
             Ok(execution) => execution,
             Err(InfraError(reason)) => {
                 self.store
-                    .record_attempt_failed(&job, attempt, &self.name, &reason)
+                    .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
                     .await?;
                 self.count(|s| s.attempts_failed += 1);
-                if attempt < MAX_ATTEMPTS {
-                    tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; job goes back to the queue");
-                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
-                    delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await?;
-                    return Ok(());
+                if self.publisher.retry_later(&delivery.data, attempt).await? {
+                    tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; retrying after a delay");
+                    return ack(delivery).await;
                 }
                 let reason = format!("gave up after {attempt} attempts: {reason}");
                 self.publisher.dead_letter(&delivery.data, &reason).await?;
@@ -227,7 +220,7 @@ impl Worker {
                 outcome: execution.outcome,
                 exit_code: execution.exit_code,
                 duration,
-                attempt,
+                attempt: attempt as i32,
                 consumer: self.name.clone(),
                 log: execution.log,
             })

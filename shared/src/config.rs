@@ -94,6 +94,10 @@ pub struct RabbitMqConfig {
     pub url: Secret,
     /// Prefix of every exchange and queue name, so several Quarry installations can share a vhost.
     pub prefix: String,
+    /// How long a job that failed for infrastructure reasons waits before its next attempt, one
+    /// delay queue per entry; after the last, the job is dead-lettered. Three entries mean four
+    /// attempts.
+    pub retry_delays_ms: Vec<u64>,
 }
 
 impl Default for RabbitMqConfig {
@@ -101,6 +105,7 @@ impl Default for RabbitMqConfig {
         RabbitMqConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             prefix: "quarry".to_owned(),
+            retry_delays_ms: vec![10_000, 60_000],
         }
     }
 }

@@ -5,6 +5,10 @@
 //!   Its delivery limit sends a message that keeps crashing consumers to the dead-letter queue.
 //! - `quarry.dead` (fanout exchange) → `quarry.jobs.dead`: messages that could not be processed,
 //!   each with an `x-quarry-reason` header.
+//! - `quarry.jobs.retry.<delay>ms`: one delay queue per retry tier, each with a fixed TTL, whose
+//!   expired messages flow back to `quarry.jobs`. A fixed TTL per queue (rather than per message)
+//!   means the message at the head always expires first, so no message waits behind a longer one.
+//!   The number of failed attempts travels in the `x-quarry-attempts` header.
 //!
 //! Every message is persistent and published with publisher confirms: `publish_jobs` returns only
 //! once the broker has taken responsibility for all of them.
@@ -23,6 +27,9 @@ use crate::job::Job;
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-quarry-reason";
 
+/// Header counting a job's failed attempts, set by the consumer when it schedules a retry.
+pub const ATTEMPTS_HEADER: &str = "x-quarry-attempts";
+
 /// Deliveries of one message before the broker itself dead-letters it (crash-loop backstop).
 const DELIVERY_LIMIT: i64 = 10;
 
@@ -32,14 +39,20 @@ pub struct Topology {
     pub jobs: String,
     pub dead_exchange: String,
     pub dead: String,
+    /// Delay queues, in retry order: (name, delay in milliseconds).
+    pub retries: Vec<(String, u64)>,
 }
 
 impl Topology {
-    pub fn new(prefix: &str) -> Topology {
+    pub fn new(prefix: &str, retry_delays_ms: &[u64]) -> Topology {
         Topology {
             jobs: format!("{prefix}.jobs"),
             dead_exchange: format!("{prefix}.dead"),
             dead: format!("{prefix}.jobs.dead"),
+            retries: retry_delays_ms
+                .iter()
+                .map(|ms| (format!("{prefix}.jobs.retry.{ms}ms"), *ms))
+                .collect(),
         }
     }
 }
@@ -62,7 +75,7 @@ impl Broker {
             })?;
         let broker = Broker {
             connection,
-            topology: Topology::new(&config.prefix),
+            topology: Topology::new(&config.prefix, &config.retry_delays_ms),
         };
         broker.declare_topology().await?;
         Ok(broker)
@@ -121,6 +134,20 @@ impl Broker {
                     t.jobs
                 )
             })?;
+        for (queue, delay_ms) in &t.retries {
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(*delay_ms as i64),
+            );
+            // Expired messages go back to the work queue through the default exchange.
+            args.insert("x-dead-letter-exchange".into(), long_string(""));
+            args.insert("x-dead-letter-routing-key".into(), long_string(&t.jobs));
+            channel
+                .queue_declare(queue.as_str().into(), durable(), args)
+                .await
+                .with_context(|| format!("cannot declare the delay queue {queue}"))?;
+        }
         channel.close(200, "topology declared".into()).await.ok();
         Ok(())
     }
@@ -224,6 +251,39 @@ impl Publisher {
         Ok(())
     }
 
+    /// Schedules another attempt of a job after its `failed_attempts`-th failure, through the
+    /// matching delay queue. Returns false, publishing nothing, when the retries are used up.
+    pub async fn retry_later(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<bool> {
+        let Some((queue, _)) = self
+            .topology
+            .retries
+            .get(failed_attempts.saturating_sub(1) as usize)
+        else {
+            return Ok(false);
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(failed_attempts)),
+        );
+        let confirmation = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                persistent().with_headers(headers),
+            )
+            .await?
+            .await
+            .context("lost the broker's confirmation for a retry")?;
+        if !confirmation.is_ack() {
+            bail!("the broker refused a retry (nack)");
+        }
+        Ok(true)
+    }
+
     /// Moves a message body to the dead-letter queue with the reason it could not be processed.
     pub async fn dead_letter(&self, body: &[u8], reason: &str) -> anyhow::Result<()> {
         let mut headers = FieldTable::default();
@@ -262,6 +322,18 @@ fn durable() -> QueueDeclareOptions {
 
 fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
+}
+
+/// How many attempts of this job already failed (0 for a first delivery).
+pub fn failed_attempts(properties: &BasicProperties) -> u32 {
+    let Some(headers) = properties.headers().as_ref() else {
+        return 0;
+    };
+    match headers.inner().get(ATTEMPTS_HEADER) {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The reason header of a dead-lettered message, if it has one.

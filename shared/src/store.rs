@@ -337,19 +337,15 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// Logs the start of an attempt and returns its number (1 for the first).
-    pub async fn start_attempt(&self, job: &Job, consumer: &str) -> anyhow::Result<i32> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer)
-                 SELECT $1, $2, 'started', COALESCE(max(attempt), 0) + 1, $3
-                 FROM job_events WHERE job_id = $1 AND kind = 'started'
-                 RETURNING attempt",
-                &[&job.id.0, &job.run_id.0, &consumer],
-            )
-            .await?;
-        Ok(row.get(0))
+    /// Logs the start of attempt number `attempt` (1 for the first).
+    pub async fn start_attempt(
+        &self,
+        job: &Job,
+        attempt: i32,
+        consumer: &str,
+    ) -> anyhow::Result<()> {
+        self.append_event(job, "started", Some(attempt), consumer, "")
+            .await
     }
 
     pub async fn record_attempt_failed(

@@ -110,6 +110,8 @@ impl TestStack {
         let mut config = Config::default();
         config.database.url = Secret::new(database_url.to_string());
         config.rabbitmq.url = Secret::new(format!("{}/{vhost}", amqp_base.trim_end_matches('/')));
+        // Retries as in production (two delay tiers, three attempts), only sooner.
+        config.rabbitmq.retry_delays_ms = vec![200, 400];
         config.s3.endpoint = Some(format!("http://{s3_addr}"));
         config.s3.bucket = format!("quarry-test-{id}");
         config.s3.access_key_id = Secret::new(S3_ACCESS_KEY);

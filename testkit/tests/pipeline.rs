@@ -284,6 +284,18 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         ],
         "the event log explains what happened"
     );
+    let attempts: Vec<i32> = sql
+        .query(
+            "SELECT e.attempt FROM job_events e JOIN jobs j ON j.id = e.job_id
+             WHERE j.crate_name = $1 AND e.kind = 'started' ORDER BY e.id",
+            &[&corrupt],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(attempts, [1, 2, 3], "each retry went through a delay queue, counted");
 }
 
 #[tokio::test(flavor = "multi_thread")]
