@@ -181,6 +181,26 @@ impl Worker {
         }
 
         let attempt = queue::failed_attempts(&delivery.properties) + 1;
+        if self.store.is_cancelled(job.run_id).await? {
+            // Recorded, not dropped: the run still ends with one result per job.
+            let recorded = self
+                .store
+                .record_result(&NewResult {
+                    job_id: job.id,
+                    run_id: job.run_id,
+                    outcome: Outcome::Skipped,
+                    exit_code: None,
+                    duration: Duration::ZERO,
+                    attempt: attempt as i32,
+                    consumer: self.name.clone(),
+                    log: "quarry: skipped, the run was cancelled\n".to_owned(),
+                })
+                .await?;
+            if recorded {
+                self.count(|s| s.results += 1);
+            }
+            return ack(delivery).await;
+        }
         self.store
             .start_attempt(&job, attempt as i32, &self.name)
             .await?;

@@ -146,6 +146,10 @@ pub async fn publish_run(
 
     let definition_json = serde_json::to_value(definition)?;
     let (run, resumed) = store.create_or_resume_run(name, &definition_json).await?;
+    anyhow::ensure!(
+        run.cancelled_at.is_none(),
+        "run {name} was cancelled; start a run under another name"
+    );
     tracing::info!(run = %run.id, name, resumed, "publishing run");
 
     let mut summary = PublishSummary {

@@ -1,5 +1,6 @@
 //! `quarry-producer`: starts runs. A thin command line over the `quarry_producer` library.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,18 @@ struct Cli {
 enum Command {
     /// Create (or continue) a run and publish its jobs.
     Run(RunArgs),
+    /// List runs, newest first, with their progress.
+    Runs,
+    /// Show a run (by id or name): its definition, what the producer did, progress and outcomes.
+    Show {
+        /// The run's id or name.
+        run: String,
+    },
+    /// Cancel a run: consumers record its remaining jobs as skipped instead of running them.
+    Cancel {
+        /// The run's id or name.
+        run: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -75,8 +88,75 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let shutdown = quarry_shared::shutdown::on_signal()?;
     match cli.command {
         Command::Migrate => {
-            Store::connect(&config.database).await?.migrate().await?;
+            connect(&config).await?;
             eprintln!("database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs => {
+            let store = connect(&config).await?;
+            let mut out = String::new();
+            writeln!(
+                out,
+                "{:<36}  {:<28}  {:<10}  {:>15}  created",
+                "id", "name", "status", "finished/total"
+            )?;
+            for run in store.runs().await? {
+                let progress = store.progress(run.id).await?;
+                writeln!(
+                    out,
+                    "{:<36}  {:<28}  {:<10}  {:>15}  {}",
+                    run.id,
+                    run.name,
+                    status(&run, &progress),
+                    format!(
+                        "{}/{}",
+                        progress.finished,
+                        progress
+                            .total
+                            .map_or_else(|| "?".to_owned(), |t| t.to_string())
+                    ),
+                    run.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                )?;
+            }
+            print_out(&out)
+        }
+        Command::Show { run } => {
+            let store = connect(&config).await?;
+            let run = store.find_run(&run).await?;
+            let progress = store.progress(run.id).await?;
+            let mut out = String::new();
+            writeln!(out, "run        {} ({})", run.name, run.id)?;
+            writeln!(out, "status     {}", status(&run, &progress))?;
+            writeln!(out, "created    {}", run.created_at)?;
+            writeln!(out, "definition {}", run.definition)?;
+            if let Some(summary) = &run.producer_summary {
+                writeln!(out, "producer   {summary}")?;
+            }
+            writeln!(
+                out,
+                "progress   {} of {} jobs finished ({} recorded)",
+                progress.finished,
+                progress
+                    .total
+                    .map_or_else(|| "?".to_owned(), |t| t.to_string()),
+                progress.recorded
+            )?;
+            for (outcome, count) in store.outcome_counts(run.id).await? {
+                writeln!(out, "  {:<14} {count}", outcome.as_str())?;
+            }
+            print_out(&out)
+        }
+        Command::Cancel { run } => {
+            let store = connect(&config).await?;
+            let run = store.find_run(&run).await?;
+            if store.cancel_run(run.id).await? {
+                eprintln!(
+                    "run {} cancelled: its remaining jobs will be recorded as skipped",
+                    run.name
+                );
+            } else {
+                eprintln!("run {} was already cancelled", run.name);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -122,5 +202,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Writes a command's output to stdout; a closed pipe (`| head`) is not an error.
+fn print_out(out: &str) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+fn status(
+    run: &quarry_shared::store::Run,
+    progress: &quarry_shared::store::Progress,
+) -> &'static str {
+    if run.cancelled_at.is_some() {
+        "cancelled"
+    } else if progress.is_complete() {
+        "finished"
+    } else if run.published_at.is_none() {
+        "publishing"
+    } else {
+        "running"
     }
 }

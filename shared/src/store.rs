@@ -40,6 +40,7 @@ pub struct Run {
     pub published_at: Option<DateTime<Utc>>,
     pub jobs_total: Option<i64>,
     pub producer_summary: Option<serde_json::Value>,
+    pub cancelled_at: Option<DateTime<Utc>>,
 }
 
 /// How far a run has got: progress, kept apart from outcomes.
@@ -191,8 +192,7 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, name, definition, created_at, published_at, jobs_total, producer_summary
-                 FROM runs WHERE name = $1",
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE name = $1"),
                 &[&name],
             )
             .await?;
@@ -205,8 +205,7 @@ impl Store {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT id, name, definition, created_at, published_at, jobs_total, producer_summary
-                     FROM runs WHERE id = $1",
+                    &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"),
                     &[&id],
                 )
                 .await?;
@@ -217,6 +216,41 @@ impl Store {
         self.run_by_name(id_or_name)
             .await?
             .with_context(|| format!("no run with id or name {id_or_name:?}"))
+    }
+
+    /// Every run, newest first.
+    pub async fn runs(&self) -> anyhow::Result<Vec<Run>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC"),
+                &[],
+            )
+            .await?;
+        Ok(rows.into_iter().map(run_from_row).collect())
+    }
+
+    /// Cancels a run. Returns false if it was already cancelled.
+    pub async fn cancel_run(&self, run: RunId) -> anyhow::Result<bool> {
+        let client = self.client().await?;
+        let changed = client
+            .execute(
+                "UPDATE runs SET cancelled_at = now() WHERE id = $1 AND cancelled_at IS NULL",
+                &[&run.0],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    pub async fn is_cancelled(&self, run: RunId) -> anyhow::Result<bool> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND cancelled_at IS NOT NULL)",
+                &[&run.0],
+            )
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Records that the producer has published every job of the run.
@@ -509,6 +543,9 @@ impl Store {
     }
 }
 
+const RUN_COLUMNS: &str =
+    "id, name, definition, created_at, published_at, jobs_total, producer_summary, cancelled_at";
+
 fn run_from_row(row: tokio_postgres::Row) -> Run {
     Run {
         id: RunId(row.get(0)),
@@ -518,5 +555,6 @@ fn run_from_row(row: tokio_postgres::Row) -> Run {
         published_at: row.get(4),
         jobs_total: row.get(5),
         producer_summary: row.get(6),
+        cancelled_at: row.get(7),
     }
 }

@@ -4,8 +4,11 @@
 use tracing_subscriber::EnvFilter;
 
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,aws_smithy_runtime=warn,aws_config=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(
+            "info,aws_smithy_runtime=warn,aws_config=warn,tokio_postgres=warn,refinery_core=warn",
+        )
+    });
     // A second initialisation (tests run several binaries' mains in one process) is harmless.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

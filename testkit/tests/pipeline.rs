@@ -295,7 +295,11 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         .into_iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(attempts, [1, 2, 3], "each retry went through a delay queue, counted");
+    assert_eq!(
+        attempts,
+        [1, 2, 3],
+        "each retry went through a delay queue, counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -320,4 +324,41 @@ async fn migrations_started_by_many_processes_at_once_all_succeed() {
         .unwrap()
         .get(0);
     assert_eq!(applied, 1, "each migration applied once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
+    let stack = TestStack::start().await.unwrap();
+    let never = CancellationToken::new();
+    let run = definition(first(6));
+    let summary = publish_run(&stack.config, "cancelled", &run, &never)
+        .await
+        .unwrap();
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    assert!(store.cancel_run(summary.run_id).await.unwrap());
+    assert!(
+        !store.cancel_run(summary.run_id).await.unwrap(),
+        "only once"
+    );
+
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let config = stack.consumer_config("skipper");
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    wait_complete(&stack, summary.run_id).await;
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
+    let counts = store.outcome_counts(summary.run_id).await.unwrap();
+    assert_eq!(
+        counts,
+        [(quarry_shared::job::Outcome::Skipped, 6)],
+        "every job recorded as skipped, none run"
+    );
+
+    let err = publish_run(&stack.config, "cancelled", &run, &never)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("was cancelled"), "{err:#}");
 }
