@@ -149,6 +149,88 @@ fn write_report(
     })
 }
 
+/// What `verify` found wrong with a run; empty when every invariant holds.
+#[derive(Debug, Clone, Default)]
+pub struct Verification {
+    pub run: String,
+    pub jobs: i64,
+    pub results: i64,
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Reconciles a run: every job the producer recorded was published and has exactly one result
+/// with exactly one `finished` event, dead-lettered jobs have an `error` result, and a report
+/// written under `output_dir` (if any) counts what the database counts.
+pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Result<Verification> {
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    let figures = store.reconcile(run.id).await?;
+    let mut problems = Vec::new();
+    match run.jobs_total {
+        None => problems.push("the producer has not finished publishing this run".to_owned()),
+        Some(total) if total != figures.jobs => problems.push(format!(
+            "the producer published {total} jobs but {} are recorded",
+            figures.jobs
+        )),
+        Some(_) => {}
+    }
+    if figures.unpublished > 0 {
+        problems.push(format!(
+            "{} jobs were recorded but never published (re-run the producer)",
+            figures.unpublished
+        ));
+    }
+    if figures.jobs_without_result_count > 0 {
+        problems.push(format!(
+            "{} jobs have no result, for example: {}",
+            figures.jobs_without_result_count,
+            figures.jobs_without_result.join(", ")
+        ));
+    }
+    if figures.results_without_one_finished_event > 0 {
+        problems.push(format!(
+            "{} results do not have exactly one `finished` event",
+            figures.results_without_one_finished_event
+        ));
+    }
+    if figures.dead_letters_without_error_result > 0 {
+        problems.push(format!(
+            "{} dead-lettered jobs have no `error` result",
+            figures.dead_letters_without_error_result
+        ));
+    }
+    let report_json = output_dir.join(&run.name).join("report.json");
+    if report_json.exists() {
+        let report: Report = serde_json::from_slice(&std::fs::read(&report_json)?)
+            .with_context(|| format!("{} is not a Quarry report", report_json.display()))?;
+        let database: BTreeMap<String, i64> = store
+            .outcome_counts(run.id)
+            .await?
+            .into_iter()
+            .map(|(outcome, n)| (outcome.to_string(), n))
+            .collect();
+        if report.counts != database {
+            problems.push(format!(
+                "the report at {} counts {:?} but the database counts {database:?} (regenerate it)",
+                report_json.display(),
+                report.counts
+            ));
+        }
+    }
+    Ok(Verification {
+        run: run.name,
+        jobs: figures.jobs,
+        results: figures.results,
+        problems,
+    })
+}
+
 /// The run's toolchains, in order (start, then end), from its stored definition.
 fn toolchains(definition: &serde_json::Value) -> Vec<String> {
     definition["toolchains"]

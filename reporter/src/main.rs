@@ -21,6 +21,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a run's invariants: every job published and with exactly one result, dead letters
+    /// with an error result, the written report counting what the database counts. Exits 1 and
+    /// lists the problems if any invariant is broken.
+    Verify {
+        /// The run's id or name.
+        run: String,
+        /// Directory holding reports [default: the configured reporter.output_dir, `reports`].
+        #[arg(long, env = "QUARRY_REPORT_DIR")]
+        output: Option<PathBuf>,
+    },
     /// Write the report of a run (by id or name) into OUTPUT/<run name>/.
     Generate {
         /// The run's id or name.
@@ -36,7 +46,7 @@ async fn main() -> ExitCode {
     quarry_shared::telemetry::init();
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -44,9 +54,30 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config)?;
     match cli.command {
+        Command::Verify { run, output } => {
+            let output = output.unwrap_or_else(|| config.reporter.output_dir.clone());
+            let verification = quarry_reporter::verify(&config, &run, &output).await?;
+            if verification.is_ok() {
+                eprintln!(
+                    "run {}: all {} jobs accounted for, {} results, report consistent",
+                    verification.run, verification.jobs, verification.results
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "run {}: {} problem(s)",
+                    verification.run,
+                    verification.problems.len()
+                );
+                for problem in &verification.problems {
+                    eprintln!("  - {problem}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Generate { run, output } => {
             let output = output.unwrap_or_else(|| config.reporter.output_dir.clone());
             let written = quarry_reporter::generate(&config, &run, &output).await?;
@@ -69,7 +100,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("json:    {}", written.json.display());
             // The report's path alone on stdout, for scripts.
             println!("{}", written.html.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

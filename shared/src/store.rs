@@ -90,6 +90,21 @@ pub struct ResultRow {
     pub log: String,
 }
 
+/// What `Store::reconcile` found: the figures the invariants are checked against.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reconciliation {
+    pub jobs: i64,
+    pub unpublished: i64,
+    pub results: i64,
+    /// Up to 20 jobs without a result, as `name@version (toolchain)`.
+    pub jobs_without_result: Vec<String>,
+    pub jobs_without_result_count: i64,
+    /// Results whose job has no `finished` event, or more than one.
+    pub results_without_one_finished_event: i64,
+    /// Dead-lettered jobs without an `error` result.
+    pub dead_letters_without_error_result: i64,
+}
+
 /// One entry of a job's event log.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
@@ -518,6 +533,47 @@ impl Store {
         rows.into_iter()
             .map(|row| Ok((row.get::<_, String>(0).parse()?, row.get(1))))
             .collect()
+    }
+
+    /// The figures that `quarry-reporter verify` checks a run's invariants against.
+    pub async fn reconcile(&self, run: RunId) -> anyhow::Result<Reconciliation> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT
+                   (SELECT count(*) FROM jobs WHERE run_id = $1),
+                   (SELECT count(*) FROM jobs WHERE run_id = $1 AND published_at IS NULL),
+                   (SELECT count(*) FROM results WHERE run_id = $1),
+                   (SELECT count(*) FROM jobs j WHERE j.run_id = $1
+                      AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)),
+                   (SELECT count(*) FROM results r WHERE r.run_id = $1
+                      AND (SELECT count(*) FROM job_events e
+                           WHERE e.job_id = r.job_id AND e.kind = 'finished') <> 1),
+                   (SELECT count(DISTINCT e.job_id) FROM job_events e
+                      WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
+                        AND NOT EXISTS (SELECT 1 FROM results r
+                                        WHERE r.job_id = e.job_id AND r.outcome = 'error'))",
+                &[&run.0],
+            )
+            .await?;
+        let missing = client
+            .query(
+                "SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
+                 FROM jobs j WHERE j.run_id = $1
+                   AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
+                 ORDER BY 1 LIMIT 20",
+                &[&run.0],
+            )
+            .await?;
+        Ok(Reconciliation {
+            jobs: row.get(0),
+            unpublished: row.get(1),
+            results: row.get(2),
+            jobs_without_result_count: row.get(3),
+            results_without_one_finished_event: row.get(4),
+            dead_letters_without_error_result: row.get(5),
+            jobs_without_result: missing.into_iter().map(|r| r.get(0)).collect(),
+        })
     }
 
     /// A job's event log, oldest first.

@@ -159,6 +159,22 @@ async fn fifty_real_crates_twice_through_two_consumers() {
         "the second run downloads nothing from the registry"
     );
 
+    let verification = quarry_reporter::verify(
+        &stack.config,
+        "e2e-first",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
+    let verification = quarry_reporter::verify(
+        &stack.config,
+        "e2e-second",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
     shutdown.cancel();
     let mut total = ConsumerStats::default();
     for consumer in consumers {

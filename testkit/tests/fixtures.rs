@@ -71,6 +71,11 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             .unwrap();
     assert_eq!(outcomes, expected);
 
+    let verification =
+        quarry_reporter::verify(&stack.config, "fixtures", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
     let log = |name: &str| {
         let package = written
             .report
@@ -216,6 +221,11 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         categories, expected,
         "if a toolchain is missing, install it or set QUARRY_TEST_SECOND_TOOLCHAIN"
     );
+    let verification =
+        quarry_reporter::verify(&stack.config, "compared", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
     let regressed = comparison
         .packages
         .iter()

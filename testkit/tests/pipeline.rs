@@ -78,6 +78,18 @@ async fn rerunning_the_producer_publishes_nothing_twice() {
     assert_eq!(again.jobs_already_queued_or_done, 12);
     assert_eq!(ready(&stack, jobs_queue).await, 12, "one message per job");
 
+    // Nothing consumed yet: the invariant checker says which jobs are still without a result.
+    let verification =
+        quarry_reporter::verify(&stack.config, "twice", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(!verification.is_ok());
+    assert!(
+        verification.problems[0].starts_with("12 jobs have no result, for example: "),
+        "{:?}",
+        verification.problems
+    );
+
     // The same name with another definition is refused, and publishes nothing.
     let err = publish_run(&stack.config, "twice", &definition(first(13)), &never)
         .await
@@ -244,6 +256,14 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
             (row.get::<_, String>(0), row.get::<_, String>(1))
         }
     };
+    let verification = quarry_reporter::verify(
+        &stack.config,
+        "faulty-registry",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
     let (flaky_outcome, _) = outcome(flaky).await;
     assert_ne!(
         flaky_outcome, "error",
@@ -318,12 +338,27 @@ async fn migrations_started_by_many_processes_at_once_all_succeed() {
             .expect("every migration run succeeds");
     }
     let sql = stack.sql().await.unwrap();
-    let applied: i64 = sql
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+    let row = sql
+        .query_one(
+            "SELECT count(*), count(DISTINCT version) FROM refinery_schema_history",
+            &[],
+        )
         .await
+        .unwrap();
+    let (applied, distinct): (i64, i64) = (row.get(0), row.get(1));
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
         .unwrap()
-        .get(0);
-    assert_eq!(applied, 1, "each migration applied once");
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count() as i64;
+    assert_eq!(
+        (applied, distinct),
+        (files, files),
+        "each migration applied once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -357,6 +392,14 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
         "every job recorded as skipped, none run"
     );
 
+    let verification = quarry_reporter::verify(
+        &stack.config,
+        "cancelled",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
     let err = publish_run(&stack.config, "cancelled", &run, &never)
         .await
         .unwrap_err();
