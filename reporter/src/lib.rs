@@ -149,6 +149,60 @@ fn write_report(
     })
 }
 
+/// Why a package is where it is in a run, told from its jobs' event logs: one paragraph per
+/// toolchain, each event on its own line, and what the job is waiting for if it is not done.
+pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Result<String> {
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    let (name, version) = match package.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (package, None),
+    };
+    let jobs = store.package_jobs(run.id, name, version).await?;
+    anyhow::ensure!(
+        !jobs.is_empty(),
+        "run {} has no job for {package}",
+        run.name
+    );
+    let mut text = String::new();
+    for (job, version, toolchain, outcome) in jobs {
+        let events = store.events(job).await?;
+        let _ = writeln!(text, "{name}@{version} with {toolchain} (job {job}):");
+        for event in &events {
+            let _ = write!(
+                text,
+                "  {}  {}",
+                event.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                event.kind
+            );
+            if let Some(attempt) = event.attempt {
+                let _ = write!(text, ", attempt {attempt}");
+            }
+            if let Some(consumer) = event.consumer.as_deref().filter(|c| !c.is_empty()) {
+                let _ = write!(text, ", on {consumer}");
+            }
+            if let Some(detail) = event.detail.as_deref().filter(|d| !d.is_empty()) {
+                let _ = write!(text, ": {detail}");
+            }
+            text.push('\n');
+        }
+        let now = match (outcome, events.last().map(|e| e.kind.as_str())) {
+            (Some(outcome), _) => format!("finished as {outcome}"),
+            (None, None) => "recorded but not yet published: the producer has not got to it".into(),
+            (None, Some("queued")) => "in the work queue, waiting for a consumer".into(),
+            (None, Some("started")) => {
+                "running (or its consumer died and the broker will hand it to another)".into()
+            }
+            (None, Some("attempt-failed")) => {
+                "waiting in a retry delay queue before its next attempt".into()
+            }
+            (None, Some(other)) => format!("last event: {other}"),
+        };
+        let _ = writeln!(text, "  → {now}\n");
+    }
+    Ok(text)
+}
+
 /// What `verify` found wrong with a run; empty when every invariant holds.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {

@@ -21,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Why a package is where it is in a run: every event of its jobs (queued, started,
+    /// attempts failed and why, dead-lettered, finished) and what it is waiting for.
+    Explain {
+        /// The run's id or name.
+        run: String,
+        /// The package, as `name` or `name@version`.
+        package: String,
+    },
     /// Check a run's invariants: every job published and with exactly one result, dead letters
     /// with an error result, the written report counting what the database counts. Exits 1 and
     /// lists the problems if any invariant is broken.
@@ -57,6 +65,13 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config)?;
     match cli.command {
+        Command::Explain { run, package } => {
+            print!(
+                "{}",
+                quarry_reporter::explain(&config, &run, &package).await?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify { run, output } => {
             let output = output.unwrap_or_else(|| config.reporter.output_dir.clone());
             let verification = quarry_reporter::verify(&config, &run, &output).await?;

@@ -576,6 +576,38 @@ impl Store {
         })
     }
 
+    /// The jobs of a run for one package (every version, or just `version`): id, version and
+    /// toolchain, and the outcome if it has one.
+    pub async fn package_jobs(
+        &self,
+        run: RunId,
+        name: &str,
+        version: Option<&str>,
+    ) -> anyhow::Result<Vec<(JobId, String, String, Option<Outcome>)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT j.id, j.crate_version, j.toolchain, r.outcome
+                 FROM jobs j LEFT JOIN results r ON r.job_id = j.id
+                 WHERE j.run_id = $1 AND j.crate_name = $2
+                   AND ($3::text IS NULL OR j.crate_version = $3)
+                 ORDER BY j.crate_version, j.toolchain",
+                &[&run.0, &name, &version],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let outcome: Option<String> = row.get(3);
+                Ok((
+                    JobId(row.get(0)),
+                    row.get(1),
+                    row.get(2),
+                    outcome.map(|o| o.parse()).transpose()?,
+                ))
+            })
+            .collect()
+    }
+
     /// A job's event log, oldest first.
     pub async fn events(&self, job: JobId) -> anyhow::Result<Vec<JobEvent>> {
         let client = self.client().await?;
