@@ -32,7 +32,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 7, "{summary}");
+    assert_eq!(summary.jobs_queued, 8, "{summary}");
 
     let shutdown = CancellationToken::new();
     let consumers: Vec<_> = ["fixtures-a", "fixtures-b"]

@@ -1,0 +1,141 @@
+//! A consumer process killed with SIGKILL in the middle of a job: the broker hands the job to
+//! another consumer, the sandboxed build dies with the first one, and the job ends with exactly
+//! one result.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quarry_producer::{RunDefinition, Selection, publish_run, wait_for_run};
+use quarry_shared::job::{Experiment, Mode};
+use quarry_testkit::{TestStack, fixtures};
+use tokio_util::sync::CancellationToken;
+
+fn start_consumer(stack: &TestStack, name: &str) -> Child {
+    let config = toml::to_string(&stack.consumer_config(name)).unwrap();
+    let path = stack.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(stack.dir.path().join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_quarry-consumer"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Processes of the slow fixture's build still alive.
+fn slow_build_processes() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| {
+            cmdline.contains("quarry-fixture-slow") && cmdline.contains("build-script")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
+    let packed = tempfile::tempdir().unwrap();
+    let stack = TestStack::start_with(fixtures::corpus(packed.path()).unwrap())
+        .await
+        .unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: 300,
+        },
+        selection: Selection::Packages {
+            packages: vec!["quarry-fixture-slow".into()],
+        },
+    };
+    let never = CancellationToken::new();
+    let summary = publish_run(&stack.config, "crash", &definition, &never)
+        .await
+        .unwrap();
+    let sql = stack.sql().await.unwrap();
+    let started = || async {
+        sql.query_one(
+            "SELECT count(*) FROM job_events WHERE run_id = $1 AND kind = 'started'",
+            &[&summary.run_id.0],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+
+    let mut first = start_consumer(&stack, "doomed");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while started().await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first consumer never started the job"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Wait until the build script is running, then kill the consumer without warning.
+    while slow_build_processes().is_empty() {
+        assert!(Instant::now() < deadline, "the slow build never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let results: i64 = sql
+        .query_one("SELECT count(*) FROM results", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(results, 0, "killed before it could record anything");
+    // The sandbox dies with its consumer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !slow_build_processes().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the build outlived its consumer: {:?}",
+            slow_build_processes()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut second = start_consumer(&stack, "survivor");
+    let progress = tokio::time::timeout(
+        Duration::from_secs(300),
+        wait_for_run(&stack.config, summary.run_id, &never),
+    )
+    .await
+    .expect("the job is redelivered and finishes")
+    .unwrap();
+    assert!(progress.is_complete());
+    // SIGTERM: the survivor stops gracefully.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = second.wait().unwrap();
+    assert!(status.success(), "a consumer exits 0 on SIGTERM: {status}");
+
+    let row = sql
+        .query_one(
+            "SELECT count(*), min(outcome), min(consumer) FROM results WHERE run_id = $1",
+            &[&summary.run_id.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "exactly one result");
+    assert_eq!(row.get::<_, String>(1), "build-pass");
+    assert_eq!(row.get::<_, String>(2), "survivor");
+    assert_eq!(
+        started().await,
+        2,
+        "the job was started twice, finished once"
+    );
+    let verification =
+        quarry_reporter::verify(&stack.config, "crash", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
+}
