@@ -110,6 +110,52 @@ impl std::fmt::Display for PublishSummary {
     }
 }
 
+/// Reads a package list: one `name` or `name@version` per line; blank lines and `#` comments
+/// are ignored. Every line is checked, and the first bad one is named in the error.
+pub fn read_package_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the package list {}", path.display()))?;
+    let mut packages = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        check_package_spec(line).with_context(|| {
+            format!("{}:{}: invalid entry {line:?}", path.display(), number + 1)
+        })?;
+        packages.push(line.to_owned());
+    }
+    anyhow::ensure!(
+        !packages.is_empty(),
+        "the package list {} names no package",
+        path.display()
+    );
+    Ok(packages)
+}
+
+/// `name` or `name@version`, as crates.io allows them.
+pub fn check_package_spec(spec: &str) -> anyhow::Result<()> {
+    let (name, version) = match spec.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (spec, None),
+    };
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 64
+            && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "{name:?} is not a crate name"
+    );
+    if let Some(version) = version {
+        semver::Version::parse(version)
+            .with_context(|| format!("{version:?} is not a semver version"))?;
+    }
+    Ok(())
+}
+
 /// Run names become directory names in reports: keep them plain.
 pub fn validate_run_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
@@ -413,6 +459,26 @@ mod tests {
         ];
         assert_eq!(newest_stable(&entries).unwrap().vers, "1.10.0");
         assert!(newest_stable(&[entry("1.0.0", true)]).is_none());
+    }
+
+    #[test]
+    fn package_lists_are_checked_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.txt");
+        std::fs::write(&good, "# popular\nserde\n\nitoa@1.0.15  # pinned\n").unwrap();
+        assert_eq!(read_package_list(&good).unwrap(), ["serde", "itoa@1.0.15"]);
+
+        let bad = dir.path().join("bad.txt");
+        std::fs::write(&bad, "serde\nitoa@one\n").unwrap();
+        let err = format!("{:#}", read_package_list(&bad).unwrap_err());
+        assert!(err.contains("bad.txt:2"), "{err}");
+        assert!(err.contains("not a semver version"), "{err}");
+
+        let err = format!(
+            "{:#}",
+            read_package_list(&dir.path().join("none.txt")).unwrap_err()
+        );
+        assert!(err.contains("none.txt"), "{err}");
     }
 
     #[test]

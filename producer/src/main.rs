@@ -65,6 +65,9 @@ struct RunArgs {
     /// Test exactly these packages (`name` or `name@version`) instead of paging the listing.
     #[arg(long = "package", value_name = "NAME[@VERSION]")]
     packages: Vec<String>,
+    /// Test the packages listed in FILE: one `name` or `name@version` per line, `#` comments.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["packages", "limit"])]
+    list: Option<std::path::PathBuf>,
     /// Wait until every job has a result, showing progress.
     #[arg(long)]
     wait: bool,
@@ -164,15 +167,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.toolchains.len() <= 2,
                 "a run compares at most two toolchains (start and end)"
             );
-            let selection = if args.packages.is_empty() {
+            let mut packages = args.packages;
+            for spec in &packages {
+                quarry_producer::check_package_spec(spec)?;
+            }
+            if let Some(list) = &args.list {
+                packages = quarry_producer::read_package_list(list)?;
+            }
+            let selection = if packages.is_empty() {
                 Selection::Listing {
                     sort: args.sort,
                     limit: args.limit,
                 }
             } else {
-                Selection::Packages {
-                    packages: args.packages,
-                }
+                Selection::Packages { packages }
             };
             let definition = RunDefinition {
                 toolchains: args.toolchains,

@@ -112,6 +112,12 @@ pub fn index_path(name: &str) -> String {
 pub enum RegistryError {
     #[error("{0}")]
     Transient(String),
+    /// HTTP 429: the registry asked us to slow down, perhaps saying for how long.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("{0}")]
     Permanent(String),
     #[error("not found: {0}")]
@@ -120,7 +126,26 @@ pub enum RegistryError {
 
 impl RegistryError {
     fn is_transient(&self) -> bool {
-        matches!(self, RegistryError::Transient(_))
+        matches!(
+            self,
+            RegistryError::Transient(_) | RegistryError::RateLimited { .. }
+        )
+    }
+
+    /// The wait before the next try: the registry's `Retry-After` when it gave one (capped, and
+    /// never shorter than the backoff's), else the backoff's. `None` means no retry is left.
+    fn next_delay(&self, backoff: Option<Duration>) -> Option<Duration> {
+        const LONGEST_WAIT: Duration = Duration::from_secs(300);
+        match (self, backoff) {
+            (
+                RegistryError::RateLimited {
+                    retry_after: Some(asked),
+                    ..
+                },
+                Some(backoff),
+            ) => Some((*asked).min(LONGEST_WAIT).max(backoff)),
+            (_, backoff) => backoff,
+        }
     }
 }
 
@@ -131,6 +156,9 @@ pub struct RegistryClient {
     api_url: String,
     index_config: std::sync::Arc<OnceCell<IndexConfig>>,
     backoff: ExponentialBuilder,
+    /// Politeness towards the web API: the earliest moment the next API request may start.
+    api_slot: std::sync::Arc<tokio::sync::Mutex<tokio::time::Instant>>,
+    api_interval: Duration,
 }
 
 impl RegistryClient {
@@ -151,7 +179,16 @@ impl RegistryClient {
                 .with_max_delay(Duration::from_secs(30))
                 .with_max_times(5)
                 .with_jitter(),
+            api_slot: std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
+            api_interval: Duration::from_millis(config.api_min_interval_ms),
         })
+    }
+
+    /// Waits for this client's turn at the web API (at most one request per interval).
+    async fn api_turn(&self) {
+        let mut next = self.api_slot.lock().await;
+        tokio::time::sleep_until(*next).await;
+        *next = tokio::time::Instant::now() + self.api_interval;
     }
 
     /// Overrides the retry policy (tests use short delays).
@@ -191,7 +228,7 @@ impl RegistryClient {
             None => format!("?page=1&per_page={per_page}&sort=alpha"),
         };
         let url = format!("{}/api/v1/crates{query}", self.api_url);
-        let body = self.get(&url).await?;
+        let body = self.get_api(&url).await?;
         serde_json::from_slice(&body).map_err(|e| {
             RegistryError::Permanent(format!("{url} is not a crates.io listing page: {e}"))
         })
@@ -205,11 +242,28 @@ impl RegistryClient {
     }
 
     async fn get(&self, url: &str) -> Result<Bytes, RegistryError> {
-        (|| self.get_once(url))
-            .retry(self.backoff)
-            .when(RegistryError::is_transient)
-            .notify(|err, delay| tracing::warn!(%url, %err, ?delay, "registry request failed, retrying"))
-            .await
+        self.get_with_retries(url, false).await
+    }
+
+    /// A web API request: spaced out by the configured interval, retries included.
+    async fn get_api(&self, url: &str) -> Result<Bytes, RegistryError> {
+        self.get_with_retries(url, true).await
+    }
+
+    async fn get_with_retries(&self, url: &str, api: bool) -> Result<Bytes, RegistryError> {
+        (|| async {
+            if api {
+                self.api_turn().await;
+            }
+            self.get_once(url).await
+        })
+        .retry(self.backoff)
+        .when(RegistryError::is_transient)
+        .adjust(|err, backoff| err.next_delay(backoff))
+        .notify(
+            |err, delay| tracing::warn!(%url, %err, ?delay, "registry request failed, retrying"),
+        )
+        .await
     }
 
     async fn get_once(&self, url: &str) -> Result<Bytes, RegistryError> {
@@ -223,7 +277,20 @@ impl RegistryClient {
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(RegistryError::NotFound(url.to_owned()));
         }
-        if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // Retry-After in seconds; the HTTP-date form is rare enough to fall back to backoff.
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(RegistryError::RateLimited {
+                message: format!("GET {url}: HTTP {status}"),
+                retry_after,
+            });
+        }
+        if status.is_server_error() {
             return Err(RegistryError::Transient(format!(
                 "GET {url}: HTTP {status}"
             )));
@@ -295,6 +362,26 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_honoured_within_bounds() {
+        let limited = |secs| RegistryError::RateLimited {
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        let backoff = Some(Duration::from_millis(200));
+        assert_eq!(limited(7).next_delay(backoff), Some(Duration::from_secs(7)));
+        assert_eq!(
+            limited(86_400).next_delay(backoff),
+            Some(Duration::from_secs(300)),
+            "a huge Retry-After is capped"
+        );
+        assert_eq!(limited(7).next_delay(None), None, "no retries left");
+        assert_eq!(
+            RegistryError::Transient(String::new()).next_delay(backoff),
+            backoff
+        );
+    }
 
     #[test]
     fn index_paths_follow_cargos_layout() {

@@ -118,6 +118,8 @@ impl TestStack {
         config.s3.secret_access_key = Secret::new(S3_SECRET_KEY);
         config.registry.index_url = registry.index_url();
         config.registry.api_url = registry.api_url();
+        // The local registry needs no politeness; the test of spacing sets its own interval.
+        config.registry.api_min_interval_ms = 0;
         config.consumer.work_dir = dir.path().join("consumers");
         config.consumer.shutdown_grace_secs = 10;
         config.reporter.output_dir = dir.path().join("reports");

@@ -405,3 +405,42 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
         .unwrap_err();
     assert!(format!("{err:#}").contains("was cancelled"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_web_api_is_asked_politely_and_retry_after_is_honoured() {
+    let stack = TestStack::start().await.unwrap();
+    let mut config = stack.config.registry.clone();
+    config.api_min_interval_ms = 300;
+    let registry = quarry_shared::registry::RegistryClient::new(&config).unwrap();
+
+    // Three listing pages at most one per 300 ms: at least 600 ms between the first and last.
+    let started = std::time::Instant::now();
+    let mut next = None;
+    for _ in 0..3 {
+        let page = registry.crates_page(next.as_deref(), 5).await.unwrap();
+        next = page.meta.next_page;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A 429 with Retry-After: 2 is waited out, then the page comes.
+    stack.registry.set_faults(vec![Fault {
+        path_contains: "/api/v1/crates".into(),
+        status: Some(429),
+        retry_after_secs: Some(2),
+        times: Some(1),
+        ..Fault::default()
+    }]);
+    let started = std::time::Instant::now();
+    let page = registry.crates_page(None, 5).await.unwrap();
+    assert_eq!(page.crates.len(), 5);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stack.registry.stats().faults_applied, 1);
+}
