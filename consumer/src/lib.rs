@@ -27,7 +27,7 @@ use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
-use quarry_shared::job::{Job, Outcome, Toolchain};
+use quarry_shared::job::{Job, JobId, Outcome, Toolchain};
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
 use quarry_shared::s3::CrateBucket;
@@ -50,6 +50,15 @@ pub struct ConsumerStats {
     pub s3_hits: u64,
     /// `.crate` files downloaded from the registry.
     pub registry_fetches: u64,
+    /// Results reused from an identical job of an earlier run instead of computed.
+    pub memoized: u64,
+}
+
+/// A job's result as computed (or reused), before it is recorded.
+struct Done {
+    execution: Execution,
+    memo_key: Option<String>,
+    reused_from: Option<JobId>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -194,6 +203,8 @@ impl Worker {
                     attempt: attempt as i32,
                     consumer: self.name.clone(),
                     log: "quarry: skipped, the run was cancelled\n".to_owned(),
+                    memo_key: None,
+                    reused_from: None,
                 })
                 .await?;
             if recorded {
@@ -208,8 +219,8 @@ impl Worker {
         let started = Instant::now();
         let execution = self.execute(&job).await;
         let duration = started.elapsed();
-        let execution = match execution {
-            Ok(execution) => execution,
+        let done = match execution {
+            Ok(done) => done,
             Err(InfraError(reason)) => {
                 self.store
                     .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
@@ -225,13 +236,22 @@ impl Worker {
                     .record_dead_lettered(&job, &self.name, &reason)
                     .await?;
                 self.count(|s| s.dead_lettered += 1);
-                Execution {
-                    outcome: Outcome::Error,
-                    exit_code: None,
-                    log: reason,
+                Done {
+                    execution: Execution {
+                        outcome: Outcome::Error,
+                        exit_code: None,
+                        log: reason,
+                    },
+                    memo_key: None,
+                    reused_from: None,
                 }
             }
         };
+        let Done {
+            execution,
+            memo_key,
+            reused_from,
+        } = done;
         let recorded = self
             .store
             .record_result(&NewResult {
@@ -243,6 +263,8 @@ impl Worker {
                 attempt: attempt as i32,
                 consumer: self.name.clone(),
                 log: execution.log,
+                memo_key,
+                reused_from,
             })
             .await?;
         if recorded {
@@ -255,8 +277,41 @@ impl Worker {
         ack(delivery).await
     }
 
-    async fn execute(&self, job: &Job) -> Result<Execution, InfraError> {
-        self.check_toolchain(&job.toolchain).await?;
+    async fn execute(&self, job: &Job) -> Result<Done, InfraError> {
+        let build = self.check_toolchain(&job.toolchain).await?;
+        let memo_key = job.memo_key(&build);
+        if !job.experiment.fresh {
+            let earlier = self
+                .store
+                .memoized_result(&memo_key)
+                .await
+                .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
+            if let Some(earlier) = earlier {
+                self.count(|s| s.memoized += 1);
+                return Ok(Done {
+                    execution: Execution {
+                        outcome: earlier.outcome,
+                        exit_code: earlier.exit_code,
+                        log: format!(
+                            "quarry: reused the result of job {} (run {}): same package checksum, \
+                             toolchain build ({build}) and experiment\n\n{}",
+                            earlier.job_id, earlier.run_name, earlier.log
+                        ),
+                    },
+                    memo_key: Some(memo_key),
+                    reused_from: Some(earlier.job_id),
+                });
+            }
+        }
+        let execution = self.run_experiment(job).await?;
+        Ok(Done {
+            execution,
+            memo_key: Some(memo_key),
+            reused_from: None,
+        })
+    }
+
+    async fn run_experiment(&self, job: &Job) -> Result<Execution, InfraError> {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
@@ -295,8 +350,9 @@ impl Worker {
         .map_err(|e| InfraError(format!("cannot run cargo: {e}")))
     }
 
-    /// Checks once per consumer that a toolchain is installed and answers.
-    async fn check_toolchain(&self, toolchain: &Toolchain) -> Result<(), InfraError> {
+    /// Checks once per consumer that a toolchain is installed and answers; returns its exact
+    /// build (`rustc --version`).
+    async fn check_toolchain(&self, toolchain: &Toolchain) -> Result<String, InfraError> {
         let mut known = self.toolchains.lock().await;
         let state = match known.get(toolchain) {
             Some(state) => state.clone(),
@@ -310,12 +366,12 @@ impl Worker {
                 state
             }
         };
-        state.map(drop).map_err(InfraError)
+        state.map_err(InfraError)
     }
 }
 
 async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {
-    let output = tokio::process::Command::new("cargo")
+    let output = tokio::process::Command::new("rustc")
         .arg(format!("+{toolchain}"))
         .arg("--version")
         .env_clear()
@@ -324,7 +380,7 @@ async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<Stri
         .env("RUSTUP_HOME", &cargo.rustup_home)
         .output()
         .await
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+        .map_err(|e| format!("cannot run rustc: {e}"))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     } else {

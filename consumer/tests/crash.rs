@@ -47,6 +47,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
         experiment: Experiment {
             mode: Mode::Check,
             timeout_secs: 300,
+            fresh: false,
         },
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-slow".into()],

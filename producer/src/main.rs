@@ -71,6 +71,10 @@ struct RunArgs {
     /// Wait until every job has a result, showing progress.
     #[arg(long)]
     wait: bool,
+    /// Run every job, even those an earlier run already did with the same package checksum,
+    /// toolchain build and experiment (by default their results are reused).
+    #[arg(long)]
+    fresh: bool,
 }
 
 #[tokio::main]
@@ -187,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 experiment: Experiment {
                     mode: args.mode,
                     timeout_secs: args.timeout,
+                    fresh: args.fresh,
                 },
                 selection,
             };

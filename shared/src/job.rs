@@ -156,6 +156,10 @@ pub struct Experiment {
     pub mode: Mode,
     /// Wall-clock limit for one job's experiment, resolution included.
     pub timeout_secs: u64,
+    /// Run every job, even one whose identical twin (same package checksum, toolchain build and
+    /// experiment) already has a result in another run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 /// One published version of one package, as the index describes it.
@@ -226,6 +230,20 @@ impl Job {
             )));
         }
         Ok(job)
+    }
+
+    /// What makes two jobs' results interchangeable, across runs: the package's checksum, the
+    /// toolchain's exact build (`rustc --version`, since `nightly` moves) and the experiment.
+    pub fn memo_key(&self, toolchain_build: &str) -> String {
+        use sha2::{Digest as _, Sha256};
+        let identity = format!(
+            "{}\n{}\n{}\n{}",
+            self.package.checksum,
+            toolchain_build,
+            self.experiment.mode,
+            self.experiment.timeout_secs
+        );
+        hex::encode(Sha256::digest(identity.as_bytes()))
     }
 
     pub fn to_message(&self) -> Vec<u8> {
@@ -318,6 +336,7 @@ mod tests {
             Experiment {
                 mode: Mode::Check,
                 timeout_secs: 60,
+                fresh: false,
             },
         )
     }

@@ -71,6 +71,21 @@ pub struct NewResult {
     pub attempt: i32,
     pub consumer: String,
     pub log: String,
+    /// The job's identity across runs (`Job::memo_key`), when it is known.
+    pub memo_key: Option<String>,
+    /// The earlier job whose result this one reuses.
+    pub reused_from: Option<JobId>,
+}
+
+/// An earlier result that a job can reuse.
+#[derive(Debug, Clone)]
+pub struct MemoizedResult {
+    pub job_id: JobId,
+    pub run_name: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub log: String,
 }
 
 /// One row of a run's results, joined with its job, for reports.
@@ -452,8 +467,9 @@ impl Store {
         let tx = client.transaction().await?;
         let inserted = tx
             .execute(
-                "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt, consumer, log)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
+                                      consumer, log, memo_key, reused_from)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (job_id) DO NOTHING",
                 &[
                     &result.job_id.0,
@@ -464,6 +480,8 @@ impl Store {
                     &result.attempt,
                     &result.consumer,
                     &result.log,
+                    &result.memo_key,
+                    &result.reused_from.map(|j| j.0),
                 ],
             )
             .await
@@ -484,6 +502,33 @@ impl Store {
         }
         tx.commit().await.context("cannot commit the result")?;
         Ok(inserted == 1)
+    }
+
+    /// A computed (not itself reused) result of an identical job, if any. Results that say
+    /// nothing about the package (errors, skips) are never reused.
+    pub async fn memoized_result(&self, memo_key: &str) -> anyhow::Result<Option<MemoizedResult>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log
+                 FROM results r JOIN runs ON runs.id = r.run_id
+                 WHERE r.memo_key = $1 AND r.reused_from IS NULL
+                   AND r.outcome NOT IN ('error', 'skipped')
+                 ORDER BY r.finished_at LIMIT 1",
+                &[&memo_key],
+            )
+            .await?;
+        row.map(|row| {
+            Ok(MemoizedResult {
+                job_id: JobId(row.get(0)),
+                run_name: row.get(1),
+                outcome: row.get::<_, String>(2).parse()?,
+                exit_code: row.get(3),
+                duration_ms: row.get(4),
+                log: row.get(5),
+            })
+        })
+        .transpose()
     }
 
     // ---- reports ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! The whole path over real crates: producer → RabbitMQ → two consumers (S3, registry, cargo) →
-//! PostgreSQL → report, against the real services, twice.
+//! PostgreSQL → report, against the real services: a first run, a fresh second run served from
+//! S3, and a third whose results are all reused from the first.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 const PACKAGES: u64 = 50;
 
-fn check_first_crates() -> RunDefinition {
+fn check_first_crates(fresh: bool) -> RunDefinition {
     RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: Experiment {
             mode: Mode::Check,
             timeout_secs: 300,
+            fresh,
         },
         selection: Selection::Listing {
             sort: Sort::Alpha,
@@ -27,9 +29,13 @@ fn check_first_crates() -> RunDefinition {
 }
 
 /// Publishes a run and waits (at most 20 minutes) until every job has a result.
-async fn run_to_completion(stack: &TestStack, name: &str) -> quarry_shared::job::RunId {
+async fn run_to_completion(
+    stack: &TestStack,
+    name: &str,
+    fresh: bool,
+) -> quarry_shared::job::RunId {
     let never = CancellationToken::new();
-    let summary = publish_run(&stack.config, name, &check_first_crates(), &never)
+    let summary = publish_run(&stack.config, name, &check_first_crates(fresh), &never)
         .await
         .expect("the producer publishes the run");
     assert!(summary.complete);
@@ -47,7 +53,7 @@ async fn run_to_completion(stack: &TestStack, name: &str) -> quarry_shared::job:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_real_crates_twice_through_two_consumers() {
+async fn fifty_real_crates_three_times_through_two_consumers() {
     let stack = TestStack::start().await.expect("test services are up");
     let served = stack.registry.stats();
     assert_eq!(served.downloads, 0);
@@ -63,7 +69,7 @@ async fn fifty_real_crates_twice_through_two_consumers() {
         .collect();
 
     // First run: every .crate comes from the registry and lands in S3.
-    let first = run_to_completion(&stack, "e2e-first").await;
+    let first = run_to_completion(&stack, "e2e-first", false).await;
     let sql = stack.sql().await.unwrap();
     let jobs_without_exactly_one_result: i64 = sql
         .query_one(
@@ -142,8 +148,9 @@ async fn fifty_real_crates_twice_through_two_consumers() {
         "{database_counts:?}"
     );
 
-    // Second run of the same experiment: nothing comes from the registry any more.
-    let second = run_to_completion(&stack, "e2e-second").await;
+    // Second run of the same experiment, asking for fresh results: every job runs again, and
+    // nothing comes from the registry any more.
+    let second = run_to_completion(&stack, "e2e-second", true).await;
     let results: i64 = sql
         .query_one(
             "SELECT count(*) FROM results WHERE run_id = $1",

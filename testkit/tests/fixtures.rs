@@ -22,6 +22,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         experiment: Experiment {
             mode: Mode::Test,
             timeout_secs: TIME_LIMIT_SECS,
+            fresh: false,
         },
         selection: Selection::Listing {
             sort: Sort::Alpha,
@@ -113,6 +114,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
         experiment: Experiment {
             mode: Mode::Check,
             timeout_secs: TIME_LIMIT_SECS,
+            fresh: false,
         },
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-sandboxed".into()],
@@ -170,6 +172,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         experiment: Experiment {
             mode: Mode::Test,
             timeout_secs: 120,
+            fresh: false,
         },
         // Every fixture but the one that always times out, which would only slow this down.
         selection: Selection::Packages {

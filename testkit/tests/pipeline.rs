@@ -19,6 +19,7 @@ fn definition(selection: Selection) -> RunDefinition {
         experiment: Experiment {
             mode: Mode::Check,
             timeout_secs: 300,
+            fresh: false,
         },
         selection,
     }
