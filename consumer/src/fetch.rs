@@ -1,8 +1,16 @@
-//! Getting a package's `.crate` file: from the S3 bucket if it has a good copy, else from the
-//! registry (then stored in S3 for next time). Every copy is checked against the index's sha256
-//! before use; a corrupt S3 object is replaced, a corrupt download is retried.
+//! Getting a `.crate` file through the cache layers: the consumer's local disk cache, then the S3
+//! bucket near the registry, then the registry itself. Every copy is checked against the index's
+//! sha256 before use; a corrupt cached copy is thrown away and fetched again, a corrupt download
+//! is retried. A file found in a lower layer is stored in the layers above it.
+//!
+//! The same file asked for twice at once is fetched once: the second request waits for the first
+//! and then finds it on disk.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
@@ -14,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 /// Where a `.crate` came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    Disk,
     S3,
     Registry,
 }
@@ -28,43 +37,97 @@ pub enum FetchError {
     Unavailable(String),
 }
 
+/// Files served by each layer since the consumer started.
+#[derive(Debug, Default)]
+pub struct LayerCounts {
+    pub disk: AtomicU64,
+    pub s3: AtomicU64,
+    pub registry: AtomicU64,
+    /// S3 failed and the registry stood in.
+    pub s3_unavailable: AtomicU64,
+}
+
 pub struct Fetcher {
+    disk: DiskCache,
     bucket: CrateBucket,
     registry: RegistryClient,
     retry: ExponentialBuilder,
+    in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub counts: LayerCounts,
 }
 
 impl Fetcher {
-    pub fn new(bucket: CrateBucket, registry: RegistryClient) -> Fetcher {
+    pub fn new(disk: DiskCache, bucket: CrateBucket, registry: RegistryClient) -> Fetcher {
         Fetcher {
+            disk,
             bucket,
             registry,
             retry: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_times(3)
                 .with_jitter(),
+            in_flight: Default::default(),
+            counts: LayerCounts::default(),
         }
     }
 
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
     pub async fn fetch(&self, package: &PackageVersion) -> Result<(Bytes, Source), FetchError> {
+        // One fetch per file at a time; whoever waited finds the file on disk afterwards.
+        let key = format!("{}@{}", package.name, package.version);
+        let gate = self
+            .in_flight
+            .lock()
+            .await
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let fetched = {
+            let _turn = gate.lock().await;
+            self.fetch_through_layers(package).await
+        };
+        let mut in_flight = self.in_flight.lock().await;
+        // Forget the gate once nobody else holds it (the map holds one reference, we another).
+        if Arc::strong_count(&gate) <= 2 {
+            in_flight.remove(&key);
+        }
+        fetched
+    }
+
+    async fn fetch_through_layers(
+        &self,
+        package: &PackageVersion,
+    ) -> Result<(Bytes, Source), FetchError> {
+        if let Some(bytes) = self.disk.get(package).await {
+            self.counts.disk.fetch_add(1, Ordering::Relaxed);
+            return Ok((bytes, Source::Disk));
+        }
         match self.bucket.get(package).await {
             Ok(Some(bytes)) if checksum_matches(&bytes, &package.checksum) => {
+                self.counts.s3.fetch_add(1, Ordering::Relaxed);
+                self.disk.put(package, &bytes).await;
                 return Ok((bytes, Source::S3));
             }
             Ok(Some(_)) => tracing::warn!(%package, "S3 copy has a wrong checksum; fetching again"),
             Ok(None) => {}
             // S3 being down must not stop the run: the registry still has the file.
             Err(err) => {
-                tracing::warn!(%package, error = %format!("{err:#}"), "S3 unavailable; using the registry")
+                self.counts.s3_unavailable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%package, error = %format!("{err:#}"), "S3 unavailable; using the registry");
             }
         }
         let bytes = (|| self.download_checked(package))
             .retry(self.retry)
             .when(|e| matches!(e, FetchError::Unavailable(_)))
             .await?;
+        self.counts.registry.fetch_add(1, Ordering::Relaxed);
         if let Err(err) = self.bucket.put(package, bytes.clone()).await {
             tracing::warn!(%package, error = %format!("{err:#}"), "cannot cache the crate in S3");
         }
+        self.disk.put(package, &bytes).await;
         Ok((bytes, Source::Registry))
     }
 
@@ -93,4 +156,148 @@ impl Fetcher {
 
 fn checksum_matches(bytes: &[u8], expected: &str) -> bool {
     hex::encode(Sha256::digest(bytes)).eq_ignore_ascii_case(expected)
+}
+
+/// The consumer's local cache of `.crate` files, bounded in size: when it grows past its limit,
+/// the least recently used files are removed. Shared by the consumers of one work directory.
+pub struct DiskCache {
+    dir: PathBuf,
+    max_bytes: u64,
+}
+
+impl DiskCache {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> std::io::Result<DiskCache> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(DiskCache { dir, max_bytes })
+    }
+
+    fn path(&self, package: &PackageVersion) -> PathBuf {
+        // The checksum in the name: a new upload under the same version is a different file.
+        self.dir.join(format!(
+            "{}-{}-{}.crate",
+            package.name,
+            package.version,
+            &package.checksum[..package.checksum.len().min(16)]
+        ))
+    }
+
+    /// The cached file if it is there and intact; a corrupt one is removed.
+    pub async fn get(&self, package: &PackageVersion) -> Option<Bytes> {
+        let path = self.path(package);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        if !checksum_matches(&bytes, &package.checksum) {
+            tracing::warn!(path = %path.display(), "corrupt file in the disk cache; removing it");
+            let _ = tokio::fs::remove_file(&path).await;
+            return None;
+        }
+        // Recently used: eviction goes by modification time.
+        if let Ok(file) = std::fs::File::options().append(true).open(&path) {
+            let _ = file.set_modified(SystemTime::now());
+        }
+        Some(Bytes::from(bytes))
+    }
+
+    /// Stores a verified file (written aside, then renamed: readers never see half a file).
+    pub async fn put(&self, package: &PackageVersion, bytes: &Bytes) {
+        let path = self.path(package);
+        let staged = path.with_extension(format!("part.{}", std::process::id()));
+        let stored = async {
+            tokio::fs::write(&staged, bytes).await?;
+            tokio::fs::rename(&staged, &path).await
+        }
+        .await;
+        if let Err(err) = stored {
+            tracing::warn!(path = %path.display(), %err, "cannot write to the disk cache");
+            let _ = tokio::fs::remove_file(&staged).await;
+            return;
+        }
+        let dir = self.dir.clone();
+        let max_bytes = self.max_bytes;
+        let _ = tokio::task::spawn_blocking(move || evict(&dir, max_bytes)).await;
+    }
+}
+
+/// Removes the least recently used files until the directory fits in `max_bytes`.
+fn evict(dir: &std::path::Path, max_bytes: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let meta = entry.metadata().ok()?;
+            let path = entry.path();
+            if !meta.is_file() || path.extension().is_none_or(|e| e != "crate") {
+                return None;
+            }
+            Some((meta.modified().ok()?, meta.len(), path))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|(_, size, _)| size).sum();
+    files.sort();
+    for (_, size, path) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= size;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn package(name: &str, bytes: &[u8]) -> PackageVersion {
+        PackageVersion {
+            name: name.into(),
+            version: "1.0.0".into(),
+            checksum: hex::encode(Sha256::digest(bytes)),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_disk_cache_serves_intact_files_and_drops_corrupt_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::new(dir.path().to_owned(), 1 << 20).unwrap();
+        let a = package("a", b"aaaa");
+        assert!(cache.get(&a).await.is_none());
+        cache.put(&a, &Bytes::from_static(b"aaaa")).await;
+        assert_eq!(cache.get(&a).await.unwrap(), Bytes::from_static(b"aaaa"));
+
+        std::fs::write(cache.path(&a), b"tampered").unwrap();
+        assert!(
+            cache.get(&a).await.is_none(),
+            "a corrupt file is never used"
+        );
+        assert!(!cache.path(&a).exists(), "and it is removed");
+    }
+
+    #[tokio::test]
+    async fn the_disk_cache_evicts_the_least_recently_used_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::new(dir.path().to_owned(), 10).unwrap();
+        let (a, b, c) = (
+            package("a", b"aaaa"),
+            package("b", b"bbbb"),
+            package("c", b"cccc"),
+        );
+        cache.put(&a, &Bytes::from_static(b"aaaa")).await;
+        std::thread::sleep(Duration::from_millis(20));
+        cache.put(&b, &Bytes::from_static(b"bbbb")).await;
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            cache.get(&a).await.is_some(),
+            "a is now the most recently used"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        cache.put(&c, &Bytes::from_static(b"cccc")).await;
+        assert!(
+            cache.get(&b).await.is_none(),
+            "b, least recently used, was evicted"
+        );
+        assert!(cache.get(&a).await.is_some());
+        assert!(cache.get(&c).await.is_some());
+    }
 }

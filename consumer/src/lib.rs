@@ -14,12 +14,14 @@
 
 mod experiment;
 mod fetch;
+mod mirror;
 mod sandbox;
 mod unpack;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -36,7 +38,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub use experiment::{CargoEnv, Execution};
-pub use fetch::{FetchError, Fetcher, Source};
+pub use fetch::{DiskCache, FetchError, Fetcher, Source};
 pub use sandbox::Sandbox;
 
 /// What one consumer did before it stopped.
@@ -46,10 +48,14 @@ pub struct ConsumerStats {
     pub duplicates_skipped: u64,
     pub dead_lettered: u64,
     pub attempts_failed: u64,
-    /// `.crate` files found in S3 with the right checksum.
+    /// `.crate` files (packages under test and their dependencies) found intact on local disk.
+    pub disk_hits: u64,
+    /// `.crate` files found intact in S3.
     pub s3_hits: u64,
     /// `.crate` files downloaded from the registry.
     pub registry_fetches: u64,
+    /// Times S3 failed and the registry stood in.
+    pub s3_unavailable: u64,
     /// Results reused from an identical job of an earlier run instead of computed.
     pub memoized: u64,
 }
@@ -68,7 +74,7 @@ struct Worker {
     name: String,
     store: Store,
     publisher: Publisher,
-    fetcher: Fetcher,
+    fetcher: Arc<Fetcher>,
     cargo: CargoEnv,
     jobs_dir: PathBuf,
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
@@ -88,7 +94,15 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
     let registry = RegistryClient::new(&config.registry)?;
-    let cargo = prepare_cargo_home(config).await?;
+    // Consumers sharing a work directory share its disk cache.
+    let disk = DiskCache::new(
+        config.consumer.work_dir.join("crates"),
+        config.consumer.disk_cache_mb.saturating_mul(1 << 20),
+    )
+    .context("cannot create the disk cache")?;
+    let fetcher = Arc::new(Fetcher::new(disk, bucket, registry));
+    let mirror = mirror::start(fetcher.clone()).await?;
+    let cargo = prepare_cargo_home(config, &name, &mirror.index_url()).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -97,7 +111,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         name: name.clone(),
         store,
         publisher,
-        fetcher: Fetcher::new(bucket, registry),
+        fetcher: fetcher.clone(),
         cargo,
         jobs_dir,
         toolchains: Mutex::new(HashMap::new()),
@@ -134,7 +148,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     }
     // Closing the connection returns every unacked delivery to the queue.
     broker.close().await;
-    let stats = *worker.stats.lock().unwrap_or_else(|p| p.into_inner());
+    drop(mirror);
+    let mut stats = *worker.stats.lock().unwrap_or_else(|p| p.into_inner());
+    let counts = &fetcher.counts;
+    stats.disk_hits = counts.disk.load(Ordering::Relaxed);
+    stats.s3_hits = counts.s3.load(Ordering::Relaxed);
+    stats.registry_fetches = counts.registry.load(Ordering::Relaxed);
+    stats.s3_unavailable = counts.s3_unavailable.load(Ordering::Relaxed);
     tracing::info!(consumer = %name, ?stats, "consumer stopped");
     Ok(stats)
 }
@@ -315,10 +335,6 @@ impl Worker {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
-                self.count(|s| match source {
-                    Source::S3 => s.s3_hits += 1,
-                    Source::Registry => s.registry_fetches += 1,
-                });
                 bytes
             }
             Err(FetchError::Missing(why)) => return Ok(broken(why)),
@@ -436,26 +452,23 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Sets up the consumer's cargo home: where cargo keeps downloaded dependencies, and the source
-/// replacement that points cargo at the configured registry instead of crates.io.
-/// Consumers sharing a work directory share the cargo home (cargo locks its own caches), so a
-/// dependency is downloaded once per machine rather than once per consumer.
-async fn prepare_cargo_home(config: &Config) -> anyhow::Result<CargoEnv> {
-    let cargo_home = config.consumer.work_dir.join("cargo-home");
+/// Sets up the consumer's cargo home: where cargo keeps what it downloaded, and the source
+/// replacement that sends every registry request of cargo to this consumer's own endpoint
+/// (`mirror`), which serves dependencies through the cache layers.
+async fn prepare_cargo_home(
+    config: &Config,
+    name: &str,
+    mirror_index: &str,
+) -> anyhow::Result<CargoEnv> {
+    let cargo_home = config.consumer.work_dir.join(name).join("cargo-home");
     std::fs::create_dir_all(&cargo_home)
         .with_context(|| format!("cannot create {}", cargo_home.display()))?;
-    let mut cargo_config = String::from("[term]\ncolor = \"never\"\n[net]\nretry = 3\n");
-    if !config.registry.is_crates_io() {
-        let index = config.registry.index_url.trim_start_matches("sparse+");
-        cargo_config.push_str(&format!(
-            "[source.crates-io]\nreplace-with = \"quarry-registry\"\n\
-             [source.quarry-registry]\nregistry = \"sparse+{index}\"\n"
-        ));
-    }
-    // Written aside and renamed, so a consumer starting alongside never reads half a file.
-    let staged = cargo_home.join(format!("config.toml.{}", std::process::id()));
-    std::fs::write(&staged, cargo_config)?;
-    std::fs::rename(&staged, cargo_home.join("config.toml"))?;
+    let cargo_config = format!(
+        "[term]\ncolor = \"never\"\n[net]\nretry = 3\n\
+         [source.crates-io]\nreplace-with = \"quarry-mirror\"\n\
+         [source.quarry-mirror]\nregistry = \"{mirror_index}\"\n"
+    );
+    std::fs::write(cargo_home.join("config.toml"), cargo_config)?;
     let user_home = std::env::var_os("HOME").map(PathBuf::from);
     let rustup_home = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)

@@ -176,11 +176,6 @@ impl RegistryConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }
-
-    /// True when the registry is crates.io itself, so cargo needs no source replacement.
-    pub fn is_crates_io(&self) -> bool {
-        self.index_url.trim_end_matches('/') == "https://index.crates.io"
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -196,6 +191,9 @@ pub struct ConsumerConfig {
     pub shutdown_grace_secs: u64,
     /// Bytes of experiment output kept per job; the rest is cut with a marker.
     pub log_limit_bytes: usize,
+    /// Size of the local disk cache of `.crate` files (shared by the consumers of a work
+    /// directory), in MiB; past it the least recently used files are removed.
+    pub disk_cache_mb: u64,
     /// Run packages' code without the bubblewrap sandbox. Only for machines that cannot have it
     /// and run nothing else of value: the consumer warns loudly.
     pub unsandboxed: bool,
@@ -209,6 +207,7 @@ impl Default for ConsumerConfig {
             concurrency: 1,
             shutdown_grace_secs: 30,
             log_limit_bytes: 1024 * 1024,
+            disk_cache_mb: 4096,
             unsandboxed: false,
         }
     }

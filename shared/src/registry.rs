@@ -211,10 +211,15 @@ impl RegistryClient {
 
     /// Every version of `name` listed in the index, oldest first.
     pub async fn index_entries(&self, name: &str) -> Result<Vec<IndexEntry>, RegistryError> {
-        let url = format!("{}{}", self.index_url, index_path(name));
-        let body = self.get(&url).await?;
+        let body = self.index_file(name).await?;
         parse_index_file(&body)
-            .map_err(|e| RegistryError::Permanent(format!("malformed index file {url}: {e}")))
+            .map_err(|e| RegistryError::Permanent(format!("malformed index file for {name}: {e}")))
+    }
+
+    /// The raw index file of `name`, as the registry serves it.
+    pub async fn index_file(&self, name: &str) -> Result<Bytes, RegistryError> {
+        let url = format!("{}{}", self.index_url, index_path(name));
+        self.get(&url).await
     }
 
     /// One page of the crate listing; `next` is the previous page's `meta.next_page`.

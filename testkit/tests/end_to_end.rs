@@ -52,23 +52,62 @@ async fn run_to_completion(
     summary.run_id
 }
 
+/// Two consumers sharing a work directory, as on one machine.
+struct Fleet {
+    shutdown: CancellationToken,
+    consumers: Vec<tokio::task::JoinHandle<anyhow::Result<ConsumerStats>>>,
+}
+
+impl Fleet {
+    fn start(stack: &TestStack, names: [&str; 2], machine: &str) -> Fleet {
+        let shutdown = CancellationToken::new();
+        let consumers = names
+            .into_iter()
+            .map(|name| {
+                let mut config = stack.consumer_config(name);
+                config.consumer.work_dir = stack.dir.path().join(machine);
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
+            })
+            .collect();
+        Fleet {
+            shutdown,
+            consumers,
+        }
+    }
+
+    /// Stops the consumers gracefully and adds up what they did.
+    async fn stop(self) -> ConsumerStats {
+        self.shutdown.cancel();
+        let mut total = ConsumerStats::default();
+        for consumer in self.consumers {
+            let stats = consumer.await.unwrap().expect("the consumer stops cleanly");
+            total.results += stats.results;
+            total.disk_hits += stats.disk_hits;
+            total.s3_hits += stats.s3_hits;
+            total.registry_fetches += stats.registry_fetches;
+            total.memoized += stats.memoized;
+        }
+        total
+    }
+}
+
+async fn assert_verified(stack: &TestStack, run: &str) {
+    let verification =
+        quarry_reporter::verify(&stack.config, run, &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(verification.is_ok(), "{run}: {:?}", verification.problems);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_real_crates_three_times_through_two_consumers() {
     let stack = TestStack::start().await.expect("test services are up");
-    let served = stack.registry.stats();
-    assert_eq!(served.downloads, 0);
+    assert_eq!(stack.registry.stats().downloads, 0);
 
-    let shutdown = CancellationToken::new();
-    let consumers: Vec<_> = ["consumer-a", "consumer-b"]
-        .into_iter()
-        .map(|name| {
-            let config = stack.consumer_config(name);
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-        })
-        .collect();
-
-    // First run: every .crate comes from the registry and lands in S3.
+    // First run: every .crate, the packages' and their dependencies', comes from the registry
+    // through the consumers' cache layers, and lands in S3.
+    let first_fleet = Fleet::start(&stack, ["consumer-a", "consumer-b"], "machine-1");
     let first = run_to_completion(&stack, "e2e-first", false).await;
     let sql = stack.sql().await.unwrap();
     let jobs_without_exactly_one_result: i64 = sql
@@ -148,8 +187,21 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         "{database_counts:?}"
     );
 
-    // Second run of the same experiment, asking for fresh results: every job runs again, and
-    // nothing comes from the registry any more.
+    assert_verified(&stack, "e2e-first").await;
+    let first_stats = first_fleet.stop().await;
+    eprintln!("first run, machine 1: {first_stats:?}, registry: {after_first:?}");
+    assert_eq!(
+        first_stats.registry_fetches, after_first.downloads,
+        "cargo itself never went to the registry: every download went through the caches"
+    );
+    assert!(
+        first_stats.disk_hits + first_stats.s3_hits + first_stats.registry_fetches > PACKAGES,
+        "dependencies came through the caches too: {first_stats:?}"
+    );
+
+    // Second run of the same experiment, asking for fresh results, on a new machine (empty disk
+    // cache, empty cargo home): every job runs again, and nothing comes from the registry.
+    let second_fleet = Fleet::start(&stack, ["consumer-c", "consumer-d"], "machine-2");
     let second = run_to_completion(&stack, "e2e-second", true).await;
     let results: i64 = sql
         .query_one(
@@ -160,40 +212,63 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         .unwrap()
         .get(0);
     assert_eq!(results, PACKAGES as i64);
-    let after_second = stack.registry.stats();
     assert_eq!(
-        after_second.downloads, after_first.downloads,
+        stack.registry.stats().downloads,
+        after_first.downloads,
         "the second run downloads nothing from the registry"
     );
+    assert_verified(&stack, "e2e-second").await;
 
-    let verification = quarry_reporter::verify(
-        &stack.config,
-        "e2e-first",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
-    let verification = quarry_reporter::verify(
-        &stack.config,
-        "e2e-second",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
-    shutdown.cancel();
-    let mut total = ConsumerStats::default();
-    for consumer in consumers {
-        let stats = consumer.await.unwrap().expect("the consumer stops cleanly");
-        total.results += stats.results;
-        total.s3_hits += stats.s3_hits;
-        total.registry_fetches += stats.registry_fetches;
-    }
-    assert_eq!(total.results, 2 * PACKAGES);
+    // Third run, memoized: every result is reused from the first run, nothing is fetched or run.
+    let third = run_to_completion(&stack, "e2e-third", false).await;
+    let outcomes = |run: quarry_shared::job::RunId| {
+        let sql = &sql;
+        async move {
+            sql.query(
+                "SELECT j.crate_name, r.outcome, r.reused_from IS NOT NULL FROM results r
+                 JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1 ORDER BY 1",
+                &[&run.0],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| {
+                (
+                    row.get::<_, String>(0),
+                    row.get::<_, String>(1),
+                    row.get::<_, bool>(2),
+                )
+            })
+            .collect::<Vec<_>>()
+        }
+    };
+    let reused = outcomes(third).await;
+    assert!(reused.iter().all(|(_, _, reused)| *reused), "{reused:?}");
+    let strip = |rows: Vec<(String, String, bool)>| -> Vec<(String, String)> {
+        rows.into_iter()
+            .map(|(name, outcome, _)| (name, outcome))
+            .collect()
+    };
     assert_eq!(
-        total.registry_fetches, PACKAGES,
-        "first run: all from the registry"
+        strip(reused),
+        strip(outcomes(first).await),
+        "the first run's results"
     );
-    assert_eq!(total.s3_hits, PACKAGES, "second run: all S3 hits");
+    assert_verified(&stack, "e2e-third").await;
+
+    let later_stats = second_fleet.stop().await;
+    eprintln!("second and third runs, machine 2: {later_stats:?}");
+    assert_eq!(
+        later_stats.registry_fetches, 0,
+        "nothing from the registry after the first run"
+    );
+    assert!(
+        later_stats.s3_hits >= PACKAGES,
+        "the second run's packages came from S3"
+    );
+    assert_eq!(
+        later_stats.memoized, PACKAGES,
+        "the third run reused every result"
+    );
+    assert_eq!(first_stats.results + later_stats.results, 3 * PACKAGES);
 }

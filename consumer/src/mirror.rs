@@ -1,0 +1,134 @@
+//! The consumer's own crates.io-compatible endpoint, on loopback, that cargo is pointed at while
+//! it resolves and downloads a package's dependencies (outside the sandbox). Index files are
+//! passed through from the registry; downloads go through the same cache layers as the packages
+//! under test (disk, S3, registry), checked against the index's checksum. So a dependency is
+//! downloaded from the registry once, ever, and a second run downloads nothing from it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use quarry_shared::job::PackageVersion;
+use quarry_shared::registry::{IndexConfig, RegistryError, parse_index_file};
+use tokio::sync::RwLock;
+
+use crate::fetch::{FetchError, Fetcher};
+
+struct Shared {
+    fetcher: Arc<Fetcher>,
+    base_url: String,
+    /// Checksums from the index files served so far, by (name, version).
+    checksums: RwLock<HashMap<(String, String), String>>,
+}
+
+/// The endpoint, serving until dropped.
+pub struct Mirror {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mirror {
+    /// The sparse index URL to give cargo (`sparse+` prefix included).
+    pub fn index_url(&self) -> String {
+        format!("sparse+http://{}/index/", self.addr)
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn start(fetcher: Arc<Fetcher>) -> anyhow::Result<Mirror> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot open the local registry endpoint for cargo")?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        fetcher,
+        base_url: format!("http://{addr}"),
+        checksums: RwLock::default(),
+    });
+    let app = Router::new()
+        .route("/index/config.json", get(config_json))
+        .route("/index/{*path}", get(index_file))
+        .route("/dl/{name}/{version}", get(download))
+        .with_state(shared);
+    let task = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(%err, "the local registry endpoint stopped");
+        }
+    });
+    Ok(Mirror { addr, task })
+}
+
+async fn config_json(State(shared): State<Arc<Shared>>) -> Json<IndexConfig> {
+    Json(IndexConfig {
+        dl: format!("{}/dl/{{crate}}/{{version}}", shared.base_url),
+        api: None,
+    })
+}
+
+async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>) -> Response {
+    let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+    match shared.fetcher.registry().index_file(&name).await {
+        Ok(body) => {
+            remember_checksums(&shared, &body).await;
+            ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
+        }
+        Err(RegistryError::NotFound(_)) => StatusCode::NOT_FOUND.into_response(),
+        // Cargo retries 5xx answers itself.
+        Err(err) => (StatusCode::BAD_GATEWAY, err.to_string()).into_response(),
+    }
+}
+
+async fn remember_checksums(shared: &Shared, body: &[u8]) {
+    let Ok(entries) = parse_index_file(body) else {
+        return;
+    };
+    let mut checksums = shared.checksums.write().await;
+    for entry in entries {
+        checksums.insert((entry.name.to_ascii_lowercase(), entry.vers), entry.cksum);
+    }
+}
+
+async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<String> {
+    let key = (name.to_ascii_lowercase(), version.to_owned());
+    if let Some(cksum) = shared.checksums.read().await.get(&key) {
+        return Some(cksum.clone());
+    }
+    // Cargo normally reads the index first; if not, read it now.
+    let body = shared.fetcher.registry().index_file(name).await.ok()?;
+    remember_checksums(shared, &body).await;
+    shared.checksums.read().await.get(&key).cloned()
+}
+
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    let Some(checksum) = checksum_of(&shared, &name, &version).await else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("{name}@{version} is not in the index"),
+        )
+            .into_response();
+    };
+    let package = PackageVersion {
+        name,
+        version,
+        checksum,
+    };
+    match shared.fetcher.fetch(&package).await {
+        Ok((bytes, _)) => ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response(),
+        Err(FetchError::Missing(why)) => (StatusCode::NOT_FOUND, why).into_response(),
+        Err(FetchError::Unavailable(why)) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
