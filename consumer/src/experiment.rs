@@ -93,6 +93,18 @@ fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
     }
 }
 
+/// What a job may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock time for the whole job.
+    pub time: Duration,
+    /// Address space of each process that runs the package's code.
+    pub memory_bytes: u64,
+}
+
+/// Largest file a package's code may write (a runaway test writing gigabytes is stopped).
+const FILE_SIZE_LIMIT: u64 = 8 << 30;
+
 /// Runs `mode`'s steps in `package_dir` with `toolchain`. `scratch` is the job's directory (it
 /// holds `package_dir` and the target directory) and the only place the package can write to.
 pub async fn run(
@@ -101,8 +113,9 @@ pub async fn run(
     package_dir: &Path,
     toolchain: &Toolchain,
     mode: Mode,
-    timeout: Duration,
+    limits: Limits,
 ) -> std::io::Result<Execution> {
+    let timeout = limits.time;
     let deadline = Instant::now() + timeout;
     let log = Arc::new(Mutex::new(Log::new(env.log_limit_bytes)));
     let (steps, success) = steps(mode);
@@ -120,6 +133,7 @@ pub async fn run(
             scratch,
             dir: package_dir,
             sandbox,
+            memory_bytes: step.sandboxed.then_some(limits.memory_bytes),
         };
         let status = run_step(env, &place, &args, deadline, &log).await?;
         match status {
@@ -134,14 +148,31 @@ pub async fn run(
                 return Ok(finish(&log, Outcome::Timeout, None));
             }
             StepStatus::Exited(0) => {}
-            StepStatus::Exited(code) => return Ok(finish(&log, step.on_failure, Some(code))),
+            StepStatus::Exited(code) => {
+                let outcome = failure_outcome(&log, step.on_failure);
+                return Ok(finish(&log, outcome, Some(code)));
+            }
             StepStatus::Signalled(signal) => {
                 log_line(&log, &format!("\nquarry: step killed by signal {signal}\n"));
-                return Ok(finish(&log, step.on_failure, None));
+                let outcome = failure_outcome(&log, step.on_failure);
+                return Ok(finish(&log, outcome, None));
             }
         }
     }
     Ok(finish(&log, success, Some(0)))
+}
+
+/// A failed step whose log shows allocations failing ran out of memory, whatever the step.
+fn failure_outcome(log: &Mutex<Log>, on_failure: Outcome) -> Outcome {
+    let text = lock(log).text();
+    let out_of_memory = (text.contains("memory allocation of ") && text.contains(" failed"))
+        || text.contains("Cannot allocate memory")
+        || text.contains("LLVM ERROR: out of memory");
+    if out_of_memory {
+        Outcome::OutOfMemory
+    } else {
+        on_failure
+    }
 }
 
 fn finish(log: &Mutex<Log>, outcome: Outcome, exit_code: Option<i32>) -> Execution {
@@ -163,6 +194,8 @@ struct Place<'a> {
     scratch: &'a Path,
     dir: &'a Path,
     sandbox: &'a Sandbox,
+    /// Address-space limit for each process, for steps that run the package's code.
+    memory_bytes: Option<u64>,
 }
 
 async fn run_step(
@@ -194,6 +227,19 @@ async fn run_step(
         // Its own process group, so a timeout kills rustc, build scripts and tests too.
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(memory_bytes) = place.memory_bytes {
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+        // nothing here allocates or takes locks.
+        unsafe {
+            command.pre_exec(move || {
+                use nix::sys::resource::{Resource, setrlimit};
+                setrlimit(Resource::RLIMIT_AS, memory_bytes, memory_bytes)?;
+                setrlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT, FILE_SIZE_LIMIT)?;
+                setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+                Ok(())
+            });
+        }
+    }
     let mut child = command.spawn()?;
     let group = ProcessGroup(child.id().map(|id| Pid::from_raw(id as i32)));
     let readers = [

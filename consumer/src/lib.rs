@@ -360,7 +360,10 @@ impl Worker {
             &package_dir,
             &job.toolchain,
             job.experiment.mode,
-            Duration::from_secs(job.experiment.timeout_secs),
+            experiment::Limits {
+                time: Duration::from_secs(job.experiment.timeout_secs),
+                memory_bytes: job.experiment.memory_limit_mb.saturating_mul(1 << 20),
+            },
         )
         .await
         .map_err(|e| InfraError(format!("cannot run cargo: {e}")))

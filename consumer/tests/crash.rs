@@ -48,6 +48,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
             mode: Mode::Check,
             timeout_secs: 300,
             fresh: false,
+            memory_limit_mb: 1024,
         },
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-slow".into()],

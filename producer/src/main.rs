@@ -56,6 +56,9 @@ struct RunArgs {
     /// Time limit for one package's experiment, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// Memory (address space) each process of an experiment may use, in MiB.
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    memory_limit: u64,
     /// Take at most this many crates from the registry listing.
     #[arg(long, conflicts_with = "packages")]
     limit: Option<u64>,
@@ -192,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     mode: args.mode,
                     timeout_secs: args.timeout,
                     fresh: args.fresh,
+                    memory_limit_mb: args.memory_limit,
                 },
                 selection,
             };

@@ -160,6 +160,14 @@ pub struct Experiment {
     /// experiment) already has a result in another run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
+    /// Address space each process of the experiment may use, in MiB; past it allocations fail
+    /// and the job's outcome is `out-of-memory`.
+    #[serde(default = "default_memory_limit_mb")]
+    pub memory_limit_mb: u64,
+}
+
+fn default_memory_limit_mb() -> u64 {
+    4096
 }
 
 /// One published version of one package, as the index describes it.
@@ -237,11 +245,12 @@ impl Job {
     pub fn memo_key(&self, toolchain_build: &str) -> String {
         use sha2::{Digest as _, Sha256};
         let identity = format!(
-            "{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}",
             self.package.checksum,
             toolchain_build,
             self.experiment.mode,
-            self.experiment.timeout_secs
+            self.experiment.timeout_secs,
+            self.experiment.memory_limit_mb
         );
         hex::encode(Sha256::digest(identity.as_bytes()))
     }
@@ -337,6 +346,7 @@ mod tests {
                 mode: Mode::Check,
                 timeout_secs: 60,
                 fresh: false,
+                memory_limit_mb: 1024,
             },
         )
     }

@@ -20,6 +20,7 @@ fn check_first_crates(fresh: bool) -> RunDefinition {
             mode: Mode::Check,
             timeout_secs: 300,
             fresh,
+            memory_limit_mb: 4096,
         },
         selection: Selection::Listing {
             sort: Sort::Alpha,

@@ -23,6 +23,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             mode: Mode::Test,
             timeout_secs: TIME_LIMIT_SECS,
             fresh: false,
+            memory_limit_mb: 1024,
         },
         selection: Selection::Listing {
             sort: Sort::Alpha,
@@ -33,7 +34,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 8, "{summary}");
+    assert_eq!(summary.jobs_queued, 9, "{summary}");
 
     let shutdown = CancellationToken::new();
     let consumers: Vec<_> = ["fixtures-a", "fixtures-b"]
@@ -90,6 +91,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     assert!(log("quarry-fixture-test-fail").contains("test tests::adds ... FAILED"));
     assert!(log("quarry-fixture-broken").contains("quarry-fixture-nowhere"));
     assert!(log("quarry-fixture-timeout").contains("killed after the time limit"));
+    assert!(log("quarry-fixture-memory-hog").contains("memory allocation of"));
 
     // The never-ending build script died with its job: no process of it is left.
     let survivors: Vec<String> = std::fs::read_dir("/proc")
@@ -115,6 +117,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
             mode: Mode::Check,
             timeout_secs: TIME_LIMIT_SECS,
             fresh: false,
+            memory_limit_mb: 1024,
         },
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-sandboxed".into()],
@@ -173,6 +176,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
             mode: Mode::Test,
             timeout_secs: 120,
             fresh: false,
+            memory_limit_mb: 1024,
         },
         // Every fixture but the one that always times out, which would only slow this down.
         selection: Selection::Packages {

@@ -20,6 +20,7 @@ fn definition(selection: Selection) -> RunDefinition {
             mode: Mode::Check,
             timeout_secs: 300,
             fresh: false,
+            memory_limit_mb: 1024,
         },
         selection,
     }
