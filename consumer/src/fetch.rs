@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable as _};
@@ -18,6 +17,8 @@ use quarry_shared::job::PackageVersion;
 use quarry_shared::registry::{RegistryClient, RegistryError};
 use quarry_shared::s3::CrateBucket;
 use sha2::{Digest as _, Sha256};
+
+use crate::metrics::Metrics;
 
 /// Where a `.crate` came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,27 +38,22 @@ pub enum FetchError {
     Unavailable(String),
 }
 
-/// Files served by each layer since the consumer started.
-#[derive(Debug, Default)]
-pub struct LayerCounts {
-    pub disk: AtomicU64,
-    pub s3: AtomicU64,
-    pub registry: AtomicU64,
-    /// S3 failed and the registry stood in.
-    pub s3_unavailable: AtomicU64,
-}
-
 pub struct Fetcher {
     disk: DiskCache,
     bucket: CrateBucket,
     registry: RegistryClient,
     retry: ExponentialBuilder,
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub counts: LayerCounts,
+    metrics: Arc<Metrics>,
 }
 
 impl Fetcher {
-    pub fn new(disk: DiskCache, bucket: CrateBucket, registry: RegistryClient) -> Fetcher {
+    pub fn new(
+        disk: DiskCache,
+        bucket: CrateBucket,
+        registry: RegistryClient,
+        metrics: Arc<Metrics>,
+    ) -> Fetcher {
         Fetcher {
             disk,
             bucket,
@@ -67,7 +63,7 @@ impl Fetcher {
                 .with_max_times(3)
                 .with_jitter(),
             in_flight: Default::default(),
-            counts: LayerCounts::default(),
+            metrics,
         }
     }
 
@@ -89,6 +85,9 @@ impl Fetcher {
             let _turn = gate.lock().await;
             self.fetch_through_layers(package).await
         };
+        if let Ok((bytes, source)) = &fetched {
+            self.metrics.fetched(*source, bytes.len());
+        }
         let mut in_flight = self.in_flight.lock().await;
         // Forget the gate once nobody else holds it (the map holds one reference, we another).
         if Arc::strong_count(&gate) <= 2 {
@@ -102,12 +101,10 @@ impl Fetcher {
         package: &PackageVersion,
     ) -> Result<(Bytes, Source), FetchError> {
         if let Some(bytes) = self.disk.get(package).await {
-            self.counts.disk.fetch_add(1, Ordering::Relaxed);
             return Ok((bytes, Source::Disk));
         }
         match self.bucket.get(package).await {
             Ok(Some(bytes)) if checksum_matches(&bytes, &package.checksum) => {
-                self.counts.s3.fetch_add(1, Ordering::Relaxed);
                 self.disk.put(package, &bytes).await;
                 return Ok((bytes, Source::S3));
             }
@@ -115,7 +112,7 @@ impl Fetcher {
             Ok(None) => {}
             // S3 being down must not stop the run: the registry still has the file.
             Err(err) => {
-                self.counts.s3_unavailable.fetch_add(1, Ordering::Relaxed);
+                self.metrics.s3_unavailable.inc();
                 tracing::warn!(%package, error = %format!("{err:#}"), "S3 unavailable; using the registry");
             }
         }
@@ -123,7 +120,6 @@ impl Fetcher {
             .retry(self.retry)
             .when(|e| matches!(e, FetchError::Unavailable(_)))
             .await?;
-        self.counts.registry.fetch_add(1, Ordering::Relaxed);
         if let Err(err) = self.bucket.put(package, bytes.clone()).await {
             tracing::warn!(%package, error = %format!("{err:#}"), "cannot cache the crate in S3");
         }

@@ -14,6 +14,7 @@
 
 mod experiment;
 mod fetch;
+mod metrics;
 mod mirror;
 mod sandbox;
 mod unpack;
@@ -21,7 +22,6 @@ mod unpack;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{DiskCache, FetchError, Fetcher, Source};
+pub use metrics::Metrics;
 pub use sandbox::Sandbox;
 
 /// What one consumer did before it stopped.
@@ -79,7 +80,7 @@ struct Worker {
     jobs_dir: PathBuf,
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
     toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
-    stats: std::sync::Mutex<ConsumerStats>,
+    metrics: Arc<Metrics>,
 }
 
 /// Consumes jobs until `shutdown` is cancelled (or the broker connection fails).
@@ -100,7 +101,19 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         config.consumer.disk_cache_mb.saturating_mul(1 << 20),
     )
     .context("cannot create the disk cache")?;
-    let fetcher = Arc::new(Fetcher::new(disk, bucket, registry));
+    let metrics = Arc::new(Metrics::new()?);
+    let metrics_server = match &config.consumer.metrics_listen {
+        Some(addr) => {
+            let addr = addr
+                .parse()
+                .with_context(|| format!("consumer.metrics_listen {addr:?} is not an address"))?;
+            let (addr, task) = metrics::serve(metrics.clone(), addr).await?;
+            tracing::info!(%addr, "serving /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let fetcher = Arc::new(Fetcher::new(disk, bucket, registry, metrics.clone()));
     let mirror = mirror::start(fetcher.clone()).await?;
     let cargo = prepare_cargo_home(config, &name, &mirror.index_url()).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
@@ -115,7 +128,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         cargo,
         jobs_dir,
         toolchains: Mutex::new(HashMap::new()),
-        stats: Default::default(),
+        metrics: metrics.clone(),
     });
     let concurrency = config.consumer.concurrency.max(1);
     let (_channel, deliveries) = broker.consume(concurrency, &name).await?;
@@ -149,19 +162,20 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     // Closing the connection returns every unacked delivery to the queue.
     broker.close().await;
     drop(mirror);
-    let mut stats = *worker.stats.lock().unwrap_or_else(|p| p.into_inner());
-    let counts = &fetcher.counts;
-    stats.disk_hits = counts.disk.load(Ordering::Relaxed);
-    stats.s3_hits = counts.s3.load(Ordering::Relaxed);
-    stats.registry_fetches = counts.registry.load(Ordering::Relaxed);
-    stats.s3_unavailable = counts.s3_unavailable.load(Ordering::Relaxed);
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    let stats = metrics.stats();
     tracing::info!(consumer = %name, ?stats, "consumer stopped");
     Ok(stats)
 }
 
 impl Worker {
     async fn handle(&self, delivery: Delivery) {
-        if let Err(err) = self.process(&delivery).await {
+        self.metrics.in_progress.inc();
+        let processed = self.process(&delivery).await;
+        self.metrics.in_progress.dec();
+        if let Err(err) = processed {
             // The result could not be recorded (database down?): let another attempt do it.
             tracing::error!(error = %format!("{err:#}"), "job not processed; returning it to the queue");
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -178,10 +192,6 @@ impl Worker {
         }
     }
 
-    fn count(&self, update: impl FnOnce(&mut ConsumerStats)) {
-        update(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
-    }
-
     async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
         let job = match Job::from_message(&delivery.data) {
             Ok(job) => job,
@@ -190,13 +200,13 @@ impl Worker {
                 self.publisher
                     .dead_letter(&delivery.data, &invalid.0)
                     .await?;
-                self.count(|s| s.dead_lettered += 1);
+                self.metrics.dead_lettered.inc();
                 return ack(delivery).await;
             }
         };
         if self.store.has_result(job.id).await? {
             tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
-            self.count(|s| s.duplicates_skipped += 1);
+            self.metrics.duplicates_skipped.inc();
             return ack(delivery).await;
         }
         if !self.store.job_exists(job.id).await? {
@@ -205,7 +215,7 @@ impl Worker {
                 job.id
             );
             self.publisher.dead_letter(&delivery.data, &reason).await?;
-            self.count(|s| s.dead_lettered += 1);
+            self.metrics.dead_lettered.inc();
             return ack(delivery).await;
         }
 
@@ -228,7 +238,7 @@ impl Worker {
                 })
                 .await?;
             if recorded {
-                self.count(|s| s.results += 1);
+                self.metrics.job_done(Outcome::Skipped, 0.0);
             }
             return ack(delivery).await;
         }
@@ -245,7 +255,7 @@ impl Worker {
                 self.store
                     .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
                     .await?;
-                self.count(|s| s.attempts_failed += 1);
+                self.metrics.attempts_failed.inc();
                 if self.publisher.retry_later(&delivery.data, attempt).await? {
                     tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; retrying after a delay");
                     return ack(delivery).await;
@@ -255,7 +265,7 @@ impl Worker {
                 self.store
                     .record_dead_lettered(&job, &self.name, &reason)
                     .await?;
-                self.count(|s| s.dead_lettered += 1);
+                self.metrics.dead_lettered.inc();
                 Done {
                     execution: Execution {
                         outcome: Outcome::Error,
@@ -288,10 +298,14 @@ impl Worker {
             })
             .await?;
         if recorded {
-            self.count(|s| s.results += 1);
+            self.metrics
+                .job_done(execution.outcome, duration.as_secs_f64());
+            if execution.outcome == Outcome::Timeout {
+                self.metrics.sandbox_kills.inc();
+            }
             tracing::info!(job = %job.id, package = %job.package, outcome = %execution.outcome, ?duration, "job finished");
         } else {
-            self.count(|s| s.duplicates_skipped += 1);
+            self.metrics.duplicates_skipped.inc();
         }
         // Only now, with the result committed, is the message done with.
         ack(delivery).await
@@ -307,7 +321,7 @@ impl Worker {
                 .await
                 .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
             if let Some(earlier) = earlier {
-                self.count(|s| s.memoized += 1);
+                self.metrics.memoized.inc();
                 return Ok(Done {
                     execution: Execution {
                         outcome: earlier.outcome,

@@ -25,6 +25,9 @@ struct Cli {
     /// Directory for the cargo home and job scratch space.
     #[arg(long, env = "QUARRY_CONSUMER_WORK_DIR")]
     work_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "QUARRY_CONSUMER_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Run packages' code without the bubblewrap sandbox (no isolation at all: only where
     /// bubblewrap cannot run and the machine holds nothing of value).
     #[arg(long, env = "QUARRY_CONSUMER_UNSANDBOXED")]
@@ -54,6 +57,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(work_dir) = cli.work_dir {
         config.consumer.work_dir = work_dir;
+    }
+    if let Some(addr) = cli.metrics_listen {
+        config.consumer.metrics_listen = Some(addr);
     }
     if cli.unsandboxed {
         config.consumer.unsandboxed = true;

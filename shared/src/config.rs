@@ -194,6 +194,8 @@ pub struct ConsumerConfig {
     /// Size of the local disk cache of `.crate` files (shared by the consumers of a work
     /// directory), in MiB; past it the least recently used files are removed.
     pub disk_cache_mb: u64,
+    /// Address to serve Prometheus metrics on (`/metrics`), e.g. `0.0.0.0:9100`; off if unset.
+    pub metrics_listen: Option<String>,
     /// Run packages' code without the bubblewrap sandbox. Only for machines that cannot have it
     /// and run nothing else of value: the consumer warns loudly.
     pub unsandboxed: bool,
@@ -208,6 +210,7 @@ impl Default for ConsumerConfig {
             shutdown_grace_secs: 30,
             log_limit_bytes: 1024 * 1024,
             disk_cache_mb: 4096,
+            metrics_listen: None,
             unsandboxed: false,
         }
     }

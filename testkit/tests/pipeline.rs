@@ -446,3 +446,71 @@ async fn the_web_api_is_asked_politely_and_retry_after_is_honoured() {
     );
     assert_eq!(stack.registry.stats().faults_applied, 1);
 }
+
+/// Sums the samples of a metric in a Prometheus text exposition.
+fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish_run(
+        &stack.config,
+        "measured",
+        &definition(first(3)),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = stack.consumer_config("measured");
+    config.consumer.metrics_listen = Some(format!("127.0.0.1:{port}"));
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    wait_complete(&stack, summary.run_id).await;
+
+    let exposition = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    shutdown.cancel();
+    let stats = consumer.await.unwrap().unwrap();
+
+    assert_eq!(
+        metric_sum(&exposition, "quarry_consumer_jobs_total"),
+        3.0,
+        "{exposition}"
+    );
+    assert_eq!(
+        metric_sum(&exposition, "quarry_consumer_job_duration_seconds_count"),
+        3.0
+    );
+    assert!(exposition.contains("quarry_consumer_fetches_total{layer=\"registry\"}"));
+    assert_eq!(
+        metric_sum(&exposition, "quarry_consumer_fetches_total"),
+        (stats.disk_hits + stats.s3_hits + stats.registry_fetches) as f64,
+        "the metrics are the figures the consumer reports"
+    );
+    assert!(metric_sum(&exposition, "quarry_consumer_fetch_bytes_total") > 0.0);
+    assert_eq!(
+        metric_sum(&exposition, "quarry_consumer_jobs_in_progress"),
+        0.0
+    );
+}

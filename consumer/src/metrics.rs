@@ -1,0 +1,207 @@
+//! The consumer's figures, kept as Prometheus metrics and served at `/metrics`: jobs by outcome
+//! and their durations, fetches and bytes per cache layer, retries, dead letters, memoized
+//! results, sandbox kills. They are also the source of the `ConsumerStats` a consumer returns
+//! when it stops, so there is one count of each thing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use quarry_shared::job::Outcome;
+
+use crate::ConsumerStats;
+use crate::fetch::Source;
+
+pub struct Metrics {
+    registry: Registry,
+    jobs: IntCounterVec,
+    job_seconds: HistogramVec,
+    pub in_progress: IntGauge,
+    fetches: IntCounterVec,
+    fetch_bytes: IntCounterVec,
+    pub s3_unavailable: IntCounter,
+    pub attempts_failed: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub duplicates_skipped: IntCounter,
+    pub memoized: IntCounter,
+    pub sandbox_kills: IntCounter,
+}
+
+const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
+
+fn layer(source: Source) -> &'static str {
+    match source {
+        Source::Disk => "disk",
+        Source::S3 => "s3",
+        Source::Registry => "registry",
+    }
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> anyhow::Result<IntCounter> {
+            let counter = IntCounter::new(name, help)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok(counter)
+        };
+        let metrics = Metrics {
+            jobs: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_jobs_total",
+                    "Job results recorded, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            job_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "quarry_consumer_job_duration_seconds",
+                    "Time from taking a job to its result, by outcome",
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+                ]),
+                &["outcome"],
+            )?,
+            in_progress: IntGauge::new("quarry_consumer_jobs_in_progress", "Jobs being worked on")?,
+            fetches: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_fetches_total",
+                    "Crate files served, by the cache layer that had them (disk, s3, registry)",
+                ),
+                &["layer"],
+            )?,
+            fetch_bytes: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_fetch_bytes_total",
+                    "Bytes of crate files served, by cache layer",
+                ),
+                &["layer"],
+            )?,
+            s3_unavailable: counter(
+                "quarry_consumer_s3_unavailable_total",
+                "Fetches for which S3 failed and the registry stood in",
+            )?,
+            attempts_failed: counter(
+                "quarry_consumer_attempts_failed_total",
+                "Job attempts that failed for infrastructure reasons (each is retried or dead-lettered)",
+            )?,
+            dead_lettered: counter(
+                "quarry_consumer_dead_lettered_total",
+                "Messages moved to the dead-letter queue",
+            )?,
+            duplicates_skipped: counter(
+                "quarry_consumer_duplicates_skipped_total",
+                "Deliveries of jobs that already had a result",
+            )?,
+            memoized: counter(
+                "quarry_consumer_memoized_total",
+                "Results reused from an identical job of an earlier run",
+            )?,
+            sandbox_kills: counter(
+                "quarry_consumer_sandbox_kills_total",
+                "Experiments killed with their whole process tree at the time limit",
+            )?,
+            registry,
+        };
+        metrics.registry.register(Box::new(metrics.jobs.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.job_seconds.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.in_progress.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.fetches.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.fetch_bytes.clone()))?;
+        // Export every series from the start, so dashboards see zeros rather than nothing.
+        for outcome in Outcome::ALL {
+            metrics.jobs.with_label_values(&[outcome.as_str()]);
+        }
+        for layer in LAYERS {
+            metrics.fetches.with_label_values(&[layer]);
+            metrics.fetch_bytes.with_label_values(&[layer]);
+        }
+        Ok(metrics)
+    }
+
+    pub fn job_done(&self, outcome: Outcome, seconds: f64) {
+        self.jobs.with_label_values(&[outcome.as_str()]).inc();
+        self.job_seconds
+            .with_label_values(&[outcome.as_str()])
+            .observe(seconds);
+    }
+
+    pub fn fetched(&self, source: Source, bytes: usize) {
+        self.fetches.with_label_values(&[layer(source)]).inc();
+        self.fetch_bytes
+            .with_label_values(&[layer(source)])
+            .inc_by(bytes as u64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Cannot fail: the text encoder writes into a Vec.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The totals a consumer reports when it stops.
+    pub fn stats(&self) -> ConsumerStats {
+        let fetches = |layer: &str| self.fetches.with_label_values(&[layer]).get();
+        ConsumerStats {
+            results: Outcome::ALL
+                .iter()
+                .map(|o| self.jobs.with_label_values(&[o.as_str()]).get())
+                .sum(),
+            duplicates_skipped: self.duplicates_skipped.get(),
+            dead_lettered: self.dead_lettered.get(),
+            attempts_failed: self.attempts_failed.get(),
+            disk_hits: fetches("disk"),
+            s3_hits: fetches("s3"),
+            registry_fetches: fetches("registry"),
+            s3_unavailable: self.s3_unavailable.get(),
+            memoized: self.memoized.get(),
+        }
+    }
+}
+
+/// Serves `/metrics` on `addr` until the returned task is aborted.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .with_state(metrics);
+    let task = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(%err, "the metrics endpoint stopped");
+        }
+    });
+    Ok((addr, task))
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics.render(),
+    )
+}
