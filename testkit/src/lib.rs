@@ -141,6 +141,12 @@ impl TestStack {
         config
     }
 
+    /// Stops the stack's S3 server, as an outage would.
+    pub fn stop_s3(&mut self) {
+        let _ = self.s3_server.kill();
+        let _ = self.s3_server.wait();
+    }
+
     /// A direct connection to the test database, for assertions the code under test cannot make.
     pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
         let (client, connection) =

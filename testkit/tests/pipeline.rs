@@ -514,3 +514,46 @@ async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
+    let mut stack = TestStack::start().await.unwrap();
+    stack.stop_s3();
+    let summary = publish_run(
+        &stack.config,
+        "no-s3",
+        &definition(first(4)),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let config = stack.consumer_config("without-s3");
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    wait_complete(&stack, summary.run_id).await;
+    shutdown.cancel();
+    let stats = consumer.await.unwrap().unwrap();
+    assert_eq!(stats.results, 4);
+    assert!(
+        stats.s3_unavailable >= 4,
+        "every fetch noticed S3 was down: {stats:?}"
+    );
+    assert!(stats.registry_fetches >= 4);
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    let errors = store
+        .outcome_counts(summary.run_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(outcome, _)| *outcome == quarry_shared::job::Outcome::Error)
+        .count();
+    assert_eq!(errors, 0, "an S3 outage is not the packages' fault");
+    let verification =
+        quarry_reporter::verify(&stack.config, "no-s3", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
+}
