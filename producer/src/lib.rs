@@ -204,7 +204,16 @@ pub async fn publish_run(
         resumed,
         ..PublishSummary::default()
     };
-    let mut pages = Pages::new(&registry, &definition.selection);
+    let mut pages = Pages::new(&registry, &definition.selection, config.registry.page_size);
+    // A resumed run continues from the page after the last one it published.
+    if let Some(position) = run
+        .paging_position
+        .as_ref()
+        .and_then(|p| serde_json::from_value::<PagingPosition>(p.clone()).ok())
+    {
+        tracing::info!(?position, "continuing from the saved paging position");
+        pages.position = position;
+    }
     let mut interrupted = false;
     while let Some(page) = pages.next().await? {
         summary.pages += 1;
@@ -234,6 +243,9 @@ pub async fn publish_run(
             }
         }
         let published = publish_page(&store, &publisher, &jobs).await?;
+        store
+            .save_paging_position(run.id, &serde_json::to_value(&pages.position)?)
+            .await?;
         summary.jobs_total += jobs.len() as u64;
         summary.jobs_queued += published;
         summary.jobs_already_queued_or_done += jobs.len() as u64 - published;
@@ -278,45 +290,54 @@ struct Request {
     version: Option<String>,
 }
 
-/// Pages of package requests, from the registry listing or from an explicit list.
-struct Pages<'a> {
-    registry: &'a RegistryClient,
-    selection: &'a Selection,
+/// Where paging has got to: saved with the run after every published page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct PagingPosition {
+    /// The registry's query for the next page (`None` before the first).
     next: Option<String>,
+    /// Crates taken from the listing so far (counts towards the limit).
     taken: u64,
     done: bool,
 }
 
-const PER_PAGE: u32 = 100;
+/// Pages of package requests, from the registry listing or from an explicit list.
+struct Pages<'a> {
+    registry: &'a RegistryClient,
+    selection: &'a Selection,
+    page_size: u32,
+    position: PagingPosition,
+}
 
 impl<'a> Pages<'a> {
-    fn new(registry: &'a RegistryClient, selection: &'a Selection) -> Pages<'a> {
+    fn new(registry: &'a RegistryClient, selection: &'a Selection, page_size: u32) -> Pages<'a> {
         Pages {
             registry,
             selection,
-            next: None,
-            taken: 0,
-            done: false,
+            page_size: page_size.clamp(1, 100),
+            position: PagingPosition::default(),
         }
     }
 
     async fn next(&mut self) -> anyhow::Result<Option<Vec<Request>>> {
-        if self.done {
+        if self.position.done {
             return Ok(None);
         }
         match self.selection {
             Selection::Packages { packages } => {
-                self.done = true;
+                self.position.done = true;
                 Ok(Some(packages.iter().map(|spec| parse_spec(spec)).collect()))
             }
             Selection::Listing { sort, limit } => {
-                let remaining = limit.map_or(u64::MAX, |l| l.saturating_sub(self.taken));
+                let remaining = limit.map_or(u64::MAX, |l| l.saturating_sub(self.position.taken));
                 if remaining == 0 {
+                    self.position.done = true;
                     return Ok(None);
                 }
-                let per_page = PER_PAGE.min(u32::try_from(remaining).unwrap_or(u32::MAX));
+                let per_page = self
+                    .page_size
+                    .min(u32::try_from(remaining).unwrap_or(u32::MAX));
                 let first = format!("?page=1&per_page={per_page}&sort={}", sort.as_query());
-                let query = self.next.clone().unwrap_or(first);
+                let query = self.position.next.clone().unwrap_or(first);
                 let page = self
                     .registry
                     .crates_page(Some(&query), per_page)
@@ -331,9 +352,11 @@ impl<'a> Pages<'a> {
                         version: None,
                     })
                     .collect();
-                self.taken += requests.len() as u64;
-                self.next = page.meta.next_page;
-                self.done = self.next.is_none() || requests.is_empty();
+                self.position.taken += requests.len() as u64;
+                self.position.next = page.meta.next_page;
+                self.position.done = self.position.next.is_none()
+                    || requests.is_empty()
+                    || limit.is_some_and(|l| self.position.taken >= l);
                 Ok(Some(requests))
             }
         }

@@ -150,6 +150,8 @@ pub struct RegistryConfig {
     /// Sent with every request; crates.io asks crawlers to say who they are.
     pub user_agent: String,
     pub request_timeout_secs: u64,
+    /// Crates asked for per page of the registry listing (crates.io allows up to 100).
+    pub page_size: u32,
     /// Least time between two web API requests (crates.io asks crawlers for at most one per
     /// second). The sparse index and downloads are served by a CDN and are not spaced out.
     pub api_min_interval_ms: u64,
@@ -168,6 +170,7 @@ impl Default for RegistryConfig {
             .to_owned(),
             request_timeout_secs: 30,
             api_min_interval_ms: 1000,
+            page_size: 100,
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Run {
     pub jobs_total: Option<i64>,
     pub producer_summary: Option<serde_json::Value>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// Where the producer got to in the registry listing (its own format).
+    pub paging_position: Option<serde_json::Value>,
 }
 
 /// How far a run has got: progress, kept apart from outcomes.
@@ -281,6 +283,22 @@ impl Store {
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// Saves where the producer is in the registry listing (after a page is published).
+    pub async fn save_paging_position(
+        &self,
+        run: RunId,
+        position: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE runs SET paging_position = $2 WHERE id = $1",
+                &[&run.0, position],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Records that the producer has published every job of the run.
@@ -677,7 +695,8 @@ impl Store {
 }
 
 const RUN_COLUMNS: &str =
-    "id, name, definition, created_at, published_at, jobs_total, producer_summary, cancelled_at";
+    "id, name, definition, created_at, published_at, jobs_total, producer_summary, cancelled_at,
+     paging_position";
 
 fn run_from_row(row: tokio_postgres::Row) -> Run {
     Run {
@@ -689,5 +708,6 @@ fn run_from_row(row: tokio_postgres::Row) -> Run {
         jobs_total: row.get(5),
         producer_summary: row.get(6),
         cancelled_at: row.get(7),
+        paging_position: row.get(8),
     }
 }

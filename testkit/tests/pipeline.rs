@@ -557,3 +557,39 @@ async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
             .unwrap();
     assert!(verification.is_ok(), "{:?}", verification.problems);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_producer_continues_from_its_last_page() {
+    let stack = TestStack::start().await.unwrap();
+    let mut config = stack.config.clone();
+    config.registry.page_size = 10;
+    let run = definition(first(35));
+
+    // Interrupted (as by Ctrl-C) from the start: the page in hand is finished, then it stops.
+    let interrupted = CancellationToken::new();
+    interrupted.cancel();
+    let once = publish_run(&config, "paged", &run, &interrupted)
+        .await
+        .unwrap();
+    assert!(!once.complete);
+    assert_eq!((once.pages, once.jobs_queued), (1, 10));
+    assert!(
+        once.to_string().contains("run the same command again"),
+        "{once}"
+    );
+
+    // Run again: it continues with the second page and publishes the rest, nothing twice.
+    let again = publish_run(&config, "paged", &run, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(again.complete && again.resumed);
+    assert_eq!((again.pages, again.jobs_queued), (3, 25), "{again}");
+    assert_eq!(
+        again.jobs_already_queued_or_done, 0,
+        "no page was read twice"
+    );
+    assert_eq!(ready(&stack, jobs_queue).await, 35);
+    let store = Store::connect(&config.database).await.unwrap();
+    let progress = store.progress(once.run_id).await.unwrap();
+    assert_eq!(progress.total, Some(35));
+}
