@@ -64,11 +64,15 @@ pub struct PublishSummary {
     pub run_name: String,
     /// The run existed and this invocation continued it.
     pub resumed: bool,
+    /// Pages read by this invocation.
     pub pages: u64,
+    /// Package versions selected for the run so far (by every invocation).
     pub packages_selected: u64,
+    /// Jobs of the run so far (by every invocation).
     pub jobs_total: u64,
+    /// Jobs this invocation published.
     pub jobs_queued: u64,
-    /// Jobs already published or finished by an earlier invocation.
+    /// Jobs already published (or finished) before this invocation.
     pub jobs_already_queued_or_done: u64,
     /// Packages left out, with why (no usable version, index unreadable, ...).
     pub packages_failed: BTreeMap<String, String>,
@@ -226,7 +230,6 @@ pub async fn publish_run(
         for (name, resolution) in resolved {
             match resolution {
                 Ok(package) => {
-                    summary.packages_selected += 1;
                     for toolchain in &definition.toolchains {
                         jobs.push(Job::new(
                             run.id,
@@ -246,12 +249,10 @@ pub async fn publish_run(
         store
             .save_paging_position(run.id, &serde_json::to_value(&pages.position)?)
             .await?;
-        summary.jobs_total += jobs.len() as u64;
         summary.jobs_queued += published;
-        summary.jobs_already_queued_or_done += jobs.len() as u64 - published;
         tracing::info!(
             page = summary.pages,
-            selected = summary.packages_selected,
+            jobs = jobs.len(),
             queued = summary.jobs_queued,
             "page published"
         );
@@ -260,6 +261,10 @@ pub async fn publish_run(
             break;
         }
     }
+    let (jobs, packages) = store.recorded(run.id).await?;
+    summary.jobs_total = jobs as u64;
+    summary.packages_selected = packages as u64;
+    summary.jobs_already_queued_or_done = summary.jobs_total - summary.jobs_queued;
     summary.complete = !interrupted;
     if summary.complete {
         store

@@ -301,6 +301,19 @@ impl Store {
         Ok(())
     }
 
+    /// Jobs recorded for a run, and the distinct package versions they cover.
+    pub async fn recorded(&self, run: RunId) -> anyhow::Result<(i64, i64)> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), count(DISTINCT (crate_name, crate_version))
+                 FROM jobs WHERE run_id = $1",
+                &[&run.0],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     /// Records that the producer has published every job of the run.
     pub async fn finish_publishing(
         &self,
