@@ -59,6 +59,8 @@ pub struct ConsumerStats {
     pub s3_unavailable: u64,
     /// Results reused from an identical job of an earlier run instead of computed.
     pub memoized: u64,
+    /// Connections made to the broker: more than one means it was lost and regained.
+    pub broker_connections: u64,
 }
 
 /// A job's result as computed (or reused), before it is recorded.
@@ -74,7 +76,6 @@ struct InfraError(String);
 struct Worker {
     name: String,
     store: Store,
-    publisher: Publisher,
     fetcher: Arc<Fetcher>,
     cargo: CargoEnv,
     jobs_dir: PathBuf,
@@ -83,13 +84,14 @@ struct Worker {
     metrics: Arc<Metrics>,
 }
 
-/// Consumes jobs until `shutdown` is cancelled (or the broker connection fails).
+/// Consumes jobs until `shutdown` is cancelled. A lost broker connection is re-established,
+/// with backoff, as often as it takes.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ConsumerStats> {
     let name = config.consumer.name.clone().unwrap_or_else(default_name);
     let store = Store::connect(&config.database).await?;
     store.migrate().await?;
-    let broker = Broker::connect(&config.rabbitmq).await?;
-    let publisher = broker.publisher().await?;
+    // The first connection must work: a wrong URL is better reported at once.
+    let first_broker = Broker::connect(&config.rabbitmq).await?;
     let bucket = CrateBucket::new(&config.s3);
     if let Err(err) = bucket.ensure_exists().await {
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
@@ -123,7 +125,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let worker = Arc::new(Worker {
         name: name.clone(),
         store,
-        publisher,
         fetcher: fetcher.clone(),
         cargo,
         jobs_dir,
@@ -131,36 +132,30 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         metrics: metrics.clone(),
     });
     let concurrency = config.consumer.concurrency.max(1);
-    let (_channel, deliveries) = broker.consume(concurrency, &name).await?;
-    tracing::info!(consumer = %name, concurrency, "consuming jobs");
-
-    let work = deliveries
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each_concurrent(usize::from(concurrency), |delivery| {
-            let worker = worker.clone();
-            async move {
-                match delivery {
-                    Ok(delivery) => worker.handle(delivery).await,
-                    Err(err) => tracing::error!(%err, "delivery failed"),
-                }
-            }
-        });
-    tokio::pin!(work);
-    tokio::select! {
-        () = &mut work => {
-            if !shutdown.is_cancelled() {
-                tracing::warn!("the broker ended the delivery stream");
-            }
+    let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
+    let mut broker = Some(first_broker);
+    loop {
+        let current = match broker.take() {
+            Some(broker) => broker,
+            None => match reconnect(config, &shutdown).await {
+                Some(broker) => broker,
+                None => break,
+            },
+        };
+        metrics.connections.inc();
+        let session = consume(&worker, &current, concurrency, &shutdown, grace).await;
+        // Closing the connection returns every unacked delivery to the queue.
+        current.close().await;
+        if shutdown.is_cancelled() {
+            break;
         }
-        () = shutdown.cancelled() => {
-            let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
-            if tokio::time::timeout(grace, &mut work).await.is_err() {
-                tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
+        match session {
+            Ok(()) => tracing::warn!("the broker ended the delivery stream; reconnecting"),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting")
             }
         }
     }
-    // Closing the connection returns every unacked delivery to the queue.
-    broker.close().await;
     drop(mirror);
     if let Some(task) = metrics_server {
         task.abort();
@@ -170,10 +165,74 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     Ok(stats)
 }
 
+/// Consumes from one broker connection until it fails or `shutdown` is cancelled; on shutdown,
+/// lets the jobs in hand finish within `grace`.
+async fn consume(
+    worker: &Arc<Worker>,
+    broker: &Broker,
+    concurrency: u16,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let publisher = Arc::new(broker.publisher().await?);
+    let (_channel, deliveries) = broker.consume(concurrency, &worker.name).await?;
+    tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
+    let work = deliveries
+        .take_until(shutdown.clone().cancelled_owned())
+        .for_each_concurrent(usize::from(concurrency), |delivery| {
+            let worker = worker.clone();
+            let publisher = publisher.clone();
+            async move {
+                match delivery {
+                    Ok(delivery) => worker.handle(&publisher, delivery).await,
+                    Err(err) => tracing::error!(%err, "delivery failed"),
+                }
+            }
+        });
+    tokio::pin!(work);
+    tokio::select! {
+        () = &mut work => {}
+        () = shutdown.cancelled() => {
+            if tokio::time::timeout(grace, &mut work).await.is_err() {
+                tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects to the broker again, waiting longer after each failure (1 s up to 30 s), until it
+/// works or `shutdown` is cancelled (`None`).
+async fn reconnect(config: &Config, shutdown: &CancellationToken) -> Option<Broker> {
+    use backon::BackoffBuilder as _;
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let delay = delays.next().unwrap_or(Duration::from_secs(30));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return None,
+        }
+        match Broker::connect(&config.rabbitmq).await {
+            Ok(broker) => {
+                tracing::info!("reconnected to the broker");
+                return Some(broker);
+            }
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), ?delay, "cannot reach the broker yet")
+            }
+        }
+    }
+}
+
 impl Worker {
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
         self.metrics.in_progress.inc();
-        let processed = self.process(&delivery).await;
+        let processed = self.process(publisher, &delivery).await;
         self.metrics.in_progress.dec();
         if let Err(err) = processed {
             // The result could not be recorded (database down?): let another attempt do it.
@@ -192,14 +251,12 @@ impl Worker {
         }
     }
 
-    async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
+    async fn process(&self, publisher: &Publisher, delivery: &Delivery) -> anyhow::Result<()> {
         let job = match Job::from_message(&delivery.data) {
             Ok(job) => job,
             Err(invalid) => {
                 tracing::warn!(reason = %invalid, "dead-lettering an invalid message");
-                self.publisher
-                    .dead_letter(&delivery.data, &invalid.0)
-                    .await?;
+                publisher.dead_letter(&delivery.data, &invalid.0).await?;
                 self.metrics.dead_lettered.inc();
                 return ack(delivery).await;
             }
@@ -214,7 +271,7 @@ impl Worker {
                 "job {} is not recorded in the database (run deleted?)",
                 job.id
             );
-            self.publisher.dead_letter(&delivery.data, &reason).await?;
+            publisher.dead_letter(&delivery.data, &reason).await?;
             self.metrics.dead_lettered.inc();
             return ack(delivery).await;
         }
@@ -256,12 +313,12 @@ impl Worker {
                     .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
                     .await?;
                 self.metrics.attempts_failed.inc();
-                if self.publisher.retry_later(&delivery.data, attempt).await? {
+                if publisher.retry_later(&delivery.data, attempt).await? {
                     tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; retrying after a delay");
                     return ack(delivery).await;
                 }
                 let reason = format!("gave up after {attempt} attempts: {reason}");
-                self.publisher.dead_letter(&delivery.data, &reason).await?;
+                publisher.dead_letter(&delivery.data, &reason).await?;
                 self.store
                     .record_dead_lettered(&job, &self.name, &reason)
                     .await?;

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub duplicates_skipped: IntCounter,
     pub memoized: IntCounter,
     pub sandbox_kills: IntCounter,
+    pub connections: IntCounter,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
@@ -111,6 +112,10 @@ impl Metrics {
                 "quarry_consumer_sandbox_kills_total",
                 "Experiments killed with their whole process tree at the time limit",
             )?,
+            connections: counter(
+                "quarry_consumer_broker_connections_total",
+                "Connections made to the broker (more than one means it was lost and regained)",
+            )?,
             registry,
         };
         metrics.registry.register(Box::new(metrics.jobs.clone()))?;
@@ -175,6 +180,7 @@ impl Metrics {
             registry_fetches: fetches("registry"),
             s3_unavailable: self.s3_unavailable.get(),
             memoized: self.memoized.get(),
+            broker_connections: self.connections.get(),
         }
     }
 }

@@ -147,6 +147,39 @@ impl TestStack {
         let _ = self.s3_server.wait();
     }
 
+    /// Closes every AMQP connection to the stack's vhost from the broker's side, as a broker
+    /// restart or a network cut would. Returns how many were closed.
+    pub async fn close_amqp_connections(&self) -> anyhow::Result<usize> {
+        let http = reqwest::Client::new();
+        let api = rabbitmq_api();
+        let connections: Vec<serde_json::Value> = http
+            .get(format!("{api}/api/vhosts/{}/connections", self.vhost))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let mut closed = 0;
+        for connection in connections {
+            let Some(name) = connection["name"].as_str() else {
+                continue;
+            };
+            let mut url: url::Url = format!("{api}/api/connections/").parse()?;
+            url.path_segments_mut()
+                .map_err(|()| anyhow::anyhow!("the management API URL cannot have a path"))?
+                .pop_if_empty()
+                .push(name);
+            http.delete(url)
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await?
+                .error_for_status()?;
+            closed += 1;
+        }
+        Ok(closed)
+    }
+
     /// A direct connection to the test database, for assertions the code under test cannot make.
     pub async fn sql(&self) -> anyhow::Result<tokio_postgres::Client> {
         let (client, connection) =

@@ -594,3 +594,56 @@ async fn an_interrupted_producer_continues_from_its_last_page() {
     let progress = store.progress(once.run_id).await.unwrap();
     assert_eq!(progress.total, Some(35));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_regains_a_lost_broker_connection_and_finishes_the_run() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish_run(
+        &stack.config,
+        "reconnect",
+        &definition(first(60)),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn({
+        let config = stack.consumer_config("stubborn");
+        let shutdown = shutdown.clone();
+        async move { quarry_consumer::run(&config, shutdown).await }
+    });
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while store.progress(summary.run_id).await.unwrap().finished == 0 {
+        assert!(std::time::Instant::now() < deadline, "no job finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The broker drops the consumer (as in a broker restart) in the middle of the run.
+    // The management API learns of connections with a delay (its statistics interval).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stack.close_amqp_connections().await.unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the consumer's connection never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let at_cut = store.progress(summary.run_id).await.unwrap();
+    assert!(
+        at_cut.finished < 60,
+        "the connection must be cut mid-run for this test to mean anything: {at_cut:?}"
+    );
+
+    wait_complete(&stack, summary.run_id).await;
+    shutdown.cancel();
+    let stats = consumer.await.unwrap().unwrap();
+    assert!(stats.broker_connections >= 2, "{stats:?}");
+    let verification = quarry_reporter::verify(
+        &stack.config,
+        "reconnect",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(verification.is_ok(), "{:?}", verification.problems);
+}
