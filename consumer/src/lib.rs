@@ -61,6 +61,20 @@ pub struct ConsumerStats {
     pub memoized: u64,
     /// Connections made to the broker: more than one means it was lost and regained.
     pub broker_connections: u64,
+    /// Times a job waited for an identical job of another run instead of computing.
+    pub waits: u64,
+}
+
+/// Heartbeat of a claimed computation, and when a silent claim may be taken over.
+const CLAIM_HEARTBEAT: Duration = Duration::from_secs(20);
+const CLAIM_STALE_AFTER: Duration = Duration::from_secs(120);
+
+/// What to do with a job.
+enum Plan {
+    /// Record this result.
+    Record(Done),
+    /// An identical job (of another run) is computing the same result: wait for it.
+    Wait { holder: JobId },
 }
 
 /// A job's result as computed (or reused), before it is recorded.
@@ -307,7 +321,29 @@ impl Worker {
         let execution = self.execute(&job).await;
         let duration = started.elapsed();
         let done = match execution {
-            Ok(done) => done,
+            Ok(Plan::Record(done)) => done,
+            Ok(Plan::Wait { holder }) => {
+                self.store
+                    .record_waiting(&job, attempt as i32, &self.name, holder)
+                    .await?;
+                self.metrics.waits.inc();
+                if publisher.defer(&delivery.data, attempt - 1).await? {
+                    return ack(delivery).await;
+                }
+                // No delay queue to wait in (none configured): compute it after all.
+                Done {
+                    execution: self
+                        .run_experiment(&job)
+                        .await
+                        .unwrap_or_else(|InfraError(why)| Execution {
+                            outcome: Outcome::Error,
+                            exit_code: None,
+                            log: why,
+                        }),
+                    memo_key: None,
+                    reused_from: None,
+                }
+            }
             Err(InfraError(reason)) => {
                 self.store
                     .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
@@ -368,7 +404,7 @@ impl Worker {
         ack(delivery).await
     }
 
-    async fn execute(&self, job: &Job) -> Result<Done, InfraError> {
+    async fn execute(&self, job: &Job) -> Result<Plan, InfraError> {
         let build = self.check_toolchain(&job.toolchain).await?;
         let memo_key = job.memo_key(&build);
         if !job.experiment.fresh {
@@ -379,7 +415,7 @@ impl Worker {
                 .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
             if let Some(earlier) = earlier {
                 self.metrics.memoized.inc();
-                return Ok(Done {
+                return Ok(Plan::Record(Done {
                     execution: Execution {
                         outcome: earlier.outcome,
                         exit_code: earlier.exit_code,
@@ -391,15 +427,42 @@ impl Worker {
                     },
                     memo_key: Some(memo_key),
                     reused_from: Some(earlier.job_id),
-                });
+                }));
+            }
+            let holder = self
+                .store
+                .claim_computation(&memo_key, job.id, &self.name, CLAIM_STALE_AFTER)
+                .await
+                .map_err(|e| InfraError(format!("cannot claim the computation: {e:#}")))?;
+            if let Some(holder) = holder {
+                return Ok(Plan::Wait { holder });
             }
         }
-        let execution = self.run_experiment(job).await?;
-        Ok(Done {
-            execution,
+        // Keep the claim alive while computing, and give it up afterwards whatever happened.
+        let heartbeat = tokio::spawn({
+            let store = self.store.clone();
+            let (memo_key, job) = (memo_key.clone(), job.id);
+            async move {
+                loop {
+                    tokio::time::sleep(CLAIM_HEARTBEAT).await;
+                    if let Err(err) = store.heartbeat_computation(&memo_key, job).await {
+                        tracing::warn!(error = %format!("{err:#}"), "cannot renew a computation claim");
+                    }
+                }
+            }
+        });
+        let execution = self.run_experiment(job).await;
+        heartbeat.abort();
+        if !job.experiment.fresh
+            && let Err(err) = self.store.release_computation(&memo_key, job.id).await
+        {
+            tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
+        }
+        Ok(Plan::Record(Done {
+            execution: execution?,
             memo_key: Some(memo_key),
             reused_from: None,
-        })
+        }))
     }
 
     async fn run_experiment(&self, job: &Job) -> Result<Execution, InfraError> {

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub memoized: IntCounter,
     pub sandbox_kills: IntCounter,
     pub connections: IntCounter,
+    pub waits: IntCounter,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
@@ -112,6 +113,10 @@ impl Metrics {
                 "quarry_consumer_sandbox_kills_total",
                 "Experiments killed with their whole process tree at the time limit",
             )?,
+            waits: counter(
+                "quarry_consumer_waits_total",
+                "Jobs put aside to wait for an identical job of another run computing the same result",
+            )?,
             connections: counter(
                 "quarry_consumer_broker_connections_total",
                 "Connections made to the broker (more than one means it was lost and regained)",
@@ -181,6 +186,7 @@ impl Metrics {
             s3_unavailable: self.s3_unavailable.get(),
             memoized: self.memoized.get(),
             broker_connections: self.connections.get(),
+            waits: self.waits.get(),
         }
     }
 }

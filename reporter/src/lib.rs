@@ -196,6 +196,9 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
             (None, Some("attempt-failed")) => {
                 "waiting in a retry delay queue before its next attempt".into()
             }
+            (None, Some("waiting")) => {
+                "waiting for an identical job of another run to finish, to reuse its result".into()
+            }
             (None, Some(other)) => format!("last event: {other}"),
         };
         let _ = writeln!(text, "  → {now}\n");

@@ -254,11 +254,18 @@ impl Publisher {
     /// Schedules another attempt of a job after its `failed_attempts`-th failure, through the
     /// matching delay queue. Returns false, publishing nothing, when the retries are used up.
     pub async fn retry_later(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<bool> {
-        let Some((queue, _)) = self
-            .topology
-            .retries
-            .get(failed_attempts.saturating_sub(1) as usize)
-        else {
+        let tier = failed_attempts.saturating_sub(1) as usize;
+        self.delay(body, tier, failed_attempts).await
+    }
+
+    /// Puts a job aside for the shortest delay without counting a failed attempt (it waits for
+    /// an identical job to finish). Returns false when there are no delay queues.
+    pub async fn defer(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<bool> {
+        self.delay(body, 0, failed_attempts).await
+    }
+
+    async fn delay(&self, body: &[u8], tier: usize, failed_attempts: u32) -> anyhow::Result<bool> {
+        let Some((queue, _)) = self.topology.retries.get(tier) else {
             return Ok(false);
         };
         let mut headers = FieldTable::default();
@@ -277,9 +284,9 @@ impl Publisher {
             )
             .await?
             .await
-            .context("lost the broker's confirmation for a retry")?;
+            .context("lost the broker's confirmation for a delayed job")?;
         if !confirmation.is_ack() {
-            bail!("the broker refused a retry (nack)");
+            bail!("the broker refused a delayed job (nack)");
         }
         Ok(true)
     }

@@ -454,6 +454,87 @@ impl Store {
             .await
     }
 
+    /// Logs that the job waits for an identical job (`holder`) computing the same result.
+    pub async fn record_waiting(
+        &self,
+        job: &Job,
+        attempt: i32,
+        consumer: &str,
+        holder: JobId,
+    ) -> anyhow::Result<()> {
+        let detail =
+            format!("waiting for the identical job {holder}, which is computing the same result");
+        self.append_event(job, "waiting", Some(attempt), consumer, &detail)
+            .await
+    }
+
+    /// Claims the computation of `memo_key` for `job`: returns `None` when it is ours (no one
+    /// had it, its holder's heartbeat is older than `stale_after`, or it was already ours), or
+    /// the job holding it.
+    pub async fn claim_computation(
+        &self,
+        memo_key: &str,
+        job: JobId,
+        consumer: &str,
+        stale_after: Duration,
+    ) -> anyhow::Result<Option<JobId>> {
+        let stale_secs = stale_after.as_secs_f64();
+        let client = self.client().await?;
+        // Twice at most: the holder may finish between the insert and the look-up.
+        for _ in 0..2 {
+            let claimed = client
+                .query_opt(
+                    "INSERT INTO computations AS c (memo_key, job_id, consumer) VALUES ($1, $2, $3)
+                     ON CONFLICT (memo_key) DO UPDATE
+                       SET job_id = excluded.job_id, consumer = excluded.consumer,
+                           heartbeat_at = now()
+                       WHERE c.job_id = excluded.job_id
+                          OR c.heartbeat_at < now() - make_interval(secs => $4)
+                     RETURNING job_id",
+                    &[&memo_key, &job.0, &consumer, &stale_secs],
+                )
+                .await?;
+            if claimed.is_some() {
+                return Ok(None);
+            }
+            // The row was someone else's and fresh, so it was left alone: say whose.
+            let holder = client
+                .query_opt(
+                    "SELECT job_id FROM computations WHERE memo_key = $1",
+                    &[&memo_key],
+                )
+                .await?;
+            if let Some(holder) = holder {
+                return Ok(Some(JobId(holder.get(0))));
+            }
+        }
+        anyhow::bail!("the claim on computation {memo_key} keeps changing hands")
+    }
+
+    /// Keeps a claimed computation alive.
+    pub async fn heartbeat_computation(&self, memo_key: &str, job: JobId) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE computations SET heartbeat_at = now() WHERE memo_key = $1 AND job_id = $2",
+                &[&memo_key, &job.0],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Gives up a claimed computation (done, or failed).
+    pub async fn release_computation(&self, memo_key: &str, job: JobId) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM computations WHERE memo_key = $1 AND job_id = $2",
+                &[&memo_key, &job.0],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn record_dead_lettered(
         &self,
         job: &Job,

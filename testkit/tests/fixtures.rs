@@ -249,3 +249,89 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         "{markdown}"
     );
 }
+
+/// Two runs of the same experiment at once: each identical pair of jobs is computed once; the
+/// job that finds its twin in flight waits for it and reuses its result.
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_jobs_in_flight_are_computed_once() {
+    let packed = tempfile::tempdir().unwrap();
+    let stack = TestStack::start_with(fixtures::corpus(packed.path()).unwrap())
+        .await
+        .unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: TIME_LIMIT_SECS,
+            fresh: false,
+            memory_limit_mb: 1024,
+        },
+        selection: Selection::Packages {
+            packages: vec![
+                "quarry-fixture-slow".into(),
+                "quarry-fixture-pass".into(),
+                "quarry-fixture-build-fail".into(),
+            ],
+        },
+    };
+    let never = CancellationToken::new();
+    let mut runs = Vec::new();
+    for name in ["twin-a", "twin-b"] {
+        runs.push(
+            publish_run(&stack.config, name, &definition, &never)
+                .await
+                .unwrap()
+                .run_id,
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let consumers: Vec<_> = ["twins-a", "twins-b"]
+        .into_iter()
+        .map(|name| {
+            let config = stack.consumer_config(name);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
+        })
+        .collect();
+    for run in &runs {
+        tokio::time::timeout(
+            Duration::from_secs(300),
+            wait_for_run(&stack.config, *run, &never),
+        )
+        .await
+        .expect("both runs finish")
+        .unwrap();
+    }
+    shutdown.cancel();
+    let mut waits = 0;
+    for consumer in consumers {
+        waits += consumer.await.unwrap().unwrap().waits;
+    }
+
+    let sql = stack.sql().await.unwrap();
+    let row = sql
+        .query_one(
+            "SELECT count(*) FILTER (WHERE reused_from IS NULL),
+                    count(*) FILTER (WHERE reused_from IS NOT NULL)
+             FROM results",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (computed, reused): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!((computed, reused), (3, 3), "each pair computed once");
+    assert!(waits >= 1, "the slow build's twin waited for it");
+    for name in ["twin-a", "twin-b"] {
+        let verification =
+            quarry_reporter::verify(&stack.config, name, &stack.config.reporter.output_dir)
+                .await
+                .unwrap();
+        assert!(verification.is_ok(), "{:?}", verification.problems);
+    }
+    let leftover: i64 = sql
+        .query_one("SELECT count(*) FROM computations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leftover, 0, "every claim was released");
+}
