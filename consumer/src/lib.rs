@@ -69,6 +69,9 @@ pub struct ConsumerStats {
 const CLAIM_HEARTBEAT: Duration = Duration::from_secs(20);
 const CLAIM_STALE_AFTER: Duration = Duration::from_secs(120);
 
+/// How often a consumer tells the fleet table it is alive and what it has in hand.
+const FLEET_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// What to do with a job.
 enum Plan {
     /// Record this result.
@@ -96,6 +99,20 @@ struct Worker {
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
     toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
     metrics: Arc<Metrics>,
+    /// Jobs in hand, for the fleet table.
+    in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
+}
+
+/// Marks a job as in hand until dropped.
+struct InHand<'a> {
+    worker: &'a Worker,
+    job: JobId,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.worker.in_hand_jobs().remove(&self.job);
+    }
 }
 
 /// Consumes jobs until `shutdown` is cancelled. A lost broker connection is re-established,
@@ -144,6 +161,27 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         jobs_dir,
         toolchains: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
+        in_hand: Default::default(),
+    });
+    // Join the fleet: registered, then a heartbeat with the jobs in hand until we stop.
+    let identity = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple().to_string(),
+    );
+    worker
+        .store
+        .register_consumer(identity.0, &name, &identity.1, &host_name())
+        .await
+        .context("cannot register the consumer")?;
+    let heartbeat = tokio::spawn({
+        let worker = worker.clone();
+        let identity = identity.clone();
+        async move {
+            loop {
+                worker.fleet_heartbeat(&identity).await;
+                tokio::time::sleep(FLEET_HEARTBEAT).await;
+            }
+        }
     });
     let concurrency = config.consumer.concurrency.max(1);
     let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
@@ -169,6 +207,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
                 tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting")
             }
         }
+    }
+    heartbeat.abort();
+    worker.fleet_heartbeat(&identity).await;
+    if let Err(err) = worker.store.consumer_stopped(identity.0, &identity.1).await {
+        tracing::warn!(error = %format!("{err:#}"), "cannot record that the consumer stopped");
     }
     drop(mirror);
     if let Some(task) = metrics_server {
@@ -244,6 +287,28 @@ async fn reconnect(config: &Config, shutdown: &CancellationToken) -> Option<Brok
 }
 
 impl Worker {
+    fn in_hand_jobs(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<JobId>> {
+        // A set of ids cannot be left half-updated by a panic.
+        self.in_hand.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_in_hand(&self, job: JobId) -> InHand<'_> {
+        self.in_hand_jobs().insert(job);
+        InHand { worker: self, job }
+    }
+
+    async fn fleet_heartbeat(&self, (id, secret): &(uuid::Uuid, String)) {
+        let current: Vec<uuid::Uuid> = self.in_hand_jobs().iter().map(|j| j.0).collect();
+        let done = self.metrics.stats().results as i64;
+        if let Err(err) = self
+            .store
+            .consumer_heartbeat(*id, secret, &current, done)
+            .await
+        {
+            tracing::warn!(error = %format!("{err:#}"), "cannot renew the fleet heartbeat");
+        }
+    }
+
     async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
         self.metrics.in_progress.inc();
         let processed = self.process(publisher, &delivery).await;
@@ -275,6 +340,7 @@ impl Worker {
                 return ack(delivery).await;
             }
         };
+        let _in_hand = self.take_in_hand(job.id);
         if self.store.has_result(job.id).await? {
             tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
             self.metrics.duplicates_skipped.inc();
@@ -582,11 +648,14 @@ impl Drop for ScratchDir {
     }
 }
 
-fn default_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "consumer".to_owned());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+fn default_name() -> String {
+    format!("{}-{}", host_name(), std::process::id())
 }
 
 /// Sets up the consumer's cargo home: where cargo keeps what it downloaded, and the source

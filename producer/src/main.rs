@@ -38,6 +38,12 @@ enum Command {
         /// The run's id or name.
         run: String,
     },
+    /// The consumer fleet: who is alive, since when, and which jobs each has in hand.
+    Consumers {
+        /// Also list consumers gone for more than an hour.
+        #[arg(long)]
+        all: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -153,6 +159,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             for (outcome, count) in store.outcome_counts(run.id).await? {
                 writeln!(out, "  {:<14} {count}", outcome.as_str())?;
+            }
+            print_out(&out)
+        }
+        Command::Consumers { all } => {
+            let store = connect(&config).await?;
+            let since = if all {
+                chrono::DateTime::<chrono::Utc>::UNIX_EPOCH
+            } else {
+                chrono::Utc::now() - chrono::Duration::hours(1)
+            };
+            let now = chrono::Utc::now();
+            let mut out = String::new();
+            writeln!(
+                out,
+                "{:<24}  {:<36}  {:<8}  {:>9}  {:>9}  in hand",
+                "name", "id", "status", "heartbeat", "jobs done"
+            )?;
+            for member in store.fleet(since).await? {
+                let silent = (now - member.heartbeat_at).num_seconds();
+                let status = if member.stopped_at.is_some() {
+                    "stopped"
+                } else if silent > 30 {
+                    "lost"
+                } else {
+                    "alive"
+                };
+                let in_hand: Vec<String> =
+                    member.current_jobs.iter().map(|j| j.to_string()).collect();
+                writeln!(
+                    out,
+                    "{:<24}  {:<36}  {:<8}  {:>8}s  {:>9}  {}",
+                    member.name,
+                    member.id,
+                    status,
+                    silent,
+                    member.jobs_done,
+                    in_hand.join(",")
+                )?;
             }
             print_out(&out)
         }

@@ -122,6 +122,19 @@ pub struct Reconciliation {
     pub dead_letters_without_error_result: i64,
 }
 
+/// A consumer of the fleet, as it registered and last reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetMember {
+    pub id: Uuid,
+    pub name: String,
+    pub host: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub current_jobs: Vec<Uuid>,
+    pub jobs_done: i64,
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
 /// One entry of a job's event log.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
@@ -641,6 +654,86 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    // ---- the fleet ----------------------------------------------------------------------------
+
+    /// Registers a consumer process; `secret` authenticates its later updates.
+    pub async fn register_consumer(
+        &self,
+        id: Uuid,
+        name: &str,
+        secret: &str,
+        host: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)",
+                &[&id, &name, &secret, &host],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Renews a consumer's heartbeat with the jobs it has in hand and its total so far.
+    pub async fn consumer_heartbeat(
+        &self,
+        id: Uuid,
+        secret: &str,
+        current_jobs: &[Uuid],
+        jobs_done: i64,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let updated = client
+            .execute(
+                "UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4
+                 WHERE id = $1 AND secret = $2",
+                &[&id, &secret, &current_jobs, &jobs_done],
+            )
+            .await?;
+        anyhow::ensure!(
+            updated == 1,
+            "consumer {id} is not registered (or its secret is wrong)"
+        );
+        Ok(())
+    }
+
+    pub async fn consumer_stopped(&self, id: Uuid, secret: &str) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE consumers SET stopped_at = now(), current_jobs = '{}'
+                 WHERE id = $1 AND secret = $2",
+                &[&id, &secret],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Consumers seen since `since`, most recent heartbeat first.
+    pub async fn fleet(&self, since: DateTime<Utc>) -> anyhow::Result<Vec<FleetMember>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at
+                 FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC",
+                &[&since],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| FleetMember {
+                id: row.get(0),
+                name: row.get(1),
+                host: row.get(2),
+                started_at: row.get(3),
+                heartbeat_at: row.get(4),
+                current_jobs: row.get(5),
+                jobs_done: row.get(6),
+                stopped_at: row.get(7),
+            })
+            .collect())
     }
 
     // ---- reports ----------------------------------------------------------------------------

@@ -647,3 +647,53 @@ async fn a_consumer_regains_a_lost_broker_connection_and_finishes_the_run() {
     .unwrap();
     assert!(verification.is_ok(), "{:?}", verification.problems);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_register_in_the_fleet_and_are_told_apart() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish_run(
+        &stack.config,
+        "fleet",
+        &definition(first(4)),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    // Two consumers with the same name.
+    let consumers: Vec<_> = (0..2)
+        .map(|_| {
+            let config = stack.consumer_config("twin-name");
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
+        })
+        .collect();
+    wait_complete(&stack, summary.run_id).await;
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let alive = store.fleet(epoch).await.unwrap();
+    assert_eq!(alive.len(), 2, "{alive:?}");
+    assert!(
+        alive
+            .iter()
+            .all(|m| m.name == "twin-name" && m.stopped_at.is_none())
+    );
+    assert_ne!(alive[0].id, alive[1].id, "same name, told apart");
+
+    shutdown.cancel();
+    let mut results = 0;
+    for consumer in consumers {
+        results += consumer.await.unwrap().unwrap().results;
+    }
+    let stopped = store.fleet(epoch).await.unwrap();
+    assert!(
+        stopped
+            .iter()
+            .all(|m| m.stopped_at.is_some() && m.current_jobs.is_empty())
+    );
+    assert_eq!(
+        stopped.iter().map(|m| m.jobs_done as u64).sum::<u64>(),
+        results,
+        "the last heartbeat carries the final count"
+    );
+}
