@@ -8,14 +8,13 @@ use clap::Parser;
 use quarry_shared::Config;
 use quarry_shared::config::ConfigArgs;
 
-/// Takes Quarry jobs from RabbitMQ, fetches each package through the S3 cache, runs the
-/// experiment and records its outcome in PostgreSQL before acknowledging the job. Runs until
+/// Takes Quarry jobs from RabbitMQ, fetches each package through its cache layers (local disk,
+/// S3, then the registry), runs the experiment in a bubblewrap sandbox and records its outcome in
+/// PostgreSQL before acknowledging the job. Runs until
 /// SIGINT or SIGTERM, then finishes (or gives back) the jobs in hand and exits 0.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    #[command(flatten)]
-    config: ConfigArgs,
     /// Name in logs and the event log [default: <hostname>-<pid>].
     #[arg(long, env = "QUARRY_CONSUMER_NAME")]
     name: Option<String>,
@@ -32,6 +31,9 @@ struct Cli {
     /// bubblewrap cannot run and the machine holds nothing of value).
     #[arg(long, env = "QUARRY_CONSUMER_UNSANDBOXED")]
     unsandboxed: bool,
+    // Last, so that its help heading covers only the configuration flags.
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 #[tokio::main]
