@@ -1,6 +1,6 @@
 //! The reporter: reads a run's results from PostgreSQL and writes its report, a directory holding
-//! `index.html` (open it offline), `report.json` (for machines), `summary.md` (to paste into an
-//! issue) and `logs/`, one text file per job.
+//! `index.html` (open it offline), `report.json` (for machines), `results.csv` (for
+//! spreadsheets), `summary.md` (to paste into an issue) and `logs/`, one text file per job.
 //!
 //! Counts come from the database's own aggregation, and every row from the same snapshot, so the
 //! report's numbers are the database's numbers. Everything taken from a package or a log is
@@ -68,6 +68,7 @@ pub struct Written {
     pub html: PathBuf,
     pub json: PathBuf,
     pub markdown: PathBuf,
+    pub csv: PathBuf,
     pub report: Report,
 }
 
@@ -140,8 +141,12 @@ fn write_report(
     let markdown = dir.join("summary.md");
     std::fs::write(&markdown, render_markdown(&report))
         .with_context(|| format!("cannot write {}", markdown.display()))?;
+    let csv = dir.join("results.csv");
+    std::fs::write(&csv, render_csv(&report))
+        .with_context(|| format!("cannot write {}", csv.display()))?;
     Ok(Written {
         dir: dir.to_owned(),
+        csv,
         html,
         json,
         markdown,
@@ -489,6 +494,37 @@ fn category_rank(category: &str) -> usize {
     .unwrap_or(usize::MAX)
 }
 
+/// One row per job, for spreadsheets: fields quoted as RFC 4180 says, so a comma or quote in a
+/// crate's metadata cannot shift the columns.
+fn render_csv(report: &Report) -> String {
+    fn field(text: &str) -> String {
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text.to_owned()
+        }
+    }
+    let mut csv =
+        String::from("name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log\n");
+    for p in &report.packages {
+        let exit_code = p.exit_code.map(|c| c.to_string()).unwrap_or_default();
+        let row = [
+            field(&p.name),
+            field(&p.version),
+            field(&p.toolchain),
+            field(&p.outcome),
+            exit_code,
+            p.duration_ms.to_string(),
+            p.attempt.to_string(),
+            field(&p.consumer),
+            field(&p.log),
+        ];
+        csv.push_str(&row.join(","));
+        csv.push('\n');
+    }
+    csv
+}
+
 fn render_markdown(report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "## Quarry run `{}`\n", report.run.name);
@@ -549,6 +585,42 @@ fn render_markdown(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_fields_with_separators_are_quoted() {
+        let report = Report {
+            run: RunInfo {
+                id: "id".into(),
+                name: "run".into(),
+                definition: serde_json::Value::Null,
+                created_at: String::new(),
+            },
+            progress: ProgressInfo {
+                finished: 1,
+                total: Some(1),
+                complete: true,
+            },
+            counts: BTreeMap::new(),
+            comparison: None,
+            packages: vec![PackageRow {
+                name: "a".into(),
+                version: "1.0.0".into(),
+                toolchain: "stable".into(),
+                outcome: "build-fail".into(),
+                exit_code: Some(101),
+                duration_ms: 1500,
+                attempt: 1,
+                consumer: "host,\"1\"".into(),
+                log: "logs/a.txt".into(),
+            }],
+        };
+        let csv = render_csv(&report);
+        let row = csv.lines().nth(1).unwrap();
+        assert_eq!(
+            row,
+            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt"
+        );
+    }
 
     #[test]
     fn markup_in_names_and_paths_is_neutralised() {

@@ -113,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             eprintln!("summary: {}", written.markdown.display());
             eprintln!("json:    {}", written.json.display());
+            eprintln!("csv:     {}", written.csv.display());
             // The report's path alone on stdout, for scripts.
             println!("{}", written.html.display());
             Ok(ExitCode::SUCCESS)

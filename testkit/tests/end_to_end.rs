@@ -178,6 +178,12 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
     for package in &on_disk.packages {
         assert!(written.dir.join(&package.log).is_file(), "{package:?}");
     }
+    let csv = std::fs::read_to_string(&written.csv).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + PACKAGES as usize,
+        "a header and a row per job"
+    );
     let markdown = std::fs::read_to_string(&written.markdown).unwrap();
     for (outcome, count) in &database_counts {
         assert!(markdown.contains(&format!("| {outcome} | {count} |")));
