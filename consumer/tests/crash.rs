@@ -5,9 +5,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quarry_producer::{RunDefinition, Selection, publish_run, wait_for_run};
-use quarry_shared::job::{Experiment, Mode};
-use quarry_testkit::{TestStack, fixtures};
+use quarry_producer::{RunDefinition, Selection, publish_run};
+use quarry_shared::job::Mode;
+use quarry_testkit::{TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 
 fn start_consumer(stack: &TestStack, name: &str) -> Child {
@@ -26,14 +26,7 @@ fn start_consumer(stack: &TestStack, name: &str) -> Child {
 
 /// Processes of the slow fixture's build still alive.
 fn slow_build_processes() -> Vec<String> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| {
-            cmdline.contains("quarry-fixture-slow") && cmdline.contains("build-script")
-        })
-        .collect()
+    fixtures::build_script_processes("quarry-fixture-slow")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -44,12 +37,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     let definition = RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Check,
-            timeout_secs: 300,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Check, 300),
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-slow".into()],
         },
@@ -103,14 +91,8 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
     }
 
     let mut second = start_consumer(&stack, "survivor");
-    let progress = tokio::time::timeout(
-        Duration::from_secs(300),
-        wait_for_run(&stack.config, summary.run_id, &never),
-    )
-    .await
-    .expect("the job is redelivered and finishes")
-    .unwrap();
-    assert!(progress.is_complete());
+    // The job is redelivered to the survivor and finishes.
+    stack.wait_for_run(summary.run_id).await;
     // SIGTERM: the survivor stops gracefully.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(second.id() as i32),
@@ -135,9 +117,5 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
         2,
         "the job was started twice, finished once"
     );
-    let verification =
-        quarry_reporter::verify(&stack.config, "crash", &stack.config.reporter.output_dir)
-            .await
-            .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("crash").await;
 }

@@ -273,21 +273,8 @@ impl Publisher {
             ATTEMPTS_HEADER.into(),
             AMQPValue::LongLongInt(i64::from(failed_attempts)),
         );
-        let confirmation = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                persistent().with_headers(headers),
-            )
-            .await?
-            .await
-            .context("lost the broker's confirmation for a delayed job")?;
-        if !confirmation.is_ack() {
-            bail!("the broker refused a delayed job (nack)");
-        }
+        self.publish_confirmed("", queue, body, headers, "a delayed job")
+            .await?;
         Ok(true)
     }
 
@@ -295,20 +282,34 @@ impl Publisher {
     pub async fn dead_letter(&self, body: &[u8], reason: &str) -> anyhow::Result<()> {
         let mut headers = FieldTable::default();
         headers.insert(REASON_HEADER.into(), long_string(reason));
+        let exchange = self.topology.dead_exchange.as_str();
+        self.publish_confirmed(exchange, "", body, headers, "a dead letter")
+            .await
+    }
+
+    /// Publishes one persistent message and waits for the broker to confirm it.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: FieldTable,
+        what: &str,
+    ) -> anyhow::Result<()> {
         let confirmation = self
             .channel
             .basic_publish(
-                self.topology.dead_exchange.as_str().into(),
-                "".into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 body,
                 persistent().with_headers(headers),
             )
             .await?
             .await
-            .context("lost the broker's confirmation for a dead letter")?;
+            .with_context(|| format!("lost the broker's confirmation for {what}"))?;
         if !confirmation.is_ack() {
-            bail!("the broker refused a dead letter (nack)");
+            bail!("the broker refused {what} (nack)");
         }
         Ok(())
     }

@@ -11,6 +11,19 @@ pub fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// Command lines of the live processes running a build script of `fixture`: a build the tests
+/// expect killed must leave none.
+pub fn build_script_processes(fixture: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(fixture) && cmdline.contains("build-script"))
+        .collect()
+}
+
 /// Packs every fixture into `<out>/<name>-<version>.crate` and loads them as a corpus.
 pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
     for entry in std::fs::read_dir(dir())? {

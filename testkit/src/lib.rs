@@ -18,11 +18,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use quarry_consumer::ConsumerStats;
 use quarry_registry::{Corpus, RunningRegistry};
 use quarry_shared::Config;
 use quarry_shared::config::Secret;
-use quarry_shared::job::Toolchain;
+use quarry_shared::job::{Experiment, Mode, RunId, Toolchain};
+use quarry_shared::store::Progress;
 use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
 
 const S3_ACCESS_KEY: &str = "quarry-test";
 const S3_SECRET_KEY: &str = "quarry-test-secret";
@@ -47,6 +50,17 @@ pub fn toolchain() -> Toolchain {
     env_or("QUARRY_TEST_TOOLCHAIN", "1.95.0")
         .parse()
         .expect("QUARRY_TEST_TOOLCHAIN must be a toolchain name")
+}
+
+/// The experiment most tests run: `mode` with the given time limit, 1 GiB of memory per
+/// process, earlier results reused.
+pub fn experiment(mode: Mode, timeout_secs: u64) -> Experiment {
+    Experiment {
+        mode,
+        timeout_secs,
+        fresh: false,
+        memory_limit_mb: 1024,
+    }
 }
 
 /// The real `.crate` files tests serve: cargo's download cache, cut down to the crates whose
@@ -141,6 +155,33 @@ impl TestStack {
         config
     }
 
+    /// Starts consumers named `names` in this process, sharing the stack's work directory.
+    pub fn start_consumers(&self, names: &[&str]) -> Consumers {
+        Consumers::start(names.iter().map(|name| self.consumer_config(name)))
+    }
+
+    /// Waits (at most 20 minutes) until every job of `run` has a result.
+    pub async fn wait_for_run(&self, run: RunId) -> Progress {
+        let progress = tokio::time::timeout(
+            Duration::from_secs(20 * 60),
+            quarry_producer::wait_for_run(&self.config, run, &CancellationToken::new()),
+        )
+        .await
+        .expect("the run finishes within 20 minutes")
+        .expect("the run's progress can be read");
+        assert!(progress.is_complete(), "{progress:?}");
+        progress
+    }
+
+    /// Checks the invariants of the run named `run` with `quarry-reporter verify`.
+    pub async fn assert_verified(&self, run: &str) {
+        let verification =
+            quarry_reporter::verify(&self.config, run, &self.config.reporter.output_dir)
+                .await
+                .expect("the run can be verified");
+        assert!(verification.is_ok(), "{run}: {:?}", verification.problems);
+    }
+
     /// Stops the stack's S3 server, as an outage would.
     pub fn stop_s3(&mut self) {
         let _ = self.s3_server.kill();
@@ -216,6 +257,40 @@ impl Drop for TestStack {
             Ok(Err(err)) => eprintln!("test cleanup failed: {err:#}"),
             Err(_) => eprintln!("test cleanup panicked"),
         }
+    }
+}
+
+/// Consumers running as tasks of the test process until stopped.
+pub struct Consumers {
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<ConsumerStats>>>,
+}
+
+impl Consumers {
+    /// Starts one consumer per configuration.
+    pub fn start(configs: impl IntoIterator<Item = Config>) -> Consumers {
+        let shutdown = CancellationToken::new();
+        let tasks = configs
+            .into_iter()
+            .map(|config| {
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
+            })
+            .collect();
+        Consumers { shutdown, tasks }
+    }
+
+    /// Stops them gracefully (as SIGTERM does) and adds up what they did.
+    pub async fn stop(self) -> ConsumerStats {
+        self.shutdown.cancel();
+        let mut total = ConsumerStats::default();
+        for task in self.tasks {
+            total += task
+                .await
+                .expect("the consumer task did not panic")
+                .expect("the consumer stops cleanly");
+        }
+        total
     }
 }
 

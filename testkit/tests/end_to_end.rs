@@ -3,12 +3,10 @@
 //! S3, and a third whose results are all reused from the first.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use quarry_consumer::ConsumerStats;
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_shared::job::{Experiment, Mode};
-use quarry_testkit::TestStack;
+use quarry_testkit::{Consumers, TestStack};
 use tokio_util::sync::CancellationToken;
 
 const PACKAGES: u64 = 50;
@@ -42,63 +40,17 @@ async fn run_to_completion(
     assert!(summary.complete);
     assert_eq!(summary.packages_selected, PACKAGES, "{summary}");
     assert_eq!(summary.jobs_queued, PACKAGES, "{summary}");
-    let progress = tokio::time::timeout(
-        Duration::from_secs(20 * 60),
-        wait_for_run(&stack.config, summary.run_id, &never),
-    )
-    .await
-    .expect("the run finishes within 20 minutes")
-    .expect("progress can be read");
-    assert!(progress.is_complete(), "{progress:?}");
+    stack.wait_for_run(summary.run_id).await;
     summary.run_id
 }
 
 /// Two consumers sharing a work directory, as on one machine.
-struct Fleet {
-    shutdown: CancellationToken,
-    consumers: Vec<tokio::task::JoinHandle<anyhow::Result<ConsumerStats>>>,
-}
-
-impl Fleet {
-    fn start(stack: &TestStack, names: [&str; 2], machine: &str) -> Fleet {
-        let shutdown = CancellationToken::new();
-        let consumers = names
-            .into_iter()
-            .map(|name| {
-                let mut config = stack.consumer_config(name);
-                config.consumer.work_dir = stack.dir.path().join(machine);
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-            })
-            .collect();
-        Fleet {
-            shutdown,
-            consumers,
-        }
-    }
-
-    /// Stops the consumers gracefully and adds up what they did.
-    async fn stop(self) -> ConsumerStats {
-        self.shutdown.cancel();
-        let mut total = ConsumerStats::default();
-        for consumer in self.consumers {
-            let stats = consumer.await.unwrap().expect("the consumer stops cleanly");
-            total.results += stats.results;
-            total.disk_hits += stats.disk_hits;
-            total.s3_hits += stats.s3_hits;
-            total.registry_fetches += stats.registry_fetches;
-            total.memoized += stats.memoized;
-        }
-        total
-    }
-}
-
-async fn assert_verified(stack: &TestStack, run: &str) {
-    let verification =
-        quarry_reporter::verify(&stack.config, run, &stack.config.reporter.output_dir)
-            .await
-            .unwrap();
-    assert!(verification.is_ok(), "{run}: {:?}", verification.problems);
+fn machine(stack: &TestStack, names: [&str; 2], machine: &str) -> Consumers {
+    Consumers::start(names.map(|name| {
+        let mut config = stack.consumer_config(name);
+        config.consumer.work_dir = stack.dir.path().join(machine);
+        config
+    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -108,7 +60,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
 
     // First run: every .crate, the packages' and their dependencies', comes from the registry
     // through the consumers' cache layers, and lands in S3.
-    let first_fleet = Fleet::start(&stack, ["consumer-a", "consumer-b"], "machine-1");
+    let first_fleet = machine(&stack, ["consumer-a", "consumer-b"], "machine-1");
     let first = run_to_completion(&stack, "e2e-first", false).await;
     let sql = stack.sql().await.unwrap();
     let jobs_without_exactly_one_result: i64 = sql
@@ -194,7 +146,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         "{database_counts:?}"
     );
 
-    assert_verified(&stack, "e2e-first").await;
+    stack.assert_verified("e2e-first").await;
     let first_stats = first_fleet.stop().await;
     eprintln!("first run, machine 1: {first_stats:?}, registry: {after_first:?}");
     assert_eq!(
@@ -208,7 +160,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
 
     // Second run of the same experiment, asking for fresh results, on a new machine (empty disk
     // cache, empty cargo home): every job runs again, and nothing comes from the registry.
-    let second_fleet = Fleet::start(&stack, ["consumer-c", "consumer-d"], "machine-2");
+    let second_fleet = machine(&stack, ["consumer-c", "consumer-d"], "machine-2");
     let second = run_to_completion(&stack, "e2e-second", true).await;
     let results: i64 = sql
         .query_one(
@@ -224,7 +176,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         after_first.downloads,
         "the second run downloads nothing from the registry"
     );
-    assert_verified(&stack, "e2e-second").await;
+    stack.assert_verified("e2e-second").await;
 
     // Third run, memoized: every result is reused from the first run, nothing is fetched or run.
     let third = run_to_completion(&stack, "e2e-third", false).await;
@@ -261,7 +213,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         strip(outcomes(first).await),
         "the first run's results"
     );
-    assert_verified(&stack, "e2e-third").await;
+    stack.assert_verified("e2e-third").await;
 
     let later_stats = second_fleet.stop().await;
     eprintln!("second and third runs, machine 2: {later_stats:?}");

@@ -2,11 +2,10 @@
 //! compared with the expected one.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
-use quarry_shared::job::{Experiment, Mode};
-use quarry_testkit::{TestStack, fixtures};
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_shared::job::Mode;
+use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 
 const TIME_LIMIT_SECS: u64 = 30;
@@ -19,12 +18,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
 
     let definition = RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Test,
-            timeout_secs: TIME_LIMIT_SECS,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Test, TIME_LIMIT_SECS),
         selection: Selection::Listing {
             sort: Sort::Alpha,
             limit: None,
@@ -36,27 +30,9 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         .unwrap();
     assert_eq!(summary.jobs_queued, 9, "{summary}");
 
-    let shutdown = CancellationToken::new();
-    let consumers: Vec<_> = ["fixtures-a", "fixtures-b"]
-        .into_iter()
-        .map(|name| {
-            let config = stack.consumer_config(name);
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-        })
-        .collect();
-    let progress = tokio::time::timeout(
-        Duration::from_secs(600),
-        wait_for_run(&stack.config, summary.run_id, &never),
-    )
-    .await
-    .expect("the fixtures finish in time")
-    .unwrap();
-    assert!(progress.is_complete());
-    shutdown.cancel();
-    for consumer in consumers {
-        consumer.await.unwrap().unwrap();
-    }
+    let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
 
     let written =
         quarry_reporter::generate(&stack.config, "fixtures", &stack.config.reporter.output_dir)
@@ -73,11 +49,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             .unwrap();
     assert_eq!(outcomes, expected);
 
-    let verification =
-        quarry_reporter::verify(&stack.config, "fixtures", &stack.config.reporter.output_dir)
-            .await
-            .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("fixtures").await;
     let log = |name: &str| {
         let package = written
             .report
@@ -94,14 +66,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     assert!(log("quarry-fixture-memory-hog").contains("memory allocation of"));
 
     // The never-ending build script died with its job: no process of it is left.
-    let survivors: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        .filter(|cmdline| {
-            cmdline.contains("quarry-fixture-timeout") && cmdline.contains("build-script")
-        })
-        .collect();
+    let survivors = fixtures::build_script_processes("quarry-fixture-timeout");
     assert!(survivors.is_empty(), "{survivors:?}");
 }
 
@@ -113,12 +78,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let stack = TestStack::start_with(corpus).await.unwrap();
     let definition = RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Check,
-            timeout_secs: TIME_LIMIT_SECS,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-sandboxed".into()],
         },
@@ -127,22 +87,11 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let summary = publish_run(&stack.config, "unsandboxed", &definition, &never)
         .await
         .unwrap();
-    let shutdown = CancellationToken::new();
     let mut config = stack.consumer_config("unsandboxed");
     config.consumer.unsandboxed = true;
-    let consumer = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    tokio::time::timeout(
-        Duration::from_secs(300),
-        wait_for_run(&stack.config, summary.run_id, &never),
-    )
-    .await
-    .expect("the job finishes in time")
-    .unwrap();
-    shutdown.cancel();
-    consumer.await.unwrap().unwrap();
+    let consumers = Consumers::start([config]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
 
     let written = quarry_reporter::generate(
         &stack.config,
@@ -172,12 +121,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
     let end = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let definition = RunDefinition {
         toolchains: vec![quarry_testkit::toolchain(), end.parse().unwrap()],
-        experiment: Experiment {
-            mode: Mode::Test,
-            timeout_secs: 120,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Test, 120),
         // Every fixture but the one that always times out, which would only slow this down.
         selection: Selection::Packages {
             packages: expected.keys().cloned().collect(),
@@ -189,26 +133,9 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         .unwrap();
     assert_eq!(summary.jobs_queued, 2 * expected.len() as u64, "{summary}");
 
-    let shutdown = CancellationToken::new();
-    let consumers: Vec<_> = ["compare-a", "compare-b"]
-        .into_iter()
-        .map(|name| {
-            let config = stack.consumer_config(name);
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-        })
-        .collect();
-    tokio::time::timeout(
-        Duration::from_secs(600),
-        wait_for_run(&stack.config, summary.run_id, &never),
-    )
-    .await
-    .expect("the run finishes in time")
-    .unwrap();
-    shutdown.cancel();
-    for consumer in consumers {
-        consumer.await.unwrap().unwrap();
-    }
+    let consumers = stack.start_consumers(&["compare-a", "compare-b"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
 
     let written =
         quarry_reporter::generate(&stack.config, "compared", &stack.config.reporter.output_dir)
@@ -228,11 +155,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         categories, expected,
         "if a toolchain is missing, install it or set QUARRY_TEST_SECOND_TOOLCHAIN"
     );
-    let verification =
-        quarry_reporter::verify(&stack.config, "compared", &stack.config.reporter.output_dir)
-            .await
-            .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("compared").await;
     let regressed = comparison
         .packages
         .iter()
@@ -260,12 +183,7 @@ async fn identical_jobs_in_flight_are_computed_once() {
         .unwrap();
     let definition = RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Check,
-            timeout_secs: TIME_LIMIT_SECS,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
         selection: Selection::Packages {
             packages: vec![
                 "quarry-fixture-slow".into(),
@@ -284,29 +202,11 @@ async fn identical_jobs_in_flight_are_computed_once() {
                 .run_id,
         );
     }
-    let shutdown = CancellationToken::new();
-    let consumers: Vec<_> = ["twins-a", "twins-b"]
-        .into_iter()
-        .map(|name| {
-            let config = stack.consumer_config(name);
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-        })
-        .collect();
+    let consumers = stack.start_consumers(&["twins-a", "twins-b"]);
     for run in &runs {
-        tokio::time::timeout(
-            Duration::from_secs(300),
-            wait_for_run(&stack.config, *run, &never),
-        )
-        .await
-        .expect("both runs finish")
-        .unwrap();
+        stack.wait_for_run(*run).await;
     }
-    shutdown.cancel();
-    let mut waits = 0;
-    for consumer in consumers {
-        waits += consumer.await.unwrap().unwrap().waits;
-    }
+    let waits = consumers.stop().await.waits;
 
     let sql = stack.sql().await.unwrap();
     let row = sql
@@ -322,11 +222,7 @@ async fn identical_jobs_in_flight_are_computed_once() {
     assert_eq!((computed, reused), (3, 3), "each pair computed once");
     assert!(waits >= 1, "the slow build's twin waited for it");
     for name in ["twin-a", "twin-b"] {
-        let verification =
-            quarry_reporter::verify(&stack.config, name, &stack.config.reporter.output_dir)
-                .await
-                .unwrap();
-        assert!(verification.is_ok(), "{:?}", verification.problems);
+        stack.assert_verified(name).await;
     }
     let leftover: i64 = sql
         .query_one("SELECT count(*) FROM computations", &[])

@@ -5,25 +5,32 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
+use quarry_producer::{PublishSummary, RunDefinition, Selection, Sort, publish_run};
 use quarry_registry::Fault;
-use quarry_shared::job::{Experiment, Mode, RunId};
+use quarry_shared::job::Mode;
 use quarry_shared::queue::Broker;
 use quarry_shared::store::Store;
-use quarry_testkit::TestStack;
+use quarry_testkit::{Consumers, TestStack, experiment};
 use tokio_util::sync::CancellationToken;
 
 fn definition(selection: Selection) -> RunDefinition {
     RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Check,
-            timeout_secs: 300,
-            fresh: false,
-            memory_limit_mb: 1024,
-        },
+        experiment: experiment(Mode::Check, 300),
         selection,
     }
+}
+
+/// Publishes a run of `selection` named `name`, to completion.
+async fn publish(stack: &TestStack, name: &str, selection: Selection) -> PublishSummary {
+    publish_run(
+        &stack.config,
+        name,
+        &definition(selection),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("the producer publishes the run")
 }
 
 fn first(limit: u64) -> Selection {
@@ -46,17 +53,6 @@ fn jobs_queue(broker: &Broker) -> String {
 
 fn dead_queue(broker: &Broker) -> String {
     broker.topology().dead.clone()
-}
-
-async fn wait_complete(stack: &TestStack, run: RunId) {
-    let progress = tokio::time::timeout(
-        Duration::from_secs(600),
-        wait_for_run(&stack.config, run, &CancellationToken::new()),
-    )
-    .await
-    .expect("the run finishes in time")
-    .unwrap();
-    assert!(progress.is_complete(), "{progress:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -132,14 +128,7 @@ async fn stack_crate_name(stack: &TestStack) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on() {
     let stack = TestStack::start().await.unwrap();
-    let summary = publish_run(
-        &stack.config,
-        "with-poison",
-        &definition(first(3)),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let summary = publish(&stack, "with-poison", first(3)).await;
 
     // Garbage on the work queue, as a buggy or foreign publisher would send it.
     let connection = Connection::connect(
@@ -164,13 +153,8 @@ async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on()
             .unwrap();
     }
 
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let config = stack.consumer_config("poison-eater");
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    wait_complete(&stack, summary.run_id).await;
+    let consumers = stack.start_consumers(&["poison-eater"]);
+    stack.wait_for_run(summary.run_id).await;
     // The poison may sit behind the valid jobs; wait until it is gone from the work queue.
     for _ in 0..100 {
         if ready(&stack, jobs_queue).await == 0 && ready(&stack, dead_queue).await == 2 {
@@ -178,8 +162,7 @@ async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on()
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    shutdown.cancel();
-    let stats = consumer.await.unwrap().unwrap();
+    let stats = consumers.stop().await;
     assert_eq!(stats.results, 3);
     assert_eq!(stats.dead_lettered, 2);
 
@@ -222,26 +205,18 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
             ..Fault::default()
         },
     ]);
-    let summary = publish_run(
-        &stack.config,
+    let summary = publish(
+        &stack,
         "faulty-registry",
-        &definition(Selection::Packages {
+        Selection::Packages {
             packages: vec![flaky.clone(), corrupt.clone()],
-        }),
-        &CancellationToken::new(),
+        },
     )
-    .await
-    .unwrap();
+    .await;
 
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let config = stack.consumer_config("patient");
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    wait_complete(&stack, summary.run_id).await;
-    shutdown.cancel();
-    consumer.await.unwrap().unwrap();
+    let consumers = stack.start_consumers(&["patient"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
 
     let sql = stack.sql().await.unwrap();
     let outcome = |name: String| {
@@ -258,14 +233,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
             (row.get::<_, String>(0), row.get::<_, String>(1))
         }
     };
-    let verification = quarry_reporter::verify(
-        &stack.config,
-        "faulty-registry",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("faulty-registry").await;
     let (flaky_outcome, _) = outcome(flaky).await;
     assert_ne!(
         flaky_outcome, "error",
@@ -378,15 +346,9 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
         "only once"
     );
 
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let config = stack.consumer_config("skipper");
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    wait_complete(&stack, summary.run_id).await;
-    shutdown.cancel();
-    consumer.await.unwrap().unwrap();
+    let consumers = stack.start_consumers(&["skipper"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
     let counts = store.outcome_counts(summary.run_id).await.unwrap();
     assert_eq!(
         counts,
@@ -394,14 +356,7 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
         "every job recorded as skipped, none run"
     );
 
-    let verification = quarry_reporter::verify(
-        &stack.config,
-        "cancelled",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("cancelled").await;
     let err = publish_run(&stack.config, "cancelled", &run, &never)
         .await
         .unwrap_err();
@@ -462,14 +417,7 @@ fn metric_sum(exposition: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
     let stack = TestStack::start().await.unwrap();
-    let summary = publish_run(
-        &stack.config,
-        "measured",
-        &definition(first(3)),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let summary = publish(&stack, "measured", first(3)).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -477,12 +425,8 @@ async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
         .port();
     let mut config = stack.consumer_config("measured");
     config.consumer.metrics_listen = Some(format!("127.0.0.1:{port}"));
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    wait_complete(&stack, summary.run_id).await;
+    let consumers = Consumers::start([config]);
+    stack.wait_for_run(summary.run_id).await;
 
     let exposition = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
@@ -490,8 +434,7 @@ async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
         .text()
         .await
         .unwrap();
-    shutdown.cancel();
-    let stats = consumer.await.unwrap().unwrap();
+    let stats = consumers.stop().await;
 
     assert_eq!(
         metric_sum(&exposition, "quarry_consumer_jobs_total"),
@@ -519,23 +462,10 @@ async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
 async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
     let mut stack = TestStack::start().await.unwrap();
     stack.stop_s3();
-    let summary = publish_run(
-        &stack.config,
-        "no-s3",
-        &definition(first(4)),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let config = stack.consumer_config("without-s3");
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
-    wait_complete(&stack, summary.run_id).await;
-    shutdown.cancel();
-    let stats = consumer.await.unwrap().unwrap();
+    let summary = publish(&stack, "no-s3", first(4)).await;
+    let consumers = stack.start_consumers(&["without-s3"]);
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
     assert_eq!(stats.results, 4);
     assert!(
         stats.s3_unavailable >= 4,
@@ -551,11 +481,7 @@ async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
         .filter(|(outcome, _)| *outcome == quarry_shared::job::Outcome::Error)
         .count();
     assert_eq!(errors, 0, "an S3 outage is not the packages' fault");
-    let verification =
-        quarry_reporter::verify(&stack.config, "no-s3", &stack.config.reporter.output_dir)
-            .await
-            .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("no-s3").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -598,20 +524,8 @@ async fn an_interrupted_producer_continues_from_its_last_page() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_regains_a_lost_broker_connection_and_finishes_the_run() {
     let stack = TestStack::start().await.unwrap();
-    let summary = publish_run(
-        &stack.config,
-        "reconnect",
-        &definition(first(60)),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn({
-        let config = stack.consumer_config("stubborn");
-        let shutdown = shutdown.clone();
-        async move { quarry_consumer::run(&config, shutdown).await }
-    });
+    let summary = publish(&stack, "reconnect", first(60)).await;
+    let consumers = stack.start_consumers(&["stubborn"]);
     let store = Store::connect(&stack.config.database).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while store.progress(summary.run_id).await.unwrap().finished == 0 {
@@ -634,41 +548,19 @@ async fn a_consumer_regains_a_lost_broker_connection_and_finishes_the_run() {
         "the connection must be cut mid-run for this test to mean anything: {at_cut:?}"
     );
 
-    wait_complete(&stack, summary.run_id).await;
-    shutdown.cancel();
-    let stats = consumer.await.unwrap().unwrap();
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
     assert!(stats.broker_connections >= 2, "{stats:?}");
-    let verification = quarry_reporter::verify(
-        &stack.config,
-        "reconnect",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    assert!(verification.is_ok(), "{:?}", verification.problems);
+    stack.assert_verified("reconnect").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consumers_register_in_the_fleet_and_are_told_apart() {
     let stack = TestStack::start().await.unwrap();
-    let summary = publish_run(
-        &stack.config,
-        "fleet",
-        &definition(first(4)),
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let shutdown = CancellationToken::new();
+    let summary = publish(&stack, "fleet", first(4)).await;
     // Two consumers with the same name.
-    let consumers: Vec<_> = (0..2)
-        .map(|_| {
-            let config = stack.consumer_config("twin-name");
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move { quarry_consumer::run(&config, shutdown).await })
-        })
-        .collect();
-    wait_complete(&stack, summary.run_id).await;
+    let consumers = stack.start_consumers(&["twin-name", "twin-name"]);
+    stack.wait_for_run(summary.run_id).await;
     let store = Store::connect(&stack.config.database).await.unwrap();
     let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
     let alive = store.fleet(epoch).await.unwrap();
@@ -680,11 +572,7 @@ async fn consumers_register_in_the_fleet_and_are_told_apart() {
     );
     assert_ne!(alive[0].id, alive[1].id, "same name, told apart");
 
-    shutdown.cancel();
-    let mut results = 0;
-    for consumer in consumers {
-        results += consumer.await.unwrap().unwrap().results;
-    }
+    let results = consumers.stop().await.results;
     let stopped = store.fleet(epoch).await.unwrap();
     assert!(
         stopped
