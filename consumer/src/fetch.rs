@@ -159,12 +159,20 @@ fn checksum_matches(bytes: &[u8], expected: &str) -> bool {
 pub struct DiskCache {
     dir: PathBuf,
     max_bytes: u64,
+    /// Bytes in the directory as this process last saw them plus what it added since: the
+    /// directory is only listed again when this passes the limit, not on every store.
+    used_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl DiskCache {
     pub fn new(dir: PathBuf, max_bytes: u64) -> std::io::Result<DiskCache> {
         std::fs::create_dir_all(&dir)?;
-        Ok(DiskCache { dir, max_bytes })
+        let used: u64 = cached_files(&dir).iter().map(|(_, size, _)| size).sum();
+        Ok(DiskCache {
+            dir,
+            max_bytes,
+            used_bytes: used.into(),
+        })
     }
 
     fn path(&self, package: &PackageVersion) -> PathBuf {
@@ -207,18 +215,28 @@ impl DiskCache {
             let _ = tokio::fs::remove_file(&staged).await;
             return;
         }
+        use std::sync::atomic::Ordering;
+        let used = self
+            .used_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed)
+            + bytes.len() as u64;
+        if used <= self.max_bytes {
+            return;
+        }
         let dir = self.dir.clone();
         let max_bytes = self.max_bytes;
-        let _ = tokio::task::spawn_blocking(move || evict(&dir, max_bytes)).await;
+        if let Ok(left) = tokio::task::spawn_blocking(move || evict(&dir, max_bytes)).await {
+            self.used_bytes.store(left, Ordering::Relaxed);
+        }
     }
 }
 
-/// Removes the least recently used files until the directory fits in `max_bytes`.
-fn evict(dir: &std::path::Path, max_bytes: u64) {
+/// The cached files of `dir`: last use, size and path.
+fn cached_files(dir: &std::path::Path) -> Vec<(SystemTime, u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+        return Vec::new();
     };
-    let mut files: Vec<(SystemTime, u64, PathBuf)> = entries
+    entries
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let meta = entry.metadata().ok()?;
@@ -228,7 +246,13 @@ fn evict(dir: &std::path::Path, max_bytes: u64) {
             }
             Some((meta.modified().ok()?, meta.len(), path))
         })
-        .collect();
+        .collect()
+}
+
+/// Removes the least recently used files until the directory fits in `max_bytes`; returns the
+/// bytes left.
+fn evict(dir: &std::path::Path, max_bytes: u64) -> u64 {
+    let mut files = cached_files(dir);
     let mut total: u64 = files.iter().map(|(_, size, _)| size).sum();
     files.sort();
     for (_, size, path) in files {
@@ -239,6 +263,7 @@ fn evict(dir: &std::path::Path, max_bytes: u64) {
             total -= size;
         }
     }
+    total
 }
 
 #[cfg(test)]

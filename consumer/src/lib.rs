@@ -33,7 +33,7 @@ use quarry_shared::job::{Job, JobId, Outcome, Toolchain};
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
 use quarry_shared::s3::CrateBucket;
-use quarry_shared::store::{NewResult, Store};
+use quarry_shared::store::{JobState, NewResult, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +78,23 @@ enum Plan {
     Record(Done),
     /// An identical job (of another run) is computing the same result: wait for it.
     Wait { holder: JobId },
+}
+
+impl std::ops::AddAssign for ConsumerStats {
+    /// Adds up the figures of several consumers.
+    fn add_assign(&mut self, other: ConsumerStats) {
+        self.results += other.results;
+        self.duplicates_skipped += other.duplicates_skipped;
+        self.dead_lettered += other.dead_lettered;
+        self.attempts_failed += other.attempts_failed;
+        self.disk_hits += other.disk_hits;
+        self.s3_hits += other.s3_hits;
+        self.registry_fetches += other.registry_fetches;
+        self.s3_unavailable += other.s3_unavailable;
+        self.memoized += other.memoized;
+        self.broker_connections += other.broker_connections;
+        self.waits += other.waits;
+    }
 }
 
 /// A job's result as computed (or reused), before it is recorded.
@@ -341,12 +358,13 @@ impl Worker {
             }
         };
         let _in_hand = self.take_in_hand(job.id);
-        if self.store.has_result(job.id).await? {
+        let state = self.store.job_state(&job).await?;
+        if state == JobState::Finished {
             tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
             self.metrics.duplicates_skipped.inc();
             return ack(delivery).await;
         }
-        if !self.store.job_exists(job.id).await? {
+        if state == JobState::Unknown {
             let reason = format!(
                 "job {} is not recorded in the database (run deleted?)",
                 job.id
@@ -357,7 +375,7 @@ impl Worker {
         }
 
         let attempt = queue::failed_attempts(&delivery.properties) + 1;
-        if self.store.is_cancelled(job.run_id).await? {
+        if state == JobState::RunCancelled {
             // Recorded, not dropped: the run still ends with one result per job.
             let recorded = self
                 .store

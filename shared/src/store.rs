@@ -62,6 +62,19 @@ impl Progress {
     }
 }
 
+/// Where a delivered job stands, as far as the database knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// It already has a result (a redelivery or a duplicate).
+    Finished,
+    /// No such job is recorded (its run was deleted, or the message is forged).
+    Unknown,
+    /// Its run was cancelled.
+    RunCancelled,
+    /// It is to be done.
+    ToDo,
+}
+
 /// The final result of one job, as a consumer records it.
 #[derive(Debug, Clone)]
 pub struct NewResult {
@@ -287,17 +300,6 @@ impl Store {
         Ok(changed == 1)
     }
 
-    pub async fn is_cancelled(&self, run: RunId) -> anyhow::Result<bool> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1 AND cancelled_at IS NOT NULL)",
-                &[&run.0],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-
     /// Saves where the producer is in the registry listing (after a page is published).
     pub async fn save_paging_position(
         &self,
@@ -422,27 +424,28 @@ impl Store {
 
     // ---- results (consumer side) ------------------------------------------------------------
 
-    pub async fn has_result(&self, job: JobId) -> anyhow::Result<bool> {
+    /// What a consumer needs to know before taking a delivered job on, in one round trip.
+    pub async fn job_state(&self, job: &Job) -> anyhow::Result<JobState> {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1)",
-                &[&job.0],
+                "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1),
+                        EXISTS (SELECT 1 FROM jobs WHERE id = $1),
+                        EXISTS (SELECT 1 FROM runs WHERE id = $2 AND cancelled_at IS NOT NULL)",
+                &[&job.id.0, &job.run_id.0],
             )
             .await?;
-        Ok(row.get(0))
-    }
-
-    /// True when the job is recorded; a message for an unknown job is not worth running.
-    pub async fn job_exists(&self, job: JobId) -> anyhow::Result<bool> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE id = $1)",
-                &[&job.0],
-            )
-            .await?;
-        Ok(row.get(0))
+        let (finished, recorded, cancelled): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        Ok(if finished {
+            JobState::Finished
+        } else if !recorded {
+            JobState::Unknown
+        } else if cancelled {
+            JobState::RunCancelled
+        } else {
+            JobState::ToDo
+        })
     }
 
     /// Logs the start of attempt number `attempt` (1 for the first).
