@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use tokio::time::Instant;
 
+use crate::cgroup::{self, CgroupLimits, Cgroups};
 use crate::sandbox::Sandbox;
 
 /// The environment every step runs in.
@@ -29,8 +30,12 @@ pub struct CargoEnv {
     /// Directories holding `cargo` and `rustup` (the rustup proxies).
     pub path: String,
     pub log_limit_bytes: usize,
+    /// Processes and threads a sandboxed step may have at once (with cgroups).
+    pub task_limit: u64,
     /// Where the steps that run the package's code are confined.
     pub sandbox: Sandbox,
+    /// Where those steps get their cgroup, if this machine lets the consumer create them.
+    pub cgroups: Option<Cgroups>,
 }
 
 /// What running the experiment produced.
@@ -98,8 +103,11 @@ fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
 pub struct Limits {
     /// Wall-clock time for the whole job.
     pub time: Duration,
-    /// Address space of each process that runs the package's code.
+    /// Memory of the steps that run the package's code: of all their processes together where
+    /// cgroups are available, else the address space of each process.
     pub memory_bytes: u64,
+    /// Processes and threads of such a step together (with cgroups only).
+    pub tasks: u64,
 }
 
 /// Largest file a package's code may write (a runaway test writing gigabytes is stopped).
@@ -129,13 +137,33 @@ pub async fn run(
         } else {
             &Sandbox::Unsandboxed
         };
+        let step_name = format!(
+            "{}-{}",
+            scratch.file_name().unwrap_or_default().to_string_lossy(),
+            step.args[0]
+        );
         let place = Place {
             scratch,
             dir: package_dir,
             sandbox,
-            memory_bytes: step.sandboxed.then_some(limits.memory_bytes),
+            confined: step.sandboxed.then_some((step_name.as_str(), limits)),
         };
-        let status = run_step(env, &place, &args, deadline, &log).await?;
+        let (status, out_of_memory) = run_step(env, &place, &args, deadline, &log).await?;
+        if out_of_memory && !matches!(status, StepStatus::TimedOut | StepStatus::Exited(0)) {
+            log_line(
+                &log,
+                &format!(
+                    "\nquarry: out of memory: the kernel killed a process of this step for using \
+                     more than the limit of {} MiB (all its processes together)\n",
+                    limits.memory_bytes >> 20
+                ),
+            );
+            let code = match status {
+                StepStatus::Exited(code) => Some(code),
+                _ => None,
+            };
+            return Ok(finish(&log, Outcome::OutOfMemory, code));
+        }
         match status {
             StepStatus::TimedOut => {
                 log_line(
@@ -194,17 +222,18 @@ struct Place<'a> {
     scratch: &'a Path,
     dir: &'a Path,
     sandbox: &'a Sandbox,
-    /// Address-space limit for each process, for steps that run the package's code.
-    memory_bytes: Option<u64>,
+    /// For steps that run the package's code: the step's name (for its cgroup) and its limits.
+    confined: Option<(&'a str, Limits)>,
 }
 
+/// Runs one step; also says whether the kernel killed part of it for lack of memory.
 async fn run_step(
     env: &CargoEnv,
     place: &Place<'_>,
     args: &[&str],
     deadline: Instant,
     log: &Arc<Mutex<Log>>,
-) -> std::io::Result<StepStatus> {
+) -> std::io::Result<(StepStatus, bool)> {
     let (program, args) = place
         .sandbox
         .command_line(place.scratch, place.dir, "cargo", args);
@@ -227,13 +256,37 @@ async fn run_step(
         // Its own process group, so a timeout kills rustc, build scripts and tests too.
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(memory_bytes) = place.memory_bytes {
-        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
-        // nothing here allocates or takes locks.
+    let mut cgroup = None;
+    if let Some((name, limits)) = place.confined {
+        cgroup = match &env.cgroups {
+            Some(cgroups) => Some(cgroups.step(
+                name,
+                CgroupLimits {
+                    memory_bytes: limits.memory_bytes,
+                    tasks: limits.tasks,
+                },
+            )?),
+            None => None,
+        };
+        let join_fds = cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default();
+        // Without a cgroup, the address space of each process is all that can be limited.
+        let address_space = cgroup.is_none().then_some(limits.memory_bytes);
+        // CPU time per process: never less than the wall-clock limit on every core.
+        let cpu_secs = limits
+            .time
+            .as_secs()
+            .saturating_mul(std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+        // SAFETY: runs in the forked child before exec; write and setrlimit are
+        // async-signal-safe, and nothing here allocates or takes locks (`join_fds` was
+        // allocated before the fork).
         unsafe {
             command.pre_exec(move || {
                 use nix::sys::resource::{Resource, setrlimit};
-                setrlimit(Resource::RLIMIT_AS, memory_bytes, memory_bytes)?;
+                cgroup::join(&join_fds)?;
+                if let Some(bytes) = address_space {
+                    setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
+                }
+                setrlimit(Resource::RLIMIT_CPU, cpu_secs, cpu_secs)?;
                 setrlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT, FILE_SIZE_LIMIT)?;
                 setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
                 Ok(())
@@ -256,29 +309,35 @@ async fn run_step(
         Ok(status) => status?,
         Err(_) => {
             group.kill();
+            if let Some(cgroup) = &cgroup {
+                cgroup.kill();
+            }
             child.wait().await?;
             for reader in readers.into_iter().flatten() {
                 reader.abort();
             }
-            return Ok(StepStatus::TimedOut);
+            return Ok((StepStatus::TimedOut, false));
         }
     };
     // Leftover processes of the step (a daemonized build script) die with it.
     group.kill();
+    if let Some(cgroup) = &cgroup {
+        cgroup.kill();
+    }
+    let out_of_memory = cgroup.as_ref().is_some_and(|c| c.out_of_memory());
     for reader in readers.into_iter().flatten() {
         // The pipes close once every process holding them is gone; do not wait past that.
         let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
     }
-    Ok(
-        match (
-            status.code(),
-            std::os::unix::process::ExitStatusExt::signal(&status),
-        ) {
-            (Some(code), _) => StepStatus::Exited(code),
-            (None, Some(signal)) => StepStatus::Signalled(signal),
-            (None, None) => StepStatus::Exited(-1),
-        },
-    )
+    let status = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => StepStatus::Exited(code),
+        (None, Some(signal)) => StepStatus::Signalled(signal),
+        (None, None) => StepStatus::Exited(-1),
+    };
+    Ok((status, out_of_memory))
 }
 
 /// Kills a whole process group when asked, and when dropped (a cancelled job).

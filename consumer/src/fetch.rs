@@ -15,7 +15,7 @@ use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
 use quarry_shared::job::PackageVersion;
 use quarry_shared::registry::{RegistryClient, RegistryError};
-use quarry_shared::s3::CrateBucket;
+use quarry_shared::s3::Bucket;
 use sha2::{Digest as _, Sha256};
 
 use crate::metrics::Metrics;
@@ -40,7 +40,7 @@ pub enum FetchError {
 
 pub struct Fetcher {
     disk: DiskCache,
-    bucket: CrateBucket,
+    bucket: Bucket,
     registry: RegistryClient,
     retry: ExponentialBuilder,
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -50,7 +50,7 @@ pub struct Fetcher {
 impl Fetcher {
     pub fn new(
         disk: DiskCache,
-        bucket: CrateBucket,
+        bucket: Bucket,
         registry: RegistryClient,
         metrics: Arc<Metrics>,
     ) -> Fetcher {

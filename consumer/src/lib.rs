@@ -12,6 +12,7 @@
 //! grace period; a job still running after it is killed and its delivery, never acked, is
 //! redelivered by the broker.
 
+mod cgroup;
 mod experiment;
 mod fetch;
 mod metrics;
@@ -32,7 +33,7 @@ use quarry_shared::Config;
 use quarry_shared::job::{Job, JobId, Outcome, Toolchain};
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
-use quarry_shared::s3::CrateBucket;
+use quarry_shared::s3::Bucket;
 use quarry_shared::store::{JobState, NewResult, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +103,9 @@ struct Done {
     execution: Execution,
     memo_key: Option<String>,
     reused_from: Option<JobId>,
+    /// For a reused result: the S3 log of the earlier job (`execution.log` is then only a note
+    /// that goes before it).
+    reused_log_key: Option<String>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -110,6 +114,8 @@ struct InfraError(String);
 struct Worker {
     name: String,
     store: Store,
+    /// Where logs go.
+    bucket: Bucket,
     fetcher: Arc<Fetcher>,
     cargo: CargoEnv,
     jobs_dir: PathBuf,
@@ -140,7 +146,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     store.migrate().await?;
     // The first connection must work: a wrong URL is better reported at once.
     let first_broker = Broker::connect(&config.rabbitmq).await?;
-    let bucket = CrateBucket::new(&config.s3);
+    let bucket = Bucket::new(&config.s3);
     if let Err(err) = bucket.ensure_exists().await {
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
@@ -163,7 +169,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         }
         None => None,
     };
-    let fetcher = Arc::new(Fetcher::new(disk, bucket, registry, metrics.clone()));
+    let fetcher = Arc::new(Fetcher::new(
+        disk,
+        bucket.clone(),
+        registry,
+        metrics.clone(),
+    ));
     let mirror = mirror::start(fetcher.clone()).await?;
     let cargo = prepare_cargo_home(config, &name, &mirror.index_url()).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
@@ -173,6 +184,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let worker = Arc::new(Worker {
         name: name.clone(),
         store,
+        bucket: bucket.clone(),
         fetcher: fetcher.clone(),
         cargo,
         jobs_dir,
@@ -231,6 +243,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(error = %format!("{err:#}"), "cannot record that the consumer stopped");
     }
     drop(mirror);
+    if let Some(cgroups) = &worker.cargo.cgroups {
+        cgroups.remove();
+    }
     if let Some(task) = metrics_server {
         task.abort();
     }
@@ -387,7 +402,8 @@ impl Worker {
                     duration: Duration::ZERO,
                     attempt: attempt as i32,
                     consumer: self.name.clone(),
-                    log: "quarry: skipped, the run was cancelled\n".to_owned(),
+                    log: Some("quarry: skipped, the run was cancelled\n".to_owned()),
+                    log_key: None,
                     memo_key: None,
                     reused_from: None,
                 })
@@ -426,6 +442,7 @@ impl Worker {
                         }),
                     memo_key: None,
                     reused_from: None,
+                    reused_log_key: None,
                 }
             }
             Err(InfraError(reason)) => {
@@ -451,6 +468,7 @@ impl Worker {
                     },
                     memo_key: None,
                     reused_from: None,
+                    reused_log_key: None,
                 }
             }
         };
@@ -458,7 +476,15 @@ impl Worker {
             execution,
             memo_key,
             reused_from,
+            reused_log_key,
         } = done;
+        let (log, log_key, uploaded) = match reused_log_key {
+            Some(key) => (Some(execution.log), Some(key), false),
+            None => match self.save_log(&job, &execution.log).await {
+                Some(key) => (None, Some(key), true),
+                None => (Some(execution.log), None, false),
+            },
+        };
         let recorded = self
             .store
             .record_result(&NewResult {
@@ -469,7 +495,8 @@ impl Worker {
                 duration,
                 attempt: attempt as i32,
                 consumer: self.name.clone(),
-                log: execution.log,
+                log,
+                log_key: log_key.clone(),
                 memo_key,
                 reused_from,
             })
@@ -483,6 +510,11 @@ impl Worker {
             tracing::info!(job = %job.id, package = %job.package, outcome = %execution.outcome, ?duration, "job finished");
         } else {
             self.metrics.duplicates_skipped.inc();
+            if let (true, Some(key)) = (uploaded, &log_key)
+                && let Err(err) = self.bucket.delete_log(key).await
+            {
+                tracing::warn!(error = %format!("{err:#}"), "cannot remove the log of a duplicate result");
+            }
         }
         // Only now, with the result committed, is the message done with.
         ack(delivery).await
@@ -506,11 +538,14 @@ impl Worker {
                         log: format!(
                             "quarry: reused the result of job {} (run {}): same package checksum, \
                              toolchain build ({build}) and experiment\n\n{}",
-                            earlier.job_id, earlier.run_name, earlier.log
+                            earlier.job_id,
+                            earlier.run_name,
+                            earlier.log.unwrap_or_default()
                         ),
                     },
                     memo_key: Some(memo_key),
                     reused_from: Some(earlier.job_id),
+                    reused_log_key: earlier.log_key,
                 }));
             }
             let holder = self
@@ -546,7 +581,31 @@ impl Worker {
             execution: execution?,
             memo_key: Some(memo_key),
             reused_from: None,
+            reused_log_key: None,
         }))
+    }
+
+    /// Stores a job's log in S3, compressed, and returns its key; `None` when S3 would not take
+    /// it after a few tries (the log is then kept in PostgreSQL: never lost for S3's sake).
+    async fn save_log(&self, job: &Job, log: &str) -> Option<String> {
+        use backon::Retryable as _;
+        let key = self.bucket.log_key(job.run_id, job.id);
+        let stored = (|| self.bucket.put_log(&key, log))
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_times(3)
+                    .with_jitter(),
+            )
+            .await;
+        match stored {
+            Ok(()) => Some(key),
+            Err(err) => {
+                tracing::warn!(job = %job.id, error = %format!("{err:#}"), "S3 would not take the log; keeping it in PostgreSQL");
+                self.metrics.logs_in_database.inc();
+                None
+            }
+        }
     }
 
     async fn run_experiment(&self, job: &Job) -> Result<Execution, InfraError> {
@@ -581,6 +640,7 @@ impl Worker {
             experiment::Limits {
                 time: Duration::from_secs(job.experiment.timeout_secs),
                 memory_bytes: job.experiment.memory_limit_mb.saturating_mul(1 << 20),
+                tasks: self.cargo.task_limit,
             },
         )
         .await
@@ -713,11 +773,30 @@ async fn prepare_cargo_home(
             .context("cargo is not on PATH")?;
         Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin, cargo_home.clone()]).await?
     };
+    let cgroups = match cgroup::Cgroups::detect(name) {
+        Ok(cgroups) => {
+            tracing::info!(
+                cgroups = %cgroups.describe(),
+                "each experiment step gets its own cgroup: memory and processes limited for \
+                 its whole process tree"
+            );
+            Some(cgroups)
+        }
+        Err(why) => {
+            tracing::warn!(
+                %why,
+                "no cgroups: memory is limited per process (address space), processes are not"
+            );
+            None
+        }
+    };
     Ok(CargoEnv {
         cargo_home,
         rustup_home,
         path,
         log_limit_bytes: config.consumer.log_limit_bytes,
+        task_limit: config.consumer.task_limit,
         sandbox,
+        cgroups,
     })
 }

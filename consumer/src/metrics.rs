@@ -34,6 +34,7 @@ pub struct Metrics {
     pub duplicates_skipped: IntCounter,
     pub memoized: IntCounter,
     pub sandbox_kills: IntCounter,
+    pub logs_in_database: IntCounter,
     pub connections: IntCounter,
     pub waits: IntCounter,
 }
@@ -108,6 +109,10 @@ impl Metrics {
             memoized: counter(
                 "quarry_consumer_memoized_total",
                 "Results reused from an identical job of an earlier run",
+            )?,
+            logs_in_database: counter(
+                "quarry_consumer_logs_in_database_total",
+                "Logs kept in PostgreSQL because S3 would not take them",
             )?,
             sandbox_kills: counter(
                 "quarry_consumer_sandbox_kills_total",

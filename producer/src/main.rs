@@ -62,7 +62,7 @@ struct RunArgs {
     /// Time limit for one package's experiment, in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
-    /// Memory (address space) each process of an experiment may use, in MiB.
+    /// Memory an experiment may use, in MiB (its whole process tree, with cgroups).
     #[arg(long, default_value_t = 4096, value_name = "MIB")]
     memory_limit: u64,
     /// Take at most this many crates from the registry listing.

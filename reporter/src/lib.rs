@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use quarry_shared::Config;
 use quarry_shared::job::Outcome;
+use quarry_shared::s3::Bucket;
 use quarry_shared::store::{Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +81,45 @@ pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::
     let counts = store.outcome_counts(run.id).await?;
     let rows = store.results(run.id).await?;
     let dir = output_dir.join(&run.name);
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    copy_logs(&Bucket::new(&config.s3), &rows, &logs).await?;
     write_report(&dir, &run, progress, &counts, &rows)
+}
+
+/// The file name of a job's log in the report's `logs/` directory.
+fn log_file(row: &ResultRow) -> String {
+    format!(
+        "{}-{}-{}.txt",
+        row.crate_name, row.crate_version, row.toolchain
+    )
+}
+
+/// Writes every job's log into `logs`: what PostgreSQL keeps of it (all of it, or a note of
+/// Quarry's), then the compressed log from S3. Logs are fetched a few at a time.
+async fn copy_logs(bucket: &Bucket, rows: &[ResultRow], logs: &Path) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let mut writes = futures::stream::iter(rows)
+        .map(|row| async move {
+            let text = bucket
+                .result_log(row.log.as_deref(), row.log_key.as_deref())
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot fetch the log of {}@{} ({})",
+                        row.crate_name, row.crate_version, row.toolchain
+                    )
+                })?;
+            let file = log_file(row);
+            tokio::fs::write(logs.join(&file), text)
+                .await
+                .with_context(|| format!("cannot write the log {file}"))
+        })
+        .buffer_unordered(16);
+    while let Some(written) = writes.next().await {
+        written?;
+    }
+    Ok(())
 }
 
 fn write_report(
@@ -90,16 +129,9 @@ fn write_report(
     counts: &[(Outcome, i64)],
     rows: &[ResultRow],
 ) -> anyhow::Result<Written> {
-    let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let mut packages = Vec::with_capacity(rows.len());
     for row in rows {
-        let file = format!(
-            "{}-{}-{}.txt",
-            row.crate_name, row.crate_version, row.toolchain
-        );
-        std::fs::write(logs.join(&file), &row.log)
-            .with_context(|| format!("cannot write the log {file}"))?;
+        let file = log_file(row);
         packages.push(PackageRow {
             name: row.crate_name.clone(),
             version: row.crate_version.clone(),

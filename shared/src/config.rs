@@ -119,6 +119,8 @@ pub struct S3Config {
     pub bucket: String,
     /// Key prefix for the `.crate` cache inside the bucket.
     pub prefix: String,
+    /// Key prefix for the jobs' logs (gzip-compressed) inside the bucket.
+    pub logs_prefix: String,
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
     /// Path-style addressing, needed by most S3-compatible servers.
@@ -132,6 +134,7 @@ impl Default for S3Config {
             region: "us-east-1".to_owned(),
             bucket: "quarry-crates".to_owned(),
             prefix: "crates/".to_owned(),
+            logs_prefix: "logs/".to_owned(),
             // The local stack's s3s-fs credentials (deploy/local/up); not valid anywhere else.
             access_key_id: Secret::new("quarry"),
             secret_access_key: Secret::new("quarry-local-secret"),
@@ -197,6 +200,9 @@ pub struct ConsumerConfig {
     /// Size of the local disk cache of `.crate` files (shared by the consumers of a work
     /// directory), in MiB; past it the least recently used files are removed.
     pub disk_cache_mb: u64,
+    /// Processes and threads one experiment step may have at once (rustc, build scripts and
+    /// tests together). Enforced where the consumer can create cgroups.
+    pub task_limit: u64,
     /// Address to serve Prometheus metrics on (`/metrics`), e.g. `0.0.0.0:9100`; off if unset.
     pub metrics_listen: Option<String>,
     /// Run packages' code without the bubblewrap sandbox. Only for machines that cannot have it
@@ -213,6 +219,7 @@ impl Default for ConsumerConfig {
             shutdown_grace_secs: 30,
             log_limit_bytes: 1024 * 1024,
             disk_cache_mb: 4096,
+            task_limit: 4096,
             metrics_listen: None,
             unsandboxed: false,
         }

@@ -160,8 +160,9 @@ pub struct Experiment {
     /// experiment) already has a result in another run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
-    /// Address space each process of the experiment may use, in MiB; past it allocations fail
-    /// and the job's outcome is `out-of-memory`.
+    /// Memory the experiment may use, in MiB: all its processes together where the consumer has
+    /// cgroups (the kernel kills past it), else each process's address space (allocations fail);
+    /// either way the job's outcome is `out-of-memory`.
     #[serde(default = "default_memory_limit_mb")]
     pub memory_limit_mb: u64,
 }

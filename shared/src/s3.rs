@@ -1,7 +1,9 @@
-//! The S3 bucket that caches `.crate` files near the registry.
+//! The S3 bucket near the registry: the cache of `.crate` files, and the jobs' logs.
 //!
-//! Objects are keyed by package name and version; their content is checked against the index's
-//! sha256 by the caller (`consumer::fetch`), so a corrupt object is never trusted.
+//! `.crate` objects are keyed by package name and version; their content is checked against the
+//! index's sha256 by the caller (`consumer::fetch`), so a corrupt object is never trusted. Logs are
+//! stored gzip-compressed under `<logs_prefix><run>/<job>/`, one object per recorded attempt; the
+//! result row in PostgreSQL keeps the key.
 
 use anyhow::Context as _;
 use aws_sdk_s3::Client;
@@ -11,19 +13,24 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use std::io::{Read as _, Write as _};
 
 use crate::config::S3Config;
-use crate::job::PackageVersion;
+use crate::job::{JobId, PackageVersion, RunId};
 
 #[derive(Clone)]
-pub struct CrateBucket {
+pub struct Bucket {
     client: Client,
     bucket: String,
     prefix: String,
+    logs_prefix: String,
 }
 
-impl CrateBucket {
-    pub fn new(config: &S3Config) -> CrateBucket {
+impl Bucket {
+    pub fn new(config: &S3Config) -> Bucket {
         let credentials = Credentials::new(
             config.access_key_id.expose(),
             config.secret_access_key.expose(),
@@ -42,10 +49,11 @@ impl CrateBucket {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
-        CrateBucket {
+        Bucket {
             client: Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
+            logs_prefix: config.logs_prefix.clone(),
         }
     }
 
@@ -131,6 +139,84 @@ impl CrateBucket {
             .await
             .map_err(|err| anyhow::Error::new(err.into_service_error()))
             .with_context(|| format!("cannot write s3://{}/{key}", self.bucket))?;
+        Ok(())
+    }
+
+    /// A fresh key for a log of `job` of `run`: never one another attempt could have written.
+    pub fn log_key(&self, run: RunId, job: JobId) -> String {
+        format!(
+            "{}{run}/{job}/{}.log.gz",
+            self.logs_prefix,
+            uuid::Uuid::new_v4().simple()
+        )
+    }
+
+    /// Stores a log, gzip-compressed, under `key`.
+    pub async fn put_log(&self, key: &str, log: &str) -> anyhow::Result<()> {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        encoder.write_all(log.as_bytes())?;
+        let compressed = encoder.finish()?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("text/plain; charset=utf-8")
+            .content_encoding("gzip")
+            .body(ByteStream::from(compressed))
+            .send()
+            .await
+            .map_err(|err| anyhow::Error::new(err.into_service_error()))
+            .with_context(|| format!("cannot write s3://{}/{key}", self.bucket))?;
+        Ok(())
+    }
+
+    /// Reads back a log stored by `put_log`.
+    pub async fn get_log(&self, key: &str) -> anyhow::Result<String> {
+        let body = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|err| anyhow::Error::new(err.into_service_error()))
+            .with_context(|| format!("cannot read s3://{}/{key}", self.bucket))?
+            .body
+            .collect()
+            .await
+            .with_context(|| format!("cannot read the body of s3://{}/{key}", self.bucket))?
+            .into_bytes();
+        let mut log = String::new();
+        GzDecoder::new(&body[..])
+            .read_to_string(&mut log)
+            .with_context(|| format!("s3://{}/{key} is not a gzip-compressed log", self.bucket))?;
+        Ok(log)
+    }
+
+    /// A result's whole log: the part PostgreSQL keeps (`log`: all of it, or a note of Quarry's
+    /// that goes first), then the S3 object `log_key`, if any.
+    pub async fn result_log(
+        &self,
+        log: Option<&str>,
+        log_key: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut text = log.unwrap_or_default().to_owned();
+        if let Some(key) = log_key {
+            text.push_str(&self.get_log(key).await?);
+        }
+        Ok(text)
+    }
+
+    /// Removes a log (one written for a result that turned out to be a duplicate).
+    pub async fn delete_log(&self, key: &str) -> anyhow::Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|err| anyhow::Error::new(err.into_service_error()))
+            .with_context(|| format!("cannot delete s3://{}/{key}", self.bucket))?;
         Ok(())
     }
 

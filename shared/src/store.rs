@@ -85,7 +85,10 @@ pub struct NewResult {
     pub duration: Duration,
     pub attempt: i32,
     pub consumer: String,
-    pub log: String,
+    /// The log itself, where it is not in S3 (or a note that goes before the S3 log).
+    pub log: Option<String>,
+    /// The S3 key of the gzip-compressed log.
+    pub log_key: Option<String>,
     /// The job's identity across runs (`Job::memo_key`), when it is known.
     pub memo_key: Option<String>,
     /// The earlier job whose result this one reuses.
@@ -100,7 +103,8 @@ pub struct MemoizedResult {
     pub outcome: Outcome,
     pub exit_code: Option<i32>,
     pub duration_ms: i64,
-    pub log: String,
+    pub log_key: Option<String>,
+    pub log: Option<String>,
 }
 
 /// One row of a run's results, joined with its job, for reports.
@@ -116,8 +120,12 @@ pub struct ResultRow {
     pub attempt: i32,
     pub consumer: String,
     pub finished_at: DateTime<Utc>,
+    /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
-    pub log: String,
+    pub log: Option<String>,
+    /// The S3 key of the log.
+    #[serde(skip)]
+    pub log_key: Option<String>,
 }
 
 /// What `Store::reconcile` found: the figures the invariants are checked against.
@@ -596,8 +604,8 @@ impl Store {
         let inserted = tx
             .execute(
                 "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
-                                      consumer, log, memo_key, reused_from)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                      consumer, log, log_key, memo_key, reused_from)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                  ON CONFLICT (job_id) DO NOTHING",
                 &[
                     &result.job_id.0,
@@ -608,6 +616,7 @@ impl Store {
                     &result.attempt,
                     &result.consumer,
                     &result.log,
+                    &result.log_key,
                     &result.memo_key,
                     &result.reused_from.map(|j| j.0),
                 ],
@@ -638,7 +647,8 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log
+                "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
+                        r.log
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
@@ -653,7 +663,8 @@ impl Store {
                 outcome: row.get::<_, String>(2).parse()?,
                 exit_code: row.get(3),
                 duration_ms: row.get(4),
-                log: row.get(5),
+                log_key: row.get(5),
+                log: row.get(6),
             })
         })
         .transpose()
@@ -747,7 +758,7 @@ impl Store {
         let rows = client
             .query(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
-                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log
+                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -769,6 +780,7 @@ impl Store {
                     consumer: row.get(8),
                     finished_at: row.get(9),
                     log: row.get(10),
+                    log_key: row.get(11),
                 })
             })
             .collect()

@@ -136,6 +136,8 @@ impl TestStack {
         config.registry.api_min_interval_ms = 0;
         config.consumer.work_dir = dir.path().join("consumers");
         config.consumer.shutdown_grace_secs = 10;
+        // Low enough that the fork-bomb fixture is stopped long before it counts to 3,000.
+        config.consumer.task_limit = 512;
         config.reporter.output_dir = dir.path().join("reports");
         Ok(TestStack {
             config,

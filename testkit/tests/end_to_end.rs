@@ -128,8 +128,19 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         );
     }
     for package in &on_disk.packages {
-        assert!(written.dir.join(&package.log).is_file(), "{package:?}");
+        let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
+        assert!(log.starts_with("$ cargo +"), "{package:?}: {log}");
     }
+    // Logs live in S3, compressed; PostgreSQL keeps only their keys.
+    let in_s3: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM results WHERE run_id = $1 AND log_key IS NOT NULL AND log IS NULL",
+            &[&first.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_s3, PACKAGES as i64);
     let csv = std::fs::read_to_string(&written.csv).unwrap();
     assert_eq!(
         csv.lines().count(),

@@ -9,6 +9,7 @@ use quarry_producer::{PublishSummary, RunDefinition, Selection, Sort, publish_ru
 use quarry_registry::Fault;
 use quarry_shared::job::Mode;
 use quarry_shared::queue::Broker;
+use quarry_shared::s3::Bucket;
 use quarry_shared::store::Store;
 use quarry_testkit::{Consumers, TestStack, experiment};
 use tokio_util::sync::CancellationToken;
@@ -219,18 +220,20 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
     consumers.stop().await;
 
     let sql = stack.sql().await.unwrap();
+    let bucket = Bucket::new(&stack.config.s3);
     let outcome = |name: String| {
-        let sql = &sql;
+        let (sql, bucket) = (&sql, &bucket);
         async move {
             let row = sql
                 .query_one(
-                    "SELECT r.outcome, r.log FROM results r JOIN jobs j ON j.id = r.job_id
+                    "SELECT r.outcome, r.log, r.log_key FROM results r JOIN jobs j ON j.id = r.job_id
                      WHERE j.crate_name = $1",
                     &[&name],
                 )
                 .await
                 .unwrap();
-            (row.get::<_, String>(0), row.get::<_, String>(1))
+            let log = bucket.result_log(row.get(1), row.get(2)).await.unwrap();
+            (row.get::<_, String>(0), log)
         }
     };
     stack.assert_verified("faulty-registry").await;
@@ -481,6 +484,17 @@ async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
         .filter(|(outcome, _)| *outcome == quarry_shared::job::Outcome::Error)
         .count();
     assert_eq!(errors, 0, "an S3 outage is not the packages' fault");
+    // S3 would not take the logs either: PostgreSQL kept them, whole.
+    let sql = stack.sql().await.unwrap();
+    let kept: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM results WHERE log_key IS NULL AND log LIKE '%$ cargo%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 4);
     stack.assert_verified("no-s3").await;
 }
 
