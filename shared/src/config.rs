@@ -113,7 +113,7 @@ impl Default for RabbitMqConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
-    /// Custom endpoint (s3s-fs, MinIO, ...); `None` means AWS itself.
+    /// Endpoint URL: s3s-fs, MinIO, ..., or for AWS itself `https://s3.<region>.amazonaws.com`.
     pub endpoint: Option<String>,
     pub region: String,
     pub bucket: String,
@@ -270,7 +270,7 @@ pub struct ConfigArgs {
     #[arg(long, global = true, env = "QUARRY_QUEUE_PREFIX")]
     pub queue_prefix: Option<String>,
 
-    /// S3 endpoint URL (leave unset in the file for AWS) [default: the local s3s-fs].
+    /// S3 endpoint URL (for AWS: https://s3.<region>.amazonaws.com) [default: the local s3s-fs].
     #[arg(long, global = true, env = "QUARRY_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
 

@@ -1,0 +1,51 @@
+# syntax=docker/dockerfile:1.7
+# quarry-producer: starts runs, and applies the database migrations (`quarry-producer migrate`;
+# the SQL is embedded in the binary by refinery, and shipped in /usr/share/quarry/migrations for
+# reading). Build from the repository root:
+#   docker build -f docker/producer.Dockerfile -t quarry-producer .
+
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS builder
+# Quarry is built with the toolchain pinned in rust-toolchain.toml (docker/lint checks they agree).
+ARG RUST_TOOLCHAIN=1.95.0
+ENV RUSTUP_TOOLCHAIN=${RUST_TOOLCHAIN} \
+    CARGO_TERM_COLOR=never
+RUN rustup toolchain install --profile minimal "${RUST_TOOLCHAIN}"
+WORKDIR /src
+# Every workspace member is needed for cargo to load the workspace (docker/lint checks the list).
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY migrations ./migrations
+COPY docs/quarry.example.toml ./docs/quarry.example.toml
+COPY shared ./shared
+COPY producer ./producer
+COPY consumer ./consumer
+COPY reporter ./reporter
+COPY registry ./registry
+COPY testkit ./testkit
+RUN --mount=type=cache,id=quarry-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=quarry-cargo-target,target=/src/target \
+    cargo build --release --locked -p quarry-producer \
+    && install -D -m 0755 target/release/quarry-producer /out/quarry-producer
+
+FROM ${RUNTIME_IMAGE}
+LABEL org.opencontainers.image.title="quarry-producer" \
+      org.opencontainers.image.description="Quarry producer: creates runs and publishes their jobs; applies database migrations" \
+      org.opencontainers.image.source="https://github.com/quarry-rs/quarry" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0"
+# Debian's security updates arrive in point releases of the same package versions; the base
+# image (pin it by digest for reproducible builds) is what fixes the set.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN groupadd --gid 10001 quarry \
+    && useradd --uid 10001 --gid 10001 --home-dir /home/quarry --create-home \
+       --shell /usr/sbin/nologin quarry
+COPY --from=builder /out/quarry-producer /usr/local/bin/quarry-producer
+COPY --chmod=0644 migrations/ /usr/share/quarry/migrations/
+USER 10001:10001
+WORKDIR /home/quarry
+ENTRYPOINT ["/usr/local/bin/quarry-producer"]
+CMD ["--help"]
