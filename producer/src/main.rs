@@ -178,13 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             for member in store.fleet(since).await? {
                 let silent = (now - member.heartbeat_at).num_seconds();
-                let status = if member.stopped_at.is_some() {
-                    "stopped"
-                } else if silent > 30 {
-                    "lost"
-                } else {
-                    "alive"
-                };
+                let status = member.status(now);
                 let in_hand: Vec<String> =
                     member.current_jobs.iter().map(|j| j.to_string()).collect();
                 writeln!(

@@ -7,6 +7,7 @@
 //! escaped before it goes into HTML.
 
 mod compare;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,6 +21,7 @@ use quarry_shared::store::{Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
+pub use serve::{Pace, human_duration, start as serve};
 
 /// The machine-readable report (`report.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -243,6 +245,88 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
     Ok(text)
 }
 
+/// Follows a run in the terminal until every job has a result (or `stop` is cancelled): a
+/// progress bar with done / total, pace and ETA where stderr is a terminal, a line every 30 s
+/// where it is not. Returns the summary to print at the end.
+pub async fn status(
+    config: &Config,
+    run: &str,
+    stop: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<String> {
+    use std::io::IsTerminal as _;
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} {msg}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(run.name.clone());
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    let figures = loop {
+        let figures = store
+            .run_figures(run.id, std::time::Duration::from_secs(300))
+            .await?;
+        let pace = Pace::of(&figures);
+        let progress = figures.progress;
+        let eta = pace.eta_secs.map_or("–".to_owned(), human_duration);
+        let message = format!(
+            "{:.1}/min, ETA {eta}, {} dead-lettered",
+            pace.per_second * 60.0,
+            figures.dead_lettered
+        );
+        bar.set_length(progress.total.unwrap_or(progress.recorded) as u64);
+        bar.set_position(progress.finished as u64);
+        bar.set_message(message.clone());
+        if !terminal && last_line.elapsed() >= std::time::Duration::from_secs(30) {
+            eprintln!(
+                "{}: {} of {} jobs, {message}",
+                run.name,
+                progress.finished,
+                progress
+                    .total
+                    .map_or_else(|| format!("{}+", progress.recorded), |t| t.to_string())
+            );
+            last_line = std::time::Instant::now();
+        }
+        if progress.is_complete() || stop.is_cancelled() {
+            break figures;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            () = stop.cancelled() => {}
+        }
+    };
+    bar.finish_and_clear();
+    let progress = figures.progress;
+    let mut summary = format!(
+        "run {}: {} of {} jobs finished{}\n",
+        run.name,
+        progress.finished,
+        progress
+            .total
+            .map_or_else(|| format!("{}+", progress.recorded), |t| t.to_string()),
+        if progress.is_complete() {
+            ""
+        } else {
+            " (still running)"
+        }
+    );
+    for (toolchain, outcome, count) in &figures.outcomes {
+        let _ = writeln!(summary, "  {toolchain:<12} {outcome:<14} {count}");
+    }
+    if figures.dead_lettered > 0 {
+        let _ = writeln!(summary, "  {} dead-lettered", figures.dead_lettered);
+    }
+    let _ = writeln!(
+        summary,
+        "report: quarry-reporter generate {}   live: quarry-reporter serve",
+        run.name
+    );
+    Ok(summary)
+}
+
 /// What `verify` found wrong with a run; empty when every invariant holds.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
@@ -326,7 +410,7 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
 }
 
 /// The run's toolchains, in order (start, then end), from its stored definition.
-fn toolchains(definition: &serde_json::Value) -> Vec<String> {
+pub(crate) fn toolchains(definition: &serde_json::Value) -> Vec<String> {
     definition["toolchains"]
         .as_array()
         .map(|list| {
@@ -387,7 +471,7 @@ pub fn escape_html(text: &str) -> String {
 }
 
 /// Percent-encodes a relative link's path segments, so a file name cannot break out of `href`.
-fn escape_href(path: &str) -> String {
+pub(crate) fn escape_href(path: &str) -> String {
     let mut out = String::new();
     for b in path.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'~' | b'+') {
@@ -416,6 +500,7 @@ fn render_html(report: &Report) -> String {
     let _ = write!(
         html,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <link rel=\"icon\" href=\"data:,\">\
          <title>Quarry report: {name}</title>\
          <style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;}}\
          td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left;}}\

@@ -39,6 +39,23 @@ enum Command {
         #[arg(long, env = "QUARRY_REPORT_DIR")]
         output: Option<PathBuf>,
     },
+    /// Follow a run in the terminal: a progress bar with done / total, rate and ETA until
+    /// every job has a result (or Ctrl-C), then the summary.
+    Status {
+        /// The run's id or name.
+        run: String,
+    },
+    /// Serve the live view of every run (progress, pace, ETA, failures so far, dead letters,
+    /// the consumers), the written reports, /compare/RUN_A/RUN_B and Prometheus /metrics.
+    /// Cancelling a run (POST /runs/RUN/cancel) needs the bearer token.
+    Serve {
+        /// Address to listen on [default: the configured reporter.listen, 127.0.0.1:8080].
+        #[arg(long, env = "QUARRY_REPORTER_LISTEN")]
+        listen: Option<String>,
+        /// Directory holding reports [default: the configured reporter.output_dir, `reports`].
+        #[arg(long, env = "QUARRY_REPORT_DIR")]
+        output: Option<PathBuf>,
+    },
     /// Write the report of a run (by id or name) into OUTPUT/<run name>/.
     Generate {
         /// The run's id or name.
@@ -63,8 +80,29 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&cli.config)?;
+    let mut config = Config::load(&cli.config)?;
+    if let Ok(token) = std::env::var("QUARRY_REPORTER_TOKEN") {
+        config.reporter.token = Some(quarry_shared::config::Secret::new(token));
+    }
     match cli.command {
+        Command::Status { run } => {
+            let stop = quarry_shared::shutdown::on_signal()?;
+            eprint!("{}", quarry_reporter::status(&config, &run, &stop).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { listen, output } => {
+            if let Some(listen) = listen {
+                config.reporter.listen = listen;
+            }
+            if let Some(output) = output {
+                config.reporter.output_dir = output;
+            }
+            let shutdown = quarry_shared::shutdown::on_signal()?;
+            let (addr, server) = quarry_reporter::serve(&config, shutdown).await?;
+            eprintln!("serving the live view at http://{addr}/ (metrics at /metrics)");
+            server.await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Explain { run, package } => {
             print!(
                 "{}",

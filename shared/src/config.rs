@@ -231,12 +231,27 @@ impl Default for ConsumerConfig {
 pub struct ReporterConfig {
     /// Reports are written to `<output_dir>/<run name>/`.
     pub output_dir: PathBuf,
+    /// Where `quarry-reporter serve` listens.
+    pub listen: String,
+    /// The bearer token that requests changing anything (cancelling a run, requeueing dead
+    /// letters) must carry; without one, `serve` refuses them all. Prefer the environment
+    /// (`QUARRY_REPORTER_TOKEN`) or a mounted file (`token_file`) to this file.
+    pub token: Option<Secret>,
+    /// A file holding the token (a mounted Kubernetes Secret, say); read at start.
+    pub token_file: Option<PathBuf>,
+    /// Whether the read-only pages are open to anyone who can reach the server; when false,
+    /// they need the token too.
+    pub public: bool,
 }
 
 impl Default for ReporterConfig {
     fn default() -> Self {
         ReporterConfig {
             output_dir: PathBuf::from("reports"),
+            listen: "127.0.0.1:8080".to_owned(),
+            token: None,
+            token_file: None,
+            public: true,
         }
     }
 }

@@ -189,6 +189,11 @@ impl Broker {
 
     /// Messages ready in a queue (not counting those delivered and not yet acked).
     pub async fn ready_messages(&self, queue: &str) -> anyhow::Result<u32> {
+        Ok(self.queue_status(queue).await?.0)
+    }
+
+    /// Messages ready in a queue, and the consumers attached to it.
+    pub async fn queue_status(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
         let channel = self.connection.create_channel().await?;
         let declared = channel
             .queue_declare(
@@ -201,7 +206,7 @@ impl Broker {
             )
             .await?;
         channel.close(200, "inspected".into()).await.ok();
-        Ok(declared.message_count())
+        Ok((declared.message_count(), declared.consumer_count()))
     }
 
     pub async fn close(&self) {

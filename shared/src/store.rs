@@ -156,6 +156,54 @@ pub struct FleetMember {
     pub stopped_at: Option<DateTime<Utc>>,
 }
 
+impl FleetMember {
+    /// `stopped` (it said goodbye), `lost` (silent for over 30 s: three missed heartbeats) or
+    /// `alive`.
+    pub fn status(&self, now: DateTime<Utc>) -> &'static str {
+        if self.stopped_at.is_some() {
+            "stopped"
+        } else if (now - self.heartbeat_at).num_seconds() > 30 {
+            "lost"
+        } else {
+            "alive"
+        }
+    }
+}
+
+/// A run as the live view shows it: progress, pace and outcomes so far.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    pub progress: Progress,
+    /// Jobs dead-lettered (each also has an `error` result).
+    pub dead_lettered: i64,
+    /// Results recorded in the last `window_secs`: the current pace.
+    pub recent: i64,
+    pub window_secs: i64,
+    /// Results per toolchain and outcome.
+    pub outcomes: Vec<(String, Outcome, i64)>,
+}
+
+/// A job result worth a look, for the live view.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultBrief {
+    pub crate_name: String,
+    pub crate_version: String,
+    pub toolchain: String,
+    pub outcome: Outcome,
+    pub at: DateTime<Utc>,
+    /// Why, where there is a reason (a dead letter's).
+    pub reason: Option<String>,
+}
+
+/// A package whose outcome differs between two runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub crate_name: String,
+    pub crate_version: String,
+    pub before: Outcome,
+    pub after: Outcome,
+}
+
 /// One entry of a job's event log.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
@@ -798,6 +846,162 @@ impl Store {
         rows.into_iter()
             .map(|row| Ok((row.get::<_, String>(0).parse()?, row.get(1))))
             .collect()
+    }
+
+    /// Progress, pace (results in the last `window`) and outcomes of a run, for the live view.
+    pub async fn run_figures(&self, run: RunId, window: Duration) -> anyhow::Result<RunFigures> {
+        let progress = self.progress(run).await?;
+        let window_secs = window.as_secs() as i64;
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(DISTINCT job_id) FROM job_events
+                         WHERE run_id = $1 AND kind = 'dead-lettered'),
+                        (SELECT count(*) FROM results
+                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2))",
+                &[&run.0, &(window_secs as f64)],
+            )
+            .await?;
+        let outcomes = client
+            .query(
+                "SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&run.0],
+            )
+            .await?
+            .into_iter()
+            .map(|row| Ok((row.get(0), row.get::<_, String>(1).parse()?, row.get(2))))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(RunFigures {
+            progress,
+            dead_lettered: row.get(0),
+            recent: row.get(1),
+            window_secs,
+            outcomes,
+        })
+    }
+
+    /// For a run with two toolchains: how many packages have each pair of (start, end)
+    /// outcomes, `None` where a side has no result yet. Aggregated in the database, so it stays
+    /// cheap for runs of any size.
+    pub async fn outcome_pairs(
+        &self,
+        run: RunId,
+        start: &str,
+        end: &str,
+    ) -> anyhow::Result<Vec<(Option<Outcome>, Option<Outcome>, i64)>> {
+        let client = self.client().await?;
+        let parse = |o: Option<String>| o.map(|o| o.parse::<Outcome>()).transpose();
+        client
+            .query(
+                "SELECT rs.outcome, re.outcome, count(*)
+                 FROM jobs js LEFT JOIN results rs ON rs.job_id = js.id
+                 JOIN jobs je ON je.run_id = js.run_id AND je.toolchain = $3
+                      AND je.crate_name = js.crate_name AND je.crate_version = js.crate_version
+                 LEFT JOIN results re ON re.job_id = je.id
+                 WHERE js.run_id = $1 AND js.toolchain = $2
+                 GROUP BY 1, 2",
+                &[&run.0, &start, &end],
+            )
+            .await?
+            .into_iter()
+            .map(|row| Ok((parse(row.get(0))?, parse(row.get(1))?, row.get(2))))
+            .collect()
+    }
+
+    /// The latest results that failed (build, tests, limits, resolution, infrastructure).
+    pub async fn recent_failures(
+        &self,
+        run: RunId,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ResultBrief>> {
+        let client = self.client().await?;
+        client
+            .query(
+                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at
+                 FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1 AND r.outcome NOT IN ('build-pass', 'test-pass', 'skipped')
+                 ORDER BY r.finished_at DESC LIMIT $2",
+                &[&run.0, &limit],
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(ResultBrief {
+                    crate_name: row.get(0),
+                    crate_version: row.get(1),
+                    toolchain: row.get(2),
+                    outcome: row.get::<_, String>(3).parse()?,
+                    at: row.get(4),
+                    reason: None,
+                })
+            })
+            .collect()
+    }
+
+    /// The run's dead-lettered jobs, latest first, with the reason each was given up on.
+    pub async fn dead_letters(&self, run: RunId, limit: i64) -> anyhow::Result<Vec<ResultBrief>> {
+        let client = self.client().await?;
+        client
+            .query(
+                "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
+                 FROM job_events e JOIN jobs j ON j.id = e.job_id
+                 WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
+                 ORDER BY e.at DESC LIMIT $2",
+                &[&run.0, &limit],
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok(ResultBrief {
+                    crate_name: row.get(0),
+                    crate_version: row.get(1),
+                    toolchain: row.get(2),
+                    outcome: Outcome::Error,
+                    at: row.get(3),
+                    reason: row.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Packages whose outcome with `toolchain_a` in run `a` differs from that with `toolchain_b`
+    /// in run `b` (the same name and version in both), and how many stayed the same.
+    pub async fn changes(
+        &self,
+        (a, toolchain_a): (RunId, &str),
+        (b, toolchain_b): (RunId, &str),
+    ) -> anyhow::Result<(Vec<Change>, i64)> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
+                 FROM jobs ja JOIN results ra ON ra.job_id = ja.id
+                 JOIN jobs jb ON jb.run_id = $3 AND jb.toolchain = $4
+                      AND jb.crate_name = ja.crate_name AND jb.crate_version = ja.crate_version
+                 JOIN results rb ON rb.job_id = jb.id
+                 WHERE ja.run_id = $1 AND ja.toolchain = $2
+                 ORDER BY ja.crate_name, ja.crate_version",
+                &[&a.0, &toolchain_a, &b.0, &toolchain_b],
+            )
+            .await?;
+        let mut changes = Vec::new();
+        let mut same = 0;
+        for row in rows {
+            let before: Outcome = row.get::<_, String>(2).parse()?;
+            let after: Outcome = row.get::<_, String>(3).parse()?;
+            if before == after {
+                same += 1;
+            } else {
+                changes.push(Change {
+                    crate_name: row.get(0),
+                    crate_version: row.get(1),
+                    before,
+                    after,
+                });
+            }
+        }
+        Ok((changes, same))
     }
 
     /// The figures that `quarry-reporter verify` checks a run's invariants against.
