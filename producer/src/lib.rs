@@ -425,6 +425,85 @@ fn newest_stable(entries: &[IndexEntry]) -> Option<&IndexEntry> {
         .map(|(_, e)| e)
 }
 
+/// What `republish` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Republished {
+    /// Jobs put back on the work queue.
+    pub jobs: u64,
+    /// Unfinished jobs left alone because a live consumer has them in hand.
+    pub in_hand: u64,
+}
+
+/// Puts back on the work queue every job of `run` that has no result and that no live consumer
+/// has in hand: the way to recover after the broker lost its queues. Refuses, unless `force`,
+/// while the work and retry queues still hold messages, since jobs among them would then be
+/// queued twice (harmless to the results, which stay one per job, but wasted work).
+pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Result<Republished> {
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    anyhow::ensure!(
+        run.cancelled_at.is_none(),
+        "run {} was cancelled: there is nothing to republish",
+        run.name
+    );
+    let definition: RunDefinition =
+        serde_json::from_value(run.definition.clone()).with_context(|| {
+            format!(
+                "run {} has a definition this producer cannot read",
+                run.name
+            )
+        })?;
+    let broker = Broker::connect(&config.rabbitmq).await?;
+    let topology = broker.topology().clone();
+    let mut queued = 0;
+    for queue in std::iter::once(&topology.jobs).chain(topology.retries.iter().map(|(q, _)| q)) {
+        queued += broker.ready_messages(queue).await?;
+    }
+    if queued > 0 && !force {
+        anyhow::bail!(
+            "{queued} messages are still queued (work and retry queues): jobs among them would \
+             be queued twice. Wait until the queues are empty, or pass --force"
+        );
+    }
+    let now = chrono::Utc::now();
+    let in_hand: std::collections::HashSet<uuid::Uuid> = store
+        .fleet(now - chrono::Duration::hours(1))
+        .await?
+        .into_iter()
+        .filter(|member| member.status(now) == "alive")
+        .flat_map(|member| member.current_jobs)
+        .collect();
+    let mut republished = Republished::default();
+    let mut jobs = Vec::new();
+    for (id, package, toolchain) in store.unfinished_jobs(run.id).await? {
+        if in_hand.contains(&id.0) {
+            republished.in_hand += 1;
+            continue;
+        }
+        let toolchain: Toolchain = toolchain.parse()?;
+        let job = Job::new(run.id, package, toolchain, definition.experiment.clone());
+        anyhow::ensure!(
+            job.id == id,
+            "job {id} of run {} does not match its own definition (was the run's definition \
+             changed by hand?)",
+            run.name
+        );
+        jobs.push(job);
+    }
+    let publisher = broker.publisher().await?;
+    for chunk in jobs.chunks(500) {
+        publisher
+            .publish_jobs(chunk)
+            .await
+            .context("republishing failed part way; run it again to finish")?;
+        let ids: Vec<_> = chunk.iter().map(|j| j.id).collect();
+        store.mark_published(&ids).await?;
+        republished.jobs += chunk.len() as u64;
+    }
+    broker.close().await;
+    Ok(republished)
+}
+
 /// Polls the run's progress until every job has a result, logging it as it goes.
 pub async fn wait_for_run(
     config: &Config,

@@ -44,6 +44,16 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Put back on the work queue every job of a run that has no result and that no live
+    /// consumer has in hand: the recovery after the broker lost its queues. Results stay one per
+    /// job whatever happens; refused while the queues still hold messages, unless --force.
+    Republish {
+        /// The run's id or name.
+        run: String,
+        /// Republish even though the queues still hold messages (some jobs may then run twice).
+        #[arg(long)]
+        force: bool,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -103,6 +113,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config)?;
     let shutdown = quarry_shared::shutdown::on_signal()?;
     match cli.command {
+        Command::Republish { run, force } => {
+            let republished = quarry_producer::republish(&config, &run, force).await?;
+            eprintln!(
+                "republished {} jobs of {run}{}",
+                republished.jobs,
+                if republished.in_hand > 0 {
+                    format!(
+                        " ({} left alone: live consumers have them in hand)",
+                        republished.in_hand
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             connect(&config).await?;
             eprintln!("database is up to date");

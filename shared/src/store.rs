@@ -16,7 +16,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
-use crate::job::{Job, JobId, Outcome, RunId};
+use crate::job::{Job, JobId, Outcome, PackageVersion, RunId};
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -453,6 +453,36 @@ impl Store {
             )
             .await?;
         Ok(rows.into_iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    /// The run's jobs that have no result yet, as (id, package, toolchain).
+    pub async fn unfinished_jobs(
+        &self,
+        run: RunId,
+    ) -> anyhow::Result<Vec<(JobId, PackageVersion, String)>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain FROM jobs j
+                 WHERE j.run_id = $1
+                   AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
+                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                &[&run.0],
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                (
+                    JobId(row.get(0)),
+                    PackageVersion {
+                        name: row.get(1),
+                        version: row.get(2),
+                        checksum: row.get(3),
+                    },
+                    row.get(4),
+                )
+            })
+            .collect())
     }
 
     /// Marks jobs as published (after the broker confirmed them) and logs their `queued` event.

@@ -101,6 +101,57 @@ async fn rerunning_the_producer_publishes_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn after_the_broker_lost_its_queue_republish_puts_back_exactly_the_unfinished_jobs() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish(&stack, "lost-queue", first(6)).await;
+    // Two jobs get their results; then the broker loses what is queued.
+    let consumers = stack.start_consumers(&["before-the-loss"]);
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    while store.progress(summary.run_id).await.unwrap().finished < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumers.stop().await;
+    let finished_before = store.progress(summary.run_id).await.unwrap().finished;
+    assert!(
+        finished_before < 6,
+        "the consumer was stopped before the end"
+    );
+
+    // With messages still queued, republishing would queue some jobs twice: refused.
+    let err = quarry_producer::republish(&stack.config, "lost-queue", false)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("still queued"), "{err:#}");
+
+    let connection = Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let jobs = format!("{}.jobs", stack.config.rabbitmq.prefix);
+    channel
+        .queue_purge(jobs.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    assert_eq!(ready(&stack, jobs_queue).await, 0);
+
+    let republished = quarry_producer::republish(&stack.config, "lost-queue", false)
+        .await
+        .unwrap();
+    assert_eq!(republished.jobs, 6 - finished_before as u64);
+    assert_eq!(ready(&stack, jobs_queue).await as u64, republished.jobs);
+
+    let consumers = stack.start_consumers(&["after-the-loss"]);
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    assert_eq!(stats.results, republished.jobs, "{stats:?}");
+    stack.assert_verified("lost-queue").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn packages_missing_from_the_index_are_reported_not_fatal() {
     let stack = TestStack::start().await.unwrap();
     let corpus_crate = stack_crate_name(&stack).await;
