@@ -425,6 +425,90 @@ fn newest_stable(entries: &[IndexEntry]) -> Option<&IndexEntry> {
         .map(|(_, e)| e)
 }
 
+/// Which packages of an earlier run a new run takes (`--from-run RUN --only ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Only {
+    /// Passed with the start toolchain, failed with the end one (two-toolchain runs).
+    Regressed,
+    /// Hit a limit (time, memory) on one side only: confirm or dismiss them.
+    Spurious,
+    /// Failed to build or test, or hit a limit, with any toolchain.
+    Failed,
+    /// Got an `error` (Quarry's infrastructure) with any toolchain.
+    Errored,
+    /// Could not be unpacked or resolved.
+    Broken,
+}
+
+/// The packages (`name@version`) of an earlier run that match any of `only`, to start a run of
+/// just those: confirming a fix or a flaky result without re-running everything.
+pub async fn packages_from_run(
+    config: &Config,
+    run: &str,
+    only: &[Only],
+) -> anyhow::Result<Vec<String>> {
+    use quarry_shared::category::{Category, categorize};
+    use quarry_shared::job::Outcome;
+    let store = Store::connect(&config.database).await?;
+    let run = store.find_run(run).await?;
+    let definition: RunDefinition =
+        serde_json::from_value(run.definition.clone()).with_context(|| {
+            format!(
+                "run {} has a definition this producer cannot read",
+                run.name
+            )
+        })?;
+    let pair = match definition.toolchains.as_slice() {
+        [start, end] => Some((start.to_string(), end.to_string())),
+        _ => None,
+    };
+    if pair.is_none()
+        && only
+            .iter()
+            .any(|o| matches!(o, Only::Regressed | Only::Spurious))
+    {
+        anyhow::bail!(
+            "run {} has one toolchain: nothing in it regressed; use --only failed, errored or broken",
+            run.name
+        );
+    }
+    let mut packages: BTreeMap<(String, String), Vec<(String, Outcome)>> = BTreeMap::new();
+    for (name, version, toolchain, outcome) in store.package_outcomes(run.id).await? {
+        packages
+            .entry((name, version))
+            .or_default()
+            .push((toolchain, outcome));
+    }
+    let selected = packages
+        .into_iter()
+        .filter(|(_, sides)| {
+            let category = pair.as_ref().map(|(start, end)| {
+                let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, o)| *o);
+                categorize(side(start), side(end))
+            });
+            let any = |wanted: &[Outcome]| sides.iter().any(|(_, o)| wanted.contains(o));
+            only.iter().any(|only| match only {
+                Only::Regressed => category == Some(Category::Regressed),
+                Only::Spurious => matches!(
+                    category,
+                    Some(Category::SpuriousRegressed | Category::SpuriousFixed)
+                ),
+                Only::Failed => any(&[
+                    Outcome::BuildFail,
+                    Outcome::TestFail,
+                    Outcome::Timeout,
+                    Outcome::OutOfMemory,
+                ]),
+                Only::Errored => any(&[Outcome::Error]),
+                Only::Broken => any(&[Outcome::Broken]),
+            })
+        })
+        .map(|((name, version), _)| format!("{name}@{version}"))
+        .collect();
+    Ok(selected)
+}
+
 /// What `republish` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Republished {

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
 use quarry_shared::Config;
@@ -58,42 +59,154 @@ enum Command {
     Migrate,
 }
 
-#[derive(clap::Args)]
+/// A run's definition: flags, or the same keys in an experiment file (`--experiment FILE`,
+/// see docs/experiments.md), never both.
+#[derive(clap::Args, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RunArgs {
+    /// Read the run's definition from a TOML file instead of flags.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    experiment: Option<std::path::PathBuf>,
     /// Name of the run; running the same name again resumes it.
-    #[arg(long)]
-    name: String,
+    #[arg(
+        long,
+        required_unless_present = "experiment",
+        conflicts_with = "experiment"
+    )]
+    name: Option<String>,
     /// Rustup toolchain to test with; give it twice (start, then end) to compare two.
-    #[arg(long = "toolchain", required = true, value_name = "TOOLCHAIN")]
+    #[arg(
+        long = "toolchain",
+        value_name = "TOOLCHAIN",
+        required_unless_present = "experiment",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default)]
     toolchains: Vec<Toolchain>,
     /// What to do with each package.
-    #[arg(long, value_enum, default_value_t = Mode::Check)]
+    #[arg(long, value_enum, default_value_t = Mode::Check, conflicts_with = "experiment")]
+    #[serde(default = "default_mode")]
     mode: Mode,
     /// Time limit for one package's experiment, in seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, conflicts_with = "experiment")]
+    #[serde(default = "default_timeout")]
     timeout: u64,
     /// Memory an experiment may use, in MiB (its whole process tree, with cgroups).
-    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    #[arg(
+        long,
+        default_value_t = 4096,
+        value_name = "MIB",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default = "default_memory_limit")]
     memory_limit: u64,
     /// Take at most this many crates from the registry listing.
-    #[arg(long, conflicts_with = "packages")]
+    #[arg(long, conflicts_with_all = ["packages", "experiment"])]
+    #[serde(default)]
     limit: Option<u64>,
     /// Order of the registry listing.
-    #[arg(long, value_enum, default_value_t = Sort::Alpha)]
+    #[arg(long, value_enum, default_value_t = Sort::Alpha, conflicts_with = "experiment")]
+    #[serde(default = "default_sort")]
     sort: Sort,
     /// Test exactly these packages (`name` or `name@version`) instead of paging the listing.
-    #[arg(long = "package", value_name = "NAME[@VERSION]")]
+    #[arg(
+        long = "package",
+        value_name = "NAME[@VERSION]",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default)]
     packages: Vec<String>,
     /// Test the packages listed in FILE: one `name` or `name@version` per line, `#` comments.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["packages", "limit"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["packages", "limit", "experiment"])]
+    #[serde(default)]
     list: Option<std::path::PathBuf>,
+    /// Take the packages of an earlier run (with --only), pinned to the versions it tested.
+    #[arg(
+        long,
+        value_name = "RUN",
+        requires = "only",
+        conflicts_with_all = ["packages", "limit", "list", "experiment"]
+    )]
+    #[serde(default)]
+    from_run: Option<String>,
+    /// Which packages of --from-run to take; several may be given, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', requires = "from_run")]
+    #[serde(default)]
+    only: Vec<quarry_producer::Only>,
     /// Wait until every job has a result, showing progress.
     #[arg(long)]
+    #[serde(default)]
     wait: bool,
     /// Run every job, even those an earlier run already did with the same package checksum,
     /// toolchain build and experiment (by default their results are reused).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "experiment")]
+    #[serde(default)]
     fresh: bool,
+}
+
+fn default_mode() -> Mode {
+    Mode::Check
+}
+fn default_timeout() -> u64 {
+    600
+}
+fn default_memory_limit() -> u64 {
+    4096
+}
+fn default_sort() -> Sort {
+    Sort::Alpha
+}
+
+impl RunArgs {
+    /// The definition from the experiment file, if one was given (`--wait` may still come from
+    /// the command line).
+    fn resolve(self) -> anyhow::Result<RunArgs> {
+        let Some(path) = &self.experiment else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the experiment file {}", path.display()))?;
+        let mut from_file: RunArgs = toml::from_str(&text)
+            .with_context(|| format!("invalid experiment file {}", path.display()))?;
+        from_file.wait |= self.wait;
+        anyhow::ensure!(
+            from_file.name.is_some(),
+            "the experiment file {} has no `name`",
+            path.display()
+        );
+        anyhow::ensure!(
+            !from_file.toolchains.is_empty(),
+            "the experiment file {} has no `toolchains`",
+            path.display()
+        );
+        let exclusive = [
+            from_file.limit.is_some(),
+            !from_file.packages.is_empty(),
+            from_file.list.is_some(),
+            from_file.from_run.is_some(),
+        ];
+        anyhow::ensure!(
+            exclusive.iter().filter(|given| **given).count() <= 1,
+            "the experiment file {}: `limit`, `packages`, `list` and `from_run` exclude each other",
+            path.display()
+        );
+        anyhow::ensure!(
+            from_file.from_run.is_some() == !from_file.only.is_empty(),
+            "the experiment file {}: `from_run` and `only` go together",
+            path.display()
+        );
+        if let Some(list) = &mut from_file.list
+            && list.is_relative()
+        {
+            // A list named in the file is found beside it.
+            *list = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(&*list);
+        }
+        Ok(from_file)
+    }
 }
 
 #[tokio::main]
@@ -234,6 +347,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
+            let args = args.resolve()?;
+            let name = args.name.clone().context("a run needs a name")?;
             anyhow::ensure!(
                 args.toolchains.len() <= 2,
                 "a run compares at most two toolchains (start and end)"
@@ -244,6 +359,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(list) = &args.list {
                 packages = quarry_producer::read_package_list(list)?;
+            }
+            if let Some(earlier) = &args.from_run {
+                packages = quarry_producer::packages_from_run(&config, earlier, &args.only).await?;
+                anyhow::ensure!(
+                    !packages.is_empty(),
+                    "run {earlier} has no packages that are {}",
+                    args.only
+                        .iter()
+                        .map(|o| format!("{o:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                );
+                eprintln!("taking {} packages from run {earlier}", packages.len());
             }
             let selection = if packages.is_empty() {
                 Selection::Listing {
@@ -263,7 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 selection,
             };
-            let summary = publish_run(&config, &args.name, &definition, &shutdown).await?;
+            let summary = publish_run(&config, &name, &definition, &shutdown).await?;
             eprint!("{summary}");
             // The run id alone on stdout, for scripts.
             println!("{}", summary.run_id);
@@ -313,5 +441,20 @@ fn status(
         "publishing"
     } else {
         "running"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_experiment_file_is_valid() {
+        let text = include_str!("../../docs/experiment.example.toml");
+        let args: RunArgs = toml::from_str(text).unwrap();
+        assert_eq!(args.name.as_deref(), Some("nightly-vs-stable"));
+        assert_eq!(args.toolchains.len(), 2);
+        assert_eq!(args.mode, Mode::Test);
+        assert_eq!((args.limit, args.sort), (Some(1000), Sort::Downloads));
     }
 }

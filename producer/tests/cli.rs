@@ -39,6 +39,38 @@ fn an_invalid_toolchain_is_refused_before_anything_is_published() {
 }
 
 #[test]
+fn an_experiment_file_is_checked_before_anything_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("experiment.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\ntoolchains = [\"stable\"]\nmode = \"check\"\ntimout = 5\n",
+    )
+    .unwrap();
+    let output = producer()
+        .args(["run", "--experiment"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("timout"),
+        "the unknown key is named: {stderr}"
+    );
+
+    // A file and definition flags together: which would win is not guessed.
+    let output = producer()
+        .args(["run", "--name", "y", "--experiment"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
 fn a_missing_config_file_is_named_in_the_error() {
     let output = producer()
         .args(["--config", "/nonexistent/quarry.toml", "migrate"])

@@ -1,7 +1,8 @@
-//! What Quarry's producer, consumer and reporter share: the domain types ([`job`]), the
+//! What Quarry's producer, consumer and reporter share: the domain types ([`job`], [`category`]), the
 //! configuration ([`config`]), and the clients for PostgreSQL ([`store`]), RabbitMQ ([`queue`]),
 //! S3 ([`s3`]) and crates.io-compatible registries ([`registry`]).
 
+pub mod category;
 pub mod config;
 pub mod job;
 pub mod queue;

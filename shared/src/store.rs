@@ -939,6 +939,33 @@ impl Store {
             .collect()
     }
 
+    /// Every result of a run as (name, version, toolchain, outcome): what selecting from an
+    /// earlier run needs, without the logs.
+    pub async fn package_outcomes(
+        &self,
+        run: RunId,
+    ) -> anyhow::Result<Vec<(String, String, String, Outcome)>> {
+        let client = self.client().await?;
+        client
+            .query(
+                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome
+                 FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1
+                 ORDER BY 1, 2, 3",
+                &[&run.0],
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                Ok((
+                    row.get(0),
+                    row.get(1),
+                    row.get(2),
+                    row.get::<_, String>(3).parse()?,
+                ))
+            })
+            .collect()
+    }
+
     /// The latest results that failed (build, tests, limits, resolution, infrastructure).
     pub async fn recent_failures(
         &self,

@@ -177,6 +177,32 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         markdown.contains("`quarry-fixture-regression@1.0.0`: test-pass → build-fail"),
         "{markdown}"
     );
+
+    // A follow-up run takes just what needs a second look, at the versions tested.
+    let regressed = quarry_producer::packages_from_run(
+        &stack.config,
+        "compared",
+        &[quarry_producer::Only::Regressed],
+    )
+    .await
+    .unwrap();
+    assert_eq!(regressed, ["quarry-fixture-regression@1.0.0"]);
+    let failed = quarry_producer::packages_from_run(
+        &stack.config,
+        "compared",
+        &[quarry_producer::Only::Failed, quarry_producer::Only::Broken],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        failed,
+        [
+            "quarry-fixture-broken@1.0.0",
+            "quarry-fixture-build-fail@1.0.0",
+            "quarry-fixture-regression@1.0.0",
+            "quarry-fixture-test-fail@1.0.0",
+        ]
+    );
 }
 
 /// Two runs of the same experiment at once: each identical pair of jobs is computed once; the
