@@ -192,7 +192,7 @@ impl RunArgs {
             path.display()
         );
         anyhow::ensure!(
-            from_file.from_run.is_some() == !from_file.only.is_empty(),
+            from_file.from_run.is_some() != from_file.only.is_empty(),
             "the experiment file {}: `from_run` and `only` go together",
             path.display()
         );
