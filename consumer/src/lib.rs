@@ -392,25 +392,29 @@ impl Worker {
         let attempt = queue::failed_attempts(&delivery.properties) + 1;
         if state == JobState::RunCancelled {
             // Recorded, not dropped: the run still ends with one result per job.
-            let recorded = self
-                .store
-                .record_result(&NewResult {
-                    job_id: job.id,
-                    run_id: job.run_id,
-                    outcome: Outcome::Skipped,
-                    exit_code: None,
-                    duration: Duration::ZERO,
-                    attempt: attempt as i32,
-                    consumer: self.name.clone(),
-                    log: Some("quarry: skipped, the run was cancelled\n".to_owned()),
-                    log_key: None,
-                    memo_key: None,
-                    reused_from: None,
-                })
+            self.record_verdict(
+                &job,
+                attempt,
+                Outcome::Skipped,
+                "skipped, the run was cancelled",
+            )
+            .await?;
+            return ack(delivery).await;
+        }
+        let deliveries = queue::previous_deliveries(&delivery.properties);
+        if deliveries >= queue::CRASH_LIMIT {
+            let reason = format!(
+                "delivered {deliveries} times before without a result: each time its consumer \
+                 died or gave it back (a job that crashes consumers?); not run again"
+            );
+            tracing::error!(job = %job.id, package = %job.package, %reason, "dead-lettering a crash-looping job");
+            publisher.dead_letter(&delivery.data, &reason).await?;
+            self.store
+                .record_dead_lettered(&job, &self.name, &reason)
                 .await?;
-            if recorded {
-                self.metrics.job_done(Outcome::Skipped, 0.0);
-            }
+            self.metrics.dead_lettered.inc();
+            self.record_verdict(&job, attempt, Outcome::Error, &reason)
+                .await?;
             return ack(delivery).await;
         }
         self.store
@@ -583,6 +587,37 @@ impl Worker {
             reused_from: None,
             reused_log_key: None,
         }))
+    }
+
+    /// Records a result Quarry decided without running the job (skipped, given up on), with
+    /// `why` as its whole log.
+    async fn record_verdict(
+        &self,
+        job: &Job,
+        attempt: u32,
+        outcome: Outcome,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let recorded = self
+            .store
+            .record_result(&NewResult {
+                job_id: job.id,
+                run_id: job.run_id,
+                outcome,
+                exit_code: None,
+                duration: Duration::ZERO,
+                attempt: attempt as i32,
+                consumer: self.name.clone(),
+                log: Some(format!("quarry: {why}\n")),
+                log_key: None,
+                memo_key: None,
+                reused_from: None,
+            })
+            .await?;
+        if recorded {
+            self.metrics.job_done(outcome, 0.0);
+        }
+        Ok(())
     }
 
     /// Stores a job's log in S3, compressed, and returns its key; `None` when S3 would not take

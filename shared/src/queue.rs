@@ -33,6 +33,12 @@ pub const ATTEMPTS_HEADER: &str = "x-quarry-attempts";
 /// Deliveries of one message before the broker itself dead-letters it (crash-loop backstop).
 const DELIVERY_LIMIT: i64 = 10;
 
+/// Earlier deliveries of a job (each ended with its consumer dying or giving it back) after
+/// which a consumer no longer runs it but records it as an error and dead-letters it: a job
+/// that kills its consumers must not take the fleet down with it. Below `DELIVERY_LIMIT`, so
+/// the job still gets its result; the broker's limit stays the backstop.
+pub const CRASH_LIMIT: u32 = 5;
+
 /// The names of Quarry's exchanges and queues under one prefix.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -345,6 +351,21 @@ pub fn failed_attempts(properties: &BasicProperties) -> u32 {
     match headers.inner().get(ATTEMPTS_HEADER) {
         Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
         Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// How often the broker delivered this message before (quorum queues count it in
+/// `x-delivery-count`: deliveries that ended without an ack).
+pub fn previous_deliveries(properties: &BasicProperties) -> u32 {
+    let Some(headers) = properties.headers().as_ref() else {
+        return 0;
+    };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).unwrap_or(0),
         _ => 0,
     }
 }

@@ -177,6 +177,90 @@ async fn stack_crate_name(stack: &TestStack) -> String {
     page.crates[0].name.clone()
 }
 
+/// Takes the next message of `queue` and gives it back, as a consumer that dies holding it does.
+async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
+    let message = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("a message to deliver");
+    message
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error_result() {
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish(&stack, "crash-loop", first(1)).await;
+    let connection = Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let jobs = format!("{}.jobs", stack.config.rabbitmq.prefix);
+    for _ in 0..quarry_shared::queue::CRASH_LIMIT {
+        deliver_and_give_back(&channel, &jobs).await;
+    }
+
+    let consumers = stack.start_consumers(&["after-the-crashes"]);
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    assert_eq!((stats.results, stats.dead_lettered), (1, 1), "{stats:?}");
+    let dead = channel
+        .basic_get(
+            format!("{jobs}.dead").as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the job is in the dead-letter queue");
+    let reason = quarry_shared::queue::dead_letter_reason(&dead.properties).unwrap();
+    assert!(reason.contains("delivered 5 times"), "{reason}");
+    let explained =
+        quarry_reporter::explain(&stack.config, "crash-loop", &stack_crate_name(&stack).await)
+            .await
+            .unwrap();
+    assert!(explained.contains("dead-lettered"), "{explained}");
+    stack.assert_verified("crash-loop").await;
+
+    // Past the broker's own delivery limit (when even that consumer check cannot run), the
+    // broker dead-letters the message itself: never an endless loop.
+    let summary = publish(&stack, "broker-backstop", first(1)).await;
+    for _ in 0..=10 {
+        deliver_and_give_back(&channel, &jobs).await;
+    }
+    for _ in 0..50 {
+        if ready(&stack, dead_queue).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready(&stack, jobs_queue).await, 0);
+    assert_eq!(ready(&stack, dead_queue).await, 1);
+    let progress = Store::connect(&stack.config.database)
+        .await
+        .unwrap()
+        .progress(summary.run_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        progress.finished, 0,
+        "the broker's backstop records nothing itself"
+    );
+    connection.close(200, "done".into()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on() {
     let stack = TestStack::start().await.unwrap();
