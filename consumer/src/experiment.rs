@@ -47,7 +47,10 @@ pub struct Execution {
 }
 
 struct Step {
-    args: &'static [&'static str],
+    /// Short name, for the step's cgroup.
+    name: &'static str,
+    /// The program and its arguments.
+    argv: Vec<String>,
     /// Runs the package's code (build scripts, proc macros, tests), so runs in the sandbox.
     /// Only resolution, which needs the registry and runs nothing of the package, stays out.
     sandboxed: bool,
@@ -55,44 +58,65 @@ struct Step {
     on_failure: Outcome,
 }
 
-fn steps(mode: Mode) -> (Vec<Step>, Outcome) {
+/// The steps of `mode` with `toolchain` (a custom mode runs `command` alone), and the outcome
+/// when all of them succeed.
+fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<Step>, Outcome) {
+    let cargo = |args: &[&str]| {
+        let mut argv = vec!["cargo".to_owned(), format!("+{toolchain}")];
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        argv
+    };
     let fetch = Step {
-        args: &["fetch"],
+        name: "fetch",
+        argv: cargo(&["fetch"]),
         sandboxed: false,
         on_failure: Outcome::Broken,
     };
-    let build = |args| Step {
-        args,
+    let build = |name, args: &[&str]| Step {
+        name,
+        argv: cargo(args),
         sandboxed: true,
         on_failure: Outcome::BuildFail,
     };
     match mode {
         Mode::Check => (
-            vec![fetch, build(&["check", "--frozen"])],
+            vec![fetch, build("check", &["check", "--frozen"])],
             Outcome::BuildPass,
         ),
         Mode::Build => (
-            vec![fetch, build(&["build", "--frozen"])],
+            vec![fetch, build("build", &["build", "--frozen"])],
             Outcome::BuildPass,
         ),
         Mode::Clippy => (
-            vec![fetch, build(&["clippy", "--frozen"])],
+            vec![fetch, build("clippy", &["clippy", "--frozen"])],
             Outcome::BuildPass,
         ),
         Mode::Doc => (
-            vec![fetch, build(&["doc", "--frozen", "--no-deps"])],
+            vec![fetch, build("doc", &["doc", "--frozen", "--no-deps"])],
             Outcome::BuildPass,
         ),
         Mode::Test => (
             vec![
                 fetch,
-                build(&["build", "--frozen", "--all-targets"]),
+                build("build", &["build", "--frozen", "--all-targets"]),
                 Step {
-                    args: &["test", "--frozen"],
+                    name: "test",
+                    argv: cargo(&["test", "--frozen"]),
                     sandboxed: true,
                     on_failure: Outcome::TestFail,
                 },
             ],
+            Outcome::TestPass,
+        ),
+        // Nothing resolved or built first: the command decides what it needs (a scan of the
+        // sources needs nothing; `cargo` inside finds the toolchain in RUSTUP_TOOLCHAIN).
+        Mode::Command => (
+            vec![Step {
+                name: "command",
+                argv: command.map(<[String]>::to_vec).unwrap_or_default(),
+                sandboxed: true,
+                on_failure: Outcome::TestFail,
+            }],
             Outcome::TestPass,
         ),
     }
@@ -120,18 +144,22 @@ pub async fn run(
     scratch: &Path,
     package_dir: &Path,
     toolchain: &Toolchain,
-    mode: Mode,
+    (mode, command): (Mode, Option<&[String]>),
     limits: Limits,
 ) -> std::io::Result<Execution> {
     let timeout = limits.time;
     let deadline = Instant::now() + timeout;
     let log = Arc::new(Mutex::new(Log::new(env.log_limit_bytes)));
-    let (steps, success) = steps(mode);
+    let (steps, success) = steps(mode, toolchain, command);
     for step in steps {
-        let toolchain_arg = format!("+{toolchain}");
-        let mut args = vec![toolchain_arg.as_str()];
-        args.extend(step.args);
-        log_line(&log, &format!("$ cargo {}\n", args.join(" ")));
+        if step.argv.is_empty() {
+            log_line(
+                &log,
+                "quarry: the experiment's custom mode has no command\n",
+            );
+            return Ok(finish(&log, Outcome::Error, None));
+        }
+        log_line(&log, &format!("$ {}\n", step.argv.join(" ")));
         let sandbox = if step.sandboxed {
             &env.sandbox
         } else {
@@ -140,7 +168,7 @@ pub async fn run(
         let step_name = format!(
             "{}-{}",
             scratch.file_name().unwrap_or_default().to_string_lossy(),
-            step.args[0]
+            step.name
         );
         let place = Place {
             scratch,
@@ -148,7 +176,8 @@ pub async fn run(
             sandbox,
             confined: step.sandboxed.then_some((step_name.as_str(), limits)),
         };
-        let (status, out_of_memory) = run_step(env, &place, &args, deadline, &log).await?;
+        let (status, out_of_memory) =
+            run_step(env, &place, toolchain, &step.argv, deadline, &log).await?;
         if out_of_memory && !matches!(status, StepStatus::TimedOut | StepStatus::Exited(0)) {
             log_line(
                 &log,
@@ -230,13 +259,15 @@ struct Place<'a> {
 async fn run_step(
     env: &CargoEnv,
     place: &Place<'_>,
-    args: &[&str],
+    toolchain: &Toolchain,
+    argv: &[String],
     deadline: Instant,
     log: &Arc<Mutex<Log>>,
 ) -> std::io::Result<(StepStatus, bool)> {
+    let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let (program, args) = place
         .sandbox
-        .command_line(place.scratch, place.dir, "cargo", args);
+        .command_line(place.scratch, place.dir, &argv[0], &args);
     let mut command = Command::new(program);
     command
         .args(args)
@@ -247,6 +278,7 @@ async fn run_step(
         .env("HOME", place.scratch)
         .env("CARGO_HOME", &env.cargo_home)
         .env("RUSTUP_HOME", &env.rustup_home)
+        .env("RUSTUP_TOOLCHAIN", toolchain.as_str())
         .env("CARGO_TARGET_DIR", place.scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0")

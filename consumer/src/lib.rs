@@ -671,7 +671,7 @@ impl Worker {
             &scratch,
             &package_dir,
             &job.toolchain,
-            job.experiment.mode,
+            (job.experiment.mode, job.experiment.command.as_deref()),
             experiment::Limits {
                 time: Duration::from_secs(job.experiment.timeout_secs),
                 memory_bytes: job.experiment.memory_limit_mb.saturating_mul(1 << 20),

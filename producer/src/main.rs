@@ -138,6 +138,11 @@ struct RunArgs {
     #[arg(long)]
     #[serde(default)]
     wait: bool,
+    /// With `--mode command`: the program and arguments to run in each unpacked package, after
+    /// `--` (no shell: `-- sh -c '...'` for one). Exit 0 is test-pass, anything else test-fail.
+    #[arg(last = true, value_name = "COMMAND", conflicts_with = "experiment")]
+    #[serde(default)]
+    command: Vec<String>,
     /// Run every job, even those an earlier run already did with the same package checksum,
     /// toolchain build and experiment (by default their results are reused).
     #[arg(long, conflicts_with = "experiment")]
@@ -350,6 +355,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let args = args.resolve()?;
             let name = args.name.clone().context("a run needs a name")?;
             anyhow::ensure!(
+                (args.mode == Mode::Command) != args.command.is_empty(),
+                "--mode command and a command after `--` go together"
+            );
+            anyhow::ensure!(
                 args.toolchains.len() <= 2,
                 "a run compares at most two toolchains (start and end)"
             );
@@ -388,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     timeout_secs: args.timeout,
                     fresh: args.fresh,
                     memory_limit_mb: args.memory_limit,
+                    command: (!args.command.is_empty()).then(|| args.command.clone()),
                 },
                 selection,
             };

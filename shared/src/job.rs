@@ -130,6 +130,9 @@ pub enum Mode {
     Clippy,
     /// `cargo doc --no-deps`
     Doc,
+    /// The experiment's own `command`, run in the sandbox in the unpacked package (exit 0 is
+    /// `test-pass`, anything else `test-fail`).
+    Command,
 }
 
 impl Mode {
@@ -140,6 +143,7 @@ impl Mode {
             Mode::Test => "test",
             Mode::Clippy => "clippy",
             Mode::Doc => "doc",
+            Mode::Command => "command",
         }
     }
 }
@@ -165,6 +169,9 @@ pub struct Experiment {
     /// either way the job's outcome is `out-of-memory`.
     #[serde(default = "default_memory_limit_mb")]
     pub memory_limit_mb: u64,
+    /// For `Mode::Command`: the program and its arguments (no shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
 }
 
 fn default_memory_limit_mb() -> u64 {
@@ -253,6 +260,10 @@ impl Job {
             self.experiment.timeout_secs,
             self.experiment.memory_limit_mb
         );
+        let identity = match &self.experiment.command {
+            Some(argv) => format!("{identity}\n{}", argv.join("\0")),
+            None => identity,
+        };
         hex::encode(Sha256::digest(identity.as_bytes()))
     }
 
@@ -348,6 +359,7 @@ mod tests {
                 timeout_secs: 60,
                 fresh: false,
                 memory_limit_mb: 1024,
+                command: None,
             },
         )
     }

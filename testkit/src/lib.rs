@@ -60,6 +60,7 @@ pub fn experiment(mode: Mode, timeout_secs: u64) -> Experiment {
         timeout_secs,
         fresh: false,
         memory_limit_mb: 1024,
+        command: None,
     }
 }
 

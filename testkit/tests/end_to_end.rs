@@ -19,6 +19,7 @@ fn check_first_crates(fresh: bool) -> RunDefinition {
             timeout_secs: 300,
             fresh,
             memory_limit_mb: 4096,
+            command: None,
         },
         selection: Selection::Listing {
             sort: Sort::Alpha,

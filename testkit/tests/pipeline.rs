@@ -152,6 +152,44 @@ async fn after_the_broker_lost_its_queue_republish_puts_back_exactly_the_unfinis
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_custom_command_runs_in_each_package_and_its_exit_status_is_the_outcome() {
+    let stack = TestStack::start().await.unwrap();
+    let mut run = definition(first(3));
+    run.experiment.mode = Mode::Command;
+    // Passes where the package has a build script, fails elsewhere; says which in its log.
+    run.experiment.command = Some(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo \"scanning $(pwd)\"; if test -f build.rs; then echo has-a-build\"-\"script; \
+         else echo no-build\"-\"script; exit 1; fi"
+            .into(),
+    ]);
+    let summary = publish_run(&stack.config, "scan", &run, &CancellationToken::new())
+        .await
+        .unwrap();
+    let consumers = stack.start_consumers(&["scanner"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
+    stack.assert_verified("scan").await;
+    let written =
+        quarry_reporter::generate(&stack.config, "scan", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    for package in &written.report.packages {
+        let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
+        assert!(log.contains("$ sh -c echo"), "{log}");
+        assert!(log.contains("scanning /"), "{log}");
+        let expected = if log.contains("has-a-build-script") {
+            "test-pass"
+        } else {
+            assert!(log.contains("no-build-script"), "{log}");
+            "test-fail"
+        };
+        assert_eq!(package.outcome, expected, "{package:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn packages_missing_from_the_index_are_reported_not_fatal() {
     let stack = TestStack::start().await.unwrap();
     let corpus_crate = stack_crate_name(&stack).await;
