@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create (or continue) a run and publish its jobs.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List runs, newest first, with their progress.
     Runs,
     /// Show a run (by id or name): its definition, what the producer did, progress and outcomes.
