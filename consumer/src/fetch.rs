@@ -45,6 +45,8 @@ pub struct Fetcher {
     retry: ExponentialBuilder,
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
+    /// Copies into S3 still being written: off the job's path, but waited for on shutdown.
+    s3_writes: tokio_util::task::TaskTracker,
 }
 
 impl Fetcher {
@@ -64,7 +66,14 @@ impl Fetcher {
                 .with_jitter(),
             in_flight: Default::default(),
             metrics,
+            s3_writes: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits for the copies into S3 still being written (when the consumer stops).
+    pub async fn finish_s3_writes(&self) {
+        self.s3_writes.close();
+        self.s3_writes.wait().await;
     }
 
     pub fn registry(&self) -> &RegistryClient {
@@ -120,9 +129,13 @@ impl Fetcher {
             .retry(self.retry)
             .when(|e| matches!(e, FetchError::Unavailable(_)))
             .await?;
-        if let Err(err) = self.bucket.put(package, bytes.clone()).await {
-            tracing::warn!(%package, error = %format!("{err:#}"), "cannot cache the crate in S3");
-        }
+        // The job needs the file now, not its copy in S3: that is written meanwhile.
+        let (bucket, copy, cached) = (self.bucket.clone(), bytes.clone(), package.clone());
+        self.s3_writes.spawn(async move {
+            if let Err(err) = bucket.put(&cached, copy).await {
+                tracing::warn!(package = %cached, error = %format!("{err:#}"), "cannot cache the crate in S3");
+            }
+        });
         self.disk.put(package, &bytes).await;
         Ok((bytes, Source::Registry))
     }

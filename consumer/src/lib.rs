@@ -243,6 +243,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(error = %format!("{err:#}"), "cannot record that the consumer stopped");
     }
     drop(mirror);
+    fetcher.finish_s3_writes().await;
     if let Some(cgroups) = &worker.cargo.cgroups {
         cgroups.remove();
     }

@@ -35,6 +35,27 @@ pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
     Corpus::load(&[out.to_owned()])
 }
 
+/// Writes `count` tiny, distinct, valid packages (`quarry-bench-<i>` 1.0.0: a manifest and an
+/// empty library) into `out` as `.crate` files and loads them as a corpus: a registry of any size
+/// for benchmarks.
+pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
+    let sources = tempfile::tempdir()?;
+    for i in 0..count {
+        let dir = sources.path().join(format!("quarry-bench-{i}"));
+        std::fs::create_dir_all(dir.join("src"))?;
+        std::fs::write(
+            dir.join("Cargo.toml"),
+            format!(
+                "[package]\nname = \"quarry-bench-{i}\"\nversion = \"1.0.0\"\nedition = \"2021\"\n\
+                 description = \"Quarry benchmark package\"\nlicense = \"MIT\"\n"
+            ),
+        )?;
+        std::fs::write(dir.join("src/lib.rs"), "")?;
+        pack(&dir, out)?;
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
 fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
