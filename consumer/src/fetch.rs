@@ -70,6 +70,17 @@ impl Fetcher {
         }
     }
 
+    /// Counts how an index file was had (downloaded, revalidated, or stale from the cache).
+    pub fn count_index_file(&self, how: quarry_shared::registry::IndexFetch) {
+        use quarry_shared::registry::IndexFetch;
+        let label = match how {
+            IndexFetch::Downloaded => "downloaded",
+            IndexFetch::NotModified => "not-modified",
+            IndexFetch::Stale => "stale",
+        };
+        self.metrics.index_files.with_label_values(&[label]).inc();
+    }
+
     /// Waits for the copies into S3 still being written (when the consumer stops).
     pub async fn finish_s3_writes(&self) {
         self.s3_writes.close();

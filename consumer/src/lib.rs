@@ -150,7 +150,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     if let Err(err) = bucket.ensure_exists().await {
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
-    let registry = RegistryClient::new(&config.registry)?;
+    // Consumers sharing a work directory share its index cache too.
+    let registry = RegistryClient::new(&config.registry)?
+        .with_index_cache(config.consumer.work_dir.join("index"))?;
     // Consumers sharing a work directory share its disk cache.
     let disk = DiskCache::new(
         config.consumer.work_dir.join("crates"),

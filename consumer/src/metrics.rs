@@ -35,6 +35,7 @@ pub struct Metrics {
     pub memoized: IntCounter,
     pub sandbox_kills: IntCounter,
     pub logs_in_database: IntCounter,
+    pub index_files: IntCounterVec,
     pub connections: IntCounter,
     pub waits: IntCounter,
 }
@@ -110,6 +111,14 @@ impl Metrics {
                 "quarry_consumer_memoized_total",
                 "Results reused from an identical job of an earlier run",
             )?,
+            index_files: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_index_files_total",
+                    "Index files cargo asked for: downloaded, not-modified (revalidated, no body) \
+                     or stale (registry unreachable, cached copy used)",
+                ),
+                &["result"],
+            )?,
             logs_in_database: counter(
                 "quarry_consumer_logs_in_database_total",
                 "Logs kept in PostgreSQL because S3 would not take them",
@@ -141,6 +150,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.fetch_bytes.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.index_files.clone()))?;
         // Export every series from the start, so dashboards see zeros rather than nothing.
         for outcome in Outcome::ALL {
             metrics.jobs.with_label_values(&[outcome.as_str()]);

@@ -1,6 +1,7 @@
 //! The consumer's own crates.io-compatible endpoint, on loopback, that cargo is pointed at while
 //! it resolves and downloads a package's dependencies (outside the sandbox). Index files are
-//! passed through from the registry; downloads go through the same cache layers as the packages
+//! kept in the work directory and revalidated with the registry (`If-None-Match`: an unchanged
+//! file costs a 304 and no body; an unreachable registry, the cached copy); downloads go through the same cache layers as the packages
 //! under test (disk, S3, registry), checked against the index's checksum. So a dependency is
 //! downloaded from the registry once, ever, and a second run downloads nothing from it.
 
@@ -78,8 +79,9 @@ async fn config_json(State(shared): State<Arc<Shared>>) -> Json<IndexConfig> {
 
 async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>) -> Response {
     let name = path.rsplit('/').next().unwrap_or_default().to_owned();
-    match shared.fetcher.registry().index_file(&name).await {
-        Ok(body) => {
+    match shared.fetcher.registry().index_file_cached(&name).await {
+        Ok((body, how)) => {
+            shared.fetcher.count_index_file(how);
             remember_checksums(&shared, &body).await;
             ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
         }

@@ -192,7 +192,8 @@ pub async fn publish_run(
     store.migrate().await?;
     let broker = Broker::connect(&config.rabbitmq).await?;
     let publisher = broker.publisher().await?;
-    let registry = RegistryClient::new(&config.registry)?;
+    let registry = RegistryClient::new(&config.registry)?
+        .with_index_cache(config.registry.producer_index_cache())?;
 
     let definition_json = serde_json::to_value(definition)?;
     let (run, resumed) = store.create_or_resume_run(name, &definition_json).await?;

@@ -158,6 +158,10 @@ pub struct RegistryConfig {
     /// Least time between two web API requests (crates.io asks crawlers for at most one per
     /// second). The sparse index and downloads are served by a CDN and are not spaced out.
     pub api_min_interval_ms: u64,
+    /// Where the producer keeps index files it read, with their `ETag`/`Last-Modified`, so a
+    /// re-run asks only whether each changed [default: `$XDG_CACHE_HOME/quarry/index`, else
+    /// `~/.cache/quarry/index`]. Consumers keep theirs in their work directory.
+    pub index_cache_dir: Option<PathBuf>,
 }
 
 impl Default for RegistryConfig {
@@ -174,11 +178,24 @@ impl Default for RegistryConfig {
             request_timeout_secs: 30,
             api_min_interval_ms: 1000,
             page_size: 100,
+            index_cache_dir: None,
         }
     }
 }
 
 impl RegistryConfig {
+    /// The producer's index cache directory (see `index_cache_dir`).
+    pub fn producer_index_cache(&self) -> PathBuf {
+        self.index_cache_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("quarry")
+                .join("index")
+        })
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }

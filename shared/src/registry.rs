@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::config::RegistryConfig;
@@ -159,6 +160,20 @@ pub struct RegistryClient {
     /// Politeness towards the web API: the earliest moment the next API request may start.
     api_slot: std::sync::Arc<tokio::sync::Mutex<tokio::time::Instant>>,
     api_interval: Duration,
+    /// Index files kept on disk with their validators, so an unchanged file is not downloaded
+    /// again (conditional requests: `If-None-Match`, `If-Modified-Since`).
+    index_cache: Option<std::path::PathBuf>,
+}
+
+/// What `index_file` had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexFetch {
+    /// The registry sent the file.
+    Downloaded,
+    /// The registry said the cached copy is current (304): nothing downloaded.
+    NotModified,
+    /// The registry could not be reached; the cached copy was used.
+    Stale,
 }
 
 impl RegistryClient {
@@ -181,7 +196,19 @@ impl RegistryClient {
                 .with_jitter(),
             api_slot: std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
             api_interval: Duration::from_millis(config.api_min_interval_ms),
+            index_cache: None,
         })
+    }
+
+    /// Keeps index files in `dir` and asks the registry only whether they changed.
+    pub fn with_index_cache(mut self, dir: std::path::PathBuf) -> anyhow::Result<RegistryClient> {
+        // One directory per registry: the same crate name means another file elsewhere.
+        let registry = hex::encode(&Sha256::digest(self.index_url.as_bytes())[..8]);
+        let dir = dir.join(registry);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the index cache {}", dir.display()))?;
+        self.index_cache = Some(dir);
+        Ok(self)
     }
 
     /// Waits for this client's turn at the web API (at most one request per interval).
@@ -218,8 +245,97 @@ impl RegistryClient {
 
     /// The raw index file of `name`, as the registry serves it.
     pub async fn index_file(&self, name: &str) -> Result<Bytes, RegistryError> {
+        Ok(self.index_file_cached(name).await?.0)
+    }
+
+    /// An index file and how it was had. With an index cache, a cached file is revalidated
+    /// (a 304 costs no body), and used as it is when the registry cannot be reached.
+    pub async fn index_file_cached(
+        &self,
+        name: &str,
+    ) -> Result<(Bytes, IndexFetch), RegistryError> {
         let url = format!("{}{}", self.index_url, index_path(name));
-        self.get(&url).await
+        let Some(dir) = &self.index_cache else {
+            return Ok((self.get(&url).await?, IndexFetch::Downloaded));
+        };
+        // One file per index file: its validators as a JSON line, then the body, replaced
+        // whole (written beside, then renamed) so validators and body always go together.
+        let file = dir.join(name.to_ascii_lowercase());
+        let cached: Option<(Bytes, Vec<(String, String)>)> =
+            tokio::fs::read(&file).await.ok().and_then(|stored| {
+                let stored = Bytes::from(stored);
+                let end = stored.iter().position(|b| *b == b'\n')?;
+                let validators = serde_json::from_slice(&stored[..end]).ok()?;
+                Some((stored.slice(end + 1..), validators))
+            });
+        let validators = cached.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
+        let fetched = (|| self.get_conditional(&url, &validators))
+            .retry(self.backoff)
+            .when(RegistryError::is_transient)
+            .adjust(|err, backoff| err.next_delay(backoff))
+            .await;
+        match (fetched, cached) {
+            (Ok(None), Some((body, _))) => Ok((body, IndexFetch::NotModified)),
+            (Ok(None), None) => Err(RegistryError::Permanent(format!(
+                "GET {url}: 304 for a file that is not cached"
+            ))),
+            (Ok(Some((body, validators))), _) => {
+                let mut stored = serde_json::to_vec(&validators).unwrap_or_default();
+                stored.push(b'\n');
+                stored.extend_from_slice(&body);
+                let temp = file.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+                let stored = async {
+                    tokio::fs::write(&temp, &stored).await?;
+                    tokio::fs::rename(&temp, &file).await
+                };
+                if let Err(err) = stored.await {
+                    tracing::warn!(file = %file.display(), %err, "cannot cache an index file");
+                }
+                Ok((body, IndexFetch::Downloaded))
+            }
+            (Err(err), Some((body, _))) if err.is_transient() => {
+                tracing::warn!(%url, %err, "registry unreachable; using the cached index file");
+                Ok((body, IndexFetch::Stale))
+            }
+            (Err(err), _) => Err(err),
+        }
+    }
+
+    /// A GET that sends the cached file's validators: `None` when the registry answers 304.
+    async fn get_conditional(
+        &self,
+        url: &str,
+        validators: &[(String, String)],
+    ) -> Result<Option<(Bytes, Vec<(String, String)>)>, RegistryError> {
+        let mut request = self.http.get(url);
+        for (name, value) in validators {
+            match name.as_str() {
+                "etag" => request = request.header(reqwest::header::IF_NONE_MATCH, value),
+                "last-modified" => {
+                    request = request.header(reqwest::header::IF_MODIFIED_SINCE, value)
+                }
+                _ => {}
+            }
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| RegistryError::Transient(format!("GET {url}: {}", error_chain(&e))))?;
+        if response.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let validators = [
+            ("etag", reqwest::header::ETAG),
+            ("last-modified", reqwest::header::LAST_MODIFIED),
+        ]
+        .into_iter()
+        .filter_map(|(name, header)| {
+            let value = response.headers().get(header)?.to_str().ok()?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect();
+        let body = check_response(url, response).await?;
+        Ok(Some((body, validators)))
     }
 
     /// One page of the crate listing; `next` is the previous page's `meta.next_page`.
@@ -278,37 +394,42 @@ impl RegistryClient {
             .send()
             .await
             .map_err(|e| RegistryError::Transient(format!("GET {url}: {}", error_chain(&e))))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(RegistryError::NotFound(url.to_owned()));
-        }
-        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            // Retry-After in seconds; the HTTP-date form is rare enough to fall back to backoff.
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            return Err(RegistryError::RateLimited {
-                message: format!("GET {url}: HTTP {status}"),
-                retry_after,
-            });
-        }
-        if status.is_server_error() {
-            return Err(RegistryError::Transient(format!(
-                "GET {url}: HTTP {status}"
-            )));
-        }
-        if !status.is_success() {
-            return Err(RegistryError::Permanent(format!(
-                "GET {url}: HTTP {status}"
-            )));
-        }
-        response.bytes().await.map_err(|e| {
-            RegistryError::Transient(format!("GET {url}: body cut short: {}", error_chain(&e)))
-        })
+        check_response(url, response).await
     }
+}
+
+/// The body of a response, or the error its status means (404, 429 with `Retry-After`, 5xx).
+async fn check_response(url: &str, response: reqwest::Response) -> Result<Bytes, RegistryError> {
+    let status = response.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(RegistryError::NotFound(url.to_owned()));
+    }
+    if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        // Retry-After in seconds; the HTTP-date form is rare enough to fall back to backoff.
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Err(RegistryError::RateLimited {
+            message: format!("GET {url}: HTTP {status}"),
+            retry_after,
+        });
+    }
+    if status.is_server_error() {
+        return Err(RegistryError::Transient(format!(
+            "GET {url}: HTTP {status}"
+        )));
+    }
+    if !status.is_success() {
+        return Err(RegistryError::Permanent(format!(
+            "GET {url}: HTTP {status}"
+        )));
+    }
+    response.bytes().await.map_err(|e| {
+        RegistryError::Transient(format!("GET {url}: body cut short: {}", error_chain(&e)))
+    })
 }
 
 /// Parses a sparse index file (one JSON object per line).

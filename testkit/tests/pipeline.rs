@@ -190,6 +190,38 @@ async fn a_custom_command_runs_in_each_package_and_its_exit_status_is_the_outcom
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_second_run_revalidates_index_files_instead_of_downloading_them() {
+    let stack = TestStack::start().await.unwrap();
+    let consumers = stack.start_consumers(&["revalidating"]);
+    let first_run = publish(&stack, "index-first", first(3)).await;
+    stack.wait_for_run(first_run.run_id).await;
+    let after_first = stack.registry.stats();
+    // The same packages again, computed afresh: cargo asks for the same index files.
+    let mut again = definition(first(3));
+    again.experiment.fresh = true;
+    let second_run = publish_run(
+        &stack.config,
+        "index-second",
+        &again,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    stack.wait_for_run(second_run.run_id).await;
+    consumers.stop().await;
+    let after_second = stack.registry.stats();
+    let asked = after_second.index_requests - after_first.index_requests;
+    let unchanged = after_second.index_not_modified - after_first.index_not_modified;
+    assert!(asked > 0, "{after_first:?} {after_second:?}");
+    assert_eq!(
+        asked, unchanged,
+        "every index file the second run needed was answered 304, with no body"
+    );
+    assert_eq!(after_second.downloads, after_first.downloads);
+    stack.assert_verified("index-second").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn packages_missing_from_the_index_are_reported_not_fatal() {
     let stack = TestStack::start().await.unwrap();
     let corpus_crate = stack_crate_name(&stack).await;
