@@ -1,9 +1,10 @@
 //! The consumer's own crates.io-compatible endpoint, on loopback, that cargo is pointed at while
 //! it resolves and downloads a package's dependencies (outside the sandbox). Index files are
 //! kept in the work directory and revalidated with the registry (`If-None-Match`: an unchanged
-//! file costs a 304 and no body; an unreachable registry, the cached copy); downloads go through the same cache layers as the packages
-//! under test (disk, S3, registry), checked against the index's checksum. So a dependency is
-//! downloaded from the registry once, ever, and a second run downloads nothing from it.
+//! file costs a 304 and no body; an unreachable registry, the cached copy). Downloads go
+//! through the same cache layers as the packages under test (disk, S3, registry), checked
+//! against the index's checksum. So a dependency is downloaded from the registry once, ever,
+//! and a second run downloads no `.crate` from it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
