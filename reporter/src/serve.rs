@@ -52,6 +52,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let store = Store::connect(&config.database).await?;
+    // A service that may start before anything else: the schema must be there to read.
+    store.migrate().await?;
     let token = match (&config.reporter.token, &config.reporter.token_file) {
         (Some(token), _) => Some(token.clone()),
         (None, Some(file)) => {
