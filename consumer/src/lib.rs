@@ -199,17 +199,30 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         uuid::Uuid::new_v4(),
         uuid::Uuid::new_v4().simple().to_string(),
     );
-    worker
-        .store
-        .register_consumer(identity.0, &name, &identity.1, &host_name())
-        .await
-        .context("cannot register the consumer")?;
+    // The database may be down for a while (restarting): registering is retried with each
+    // heartbeat rather than keeping the consumer from working.
     let heartbeat = tokio::spawn({
         let worker = worker.clone();
         let identity = identity.clone();
+        let host = host_name();
         async move {
+            let mut registered = false;
             loop {
-                worker.fleet_heartbeat(&identity).await;
+                if !registered {
+                    match worker
+                        .store
+                        .register_consumer(identity.0, &worker.name, &identity.1, &host)
+                        .await
+                    {
+                        Ok(()) => registered = true,
+                        Err(err) => {
+                            tracing::warn!(error = %format!("{err:#}"), "cannot register in the fleet yet")
+                        }
+                    }
+                }
+                if registered {
+                    worker.fleet_heartbeat(&identity).await;
+                }
                 tokio::time::sleep(FLEET_HEARTBEAT).await;
             }
         }

@@ -761,7 +761,8 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
                 &[&id, &name, &secret, &host],
             )
             .await?;

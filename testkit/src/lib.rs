@@ -11,6 +11,7 @@
 //! `QUARRY_TEST_TOOLCHAIN`.
 
 pub mod fixtures;
+pub mod private_postgres;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,0 +1,60 @@
+//! The services restarted under a running run. Each test runs its own server (this file's
+//! process sets the variables that point the test stack at it), so restarting it disturbs no
+//! other test.
+
+use std::time::Duration;
+
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_shared::job::Mode;
+use quarry_shared::store::Store;
+use quarry_testkit::private_postgres::PrivatePostgres;
+use quarry_testkit::{TestStack, experiment};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgresql_crashing_mid_run_loses_nothing_and_counts_nothing_twice() {
+    let postgres = PrivatePostgres::start().unwrap();
+    // SAFETY (of the test's intent): set before any thread of this process reads it; this file
+    // holds one test, so no other test in the process sees the change.
+    unsafe { std::env::set_var("QUARRY_TEST_DATABASE_URL", postgres.admin_url()) };
+    let stack = TestStack::start().await.unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: experiment(Mode::Check, 300),
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: Some(8),
+        },
+    };
+    let summary = publish_run(
+        &stack.config,
+        "pg-crash",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let consumers = stack.start_consumers(&["through-the-crash-a", "through-the-crash-b"]);
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    while store.progress(summary.run_id).await.unwrap().finished < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The database goes away mid-run, as a crash would take it, and comes back 3 s later.
+    postgres.kill().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    postgres.restart().unwrap();
+
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    eprintln!("{stats:?}");
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    let progress = store.progress(summary.run_id).await.unwrap();
+    assert_eq!((progress.finished, progress.total), (8, Some(8)));
+    assert_eq!(
+        stats.results + stats.duplicates_skipped,
+        8 + stats.duplicates_skipped
+    );
+    stack.assert_verified("pg-crash").await;
+    drop(stack);
+}
