@@ -6,6 +6,7 @@
 //! report's numbers are the database's numbers. Everything taken from a package or a log is
 //! escaped before it goes into HTML.
 
+mod cause;
 mod compare;
 mod serve;
 
@@ -20,6 +21,7 @@ use quarry_shared::s3::Bucket;
 use quarry_shared::store::{Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
+pub use cause::root_cause;
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
 pub use serve::{Pace, human_duration, start as serve};
 
@@ -32,6 +34,10 @@ pub struct Report {
     pub counts: BTreeMap<String, i64>,
     /// For runs with two toolchains: each package's start and end outcomes, compared.
     pub comparison: Option<Comparison>,
+    /// Failed jobs grouped by root cause (a dependency that broke them, their first error),
+    /// the largest group first.
+    #[serde(default)]
+    pub causes: Vec<CauseGroup>,
     pub packages: Vec<PackageRow>,
 }
 
@@ -62,6 +68,17 @@ pub struct PackageRow {
     pub consumer: String,
     /// Path of the job's log, relative to the report directory.
     pub log: String,
+    /// For a failed build or test: its root cause, as read from the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}
+
+/// Failed jobs that share a root cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CauseGroup {
+    pub cause: String,
+    /// `name@version (toolchain)` of each job.
+    pub jobs: Vec<String>,
 }
 
 /// Where a report was written.
@@ -85,8 +102,8 @@ pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::
     let dir = output_dir.join(&run.name);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    copy_logs(&Bucket::new(&config.s3), &rows, &logs).await?;
-    write_report(&dir, &run, progress, &counts, &rows)
+    let causes = copy_logs(&Bucket::new(&config.s3), &rows, &logs).await?;
+    write_report(&dir, &run, progress, &counts, &rows, &causes)
 }
 
 /// The file name of a job's log in the report's `logs/` directory.
@@ -98,8 +115,13 @@ fn log_file(row: &ResultRow) -> String {
 }
 
 /// Writes every job's log into `logs`: what PostgreSQL keeps of it (all of it, or a note of
-/// Quarry's), then the compressed log from S3. Logs are fetched a few at a time.
-async fn copy_logs(bucket: &Bucket, rows: &[ResultRow], logs: &Path) -> anyhow::Result<()> {
+/// Quarry's), then the compressed log from S3. Logs are fetched a few at a time. Returns each
+/// failed build's or test's root cause, read from its log while it is at hand.
+async fn copy_logs(
+    bucket: &Bucket,
+    rows: &[ResultRow],
+    logs: &Path,
+) -> anyhow::Result<Vec<Option<String>>> {
     use futures::StreamExt as _;
     let mut writes = futures::stream::iter(rows)
         .map(|row| async move {
@@ -112,16 +134,21 @@ async fn copy_logs(bucket: &Bucket, rows: &[ResultRow], logs: &Path) -> anyhow::
                         row.crate_name, row.crate_version, row.toolchain
                     )
                 })?;
+            let cause = matches!(row.outcome, Outcome::BuildFail | Outcome::TestFail)
+                .then(|| root_cause(&row.crate_name, &text))
+                .flatten();
             let file = log_file(row);
             tokio::fs::write(logs.join(&file), text)
                 .await
-                .with_context(|| format!("cannot write the log {file}"))
+                .with_context(|| format!("cannot write the log {file}"))?;
+            anyhow::Ok(cause)
         })
-        .buffer_unordered(16);
-    while let Some(written) = writes.next().await {
-        written?;
+        .buffered(16);
+    let mut causes = Vec::with_capacity(rows.len());
+    while let Some(cause) = writes.next().await {
+        causes.push(cause?);
     }
-    Ok(())
+    Ok(causes)
 }
 
 fn write_report(
@@ -130,9 +157,17 @@ fn write_report(
     progress: Progress,
     counts: &[(Outcome, i64)],
     rows: &[ResultRow],
+    causes: &[Option<String>],
 ) -> anyhow::Result<Written> {
     let mut packages = Vec::with_capacity(rows.len());
-    for row in rows {
+    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (row, cause) in rows.iter().zip(causes) {
+        if let Some(cause) = cause {
+            groups.entry(cause).or_default().push(format!(
+                "{}@{} ({})",
+                row.crate_name, row.crate_version, row.toolchain
+            ));
+        }
         let file = log_file(row);
         packages.push(PackageRow {
             name: row.crate_name.clone(),
@@ -144,6 +179,7 @@ fn write_report(
             attempt: row.attempt,
             consumer: row.consumer.clone(),
             log: format!("logs/{file}"),
+            cause: cause.clone(),
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -164,6 +200,17 @@ fn write_report(
             .map(|(outcome, n)| (outcome.to_string(), *n))
             .collect(),
         comparison,
+        causes: {
+            let mut causes: Vec<CauseGroup> = groups
+                .into_iter()
+                .map(|(cause, jobs)| CauseGroup {
+                    cause: cause.to_owned(),
+                    jobs,
+                })
+                .collect();
+            causes.sort_by(|a, b| b.jobs.len().cmp(&a.jobs.len()).then(a.cause.cmp(&b.cause)));
+            causes
+        },
         packages,
     };
     let json = dir.join("report.json");
@@ -523,6 +570,21 @@ fn render_html(report: &Report) -> String {
     if let Some(comparison) = &report.comparison {
         render_comparison_html(&mut html, comparison);
     }
+    if !report.causes.is_empty() {
+        html.push_str(
+            "</table>\n<h2>Root causes</h2>\n<table id=\"causes\"><tr><th>cause</th><th>failed jobs</th><th>for example</th></tr>\n",
+        );
+        for group in &report.causes {
+            let examples: Vec<&str> = group.jobs.iter().take(5).map(String::as_str).collect();
+            let _ = writeln!(
+                html,
+                "<tr><td>{c}</td><td data-cause=\"{c}\">{}</td><td>{}</td></tr>",
+                group.jobs.len(),
+                e(&examples.join(", ")),
+                c = e(&group.cause),
+            );
+        }
+    }
     let _ = write!(
         html,
         "</table>\n<h2>Packages</h2>\n<table id=\"packages\"><tr><th>package</th><th>version</th>\
@@ -696,6 +758,12 @@ fn render_markdown(report: &Report) -> String {
             let _ = writeln!(md, "- … and {} more", failing.len() - 100);
         }
     }
+    if !report.causes.is_empty() {
+        md.push_str("\n### Root causes\n\n| cause | failed jobs |\n|---|---:|\n");
+        for group in report.causes.iter().take(20) {
+            let _ = writeln!(md, "| {} | {} |", group.cause, group.jobs.len());
+        }
+    }
     md
 }
 
@@ -719,6 +787,7 @@ mod tests {
             },
             counts: BTreeMap::new(),
             comparison: None,
+            causes: Vec::new(),
             packages: vec![PackageRow {
                 name: "a".into(),
                 version: "1.0.0".into(),
@@ -729,6 +798,7 @@ mod tests {
                 attempt: 1,
                 consumer: "host,\"1\"".into(),
                 log: "logs/a.txt".into(),
+                cause: Some("E0308".into()),
             }],
         };
         let csv = render_csv(&report);

@@ -71,6 +71,26 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     );
     assert!(log("quarry-fixture-fork-bomb").contains("stopped after"));
 
+    // Failures grouped by root cause, read from their logs.
+    let cause_of = |name: &str| {
+        written
+            .report
+            .causes
+            .iter()
+            .find(|g| g.jobs.iter().any(|j| j.starts_with(&format!("{name}@"))))
+            .map(|g| g.cause.clone())
+    };
+    assert_eq!(
+        cause_of("quarry-fixture-build-fail").as_deref(),
+        Some("E0308")
+    );
+    assert_eq!(
+        cause_of("quarry-fixture-test-fail").as_deref(),
+        Some("tests failed")
+    );
+    let html = std::fs::read_to_string(&written.html).unwrap();
+    assert!(html.contains("<td data-cause=\"E0308\">1</td>"), "{html}");
+
     // The never-ending build script died with its job: no process of it is left.
     let survivors = fixtures::build_script_processes("quarry-fixture-timeout");
     assert!(survivors.is_empty(), "{survivors:?}");
