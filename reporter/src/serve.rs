@@ -88,7 +88,9 @@ pub async fn start(
     let write = Router::new()
         .route("/runs/{run}/cancel", post(cancel))
         .route_layer(middleware::from_fn_with_state(app.clone(), write_access));
-    let router = read.merge(write).with_state(app);
+    // For probes: open whatever `public` says, and touching nothing behind the server.
+    let health = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    let router = read.merge(write).with_state(app).merge(health);
     let addr: SocketAddr = config.reporter.listen.parse().with_context(|| {
         format!(
             "reporter.listen {:?} is not an address",

@@ -277,6 +277,9 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         ),
     ]);
 
+    // The endpoint the Kubernetes probes ask.
+    assert_eq!(get("/healthz").await, "ok\n");
+
     // Changing state needs the token.
     let cancel = format!("{base}/runs/live-b/cancel");
     let refused = http.post(&cancel).send().await.unwrap();
