@@ -57,6 +57,18 @@ pub struct RunDefinition {
     pub selection: Selection,
 }
 
+impl RunDefinition {
+    /// The definition stored with `run`.
+    pub fn of(run: &quarry_shared::store::Run) -> anyhow::Result<RunDefinition> {
+        serde_json::from_value(run.definition.clone()).with_context(|| {
+            format!(
+                "run {} has a definition this producer cannot read",
+                run.name
+            )
+        })
+    }
+}
+
 /// What one producer invocation did: the outcome output, printed and stored with the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishSummary {
@@ -453,13 +465,7 @@ pub async fn packages_from_run(
     use quarry_shared::job::Outcome;
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
-    let definition: RunDefinition =
-        serde_json::from_value(run.definition.clone()).with_context(|| {
-            format!(
-                "run {} has a definition this producer cannot read",
-                run.name
-            )
-        })?;
+    let definition = RunDefinition::of(&run)?;
     let pair = match definition.toolchains.as_slice() {
         [start, end] => Some((start.to_string(), end.to_string())),
         _ => None,
@@ -531,13 +537,7 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
         "run {} was cancelled: there is nothing to republish",
         run.name
     );
-    let definition: RunDefinition =
-        serde_json::from_value(run.definition.clone()).with_context(|| {
-            format!(
-                "run {} has a definition this producer cannot read",
-                run.name
-            )
-        })?;
+    let definition = RunDefinition::of(&run)?;
     let broker = Broker::connect(&config.rabbitmq).await?;
     let topology = broker.topology().clone();
     let mut queued = 0;

@@ -103,12 +103,21 @@ impl Bucket {
 
     /// The cached `.crate`, or `None` when the bucket does not have it.
     pub async fn get(&self, package: &PackageVersion) -> anyhow::Result<Option<Bytes>> {
-        let key = self.key(package);
+        self.get_object(&self.key(package)).await
+    }
+
+    pub async fn put(&self, package: &PackageVersion, bytes: Bytes) -> anyhow::Result<()> {
+        self.put_object(&self.key(package), bytes, "application/gzip", None)
+            .await
+    }
+
+    /// An object's body, or `None` when there is no such key.
+    async fn get_object(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
         let response = match self
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(&key)
+            .key(key)
             .send()
             .await
         {
@@ -127,14 +136,20 @@ impl Bucket {
         Ok(Some(body.into_bytes()))
     }
 
-    pub async fn put(&self, package: &PackageVersion, bytes: Bytes) -> anyhow::Result<()> {
-        let key = self.key(package);
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+        content_encoding: Option<&str>,
+    ) -> anyhow::Result<()> {
         self.client
             .put_object()
             .bucket(&self.bucket)
-            .key(&key)
-            .content_type("application/gzip")
-            .body(ByteStream::from(bytes))
+            .key(key)
+            .content_type(content_type)
+            .set_content_encoding(content_encoding.map(str::to_owned))
+            .body(ByteStream::from(body))
             .send()
             .await
             .map_err(|err| anyhow::Error::new(err.into_service_error()))
@@ -155,37 +170,17 @@ impl Bucket {
     pub async fn put_log(&self, key: &str, log: &str) -> anyhow::Result<()> {
         let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
         encoder.write_all(log.as_bytes())?;
-        let compressed = encoder.finish()?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("text/plain; charset=utf-8")
-            .content_encoding("gzip")
-            .body(ByteStream::from(compressed))
-            .send()
+        let compressed = Bytes::from(encoder.finish()?);
+        self.put_object(key, compressed, "text/plain; charset=utf-8", Some("gzip"))
             .await
-            .map_err(|err| anyhow::Error::new(err.into_service_error()))
-            .with_context(|| format!("cannot write s3://{}/{key}", self.bucket))?;
-        Ok(())
     }
 
     /// Reads back a log stored by `put_log`.
     pub async fn get_log(&self, key: &str) -> anyhow::Result<String> {
         let body = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|err| anyhow::Error::new(err.into_service_error()))
-            .with_context(|| format!("cannot read s3://{}/{key}", self.bucket))?
-            .body
-            .collect()
-            .await
-            .with_context(|| format!("cannot read the body of s3://{}/{key}", self.bucket))?
-            .into_bytes();
+            .get_object(key)
+            .await?
+            .with_context(|| format!("s3://{}/{key} does not exist", self.bucket))?;
         let mut log = String::new();
         GzDecoder::new(&body[..])
             .read_to_string(&mut log)

@@ -123,13 +123,7 @@ async fn after_the_broker_lost_its_queue_republish_puts_back_exactly_the_unfinis
         .unwrap_err();
     assert!(format!("{err:#}").contains("still queued"), "{err:#}");
 
-    let connection = Connection::connect(
-        stack.config.rabbitmq.url.expose(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = raw_channel(&stack).await;
     let jobs = format!("{}.jobs", stack.config.rabbitmq.prefix);
     channel
         .queue_purge(jobs.as_str().into(), Default::default())
@@ -247,6 +241,18 @@ async fn stack_crate_name(stack: &TestStack) -> String {
     page.crates[0].name.clone()
 }
 
+/// A plain AMQP channel to the stack's vhost, for doing what a foreign or broken client does.
+async fn raw_channel(stack: &TestStack) -> (Connection, lapin::Channel) {
+    let connection = Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
 /// Takes the next message of `queue` and gives it back, as a consumer that dies holding it does.
 async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
     let message = channel
@@ -271,13 +277,7 @@ async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
 async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error_result() {
     let stack = TestStack::start().await.unwrap();
     let summary = publish(&stack, "crash-loop", first(1)).await;
-    let connection = Connection::connect(
-        stack.config.rabbitmq.url.expose(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = raw_channel(&stack).await;
     let jobs = format!("{}.jobs", stack.config.rabbitmq.prefix);
     for _ in 0..quarry_shared::queue::CRASH_LIMIT {
         deliver_and_give_back(&channel, &jobs).await;
@@ -337,13 +337,7 @@ async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on()
     let summary = publish(&stack, "with-poison", first(3)).await;
 
     // Garbage on the work queue, as a buggy or foreign publisher would send it.
-    let connection = Connection::connect(
-        stack.config.rabbitmq.url.expose(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = raw_channel(&stack).await;
     for body in [&b"{not json"[..], br#"{"format": 99}"#] {
         channel
             .basic_publish(
