@@ -18,6 +18,11 @@ use quarry_shared::store::Store;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod dump;
+pub mod selection;
+
+use selection::{Filter, NamePatterns};
+
 /// Index files fetched at once while expanding a page.
 const INDEX_CONCURRENCY: usize = 8;
 
@@ -29,6 +34,13 @@ pub enum Selection {
     Listing { sort: Sort, limit: Option<u64> },
     /// Exactly these packages (`name` for the newest version, or `name@version`).
     Packages { packages: Vec<String> },
+    /// The crates of a crates.io database dump (`db-dump.tar.gz`), in `sort` order, stopping
+    /// after `limit` crates.
+    Dump {
+        path: std::path::PathBuf,
+        sort: Sort,
+        limit: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -55,6 +67,9 @@ pub struct RunDefinition {
     pub toolchains: Vec<Toolchain>,
     pub experiment: Experiment,
     pub selection: Selection,
+    /// What is taken of each selected crate, and which crates are kept.
+    #[serde(default, skip_serializing_if = "Filter::is_default")]
+    pub filter: Filter,
 }
 
 impl RunDefinition {
@@ -221,7 +236,13 @@ pub async fn publish_run(
         resumed,
         ..PublishSummary::default()
     };
-    let mut pages = Pages::new(&registry, &definition.selection, config.registry.page_size);
+    let mut pages = Pages::new(
+        &registry,
+        &definition.selection,
+        &definition.filter,
+        config.registry.page_size,
+        config.registry.dump_page_size,
+    )?;
     // A resumed run continues from the page after the last one it published.
     if let Some(position) = run
         .paging_position
@@ -231,25 +252,34 @@ pub async fn publish_run(
         tracing::info!(?position, "continuing from the saved paging position");
         pages.position = position;
     }
+    let mut progress = PublishProgress::new();
     let mut interrupted = false;
     while let Some(page) = pages.next().await? {
         summary.pages += 1;
         let mut jobs = Vec::new();
         let resolved = futures::stream::iter(page)
-            .map(|request| resolve(&registry, request))
+            .map(|item| async {
+                match item {
+                    Item::Request(request) => resolve(&registry, &definition.filter, request).await,
+                    Item::Resolved(package) => (package.to_string(), Ok(vec![package])),
+                    Item::LeftOut { package, why } => (package, Err(why)),
+                }
+            })
             .buffered(INDEX_CONCURRENCY)
             .collect::<Vec<_>>()
             .await;
         for (name, resolution) in resolved {
             match resolution {
-                Ok(package) => {
-                    for toolchain in &definition.toolchains {
-                        jobs.push(Job::new(
-                            run.id,
-                            package.clone(),
-                            toolchain.clone(),
-                            definition.experiment.clone(),
-                        ));
+                Ok(packages) => {
+                    for package in packages {
+                        for toolchain in &definition.toolchains {
+                            jobs.push(Job::new(
+                                run.id,
+                                package.clone(),
+                                toolchain.clone(),
+                                definition.experiment.clone(),
+                            ));
+                        }
                     }
                 }
                 Err(why) => {
@@ -263,17 +293,13 @@ pub async fn publish_run(
             .save_paging_position(run.id, &serde_json::to_value(&pages.position)?)
             .await?;
         summary.jobs_queued += published;
-        tracing::info!(
-            page = summary.pages,
-            jobs = jobs.len(),
-            queued = summary.jobs_queued,
-            "page published"
-        );
+        progress.page(&summary, pages.expected_pages());
         if shutdown.is_cancelled() {
             interrupted = true;
             break;
         }
     }
+    progress.finish();
     let (jobs, packages) = store.recorded(run.id).await?;
     summary.jobs_total = jobs as u64;
     summary.packages_selected = packages as u64;
@@ -302,10 +328,21 @@ async fn publish_page(store: &Store, publisher: &Publisher, jobs: &[Job]) -> any
 }
 
 /// A package to look up: a name, and optionally the exact version wanted.
-#[derive(Debug, Clone)]
-struct Request {
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Request {
     name: String,
     version: Option<String>,
+}
+
+/// One entry of a page.
+#[derive(Debug, Clone)]
+pub(crate) enum Item {
+    /// To be looked up in the index.
+    Request(Request),
+    /// Already known with its checksum (a database dump carries them).
+    Resolved(PackageVersion),
+    /// Left out of the run, with why.
+    LeftOut { package: String, why: String },
 }
 
 /// Where paging has got to: saved with the run after every published page.
@@ -313,71 +350,318 @@ struct Request {
 struct PagingPosition {
     /// The registry's query for the next page (`None` before the first).
     next: Option<String>,
-    /// Crates taken from the listing so far (counts towards the limit).
+    /// Entries taken so far: crates from the listing (counts towards the limit), packages from
+    /// a list, package versions from a dump.
     taken: u64,
     done: bool,
+    /// The timestamp of the database dump being read: a run continues only over the same dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dump: Option<String>,
 }
 
-/// Pages of package requests, from the registry listing or from an explicit list.
+/// Pages of work from the run's source, narrowed by its filter.
 struct Pages<'a> {
     registry: &'a RegistryClient,
     selection: &'a Selection,
+    filter: Filter,
+    patterns: NamePatterns,
     page_size: u32,
+    dump_page_size: usize,
     position: PagingPosition,
+    /// The packages chosen over the whole registry, for a filter that needs it (a sample,
+    /// reverse dependencies). Recomputed when a run resumes: it is deterministic.
+    chosen: Option<Vec<Request>>,
+    /// Pages read from a database dump by a blocking thread.
+    dump: Option<tokio::sync::mpsc::Receiver<anyhow::Result<dump::Page>>>,
 }
 
 impl<'a> Pages<'a> {
-    fn new(registry: &'a RegistryClient, selection: &'a Selection, page_size: u32) -> Pages<'a> {
-        Pages {
+    fn new(
+        registry: &'a RegistryClient,
+        selection: &'a Selection,
+        filter: &Filter,
+        page_size: u32,
+        dump_page_size: usize,
+    ) -> anyhow::Result<Pages<'a>> {
+        filter.check()?;
+        Ok(Pages {
             registry,
             selection,
+            filter: filter.clone(),
+            patterns: NamePatterns::new(&filter.patterns)?,
             page_size: page_size.clamp(1, 100),
+            dump_page_size: dump_page_size.max(1),
             position: PagingPosition::default(),
+            chosen: None,
+            dump: None,
+        })
+    }
+
+    /// How many pages the whole selection makes, when that is known before paging it.
+    fn expected_pages(&self) -> Option<u64> {
+        let per_page = u64::from(self.page_size);
+        match (self.selection, &self.chosen) {
+            (_, Some(chosen)) => Some((chosen.len() as u64).div_ceil(per_page)),
+            (Selection::Packages { packages }, None) => {
+                Some((packages.len() as u64).div_ceil(per_page))
+            }
+            (Selection::Listing { limit, .. }, None) if self.filter.patterns.is_empty() => {
+                limit.map(|l| l.div_ceil(per_page))
+            }
+            _ => None,
         }
     }
 
-    async fn next(&mut self) -> anyhow::Result<Option<Vec<Request>>> {
+    async fn next(&mut self) -> anyhow::Result<Option<Vec<Item>>> {
         if self.position.done {
             return Ok(None);
         }
-        match self.selection {
-            Selection::Packages { packages } => {
-                self.position.done = true;
-                Ok(Some(packages.iter().map(|spec| parse_spec(spec)).collect()))
+        if let Selection::Dump { path, sort, limit } = self.selection {
+            return self.next_from_dump(path, *sort, *limit).await;
+        }
+        if self.filter.needs_whole_registry() && self.chosen.is_none() {
+            self.chosen = Some(self.choose_over_registry().await?);
+        }
+        let list: Option<Vec<Request>> = match (&self.chosen, self.selection) {
+            (Some(chosen), _) => Some(chosen.clone()),
+            (None, Selection::Packages { packages }) => Some(
+                packages
+                    .iter()
+                    .map(|spec| parse_spec(spec))
+                    .filter(|r| self.patterns.matches(&r.name))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if let Some(list) = list {
+            let start = usize::try_from(self.position.taken).unwrap_or(usize::MAX);
+            let page: Vec<Item> = list
+                .into_iter()
+                .skip(start)
+                .take(self.page_size as usize)
+                .map(Item::Request)
+                .collect();
+            self.position.taken += page.len() as u64;
+            self.position.done = page.len() < self.page_size as usize;
+            return Ok((!page.is_empty()).then_some(page));
+        }
+        let Selection::Listing { sort, limit } = self.selection else {
+            unreachable!("lists and dumps are paged above");
+        };
+        self.next_from_listing(*sort, *limit).await
+    }
+
+    /// The next page of the registry's crate listing, keeping the names that match.
+    async fn next_from_listing(
+        &mut self,
+        sort: Sort,
+        limit: Option<u64>,
+    ) -> anyhow::Result<Option<Vec<Item>>> {
+        loop {
+            if self.position.done {
+                return Ok(None);
             }
-            Selection::Listing { sort, limit } => {
-                let remaining = limit.map_or(u64::MAX, |l| l.saturating_sub(self.position.taken));
-                if remaining == 0 {
-                    self.position.done = true;
-                    return Ok(None);
-                }
-                let per_page = self
-                    .page_size
-                    .min(u32::try_from(remaining).unwrap_or(u32::MAX));
-                let first = format!("?page=1&per_page={per_page}&sort={}", sort.as_query());
-                let query = self.position.next.clone().unwrap_or(first);
-                let page = self
-                    .registry
-                    .crates_page(Some(&query), per_page)
-                    .await
-                    .context("cannot read the registry's crate listing")?;
-                let requests: Vec<Request> = page
-                    .crates
-                    .into_iter()
-                    .take(usize::try_from(remaining).unwrap_or(usize::MAX))
-                    .map(|c| Request {
+            let remaining = limit.map_or(u64::MAX, |l| l.saturating_sub(self.position.taken));
+            if remaining == 0 {
+                self.position.done = true;
+                return Ok(None);
+            }
+            let per_page = if self.filter.patterns.is_empty() {
+                self.page_size
+                    .min(u32::try_from(remaining).unwrap_or(u32::MAX))
+            } else {
+                self.page_size
+            };
+            let first = format!("?page=1&per_page={per_page}&sort={}", sort.as_query());
+            let query = self.position.next.clone().unwrap_or(first);
+            let page = self
+                .registry
+                .crates_page(Some(&query), per_page)
+                .await
+                .context("cannot read the registry's crate listing")?;
+            let listed = page.crates.len();
+            let requests: Vec<Item> = page
+                .crates
+                .into_iter()
+                .filter(|c| self.patterns.matches(&c.name))
+                .take(usize::try_from(remaining).unwrap_or(usize::MAX))
+                .map(|c| {
+                    Item::Request(Request {
                         name: c.name,
                         version: None,
                     })
-                    .collect();
-                self.position.taken += requests.len() as u64;
-                self.position.next = page.meta.next_page;
-                self.position.done = self.position.next.is_none()
-                    || requests.is_empty()
-                    || limit.is_some_and(|l| self.position.taken >= l);
-                Ok(Some(requests))
+                })
+                .collect();
+            self.position.taken += requests.len() as u64;
+            self.position.next = page.meta.next_page;
+            self.position.done = self.position.next.is_none()
+                || listed == 0
+                || limit.is_some_and(|l| self.position.taken >= l);
+            // A page where no name matched is not worth a round of publishing.
+            if !requests.is_empty() || self.position.done {
+                return Ok((!requests.is_empty()).then_some(requests));
             }
         }
+    }
+
+    /// The next page read from a database dump; the reader starts on the first call, after the
+    /// entries an earlier invocation already took.
+    async fn next_from_dump(
+        &mut self,
+        path: &std::path::Path,
+        sort: Sort,
+        limit: Option<u64>,
+    ) -> anyhow::Result<Option<Vec<Item>>> {
+        if self.dump.is_none() {
+            let path = path.to_owned();
+            let timestamp = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || dump::timestamp(&path)).await??
+            };
+            if let (Some(before), Some(now)) = (&self.position.dump, &timestamp) {
+                anyhow::ensure!(
+                    before == now,
+                    "this run started from the database dump of {before}, and {} is the dump of \
+                     {now}: continue it with the same file, or start a new run",
+                    path.display()
+                );
+            }
+            self.position.dump = timestamp;
+            let (sender, receiver) = tokio::sync::mpsc::channel(2);
+            let filter = self.filter.clone();
+            let skip = self.position.taken;
+            let page_size = self.dump_page_size;
+            tokio::task::spawn_blocking(move || {
+                let selection = dump::DumpSelection {
+                    path: &path,
+                    filter: &filter,
+                    sort,
+                    limit,
+                    page_size,
+                    skip,
+                };
+                let read = dump::select(&selection, |page| {
+                    match sender.blocking_send(Ok(page)) {
+                        Ok(()) => std::ops::ControlFlow::Continue(()),
+                        // The producer stopped listening (interrupted): stop reading.
+                        Err(_) => std::ops::ControlFlow::Break(()),
+                    }
+                });
+                if let Err(err) = read {
+                    let _ = sender.blocking_send(Err(err));
+                }
+            });
+            self.dump = Some(receiver);
+        }
+        let receiver = self
+            .dump
+            .as_mut()
+            .expect("the dump reader was started above");
+        match receiver.recv().await {
+            Some(page) => {
+                let page = page?;
+                self.position.taken += page.len() as u64;
+                Ok(Some(page))
+            }
+            None => {
+                self.position.done = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// For a sample or reverse dependencies: every crate the source offers (matching the name
+    /// patterns), narrowed to the dependents of a crate and then sampled; sorted by name.
+    async fn choose_over_registry(&self) -> anyhow::Result<Vec<Request>> {
+        let mut universe: Vec<Request> = match self.selection {
+            Selection::Packages { packages } => packages
+                .iter()
+                .map(|spec| parse_spec(spec))
+                .filter(|r| self.patterns.matches(&r.name))
+                .collect(),
+            Selection::Dump { .. } => unreachable!("a dump selects its own crates"),
+            Selection::Listing { sort, limit } => {
+                let mut listing = Pages::new(
+                    self.registry,
+                    self.selection,
+                    &Filter {
+                        dependents: None,
+                        sample: None,
+                        ..self.filter.clone()
+                    },
+                    self.page_size,
+                    self.dump_page_size,
+                )?;
+                let mut all = Vec::new();
+                while let Some(page) = listing.next_from_listing(*sort, *limit).await? {
+                    all.extend(page.into_iter().filter_map(|item| match item {
+                        Item::Request(request) => Some(request),
+                        _ => None,
+                    }));
+                }
+                all
+            }
+        };
+        tracing::info!(crates = universe.len(), "read the whole crate list");
+        if let Some(dependents) = &self.filter.dependents {
+            let graph = self.dependency_graph(&universe).await;
+            // Crate names are compared ignoring case, as crates.io does.
+            let found = graph.of(&dependents.name.to_ascii_lowercase(), dependents.depth);
+            universe.retain(|r| found.contains(&r.name.to_ascii_lowercase()));
+            tracing::info!(
+                dependents = universe.len(),
+                of = %dependents.name,
+                depth = dependents.depth,
+                "found the reverse dependencies"
+            );
+        }
+        if let Some(wanted) = self.filter.sample {
+            universe = selection::sample(universe, |r| r.name.clone(), wanted);
+        }
+        universe.sort();
+        Ok(universe)
+    }
+
+    /// Who depends on whom among `crates`, from their index files: the dependencies of the
+    /// versions the filter takes. A crate whose index cannot be read is left out with a warning.
+    async fn dependency_graph(&self, crates: &[Request]) -> selection::ReverseDependencies<String> {
+        let mut graph = selection::ReverseDependencies::default();
+        let mut entries =
+            futures::stream::iter(crates)
+                .map(|request| async move {
+                    (request, self.registry.index_entries(&request.name).await)
+                })
+                .buffered(INDEX_CONCURRENCY);
+        while let Some((request, read)) = entries.next().await {
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::warn!(package = %request.name, %err, "cannot read its dependencies");
+                    continue;
+                }
+            };
+            let taken: Vec<&IndexEntry> = match &request.version {
+                Some(version) => entries.iter().filter(|e| &e.vers == version).collect(),
+                None => self
+                    .filter
+                    .choose(entries.iter().map(|e| (e.vers.as_str(), e.yanked, e)))
+                    .into_iter()
+                    .map(|(_, e)| e)
+                    .collect(),
+            };
+            for entry in taken {
+                // Dependencies from other registries are other crates that happen to share
+                // a name.
+                for dep in entry.deps.iter().filter(|d| d.registry.is_none()) {
+                    let dependency = dep.package.as_ref().unwrap_or(&dep.name);
+                    graph.add(
+                        request.name.to_ascii_lowercase(),
+                        dependency.to_ascii_lowercase(),
+                    );
+                }
+            }
+        }
+        graph
     }
 }
 
@@ -394,12 +678,13 @@ fn parse_spec(spec: &str) -> Request {
     }
 }
 
-/// Looks the request up in the index: the exact version asked for, or else the newest version
-/// that is neither yanked nor a pre-release.
+/// Looks the request up in the index: the exact version asked for, or else the versions the
+/// filter takes (by default the newest that is neither yanked nor a pre-release).
 async fn resolve(
     registry: &RegistryClient,
+    filter: &Filter,
     request: Request,
-) -> (String, Result<PackageVersion, String>) {
+) -> (String, Result<Vec<PackageVersion>, String>) {
     let label = match &request.version {
         Some(v) => format!("{}@{v}", request.name),
         None => request.name.clone(),
@@ -411,31 +696,97 @@ async fn resolve(
         }
         Err(err) => return (label, Err(err.to_string())),
     };
-    let chosen = match &request.version {
-        Some(version) => entries.iter().find(|e| &e.vers == version),
-        None => newest_stable(&entries),
+    let chosen: Vec<&IndexEntry> = match &request.version {
+        Some(version) => entries.iter().filter(|e| &e.vers == version).collect(),
+        None => filter
+            .choose(entries.iter().map(|e| (e.vers.as_str(), e.yanked, e)))
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect(),
     };
-    let result = chosen
+    if chosen.is_empty() {
+        let why = match (&request.version, filter.yanked, filter.prereleases) {
+            (Some(v), _, _) => format!("version {v} is not in the index"),
+            (None, false, false) => "no version that is neither yanked nor a pre-release".into(),
+            (None, true, false) => "no version that is not a pre-release".into(),
+            (None, false, true) => "no version that is not yanked".into(),
+            (None, true, true) => "no version that is valid semver".into(),
+        };
+        return (label, Err(why));
+    }
+    let packages = chosen
+        .into_iter()
         .map(|e| PackageVersion {
             name: e.name.clone(),
             version: e.vers.clone(),
             checksum: e.cksum.clone(),
         })
-        .ok_or_else(|| match &request.version {
-            Some(v) => format!("version {v} is not in the index"),
-            None => "no version that is neither yanked nor a pre-release".to_owned(),
-        });
-    (label, result)
+        .collect();
+    (label, Ok(packages))
 }
 
-fn newest_stable(entries: &[IndexEntry]) -> Option<&IndexEntry> {
-    entries
-        .iter()
-        .filter(|e| !e.yanked)
-        .filter_map(|e| Some((semver::Version::parse(&e.vers).ok()?, e)))
-        .filter(|(v, _)| v.pre.is_empty())
-        .max_by(|(a, _), (b, _)| a.cmp(b))
-        .map(|(_, e)| e)
+/// Progress on stderr while paging: a spinner line on a terminal, a log line every ten seconds
+/// otherwise.
+struct PublishProgress {
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    last_line: std::time::Instant,
+}
+
+impl PublishProgress {
+    fn new() -> PublishProgress {
+        use std::io::IsTerminal as _;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.enable_steady_tick(std::time::Duration::from_millis(250));
+            bar
+        });
+        let now = std::time::Instant::now();
+        PublishProgress {
+            bar,
+            started: now,
+            last_line: now,
+        }
+    }
+
+    fn page(&mut self, summary: &PublishSummary, expected_pages: Option<u64>) {
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = summary.jobs_queued as f64 / elapsed;
+        let eta = expected_pages
+            .filter(|&total| total > summary.pages)
+            .map(|total| {
+                let per_page = elapsed / summary.pages.max(1) as f64;
+                format!(
+                    ", ETA {}",
+                    indicatif::HumanDuration(std::time::Duration::from_secs_f64(
+                        per_page * (total - summary.pages) as f64
+                    ))
+                )
+            })
+            .unwrap_or_default();
+        let pages = match expected_pages {
+            Some(total) => format!("{}/{total}", summary.pages),
+            None => summary.pages.to_string(),
+        };
+        let line = format!(
+            "pages {pages}, {} jobs queued, {rate:.0} jobs/s{eta}",
+            summary.jobs_queued
+        );
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None if self.last_line.elapsed() >= std::time::Duration::from_secs(10) => {
+                self.last_line = std::time::Instant::now();
+                tracing::info!("{line}");
+            }
+            None => tracing::debug!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Which packages of an earlier run a new run takes (`--from-run RUN --only ...`).
@@ -625,33 +976,6 @@ pub async fn wait_for_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(vers: &str, yanked: bool) -> IndexEntry {
-        IndexEntry {
-            name: "a".into(),
-            vers: vers.into(),
-            deps: vec![],
-            cksum: "00".into(),
-            features: Default::default(),
-            features2: None,
-            yanked,
-            links: None,
-            rust_version: None,
-            v: None,
-        }
-    }
-
-    #[test]
-    fn newest_stable_skips_yanked_and_prereleases() {
-        let entries = [
-            entry("1.0.0", false),
-            entry("1.2.0", true),
-            entry("1.10.0", false),
-            entry("2.0.0-rc.1", false),
-        ];
-        assert_eq!(newest_stable(&entries).unwrap().vers, "1.10.0");
-        assert!(newest_stable(&[entry("1.0.0", true)]).is_none());
-    }
 
     #[test]
     fn package_lists_are_checked_line_by_line() {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use quarry_producer::selection::{Dependents, Filter, Sample};
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
 use quarry_shared::Config;
 use quarry_shared::config::ConfigArgs;
@@ -121,6 +122,56 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with_all = ["packages", "limit", "experiment"])]
     #[serde(default)]
     list: Option<std::path::PathBuf>,
+    /// Read the crates from a crates.io database dump (db-dump.tar.gz, downloaded beforehand)
+    /// instead of paging the registry's web API: the fast path for large runs, and the only
+    /// source with every version's checksum at hand. --limit and --sort apply to it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["packages", "list", "experiment"])]
+    #[serde(default)]
+    dump: Option<std::path::PathBuf>,
+    /// Test every version ever published of each crate, not only its newest.
+    #[arg(long, conflicts_with = "experiment")]
+    #[serde(default)]
+    all_versions: bool,
+    /// Include yanked versions (skipped by default).
+    #[arg(long, conflicts_with = "experiment")]
+    #[serde(default)]
+    yanked: bool,
+    /// Include pre-release versions such as 1.0.0-rc.1 (skipped by default).
+    #[arg(long, conflicts_with = "experiment")]
+    #[serde(default)]
+    prereleases: bool,
+    /// Only crates whose name matches this glob (`serde*`, `tokio-?`); may be given several
+    /// times.
+    #[arg(long = "pattern", value_name = "GLOB", conflicts_with = "experiment")]
+    #[serde(default)]
+    patterns: Vec<String>,
+    /// Only the crates that depend on this one (read from the index, or from the dump).
+    #[arg(long, value_name = "CRATE", conflicts_with = "experiment")]
+    #[serde(default)]
+    dependents_of: Option<String>,
+    /// With --dependents-of: how many links away a dependent may be (1: direct dependents).
+    #[arg(
+        long,
+        default_value_t = 1,
+        requires = "dependents_of",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default = "default_depth")]
+    depth: u32,
+    /// A random sample of this many crates (after the other filters), the same for the same
+    /// --seed.
+    #[arg(long, value_name = "N", conflicts_with = "experiment")]
+    #[serde(default)]
+    sample: Option<u64>,
+    /// The sample's seed.
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "sample",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default)]
+    seed: u64,
     /// Take the packages of an earlier run (with --only), pinned to the versions it tested.
     #[arg(
         long,
@@ -162,6 +213,9 @@ fn default_memory_limit() -> u64 {
 fn default_sort() -> Sort {
     Sort::Alpha
 }
+fn default_depth() -> u32 {
+    1
+}
 
 impl RunArgs {
     /// The definition from the experiment file, if one was given (`--wait` may still come from
@@ -197,18 +251,29 @@ impl RunArgs {
             path.display()
         );
         anyhow::ensure!(
+            from_file.dump.is_none()
+                || (from_file.packages.is_empty()
+                    && from_file.list.is_none()
+                    && from_file.from_run.is_none()),
+            "the experiment file {}: `dump` excludes `packages`, `list` and `from_run`",
+            path.display()
+        );
+        anyhow::ensure!(
             from_file.from_run.is_some() != from_file.only.is_empty(),
             "the experiment file {}: `from_run` and `only` go together",
             path.display()
         );
-        if let Some(list) = &mut from_file.list
-            && list.is_relative()
+        // Files named in the experiment file are found beside it.
+        for named in [&mut from_file.list, &mut from_file.dump]
+            .into_iter()
+            .flatten()
         {
-            // A list named in the file is found beside it.
-            *list = path
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join(&*list);
+            if named.is_relative() {
+                *named = path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(&*named);
+            }
         }
         Ok(from_file)
     }
@@ -382,7 +447,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 eprintln!("taking {} packages from run {earlier}", packages.len());
             }
-            let selection = if packages.is_empty() {
+            let selection = if let Some(path) = &args.dump {
+                anyhow::ensure!(
+                    path.is_file(),
+                    "the database dump {} does not exist",
+                    path.display()
+                );
+                Selection::Dump {
+                    // Stored absolute: the run may be resumed from another directory.
+                    path: std::path::absolute(path)?,
+                    sort: args.sort,
+                    limit: args.limit,
+                }
+            } else if packages.is_empty() {
                 Selection::Listing {
                     sort: args.sort,
                     limit: args.limit,
@@ -390,6 +467,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 Selection::Packages { packages }
             };
+            let filter = Filter {
+                all_versions: args.all_versions,
+                yanked: args.yanked,
+                prereleases: args.prereleases,
+                patterns: args.patterns.clone(),
+                dependents: args.dependents_of.clone().map(|name| Dependents {
+                    name,
+                    depth: args.depth,
+                }),
+                sample: args.sample.map(|size| Sample {
+                    size,
+                    seed: args.seed,
+                }),
+            };
+            filter.check()?;
             let definition = RunDefinition {
                 toolchains: args.toolchains,
                 experiment: Experiment {
@@ -400,6 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     command: (!args.command.is_empty()).then(|| args.command.clone()),
                 },
                 selection,
+                filter,
             };
             let summary = publish_run(&config, &name, &definition, &shutdown).await?;
             eprint!("{summary}");

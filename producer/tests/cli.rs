@@ -71,6 +71,29 @@ fn an_experiment_file_is_checked_before_anything_is_published() {
 }
 
 #[test]
+fn a_bad_selection_is_refused_before_anything_is_published() {
+    let refused = |args: &[&str], expected: &str| {
+        let output = producer()
+            .args(["run", "--name", "x", "--toolchain", "stable"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} is refused");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    refused(&["--dump", "/nonexistent/db-dump.tar.gz"], "does not exist");
+    refused(
+        &["--pattern", "serde[", "--limit", "5"],
+        "invalid name pattern",
+    );
+    refused(&["--sample", "0"], "at least one crate");
+    refused(&["--dependents-of", "serde", "--depth", "0"], "at least 1");
+    refused(&["--dependents-of", "not a crate"], "not a crate name");
+    refused(&["--seed", "4"], "--sample");
+}
+
+#[test]
 fn a_missing_config_file_is_named_in_the_error() {
     let output = producer()
         .args(["--config", "/nonexistent/quarry.toml", "migrate"])

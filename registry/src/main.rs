@@ -27,6 +27,10 @@ struct Cli {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9015")]
     listen: SocketAddr,
+    /// Instead of serving, write the crates.io-format database dump of the crates found to
+    /// FILE (a db-dump.tar.gz for `quarry-producer run --dump`) and exit.
+    #[arg(long, value_name = "FILE")]
+    write_dump: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -52,6 +56,15 @@ async fn main() -> anyhow::Result<()> {
         "no .crate files found under {dirs:?}"
     );
     let (crates, versions) = (corpus.crates.len(), corpus.versions());
+    if let Some(out) = &cli.write_dump {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        quarry_registry::dump::write_corpus_dump(&corpus, out, &now)?;
+        eprintln!(
+            "wrote the dump of {crates} crates ({versions} versions) to {}",
+            out.display()
+        );
+        return Ok(());
+    }
     let registry = serve(corpus, cli.listen).await?;
     tracing::info!(
         crates,

@@ -155,6 +155,9 @@ pub struct RegistryConfig {
     pub request_timeout_secs: u64,
     /// Crates asked for per page of the registry listing (crates.io allows up to 100).
     pub page_size: u32,
+    /// Package versions per page read from a database dump: each page is one database
+    /// transaction and one batch of publisher confirms.
+    pub dump_page_size: usize,
     /// Least time between two web API requests (crates.io asks crawlers for at most one per
     /// second). The sparse index and downloads are served by a CDN and are not spaced out.
     pub api_min_interval_ms: u64,
@@ -178,6 +181,7 @@ impl Default for RegistryConfig {
             request_timeout_secs: 30,
             api_min_interval_ms: 1000,
             page_size: 100,
+            dump_page_size: 1000,
             index_cache_dir: None,
         }
     }

@@ -17,6 +17,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let stack = TestStack::start_with(corpus).await.unwrap();
 
     let definition = RunDefinition {
+        filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Test, TIME_LIMIT_SECS),
         selection: Selection::Listing {
@@ -103,6 +104,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let corpus = fixtures::corpus(packed.path()).unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
     let definition = RunDefinition {
+        filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
         selection: Selection::Packages {
@@ -146,6 +148,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
     .unwrap();
     let end = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let definition = RunDefinition {
+        filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain(), end.parse().unwrap()],
         experiment: experiment(Mode::Test, 120),
         // Every fixture but the one that always times out, which would only slow this down.
@@ -234,6 +237,7 @@ async fn identical_jobs_in_flight_are_computed_once() {
         .await
         .unwrap();
     let definition = RunDefinition {
+        filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
         selection: Selection::Packages {

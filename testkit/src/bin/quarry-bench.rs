@@ -6,6 +6,13 @@
 //! (producer, broker, two consumers, S3, PostgreSQL), timed from the producer's start to the
 //! last result; against `xargs -P2` unpacking each of the same `.crate` files and running the
 //! same bubblewrap command line on it.
+//!
+//! `publish --versions N`: the producer's enumeration and publishing. Generates a crates.io
+//! database dump of N versions (10 per crate), publishes every version of it with the producer
+//! (`run --dump --all-versions`: record in PostgreSQL, publish, wait for confirms, save the
+//! position, page after page) and, in the same run, the same messages with a bare lapin loop
+//! (publish a page, wait for its confirms). Each runs in its own child process, which reports
+//! its peak RSS (VmHWM).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,6 +36,45 @@ enum Bench {
         #[arg(long, default_value_t = 2)]
         consumers: usize,
     },
+    /// The producer publishing every version of a generated dump, against a bare lapin loop.
+    Publish {
+        /// Package versions in the generated dump.
+        #[arg(long, default_value_t = 2_000_000)]
+        versions: u32,
+        /// Messages per page (producer) and per batch of confirms (bare loop).
+        #[arg(long, default_value_t = 1000)]
+        page: usize,
+    },
+    /// (Internal) one side of `publish`, in its own process.
+    #[command(hide = true)]
+    PublishSide {
+        #[arg(long)]
+        side: Side,
+        #[arg(long)]
+        dump: std::path::PathBuf,
+        #[arg(long)]
+        versions: u32,
+        #[arg(long)]
+        page: usize,
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        amqp_url: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Side {
+    Producer,
+    Bare,
+}
+
+/// What one side of `publish` measured, printed by the child as JSON.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Measured {
+    messages: u64,
+    seconds: f64,
+    peak_rss_kib: u64,
 }
 
 #[tokio::main]
@@ -36,6 +82,32 @@ async fn main() -> anyhow::Result<()> {
     quarry_shared::telemetry::init();
     match Bench::parse() {
         Bench::Dispatch { jobs, consumers } => dispatch(jobs, consumers).await,
+        Bench::Publish { versions, page } => publish(versions, page).await,
+        Bench::PublishSide {
+            side,
+            dump,
+            versions,
+            page,
+            database_url,
+            amqp_url,
+        } => {
+            let mut config = quarry_shared::Config::default();
+            config.database.url = quarry_shared::config::Secret::new(database_url);
+            config.rabbitmq.url = quarry_shared::config::Secret::new(amqp_url);
+            config.registry.dump_page_size = page;
+            let started = Instant::now();
+            let messages = match side {
+                Side::Producer => publish_with_producer(&config, &dump).await?,
+                Side::Bare => publish_bare(&config, versions, page).await?,
+            };
+            let measured = Measured {
+                messages,
+                seconds: started.elapsed().as_secs_f64(),
+                peak_rss_kib: peak_rss_kib()?,
+            };
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
     }
 }
 
@@ -50,6 +122,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let fleet = stack.start_consumers(&names);
     let definition = RunDefinition {
+        filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: Experiment {
             mode: Mode::Command,
@@ -145,4 +218,182 @@ async fn bare_xargs(crates: &Path, parallel: usize) -> anyhow::Result<Duration> 
     let elapsed = started.elapsed();
     anyhow::ensure!(status.success(), "xargs failed: {status}");
     Ok(elapsed)
+}
+
+/// The name, version and checksum of the `i`-th version of a generated registry: ten versions per
+/// crate, as on crates.io on average.
+fn generated_version(i: u32) -> (String, String, String) {
+    use sha2::Digest as _;
+    let name = format!("bench-crate-{:07}", i / 10);
+    let version = format!("1.{}.0", i % 10);
+    let checksum = hex::encode(sha2::Sha256::digest(format!("{name}@{version}")));
+    (name, version, checksum)
+}
+
+async fn publish(versions: u32, page: usize) -> anyhow::Result<()> {
+    let stack = TestStack::start_with(quarry_registry::Corpus::default()).await?;
+    let dump = stack.dir.path().join("db-dump.tar.gz");
+    let started = Instant::now();
+    let mut writer = quarry_registry::dump::DumpWriter::new()?;
+    for i in 0..versions {
+        let (name, version, checksum) = generated_version(i);
+        if i % 10 == 0 {
+            writer.add_crate(i / 10 + 1, &name, u64::from(versions - i))?;
+        }
+        writer.add_version(i + 1, i / 10 + 1, &version, false, &checksum)?;
+    }
+    writer.finish(&dump, "2026-11-23T02:00:00Z")?;
+    eprintln!(
+        "generated a dump of {versions} versions ({} MB) in {:.1?}",
+        std::fs::metadata(&dump)?.len() / 1_000_000,
+        started.elapsed()
+    );
+
+    let side = |side: &str| -> anyhow::Result<Measured> {
+        let output = std::process::Command::new(std::env::current_exe()?)
+            .args(["publish-side", "--side", side, "--dump"])
+            .arg(&dump)
+            .args(["--versions", &versions.to_string()])
+            .args(["--page", &page.to_string()])
+            .args(["--database-url", stack.config.database.url.expose()])
+            .args(["--amqp-url", stack.config.rabbitmq.url.expose()])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(output.status.success(), "the {side} side failed");
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let producer = side("producer")?;
+    eprintln!("producer: {producer:?}");
+    let bare = side("bare")?;
+    eprintln!("bare lapin loop: {bare:?}");
+    anyhow::ensure!(
+        producer.messages == u64::from(versions) && bare.messages == u64::from(versions),
+        "both sides publish every version"
+    );
+    let rate = |m: &Measured| m.messages as f64 / m.seconds;
+    println!(
+        "| publish, {versions} versions from a dump | {:.0} jobs/s, {} MiB | {:.0} msg/s, {} MiB | {:.0}% |",
+        rate(&producer),
+        producer.peak_rss_kib / 1024,
+        rate(&bare),
+        bare.peak_rss_kib / 1024,
+        100.0 * rate(&producer) / rate(&bare),
+    );
+    Ok(())
+}
+
+/// The producer, as `quarry-producer run --dump FILE --all-versions` runs it.
+async fn publish_with_producer(config: &quarry_shared::Config, dump: &Path) -> anyhow::Result<u64> {
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: quarry_testkit::experiment(Mode::Check, 600),
+        selection: Selection::Dump {
+            path: dump.to_owned(),
+            sort: Sort::Alpha,
+            limit: None,
+        },
+        filter: quarry_producer::selection::Filter {
+            all_versions: true,
+            ..Default::default()
+        },
+    };
+    let summary = publish_run(config, "publish", &definition, &CancellationToken::new()).await?;
+    anyhow::ensure!(summary.complete, "the producer stopped early");
+    Ok(summary.jobs_queued)
+}
+
+/// The same messages, published by lapin alone into a queue of the same kind: a page at a time,
+/// waiting for the page's confirms.
+async fn publish_bare(
+    config: &quarry_shared::Config,
+    versions: u32,
+    page: usize,
+) -> anyhow::Result<u64> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let connection = lapin::Connection::connect(
+        config.rabbitmq.url.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            "bare-publish".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    let run = quarry_shared::job::RunId::default();
+    let toolchain = quarry_testkit::toolchain();
+    let experiment = quarry_testkit::experiment(Mode::Check, 600);
+    let mut published = 0;
+    let mut next = 0;
+    while next < versions {
+        let end = versions.min(next + page as u32);
+        let mut confirms = Vec::with_capacity(page);
+        for i in next..end {
+            let (name, version, checksum) = generated_version(i);
+            let job = quarry_shared::job::Job::new(
+                run,
+                quarry_shared::job::PackageVersion {
+                    name,
+                    version,
+                    checksum,
+                },
+                toolchain.clone(),
+                experiment.clone(),
+            );
+            let properties = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(job.id.to_string().into());
+            confirms.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        "bare-publish".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &job.to_message(),
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in futures::future::join_all(confirms).await {
+            anyhow::ensure!(confirm?.is_ack(), "the broker refused a message");
+            published += 1;
+        }
+        next = end;
+    }
+    connection.close(0, "done".into()).await?;
+    Ok(published)
+}
+
+/// This process's peak resident set size, from /proc/self/status.
+fn peak_rss_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmHWM line")?
+        .parse()?)
 }
