@@ -253,49 +253,62 @@ pub async fn publish_run(
         pages.position = position;
     }
     let mut progress = PublishProgress::new();
-    let mut interrupted = false;
-    while let Some(page) = pages.next().await? {
-        summary.pages += 1;
-        let mut jobs = Vec::new();
-        let resolved = futures::stream::iter(page)
-            .map(|item| async {
-                match item {
-                    Item::Request(request) => resolve(&registry, &definition.filter, request).await,
-                    Item::Resolved(package) => (package.to_string(), Ok(vec![package])),
-                    Item::LeftOut { package, why } => (package, Err(why)),
-                }
-            })
-            .buffered(INDEX_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
-        for (name, resolution) in resolved {
-            match resolution {
-                Ok(packages) => {
-                    for package in packages {
-                        for toolchain in &definition.toolchains {
-                            jobs.push(Job::new(
-                                run.id,
-                                package.clone(),
-                                toolchain.clone(),
-                                definition.experiment.clone(),
-                            ));
-                        }
-                    }
-                }
-                Err(why) => {
-                    tracing::warn!(package = %name, %why, "package left out");
-                    summary.packages_failed.insert(name, why);
-                }
+    let interrupted;
+    // Three pages at a time: while the broker confirms one page, the page before it is marked
+    // published (and the position after it saved) and the page after it is read, resolved and
+    // recorded. Each page is still recorded before it is published and marked only after its
+    // confirms, so a stop anywhere loses nothing and publishes nothing twice.
+    let mut recorded: Option<RecordedPage> = None;
+    let mut confirmed: Option<RecordedPage> = None;
+    loop {
+        // Every invocation reads at least one page, so that even one stopped at once moves on.
+        let reading = !pages.position.done && (summary.pages == 0 || !shutdown.is_cancelled());
+        let next = async {
+            if !reading {
+                return Ok(None);
             }
+            let Some(page) = pages.next().await? else {
+                return Ok(None);
+            };
+            let position = serde_json::to_value(&pages.position)?;
+            let (jobs, left_out) = page_jobs(&registry, &run, definition, page).await;
+            let pending = store.record_jobs(&jobs).await?;
+            anyhow::Ok(Some((
+                RecordedPage {
+                    jobs,
+                    pending,
+                    position,
+                },
+                left_out,
+            )))
+        };
+        let publish = async {
+            match recorded.take() {
+                Some(page) => page.publish(&publisher).await.map(|()| Some(page)),
+                None => Ok(None),
+            }
+        };
+        let mark = async {
+            match confirmed.take() {
+                Some(page) => page.mark_published(&store, run.id).await,
+                None => Ok(0),
+            }
+        };
+        let (next, published, marked) = tokio::join!(next, publish, mark);
+        summary.jobs_queued += marked?;
+        confirmed = published?;
+        if summary.pages > 0 {
+            progress.page(&summary, pages.expected_pages());
         }
-        let published = publish_page(&store, &publisher, &jobs).await?;
-        store
-            .save_paging_position(run.id, &serde_json::to_value(&pages.position)?)
-            .await?;
-        summary.jobs_queued += published;
-        progress.page(&summary, pages.expected_pages());
-        if shutdown.is_cancelled() {
-            interrupted = true;
+        if let Some((page, left_out)) = next? {
+            summary.pages += 1;
+            for (package, why) in left_out {
+                tracing::warn!(%package, %why, "package left out");
+                summary.packages_failed.insert(package, why);
+            }
+            recorded = Some(page);
+        } else if recorded.is_none() && confirmed.is_none() {
+            interrupted = !pages.position.done;
             break;
         }
     }
@@ -314,17 +327,74 @@ pub async fn publish_run(
     Ok(summary)
 }
 
-/// Records a page's jobs, publishes the ones not yet published, and marks them once confirmed.
-/// Returns how many were published.
-async fn publish_page(store: &Store, publisher: &Publisher, jobs: &[Job]) -> anyhow::Result<u64> {
-    let pending = store.record_jobs(jobs).await?;
-    let to_publish: Vec<&Job> = jobs.iter().filter(|j| pending.contains(&j.id)).collect();
-    publisher
-        .publish_jobs(to_publish.iter().copied())
-        .await
-        .context("publishing a page of jobs failed; re-run the producer to continue")?;
-    store.mark_published(&pending).await?;
-    Ok(pending.len() as u64)
+/// A page whose jobs are recorded in PostgreSQL, waiting to be published.
+struct RecordedPage {
+    jobs: Vec<Job>,
+    /// The jobs not yet published (nor finished) by an earlier invocation.
+    pending: Vec<quarry_shared::job::JobId>,
+    /// The paging position after this page, saved once it is published.
+    position: serde_json::Value,
+}
+
+impl RecordedPage {
+    /// Publishes the pending jobs and waits for every confirm.
+    async fn publish(&self, publisher: &Publisher) -> anyhow::Result<()> {
+        let pending: std::collections::HashSet<_> = self.pending.iter().collect();
+        publisher
+            .publish_jobs(self.jobs.iter().filter(|j| pending.contains(&j.id)))
+            .await
+            .context("publishing a page of jobs failed; re-run the producer to continue")
+    }
+
+    /// After the confirms: marks the jobs published and saves the position, in one transaction.
+    /// Returns how many were published.
+    async fn mark_published(self, store: &Store, run: RunId) -> anyhow::Result<u64> {
+        store
+            .mark_published(&self.pending, Some((run, &self.position)))
+            .await?;
+        Ok(self.pending.len() as u64)
+    }
+}
+
+/// The jobs of a page's packages (one per version and toolchain), and the packages left out
+/// with why.
+async fn page_jobs(
+    registry: &RegistryClient,
+    run: &quarry_shared::store::Run,
+    definition: &RunDefinition,
+    page: Vec<Item>,
+) -> (Vec<Job>, Vec<(String, String)>) {
+    let resolved = futures::stream::iter(page)
+        .map(|item| async {
+            match item {
+                Item::Request(request) => resolve(registry, &definition.filter, request).await,
+                Item::Resolved(package) => (package.to_string(), Ok(vec![package])),
+                Item::LeftOut { package, why } => (package, Err(why)),
+            }
+        })
+        .buffered(INDEX_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    let mut jobs = Vec::new();
+    let mut left_out = Vec::new();
+    for (name, resolution) in resolved {
+        match resolution {
+            Ok(packages) => {
+                for package in packages {
+                    for toolchain in &definition.toolchains {
+                        jobs.push(Job::new(
+                            run.id,
+                            package.clone(),
+                            toolchain.clone(),
+                            definition.experiment.clone(),
+                        ));
+                    }
+                }
+            }
+            Err(why) => left_out.push((name, why)),
+        }
+    }
+    (jobs, left_out)
 }
 
 /// A package to look up: a name, and optionally the exact version wanted.
@@ -933,44 +1003,11 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
             .await
             .context("republishing failed part way; run it again to finish")?;
         let ids: Vec<_> = chunk.iter().map(|j| j.id).collect();
-        store.mark_published(&ids).await?;
+        store.mark_published(&ids, None).await?;
         republished.jobs += chunk.len() as u64;
     }
     broker.close().await;
     Ok(republished)
-}
-
-/// Polls the run's progress until every job has a result, logging it as it goes.
-pub async fn wait_for_run(
-    config: &Config,
-    run: RunId,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<quarry_shared::store::Progress> {
-    let store = Store::connect(&config.database).await?;
-    let started = std::time::Instant::now();
-    let mut last = None;
-    loop {
-        let progress = store.progress(run).await?;
-        if last != Some(progress.finished) {
-            let rate = progress.finished as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "{}/{} jobs finished ({:.1}/s)",
-                progress.finished,
-                progress
-                    .total
-                    .map_or_else(|| "?".to_owned(), |t| t.to_string()),
-                rate
-            );
-            last = Some(progress.finished);
-        }
-        if progress.is_complete() || shutdown.is_cancelled() {
-            return Ok(progress);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-            _ = shutdown.cancelled() => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use quarry_producer::selection::{Dependents, Filter, Sample};
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run, wait_for_run};
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_shared::Config;
 use quarry_shared::config::ConfigArgs;
 use quarry_shared::job::{Experiment, Mode, Toolchain};
@@ -502,15 +502,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(3));
             }
             if args.wait {
-                let progress = wait_for_run(&config, summary.run_id, &shutdown).await?;
-                if !progress.is_complete() {
+                // The same follower as `quarry-reporter status`: a progress bar with rate and
+                // ETA, then the outcomes and where the report is.
+                let outcome =
+                    quarry_reporter::status(&config, &summary.run_name, &shutdown).await?;
+                eprint!("{outcome}");
+                if shutdown.is_cancelled() {
                     eprintln!("stopped waiting; the run goes on");
                     return Ok(ExitCode::from(3));
                 }
-                eprintln!(
-                    "run {} finished; write its report with: quarry-reporter generate {}",
-                    summary.run_name, summary.run_name
-                );
             }
             Ok(ExitCode::SUCCESS)
         }

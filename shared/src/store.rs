@@ -356,22 +356,6 @@ impl Store {
         Ok(changed == 1)
     }
 
-    /// Saves where the producer is in the registry listing (after a page is published).
-    pub async fn save_paging_position(
-        &self,
-        run: RunId,
-        position: &serde_json::Value,
-    ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "UPDATE runs SET paging_position = $2 WHERE id = $1",
-                &[&run.0, position],
-            )
-            .await?;
-        Ok(())
-    }
-
     /// Jobs recorded for a run, and the distinct package versions they cover.
     pub async fn recorded(&self, run: RunId) -> anyhow::Result<(i64, i64)> {
         let client = self.client().await?;
@@ -435,15 +419,20 @@ impl Store {
         let checksums: Vec<&str> = jobs.iter().map(|j| j.package.checksum.as_str()).collect();
         let toolchains: Vec<&str> = jobs.iter().map(|j| j.toolchain.as_str()).collect();
         let client = self.client().await?;
-        client
-            .execute(
+        let inserted = client
+            .query(
                 "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-                 ON CONFLICT (id) DO NOTHING",
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
                 &[&ids, &runs, &names, &versions, &checksums, &toolchains],
             )
             .await
             .context("cannot record jobs")?;
+        if inserted.len() == ids.len() {
+            // All new (the usual case on a first invocation): none can be published yet.
+            return Ok(inserted.into_iter().map(|r| JobId(r.get(0))).collect());
+        }
         let rows = client
             .query(
                 "SELECT j.id FROM jobs j
@@ -485,20 +474,23 @@ impl Store {
             .collect())
     }
 
-    /// Marks jobs as published (after the broker confirmed them) and logs their `queued` event.
-    pub async fn mark_published(&self, jobs: &[JobId]) -> anyhow::Result<()> {
-        if jobs.is_empty() {
-            return Ok(());
-        }
+    /// Marks jobs as published (after the broker confirmed them): the time is their `queued`
+    /// event. With a paging position, saves it with the run in the same transaction.
+    pub async fn mark_published(
+        &self,
+        jobs: &[JobId],
+        position: Option<(RunId, &serde_json::Value)>,
+    ) -> anyhow::Result<()> {
         let ids: Vec<Uuid> = jobs.iter().map(|j| j.0).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO job_events (job_id, run_id, kind)
-             SELECT id, run_id, 'queued' FROM jobs WHERE id = ANY($1) AND published_at IS NULL",
-            &[&ids],
-        )
-        .await?;
+        if let Some((run, position)) = position {
+            tx.execute(
+                "UPDATE runs SET paging_position = $2 WHERE id = $1",
+                &[&run.0, position],
+            )
+            .await?;
+        }
         tx.execute(
             "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
             &[&ids],
@@ -1140,8 +1132,16 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT at, kind, attempt, consumer, detail FROM job_events
-                 WHERE job_id = $1 ORDER BY id",
+                // The `queued` event is the job's published_at: not a row of its own, since
+                // the producer writes it for every job of every run.
+                "SELECT at, kind, attempt, consumer, detail FROM (
+                     SELECT 0 AS position, published_at AS at, 'queued' AS kind,
+                            NULL::integer AS attempt, NULL AS consumer, NULL AS detail
+                     FROM jobs WHERE id = $1 AND published_at IS NOT NULL
+                     UNION ALL
+                     SELECT id, at, kind, attempt, consumer, detail FROM job_events
+                     WHERE job_id = $1
+                 ) events ORDER BY position",
                 &[&job.0],
             )
             .await?;

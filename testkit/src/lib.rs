@@ -24,7 +24,7 @@ use quarry_registry::{Corpus, RunningRegistry};
 use quarry_shared::Config;
 use quarry_shared::config::Secret;
 use quarry_shared::job::{Experiment, Mode, RunId, Toolchain};
-use quarry_shared::store::Progress;
+use quarry_shared::store::{Progress, Store};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
@@ -166,13 +166,23 @@ impl TestStack {
 
     /// Waits (at most 20 minutes) until every job of `run` has a result.
     pub async fn wait_for_run(&self, run: RunId) -> Progress {
-        let progress = tokio::time::timeout(
-            Duration::from_secs(20 * 60),
-            quarry_producer::wait_for_run(&self.config, run, &CancellationToken::new()),
-        )
+        let store = Store::connect(&self.config.database)
+            .await
+            .expect("the test database is reachable");
+        let progress = tokio::time::timeout(Duration::from_secs(20 * 60), async {
+            loop {
+                let progress = store
+                    .progress(run)
+                    .await
+                    .expect("the run's progress can be read");
+                if progress.is_complete() {
+                    break progress;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
         .await
-        .expect("the run finishes within 20 minutes")
-        .expect("the run's progress can be read");
+        .expect("the run finishes within 20 minutes");
         assert!(progress.is_complete(), "{progress:?}");
         progress
     }

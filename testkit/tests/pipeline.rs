@@ -451,16 +451,18 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         1,
         "dead-lettered with its reason"
     );
-    let events: Vec<String> = sql
-        .query(
-            "SELECT e.kind FROM job_events e JOIN jobs j ON j.id = e.job_id
-             WHERE j.crate_name = $1 ORDER BY e.id",
-            &[&corrupt],
-        )
+    let job: uuid::Uuid = sql
+        .query_one("SELECT id FROM jobs WHERE crate_name = $1", &[&corrupt])
+        .await
+        .unwrap()
+        .get(0);
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    let events: Vec<String> = store
+        .events(quarry_shared::job::JobId(job))
         .await
         .unwrap()
         .into_iter()
-        .map(|row| row.get(0))
+        .map(|event| event.kind)
         .collect();
     assert_eq!(
         events,
