@@ -37,6 +37,7 @@ use quarry_shared::s3::Bucket;
 use quarry_shared::store::{JobState, NewResult, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{DiskCache, FetchError, Fetcher, Source};
@@ -359,7 +360,10 @@ impl Worker {
 
     async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
         self.metrics.in_progress.inc();
-        let processed = self.process(publisher, &delivery).await;
+        // The job's trace, continued from the context its producer put in the headers.
+        let span = tracing::info_span!("run job", job = tracing::field::Empty);
+        quarry_shared::telemetry::extract(delivery.properties.headers().as_ref(), &span);
+        let processed = self.process(publisher, &delivery).instrument(span).await;
         self.metrics.in_progress.dec();
         if let Err(err) = processed {
             // The result could not be recorded (database down?): let another attempt do it.
@@ -388,6 +392,7 @@ impl Worker {
                 return ack(delivery).await;
             }
         };
+        tracing::Span::current().record("job", tracing::field::display(job.id));
         let _in_hand = self.take_in_hand(job.id);
         let state = self.store.job_state(&job).await?;
         if state == JobState::Finished {

@@ -38,7 +38,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    quarry_shared::telemetry::init();
+    let _telemetry = quarry_shared::telemetry::init("quarry-consumer");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -281,7 +281,7 @@ impl RunArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    quarry_shared::telemetry::init();
+    let _telemetry = quarry_shared::telemetry::init("quarry-producer");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

@@ -35,7 +35,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    quarry_shared::telemetry::init();
+    let _telemetry = quarry_shared::telemetry::init("quarry-registry");
     let cli = Cli::parse();
     let dirs: Vec<PathBuf> = cli.crates_dirs.iter().map(|d| expand_home(d)).collect();
     let mut corpus = Corpus::load(&dirs)?;

@@ -68,7 +68,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    quarry_shared::telemetry::init();
+    let _telemetry = quarry_shared::telemetry::init("quarry-reporter");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

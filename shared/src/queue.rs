@@ -232,8 +232,24 @@ impl Publisher {
         jobs: impl IntoIterator<Item = &'a Job>,
     ) -> anyhow::Result<()> {
         let mut confirms = Vec::new();
+        // One trace per job, started here when traces are exported; its spans end once the
+        // page is confirmed.
+        let mut spans = Vec::new();
         for job in jobs {
-            let properties = persistent().with_message_id(job.id.to_string().into());
+            let mut properties = persistent().with_message_id(job.id.to_string().into());
+            if crate::telemetry::tracing_enabled() {
+                let span = tracing::info_span!(
+                    parent: None,
+                    "publish job",
+                    job = %job.id,
+                    package = %job.package,
+                    toolchain = %job.toolchain,
+                );
+                let mut headers = FieldTable::default();
+                crate::telemetry::inject(&span, &mut headers);
+                properties = properties.with_headers(headers);
+                spans.push(span);
+            }
             let confirm = self
                 .channel
                 .basic_publish(
@@ -304,9 +320,11 @@ impl Publisher {
         exchange: &str,
         routing_key: &str,
         body: &[u8],
-        headers: FieldTable,
+        mut headers: FieldTable,
         what: &str,
     ) -> anyhow::Result<()> {
+        // A job put back (a retry, a wait) or aside (a dead letter) stays in its trace.
+        crate::telemetry::inject(&tracing::Span::current(), &mut headers);
         let confirmation = self
             .channel
             .basic_publish(

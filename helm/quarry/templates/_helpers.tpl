@@ -112,6 +112,10 @@ log filter. */}}
 - name: RUST_LOG
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The security context of every container but the sandboxed consumer's: non-root, no

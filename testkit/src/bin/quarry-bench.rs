@@ -79,7 +79,7 @@ struct Measured {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    quarry_shared::telemetry::init();
+    let _telemetry = quarry_shared::telemetry::init("quarry-bench");
     match Bench::parse() {
         Bench::Dispatch { jobs, consumers } => dispatch(jobs, consumers).await,
         Bench::Publish { versions, page } => publish(versions, page).await,

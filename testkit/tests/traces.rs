@@ -1,0 +1,124 @@
+//! Traces: with an OTLP endpoint configured, one job is one trace from the producer that
+//! published it to the consumer that ran it, the context carried in the AMQP headers. Its own
+//! test binary: tracing is set up once per process.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
+use quarry_producer::{RunDefinition, Selection, publish_run};
+use quarry_shared::job::{Experiment, Mode};
+use quarry_testkit::TestStack;
+use tokio_util::sync::CancellationToken;
+
+/// An OTLP/HTTP receiver on loopback, keeping every span posted to `/v1/traces`.
+async fn receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
+    let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+    let kept = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: bytes::Bytes| async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+            let mut kept = kept.lock().unwrap();
+            for resource in request.resource_spans {
+                for scope in resource.scope_spans {
+                    kept.extend(scope.spans);
+                }
+            }
+            axum::http::StatusCode::OK
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1/traces"), spans)
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_continues_the_trace_its_producer_started() {
+    let (endpoint, spans) = receiver().await;
+    // SAFETY: set before tracing starts, and nothing else in this test process reads or writes
+    // the environment concurrently.
+    unsafe {
+        std::env::set_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint);
+        std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    }
+    let _telemetry = quarry_shared::telemetry::init("quarry-test");
+    assert!(quarry_shared::telemetry::tracing_enabled());
+
+    let corpus = quarry_registry::Corpus::load(&[quarry_testkit::crates_dir()])
+        .unwrap()
+        .closed();
+    let packages: Vec<String> = corpus.crates.keys().take(3).cloned().collect();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Command,
+            timeout_secs: 60,
+            fresh: true,
+            memory_limit_mb: 1024,
+            command: Some(vec!["true".to_owned()]),
+        },
+        selection: Selection::Packages { packages },
+        filter: Default::default(),
+    };
+    let summary = publish_run(
+        &stack.config,
+        "traced",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.jobs_queued, 3);
+    let fleet = stack.start_consumers(&["traced"]);
+    stack.wait_for_run(summary.run_id).await;
+    fleet.stop().await;
+
+    tokio::task::spawn_blocking(quarry_shared::telemetry::flush)
+        .await
+        .unwrap();
+    let named = |name: &str| -> Vec<Span> {
+        let spans = spans.lock().unwrap();
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while named("run job").len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = named("publish job");
+    let ran = named("run job");
+    assert_eq!(published.len(), 3, "one producer span per job");
+    assert_eq!(ran.len(), 3, "one consumer span per delivery");
+    for consumer in &ran {
+        let job = attribute(consumer, "job").expect("the consumer's span names its job");
+        let producer = published
+            .iter()
+            .find(|p| attribute(p, "job").as_deref() == Some(job.as_str()))
+            .unwrap_or_else(|| panic!("no producer span for job {job}"));
+        assert_eq!(
+            consumer.trace_id, producer.trace_id,
+            "job {job}: the consumer's span is in the producer's trace"
+        );
+        assert_eq!(
+            consumer.parent_span_id, producer.span_id,
+            "job {job}: the producer's span is its parent"
+        );
+    }
+    let traces: std::collections::HashSet<_> = published.iter().map(|s| &s.trace_id).collect();
+    assert_eq!(traces.len(), 3, "one trace per job");
+}
