@@ -5,6 +5,10 @@
 //! package's code (build scripts, proc macros, tests) runs inside. When the consumer dies, the
 //! sandbox dies with it (`--die-with-parent`); killing the sandbox's outer process tears down its
 //! PID namespace, and with it every process the package started.
+//!
+//! What in the system directories only their owner may read (`/etc/shadow`, private keys under
+//! `/etc/ssl/private`, a config file with secrets kept mode 600) is hidden: a consumer running as
+//! root would otherwise hand it to every package's build script.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +25,8 @@ pub enum Sandbox {
         bwrap: PathBuf,
         /// Host paths mounted read-only: toolchains, cargo's proxies, the consumer's cargo home.
         read_only: Vec<PathBuf>,
+        /// Paths in the system directories that not everyone may read, hidden in the sandbox.
+        hidden: Vec<Hidden>,
     },
     /// Steps run as plain child processes. Only with the operator's explicit consent.
     Unsandboxed,
@@ -55,7 +61,14 @@ impl Sandbox {
                 String::from_utf8_lossy(&probe.stderr).trim()
             );
         }
-        Ok(Sandbox::Bubblewrap { bwrap, read_only })
+        // Secrets of the system live in /etc; the other system directories hold what packages
+        // install for everyone (and walking /usr would cost every consumer start a second).
+        let hidden = not_world_readable(Path::new("/etc"));
+        Ok(Sandbox::Bubblewrap {
+            bwrap,
+            read_only,
+            hidden,
+        })
     }
 
     /// The program and arguments that run `program args` in the sandbox, in `dir`, with
@@ -72,7 +85,11 @@ impl Sandbox {
                 PathBuf::from(program),
                 args.iter().map(|a| (*a).to_owned()).collect(),
             ),
-            Sandbox::Bubblewrap { bwrap, read_only } => {
+            Sandbox::Bubblewrap {
+                bwrap,
+                read_only,
+                hidden,
+            } => {
                 let mut line: Vec<String> = [
                     "--unshare-all",
                     "--die-with-parent",
@@ -88,6 +105,18 @@ impl Sandbox {
                 }
                 for dir in SYSTEM_DIRS {
                     bind(&mut line, "--ro-bind-try", Path::new(dir));
+                }
+                for hidden in hidden {
+                    match hidden {
+                        Hidden::Directory(path) => {
+                            line.extend(["--tmpfs".to_owned(), path.display().to_string()]);
+                        }
+                        Hidden::File(path) => line.extend([
+                            "--ro-bind".to_owned(),
+                            "/dev/null".to_owned(),
+                            path.display().to_string(),
+                        ]),
+                    }
                 }
                 line.extend(
                     ["--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"].map(str::to_owned),
@@ -106,10 +135,81 @@ impl Sandbox {
     }
 }
 
+/// A path of the system directories hidden in the sandbox: an empty directory, or `/dev/null`,
+/// mounted over it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hidden {
+    Directory(PathBuf),
+    File(PathBuf),
+}
+
+/// Every file and directory under `dir` that others may not read (for a directory: read and
+/// enter), without what lies inside the ones found. Symbolic links are not followed: they lead
+/// to a path that is checked on its own, or nowhere the sandbox can see.
+fn not_world_readable(dir: &Path) -> Vec<Hidden> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut hidden = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            let mode = metadata.permissions().mode();
+            if metadata.is_dir() {
+                if mode & 0o005 != 0o005 {
+                    hidden.push(Hidden::Directory(entry.path()));
+                } else {
+                    pending.push(entry.path());
+                }
+            } else if metadata.is_file() && mode & 0o004 == 0 {
+                hidden.push(Hidden::File(entry.path()));
+            }
+        }
+    }
+    hidden.sort();
+    hidden
+}
+
 /// The first `name` on `PATH`.
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn what_others_may_not_read_is_hidden() {
+        let root = tempfile::tempdir().unwrap();
+        let path = |p: &str| root.path().join(p);
+        let mode = |p: &str, mode| {
+            std::fs::set_permissions(path(p), std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        std::fs::create_dir_all(path("ssl/private")).unwrap();
+        std::fs::create_dir_all(path("ssl/certs")).unwrap();
+        std::fs::write(path("ssl/private/key.pem"), "secret").unwrap();
+        std::fs::write(path("ssl/certs/ca.pem"), "public").unwrap();
+        std::fs::write(path("shadow"), "secret").unwrap();
+        std::fs::write(path("hosts"), "public").unwrap();
+        mode("ssl/private", 0o700);
+        mode("shadow", 0o640);
+        mode("hosts", 0o644);
+        mode("ssl/certs/ca.pem", 0o644);
+        assert_eq!(
+            not_world_readable(root.path()),
+            [
+                Hidden::Directory(path("ssl/private")),
+                Hidden::File(path("shadow")),
+            ]
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Packs the fixture crates of `testkit/fixtures/` into real `.crate` archives, one per outcome
 //! class, and loads them as a registry corpus.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -56,6 +57,9 @@ pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
     Corpus::load(&[out.to_owned()])
 }
 
+/// The archive bomb's payload: zeros, past the consumer's unpacking limit (1 GiB).
+const BOMB_BYTES: u64 = 3 << 29;
+
 fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
@@ -69,6 +73,17 @@ fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
         flate2::Compression::default(),
     ));
     tar.append_dir_all(&root, crate_dir)?;
+    if name == "quarry-fixture-archive-bomb" {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(BOMB_BYTES);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(
+            &mut header,
+            format!("{root}/zeros"),
+            std::io::repeat(0).take(BOMB_BYTES),
+        )?;
+    }
     tar.into_inner()?.finish()?;
     Ok(())
 }

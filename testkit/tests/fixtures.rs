@@ -29,7 +29,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 10, "{summary}");
+    assert_eq!(summary.jobs_queued, 12, "{summary}");
 
     let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
     stack.wait_for_run(summary.run_id).await;
@@ -71,6 +71,15 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         "{hog}"
     );
     assert!(log("quarry-fixture-fork-bomb").contains("stopped after"));
+    // Two gigabytes printed: the start is kept, the rest counted.
+    let loud = log("quarry-fixture-loud");
+    assert!(
+        loud.contains("output truncated"),
+        "{}",
+        &loud[loud.len().saturating_sub(2000)..]
+    );
+    assert!(loud.len() < 64 << 20, "the kept log is bounded");
+    assert!(log("quarry-fixture-archive-bomb").contains("expands past"));
 
     // Failures grouped by root cause, read from their logs.
     let cause_of = |name: &str| {
@@ -133,6 +142,10 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
     assert!(log.contains("SANDBOX ESCAPE"), "{log}");
     assert!(log.contains("connected to 127.0.0.1:5432"), "{log}");
+    if nix::unistd::geteuid().is_root() {
+        // What the sandbox hides from a consumer running as root.
+        assert!(log.contains("read /etc/shadow"), "{log}");
+    }
 }
 
 /// Two toolchains: every package is compared, and the one that breaks on the end toolchain is
