@@ -174,7 +174,7 @@ impl Fetcher {
     }
 }
 
-fn checksum_matches(bytes: &[u8], expected: &str) -> bool {
+pub(crate) fn checksum_matches(bytes: &[u8], expected: &str) -> bool {
     hex::encode(Sha256::digest(bytes)).eq_ignore_ascii_case(expected)
 }
 

@@ -30,7 +30,7 @@ use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
-use quarry_shared::job::{Job, JobId, Outcome, Toolchain};
+use quarry_shared::job::{Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Toolchain};
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
 use quarry_shared::s3::Bucket;
@@ -687,6 +687,11 @@ impl Worker {
             Ok(Err(why)) => return Ok(broken(format!("cannot unpack the package: {why}"))),
             Err(err) => return Err(InfraError(format!("unpacking panicked: {err}"))),
         };
+        if let Some(patch) = &job.patch
+            && let Err(not_applied) = self.apply_patch(patch, &scratch, &package_dir).await
+        {
+            return not_applied;
+        }
         experiment::run(
             &self.cargo,
             &scratch,
@@ -701,6 +706,78 @@ impl Worker {
         )
         .await
         .map_err(|e| InfraError(format!("cannot run cargo: {e}")))
+    }
+
+    /// Replaces a dependency of the unpacked package, before anything resolves it: the patch's
+    /// `.crate` (through the caches, or as uploaded with the run) is unpacked beside the package
+    /// and named in a `[patch.crates-io]` table appended to its manifest (`cargo package` strips
+    /// any the author had). `Err` holds what the job comes to when that cannot be done.
+    async fn apply_patch(
+        &self,
+        patch: &Patch,
+        scratch: &std::path::Path,
+        package_dir: &std::path::Path,
+    ) -> Result<(), Result<Execution, InfraError>> {
+        let replacement = PackageVersion {
+            name: patch.name.clone(),
+            version: patch.version.clone(),
+            checksum: patch.checksum.clone(),
+        };
+        let archive = match &patch.source {
+            PatchSource::Registry => match self.fetcher.fetch(&replacement).await {
+                Ok((bytes, _)) => bytes,
+                Err(FetchError::Missing(why)) => {
+                    return Err(Ok(broken(format!("cannot fetch the patch {patch}: {why}"))));
+                }
+                Err(FetchError::Unavailable(why)) => return Err(Err(InfraError(why))),
+            },
+            PatchSource::Upload { key } => match self.bucket.get_patch(key).await {
+                Ok(Some(bytes)) if fetch::checksum_matches(&bytes, &patch.checksum) => bytes,
+                Ok(Some(_)) => {
+                    return Err(Err(InfraError(format!(
+                        "the uploaded patch s3://{}/{key} does not match its checksum",
+                        self.bucket.bucket()
+                    ))));
+                }
+                Ok(None) => {
+                    return Err(Ok(broken(format!(
+                        "the uploaded patch {patch} is gone from s3://{}/{key}",
+                        self.bucket.bucket()
+                    ))));
+                }
+                Err(err) => return Err(Err(InfraError(format!("{err:#}")))),
+            },
+        };
+        let root = format!("{}-{}", patch.name, patch.version);
+        let into = scratch.join("patches");
+        let patch_dir =
+            match tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root)).await
+            {
+                Ok(Ok(dir)) => dir,
+                Ok(Err(why)) => {
+                    return Err(Ok(broken(format!(
+                        "cannot unpack the patch {patch}: {why}"
+                    ))));
+                }
+                Err(err) => return Err(Err(InfraError(format!("unpacking panicked: {err}")))),
+            };
+        let manifest = package_dir.join("Cargo.toml");
+        let table = format!(
+            "\n[patch.crates-io]\n{} = {{ path = {} }}\n",
+            toml::Value::String(patch.name.clone()),
+            toml::Value::String(patch_dir.display().to_string()),
+        );
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&manifest)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, table.as_bytes()));
+        if let Err(err) = appended {
+            return Err(Ok(broken(format!(
+                "cannot add the patch to {}: {err}",
+                manifest.display()
+            ))));
+        }
+        Ok(())
     }
 
     /// Checks once per consumer that a toolchain is installed and answers; returns its exact

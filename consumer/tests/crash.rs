@@ -36,6 +36,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
         .await
         .unwrap();
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),

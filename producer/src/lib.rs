@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use quarry_shared::Config;
-use quarry_shared::job::{Experiment, Job, PackageVersion, RunId, Toolchain};
+use quarry_shared::job::{Experiment, Job, PackageVersion, Patch, RunId, Toolchain};
 use quarry_shared::queue::{Broker, Publisher};
 use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
 use quarry_shared::store::Store;
@@ -70,9 +70,33 @@ pub struct RunDefinition {
     /// What is taken of each selected crate, and which crates are kept.
     #[serde(default, skip_serializing_if = "Filter::is_default")]
     pub filter: Filter,
+    /// A dependency-patch run: each package is tested as published (*start*) and with this
+    /// dependency replaced (*end*), with the run's one toolchain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<Patch>,
 }
 
 impl RunDefinition {
+    /// The run's sides, in order (start, then end): one per toolchain, or for a patch run the
+    /// toolchain without and with the patch.
+    pub fn sides(&self) -> Vec<(Toolchain, Option<Patch>)> {
+        match (&self.patch, self.toolchains.as_slice()) {
+            (Some(patch), [toolchain]) => vec![
+                (toolchain.clone(), None),
+                (toolchain.clone(), Some(patch.clone())),
+            ],
+            _ => self.toolchains.iter().map(|t| (t.clone(), None)).collect(),
+        }
+    }
+
+    /// The sides' labels, as the database and the report name them.
+    pub fn side_labels(&self) -> Vec<String> {
+        self.sides()
+            .iter()
+            .map(|(toolchain, patch)| Job::side_label(toolchain.as_str(), patch.as_ref()))
+            .collect()
+    }
+
     /// The definition stored with `run`.
     pub fn of(run: &quarry_shared::store::Run) -> anyhow::Result<RunDefinition> {
         serde_json::from_value(run.definition.clone()).with_context(|| {
@@ -187,6 +211,57 @@ pub fn check_package_spec(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Turns `--patch NAME=VERSION` (a version the registry serves) or `--patch NAME=FILE.crate` (a
+/// package made by `cargo package`, uploaded to S3 with the run) into the run's patch.
+pub async fn resolve_patch(config: &Config, spec: &str) -> anyhow::Result<Patch> {
+    let (name, with) = spec
+        .split_once('=')
+        .with_context(|| format!("--patch {spec:?}: give NAME=VERSION or NAME=FILE.crate"))?;
+    check_package_spec(name).context("--patch: the dependency to replace")?;
+    let file = std::path::Path::new(with);
+    if with.ends_with(".crate") || file.is_file() {
+        let published = quarry_registry::read_crate_file(file).with_context(|| {
+            format!("--patch: {} is not a readable .crate file", file.display())
+        })?;
+        anyhow::ensure!(
+            published.entry.name.eq_ignore_ascii_case(name),
+            "--patch: {} is package {}, not {name}",
+            file.display(),
+            published.entry.name
+        );
+        let bytes = std::fs::read(file)?;
+        let bucket = quarry_shared::s3::Bucket::new(&config.s3);
+        bucket.ensure_exists().await?;
+        let key = bucket
+            .put_patch(&published.entry.cksum, bytes.into())
+            .await
+            .context("--patch: cannot upload the package to S3")?;
+        return Ok(Patch {
+            name: published.entry.name,
+            version: published.entry.vers,
+            checksum: published.entry.cksum,
+            source: quarry_shared::job::PatchSource::Upload { key },
+        });
+    }
+    semver::Version::parse(with)
+        .with_context(|| format!("--patch: {with:?} is neither a version nor a .crate file"))?;
+    let registry = RegistryClient::new(&config.registry)?;
+    let entries = registry
+        .index_entries(name)
+        .await
+        .with_context(|| format!("--patch: cannot read {name} from the registry's index"))?;
+    let entry = entries
+        .iter()
+        .find(|e| e.vers == with)
+        .with_context(|| format!("--patch: the registry has no {name}@{with}"))?;
+    Ok(Patch {
+        name: entry.name.clone(),
+        version: entry.vers.clone(),
+        checksum: entry.cksum.clone(),
+        source: quarry_shared::job::PatchSource::Registry,
+    })
+}
+
 /// Run names become directory names in reports: keep them plain.
 pub fn validate_run_name(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
@@ -214,6 +289,10 @@ pub async fn publish_run(
     anyhow::ensure!(
         !definition.toolchains.is_empty(),
         "a run needs at least one toolchain"
+    );
+    anyhow::ensure!(
+        definition.patch.is_none() || definition.toolchains.len() == 1,
+        "a dependency-patch run has one toolchain: its two sides are without and with the patch"
     );
     let store = Store::connect(&config.database).await?;
     store.migrate().await?;
@@ -381,12 +460,13 @@ async fn page_jobs(
         match resolution {
             Ok(packages) => {
                 for package in packages {
-                    for toolchain in &definition.toolchains {
-                        jobs.push(Job::new(
+                    for (toolchain, patch) in definition.sides() {
+                        jobs.push(Job::patched(
                             run.id,
                             package.clone(),
-                            toolchain.clone(),
+                            toolchain,
                             definition.experiment.clone(),
+                            patch,
                         ));
                     }
                 }
@@ -887,8 +967,8 @@ pub async fn packages_from_run(
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
     let definition = RunDefinition::of(&run)?;
-    let pair = match definition.toolchains.as_slice() {
-        [start, end] => Some((start.to_string(), end.to_string())),
+    let pair = match definition.side_labels().as_slice() {
+        [start, end] => Some((start.clone(), end.clone())),
         _ => None,
     };
     if pair.is_none()
@@ -986,8 +1066,23 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
             republished.in_hand += 1;
             continue;
         }
-        let toolchain: Toolchain = toolchain.parse()?;
-        let job = Job::new(run.id, package, toolchain, definition.experiment.clone());
+        let (toolchain, patch) = definition
+            .sides()
+            .into_iter()
+            .find(|(t, p)| Job::side_label(t.as_str(), p.as_ref()) == toolchain)
+            .with_context(|| {
+                format!(
+                    "job {id} of run {} is of a side ({toolchain}) its definition does not have",
+                    run.name
+                )
+            })?;
+        let job = Job::patched(
+            run.id,
+            package,
+            toolchain,
+            definition.experiment.clone(),
+            patch,
+        );
         anyhow::ensure!(
             job.id == id,
             "job {id} of run {} does not match its own definition (was the run's definition \

@@ -172,6 +172,17 @@ struct RunArgs {
     )]
     #[serde(default)]
     seed: u64,
+    /// A dependency-patch run: test each package as published and with this dependency
+    /// replaced through [patch.crates-io], by a version the registry serves (NAME=VERSION) or by
+    /// a package made with `cargo package`, uploaded with the run (NAME=FILE.crate). Takes one
+    /// --toolchain; the two sides are then without and with the patch.
+    #[arg(
+        long,
+        value_name = "NAME=VERSION|NAME=FILE.crate",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default)]
+    patch: Option<String>,
     /// Take the packages of an earlier run (with --only), pinned to the versions it tested.
     #[arg(
         long,
@@ -263,6 +274,17 @@ impl RunArgs {
             "the experiment file {}: `from_run` and `only` go together",
             path.display()
         );
+        if let Some(patch) = &mut from_file.patch
+            && let Some((name, file)) = patch.split_once('=')
+            && file.ends_with(".crate")
+            && std::path::Path::new(file).is_relative()
+        {
+            let beside = path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(file);
+            *patch = format!("{name}={}", beside.display());
+        }
         // Files named in the experiment file are found beside it.
         for named in [&mut from_file.list, &mut from_file.dump]
             .into_iter()
@@ -427,6 +449,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.toolchains.len() <= 2,
                 "a run compares at most two toolchains (start and end)"
             );
+            anyhow::ensure!(
+                args.patch.is_none() || args.toolchains.len() == 1,
+                "--patch takes one --toolchain: the run's two sides are without and with the patch"
+            );
             let mut packages = args.packages;
             for spec in &packages {
                 quarry_producer::check_package_spec(spec)?;
@@ -493,6 +519,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 selection,
                 filter,
+                patch: match &args.patch {
+                    Some(spec) => Some(quarry_producer::resolve_patch(&config, spec).await?),
+                    None => None,
+                },
             };
             let summary = publish_run(&config, &name, &definition, &shutdown).await?;
             eprint!("{summary}");

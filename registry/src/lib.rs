@@ -17,5 +17,5 @@ mod corpus;
 pub mod dump;
 mod server;
 
-pub use corpus::{Corpus, Published};
+pub use corpus::{Corpus, Published, read_crate_file};
 pub use server::{Fault, RunningRegistry, Stats, serve};

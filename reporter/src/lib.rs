@@ -456,16 +456,28 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
     })
 }
 
-/// The run's toolchains, in order (start, then end), from its stored definition.
+/// The run's sides, in order (start, then end), from its stored definition: its toolchains, or
+/// for a dependency-patch run its toolchain without and with the patch (as jobs are labelled).
 pub(crate) fn toolchains(definition: &serde_json::Value) -> Vec<String> {
-    definition["toolchains"]
+    let toolchains: Vec<String> = definition["toolchains"]
         .as_array()
         .map(|list| {
             list.iter()
                 .filter_map(|t| t.as_str().map(str::to_owned))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let patch =
+        serde_json::from_value::<Option<quarry_shared::job::Patch>>(definition["patch"].clone())
+            .ok()
+            .flatten();
+    match (patch, toolchains.as_slice()) {
+        (Some(patch), [toolchain]) => vec![
+            toolchain.clone(),
+            quarry_shared::job::Job::side_label(toolchain, Some(&patch)),
+        ],
+        _ => toolchains,
+    }
 }
 
 fn compare_toolchains(

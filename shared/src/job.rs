@@ -50,13 +50,11 @@ impl FromStr for RunId {
 pub struct JobId(pub Uuid);
 
 impl JobId {
-    /// The same run, package version and toolchain always give the same id, so a re-published or
-    /// redelivered job can never become a second job.
-    pub fn derive(run: RunId, package: &PackageVersion, toolchain: &Toolchain) -> JobId {
-        let key = format!(
-            "{}/{}@{}/{}",
-            run.0, package.name, package.version, toolchain.0
-        );
+    /// The same run, package version and side (toolchain, and patch if any: see
+    /// [`Job::side_label`]) always give the same id, so a re-published or redelivered job can
+    /// never become a second job.
+    pub fn derive(run: RunId, package: &PackageVersion, side: &str) -> JobId {
+        let key = format!("{}/{}@{}/{}", run.0, package.name, package.version, side);
         JobId(Uuid::new_v5(&ID_NAMESPACE, key.as_bytes()))
     }
 }
@@ -202,6 +200,45 @@ pub struct Job {
     pub package: PackageVersion,
     pub toolchain: Toolchain,
     pub experiment: Experiment,
+    /// A dependency replaced (through `[patch.crates-io]`) before resolving: the *end* side of a
+    /// dependency-patch run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<Patch>,
+}
+
+/// A dependency replaced by another version of it, from the registry or uploaded with the run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Patch {
+    /// The dependency, by its registry name.
+    pub name: String,
+    /// The replacement's version.
+    pub version: String,
+    /// Hex sha256 of the replacement's `.crate` file.
+    pub checksum: String,
+    pub source: PatchSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum PatchSource {
+    /// A version the registry serves, fetched through the consumers' caches.
+    Registry,
+    /// A `.crate` (as `cargo package` writes it) uploaded with the run, at this S3 key.
+    Upload { key: String },
+}
+
+impl fmt::Display for Patch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)?;
+        if let PatchSource::Upload { .. } = self.source {
+            write!(
+                f,
+                " (uploaded, sha256 {})",
+                &self.checksum[..12.min(self.checksum.len())]
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Job {
@@ -211,14 +248,43 @@ impl Job {
         toolchain: Toolchain,
         experiment: Experiment,
     ) -> Job {
+        Job::patched(run_id, package, toolchain, experiment, None)
+    }
+
+    /// A job of one side of a run: its toolchain, and the dependency it patches if any.
+    pub fn patched(
+        run_id: RunId,
+        package: PackageVersion,
+        toolchain: Toolchain,
+        experiment: Experiment,
+        patch: Option<Patch>,
+    ) -> Job {
         Job {
             format: JOB_FORMAT,
-            id: JobId::derive(run_id, &package, &toolchain),
+            id: JobId::derive(
+                run_id,
+                &package,
+                &Job::side_label(toolchain.as_str(), patch.as_ref()),
+            ),
             run_id,
             package,
             toolchain,
             experiment,
+            patch,
         }
+    }
+
+    /// How the job's side of the run is named in the database and the report: the toolchain,
+    /// followed by the patch when there is one (`1.95.0 with serde@1.0.300`).
+    pub fn side_label(toolchain: &str, patch: Option<&Patch>) -> String {
+        match patch {
+            Some(patch) => format!("{toolchain} with {patch}"),
+            None => toolchain.to_owned(),
+        }
+    }
+
+    pub fn side(&self) -> String {
+        Job::side_label(self.toolchain.as_str(), self.patch.as_ref())
     }
 
     /// Parses a queue message, refusing other format versions and ids that do not match the
@@ -238,7 +304,7 @@ impl Job {
         }
         let job: Job =
             serde_json::from_slice(body).map_err(|e| InvalidJob(format!("malformed job: {e}")))?;
-        let expected = JobId::derive(job.run_id, &job.package, &job.toolchain);
+        let expected = JobId::derive(job.run_id, &job.package, &job.side());
         if job.id != expected {
             return Err(InvalidJob(format!(
                 "job id {} does not match its content (expected {expected})",
@@ -262,6 +328,10 @@ impl Job {
         );
         let identity = match &self.experiment.command {
             Some(argv) => format!("{identity}\n{}", argv.join("\0")),
+            None => identity,
+        };
+        let identity = match &self.patch {
+            Some(patch) => format!("{identity}\npatch {} {}", patch.name, patch.checksum),
             None => identity,
         };
         hex::encode(Sha256::digest(identity.as_bytes()))
@@ -370,7 +440,7 @@ mod tests {
         assert_eq!(a.id, job().id);
         let mut b = job();
         b.toolchain = "nightly".parse().unwrap();
-        assert_ne!(a.id, JobId::derive(b.run_id, &b.package, &b.toolchain));
+        assert_ne!(a.id, JobId::derive(b.run_id, &b.package, &b.side()));
     }
 
     #[test]

@@ -111,6 +111,19 @@ impl Bucket {
             .await
     }
 
+    /// Stores a dependency-patch `.crate` uploaded with a run, by its checksum; returns its key.
+    pub async fn put_patch(&self, checksum: &str, bytes: Bytes) -> anyhow::Result<String> {
+        let key = format!("patches/{checksum}.crate");
+        self.put_object(&key, bytes, "application/gzip", None)
+            .await?;
+        Ok(key)
+    }
+
+    /// An uploaded dependency-patch `.crate`, or `None` when the bucket does not have it.
+    pub async fn get_patch(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
+        self.get_object(key).await
+    }
+
     /// An object's body, or `None` when there is no such key.
     async fn get_object(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
         let response = match self

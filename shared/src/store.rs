@@ -417,7 +417,9 @@ impl Store {
         let names: Vec<&str> = jobs.iter().map(|j| j.package.name.as_str()).collect();
         let versions: Vec<&str> = jobs.iter().map(|j| j.package.version.as_str()).collect();
         let checksums: Vec<&str> = jobs.iter().map(|j| j.package.checksum.as_str()).collect();
-        let toolchains: Vec<&str> = jobs.iter().map(|j| j.toolchain.as_str()).collect();
+        // The column holds the job's side: its toolchain, and its patch if any.
+        let sides: Vec<String> = jobs.iter().map(Job::side).collect();
+        let toolchains: Vec<&str> = sides.iter().map(String::as_str).collect();
         let client = self.client().await?;
         let inserted = client
             .query(

@@ -60,14 +60,17 @@ pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
 /// The archive bomb's payload: zeros, past the consumer's unpacking limit (1 GiB).
 const BOMB_BYTES: u64 = 3 << 29;
 
-fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
+/// Packs the crate in `crate_dir` into `<out>/<name>-<version>.crate`, as `cargo package` would
+/// lay it out, and returns the file's path.
+pub fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
     let package = manifest["package"].as_table().context("no [package]")?;
     let name = package["name"].as_str().context("no package name")?;
     let version = package["version"].as_str().context("no package version")?;
     let root = format!("{name}-{version}");
-    let file = std::fs::File::create(out.join(format!("{root}.crate")))?;
+    let packed = out.join(format!("{root}.crate"));
+    let file = std::fs::File::create(&packed)?;
     let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
         file,
         flate2::Compression::default(),
@@ -85,5 +88,5 @@ fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<()> {
         )?;
     }
     tar.into_inner()?.finish()?;
-    Ok(())
+    Ok(packed)
 }

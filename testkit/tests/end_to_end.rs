@@ -13,6 +13,7 @@ const PACKAGES: u64 = 50;
 
 fn check_first_crates(fresh: bool) -> RunDefinition {
     RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: Experiment {

@@ -17,6 +17,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let stack = TestStack::start_with(corpus).await.unwrap();
 
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Test, TIME_LIMIT_SECS),
@@ -29,7 +30,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 12, "{summary}");
+    assert_eq!(summary.jobs_queued, 14, "{summary}");
 
     let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
     stack.wait_for_run(summary.run_id).await;
@@ -113,6 +114,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     let corpus = fixtures::corpus(packed.path()).unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
@@ -161,6 +163,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
     .unwrap();
     let end = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain(), end.parse().unwrap()],
         experiment: experiment(Mode::Test, 120),
@@ -250,6 +253,7 @@ async fn identical_jobs_in_flight_are_computed_once() {
         .await
         .unwrap();
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
@@ -299,4 +303,73 @@ async fn identical_jobs_in_flight_are_computed_once() {
         .unwrap()
         .get(0);
     assert_eq!(leftover, 0, "every claim was released");
+}
+
+/// A dependency-patch run: the same packages built as published and with one dependency
+/// replaced, by an unpublished version uploaded with the run (which breaks its dependent) or by
+/// a version from the registry (which does not).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependency_patch_shows_who_it_would_break() {
+    let packed = tempfile::tempdir().unwrap();
+    let corpus = fixtures::corpus(packed.path()).unwrap();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let unpublished = tempfile::tempdir().unwrap();
+    let next = fixtures::pack(
+        &fixtures::dir().join("patches/patch-lib-1.0.1"),
+        unpublished.path(),
+    )
+    .unwrap();
+
+    let mut categories = Vec::new();
+    for (run, with) in [
+        ("uploaded-patch", next.display().to_string()),
+        ("registry-patch", "1.0.0".to_owned()),
+    ] {
+        let patch = quarry_producer::resolve_patch(
+            &stack.config,
+            &format!("quarry-fixture-patch-lib={with}"),
+        )
+        .await
+        .unwrap();
+        let definition = RunDefinition {
+            patch: Some(patch),
+            filter: Default::default(),
+            toolchains: vec![quarry_testkit::toolchain()],
+            experiment: experiment(Mode::Test, 120),
+            selection: Selection::Packages {
+                packages: vec!["quarry-fixture-patch-user".into()],
+            },
+        };
+        let summary = publish_run(&stack.config, run, &definition, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(summary.jobs_queued, 2, "as published, and patched");
+        let consumers = stack.start_consumers(&[run]);
+        stack.wait_for_run(summary.run_id).await;
+        consumers.stop().await;
+        stack.assert_verified(run).await;
+
+        let written =
+            quarry_reporter::generate(&stack.config, run, &stack.config.reporter.output_dir)
+                .await
+                .unwrap();
+        let comparison = written
+            .report
+            .comparison
+            .as_ref()
+            .expect("a patch run is compared: as published, then patched");
+        categories.push(comparison.packages[0].category.clone());
+        if run == "uploaded-patch" {
+            let patched = written
+                .report
+                .packages
+                .iter()
+                .find(|p| p.outcome == "build-fail")
+                .expect("the patched side fails to build");
+            let log = std::fs::read_to_string(written.dir.join(&patched.log)).unwrap();
+            assert!(log.contains("quarry-fixture-patch-lib v1.0.1"), "{log}");
+            assert!(log.contains("E0308"), "{log}");
+        }
+    }
+    assert_eq!(categories, ["regressed", "still-passing"]);
 }

@@ -21,6 +21,7 @@ async fn run(
     toolchains: Vec<Toolchain>,
 ) -> quarry_shared::job::RunId {
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains,
         experiment: experiment(Mode::Check, 300),

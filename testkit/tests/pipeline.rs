@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 fn definition(selection: Selection) -> RunDefinition {
     RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),

@@ -19,6 +19,7 @@ async fn postgresql_crashing_mid_run_loses_nothing_and_counts_nothing_twice() {
     unsafe { std::env::set_var("QUARRY_TEST_DATABASE_URL", postgres.admin_url()) };
     let stack = TestStack::start().await.unwrap();
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),

@@ -54,6 +54,7 @@ impl Setup {
 
     async fn publish(&self, name: &str, selection: Selection, filter: Filter) -> PublishSummary {
         let definition = RunDefinition {
+            patch: None,
             toolchains: vec![quarry_testkit::toolchain()],
             experiment: experiment(Mode::Check, 300),
             selection,
@@ -230,6 +231,7 @@ async fn an_interrupted_dump_run_resumes_without_duplicates() {
         ..Filter::default()
     };
     let definition = RunDefinition {
+        patch: None,
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),
         selection: setup.dump(),
@@ -256,6 +258,7 @@ async fn an_interrupted_dump_run_resumes_without_duplicates() {
     quarry_registry::dump::write_corpus_dump(&setup.corpus, &other, "2026-11-24T02:00:00Z")
         .unwrap();
     let definition = RunDefinition {
+        patch: None,
         selection: Selection::Dump {
             path: other.clone(),
             sort: Sort::Alpha,
@@ -289,6 +292,7 @@ async fn a_file_that_is_not_a_dump_is_a_clear_error() {
     let garbage = setup.stack.dir.path().join("garbage.tar.gz");
     std::fs::write(&garbage, b"this is not a gzipped tarball").unwrap();
     let definition = RunDefinition {
+        patch: None,
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),
         selection: Selection::Dump {

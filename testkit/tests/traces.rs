@@ -65,6 +65,7 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
     let packages: Vec<String> = corpus.crates.keys().take(3).cloned().collect();
     let stack = TestStack::start_with(corpus).await.unwrap();
     let definition = RunDefinition {
+        patch: None,
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: Experiment {
             mode: Mode::Command,

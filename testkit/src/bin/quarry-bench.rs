@@ -122,6 +122,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let fleet = stack.start_consumers(&names);
     let definition = RunDefinition {
+        patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: Experiment {
@@ -285,6 +286,7 @@ async fn publish(versions: u32, page: usize) -> anyhow::Result<()> {
 /// The producer, as `quarry-producer run --dump FILE --all-versions` runs it.
 async fn publish_with_producer(config: &quarry_shared::Config, dump: &Path) -> anyhow::Result<u64> {
     let definition = RunDefinition {
+        patch: None,
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: quarry_testkit::experiment(Mode::Check, 600),
         selection: Selection::Dump {
