@@ -154,6 +154,10 @@ impl std::fmt::Display for PublishSummary {
             for (name, why) in &self.packages_failed {
                 writeln!(f, "  {name}: {why}")?;
             }
+            writeln!(
+                f,
+                "the run is incomplete without them: run the same command again to retry them"
+            )?;
         }
         if !self.complete {
             writeln!(
@@ -389,6 +393,37 @@ pub async fn publish_run(
         } else if recorded.is_none() && confirmed.is_none() {
             interrupted = !pages.position.done;
             break;
+        }
+    }
+    // Packages the last complete invocation had to leave out (an index that kept failing, a
+    // dump row without a checksum) are tried again, through the index.
+    let left_out_before: Vec<String> = run
+        .producer_summary
+        .as_ref()
+        .and_then(|s| serde_json::from_value::<PublishSummary>(s.clone()).ok())
+        .map(|s| s.packages_failed.into_keys().collect())
+        .unwrap_or_default();
+    if !interrupted && !left_out_before.is_empty() {
+        tracing::info!(
+            packages = left_out_before.len(),
+            "trying again the packages left out before"
+        );
+        let position = serde_json::to_value(&pages.position)?;
+        for chunk in left_out_before.chunks(usize::try_from(config.registry.page_size.max(1))?) {
+            let page = chunk
+                .iter()
+                .map(|label| Item::Request(parse_spec(label)))
+                .collect();
+            let (jobs, left_out) = page_jobs(&registry, &run, definition, page).await;
+            let pending = store.record_jobs(&jobs).await?;
+            let page = RecordedPage {
+                jobs,
+                pending,
+                position: position.clone(),
+            };
+            page.publish(&publisher).await?;
+            summary.jobs_queued += page.mark_published(&store, run.id).await?;
+            summary.packages_failed.extend(left_out);
         }
     }
     progress.finish();

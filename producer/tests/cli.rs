@@ -92,7 +92,10 @@ fn a_bad_selection_is_refused_before_anything_is_published() {
     refused(&["--dependents-of", "not a crate"], "not a crate name");
     refused(&["--seed", "4"], "--sample");
     refused(&["--patch", "serde"], "NAME=VERSION");
-    refused(&["--patch", "serde=/nonexistent/serde.crate"], "not a readable .crate");
+    refused(
+        &["--patch", "serde=/nonexistent/serde.crate"],
+        "not a readable .crate",
+    );
     refused(&["--patch", "serde=one"], "neither a version nor a .crate");
     refused(
         &["--patch", "serde=1.0.0", "--toolchain", "nightly"],

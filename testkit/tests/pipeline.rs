@@ -569,6 +569,59 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
     assert!(format!("{err:#}").contains("was cancelled"), "{err:#}");
 }
 
+/// A package whose index keeps failing is left out, named, and the rest of the run goes on; the
+/// next invocation tries it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_package_left_out_is_named_and_tried_again_by_the_next_invocation() {
+    let stack = TestStack::start().await.unwrap();
+    let listing = format!(
+        "{}/api/v1/crates?per_page=5&sort=alpha",
+        stack.registry.api_url()
+    );
+    let names: Vec<String> = reqwest::get(&listing)
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["crates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    let failing = names
+        .iter()
+        .find(|n| n.len() >= 4)
+        .expect("a crate name of 4 letters or more")
+        .clone();
+    // Its sparse index file (`/ab/cd/abcdef`) answers 500 whatever the retries.
+    stack.registry.set_faults(vec![Fault {
+        path_contains: format!("/{}/{}/{failing}", &failing[..2], &failing[2..4]),
+        status: Some(500),
+        ..Fault::default()
+    }]);
+    let once = publish(&stack, "left-out", first(5)).await;
+    assert!(once.complete);
+    assert_eq!(once.jobs_queued, 4, "the others are published: {once}");
+    assert_eq!(
+        once.packages_failed.keys().collect::<Vec<_>>(),
+        [&failing],
+        "{once}"
+    );
+    assert!(once.to_string().contains("run the same command again"));
+
+    stack.registry.set_faults(vec![]);
+    let again = publish(&stack, "left-out", first(5)).await;
+    assert!(again.packages_failed.is_empty(), "{again}");
+    assert_eq!(again.jobs_queued, 1, "only the package left out: {again}");
+    assert_eq!(again.jobs_total, 5);
+    assert_eq!(
+        ready(&stack, jobs_queue).await,
+        5,
+        "nothing published twice"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_web_api_is_asked_politely_and_retry_after_is_honoured() {
     let stack = TestStack::start().await.unwrap();
