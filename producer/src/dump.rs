@@ -54,6 +54,8 @@ pub struct DumpSelection<'a> {
     pub page_size: usize,
     /// Items already handed out by an earlier invocation of the same run.
     pub skip: u64,
+    /// Where to count the crates the filter and the limit set aside.
+    pub filtered_out: &'a std::sync::atomic::AtomicU64,
 }
 
 /// The dump's timestamp, read from `metadata.json` (the archive's first file).
@@ -113,6 +115,10 @@ pub fn select(
         crates = sample(crates, |id| &catalogue.names[id], wanted);
     }
     let crates: HashSet<u32> = crates.into_iter().collect();
+    selection.filtered_out.fetch_add(
+        (catalogue.names.len() - crates.len()) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 
     let mut pages = Pager {
         page: Vec::with_capacity(selection.page_size),

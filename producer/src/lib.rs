@@ -127,6 +127,10 @@ pub struct PublishSummary {
     pub jobs_already_queued_or_done: u64,
     /// Packages left out, with why (no usable version, index unreadable, ...).
     pub packages_failed: BTreeMap<String, String>,
+    /// Crates the filter set aside, read by this invocation: not matching the name patterns, not
+    /// depending on the crate asked for, not in the sample, past the limit of a dump.
+    #[serde(default)]
+    pub crates_filtered_out: u64,
     /// False when interrupted: re-run the same command to continue.
     pub complete: bool,
 }
@@ -149,6 +153,13 @@ impl std::fmt::Display for PublishSummary {
             self.jobs_queued,
             self.jobs_already_queued_or_done
         )?;
+        if self.crates_filtered_out > 0 {
+            writeln!(
+                f,
+                "{} crates filtered out (name patterns, reverse dependencies, sample, limit)",
+                self.crates_filtered_out
+            )?;
+        }
         if !self.packages_failed.is_empty() {
             writeln!(f, "{} packages left out:", self.packages_failed.len())?;
             for (name, why) in &self.packages_failed {
@@ -427,6 +438,7 @@ pub async fn publish_run(
         }
     }
     progress.finish();
+    summary.crates_filtered_out = pages.filtered_out();
     let (jobs, packages) = store.recorded(run.id).await?;
     summary.jobs_total = jobs as u64;
     summary.packages_selected = packages as u64;
@@ -558,6 +570,8 @@ struct Pages<'a> {
     chosen: Option<Vec<Request>>,
     /// Pages read from a database dump by a blocking thread.
     dump: Option<tokio::sync::mpsc::Receiver<anyhow::Result<dump::Page>>>,
+    /// Crates the filter set aside so far (the dump's reader thread adds its count).
+    filtered_out: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<'a> Pages<'a> {
@@ -579,6 +593,7 @@ impl<'a> Pages<'a> {
             position: PagingPosition::default(),
             chosen: None,
             dump: None,
+            filtered_out: Default::default(),
         })
     }
 
@@ -609,13 +624,17 @@ impl<'a> Pages<'a> {
         }
         let list: Option<Vec<Request>> = match (&self.chosen, self.selection) {
             (Some(chosen), _) => Some(chosen.clone()),
-            (None, Selection::Packages { packages }) => Some(
-                packages
+            (None, Selection::Packages { packages }) => {
+                let matching: Vec<Request> = packages
                     .iter()
                     .map(|spec| parse_spec(spec))
                     .filter(|r| self.patterns.matches(&r.name))
-                    .collect(),
-            ),
+                    .collect();
+                if self.position.taken == 0 {
+                    self.count_filtered_out(packages.len() - matching.len());
+                }
+                Some(matching)
+            }
             _ => None,
         };
         if let Some(list) = list {
@@ -665,6 +684,12 @@ impl<'a> Pages<'a> {
                 .await
                 .context("cannot read the registry's crate listing")?;
             let listed = page.crates.len();
+            let matching = page
+                .crates
+                .iter()
+                .filter(|c| self.patterns.matches(&c.name))
+                .count();
+            self.count_filtered_out(listed - matching);
             let requests: Vec<Item> = page
                 .crates
                 .into_iter()
@@ -716,6 +741,7 @@ impl<'a> Pages<'a> {
             let filter = self.filter.clone();
             let skip = self.position.taken;
             let page_size = self.dump_page_size;
+            let filtered_out = self.filtered_out.clone();
             tokio::task::spawn_blocking(move || {
                 let selection = dump::DumpSelection {
                     path: &path,
@@ -724,6 +750,7 @@ impl<'a> Pages<'a> {
                     limit,
                     page_size,
                     skip,
+                    filtered_out: &filtered_out,
                 };
                 let read = dump::select(&selection, |page| {
                     match sender.blocking_send(Ok(page)) {
@@ -755,6 +782,15 @@ impl<'a> Pages<'a> {
         }
     }
 
+    fn count_filtered_out(&self, crates: usize) {
+        self.filtered_out
+            .fetch_add(crates as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn filtered_out(&self) -> u64 {
+        self.filtered_out.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// For a sample or reverse dependencies: every crate the source offers (matching the name
     /// patterns), narrowed to the dependents of a crate and then sampled; sorted by name.
     async fn choose_over_registry(&self) -> anyhow::Result<Vec<Request>> {
@@ -777,6 +813,7 @@ impl<'a> Pages<'a> {
                     self.page_size,
                     self.dump_page_size,
                 )?;
+                listing.filtered_out = self.filtered_out.clone();
                 let mut all = Vec::new();
                 while let Some(page) = listing.next_from_listing(*sort, *limit).await? {
                     all.extend(page.into_iter().filter_map(|item| match item {
@@ -788,6 +825,7 @@ impl<'a> Pages<'a> {
             }
         };
         tracing::info!(crates = universe.len(), "read the whole crate list");
+        let read = universe.len();
         if let Some(dependents) = &self.filter.dependents {
             let graph = self.dependency_graph(&universe).await;
             // Crate names are compared ignoring case, as crates.io does.
@@ -804,6 +842,7 @@ impl<'a> Pages<'a> {
             universe = selection::sample(universe, |r| r.name.clone(), wanted);
         }
         universe.sort();
+        self.count_filtered_out(read - universe.len());
         Ok(universe)
     }
 

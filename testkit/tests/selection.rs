@@ -84,12 +84,31 @@ impl Setup {
         .collect()
     }
 
-    /// Both sources with the same filter: they must choose the same packages, checksums too.
+    /// Both sources with the same filter: they must choose the same packages, checksums too,
+    /// and count the same crates filtered out.
     async fn both(&self, name: &str, filter: Filter) -> Chosen {
-        self.publish(&format!("{name}-index"), index(), filter.clone())
+        let from_index = self
+            .publish(&format!("{name}-index"), index(), filter.clone())
             .await;
-        self.publish(&format!("{name}-dump"), self.dump(), filter)
+        let from_dump = self
+            .publish(&format!("{name}-dump"), self.dump(), filter)
             .await;
+        assert_eq!(
+            from_index.crates_filtered_out, from_dump.crates_filtered_out,
+            "{name}: {from_index}\n{from_dump}"
+        );
+        let kept = self
+            .chosen(&format!("{name}-index"))
+            .await
+            .iter()
+            .map(|c| &c.0)
+            .collect::<BTreeSet<_>>()
+            .len();
+        assert_eq!(
+            from_index.crates_filtered_out as usize + from_index.packages_failed.len(),
+            self.corpus.crates.len() - kept,
+            "{name}: every crate is kept, filtered out, or left out with a reason"
+        );
         let from_index = self.chosen(&format!("{name}-index")).await;
         let from_dump = self.chosen(&format!("{name}-dump")).await;
         assert_eq!(
