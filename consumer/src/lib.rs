@@ -677,15 +677,9 @@ impl Worker {
         let _cleanup = ScratchDir::create(&scratch)
             .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
         let root = format!("{}-{}", job.package.name, job.package.version);
-        let unpack_into = scratch.join("src");
-        let package_dir = match tokio::task::spawn_blocking(move || {
-            unpack::unpack(&archive, &unpack_into, &root)
-        })
-        .await
-        {
-            Ok(Ok(dir)) => dir,
-            Ok(Err(why)) => return Ok(broken(format!("cannot unpack the package: {why}"))),
-            Err(err) => return Err(InfraError(format!("unpacking panicked: {err}"))),
+        let package_dir = match unpack_off_thread(archive, scratch.join("src"), root).await? {
+            Ok(dir) => dir,
+            Err(why) => return Ok(broken(format!("cannot unpack the package: {why}"))),
         };
         if let Some(patch) = &job.patch
             && let Err(not_applied) = self.apply_patch(patch, &scratch, &package_dir).await
@@ -749,18 +743,15 @@ impl Worker {
             },
         };
         let root = format!("{}-{}", patch.name, patch.version);
-        let into = scratch.join("patches");
-        let patch_dir =
-            match tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root)).await
-            {
-                Ok(Ok(dir)) => dir,
-                Ok(Err(why)) => {
-                    return Err(Ok(broken(format!(
-                        "cannot unpack the patch {patch}: {why}"
-                    ))));
-                }
-                Err(err) => return Err(Err(InfraError(format!("unpacking panicked: {err}")))),
-            };
+        let patch_dir = match unpack_off_thread(archive, scratch.join("patches"), root).await {
+            Ok(Ok(dir)) => dir,
+            Ok(Err(why)) => {
+                return Err(Ok(broken(format!(
+                    "cannot unpack the patch {patch}: {why}"
+                ))));
+            }
+            Err(infra) => return Err(Err(infra)),
+        };
         let manifest = package_dir.join("Cargo.toml");
         let table = format!(
             "\n[patch.crates-io]\n{} = {{ path = {} }}\n",
@@ -798,6 +789,18 @@ impl Worker {
         };
         state.map_err(InfraError)
     }
+}
+
+/// Unpacks a `.crate` (see [`unpack::unpack`]) on a blocking thread: the package's directory, or
+/// why the archive was refused.
+async fn unpack_off_thread(
+    archive: bytes::Bytes,
+    into: PathBuf,
+    root: String,
+) -> Result<Result<PathBuf, String>, InfraError> {
+    tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root))
+        .await
+        .map_err(|err| InfraError(format!("unpacking panicked: {err}")))
 }
 
 async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {

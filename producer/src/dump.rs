@@ -133,10 +133,7 @@ pub fn select(
             if !crates.contains(&row.crate_id) {
                 return ControlFlow::Continue(());
             }
-            let Ok(version) = semver::Version::parse(row.num) else {
-                return ControlFlow::Continue(());
-            };
-            if !filter.allows(row.yanked, !version.pre.is_empty()) {
+            if row.allowed_by(filter).is_none() {
                 return ControlFlow::Continue(());
             }
             pages.push(item(name_of(row.crate_id), row.num, row.checksum))
@@ -173,12 +170,9 @@ struct Newest {
 }
 
 fn keep_if_newer(newest: &mut HashMap<u32, Newest>, filter: &Filter, row: &VersionRow<'_>) {
-    let Ok(version) = semver::Version::parse(row.num) else {
+    let Some(version) = row.allowed_by(filter) else {
         return;
     };
-    if !filter.allows(row.yanked, !version.pre.is_empty()) {
-        return;
-    }
     let better = newest
         .get(&row.crate_id)
         .is_none_or(|kept| version > kept.version);
@@ -251,9 +245,7 @@ fn reverse_dependencies(path: &Path, filter: &Filter) -> anyhow::Result<ReverseD
     let mut taken: HashMap<u32, u32> = HashMap::new();
     if filter.all_versions {
         for_each_version(path, |row| {
-            if let Ok(version) = semver::Version::parse(row.num)
-                && filter.allows(row.yanked, !version.pre.is_empty())
-            {
+            if row.allowed_by(filter).is_some() {
                 taken.insert(row.id, row.crate_id);
             }
             ControlFlow::Continue(())
@@ -302,6 +294,16 @@ struct VersionRow<'a> {
     num: &'a str,
     yanked: bool,
     checksum: &'a str,
+}
+
+impl VersionRow<'_> {
+    /// The version, if it is semver and the filter takes it (yanked, pre-release).
+    fn allowed_by(&self, filter: &Filter) -> Option<semver::Version> {
+        let version = semver::Version::parse(self.num).ok()?;
+        filter
+            .allows(self.yanked, !version.pre.is_empty())
+            .then_some(version)
+    }
 }
 
 fn for_each_version(

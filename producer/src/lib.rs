@@ -684,16 +684,14 @@ impl<'a> Pages<'a> {
                 .await
                 .context("cannot read the registry's crate listing")?;
             let listed = page.crates.len();
-            let matching = page
-                .crates
-                .iter()
-                .filter(|c| self.patterns.matches(&c.name))
-                .count();
-            self.count_filtered_out(listed - matching);
-            let requests: Vec<Item> = page
+            let matching: Vec<_> = page
                 .crates
                 .into_iter()
                 .filter(|c| self.patterns.matches(&c.name))
+                .collect();
+            self.count_filtered_out(listed - matching.len());
+            let requests: Vec<Item> = matching
+                .into_iter()
                 .take(usize::try_from(remaining).unwrap_or(usize::MAX))
                 .map(|c| {
                     Item::Request(Request {
@@ -864,20 +862,11 @@ impl<'a> Pages<'a> {
                     continue;
                 }
             };
-            let taken: Vec<&IndexEntry> = match &request.version {
-                Some(version) => entries.iter().filter(|e| &e.vers == version).collect(),
-                None => self
-                    .filter
-                    .choose(entries.iter().map(|e| (e.vers.as_str(), e.yanked, e)))
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .collect(),
-            };
-            for entry in taken {
+            for entry in request.versions_in(&entries, &self.filter) {
                 // Dependencies from other registries are other crates that happen to share
                 // a name.
                 for dep in entry.deps.iter().filter(|d| d.registry.is_none()) {
-                    let dependency = dep.package.as_ref().unwrap_or(&dep.name);
+                    let dependency = dep.crate_name();
                     graph.add(
                         request.name.to_ascii_lowercase(),
                         dependency.to_ascii_lowercase(),
@@ -886,6 +875,21 @@ impl<'a> Pages<'a> {
             }
         }
         graph
+    }
+}
+
+impl Request {
+    /// The index entries this request takes: the version asked for, or else those the filter
+    /// allows.
+    fn versions_in<'e>(&self, entries: &'e [IndexEntry], filter: &Filter) -> Vec<&'e IndexEntry> {
+        match &self.version {
+            Some(version) => entries.iter().filter(|e| &e.vers == version).collect(),
+            None => filter
+                .choose(entries.iter().map(|e| (e.vers.as_str(), e.yanked, e)))
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect(),
+        }
     }
 }
 
@@ -920,14 +924,7 @@ async fn resolve(
         }
         Err(err) => return (label, Err(err.to_string())),
     };
-    let chosen: Vec<&IndexEntry> = match &request.version {
-        Some(version) => entries.iter().filter(|e| &e.vers == version).collect(),
-        None => filter
-            .choose(entries.iter().map(|e| (e.vers.as_str(), e.yanked, e)))
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect(),
-    };
+    let chosen = request.versions_in(&entries, filter);
     if chosen.is_empty() {
         let why = match (&request.version, filter.yanked, filter.prereleases) {
             (Some(v), _, _) => format!("version {v} is not in the index"),

@@ -88,7 +88,7 @@ impl Corpus {
     }
 
     fn satisfies(&self, dep: &IndexDependency) -> bool {
-        let name = dep.package.as_deref().unwrap_or(&dep.name);
+        let name = dep.crate_name();
         let Ok(req) = semver::VersionReq::parse(&dep.req) else {
             return false;
         };
@@ -118,7 +118,7 @@ impl Corpus {
                 continue;
             };
             for dep in &latest.entry.deps {
-                let name = dep.package.as_deref().unwrap_or(&dep.name);
+                let name = dep.crate_name();
                 *counts.entry(name.to_ascii_lowercase()).or_insert(0) += 1;
             }
         }

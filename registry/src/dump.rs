@@ -266,7 +266,7 @@ pub fn write_corpus_dump(corpus: &Corpus, out: &Path, timestamp: &str) -> anyhow
                 &entry.cksum,
             )?;
             for dep in entry.deps.iter().filter(|d| d.registry.is_none()) {
-                let dependency = dep.package.as_ref().unwrap_or(&dep.name);
+                let dependency = dep.crate_name();
                 // A dependency outside the corpus has no crate row; crates.io has them all.
                 let Some(&dependency_id) = ids.get(dependency.to_ascii_lowercase().as_str()) else {
                     continue;

@@ -61,6 +61,13 @@ pub struct IndexDependency {
     pub package: Option<String>,
 }
 
+impl IndexDependency {
+    /// The crate depended on: the real name behind a rename.
+    pub fn crate_name(&self) -> &str {
+        self.package.as_deref().unwrap_or(&self.name)
+    }
+}
+
 fn default_true() -> bool {
     true
 }

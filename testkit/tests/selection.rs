@@ -126,7 +126,7 @@ impl Setup {
             .filter(|(name, versions)| {
                 !crates.contains(*name)
                     && versions.last().unwrap().entry.deps.iter().any(|d| {
-                        let dependency = d.package.as_ref().unwrap_or(&d.name);
+                        let dependency = d.crate_name();
                         crates.contains(&dependency.to_ascii_lowercase())
                     })
             })
