@@ -137,6 +137,9 @@ impl TestStack {
         // The local registry needs no politeness; the test of spacing sets its own interval.
         config.registry.api_min_interval_ms = 0;
         config.consumer.work_dir = dir.path().join("consumers");
+        // The producer's index cache is the test's own: registries of other tests (and runs) have
+        // had this port, and their cached files would stand in when this one fails.
+        config.registry.index_cache_dir = Some(dir.path().join("index-cache"));
         config.consumer.shutdown_grace_secs = 10;
         // Low enough that the fork-bomb fixture is stopped long before it counts to 3,000.
         config.consumer.task_limit = 512;
