@@ -12,6 +12,7 @@
 
 pub mod fixtures;
 pub mod private_postgres;
+pub mod private_rabbitmq;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,0 +1,165 @@
+//! A RabbitMQ node of a test's own (a fresh node on free ports, its data in a temporary
+//! directory), so that a test or the soak can stop and restart the broker mid-run without
+//! disturbing the other tests, which share the machine's broker.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub struct PrivateRabbitMq {
+    dir: tempfile::TempDir,
+    node: Option<Child>,
+    pub amqp_port: u16,
+    pub management_port: u16,
+    dist_port: u16,
+}
+
+/// The server script itself, not Debian's wrapper in /usr/sbin, which switches to the rabbitmq
+/// user (who could not write the temporary directory).
+fn server_script() -> PathBuf {
+    let packaged = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if packaged.is_file() {
+        packaged
+    } else {
+        PathBuf::from("rabbitmq-server")
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl PrivateRabbitMq {
+    /// Creates a node (management plugin on, loopback only) and starts it.
+    pub fn start() -> anyhow::Result<PrivateRabbitMq> {
+        let dir = tempfile::Builder::new()
+            .prefix("quarry-private-rabbitmq")
+            .tempdir()?;
+        let (amqp_port, management_port, dist_port) = (free_port()?, free_port()?, free_port()?);
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.1 = 127.0.0.1:{amqp_port}\n\
+                 management.tcp.ip = 127.0.0.1\n\
+                 management.tcp.port = {management_port}\n"
+            ),
+        )?;
+        std::fs::write(
+            dir.path().join("enabled_plugins"),
+            "[rabbitmq_management].\n",
+        )?;
+        // Read instead of /etc/rabbitmq/rabbitmq-env.conf, whose settings are the system node's.
+        std::fs::write(dir.path().join("rabbitmq-env.conf"), "")?;
+        let mut broker = PrivateRabbitMq {
+            dir,
+            node: None,
+            amqp_port,
+            management_port,
+            dist_port,
+        };
+        broker.boot()?;
+        Ok(broker)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT`, for `QUARRY_TEST_AMQP_URL`.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}", self.amqp_port)
+    }
+
+    /// The management API's root, for `QUARRY_TEST_RABBITMQ_API`.
+    pub fn management_api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.management_port)
+    }
+
+    /// Stops the node the way an operator's restart does (SIGTERM: connections closed, queues
+    /// written out), and waits until it is gone.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut node) = self.node.take() else {
+            return Ok(());
+        };
+        kill(Pid::from_raw(node.id() as i32), Signal::SIGTERM)?;
+        node.wait()?;
+        Ok(())
+    }
+
+    /// Starts it again after `stop`, with the same data, and waits until it serves.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.boot()
+    }
+
+    fn boot(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.path();
+        let log = std::fs::File::create(dir.join("server.out"))?;
+        let node = Command::new(server_script())
+            .env(
+                "RABBITMQ_NODENAME",
+                format!("quarry-test-{}@localhost", self.amqp_port),
+            )
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start rabbitmq-server: run deploy/local/up, which installs it")?;
+        self.node = Some(node);
+        self.wait_until_serving()
+    }
+
+    /// Waits (at most 2 minutes) until both AMQP and the management API accept connections
+    /// (the management listener opens last, once the node is fully booted).
+    fn wait_until_serving(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let accepts = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        while !(accepts(self.amqp_port) && accepts(self.management_port)) {
+            if let Some(node) = &mut self.node
+                && let Some(status) = node.try_wait()?
+            {
+                bail!(
+                    "rabbitmq-server exited at start ({status}): {}",
+                    self.output_tail()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "the private RabbitMQ node did not serve within 2 minutes: {}",
+                    self.output_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
+    fn output_tail(&self) -> String {
+        let out = std::fs::read_to_string(self.dir.path().join("server.out")).unwrap_or_default();
+        let lines: Vec<&str> = out.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for PrivateRabbitMq {
+    fn drop(&mut self) {
+        if let Some(mut node) = self.node.take() {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}

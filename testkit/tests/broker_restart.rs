@@ -1,0 +1,80 @@
+//! RabbitMQ restarted under a running run. The test runs its own broker node (this file's
+//! process points the test stack at it), so restarting it disturbs no other test.
+
+use std::time::Duration;
+
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_shared::job::Mode;
+use quarry_shared::store::Store;
+use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
+use quarry_testkit::{TestStack, experiment};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_restarting_mid_run_loses_nothing_and_counts_nothing_twice() {
+    let mut broker = PrivateRabbitMq::start().unwrap();
+    // SAFETY (of the test's intent): set before any thread of this process reads them; this
+    // file holds one test, so no other test in the process sees the change.
+    unsafe {
+        std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
+        std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
+    }
+    let stack = TestStack::start().await.unwrap();
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: experiment(Mode::Check, 300),
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: Some(10),
+        },
+    };
+    let summary = publish_run(
+        &stack.config,
+        "broker-restart",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let consumers = stack.start_consumers(&["through-the-restart-a", "through-the-restart-b"]);
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    while store.progress(summary.run_id).await.unwrap().finished < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The broker goes down with jobs in the consumers' hands and in the queue, stays down for
+    // 3 s, and comes back with the same data (its queues are durable).
+    let before = store.progress(summary.run_id).await.unwrap().finished;
+    let restarted = tokio::task::spawn_blocking(move || {
+        broker.stop()?;
+        std::thread::sleep(Duration::from_secs(3));
+        broker.restart()?;
+        anyhow::Ok(broker)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        before < 10,
+        "the run finished before the broker went down: the restart proved nothing"
+    );
+
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    eprintln!("{stats:?}");
+    let progress = store.progress(summary.run_id).await.unwrap();
+    assert_eq!((progress.finished, progress.total), (10, Some(10)));
+    // A job in hand when the connection died comes back and is recognised as done, never
+    // recorded twice; verify checks exactly one result per job.
+    assert_eq!(stats.results, 10, "{stats:?}");
+    // Each consumer retries with growing pauses; the first one back may finish the run alone.
+    assert!(
+        stats.broker_connections >= 3,
+        "a consumer reconnected after the restart: {stats:?}"
+    );
+    stack.assert_verified("broker-restart").await;
+    drop(stack);
+    drop(restarted);
+}
