@@ -42,7 +42,7 @@ use tracing::Instrument as _;
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{DiskCache, FetchError, Fetcher, Source};
 pub use metrics::Metrics;
-pub use sandbox::Sandbox;
+pub use sandbox::{Sandbox, find_on_path};
 
 /// What one consumer did before it stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     store.migrate().await?;
     // The first connection must work: a wrong URL is better reported at once.
     let first_broker = Broker::connect(&config.rabbitmq).await?;
-    let bucket = Bucket::new(&config.s3);
+    let bucket = Bucket::new(&config.s3)?;
     if let Err(err) = bucket.ensure_exists().await {
         tracing::warn!(error = %format!("{err:#}"), "S3 bucket unavailable; crates will come from the registry");
     }
@@ -907,7 +907,10 @@ async fn prepare_cargo_home(
         let cargo_bin = sandbox::find_on_path("cargo")
             .and_then(|cargo| cargo.parent().map(PathBuf::from))
             .context("cargo is not on PATH")?;
-        Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin, cargo_home.clone()]).await?
+        let mut sandbox =
+            Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin, cargo_home.clone()]).await?;
+        sandbox.hide(&config.secret_files());
+        sandbox
     };
     let cgroups = match cgroup::Cgroups::detect(name) {
         Ok(cgroups) => {

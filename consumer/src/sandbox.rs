@@ -71,6 +71,34 @@ impl Sandbox {
         })
     }
 
+    /// Hides `paths` too (the consumer's own secret files), wherever the sandbox would show
+    /// them, whatever their mode: a mounted secret is often readable by everyone.
+    pub fn hide(&mut self, paths: &[PathBuf]) {
+        let Sandbox::Bubblewrap {
+            read_only, hidden, ..
+        } = self
+        else {
+            return;
+        };
+        for path in paths {
+            let Ok(path) = path.canonicalize() else {
+                continue;
+            };
+            let visible = SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))
+                || read_only.iter().any(|dir| path.starts_with(dir));
+            if !visible {
+                continue;
+            }
+            hidden.push(if path.is_dir() {
+                Hidden::Directory(path)
+            } else {
+                Hidden::File(path)
+            });
+        }
+        hidden.sort();
+        hidden.dedup();
+    }
+
     /// The program and arguments that run `program args` in the sandbox, in `dir`, with
     /// `writable` as the only writable place.
     pub fn command_line(
@@ -106,6 +134,13 @@ impl Sandbox {
                 for dir in SYSTEM_DIRS {
                     bind(&mut line, "--ro-bind-try", Path::new(dir));
                 }
+                line.extend(
+                    ["--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"].map(str::to_owned),
+                );
+                for path in read_only {
+                    bind(&mut line, "--ro-bind", path);
+                }
+                // After every bind, so that no later mount shows again what these hide.
                 for hidden in hidden {
                     match hidden {
                         Hidden::Directory(path) => {
@@ -117,12 +152,6 @@ impl Sandbox {
                             path.display().to_string(),
                         ]),
                     }
-                }
-                line.extend(
-                    ["--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc"].map(str::to_owned),
-                );
-                for path in read_only {
-                    bind(&mut line, "--ro-bind", path);
                 }
                 bind(&mut line, "--bind", writable);
                 line.extend(["--chdir".to_owned(), dir.display().to_string()]);
@@ -186,6 +215,37 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[tokio::test]
+    async fn the_consumers_secret_files_are_hidden_whatever_their_mode() {
+        // A directory the sandbox shows (as it shows the toolchains), holding a secret file
+        // readable by everyone, as Kubernetes mounts Secrets by default.
+        let shown = tempfile::tempdir().unwrap();
+        let secret = shown.path().join("amqp-url");
+        std::fs::write(&secret, "amqps://quarry:hunter2@mq/%2f").unwrap();
+        std::fs::write(shown.path().join("toolchain.txt"), "public").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut sandbox = Sandbox::bubblewrap(vec![shown.path().to_owned()])
+            .await
+            .unwrap();
+        sandbox.hide(&[secret.clone(), PathBuf::from("/nonexistent/secret")]);
+        let scratch = tempfile::tempdir().unwrap();
+        let read = |file: PathBuf| {
+            let (program, args) = sandbox.command_line(
+                scratch.path(),
+                scratch.path(),
+                "cat",
+                &[file.to_str().unwrap()],
+            );
+            let output = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        assert_eq!(read(shown.path().join("toolchain.txt")), "public");
+        assert_eq!(read(secret), "", "the secret is /dev/null inside");
+    }
 
     #[test]
     fn what_others_may_not_read_is_hidden() {

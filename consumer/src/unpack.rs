@@ -85,14 +85,26 @@ mod tests {
     use super::*;
 
     fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let typed: Vec<_> = entries
+            .iter()
+            .map(|(path, data)| (*path, tar::EntryType::Regular, *data, ""))
+            .collect();
+        archive_of(&typed)
+    }
+
+    /// Entries of any type: (path, type, content, link target).
+    fn archive_of(entries: &[(&str, tar::EntryType, &[u8], &str)]) -> Vec<u8> {
         let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
             Vec::new(),
             flate2::Compression::fast(),
         ));
-        for (path, data) in entries {
+        for (path, kind, data, target) in entries {
             let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
+            let link = &mut header.as_old_mut().linkname;
+            link[..target.len()].copy_from_slice(target.as_bytes());
             // set_path refuses `..`; write the raw name to craft hostile archives.
             let name = &mut header.as_old_mut().name;
             name[..path.len()].copy_from_slice(path.as_bytes());
@@ -120,6 +132,56 @@ mod tests {
         let err = unpack(&bytes, dir.path(), "a-1.0.0").unwrap_err();
         assert!(err.contains("escapes"), "{err}");
         assert!(!dir.path().parent().unwrap().join("evil").exists());
+    }
+
+    #[test]
+    fn refuses_absolute_paths_links_and_devices() {
+        use tar::EntryType;
+        let manifest = (
+            "a-1.0.0/Cargo.toml",
+            EntryType::Regular,
+            &b"[package]"[..],
+            "",
+        );
+        let hostile = [
+            (
+                ("/tmp/quarry-absolute", EntryType::Regular, &b"x"[..], ""),
+                "escapes",
+            ),
+            (
+                (
+                    "a-1.0.0/passwd",
+                    EntryType::Symlink,
+                    &b""[..],
+                    "/etc/passwd",
+                ),
+                "Symlink",
+            ),
+            (
+                ("a-1.0.0/up", EntryType::Symlink, &b""[..], "../../.."),
+                "Symlink",
+            ),
+            (
+                ("a-1.0.0/shadow", EntryType::Link, &b""[..], "/etc/shadow"),
+                "Link",
+            ),
+            (("a-1.0.0/null", EntryType::Char, &b""[..], ""), "Char"),
+            (("a-1.0.0/disk", EntryType::Block, &b""[..], ""), "Block"),
+            (("a-1.0.0/pipe", EntryType::Fifo, &b""[..], ""), "Fifo"),
+        ];
+        for (entry, expected) in hostile {
+            let dir = tempfile::tempdir().unwrap();
+            let err = unpack(&archive_of(&[manifest, entry]), dir.path(), "a-1.0.0").unwrap_err();
+            assert!(err.contains(entry.0), "{err}");
+            assert!(err.contains(expected), "{err}");
+            let unpacked = dir.path().join(entry.0.trim_start_matches('/'));
+            assert!(
+                unpacked.symlink_metadata().is_err(),
+                "{} was created",
+                entry.0
+            );
+        }
+        assert!(!Path::new("/tmp/quarry-absolute").exists());
     }
 
     #[test]

@@ -245,7 +245,7 @@ pub async fn resolve_patch(config: &Config, spec: &str) -> anyhow::Result<Patch>
             published.entry.name
         );
         let bytes = std::fs::read(file)?;
-        let bucket = quarry_shared::s3::Bucket::new(&config.s3);
+        let bucket = quarry_shared::s3::Bucket::new(&config.s3)?;
         bucket.ensure_exists().await?;
         let key = bucket
             .put_patch(&published.entry.cksum, bytes.into())

@@ -102,7 +102,7 @@ pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::
     let dir = output_dir.join(&run.name);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let causes = copy_logs(&Bucket::new(&config.s3), &rows, &logs).await?;
+    let causes = copy_logs(&Bucket::new(&config.s3)?, &rows, &logs).await?;
     write_report(&dir, &run, progress, &counts, &rows, &causes)
 }
 

@@ -81,7 +81,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut config = Config::load(&cli.config)?;
-    if let Ok(token) = std::env::var("QUARRY_REPORTER_TOKEN") {
+    // The environment stands in for the file's `token`; a token_file, when given, wins.
+    if let (Ok(token), None) = (
+        std::env::var("QUARRY_REPORTER_TOKEN"),
+        &config.reporter.token_file,
+    ) {
         config.reporter.token = Some(quarry_shared::config::Secret::new(token));
     }
     match cli.command {

@@ -54,15 +54,8 @@ pub async fn start(
     let store = Store::connect(&config.database).await?;
     // A service that may start before anything else: the schema must be there to read.
     store.migrate().await?;
-    let token = match (&config.reporter.token, &config.reporter.token_file) {
-        (Some(token), _) => Some(token.clone()),
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read reporter.token_file {}", file.display()))?;
-            Some(Secret::new(text.trim()))
-        }
-        (None, None) => None,
-    };
+    // Read from reporter.token_file, if given, by Config::load.
+    let token = config.reporter.token.clone();
     if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
         anyhow::bail!("the reporter token is too short: use at least 16 characters");
     }

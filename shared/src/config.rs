@@ -29,6 +29,16 @@ impl Secret {
         Secret(value.into())
     }
 
+    /// Reads a secret from a file (a mounted Kubernetes Secret, say); `key` names the setting
+    /// in errors, which never show the content.
+    pub fn read_file(file: &Path, key: &str) -> anyhow::Result<Secret> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {key} {}", file.display()))?;
+        let value = text.trim_end_matches(['\n', '\r']);
+        anyhow::ensure!(!value.is_empty(), "{key} {} is empty", file.display());
+        Ok(Secret::new(value))
+    }
+
     /// The secret's value, for handing to a client library. Never log it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -73,8 +83,14 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// A libpq-style URL, e.g. `postgres://quarry:pw@db:5432/quarry`.
+    /// A libpq-style URL, e.g. `postgres://quarry:pw@db:5432/quarry`. With
+    /// `?sslmode=require` (or `verify-ca`, `verify-full`) the connection is TLS and the server's
+    /// certificate is verified; otherwise it is plain.
     pub url: Secret,
+    /// A file holding the URL (a mounted secret); read at start, it replaces `url`.
+    pub url_file: Option<PathBuf>,
+    /// PEM certificates trusted for the server's certificate, besides the system's.
+    pub ca_file: Option<PathBuf>,
     pub pool_size: usize,
 }
 
@@ -82,6 +98,8 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: Secret::new("postgres://quarry:quarry@127.0.0.1:5432/quarry"),
+            url_file: None,
+            ca_file: None,
             pool_size: 8,
         }
     }
@@ -90,8 +108,13 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RabbitMqConfig {
-    /// An AMQP URL including the vhost, e.g. `amqp://user:pw@mq:5672/%2f`.
+    /// An AMQP URL including the vhost, e.g. `amqp://user:pw@mq:5672/%2f`; `amqps://` for TLS
+    /// (the server's certificate is verified).
     pub url: Secret,
+    /// A file holding the URL (a mounted secret); read at start, it replaces `url`.
+    pub url_file: Option<PathBuf>,
+    /// PEM certificates trusted for the server's certificate, besides the system's.
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every exchange and queue name, so several Quarry installations can share a vhost.
     pub prefix: String,
     /// How long a job that failed for infrastructure reasons waits before its next attempt, one
@@ -104,6 +127,8 @@ impl Default for RabbitMqConfig {
     fn default() -> Self {
         RabbitMqConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url_file: None,
+            ca_file: None,
             prefix: "quarry".to_owned(),
             retry_delays_ms: vec![10_000, 60_000],
         }
@@ -123,6 +148,11 @@ pub struct S3Config {
     pub logs_prefix: String,
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
+    /// Files holding the keys (mounted secrets); read at start, they replace the values above.
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+    /// PEM certificates trusted for an `https://` endpoint, besides the system's.
+    pub ca_file: Option<PathBuf>,
     /// Path-style addressing, needed by most S3-compatible servers.
     pub force_path_style: bool,
 }
@@ -138,6 +168,9 @@ impl Default for S3Config {
             // The local stack's s3s-fs credentials (deploy/local/up); not valid anywhere else.
             access_key_id: Secret::new("quarry"),
             secret_access_key: Secret::new("quarry-local-secret"),
+            access_key_id_file: None,
+            secret_access_key_file: None,
+            ca_file: None,
             force_path_style: true,
         }
     }
@@ -298,9 +331,22 @@ pub struct ConfigArgs {
     )]
     pub database_url: Option<String>,
 
+    /// A file holding the PostgreSQL URL (a mounted secret); replaces the URL.
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_DATABASE_URL_FILE",
+        value_name = "FILE"
+    )]
+    pub database_url_file: Option<PathBuf>,
+
     /// RabbitMQ URL with vhost [default: amqp://guest:***@127.0.0.1:5672/%2f].
     #[arg(long, global = true, env = "QUARRY_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
+
+    /// A file holding the RabbitMQ URL (a mounted secret); replaces the URL.
+    #[arg(long, global = true, env = "QUARRY_AMQP_URL_FILE", value_name = "FILE")]
+    pub amqp_url_file: Option<PathBuf>,
 
     /// Prefix of Quarry's exchange and queue names [default: quarry].
     #[arg(long, global = true, env = "QUARRY_QUEUE_PREFIX")]
@@ -332,6 +378,24 @@ pub struct ConfigArgs {
     )]
     pub s3_secret_access_key: Option<String>,
 
+    /// A file holding the S3 access key id (a mounted secret).
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_S3_ACCESS_KEY_ID_FILE",
+        value_name = "FILE"
+    )]
+    pub s3_access_key_id_file: Option<PathBuf>,
+
+    /// A file holding the S3 secret access key (a mounted secret).
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_S3_SECRET_ACCESS_KEY_FILE",
+        value_name = "FILE"
+    )]
+    pub s3_secret_access_key_file: Option<PathBuf>,
+
     /// Sparse index URL of the registry [default: the local registry].
     #[arg(long, global = true, env = "QUARRY_REGISTRY_INDEX")]
     pub registry_index: Option<String>,
@@ -354,6 +418,7 @@ impl Config {
             None => Config::default(),
         };
         config.apply(args);
+        config.read_secret_files()?;
         Ok(config)
     }
 
@@ -391,6 +456,69 @@ impl Config {
         secret(&args.s3_secret_access_key, &mut self.s3.secret_access_key);
         plain(&args.registry_index, &mut self.registry.index_url);
         plain(&args.registry_api, &mut self.registry.api_url);
+        let file = |value: &Option<PathBuf>, target: &mut Option<PathBuf>| {
+            if value.is_some() {
+                target.clone_from(value);
+            }
+        };
+        file(&args.database_url_file, &mut self.database.url_file);
+        file(&args.amqp_url_file, &mut self.rabbitmq.url_file);
+        file(&args.s3_access_key_id_file, &mut self.s3.access_key_id_file);
+        file(
+            &args.s3_secret_access_key_file,
+            &mut self.s3.secret_access_key_file,
+        );
+    }
+
+    /// The files secrets are read from, to keep out of packages' sight.
+    pub fn secret_files(&self) -> Vec<PathBuf> {
+        [
+            &self.database.url_file,
+            &self.rabbitmq.url_file,
+            &self.s3.access_key_id_file,
+            &self.s3.secret_access_key_file,
+            &self.reporter.token_file,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+
+    /// Replaces each secret that has a `*_file` setting with the file's content (without its
+    /// final newline). A file, when given, wins over the value however that was given.
+    fn read_secret_files(&mut self) -> anyhow::Result<()> {
+        let secrets = [
+            (
+                "database.url_file",
+                &self.database.url_file,
+                &mut self.database.url,
+            ),
+            (
+                "rabbitmq.url_file",
+                &self.rabbitmq.url_file,
+                &mut self.rabbitmq.url,
+            ),
+            (
+                "s3.access_key_id_file",
+                &self.s3.access_key_id_file,
+                &mut self.s3.access_key_id,
+            ),
+            (
+                "s3.secret_access_key_file",
+                &self.s3.secret_access_key_file,
+                &mut self.s3.secret_access_key,
+            ),
+        ];
+        for (key, file, target) in secrets {
+            if let Some(file) = file {
+                *target = Secret::read_file(file, key)?;
+            }
+        }
+        if let Some(file) = &self.reporter.token_file {
+            self.reporter.token = Some(Secret::read_file(file, "reporter.token_file")?);
+        }
+        Ok(())
     }
 }
 
@@ -453,6 +581,70 @@ mod tests {
         );
         assert_eq!(example.registry.index_url, defaults.registry.index_url);
         assert_eq!(example.rabbitmq.prefix, defaults.rabbitmq.prefix);
+    }
+
+    #[test]
+    fn secrets_come_from_mounted_files_which_win_and_are_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let config_file = write(
+            "quarry.toml",
+            &format!(
+                "[s3]\nsecret_access_key_file = {:?}\n[reporter]\ntoken_file = {:?}\n",
+                write("s3-secret", "s3-from-file\n"),
+                write("token", "token-from-file-0123456789\r\n"),
+            ),
+        );
+        let config = Config::load(&ConfigArgs {
+            config: Some(config_file.clone()),
+            database_url: Some("postgres://quarry:from-flag@db/quarry".into()),
+            database_url_file: Some(write("db-url", "postgres://quarry:from-file@db/quarry")),
+            amqp_url_file: Some(write("amqp-url", "amqps://quarry:mq-from-file@mq/%2f\n")),
+            ..ConfigArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.database.url.expose(),
+            "postgres://quarry:from-file@db/quarry"
+        );
+        assert_eq!(
+            config.rabbitmq.url.expose(),
+            "amqps://quarry:mq-from-file@mq/%2f"
+        );
+        assert_eq!(config.s3.secret_access_key.expose(), "s3-from-file");
+        assert_eq!(
+            config.reporter.token.as_ref().map(Secret::expose),
+            Some("token-from-file-0123456789")
+        );
+        let shown = format!("{config:?}");
+        for secret in [
+            "from-file",
+            "mq-from-file",
+            "s3-from-file",
+            "token-from-file",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+
+        // A missing or empty file is an error naming the setting and the file.
+        for (file, expected) in [
+            (dir.path().join("absent"), "cannot read database.url_file"),
+            (write("empty", "\n"), "database.url_file"),
+        ] {
+            let err = Config::load(&ConfigArgs {
+                config: Some(config_file.clone()),
+                database_url_file: Some(file.clone()),
+                ..ConfigArgs::default()
+            })
+            .unwrap_err();
+            let message = format!("{err:#}");
+            assert!(message.contains(expected), "{message}");
+            assert!(message.contains(&file.display().to_string()), "{message}");
+        }
     }
 
     #[test]

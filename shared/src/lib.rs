@@ -11,5 +11,6 @@ pub mod s3;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;

@@ -18,6 +18,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -71,14 +72,28 @@ pub struct Broker {
 impl Broker {
     /// Connects and declares the topology (idempotent: declaring what exists is a no-op).
     pub async fn connect(config: &RabbitMqConfig) -> anyhow::Result<Broker> {
-        let connection = Connection::connect(config.url.expose(), ConnectionProperties::default())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to RabbitMQ at {}",
-                    config.url.redacted_url()
-                )
-            })?;
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: config
+                .ca_file
+                .as_deref()
+                .map(crate::tls::read_ca_file)
+                .transpose()?,
+        };
+        let runtime = lapin::runtime::default_runtime()?;
+        let connection = Connection::connect_with_config(
+            config.url.expose(),
+            ConnectionProperties::default(),
+            tls,
+            runtime,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to RabbitMQ at {}",
+                config.url.redacted_url()
+            )
+        })?;
         let broker = Broker {
             connection,
             topology: Topology::new(&config.prefix, &config.retry_delays_ms),

@@ -30,7 +30,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    pub fn new(config: &S3Config) -> Bucket {
+    pub fn new(config: &S3Config) -> anyhow::Result<Bucket> {
         let credentials = Credentials::new(
             config.access_key_id.expose(),
             config.secret_access_key.expose(),
@@ -49,12 +49,17 @@ impl Bucket {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
-        Bucket {
+        if let Some(ca_file) = &config.ca_file {
+            builder = builder.http_client(
+                crate::tls::s3_http_client(ca_file).context("cannot set up TLS for S3")?,
+            );
+        }
+        Ok(Bucket {
             client: Client::from_conf(builder.build()),
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
             logs_prefix: config.logs_prefix.clone(),
-        }
+        })
     }
 
     pub fn bucket(&self) -> &str {

@@ -13,6 +13,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::Serialize;
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
@@ -214,21 +216,37 @@ pub struct JobEvent {
     pub detail: Option<String>,
 }
 
+/// libpq's verifying modes, which tokio-postgres does not parse, as `require`: Quarry verifies
+/// the server's certificate whenever it uses TLS.
+fn libpq_sslmode(url: &str) -> std::borrow::Cow<'_, str> {
+    if url.contains("sslmode=verify-full") || url.contains("sslmode=verify-ca") {
+        url.replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require")
+            .into()
+    } else {
+        url.into()
+    }
+}
+
 impl Store {
     /// Connects (lazily: the pool opens connections on first use) and checks one connection works.
     pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<Store> {
-        let pg_config: tokio_postgres::Config = config
-            .url
-            .expose()
+        let mut pg_config: tokio_postgres::Config = libpq_sslmode(config.url.expose())
             .parse()
             .context("invalid database URL")?;
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = if pg_config.get_ssl_mode() == SslMode::Require {
+            let tls = crate::tls::client_config(config.ca_file.as_deref())
+                .context("cannot set up TLS for PostgreSQL")?;
+            Manager::from_config(pg_config, MakeRustlsConnect::new(tls), manager_config)
+        } else {
+            // `prefer` (the default) would encrypt without knowing whom to: unless TLS is
+            // required, and then verified, the connection is plain.
+            pg_config.ssl_mode(SslMode::Disable);
+            Manager::from_config(pg_config, NoTls, manager_config)
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
             .build()

@@ -13,6 +13,7 @@
 pub mod fixtures;
 pub mod private_postgres;
 pub mod private_rabbitmq;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! directory), so that a test or the soak can stop and restart the broker mid-run without
 //! disturbing the other tests, which share the machine's broker.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ pub struct PrivateRabbitMq {
     pub amqp_port: u16,
     pub management_port: u16,
     dist_port: u16,
+    /// Whether `amqp_port` speaks AMQP over TLS (and there is no plain listener).
+    tls: bool,
 }
 
 /// The server script itself, not Debian's wrapper in /usr/sbin, which switches to the rabbitmq
@@ -38,14 +40,39 @@ fn free_port() -> anyhow::Result<u16> {
 impl PrivateRabbitMq {
     /// Creates a node (management plugin on, loopback only) and starts it.
     pub fn start() -> anyhow::Result<PrivateRabbitMq> {
+        PrivateRabbitMq::create(None)
+    }
+
+    /// Like `start`, but AMQP is served over TLS only, with this certificate (PEM files of
+    /// the certificate, its key and its CA). The management API stays plain HTTP.
+    pub fn start_with_tls(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<PrivateRabbitMq> {
+        PrivateRabbitMq::create(Some((cert, key, ca)))
+    }
+
+    fn create(tls: Option<(&Path, &Path, &Path)>) -> anyhow::Result<PrivateRabbitMq> {
         let dir = tempfile::Builder::new()
             .prefix("quarry-private-rabbitmq")
             .tempdir()?;
         let (amqp_port, management_port, dist_port) = (free_port()?, free_port()?, free_port()?);
+        let listeners = match tls {
+            None => format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\n"),
+            Some((cert, key, ca)) => format!(
+                "listeners.tcp = none\n\
+                 listeners.ssl.1 = 127.0.0.1:{amqp_port}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            ),
+        };
         std::fs::write(
             dir.path().join("rabbitmq.conf"),
             format!(
-                "listeners.tcp.1 = 127.0.0.1:{amqp_port}\n\
+                "{listeners}\
                  management.tcp.ip = 127.0.0.1\n\
                  management.tcp.port = {management_port}\n"
             ),
@@ -62,14 +89,16 @@ impl PrivateRabbitMq {
             amqp_port,
             management_port,
             dist_port,
+            tls: tls.is_some(),
         };
         broker.boot()?;
         Ok(broker)
     }
 
-    /// `amqp://guest:guest@127.0.0.1:PORT`, for `QUARRY_TEST_AMQP_URL`.
+    /// `amqp://guest:guest@127.0.0.1:PORT` (`amqps://` with TLS), for `QUARRY_TEST_AMQP_URL`.
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}", self.amqp_port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}", self.amqp_port)
     }
 
     /// The management API's root, for `QUARRY_TEST_RABBITMQ_API`.

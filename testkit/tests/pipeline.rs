@@ -421,7 +421,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
     consumers.stop().await;
 
     let sql = stack.sql().await.unwrap();
-    let bucket = Bucket::new(&stack.config.s3);
+    let bucket = Bucket::new(&stack.config.s3).unwrap();
     let outcome = |name: String| {
         let (sql, bucket) = (&sql, &bucket);
         async move {

@@ -22,7 +22,7 @@ use clap::Parser;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_shared::job::{Experiment, Mode};
 use quarry_shared::store::Store;
-use quarry_testkit::{TestStack, fixtures};
+use quarry_testkit::{TestStack, crates_dir, fixtures};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -32,6 +32,16 @@ enum Bench {
         /// Jobs (one generated package each).
         #[arg(long, default_value_t = 5000)]
         jobs: usize,
+        /// Consumers (one job at a time each), and xargs's parallelism.
+        #[arg(long, default_value_t = 2)]
+        consumers: usize,
+    },
+    /// A real workload: `cargo check` of real crates through the pipeline (twice: cold caches,
+    /// then warm), against xargs running the same fetch and sandboxed check.
+    Check {
+        /// Crates (the first N of the local registry, alphabetically; newest version each).
+        #[arg(long, default_value_t = 30)]
+        crates: u64,
         /// Consumers (one job at a time each), and xargs's parallelism.
         #[arg(long, default_value_t = 2)]
         consumers: usize,
@@ -82,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = quarry_shared::telemetry::init("quarry-bench");
     match Bench::parse() {
         Bench::Dispatch { jobs, consumers } => dispatch(jobs, consumers).await,
+        Bench::Check { crates, consumers } => check(crates, consumers).await,
         Bench::Publish { versions, page } => publish(versions, page).await,
         Bench::PublishSide {
             side,
@@ -175,19 +186,177 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs, with `xargs -P<parallel>`, for every `.crate` in `crates`: unpack into a fresh
-/// directory, run `true` in the consumer's bubblewrap sandbox there, remove the directory.
-async fn bare_xargs(crates: &Path, parallel: usize) -> anyhow::Result<Duration> {
-    const PLACE: &str = "/QUARRY_BENCH_DIR";
+async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let store = Store::connect(&stack.config.database).await?;
+    let definition = |fresh| RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: 600,
+            fresh,
+            memory_limit_mb: 2048,
+            command: None,
+        },
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: Some(count),
+        },
+    };
+    // A fleet that is already up when the run starts, as in production.
+    let names: Vec<String> = (0..parallel).map(|i| format!("check-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let fleet = stack.start_consumers(&names);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let mut pipeline = Vec::new();
+    let mut packages = Vec::new();
+    for (round, fresh) in [("cold", false), ("warm", true)] {
+        let before = stack.registry.stats();
+        let started = Instant::now();
+        let summary = publish_run(
+            &stack.config,
+            &format!("check-{round}"),
+            &definition(fresh),
+            &CancellationToken::new(),
+        )
+        .await?;
+        loop {
+            if store.progress(summary.run_id).await?.is_complete() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = started.elapsed();
+        let after = stack.registry.stats();
+        let database = stack.sql().await?;
+        let outcomes = database
+            .query(
+                "SELECT r.outcome, count(*) FROM results r WHERE r.run_id = $1 GROUP BY 1 ORDER BY 1",
+                &[&summary.run_id.0],
+            )
+            .await?
+            .iter()
+            .map(|row| format!("{} {}", row.get::<_, String>(0), row.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        packages = database
+            .query(
+                "SELECT crate_name, crate_version FROM jobs WHERE run_id = $1",
+                &[&summary.run_id.0],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                crates_dir().join(format!(
+                    "{}-{}.crate",
+                    row.get::<_, String>(0),
+                    row.get::<_, String>(1)
+                ))
+            })
+            .collect();
+        eprintln!(
+            "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes",
+            after.downloads - before.downloads,
+            after.download_bytes - before.download_bytes
+        );
+        pipeline.push((elapsed, after.download_bytes - before.download_bytes));
+    }
+    let stats = fleet.stop().await;
+    eprintln!("{stats:?}");
+
+    // The same packages with xargs: fetch outside the sandbox, check inside, twice (an empty
+    // cargo home, then the same one again).
+    let work = tempfile::tempdir()?;
+    let bare_home = work.path().join("cargo-home");
+    std::fs::create_dir_all(&bare_home)?;
+    let index = &stack.config.registry.index_url;
+    std::fs::write(
+        bare_home.join("config.toml"),
+        format!(
+            "[source.crates-io]\nreplace-with = \"bench\"\n\
+             [source.bench]\nregistry = \"sparse+{index}\"\n"
+        ),
+    )?;
+    let cargo_bin = quarry_consumer::find_on_path("cargo")
+        .and_then(|cargo| cargo.parent().map(std::path::PathBuf::from))
+        .context("cargo is not on PATH")?;
+    let sandbox = quarry_consumer::Sandbox::bubblewrap(vec![
+        rustup_home()?,
+        cargo_bin.clone(),
+        bare_home.clone(),
+    ])
+    .await?;
+    let toolchain = quarry_testkit::toolchain().to_string();
+    let env = format!(
+        "env -i PATH='{}:/usr/bin:/bin' HOME=\"$d\" CARGO_HOME='{}' RUSTUP_HOME='{}' \
+         RUSTUP_TOOLCHAIN='{toolchain}' CARGO_TARGET_DIR=\"$d/target\" CARGO_TERM_COLOR=never \
+         CARGO_INCREMENTAL=0",
+        cargo_bin.display(),
+        bare_home.display(),
+        rustup_home()?.display(),
+    );
+    let plus = format!("+{toolchain}");
+    let script = format!(
+        "d=$(mktemp -d -p {work}) && mkdir \"$d/src\" && \
+         tar xzf \"$1\" -C \"$d/src\" --strip-components=1 && \
+         {{ grep -q '^\\[workspace\\]' \"$d/src/Cargo.toml\" || printf '\\n[workspace]\\n' >> \"$d/src/Cargo.toml\"; }} && \
+         (cd \"$d/src\" && {env} cargo {plus} fetch -q) && \
+         (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
+         echo $? >> {work}/statuses; rm -rf \"$d\"; exit 0",
+        work = work.path().display(),
+        check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
+    );
+    let mut bare = Vec::new();
+    for round in ["cold", "warm"] {
+        let elapsed = xargs(&packages, parallel, &script, work.path()).await?;
+        let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
+        let passed = statuses.lines().filter(|l| *l == "0").count();
+        std::fs::remove_file(work.path().join("statuses"))?;
+        eprintln!(
+            "xargs -P{parallel}, {round}: {elapsed:?}, {passed} of {} passed",
+            packages.len()
+        );
+        bare.push(elapsed);
+    }
+    for (i, round) in ["cold caches", "warm caches, fresh results"]
+        .iter()
+        .enumerate()
+    {
+        let (pipeline, bytes) = pipeline[i];
+        println!(
+            "| check, {count} real crates, {parallel} consumers, {round} | {:.1} s | {:.1} s | {:.3}× | {bytes} B |",
+            pipeline.as_secs_f64(),
+            bare[i].as_secs_f64(),
+            pipeline.as_secs_f64() / bare[i].as_secs_f64(),
+        );
+    }
+    Ok(())
+}
+
+fn rustup_home() -> anyhow::Result<std::path::PathBuf> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let rustup_home = std::env::var_os("RUSTUP_HOME")
+    Ok(std::env::var_os("RUSTUP_HOME")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(&home).join(".rustup"));
-    let sandbox = quarry_consumer::Sandbox::bubblewrap(vec![rustup_home]).await?;
-    let (bwrap, args) =
-        sandbox.command_line(Path::new(PLACE), &Path::new(PLACE).join("src"), "true", &[]);
-    let quoted: Vec<String> = std::iter::once(bwrap.display().to_string())
-        .chain(args)
+        .unwrap_or_else(|| Path::new(&home).join(".rustup")))
+}
+
+/// A job's directory in the shell scripts below: `$d`, made by `mktemp`.
+const PLACE: &str = "/QUARRY_BENCH_DIR";
+
+/// The consumer's bubblewrap command line for `program args`, run in `$d/src` with `$d`
+/// writable, as shell words.
+fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -> String {
+    let (bwrap, line) = sandbox.command_line(
+        Path::new(PLACE),
+        &Path::new(PLACE).join("src"),
+        program,
+        args,
+    );
+    std::iter::once(bwrap.display().to_string())
+        .chain(line)
         .map(|arg| {
             if arg.contains(PLACE) {
                 format!("\"{}\"", arg.replace(PLACE, "$d"))
@@ -195,25 +364,44 @@ async fn bare_xargs(crates: &Path, parallel: usize) -> anyhow::Result<Duration> 
                 format!("'{arg}'")
             }
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs, with `xargs -P<parallel>`, for every `.crate` in `crates`: unpack into a fresh
+/// directory, run `true` in the consumer's bubblewrap sandbox there, remove the directory.
+async fn bare_xargs(crates: &Path, parallel: usize) -> anyhow::Result<Duration> {
+    let sandbox = quarry_consumer::Sandbox::bubblewrap(vec![rustup_home()?]).await?;
     let work = tempfile::tempdir()?;
     let script = format!(
         "d=$(mktemp -d -p {work}) && mkdir \"$d/src\" && tar xzf \"$1\" -C \"$d/src\" && {}; \
          status=$?; rm -rf \"$d\"; exit $status",
-        quoted.join(" "),
+        sandboxed(&sandbox, "true", &[]),
         work = work.path().display(),
     );
-    let list: Vec<String> = std::fs::read_dir(crates)?
-        .map(|e| Ok(e?.path().display().to_string()))
+    let list: Vec<std::path::PathBuf> = std::fs::read_dir(crates)?
+        .map(|e| Ok(e?.path()))
         .collect::<anyhow::Result<_>>()?;
-    let list_file = work.path().join("crates.txt");
+    let elapsed = xargs(&list, parallel, &script, work.path()).await?;
+    Ok(elapsed)
+}
+
+/// Runs `sh -c script` once per file of `list` (as `$1`), `parallel` at a time; the time taken.
+async fn xargs(
+    list: &[std::path::PathBuf],
+    parallel: usize,
+    script: &str,
+    work: &Path,
+) -> anyhow::Result<Duration> {
+    let list: Vec<String> = list.iter().map(|p| p.display().to_string()).collect();
+    let list_file = work.join("crates.txt");
     std::fs::write(&list_file, list.join("\n"))?;
     let started = Instant::now();
     let status = tokio::process::Command::new("xargs")
         .arg(format!("-P{parallel}"))
         .args(["-n1", "-a"])
         .arg(&list_file)
-        .args(["sh", "-c", &script, "sh"])
+        .args(["sh", "-c", script, "sh"])
         .status()
         .await?;
     let elapsed = started.elapsed();
