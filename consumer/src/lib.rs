@@ -546,7 +546,19 @@ impl Worker {
     }
 
     async fn execute(&self, job: &Job) -> Result<Plan, InfraError> {
-        let build = self.check_toolchain(&job.toolchain).await?;
+        let known = self.toolchains.lock().await.contains_key(&job.toolchain);
+        let build = if known {
+            self.check_toolchain(&job.toolchain).await?
+        } else {
+            // The first jobs of a toolchain: its package downloads while the toolchain is
+            // checked. The download lands in the disk cache, where the experiment finds it; a
+            // failed one is tried again there and reported as such.
+            let (build, _) = tokio::join!(
+                self.check_toolchain(&job.toolchain),
+                self.fetcher.fetch(&job.package)
+            );
+            build?
+        };
         let memo_key = job.memo_key(&build);
         if !job.experiment.fresh {
             let earlier = self

@@ -139,10 +139,15 @@ impl PrivateRabbitMq {
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            // The script then execs the VM instead of running it as a child, so that killing
+            // the process kills the node (else a killed script leaves the node running).
+            .env("RUNNING_UNDER_SYSTEMD", "true")
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
                 "-kernel inet_dist_use_interface {127,0,0,1}",
             )
+            // Crash dumps (erl_crash.dump, MnesiaCore.*) go where the node's data is.
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -186,6 +191,12 @@ impl PrivateRabbitMq {
 
 impl Drop for PrivateRabbitMq {
     fn drop(&mut self) {
+        // Before the data directory goes: a node outliving it crashes writing there.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         if let Some(mut node) = self.node.take() {
             let _ = node.kill();
             let _ = node.wait();

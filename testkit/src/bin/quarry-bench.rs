@@ -187,7 +187,8 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
 }
 
 async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
-    let stack = TestStack::start().await?;
+    let corpus = quarry_registry::Corpus::load(&[crates_dir()])?.closed();
+    let stack = TestStack::start_with(corpus.clone()).await?;
     let store = Store::connect(&stack.config.database).await?;
     let definition = |fresh| RunDefinition {
         patch: None,
@@ -250,13 +251,14 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
             .await?
             .iter()
             .map(|row| {
-                crates_dir().join(format!(
-                    "{}-{}.crate",
-                    row.get::<_, String>(0),
-                    row.get::<_, String>(1)
-                ))
+                let (name, version): (String, String) = (row.get(0), row.get(1));
+                corpus
+                    .get(&name)
+                    .and_then(|versions| versions.iter().find(|v| v.entry.vers == version))
+                    .map(|published| published.path.clone())
+                    .with_context(|| format!("{name} {version} is not in the corpus"))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         eprintln!(
             "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes",
             after.downloads - before.downloads,
@@ -301,11 +303,11 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
     let plus = format!("+{toolchain}");
     let script = format!(
         "d=$(mktemp -d -p {work}) && mkdir \"$d/src\" && \
-         tar xzf \"$1\" -C \"$d/src\" --strip-components=1 && \
+         tar xzf \"$1\" -C \"$d/src\" --strip-components=1 --no-same-owner --no-same-permissions && \
          {{ grep -q '^\\[workspace\\]' \"$d/src/Cargo.toml\" || printf '\\n[workspace]\\n' >> \"$d/src/Cargo.toml\"; }} && \
          (cd \"$d/src\" && {env} cargo {plus} fetch -q) && \
          (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
-         echo $? >> {work}/statuses; rm -rf \"$d\"; exit 0",
+         echo \"$? $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0",
         work = work.path().display(),
         check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
     );
@@ -313,12 +315,16 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
     for round in ["cold", "warm"] {
         let elapsed = xargs(&packages, parallel, &script, work.path()).await?;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
-        let passed = statuses.lines().filter(|l| *l == "0").count();
-        std::fs::remove_file(work.path().join("statuses"))?;
+        let failed: Vec<&str> = statuses
+            .lines()
+            .filter(|line| !line.starts_with("0 "))
+            .collect();
         eprintln!(
-            "xargs -P{parallel}, {round}: {elapsed:?}, {passed} of {} passed",
+            "xargs -P{parallel}, {round}: {elapsed:?}, {} of {} passed; failed: {failed:?}",
+            packages.len() - failed.len(),
             packages.len()
         );
+        std::fs::remove_file(work.path().join("statuses"))?;
         bare.push(elapsed);
     }
     for (i, round) in ["cold caches", "warm caches, fresh results"]
