@@ -33,7 +33,7 @@ pub struct Comparison {
 /// One side of a package: its outcome and log path under one toolchain.
 pub struct Side<'a> {
     pub outcome: Outcome,
-    pub log: &'a str,
+    pub log: Option<&'a str>,
 }
 
 /// Builds the comparison from every package's two sides (`None` when a side has no result).
@@ -56,8 +56,8 @@ pub fn compare<'a>(
             category: category.as_str().to_owned(),
             start: start_side.as_ref().map(|s| s.outcome.to_string()),
             end: end_side.as_ref().map(|s| s.outcome.to_string()),
-            start_log: start_side.map(|s| s.log.to_owned()),
-            end_log: end_side.map(|s| s.log.to_owned()),
+            start_log: start_side.and_then(|s| s.log.map(str::to_owned)),
+            end_log: end_side.and_then(|s| s.log.map(str::to_owned)),
         });
     }
     Comparison {

@@ -1,6 +1,7 @@
 //! The reporter: reads a run's results from PostgreSQL and writes its report, a directory holding
-//! `index.html` (open it offline), `report.json` (for machines), `results.csv` (for
-//! spreadsheets), `summary.md` (to paste into an issue) and `logs/`, one text file per job.
+//! `index.html` and its pages (open it offline; see `site.rs`), `report.json` (for machines),
+//! `results.csv` (for spreadsheets), `summary.md` (to paste into an issue) and `logs/`, one text
+//! file per job (for large runs, per job that did not pass).
 //!
 //! Counts come from the database's own aggregation, and every row from the same snapshot, so the
 //! report's numbers are the database's numbers. Everything taken from a package or a log is
@@ -9,6 +10,7 @@
 mod cause;
 mod compare;
 mod serve;
+mod site;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,8 +68,10 @@ pub struct PackageRow {
     pub duration_ms: i64,
     pub attempt: i32,
     pub consumer: String,
-    /// Path of the job's log, relative to the report directory.
-    pub log: String,
+    /// Path of the job's log, relative to the report directory; `None` when it was left in S3
+    /// (a passing job of a large run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
     /// For a failed build or test: its root cause, as read from the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
@@ -102,8 +106,14 @@ pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::
     let dir = output_dir.join(&run.name);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let causes = copy_logs(&Bucket::new(&config.s3)?, &rows, &logs).await?;
-    write_report(&dir, &run, progress, &counts, &rows, &causes)
+    // Every log of a small run; of a large one, those people open: the jobs that did not pass.
+    let every_log = rows.len() as u64 <= config.reporter.copy_passing_logs_up_to;
+    let copied: Vec<bool> = rows
+        .iter()
+        .map(|row| every_log || !row.outcome.is_pass())
+        .collect();
+    let causes = copy_logs(&Bucket::new(&config.s3)?, &rows, &copied, &logs).await?;
+    write_report(&dir, &run, progress, &counts, rows, &copied, causes)
 }
 
 /// The file name of a job's log in the report's `logs/` directory.
@@ -114,17 +124,22 @@ fn log_file(row: &ResultRow) -> String {
     )
 }
 
-/// Writes every job's log into `logs`: what PostgreSQL keeps of it (all of it, or a note of
-/// Quarry's), then the compressed log from S3. Logs are fetched a few at a time. Returns each
-/// failed build's or test's root cause, read from its log while it is at hand.
+/// Writes the log of every job marked in `copy` into `logs`: what PostgreSQL keeps of it (all
+/// of it, or a note of Quarry's), then the compressed log from S3. Logs are fetched a few at a
+/// time. Returns each failed build's or test's root cause, read from its log while it is at
+/// hand (failures are always copied).
 async fn copy_logs(
     bucket: &Bucket,
     rows: &[ResultRow],
+    copy: &[bool],
     logs: &Path,
 ) -> anyhow::Result<Vec<Option<String>>> {
     use futures::StreamExt as _;
-    let mut writes = futures::stream::iter(rows)
-        .map(|row| async move {
+    let mut writes = futures::stream::iter(rows.iter().zip(copy))
+        .map(|(row, copy)| async move {
+            if !copy {
+                return anyhow::Ok(None);
+            }
             let text = bucket
                 .result_log(row.log.as_deref(), row.log_key.as_deref())
                 .await
@@ -156,30 +171,32 @@ fn write_report(
     run: &Run,
     progress: Progress,
     counts: &[(Outcome, i64)],
-    rows: &[ResultRow],
-    causes: &[Option<String>],
+    rows: Vec<ResultRow>,
+    copied: &[bool],
+    causes: Vec<Option<String>>,
 ) -> anyhow::Result<Written> {
     let mut packages = Vec::with_capacity(rows.len());
-    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (row, cause) in rows.iter().zip(causes) {
-        if let Some(cause) = cause {
-            groups.entry(cause).or_default().push(format!(
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Rows are consumed as they are turned into the report's: a million of them is memory.
+    for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
+        if let Some(cause) = &cause {
+            groups.entry(cause.clone()).or_default().push(format!(
                 "{}@{} ({})",
                 row.crate_name, row.crate_version, row.toolchain
             ));
         }
-        let file = log_file(row);
+        let log = copied.then(|| format!("logs/{}", log_file(&row)));
         packages.push(PackageRow {
-            name: row.crate_name.clone(),
-            version: row.crate_version.clone(),
-            toolchain: row.toolchain.clone(),
+            name: row.crate_name,
+            version: row.crate_version,
+            toolchain: row.toolchain,
             outcome: row.outcome.to_string(),
             exit_code: row.exit_code,
             duration_ms: row.duration_ms,
             attempt: row.attempt,
-            consumer: row.consumer.clone(),
-            log: format!("logs/{file}"),
-            cause: cause.clone(),
+            consumer: row.consumer,
+            log,
+            cause,
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -203,10 +220,7 @@ fn write_report(
         causes: {
             let mut causes: Vec<CauseGroup> = groups
                 .into_iter()
-                .map(|(cause, jobs)| CauseGroup {
-                    cause: cause.to_owned(),
-                    jobs,
-                })
+                .map(|(cause, jobs)| CauseGroup { cause, jobs })
                 .collect();
             causes.sort_by(|a, b| b.jobs.len().cmp(&a.jobs.len()).then(a.cause.cmp(&b.cause)));
             causes
@@ -214,17 +228,13 @@ fn write_report(
         packages,
     };
     let json = dir.join("report.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", json.display()))?;
-    let html = dir.join("index.html");
-    std::fs::write(&html, render_html(&report))
-        .with_context(|| format!("cannot write {}", html.display()))?;
+    write_file(&json, |out| Ok(serde_json::to_writer(out, &report)?))?;
+    let html = site::write(dir, &report)?;
     let markdown = dir.join("summary.md");
     std::fs::write(&markdown, render_markdown(&report))
         .with_context(|| format!("cannot write {}", markdown.display()))?;
     let csv = dir.join("results.csv");
-    std::fs::write(&csv, render_csv(&report))
-        .with_context(|| format!("cannot write {}", csv.display()))?;
+    write_file(&csv, |out| render_csv(&report, out))?;
     Ok(Written {
         dir: dir.to_owned(),
         csv,
@@ -493,7 +503,7 @@ fn compare_toolchains(
         };
         let side = compare::Side {
             outcome,
-            log: &p.log,
+            log: p.log.as_deref(),
         };
         let entry = by_package
             .entry((p.name.clone(), p.version.clone()))
@@ -542,7 +552,7 @@ pub(crate) fn escape_href(path: &str) -> String {
     out
 }
 
-fn progress_line(report: &Report) -> String {
+pub(crate) fn progress_line(report: &Report) -> String {
     match report.progress.total {
         Some(total) if report.progress.complete => format!("complete: {total} jobs"),
         Some(total) => format!("in progress: {} of {total} jobs", report.progress.finished),
@@ -553,121 +563,7 @@ fn progress_line(report: &Report) -> String {
     }
 }
 
-fn render_html(report: &Report) -> String {
-    let e = escape_html;
-    let mut html = String::new();
-    let _ = write!(
-        html,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <link rel=\"icon\" href=\"data:,\">\
-         <title>Quarry report: {name}</title>\
-         <style>body{{font-family:system-ui,sans-serif;margin:2em;}}table{{border-collapse:collapse;}}\
-         td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:left;}}\
-         .build-pass,.test-pass{{color:#16691c;}}.build-fail,.test-fail,.broken{{color:#a11;}}\
-         .error,.timeout,.out-of-memory{{color:#a60;}}</style></head><body>\n\
-         <h1>Run {name}</h1>\n<p>{id} · created {created} · {progress}</p>\n\
-         <h2>Outcomes</h2>\n<table id=\"counts\"><tr><th>outcome</th><th>packages</th></tr>\n",
-        name = e(&report.run.name),
-        id = e(&report.run.id),
-        created = e(&report.run.created_at),
-        progress = e(&progress_line(report)),
-    );
-    for (outcome, count) in &report.counts {
-        let _ = writeln!(
-            html,
-            "<tr class=\"{o}\"><td>{o}</td><td data-count=\"{o}\">{count}</td></tr>",
-            o = e(outcome)
-        );
-    }
-    if let Some(comparison) = &report.comparison {
-        render_comparison_html(&mut html, comparison);
-    }
-    if !report.causes.is_empty() {
-        html.push_str(
-            "</table>\n<h2>Root causes</h2>\n<table id=\"causes\"><tr><th>cause</th><th>failed jobs</th><th>for example</th></tr>\n",
-        );
-        for group in &report.causes {
-            let examples: Vec<&str> = group.jobs.iter().take(5).map(String::as_str).collect();
-            let _ = writeln!(
-                html,
-                "<tr><td>{c}</td><td data-cause=\"{c}\">{}</td><td>{}</td></tr>",
-                group.jobs.len(),
-                e(&examples.join(", ")),
-                c = e(&group.cause),
-            );
-        }
-    }
-    let _ = write!(
-        html,
-        "</table>\n<h2>Packages</h2>\n<table id=\"packages\"><tr><th>package</th><th>version</th>\
-         <th>toolchain</th><th>outcome</th><th>exit</th><th>seconds</th><th>attempt</th><th>log</th></tr>\n"
-    );
-    for p in &report.packages {
-        let _ = writeln!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td><td>{}</td>\
-             <td>{:.1}</td><td>{}</td><td><a href=\"{}\">log</a></td></tr>",
-            e(&p.name),
-            e(&p.version),
-            e(&p.toolchain),
-            p.exit_code.map_or_else(String::new, |c| c.to_string()),
-            p.duration_ms as f64 / 1000.0,
-            p.attempt,
-            e(&escape_href(&p.log)),
-            o = e(&p.outcome),
-        );
-    }
-    html.push_str("</table>\n</body></html>\n");
-    html
-}
-
-fn render_comparison_html(html: &mut String, comparison: &Comparison) {
-    let e = escape_html;
-    let _ = write!(
-        html,
-        "</table>\n<h2>{} → {}</h2>\n<table id=\"categories\"><tr><th>category</th><th>packages</th></tr>\n",
-        e(&comparison.start),
-        e(&comparison.end)
-    );
-    for (category, count) in &comparison.categories {
-        let _ = writeln!(
-            html,
-            "<tr><td>{c}</td><td data-category=\"{c}\">{count}</td></tr>",
-            c = e(category)
-        );
-    }
-    let _ = write!(
-        html,
-        "</table>\n<table id=\"compared\"><tr><th>package</th><th>version</th><th>category</th>\
-         <th>{}</th><th>{}</th></tr>\n",
-        e(&comparison.start),
-        e(&comparison.end)
-    );
-    let side = |outcome: &Option<String>, log: &Option<String>| match (outcome, log) {
-        (Some(outcome), Some(log)) => format!(
-            "<a class=\"{o}\" href=\"{}\">{o}</a>",
-            e(&escape_href(log)),
-            o = e(outcome)
-        ),
-        _ => "pending".to_owned(),
-    };
-    let mut rows: Vec<&ComparedPackage> = comparison.packages.iter().collect();
-    // What needs a person's attention first.
-    rows.sort_by_key(|p| (category_rank(&p.category), p.name.clone()));
-    for p in rows {
-        let _ = writeln!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            e(&p.name),
-            e(&p.version),
-            e(&p.category),
-            side(&p.start, &p.start_log),
-            side(&p.end, &p.end_log),
-        );
-    }
-}
-
-fn category_rank(category: &str) -> usize {
+pub(crate) fn category_rank(category: &str) -> usize {
     [
         "regressed",
         "fixed",
@@ -687,7 +583,7 @@ fn category_rank(category: &str) -> usize {
 
 /// One row per job, for spreadsheets: fields quoted as RFC 4180 says, so a comma or quote in a
 /// crate's metadata cannot shift the columns.
-fn render_csv(report: &Report) -> String {
+fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<()> {
     fn field(text: &str) -> String {
         if text.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", text.replace('"', "\"\""))
@@ -695,8 +591,7 @@ fn render_csv(report: &Report) -> String {
             text.to_owned()
         }
     }
-    let mut csv =
-        String::from("name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log\n");
+    csv.write_all(b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log\n")?;
     for p in &report.packages {
         let exit_code = p.exit_code.map(|c| c.to_string()).unwrap_or_default();
         let row = [
@@ -708,12 +603,26 @@ fn render_csv(report: &Report) -> String {
             p.duration_ms.to_string(),
             p.attempt.to_string(),
             field(&p.consumer),
-            field(&p.log),
+            field(p.log.as_deref().unwrap_or("")),
         ];
-        csv.push_str(&row.join(","));
-        csv.push('\n');
+        csv.write_all(row.join(",").as_bytes())?;
+        csv.write_all(b"\n")?;
     }
-    csv
+    Ok(())
+}
+
+/// Writes `path` through a buffer with `write`.
+fn write_file(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    write(&mut out).with_context(|| format!("cannot write {}", path.display()))?;
+    out.flush()
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn render_markdown(report: &Report) -> String {
@@ -809,11 +718,13 @@ mod tests {
                 duration_ms: 1500,
                 attempt: 1,
                 consumer: "host,\"1\"".into(),
-                log: "logs/a.txt".into(),
+                log: Some("logs/a.txt".into()),
                 cause: Some("E0308".into()),
             }],
         };
-        let csv = render_csv(&report);
+        let mut csv = Vec::new();
+        render_csv(&report, &mut csv).unwrap();
+        let csv = String::from_utf8(csv).unwrap();
         let row = csv.lines().nth(1).unwrap();
         assert_eq!(
             row,

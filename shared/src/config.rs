@@ -296,6 +296,9 @@ pub struct ReporterConfig {
     /// Whether the read-only pages are open to anyone who can reach the server; when false,
     /// they need the token too.
     pub public: bool,
+    /// Runs of at most this many results get every log copied beside their report; larger
+    /// ones only the logs of jobs that did not pass (the others stay in S3).
+    pub copy_passing_logs_up_to: u64,
 }
 
 impl Default for ReporterConfig {
@@ -306,6 +309,7 @@ impl Default for ReporterConfig {
             token: None,
             token_file: None,
             public: true,
+            copy_passing_logs_up_to: 20_000,
         }
     }
 }

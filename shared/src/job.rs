@@ -368,6 +368,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the experiment succeeded (it built, or its tests passed).
+    pub fn is_pass(self) -> bool {
+        matches!(self, Outcome::BuildPass | Outcome::TestPass)
+    }
+
     pub const ALL: [Outcome; 9] = [
         Outcome::BuildPass,
         Outcome::BuildFail,

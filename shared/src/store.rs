@@ -845,36 +845,39 @@ impl Store {
 
     /// Every result of a run, ordered by package then toolchain.
     pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {
+        use futures::TryStreamExt as _;
         let client = self.client().await?;
+        // Streamed, one row at a time into the result: a run's million rows are not held twice.
         let rows = client
-            .query(
+            .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
-                &[&run.0],
+                [&run.0],
             )
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let outcome: String = row.get(4);
-                Ok(ResultRow {
-                    job_id: row.get(0),
-                    crate_name: row.get(1),
-                    crate_version: row.get(2),
-                    toolchain: row.get(3),
-                    outcome: outcome.parse()?,
-                    exit_code: row.get(5),
-                    duration_ms: row.get(6),
-                    attempt: row.get(7),
-                    consumer: row.get(8),
-                    finished_at: row.get(9),
-                    log: row.get(10),
-                    log_key: row.get(11),
-                })
-            })
-            .collect()
+        futures::pin_mut!(rows);
+        let mut results = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            let outcome: String = row.get(4);
+            results.push(ResultRow {
+                job_id: row.get(0),
+                crate_name: row.get(1),
+                crate_version: row.get(2),
+                toolchain: row.get(3),
+                outcome: outcome.parse()?,
+                exit_code: row.get(5),
+                duration_ms: row.get(6),
+                attempt: row.get(7),
+                consumer: row.get(8),
+                finished_at: row.get(9),
+                log: row.get(10),
+                log_key: row.get(11),
+            });
+        }
+        Ok(results)
     }
 
     /// Result counts per outcome, counted by the database (reports are checked against this).

@@ -59,7 +59,15 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             .iter()
             .find(|p| p.name == name)
             .unwrap();
-        std::fs::read_to_string(written.dir.join(&package.log)).unwrap()
+        std::fs::read_to_string(
+            written.dir.join(
+                package
+                    .log
+                    .as_deref()
+                    .expect("a small run has every log copied"),
+            ),
+        )
+        .unwrap()
     };
     assert!(log("quarry-fixture-build-fail").contains("E0308"));
     assert!(log("quarry-fixture-test-fail").contains("test tests::adds ... FAILED"));
@@ -141,7 +149,15 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     .unwrap();
     let package = &written.report.packages[0];
     assert_eq!(package.outcome, "build-fail");
-    let log = std::fs::read_to_string(written.dir.join(&package.log)).unwrap();
+    let log = std::fs::read_to_string(
+        written.dir.join(
+            package
+                .log
+                .as_deref()
+                .expect("a small run has every log copied"),
+        ),
+    )
+    .unwrap();
     assert!(log.contains("SANDBOX ESCAPE"), "{log}");
     assert!(log.contains("connected to 127.0.0.1:5432"), "{log}");
     if nix::unistd::geteuid().is_root() {
@@ -366,7 +382,15 @@ async fn a_dependency_patch_shows_who_it_would_break() {
                 .iter()
                 .find(|p| p.outcome == "build-fail")
                 .expect("the patched side fails to build");
-            let log = std::fs::read_to_string(written.dir.join(&patched.log)).unwrap();
+            let log = std::fs::read_to_string(
+                written.dir.join(
+                    patched
+                        .log
+                        .as_deref()
+                        .expect("a small run has every log copied"),
+                ),
+            )
+            .unwrap();
             assert!(log.contains("quarry-fixture-patch-lib v1.0.1"), "{log}");
             assert!(log.contains("E0308"), "{log}");
         }

@@ -55,6 +55,19 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         page: usize,
     },
+    /// The reporter writing the report of a run of N generated results (two toolchains).
+    Report {
+        #[arg(long, default_value_t = 1_000_000)]
+        results: u64,
+    },
+    /// (Internal) `report`'s generation, in its own process.
+    #[command(hide = true)]
+    ReportSide {
+        #[arg(long)]
+        config: std::path::PathBuf,
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
     /// (Internal) one side of `publish`, in its own process.
     #[command(hide = true)]
     PublishSide {
@@ -94,6 +107,19 @@ async fn main() -> anyhow::Result<()> {
         Bench::Dispatch { jobs, consumers } => dispatch(jobs, consumers).await,
         Bench::Check { crates, consumers } => check(crates, consumers).await,
         Bench::Publish { versions, page } => publish(versions, page).await,
+        Bench::Report { results } => report(results).await,
+        Bench::ReportSide { config, output } => {
+            let config = quarry_shared::Config::from_file(&config)?;
+            let started = Instant::now();
+            let written = quarry_reporter::generate(&config, "report-bench", &output).await?;
+            let measured = Measured {
+                messages: written.report.packages.len() as u64,
+                seconds: started.elapsed().as_secs_f64(),
+                peak_rss_kib: peak_rss_kib()?,
+            };
+            println!("{}", serde_json::to_string(&measured)?);
+            Ok(())
+        }
         Bench::PublishSide {
             side,
             dump,
@@ -340,6 +366,127 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Generates a finished two-toolchain run of `results` results in the database (server-side,
+/// with `generate_series`): mostly passing, a few percent failing on both toolchains with
+/// compiler errors, some regressing on the second, some timeouts, each with a short log kept in
+/// PostgreSQL. Then times `generate` in a child process that reports its peak RSS.
+async fn report(results: u64) -> anyhow::Result<()> {
+    let stack = TestStack::start().await?;
+    let store = Store::connect(&stack.config.database).await?;
+    store.migrate().await?;
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec!["1.94.0".parse()?, "1.95.0".parse()?],
+        experiment: Experiment {
+            mode: Mode::Check,
+            timeout_secs: 600,
+            fresh: false,
+            memory_limit_mb: 1024,
+            command: None,
+        },
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: None,
+        },
+    };
+    let packages = (results / 2) as i64;
+    let run = uuid::Uuid::new_v4();
+    let database = stack.sql().await?;
+    let started = Instant::now();
+    database
+        .execute(
+            "INSERT INTO runs (id, name, definition, published_at, jobs_total)
+             VALUES ($1, 'report-bench', $2, now(), $3)",
+            &[&run, &serde_json::to_value(&definition)?, &(packages * 2)],
+        )
+        .await?;
+    database
+        .execute(
+            "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain, published_at)
+             SELECT md5($3 || i || t)::uuid, $1, 'bench-crate-' || i, '1.0.' || (i % 7),
+                    md5(i::text), t, now()
+             FROM generate_series(0, $2::bigint - 1) AS i, unnest(ARRAY['1.94.0', '1.95.0']) AS t",
+            &[&run, &packages, &run.to_string()],
+        )
+        .await?;
+    database
+        .execute(
+            "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt, consumer, log)
+             SELECT id, run_id, outcome,
+                    CASE WHEN outcome = 'build-pass' THEN 0 WHEN outcome = 'timeout' THEN NULL ELSE 101 END,
+                    1000 + n % 60000, 1, 'consumer-' || n % 16,
+                    '$ cargo +' || toolchain || E' check --frozen\n' ||
+                    CASE outcome
+                      WHEN 'build-pass' THEN E'    Finished `dev` profile\n'
+                      WHEN 'timeout' THEN E'quarry: killed after the time limit\n'
+                      WHEN 'test-fail' THEN E'test tests::it_works ... FAILED\n'
+                      ELSE CASE WHEN n % 3 = 0
+                        THEN E'error: could not compile `bench-crate-7` (lib) due to 1 previous error\n'
+                        ELSE E'error[E0308]: mismatched types\n --> src/lib.rs:1:1\n' END
+                    END
+             FROM (SELECT j.id, j.run_id, j.toolchain,
+                          substring(j.crate_name from 13)::bigint AS n,
+                          CASE
+                            WHEN substring(j.crate_name from 13)::bigint % 40 = 0 THEN 'build-fail'
+                            WHEN substring(j.crate_name from 13)::bigint % 97 = 0 THEN 'test-fail'
+                            WHEN substring(j.crate_name from 13)::bigint % 211 = 0
+                                 AND j.toolchain = '1.95.0' THEN 'build-fail'
+                            WHEN substring(j.crate_name from 13)::bigint % 503 = 0 THEN 'timeout'
+                            ELSE 'build-pass'
+                          END AS outcome
+                   FROM jobs j WHERE j.run_id = $1) AS generated",
+            &[&run],
+        )
+        .await?;
+    database
+        .batch_execute("ANALYZE jobs; ANALYZE results")
+        .await?;
+    eprintln!(
+        "generated {} results in {:?}",
+        packages * 2,
+        started.elapsed()
+    );
+
+    let config_file = stack.dir.path().join("reporter.toml");
+    std::fs::write(&config_file, toml::to_string(&stack.config)?)?;
+    let output = stack.dir.path().join("reports");
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("report-side")
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--output")
+        .arg(&output)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    anyhow::ensure!(child.status.success(), "the report failed");
+    let measured: Measured = serde_json::from_slice(&child.stdout)?;
+    let size = dir_size(&output.join("report-bench"))?;
+    println!(
+        "| report, {} generated results, two toolchains | {:.1} s | {} MiB peak RSS | {} MiB written |",
+        measured.messages,
+        measured.seconds,
+        measured.peak_rss_kib / 1024,
+        size >> 20
+    );
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        total += if metadata.is_dir() {
+            dir_size(&entry.path())?
+        } else {
+            metadata.len()
+        };
+    }
+    Ok(total)
 }
 
 fn rustup_home() -> anyhow::Result<std::path::PathBuf> {

@@ -1,0 +1,447 @@
+//! The report's HTML, a static site that opens offline and stays quick for a million results:
+//! `index.html` holds only the summary (counts and their chart, durations, root causes, links),
+//! and every list of packages is cut into pages of [`PAGE_ROWS`] rows: one series per outcome
+//! and per category that needs a look (what passed is only in the list of every job), per root
+//! cause, and one of every job. The search
+//! box loads the name index (`search.js`, a script rather than JSON so that it also loads from
+//! `file://`) only when used.
+//!
+//! Everything taken from a package or a log is escaped; the search results are built with DOM
+//! calls (`textContent`, `href`), never markup.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::{ComparedPackage, PackageRow, Report, escape_href, escape_html, progress_line};
+
+/// Rows per list page.
+pub const PAGE_ROWS: usize = 1000;
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;}\
+    table{border-collapse:collapse;}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;}\
+    .build-pass,.test-pass,.still-passing,.fixed{color:#16691c;}\
+    .build-fail,.test-fail,.broken,.regressed,.still-failing{color:#a11;}\
+    .error,.timeout,.out-of-memory,.spurious-regressed,.spurious-fixed{color:#a60;}\
+    .bar{display:inline-block;height:.8em;background:#69c;vertical-align:middle;}\
+    nav{margin:1em 0;}";
+
+/// Writes `index.html` and every list page under `dir`; returns the path of `index.html`.
+pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> {
+    let mut index = head(&format!("Quarry report: {}", report.run.name), "");
+    let e = escape_html;
+    let _ = write!(
+        index,
+        "<h1>Run {name}</h1>\n<p>{id} · created {created} · {progress}</p>\n",
+        name = e(&report.run.name),
+        id = e(&report.run.id),
+        created = e(&report.run.created_at),
+        progress = e(&progress_line(report)),
+    );
+    search_box(&mut index, report);
+
+    // Outcomes, each but the passing ones with its pages.
+    let by_outcome = group(
+        report.packages.iter().filter(|p| !is_passing(&p.outcome)),
+        |p| p.outcome.clone(),
+    );
+    let largest = report.counts.values().copied().max().unwrap_or(0);
+    index.push_str(
+        "<h2>Outcomes</h2>\n<table id=\"counts\"><tr><th>outcome</th><th>jobs</th><th></th></tr>\n",
+    );
+    for (outcome, count) in &report.counts {
+        let pages = match by_outcome.get(outcome) {
+            Some(rows) => write_pages(
+                &dir.join("outcomes"),
+                outcome,
+                &format!("{}: {outcome}", report.run.name),
+                &package_header(),
+                rows,
+                package_row,
+            )?,
+            None => 0,
+        };
+        let _ = writeln!(
+            index,
+            "<tr class=\"{o}\"><td>{}</td><td data-count=\"{o}\">{count}</td><td>{}</td></tr>",
+            linked(&format!("outcomes/{outcome}-1.html"), outcome, pages),
+            bar(*count, largest),
+            o = e(outcome)
+        );
+    }
+    index.push_str("</table>\n");
+
+    if let Some(comparison) = &report.comparison {
+        let by_category = group(
+            comparison
+                .packages
+                .iter()
+                .filter(|p| p.category != "still-passing"),
+            |p| p.category.clone(),
+        );
+        let largest = comparison.categories.values().copied().max().unwrap_or(0);
+        let _ = write!(
+            index,
+            "<h2>{} → {}</h2>\n<table id=\"categories\"><tr><th>category</th><th>packages</th><th></th></tr>\n",
+            e(&comparison.start),
+            e(&comparison.end)
+        );
+        let mut categories: Vec<(&String, &i64)> = comparison.categories.iter().collect();
+        categories.sort_by_key(|(category, _)| crate::category_rank(category));
+        for (category, count) in categories {
+            let header = [
+                "package".to_owned(),
+                "version".to_owned(),
+                "category".to_owned(),
+                e(&comparison.start),
+                e(&comparison.end),
+            ];
+            let pages = match by_category.get(category) {
+                Some(rows) => write_pages(
+                    &dir.join("categories"),
+                    category,
+                    &format!("{}: {category}", report.run.name),
+                    &header,
+                    rows,
+                    compared_row,
+                )?,
+                None => 0,
+            };
+            let _ = writeln!(
+                index,
+                "<tr class=\"{c}\"><td>{}</td><td data-category=\"{c}\">{count}</td><td>{}</td></tr>",
+                linked(&format!("categories/{category}-1.html"), category, pages),
+                bar(*count, largest),
+                c = e(category)
+            );
+        }
+        index.push_str("</table>\n");
+    }
+
+    durations(&mut index, &report.packages);
+
+    if !report.causes.is_empty() {
+        let by_cause = group(report.packages.iter().filter(|p| p.cause.is_some()), |p| {
+            p.cause.clone().unwrap_or_default()
+        });
+        index.push_str(
+            "<h2>Root causes</h2>\n<table id=\"causes\"><tr><th>cause</th><th>failed jobs</th><th>for example</th></tr>\n",
+        );
+        for (i, cause) in report.causes.iter().enumerate() {
+            let stem = format!("cause-{}", i + 1);
+            let pages = match by_cause.get(&cause.cause) {
+                Some(rows) => write_pages(
+                    &dir.join("causes"),
+                    &stem,
+                    &format!("{}: failed because of {}", report.run.name, cause.cause),
+                    &package_header(),
+                    rows,
+                    package_row,
+                )?,
+                None => 0,
+            };
+            let examples: Vec<&str> = cause.jobs.iter().take(5).map(String::as_str).collect();
+            let _ = writeln!(
+                index,
+                "<tr><td>{}</td><td data-cause=\"{c}\">{}</td><td>{}</td></tr>",
+                linked(&format!("causes/{stem}-1.html"), &cause.cause, pages),
+                cause.jobs.len(),
+                e(&examples.join(", ")),
+                c = e(&cause.cause),
+            );
+        }
+        index.push_str("</table>\n");
+    }
+
+    let all: Vec<&PackageRow> = report.packages.iter().collect();
+    let pages = write_pages(
+        &dir.join("packages"),
+        "all",
+        &format!("{}: every job", report.run.name),
+        &package_header(),
+        &all,
+        package_row,
+    )?;
+    let _ = writeln!(
+        index,
+        "<h2>Every job</h2>\n<p>{} jobs, {}.</p>",
+        report.packages.len(),
+        linked(
+            "packages/all-1.html",
+            &format!("{pages} pages of {PAGE_ROWS}"),
+            pages
+        )
+    );
+    write_search_index(dir, &report.packages)?;
+    index.push_str("</body></html>\n");
+    let path = dir.join("index.html");
+    std::fs::write(&path, index).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn head(title: &str, root: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <link rel=\"icon\" href=\"data:,\"><title>{}</title><style>{STYLE}</style></head><body>\n\
+         {}",
+        escape_html(title),
+        if root.is_empty() {
+            String::new()
+        } else {
+            format!("<p><a href=\"{root}index.html\">← summary</a></p>\n")
+        }
+    )
+}
+
+/// `text` linking to `href`, or plain when there is nothing there.
+fn linked(href: &str, text: &str, pages: usize) -> String {
+    if pages == 0 {
+        escape_html(text)
+    } else {
+        format!(
+            "<a href=\"{}\">{}</a>",
+            escape_html(&escape_href(href)),
+            escape_html(text)
+        )
+    }
+}
+
+fn bar(count: i64, largest: i64) -> String {
+    let width = if largest > 0 {
+        (count as f64 / largest as f64 * 20.0).max(0.1)
+    } else {
+        0.0
+    };
+    format!("<span class=\"bar\" style=\"width:{width:.1}em\"></span>")
+}
+
+fn is_passing(outcome: &str) -> bool {
+    matches!(outcome, "build-pass" | "test-pass")
+}
+
+fn group<'a, T>(
+    items: impl Iterator<Item = &'a T>,
+    key: impl Fn(&T) -> String,
+) -> BTreeMap<String, Vec<&'a T>> {
+    let mut groups: BTreeMap<String, Vec<&T>> = BTreeMap::new();
+    for item in items {
+        groups.entry(key(item)).or_default().push(item);
+    }
+    groups
+}
+
+fn package_header() -> [String; 8] {
+    [
+        "package",
+        "version",
+        "toolchain",
+        "outcome",
+        "exit",
+        "seconds",
+        "attempt",
+        "log",
+    ]
+    .map(str::to_owned)
+}
+
+/// A link to a log from a page one directory below the report's root.
+fn log_link(log: Option<&str>, text: &str, class: &str) -> String {
+    match log {
+        Some(log) => format!(
+            "<a class=\"{class}\" href=\"../{}\">{}</a>",
+            escape_html(&escape_href(log)),
+            escape_html(text)
+        ),
+        None => format!(
+            "<span class=\"{class}\" title=\"log in S3: quarry-reporter explain\">{}</span>",
+            escape_html(text)
+        ),
+    }
+}
+
+fn package_row(p: &PackageRow, html: &mut String) {
+    let e = escape_html;
+    let _ = writeln!(
+        html,
+        "<tr id=\"{id}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td><td>{}</td>\
+         <td>{:.1}</td><td>{}</td><td>{}</td></tr>",
+        e(&p.name),
+        e(&p.version),
+        e(&p.toolchain),
+        p.exit_code.map_or_else(String::new, |c| c.to_string()),
+        p.duration_ms as f64 / 1000.0,
+        p.attempt,
+        log_link(p.log.as_deref(), "log", ""),
+        id = e(&p.name),
+        o = e(&p.outcome),
+    );
+}
+
+fn compared_row(p: &ComparedPackage, html: &mut String) {
+    let e = escape_html;
+    let side = |outcome: &Option<String>, log: &Option<String>| match outcome {
+        Some(outcome) => log_link(log.as_deref(), outcome, &e(outcome)),
+        None => "pending".to_owned(),
+    };
+    let _ = writeln!(
+        html,
+        "<tr id=\"{}\"><td>{}</td><td>{}</td><td class=\"{c}\">{c}</td><td>{}</td><td>{}</td></tr>",
+        e(&p.name),
+        e(&p.name),
+        e(&p.version),
+        side(&p.start, &p.start_log),
+        side(&p.end, &p.end_log),
+        c = e(&p.category),
+    );
+}
+
+/// Writes `rows` as `<dir>/<stem>-<n>.html`, [`PAGE_ROWS`] to a page, each page linking to its
+/// neighbours; returns how many pages.
+fn write_pages<T>(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    header: &[String],
+    rows: &[&T],
+    row: fn(&T, &mut String),
+) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let pages = rows.len().div_ceil(PAGE_ROWS);
+    for (i, chunk) in rows.chunks(PAGE_ROWS).enumerate() {
+        let n = i + 1;
+        let page_title = format!("{title} ({n} of {pages})");
+        let mut html = head(&page_title, "../");
+        let _ = writeln!(html, "<h1>{}</h1>", escape_html(&page_title));
+        let nav = {
+            let mut nav = String::from("<nav>");
+            let link = |to: usize, text: &str| {
+                format!(
+                    "<a href=\"{}\">{text}</a>",
+                    escape_html(&escape_href(&format!("{stem}-{to}.html")))
+                )
+            };
+            if n > 1 {
+                nav.push_str(&link(n - 1, "← previous"));
+                nav.push(' ');
+            }
+            let _ = write!(
+                nav,
+                "rows {}–{} of {}",
+                i * PAGE_ROWS + 1,
+                i * PAGE_ROWS + chunk.len(),
+                rows.len()
+            );
+            if n < pages {
+                nav.push(' ');
+                nav.push_str(&link(n + 1, "next →"));
+            }
+            nav.push_str("</nav>\n");
+            nav
+        };
+        html.push_str(&nav);
+        html.push_str("<table><tr>");
+        for cell in header {
+            let _ = write!(html, "<th>{cell}</th>");
+        }
+        html.push_str("</tr>\n");
+        for item in chunk {
+            row(item, &mut html);
+        }
+        html.push_str("</table>\n");
+        html.push_str(&nav);
+        html.push_str("</body></html>\n");
+        let path = dir.join(format!("{stem}-{n}.html"));
+        std::fs::write(&path, html).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(pages)
+}
+
+/// A chart of how long jobs took.
+fn durations(html: &mut String, packages: &[PackageRow]) {
+    const BUCKETS: [(i64, &str); 6] = [
+        (1_000, "under 1 s"),
+        (10_000, "1–10 s"),
+        (60_000, "10 s – 1 min"),
+        (600_000, "1–10 min"),
+        (3_600_000, "10 min – 1 h"),
+        (i64::MAX, "over 1 h"),
+    ];
+    let mut counts = [0i64; BUCKETS.len()];
+    for p in packages {
+        let bucket = BUCKETS
+            .iter()
+            .position(|(limit, _)| p.duration_ms < *limit)
+            .unwrap_or(BUCKETS.len() - 1);
+        counts[bucket] += 1;
+    }
+    let largest = counts.iter().copied().max().unwrap_or(0);
+    html.push_str(
+        "<h2>Durations</h2>\n<table id=\"durations\"><tr><th>took</th><th>jobs</th><th></th></tr>\n",
+    );
+    for ((_, label), count) in BUCKETS.iter().zip(counts) {
+        let _ = writeln!(
+            html,
+            "<tr><td>{label}</td><td>{count}</td><td>{}</td></tr>",
+            bar(count, largest)
+        );
+    }
+    html.push_str("</table>\n");
+}
+
+/// The search box; its script loads `search.js` (every package name and the page of `packages/`
+/// listing it) on first use.
+fn search_box(html: &mut String, report: &Report) {
+    if report.packages.is_empty() {
+        return;
+    }
+    html.push_str(
+        "<form id=\"search\"><input id=\"q\" placeholder=\"crate name\" aria-label=\"crate name\"> \
+         <button>Find</button></form><ul id=\"found\"></ul>\n\
+         <script>\n\
+         let names = null;\n\
+         function quarrySearch(index) { names = index; find(); }\n\
+         function find() {\n\
+           const q = document.getElementById('q').value.trim().toLowerCase();\n\
+           const found = document.getElementById('found');\n\
+           found.replaceChildren();\n\
+           if (!q) return;\n\
+           let shown = 0;\n\
+           for (const [name, page] of names) {\n\
+             if (!name.toLowerCase().includes(q)) continue;\n\
+             const item = document.createElement('li');\n\
+             const link = document.createElement('a');\n\
+             link.href = 'packages/all-' + page + '.html#' + encodeURIComponent(name);\n\
+             link.textContent = name;\n\
+             item.append(link);\n\
+             found.append(item);\n\
+             if (++shown === 100) break;\n\
+           }\n\
+           if (shown === 0) found.textContent = 'no crate matches';\n\
+         }\n\
+         document.getElementById('search').addEventListener('submit', (event) => {\n\
+           event.preventDefault();\n\
+           if (names) { find(); return; }\n\
+           const script = document.createElement('script');\n\
+           script.src = 'search.js';\n\
+           document.head.append(script);\n\
+         });\n\
+         </script>\n",
+    );
+}
+
+/// `search.js`: `quarrySearch([[name, page], ...])`, one entry per crate name.
+fn write_search_index(dir: &Path, packages: &[PackageRow]) -> anyhow::Result<()> {
+    let mut index: Vec<(&str, usize)> = Vec::new();
+    for (i, p) in packages.iter().enumerate() {
+        if index.last().is_none_or(|(name, _)| *name != p.name) {
+            index.push((&p.name, i / PAGE_ROWS + 1));
+        }
+    }
+    let mut js = String::from("quarrySearch(");
+    js.push_str(&serde_json::to_string(&index)?);
+    js.push_str(");\n");
+    let path = dir.join("search.js");
+    std::fs::write(&path, js).with_context(|| format!("cannot write {}", path.display()))
+}
