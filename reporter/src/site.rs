@@ -170,7 +170,10 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         report.packages.len(),
         linked(
             "packages/all-1.html",
-            &format!("{pages} pages of {PAGE_ROWS}"),
+            &format!(
+                "{pages} {} of {PAGE_ROWS}",
+                if pages == 1 { "page" } else { "pages" }
+            ),
             pages
         )
     );
@@ -209,7 +212,8 @@ fn linked(href: &str, text: &str, pages: usize) -> String {
 }
 
 fn bar(count: i64, largest: i64) -> String {
-    let width = if largest > 0 {
+    // At least a sliver for any count, so that a small one still shows against a large one.
+    let width = if count > 0 && largest > 0 {
         (count as f64 / largest as f64 * 20.0).max(0.1)
     } else {
         0.0

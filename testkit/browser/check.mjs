@@ -16,9 +16,11 @@ const USAGE = `usage: node check.mjs --url URL --expect FILE.json --screenshot O
                       [--chromium PATH] [--timeout SECONDS] [--wait-until networkidle|load|domcontentloaded]
 
 Each --url starts a page; the --expect and --screenshot after it belong to that page.
-  --expect FILE.json   {"counts": {"<key>": <integer>, ...}, "texts": ["substring", ...]}
+  --expect FILE.json   {"counts": {"<key>": <integer>, ...}, "texts": ["substring", ...],
+                        "search": {"query": "text", "finds": "text"}}
                        counts: the first [data-count="<key>"] element's text, read as an integer
                        texts:  each must appear in document.body.innerText
+                       search: type query into #q, press Enter; #found must come to show finds
   --screenshot OUT.png full-page screenshot, parent directories created
   --chromium PATH      the browser (default: $QUARRY_CHROMIUM, else /usr/bin/chromium)
   --timeout SECONDS    time allowed for each page, from opening to screenshot (default 30)
@@ -106,7 +108,9 @@ async function readExpect(file) {
     const bad = (why) => new UsageError(`expect file ${file}: ${why}`);
     if (expect === null || typeof expect !== 'object' || Array.isArray(expect)) throw bad('not a JSON object');
     for (const key of Object.keys(expect)) {
-        if (key !== 'counts' && key !== 'texts') throw bad(`unknown key "${key}" (only "counts" and "texts")`);
+        if (!['counts', 'texts', 'search'].includes(key)) {
+            throw bad(`unknown key "${key}" (only "counts", "texts" and "search")`);
+        }
     }
     const counts = expect.counts ?? {};
     if (counts === null || typeof counts !== 'object' || Array.isArray(counts)) throw bad('"counts" is not an object');
@@ -117,7 +121,11 @@ async function readExpect(file) {
     if (!Array.isArray(texts) || texts.some((t) => typeof t !== 'string' || t === '')) {
         throw bad('"texts" is not an array of non-empty strings');
     }
-    return { counts, texts };
+    const search = expect.search ?? null;
+    if (search !== null && (typeof search.query !== 'string' || typeof search.finds !== 'string')) {
+        throw bad('"search" wants {"query": string, "finds": string}');
+    }
+    return { counts, texts, search };
 }
 
 // "1,234", "1 234" (narrow or plain no-break space), "1'234" or "1_234" -> 1234; anything that is
@@ -266,6 +274,21 @@ async function checkPage(browser, spec, options, report) {
                 for (const want of expect.texts) {
                     const present = found.text.includes(want) || squashed.includes(squash(want));
                     report.check(present, `${label} text ${show(want)}${present ? '' : ' not found in the page'}`);
+                }
+
+                if (expect.search) {
+                    const { query, finds } = expect.search;
+                    phase.now = `searching for ${show(query)}`;
+                    await page.fill('#q', query);
+                    await page.press('#q', 'Enter');
+                    const shown = await page
+                        .waitForFunction(
+                            (want) => (document.getElementById('found')?.innerText ?? '').includes(want),
+                            finds,
+                            { timeout: options.timeoutMs },
+                        )
+                        .then(() => true, () => false);
+                    report.check(shown, `${label} search ${show(query)} ${shown ? 'finds' : 'does not find'} ${show(finds)}`);
                 }
 
                 phase.now = `saving the screenshot ${spec.screenshot}`;

@@ -262,6 +262,8 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
     for (outcome, n) in &database {
         expected.insert(outcome.to_string(), (*n).into());
     }
+    // The report's search box finds a crate from part of its name, loading its index lazily.
+    let first_crate = store.results(first).await.unwrap()[0].crate_name.clone();
     let report_counts: serde_json::Map<String, serde_json::Value> = database
         .iter()
         .map(|(o, n)| (o.to_string(), (*n).into()))
@@ -274,8 +276,16 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         ),
         (
             format!("{base}/reports/live-a/index.html"),
-            serde_json::json!({ "counts": report_counts }),
+            serde_json::json!({
+                "counts": report_counts,
+                "search": { "query": &first_crate[1..], "finds": &first_crate },
+            }),
             "report.png",
+        ),
+        (
+            format!("{base}/reports/live-a/packages/all-1.html"),
+            serde_json::json!({ "texts": [&first_crate, "rows 1–4 of 4"] }),
+            "report-packages.png",
         ),
     ]);
 
