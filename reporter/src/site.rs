@@ -2,9 +2,10 @@
 //! `index.html` holds only the summary (counts and their chart, durations, root causes, links),
 //! and every list of packages is cut into pages of [`PAGE_ROWS`] rows: one series per outcome
 //! and per category that needs a look (what passed is only in the list of every job), per root
-//! cause, and one of every job. The search
-//! box loads the name index (`search.js`, a script rather than JSON so that it also loads from
-//! `file://`) only when used.
+//! cause, and one of every job. The search box loads the name index (`search.js`, a script rather
+//! than JSON so that it also loads from `file://`) only when used. `package.html#NAME` is the page
+//! of one package (every version and toolchain, outcomes, causes, logs), filled in from the
+//! slice of `packages/data-<n>.js` that holds it.
 //!
 //! Everything taken from a package or a log is escaped; the search results are built with DOM
 //! calls (`textContent`, `href`), never markup.
@@ -178,6 +179,10 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         )
     );
     write_search_index(dir, &report.packages)?;
+    write_package_data(dir, report)?;
+    let path = dir.join("package.html");
+    std::fs::write(&path, package_page(&report.run.name))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     index.push_str("</body></html>\n");
     let path = dir.join("index.html");
     std::fs::write(&path, index).with_context(|| format!("cannot write {}", path.display()))?;
@@ -271,7 +276,7 @@ fn package_row(p: &PackageRow, html: &mut String) {
         html,
         "<tr id=\"{id}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td><td>{}</td>\
          <td>{:.1}</td><td>{}</td><td>{}</td></tr>",
-        e(&p.name),
+        package_link(&p.name),
         e(&p.version),
         e(&p.toolchain),
         p.exit_code.map_or_else(String::new, |c| c.to_string()),
@@ -293,7 +298,7 @@ fn compared_row(p: &ComparedPackage, html: &mut String) {
         html,
         "<tr id=\"{}\"><td>{}</td><td>{}</td><td class=\"{c}\">{c}</td><td>{}</td><td>{}</td></tr>",
         e(&p.name),
-        e(&p.name),
+        package_link(&p.name),
         e(&p.version),
         side(&p.start, &p.start_log),
         side(&p.end, &p.end_log),
@@ -416,7 +421,7 @@ fn search_box(html: &mut String, report: &Report) {
              if (!name.toLowerCase().includes(q)) continue;\n\
              const item = document.createElement('li');\n\
              const link = document.createElement('a');\n\
-             link.href = 'packages/all-' + page + '.html#' + encodeURIComponent(name);\n\
+             link.href = 'package.html#' + encodeURIComponent(name);\n\
              link.textContent = name;\n\
              item.append(link);\n\
              found.append(item);\n\
@@ -448,4 +453,110 @@ fn write_search_index(dir: &Path, packages: &[PackageRow]) -> anyhow::Result<()>
     js.push_str(");\n");
     let path = dir.join("search.js");
     std::fs::write(&path, js).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A package's name linking to its page, from a page one directory below the root.
+fn package_link(name: &str) -> String {
+    let mut fragment = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
+            fragment.push(b as char);
+        } else {
+            let _ = write!(fragment, "%{b:02X}");
+        }
+    }
+    format!(
+        "<a href=\"../package.html#{fragment}\">{}</a>",
+        escape_html(name)
+    )
+}
+
+/// `packages/data-<n>.js`: the jobs of `packages/all-<n>.html`, as
+/// `quarryPackages([[name, version, toolchain, outcome, exit code, milliseconds, attempt, log,
+/// cause, category], ...])`.
+fn write_package_data(dir: &Path, report: &Report) -> anyhow::Result<()> {
+    let categories: std::collections::HashMap<(&str, &str), &str> = report
+        .comparison
+        .iter()
+        .flat_map(|c| c.packages.iter())
+        .map(|p| ((p.name.as_str(), p.version.as_str()), p.category.as_str()))
+        .collect();
+    let packages = dir.join("packages");
+    std::fs::create_dir_all(&packages)
+        .with_context(|| format!("cannot create {}", packages.display()))?;
+    for (i, chunk) in report.packages.chunks(PAGE_ROWS).enumerate() {
+        let rows: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|p| {
+                serde_json::json!([
+                    p.name,
+                    p.version,
+                    p.toolchain,
+                    p.outcome,
+                    p.exit_code,
+                    p.duration_ms,
+                    p.attempt,
+                    p.log.as_deref().map(escape_href),
+                    p.cause,
+                    categories.get(&(p.name.as_str(), p.version.as_str())),
+                ])
+            })
+            .collect();
+        let path = packages.join(format!("data-{}.js", i + 1));
+        let js = format!("quarryPackages({});\n", serde_json::to_string(&rows)?);
+        std::fs::write(&path, js).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The page of one package, named by the URL's fragment; built with DOM calls only.
+fn package_page(run: &str) -> String {
+    let mut html = head(&format!("Quarry report: {run}"), "");
+    html.push_str(
+        "<p><a href=\"index.html\">← summary</a></p>\n\
+         <h1 id=\"name\"></h1><p id=\"status\">loading…</p>\n\
+         <table id=\"rows\" hidden><tr><th>version</th><th>toolchain</th><th>outcome</th>\
+         <th>category</th><th>exit</th><th>seconds</th><th>attempt</th><th>cause</th><th>log</th></tr></table>\n\
+         <script>\n\
+         const name = decodeURIComponent(location.hash.slice(1));\n\
+         const status = (text) => { document.getElementById('status').textContent = text; };\n\
+         document.getElementById('name').textContent = name;\n\
+         function load(src) {\n\
+           const script = document.createElement('script');\n\
+           script.src = src;\n\
+           document.head.append(script);\n\
+         }\n\
+         function quarrySearch(index) {\n\
+           const entry = index.find(([n]) => n === name);\n\
+           if (entry) load('packages/data-' + entry[1] + '.js');\n\
+           else status(name ? 'no package of that name in this run' : 'no package named');\n\
+         }\n\
+         function quarryPackages(data) {\n\
+           const table = document.getElementById('rows');\n\
+           for (const [n, version, toolchain, outcome, exit, ms, attempt, log, cause, category] of data) {\n\
+             if (n !== name) continue;\n\
+             const row = table.insertRow();\n\
+             for (const text of [version, toolchain, outcome, category ?? '', exit ?? '',\n\
+                                 (ms / 1000).toFixed(1), attempt, cause ?? '']) {\n\
+               row.insertCell().textContent = text;\n\
+             }\n\
+             row.cells[2].className = outcome;\n\
+             const cell = row.insertCell();\n\
+             if (log) {\n\
+               const link = document.createElement('a');\n\
+               link.href = log;\n\
+               link.textContent = 'log';\n\
+               cell.append(link);\n\
+             } else {\n\
+               cell.textContent = 'in S3';\n\
+             }\n\
+           }\n\
+           table.hidden = false;\n\
+           status('');\n\
+         }\n\
+         window.addEventListener('hashchange', () => location.reload());\n\
+         load('search.js');\n\
+         </script>\n</body></html>\n",
+    );
+    html
 }

@@ -263,7 +263,12 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         expected.insert(outcome.to_string(), (*n).into());
     }
     // The report's search box finds a crate from part of its name, loading its index lazily.
-    let first_crate = store.results(first).await.unwrap()[0].crate_name.clone();
+    let first_row = store.results(first).await.unwrap().remove(0);
+    let (first_crate, first_version, first_outcome) = (
+        first_row.crate_name,
+        first_row.crate_version,
+        first_row.outcome.to_string(),
+    );
     let report_counts: serde_json::Map<String, serde_json::Value> = database
         .iter()
         .map(|(o, n)| (o.to_string(), (*n).into()))
@@ -281,6 +286,11 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
                 "search": { "query": &first_crate[1..], "finds": &first_crate },
             }),
             "report.png",
+        ),
+        (
+            format!("{base}/reports/live-a/package.html#{first_crate}"),
+            serde_json::json!({ "texts": [&first_version, &first_outcome] }),
+            "report-package.png",
         ),
         (
             format!("{base}/reports/live-a/packages/all-1.html"),
