@@ -863,3 +863,70 @@ async fn consumers_register_in_the_fleet_and_are_told_apart() {
         "the last heartbeat carries the final count"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downloads_that_hang_are_cut_short_or_are_rate_limited_are_retried_until_served() {
+    let mut stack = TestStack::start().await.unwrap();
+    // A download that hangs is abandoned after a second, not waited for.
+    stack.config.registry.request_timeout_secs = 1;
+    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let page = registry.crates_page(None, 3).await.unwrap();
+    let names: Vec<String> = page.crates.iter().map(|c| c.name.clone()).collect();
+    let once = |name: &str, fault: Fault| Fault {
+        path_contains: format!("/crates/{name}/"),
+        times: Some(1),
+        ..fault
+    };
+    stack.registry.set_faults(vec![
+        once(
+            &names[0],
+            Fault {
+                delay_ms: Some(5_000),
+                ..Fault::default()
+            },
+        ),
+        once(
+            &names[1],
+            Fault {
+                truncate_to: Some(100),
+                ..Fault::default()
+            },
+        ),
+        once(
+            &names[2],
+            Fault {
+                status: Some(429),
+                retry_after_secs: Some(1),
+                ..Fault::default()
+            },
+        ),
+    ]);
+    let summary = publish(
+        &stack,
+        "unreliable-downloads",
+        Selection::Packages {
+            packages: names.clone(),
+        },
+    )
+    .await;
+    let consumers = stack.start_consumers(&["persistent"]);
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    assert_eq!(stack.registry.stats().faults_applied, 3);
+    let sql = stack.sql().await.unwrap();
+    for name in &names {
+        let outcome: String = sql
+            .query_one(
+                "SELECT r.outcome FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE j.crate_name = $1",
+                &[name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(outcome, "error", "{name} was retried until served");
+    }
+    // Retried within the job, by the fetch's own backoff: no attempt had to be given up.
+    assert_eq!(stats.attempts_failed, 0, "{stats:?}");
+    stack.assert_verified("unreliable-downloads").await;
+}
