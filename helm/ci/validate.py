@@ -395,6 +395,20 @@ def check_full(docs: list[tuple[str, dict]], values: dict[str, Any]) -> None:
         check(args[:3] == ["run", "--name", values["run"]["name"]] and "--list" in args and "--fresh" in args,
               f"{scenario}: the run Job runs `quarry-producer run --name {values['run']['name']} --list ...`")
 
+    ca = values["tls"]["caConfigMap"]
+    for name, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounted = all(
+            any(m["name"] == "tls-ca" for m in c.get("volumeMounts", []))
+            and {e["name"]: e.get("value") for e in c.get("env", [])}.get("QUARRY_DATABASE_CA_FILE")
+            == "/etc/quarry-tls/" + values["tls"]["key"]
+            for c in spec["containers"]
+        )
+        check(
+            volumes.get("tls-ca", {}).get("configMap", {}).get("name") == ca and mounted,
+            f"{scenario}: {name} mounts the CA ConfigMap {ca} and trusts it (QUARRY_*_CA_FILE)",
+        )
+
     policies = by_kind(docs, "NetworkPolicy")
     check(
         len(policies) == 4 and all(p["spec"]["policyTypes"] == ["Egress"] for p in policies),

@@ -344,6 +344,15 @@ pub struct ConfigArgs {
     )]
     pub database_url_file: Option<PathBuf>,
 
+    /// PEM certificates trusted for PostgreSQL's certificate, besides the system's.
+    #[arg(
+        long,
+        global = true,
+        env = "QUARRY_DATABASE_CA_FILE",
+        value_name = "FILE"
+    )]
+    pub database_ca_file: Option<PathBuf>,
+
     /// RabbitMQ URL with vhost [default: amqp://guest:***@127.0.0.1:5672/%2f].
     #[arg(long, global = true, env = "QUARRY_AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
@@ -352,6 +361,10 @@ pub struct ConfigArgs {
     #[arg(long, global = true, env = "QUARRY_AMQP_URL_FILE", value_name = "FILE")]
     pub amqp_url_file: Option<PathBuf>,
 
+    /// PEM certificates trusted for RabbitMQ's certificate, besides the system's.
+    #[arg(long, global = true, env = "QUARRY_AMQP_CA_FILE", value_name = "FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+
     /// Prefix of Quarry's exchange and queue names [default: quarry].
     #[arg(long, global = true, env = "QUARRY_QUEUE_PREFIX")]
     pub queue_prefix: Option<String>,
@@ -359,6 +372,10 @@ pub struct ConfigArgs {
     /// S3 endpoint URL (for AWS: https://s3.<region>.amazonaws.com) [default: the local s3s-fs].
     #[arg(long, global = true, env = "QUARRY_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+
+    /// PEM certificates trusted for an https:// S3 endpoint, besides the system's.
+    #[arg(long, global = true, env = "QUARRY_S3_CA_FILE", value_name = "FILE")]
+    pub s3_ca_file: Option<PathBuf>,
 
     /// S3 bucket caching `.crate` files [default: quarry-crates].
     #[arg(long, global = true, env = "QUARRY_S3_BUCKET")]
@@ -466,6 +483,9 @@ impl Config {
             }
         };
         file(&args.database_url_file, &mut self.database.url_file);
+        file(&args.database_ca_file, &mut self.database.ca_file);
+        file(&args.amqp_ca_file, &mut self.rabbitmq.ca_file);
+        file(&args.s3_ca_file, &mut self.s3.ca_file);
         file(&args.amqp_url_file, &mut self.rabbitmq.url_file);
         file(&args.s3_access_key_id_file, &mut self.s3.access_key_id_file);
         file(
@@ -549,9 +569,15 @@ mod tests {
 
         config.apply(&ConfigArgs {
             s3_bucket: Some("from-flag".into()),
+            amqp_ca_file: Some("/etc/quarry-tls/ca.pem".into()),
             ..ConfigArgs::default()
         });
         assert_eq!(config.s3.bucket, "from-flag");
+        assert_eq!(
+            config.rabbitmq.ca_file.as_deref(),
+            Some(Path::new("/etc/quarry-tls/ca.pem"))
+        );
+        assert_eq!(config.database.ca_file, None);
     }
 
     #[test]

@@ -116,6 +116,40 @@ log filter. */}}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
+{{- include "quarry.caEnv" . }}
+{{- end -}}
+
+{{/* With tls.caConfigMap: where the private CA is mounted, and the variables that trust it. */}}
+{{- define "quarry.caFile" -}}
+/etc/quarry-tls/{{ .Values.tls.key }}
+{{- end -}}
+
+{{- define "quarry.caEnv" -}}
+{{- if .Values.tls.caConfigMap }}
+{{- range list "QUARRY_DATABASE_CA_FILE" "QUARRY_AMQP_CA_FILE" "QUARRY_S3_CA_FILE" }}
+- name: {{ . }}
+  value: {{ include "quarry.caFile" $ | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "quarry.caVolumeMount" -}}
+{{- if .Values.tls.caConfigMap }}
+- name: tls-ca
+  mountPath: /etc/quarry-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "quarry.caVolume" -}}
+{{- if .Values.tls.caConfigMap }}
+- name: tls-ca
+  configMap:
+    name: {{ .Values.tls.caConfigMap }}
+    items:
+      - key: {{ .Values.tls.key }}
+        path: {{ .Values.tls.key }}
+{{- end }}
 {{- end -}}
 
 {{/* The security context of every container but the sandboxed consumer's: non-root, no
@@ -235,6 +269,7 @@ containers:
         readOnly: true
       - name: tmp
         mountPath: /tmp
+      {{- include "quarry.caVolumeMount" $root | nindent 6 }}
 volumes:
   - name: config
     projected:
@@ -254,6 +289,7 @@ volumes:
   - name: tmp
     emptyDir:
       sizeLimit: 64Mi
+  {{- include "quarry.caVolume" $root | nindent 2 }}
 {{- end -}}
 
 {{/* Fails the render unless the settings agree with one another. */}}
