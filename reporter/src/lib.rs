@@ -96,6 +96,15 @@ pub struct Written {
     pub report: Report,
 }
 
+impl Written {
+    /// The text of a log the report copied, given its `PackageRow::log` (or a comparison's
+    /// `start_log` / `end_log`).
+    pub fn read_log(&self, log: Option<&str>) -> anyhow::Result<String> {
+        let log = log.context("this job's log was left in S3 (a passing job of a large run)")?;
+        std::fs::read_to_string(self.dir.join(log)).with_context(|| format!("cannot read {log}"))
+    }
+}
+
 /// Writes the report of `run` (an id or a name) under `output_dir/<run name>/`.
 pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::Result<Written> {
     let store = Store::connect(&config.database).await?;

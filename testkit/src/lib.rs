@@ -67,6 +67,32 @@ pub fn experiment(mode: Mode, timeout_secs: u64) -> Experiment {
     }
 }
 
+/// A run of `mode` with the test toolchain over the first `limit` crates of the registry's
+/// listing, alphabetically.
+pub fn first_crates(mode: Mode, limit: u64) -> quarry_producer::RunDefinition {
+    quarry_producer::RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![toolchain()],
+        experiment: experiment(mode, 300),
+        selection: quarry_producer::Selection::Listing {
+            sort: quarry_producer::Sort::Alpha,
+            limit: Some(limit),
+        },
+    }
+}
+
+/// The experiment of the benchmarks and the soak: `true` in the sandbox, nothing built.
+pub fn no_op_experiment() -> Experiment {
+    Experiment {
+        mode: Mode::Command,
+        timeout_secs: 60,
+        fresh: false,
+        memory_limit_mb: 1024,
+        command: Some(vec!["true".to_owned()]),
+    }
+}
+
 /// The real `.crate` files tests serve: cargo's download cache, cut down to the crates whose
 /// dependencies it can all serve.
 pub fn crates_dir() -> PathBuf {

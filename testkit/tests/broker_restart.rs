@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::job::Mode;
 use quarry_shared::store::Store;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
-use quarry_testkit::{TestStack, experiment};
+use quarry_testkit::{TestStack, first_crates};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,16 +20,7 @@ async fn rabbitmq_restarting_mid_run_loses_nothing_and_counts_nothing_twice() {
         std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
     }
     let stack = TestStack::start().await.unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 300),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: Some(10),
-        },
-    };
+    let definition = first_crates(Mode::Check, 10);
     let summary = publish_run(
         &stack.config,
         "broker-restart",

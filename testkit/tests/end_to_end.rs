@@ -131,15 +131,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
         );
     }
     for package in &on_disk.packages {
-        let log = std::fs::read_to_string(
-            written.dir.join(
-                package
-                    .log
-                    .as_deref()
-                    .expect("a small run has every log copied"),
-            ),
-        )
-        .unwrap();
+        let log = written.read_log(package.log.as_deref()).unwrap();
         assert!(log.starts_with("$ cargo +"), "{package:?}: {log}");
     }
     // Logs live in S3, compressed; PostgreSQL keeps only their keys.

@@ -59,15 +59,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             .iter()
             .find(|p| p.name == name)
             .unwrap();
-        std::fs::read_to_string(
-            written.dir.join(
-                package
-                    .log
-                    .as_deref()
-                    .expect("a small run has every log copied"),
-            ),
-        )
-        .unwrap()
+        written.read_log(package.log.as_deref()).unwrap()
     };
     assert!(log("quarry-fixture-build-fail").contains("E0308"));
     assert!(log("quarry-fixture-test-fail").contains("test tests::adds ... FAILED"));
@@ -149,15 +141,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
     .unwrap();
     let package = &written.report.packages[0];
     assert_eq!(package.outcome, "build-fail");
-    let log = std::fs::read_to_string(
-        written.dir.join(
-            package
-                .log
-                .as_deref()
-                .expect("a small run has every log copied"),
-        ),
-    )
-    .unwrap();
+    let log = written.read_log(package.log.as_deref()).unwrap();
     assert!(log.contains("SANDBOX ESCAPE"), "{log}");
     assert!(log.contains("connected to 127.0.0.1:5432"), "{log}");
     if nix::unistd::geteuid().is_root() {
@@ -222,8 +206,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         .iter()
         .find(|p| p.category == "regressed")
         .unwrap();
-    let end_log =
-        std::fs::read_to_string(written.dir.join(regressed.end_log.as_ref().unwrap())).unwrap();
+    let end_log = written.read_log(regressed.end_log.as_deref()).unwrap();
     assert!(end_log.contains("does not build with"), "{end_log}");
     let html = std::fs::read_to_string(&written.html).unwrap();
     assert!(html.contains("<td data-category=\"regressed\">1</td>"));
@@ -382,15 +365,7 @@ async fn a_dependency_patch_shows_who_it_would_break() {
                 .iter()
                 .find(|p| p.outcome == "build-fail")
                 .expect("the patched side fails to build");
-            let log = std::fs::read_to_string(
-                written.dir.join(
-                    patched
-                        .log
-                        .as_deref()
-                        .expect("a small run has every log copied"),
-                ),
-            )
-            .unwrap();
+            let log = written.read_log(patched.log.as_deref()).unwrap();
             assert!(log.contains("quarry-fixture-patch-lib v1.0.1"), "{log}");
             assert!(log.contains("E0308"), "{log}");
         }

@@ -172,15 +172,7 @@ async fn a_custom_command_runs_in_each_package_and_its_exit_status_is_the_outcom
             .await
             .unwrap();
     for package in &written.report.packages {
-        let log = std::fs::read_to_string(
-            written.dir.join(
-                package
-                    .log
-                    .as_deref()
-                    .expect("a small run has every log copied"),
-            ),
-        )
-        .unwrap();
+        let log = written.read_log(package.log.as_deref()).unwrap();
         assert!(log.contains("$ sh -c echo"), "{log}");
         assert!(log.contains("scanning /"), "{log}");
         let expected = if log.contains("has-a-build-script") {

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::job::Mode;
 use quarry_shared::store::Store;
 use quarry_testkit::private_postgres::PrivatePostgres;
-use quarry_testkit::{TestStack, experiment};
+use quarry_testkit::{TestStack, first_crates};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -18,16 +18,7 @@ async fn postgresql_crashing_mid_run_loses_nothing_and_counts_nothing_twice() {
     // holds one test, so no other test in the process sees the change.
     unsafe { std::env::set_var("QUARRY_TEST_DATABASE_URL", postgres.admin_url()) };
     let stack = TestStack::start().await.unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 300),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: Some(8),
-        },
-    };
+    let definition = first_crates(Mode::Check, 8);
     let summary = publish_run(
         &stack.config,
         "pg-crash",

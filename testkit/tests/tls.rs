@@ -5,7 +5,7 @@
 //!
 //! This file's process points the test stack at its own servers, so it holds one test.
 
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::config::Secret;
 use quarry_shared::job::Mode;
 use quarry_shared::queue::Broker;
@@ -14,7 +14,7 @@ use quarry_shared::store::Store;
 use quarry_testkit::private_postgres::PrivatePostgres;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::tls::{TestCertificates, tls_proxy};
-use quarry_testkit::{TestStack, experiment};
+use quarry_testkit::{TestStack, first_crates};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,16 +86,7 @@ async fn a_run_goes_through_with_every_connection_over_verified_tls() {
     stack.config.database.ca_file = Some(certificates.ca_file());
     stack.config.rabbitmq.ca_file = Some(certificates.ca_file());
     stack.config.s3.ca_file = Some(certificates.ca_file());
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 300),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: Some(3),
-        },
-    };
+    let definition = first_crates(Mode::Check, 3);
     let summary = publish_run(&stack.config, "tls", &definition, &CancellationToken::new())
         .await
         .unwrap();

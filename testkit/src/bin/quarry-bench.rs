@@ -162,13 +162,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
         patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Command,
-            timeout_secs: 60,
-            fresh: false,
-            memory_limit_mb: 1024,
-            command: Some(vec!["true".to_owned()]),
-        },
+        experiment: quarry_testkit::no_op_experiment(),
         selection: Selection::Listing {
             sort: Sort::Alpha,
             limit: None,

@@ -18,7 +18,6 @@ use clap::Parser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::{Experiment, Mode};
 use quarry_shared::store::Store;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::{TestStack, fixtures};
@@ -123,13 +122,7 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
         patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: Experiment {
-            mode: Mode::Command,
-            timeout_secs: 60,
-            fresh: false,
-            memory_limit_mb: 1024,
-            command: Some(vec!["true".to_owned()]),
-        },
+        experiment: quarry_testkit::no_op_experiment(),
         selection: Selection::Listing {
             sort: Sort::Alpha,
             limit: None,
