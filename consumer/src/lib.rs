@@ -546,9 +546,9 @@ impl Worker {
     }
 
     async fn execute(&self, job: &Job) -> Result<Plan, InfraError> {
-        let known = self.toolchains.lock().await.contains_key(&job.toolchain);
-        let build = if known {
-            self.check_toolchain(&job.toolchain).await?
+        let known = self.toolchains.lock().await.get(&job.toolchain).cloned();
+        let build = if let Some(state) = known {
+            state.map_err(InfraError)?
         } else {
             // The first jobs of a toolchain: its package downloads while the toolchain is
             // checked. The download lands in the disk cache, where the experiment finds it; a

@@ -82,14 +82,24 @@ pub fn first_crates(mode: Mode, limit: u64) -> quarry_producer::RunDefinition {
     }
 }
 
-/// The experiment of the benchmarks and the soak: `true` in the sandbox, nothing built.
-pub fn no_op_experiment() -> Experiment {
-    Experiment {
-        mode: Mode::Command,
-        timeout_secs: 60,
-        fresh: false,
-        memory_limit_mb: 1024,
-        command: Some(vec!["true".to_owned()]),
+/// The run of the dispatch benchmark and the soak: every crate of the registry, its job `true`
+/// in the sandbox, nothing built.
+pub fn no_op_run() -> quarry_producer::RunDefinition {
+    quarry_producer::RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![toolchain()],
+        experiment: Experiment {
+            mode: Mode::Command,
+            timeout_secs: 60,
+            fresh: false,
+            memory_limit_mb: 1024,
+            command: Some(vec!["true".to_owned()]),
+        },
+        selection: quarry_producer::Selection::Listing {
+            sort: quarry_producer::Sort::Alpha,
+            limit: None,
+        },
     }
 }
 

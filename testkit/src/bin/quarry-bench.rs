@@ -158,16 +158,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
     let names: Vec<String> = (0..parallel).map(|i| format!("bench-{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let fleet = stack.start_consumers(&names);
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: quarry_testkit::no_op_experiment(),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-    };
+    let definition = quarry_testkit::no_op_run();
     let store = Store::connect(&stack.config.database).await?;
     let started = Instant::now();
     let summary = publish_run(

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::Parser;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::store::Store;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::{TestStack, fixtures};
@@ -118,16 +118,7 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
         slots.push(spawn(&consumer, &config_file, format!("soak-{i}"), 0).await?);
     }
 
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: quarry_testkit::no_op_experiment(),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-    };
+    let definition = quarry_testkit::no_op_run();
     let started = Instant::now();
     let summary = publish_run(
         &stack.config,
