@@ -30,11 +30,13 @@ use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
-use quarry_shared::job::{Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Toolchain};
+use quarry_shared::job::{
+    Job, JobId, Outcome, PackageVersion, Patch, PatchSource, RunId, StoredDefinition, Toolchain,
+};
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
 use quarry_shared::s3::Bucket;
-use quarry_shared::store::{JobState, NewResult, Store};
+use quarry_shared::store::{JobState, NewResult, Pairing, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -61,6 +63,8 @@ pub struct ConsumerStats {
     pub s3_unavailable: u64,
     /// Results reused from an identical job of an earlier run instead of computed.
     pub memoized: u64,
+    /// Regressions whose failing side this consumer queued to run once more.
+    pub reruns: u64,
     /// Connections made to the broker: more than one means it was lost and regained.
     pub broker_connections: u64,
     /// Times a job waited for an identical job of another run instead of computing.
@@ -94,6 +98,7 @@ impl std::ops::AddAssign for ConsumerStats {
         self.registry_fetches += other.registry_fetches;
         self.s3_unavailable += other.s3_unavailable;
         self.memoized += other.memoized;
+        self.reruns += other.reruns;
         self.broker_connections += other.broker_connections;
         self.waits += other.waits;
     }
@@ -122,6 +127,9 @@ struct Worker {
     jobs_dir: PathBuf,
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
     toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
+    /// The stored definitions of the runs seen (`None`: unreadable), to pair a job's result
+    /// with its package's other side.
+    definitions: Mutex<HashMap<RunId, Option<Arc<StoredDefinition>>>>,
     metrics: Arc<Metrics>,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
@@ -192,6 +200,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         cargo,
         jobs_dir,
         toolchains: Mutex::new(HashMap::new()),
+        definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         in_hand: Default::default(),
     });
@@ -398,6 +407,9 @@ impl Worker {
         if state == JobState::Finished {
             tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
             self.metrics.duplicates_skipped.inc();
+            // Its first delivery may have died after recording a regression's re-run and
+            // before publishing it.
+            self.publish_unpublished_reruns(publisher, &job).await?;
             return ack(delivery).await;
         }
         if state == JobState::Unknown {
@@ -510,22 +522,30 @@ impl Worker {
                 None => (Some(execution.log), None, false),
             },
         };
-        let recorded = self
+        let pairing = self.pairing(&job).await;
+        let (recorded, rerun) = self
             .store
-            .record_result(&NewResult {
-                job_id: job.id,
-                run_id: job.run_id,
-                outcome: execution.outcome,
-                exit_code: execution.exit_code,
-                duration,
-                attempt: attempt as i32,
-                consumer: self.name.clone(),
-                log,
-                log_key: log_key.clone(),
-                memo_key,
-                reused_from,
-            })
+            .record_result(
+                &NewResult {
+                    job_id: job.id,
+                    run_id: job.run_id,
+                    outcome: execution.outcome,
+                    exit_code: execution.exit_code,
+                    duration,
+                    attempt: attempt as i32,
+                    consumer: self.name.clone(),
+                    log,
+                    log_key: log_key.clone(),
+                    memo_key,
+                    reused_from,
+                },
+                pairing.as_ref(),
+            )
             .await?;
+        if let Some(rerun) = rerun {
+            tracing::info!(package = %job.package, rerun = %rerun.id, side = %rerun.side(), "regressed; running its failing side once more");
+            self.publish_rerun(publisher, &rerun).await?;
+        }
         if recorded {
             self.metrics
                 .job_done(execution.outcome, duration.as_secs_f64());
@@ -560,7 +580,9 @@ impl Worker {
             build?
         };
         let memo_key = job.memo_key(&build);
-        if !job.experiment.fresh {
+        // A re-run exists to see whether the first result happens again: never reused.
+        let fresh = job.experiment.fresh || job.recheck_of.is_some();
+        if !fresh {
             let earlier = self
                 .store
                 .memoized_result(&memo_key)
@@ -609,9 +631,7 @@ impl Worker {
         });
         let execution = self.run_experiment(job).await;
         heartbeat.abort();
-        if !job.experiment.fresh
-            && let Err(err) = self.store.release_computation(&memo_key, job.id).await
-        {
+        if !fresh && let Err(err) = self.store.release_computation(&memo_key, job.id).await {
             tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
         }
         Ok(Plan::Record(Done {
@@ -620,6 +640,85 @@ impl Worker {
             reused_from: None,
             reused_log_key: None,
         }))
+    }
+
+    /// For a job of a two-sided run (not itself a re-run): what `Store::record_result` needs to
+    /// decide whether its package regressed. `None` for one-sided runs, and where the run's
+    /// definition cannot be read (then nothing is re-run; the report still categorizes).
+    async fn pairing(&self, job: &Job) -> Option<Pairing> {
+        if job.recheck_of.is_some() {
+            return None;
+        }
+        let definition = self.definition(job.run_id).await?;
+        let [start, end] = <[String; 2]>::try_from(definition.side_labels()).ok()?;
+        let (toolchain, patch) = definition.sides().pop()?;
+        let end_job = Job::patched(
+            job.run_id,
+            job.package.clone(),
+            toolchain,
+            job.experiment.clone(),
+            patch,
+        );
+        Some(Pairing {
+            start,
+            end,
+            end_rerun: end_job.recheck(),
+        })
+    }
+
+    /// A run's stored definition, read once per consumer.
+    async fn definition(&self, run: RunId) -> Option<Arc<StoredDefinition>> {
+        if let Some(known) = self.definitions.lock().await.get(&run) {
+            return known.clone();
+        }
+        let read = match self.store.find_run(&run.to_string()).await {
+            Ok(stored) => match StoredDefinition::of(&stored.definition) {
+                Ok(definition) => Some(Arc::new(definition)),
+                Err(err) => {
+                    tracing::warn!(%run, %err, "cannot read the run's definition; its regressions will not be re-run");
+                    None
+                }
+            },
+            // The database hiccuped: try again with the next job.
+            Err(err) => {
+                tracing::warn!(%run, error = %format!("{err:#}"), "cannot read the run's definition");
+                return None;
+            }
+        };
+        self.definitions.lock().await.insert(run, read.clone());
+        read
+    }
+
+    /// Publishes a regression's re-run and marks it published.
+    async fn publish_rerun(&self, publisher: &Publisher, rerun: &Job) -> anyhow::Result<()> {
+        publisher.publish_jobs([rerun]).await?;
+        self.store.mark_published(&[rerun.id], None).await?;
+        self.metrics.reruns.inc();
+        Ok(())
+    }
+
+    /// Publishes the re-runs of `job`'s package that were recorded but never published.
+    async fn publish_unpublished_reruns(
+        &self,
+        publisher: &Publisher,
+        job: &Job,
+    ) -> anyhow::Result<()> {
+        if job.recheck_of.is_some() {
+            return Ok(());
+        }
+        let reruns = self.store.unpublished_reruns(job).await?;
+        if reruns.is_empty() {
+            return Ok(());
+        }
+        let definition = self
+            .definition(job.run_id)
+            .await
+            .context("cannot read the run's definition to publish a re-run")?;
+        for (id, package, side, recheck_of) in reruns {
+            let rerun = definition.job(job.run_id, id, package, &side, recheck_of)?;
+            self.publish_rerun(publisher, &rerun).await?;
+        }
+        Ok(())
     }
 
     /// Records a result Quarry decided without running the job (skipped, given up on), with
@@ -631,21 +730,25 @@ impl Worker {
         outcome: Outcome,
         why: &str,
     ) -> anyhow::Result<()> {
-        let recorded = self
+        // An error or a skip is never a regression: nothing to pair.
+        let (recorded, _) = self
             .store
-            .record_result(&NewResult {
-                job_id: job.id,
-                run_id: job.run_id,
-                outcome,
-                exit_code: None,
-                duration: Duration::ZERO,
-                attempt: attempt as i32,
-                consumer: self.name.clone(),
-                log: Some(format!("quarry: {why}\n")),
-                log_key: None,
-                memo_key: None,
-                reused_from: None,
-            })
+            .record_result(
+                &NewResult {
+                    job_id: job.id,
+                    run_id: job.run_id,
+                    outcome,
+                    exit_code: None,
+                    duration: Duration::ZERO,
+                    attempt: attempt as i32,
+                    consumer: self.name.clone(),
+                    log: Some(format!("quarry: {why}\n")),
+                    log_key: None,
+                    memo_key: None,
+                    reused_from: None,
+                },
+                None,
+            )
             .await?;
         if recorded {
             self.metrics.job_done(outcome, 0.0);

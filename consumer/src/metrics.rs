@@ -33,6 +33,7 @@ pub struct Metrics {
     pub dead_lettered: IntCounter,
     pub duplicates_skipped: IntCounter,
     pub memoized: IntCounter,
+    pub reruns: IntCounter,
     pub sandbox_kills: IntCounter,
     pub logs_in_database: IntCounter,
     pub index_files: IntCounterVec,
@@ -110,6 +111,10 @@ impl Metrics {
             memoized: counter(
                 "quarry_consumer_memoized_total",
                 "Results reused from an identical job of an earlier run",
+            )?,
+            reruns: counter(
+                "quarry_consumer_reruns_total",
+                "Regressions whose failing side was queued to run once more",
             )?,
             index_files: IntCounterVec::new(
                 Opts::new(
@@ -202,6 +207,7 @@ impl Metrics {
             registry_fetches: fetches("registry"),
             s3_unavailable: self.s3_unavailable.get(),
             memoized: self.memoized.get(),
+            reruns: self.reruns.get(),
             broker_connections: self.connections.get(),
             waits: self.waits.get(),
         }

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use quarry_shared::Config;
-use quarry_shared::job::{Experiment, Job, PackageVersion, Patch, RunId, Toolchain};
+use quarry_shared::job::{
+    Experiment, Job, PackageVersion, Patch, RECHECK_SUFFIX, RunId, StoredDefinition, Toolchain,
+};
 use quarry_shared::queue::{Broker, Publisher};
 use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
 use quarry_shared::store::Store;
@@ -80,13 +82,7 @@ impl RunDefinition {
     /// The run's sides, in order (start, then end): one per toolchain, or for a patch run the
     /// toolchain without and with the patch.
     pub fn sides(&self) -> Vec<(Toolchain, Option<Patch>)> {
-        match (&self.patch, self.toolchains.as_slice()) {
-            (Some(patch), [toolchain]) => vec![
-                (toolchain.clone(), None),
-                (toolchain.clone(), Some(patch.clone())),
-            ],
-            _ => self.toolchains.iter().map(|t| (t.clone(), None)).collect(),
-        }
+        quarry_shared::job::run_sides(&self.toolchains, self.patch.as_ref())
     }
 
     /// The sides' labels, as the database and the report name them.
@@ -1016,7 +1012,8 @@ impl PublishProgress {
 pub enum Only {
     /// Passed with the start toolchain, failed with the end one (two-toolchain runs).
     Regressed,
-    /// Hit a limit (time, memory) on one side only: confirm or dismiss them.
+    /// Hit a limit (time, memory) on one side only, or regressed then passed when run again
+    /// (flaky): confirm or dismiss them.
     Spurious,
     /// Failed to build or test, or hit a limit, with any toolchain.
     Failed,
@@ -1064,14 +1061,15 @@ pub async fn packages_from_run(
         .filter(|(_, sides)| {
             let category = pair.as_ref().map(|(start, end)| {
                 let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, o)| *o);
-                categorize(side(start), side(end))
+                let rerun = format!("{end}{RECHECK_SUFFIX}");
+                categorize(side(start), side(end), side(&rerun))
             });
             let any = |wanted: &[Outcome]| sides.iter().any(|(_, o)| wanted.contains(o));
             only.iter().any(|only| match only {
                 Only::Regressed => category == Some(Category::Regressed),
                 Only::Spurious => matches!(
                     category,
-                    Some(Category::SpuriousRegressed | Category::SpuriousFixed)
+                    Some(Category::SpuriousRegressed | Category::SpuriousFixed | Category::Flaky)
                 ),
                 Only::Failed => any(&[
                     Outcome::BuildFail,
@@ -1109,7 +1107,6 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
         "run {} was cancelled: there is nothing to republish",
         run.name
     );
-    let definition = RunDefinition::of(&run)?;
     let broker = Broker::connect(&config.rabbitmq).await?;
     let topology = broker.topology().clone();
     let mut queued = 0;
@@ -1132,35 +1129,17 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
         .collect();
     let mut republished = Republished::default();
     let mut jobs = Vec::new();
-    for (id, package, toolchain) in store.unfinished_jobs(run.id).await? {
+    let definition = StoredDefinition::of(&run.definition)?;
+    for (id, package, side, recheck_of) in store.unfinished_jobs(run.id).await? {
         if in_hand.contains(&id.0) {
             republished.in_hand += 1;
             continue;
         }
-        let (toolchain, patch) = definition
-            .sides()
-            .into_iter()
-            .find(|(t, p)| Job::side_label(t.as_str(), p.as_ref()) == toolchain)
-            .with_context(|| {
-                format!(
-                    "job {id} of run {} is of a side ({toolchain}) its definition does not have",
-                    run.name
-                )
-            })?;
-        let job = Job::patched(
-            run.id,
-            package,
-            toolchain,
-            definition.experiment.clone(),
-            patch,
+        jobs.push(
+            definition
+                .job(run.id, id, package, &side, recheck_of)
+                .with_context(|| format!("cannot republish a job of run {}", run.name))?,
         );
-        anyhow::ensure!(
-            job.id == id,
-            "job {id} of run {} does not match its own definition (was the run's definition \
-             changed by hand?)",
-            run.name
-        );
-        jobs.push(job);
     }
     let publisher = broker.publisher().await?;
     for chunk in jobs.chunks(500) {

@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Give a run's dead-lettered jobs a fresh set of attempts, once what made them fail is
+    /// fixed: their `error` results are removed (the event log keeps everything), they are
+    /// published again and their copies leave the dead-letter queue.
+    Requeue {
+        /// The run's id or name.
+        run: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
 }
@@ -424,6 +431,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )?;
             }
             print_out(&out)
+        }
+        Command::Requeue { run } => {
+            let store = connect(&config).await?;
+            let run = store.find_run(&run).await?;
+            let broker = quarry_shared::queue::Broker::connect(&config.rabbitmq).await?;
+            let requeued = quarry_shared::requeue::requeue_dead_letters(
+                &store,
+                &broker,
+                &run,
+                "quarry-producer requeue",
+            )
+            .await;
+            broker.close().await;
+            let requeued = requeued?;
+            eprintln!(
+                "requeued {} dead-lettered jobs of {} ({} messages removed from the dead-letter queue)",
+                requeued.jobs, run.name, requeued.dead_letters_removed
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { run } => {
             let store = connect(&config).await?;

@@ -18,6 +18,12 @@ pub struct ComparedPackage {
     pub end: Option<String>,
     pub start_log: Option<String>,
     pub end_log: Option<String>,
+    /// For a package that failed on end only: the outcome of end's re-run, which decides
+    /// between regressed and flaky.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_rerun: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_rerun_log: Option<String>,
 }
 
 /// The comparison section of a two-toolchain report.
@@ -36,18 +42,32 @@ pub struct Side<'a> {
     pub log: Option<&'a str>,
 }
 
-/// Builds the comparison from every package's two sides (`None` when a side has no result).
+/// A package's sides: start, end, and end's re-run (`None` where there is no result).
+#[derive(Default)]
+pub struct Sides<'a> {
+    pub start: Option<Side<'a>>,
+    pub end: Option<Side<'a>>,
+    pub end_rerun: Option<Side<'a>>,
+}
+
+/// Builds the comparison from every package's sides.
 pub fn compare<'a>(
     start: &str,
     end: &str,
-    packages: impl IntoIterator<Item = ((String, String), Option<Side<'a>>, Option<Side<'a>>)>,
+    packages: impl IntoIterator<Item = ((String, String), Sides<'a>)>,
 ) -> Comparison {
     let mut categories = BTreeMap::new();
     let mut rows = Vec::new();
-    for ((name, version), start_side, end_side) in packages {
+    for ((name, version), sides) in packages {
+        let Sides {
+            start: start_side,
+            end: end_side,
+            end_rerun,
+        } = sides;
         let category = categorize(
             start_side.as_ref().map(|s| s.outcome),
             end_side.as_ref().map(|s| s.outcome),
+            end_rerun.as_ref().map(|s| s.outcome),
         );
         *categories.entry(category.as_str().to_owned()).or_insert(0) += 1;
         rows.push(ComparedPackage {
@@ -58,6 +78,8 @@ pub fn compare<'a>(
             end: end_side.as_ref().map(|s| s.outcome.to_string()),
             start_log: start_side.and_then(|s| s.log.map(str::to_owned)),
             end_log: end_side.and_then(|s| s.log.map(str::to_owned)),
+            end_rerun: end_rerun.as_ref().map(|s| s.outcome.to_string()),
+            end_rerun_log: end_rerun.and_then(|s| s.log.map(str::to_owned)),
         });
     }
     Comparison {
@@ -90,11 +112,25 @@ mod tests {
         ];
         for (start, end, expected) in cases {
             assert_eq!(
-                categorize(Some(start), Some(end)),
+                categorize(Some(start), Some(end), None),
                 expected,
                 "{start} → {end}"
             );
         }
-        assert_eq!(categorize(Some(TestPass), None), Category::Pending);
+        assert_eq!(categorize(Some(TestPass), None, None), Category::Pending);
+        // A regression is confirmed by its re-run failing again, and dismissed as flaky by
+        // its re-run passing; a re-run says nothing about other categories.
+        assert_eq!(
+            categorize(Some(TestPass), Some(TestFail), Some(TestFail)),
+            Category::Regressed
+        );
+        assert_eq!(
+            categorize(Some(TestPass), Some(TestFail), Some(TestPass)),
+            Category::Flaky
+        );
+        assert_eq!(
+            categorize(Some(BuildFail), Some(BuildPass), Some(BuildFail)),
+            Category::Fixed
+        );
     }
 }

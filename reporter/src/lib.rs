@@ -188,7 +188,8 @@ fn write_report(
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Rows are consumed as they are turned into the report's: a million of them is memory.
     for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
-        if let Some(cause) = &cause {
+        // A re-run's failure is its package's failure again: counted once, with the first.
+        if let Some(cause) = cause.as_ref().filter(|_| row.recheck_of.is_none()) {
             groups.entry(cause.clone()).or_default().push(format!(
                 "{}@{} ({})",
                 row.crate_name, row.crate_version, row.toolchain
@@ -300,6 +301,9 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
             }
             (None, Some("attempt-failed")) => {
                 "waiting in a retry delay queue before its next attempt".into()
+            }
+            (None, Some("requeued")) => {
+                "requeued from the dead letters: in the work queue, waiting for a consumer".into()
             }
             (None, Some("waiting")) => {
                 "waiting for an identical job of another run to finish, to reuse its result".into()
@@ -418,9 +422,10 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
     let mut problems = Vec::new();
     match run.jobs_total {
         None => problems.push("the producer has not finished publishing this run".to_owned()),
-        Some(total) if total != figures.jobs => problems.push(format!(
+        // Consumers add the re-runs of regressions after the producer is done.
+        Some(total) if total != figures.jobs - figures.reruns => problems.push(format!(
             "the producer published {total} jobs but {} are recorded",
-            figures.jobs
+            figures.jobs - figures.reruns
         )),
         Some(_) => {}
     }
@@ -478,25 +483,9 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
 /// The run's sides, in order (start, then end), from its stored definition: its toolchains, or
 /// for a dependency-patch run its toolchain without and with the patch (as jobs are labelled).
 pub(crate) fn toolchains(definition: &serde_json::Value) -> Vec<String> {
-    let toolchains: Vec<String> = definition["toolchains"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|t| t.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let patch =
-        serde_json::from_value::<Option<quarry_shared::job::Patch>>(definition["patch"].clone())
-            .ok()
-            .flatten();
-    match (patch, toolchains.as_slice()) {
-        (Some(patch), [toolchain]) => vec![
-            toolchain.clone(),
-            quarry_shared::job::Job::side_label(toolchain, Some(&patch)),
-        ],
-        _ => toolchains,
-    }
+    quarry_shared::job::StoredDefinition::of(definition)
+        .map(|definition| definition.side_labels())
+        .unwrap_or_default()
 }
 
 fn compare_toolchains(
@@ -504,8 +493,8 @@ fn compare_toolchains(
     packages: &[PackageRow],
 ) -> Option<Comparison> {
     let [start, end] = <[String; 2]>::try_from(toolchains(definition)).ok()?;
-    type Sides<'a> = (Option<compare::Side<'a>>, Option<compare::Side<'a>>);
-    let mut by_package: BTreeMap<(String, String), Sides<'_>> = BTreeMap::new();
+    let end_rerun = format!("{end}{}", quarry_shared::job::RECHECK_SUFFIX);
+    let mut by_package: BTreeMap<(String, String), compare::Sides<'_>> = BTreeMap::new();
     for p in packages {
         let Ok(outcome) = p.outcome.parse() else {
             continue;
@@ -518,18 +507,14 @@ fn compare_toolchains(
             .entry((p.name.clone(), p.version.clone()))
             .or_default();
         if p.toolchain == start {
-            entry.0 = Some(side);
+            entry.start = Some(side);
         } else if p.toolchain == end {
-            entry.1 = Some(side);
+            entry.end = Some(side);
+        } else if p.toolchain == end_rerun {
+            entry.end_rerun = Some(side);
         }
     }
-    Some(compare::compare(
-        &start,
-        &end,
-        by_package
-            .into_iter()
-            .map(|(key, (start, end))| (key, start, end)),
-    ))
+    Some(compare::compare(&start, &end, by_package))
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -651,15 +636,21 @@ fn render_markdown(report: &Report) -> String {
         for (category, count) in &comparison.categories {
             let _ = writeln!(md, "| {category} | {count} |");
         }
-        let regressed: Vec<&ComparedPackage> = comparison
-            .packages
-            .iter()
-            .filter(|p| p.category == "regressed")
-            .collect();
-        if !regressed.is_empty() {
-            md.push_str("\n#### Regressed\n\n");
-            for p in regressed.iter().take(100) {
-                let _ = writeln!(
+        for (category, heading) in [
+            ("regressed", "Regressed (failed again when run once more)"),
+            ("flaky", "Flaky (regressed, then passed when run once more)"),
+        ] {
+            let listed: Vec<&ComparedPackage> = comparison
+                .packages
+                .iter()
+                .filter(|p| p.category == category)
+                .collect();
+            if listed.is_empty() {
+                continue;
+            }
+            let _ = writeln!(md, "\n#### {heading}\n");
+            for p in listed.iter().take(100) {
+                let _ = write!(
                     md,
                     "- `{}@{}`: {} → {}",
                     p.name,
@@ -667,6 +658,15 @@ fn render_markdown(report: &Report) -> String {
                     p.start.as_deref().unwrap_or("pending"),
                     p.end.as_deref().unwrap_or("pending")
                 );
+                match &p.end_rerun {
+                    Some(rerun) => {
+                        let _ = writeln!(md, ", re-run: {rerun}");
+                    }
+                    None => md.push('\n'),
+                }
+            }
+            if listed.len() > 100 {
+                let _ = writeln!(md, "- … and {} more", listed.len() - 100);
             }
         }
     }

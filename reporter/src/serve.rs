@@ -2,7 +2,8 @@
 //! between two runs, and the figures for Prometheus.
 //!
 //! Every page is rendered from PostgreSQL when asked for (no cache to go stale) and refreshes
-//! itself; nothing needs JavaScript. Requests that change state (cancelling a run) need the
+//! itself; nothing needs JavaScript. Requests that change state (cancelling a run, requeueing its
+//! dead-lettered jobs) need the
 //! configured bearer token, compared in constant time; the read-only pages are public unless
 //! configured otherwise. Everything taken from a package or a log is escaped.
 
@@ -80,6 +81,7 @@ pub async fn start(
         .route_layer(middleware::from_fn_with_state(app.clone(), read_access));
     let write = Router::new()
         .route("/runs/{run}/cancel", post(cancel))
+        .route("/runs/{run}/requeue", post(requeue))
         .route_layer(middleware::from_fn_with_state(app.clone(), write_access));
     // For probes: open whatever `public` says, and touching nothing behind the server.
     let health = Router::new().route("/healthz", get(|| async { "ok\n" }));
@@ -381,7 +383,17 @@ async fn run_page(
     }
     body.push_str("</table>\n");
     let dead = app.store.dead_letters(run.id, 50).await?;
-    body.push_str("<h2>Dead-lettered</h2>\n<table id=\"dead-letters\"><tr><th>package</th><th>toolchain</th><th>at</th><th>reason</th></tr>\n");
+    body.push_str("<h2>Dead-lettered</h2>\n");
+    if !dead.is_empty() {
+        let _ = writeln!(
+            body,
+            "<p>Fixed what made them fail? Requeue them: <code>quarry-producer requeue {}</code>, \
+             or <code>POST /runs/{}/requeue</code> with the reporter's bearer token.</p>",
+            e(&run.name),
+            e(&escape_href(&run.name)),
+        );
+    }
+    body.push_str("<table id=\"dead-letters\"><tr><th>package</th><th>toolchain</th><th>at</th><th>reason</th></tr>\n");
     for d in &dead {
         let _ = writeln!(
             body,
@@ -432,7 +444,7 @@ async fn compare_page(
         e(&b.name),
     );
     for change in &changes {
-        let category = categorize(Some(change.before), Some(change.after));
+        let category = categorize(Some(change.before), Some(change.after), None);
         let _ = writeln!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -457,6 +469,37 @@ async fn cancel(State(app): State<Arc<App>>, Path(run): Path<String>) -> Result<
         tracing::info!(run = %run.name, "run cancelled through the reporter");
     }
     Ok(Redirect::to(&format!("/runs/{}", escape_href(&run.name))))
+}
+
+/// Requeues the run's dead-lettered jobs (see `quarry_shared::requeue`) and says what it did.
+async fn requeue(State(app): State<Arc<App>>, Path(run): Path<String>) -> Result<String, Failure> {
+    let run = lookup(&app, &run).await?;
+    // Held throughout: two requeues at once would read the dead-letter queue against each other.
+    let mut broker = app.broker.lock().await;
+    if broker.is_none() {
+        *broker = Some(Broker::connect(&app.config.rabbitmq).await?);
+    }
+    let connected = broker.as_ref().context("no broker")?;
+    let requeued = quarry_shared::requeue::requeue_dead_letters(
+        &app.store,
+        connected,
+        &run,
+        "quarry-reporter serve (POST /runs/RUN/requeue)",
+    )
+    .await;
+    let requeued = match requeued {
+        Ok(requeued) => requeued,
+        Err(err) => {
+            // The connection may be what failed: the next request makes a new one.
+            *broker = None;
+            return Err(Failure(StatusCode::CONFLICT, format!("{err:#}")));
+        }
+    };
+    tracing::info!(run = %run.name, jobs = requeued.jobs, "dead letters requeued through the reporter");
+    Ok(format!(
+        "requeued {} dead-lettered jobs of {} ({} messages removed from the dead-letter queue)\n",
+        requeued.jobs, run.name, requeued.dead_letters_removed
+    ))
 }
 
 /// The reporter's Prometheus figures: every recent run's progress, pace and outcomes, the
@@ -538,8 +581,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<Response, Failure> {
         }
         if let [start, end] = crate::toolchains(&run.definition).as_slice() {
             let mut by_category: BTreeMap<&str, i64> = BTreeMap::new();
-            for (s, t, n) in app.store.outcome_pairs(run.id, start, end).await? {
-                *by_category.entry(categorize(s, t).as_str()).or_default() += n;
+            for (s, t, rerun, n) in app.store.outcome_pairs(run.id, start, end).await? {
+                *by_category
+                    .entry(categorize(s, t, rerun).as_str())
+                    .or_default() += n;
             }
             for (category, n) in by_category {
                 categories.with_label_values(&[name, category]).set(n);

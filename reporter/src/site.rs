@@ -301,7 +301,15 @@ fn compared_row(p: &ComparedPackage, html: &mut String) {
         package_link(&p.name),
         e(&p.version),
         side(&p.start, &p.start_log),
-        side(&p.end, &p.end_log),
+        match &p.end_rerun {
+            // The re-run that confirmed the regression or showed it flaky, beside the first.
+            Some(_) => format!(
+                "{} · re-run: {}",
+                side(&p.end, &p.end_log),
+                side(&p.end_rerun, &p.end_rerun_log)
+            ),
+            None => side(&p.end, &p.end_log),
+        },
         c = e(&p.category),
     );
 }

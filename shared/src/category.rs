@@ -10,8 +10,12 @@ use crate::job::Outcome;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Category {
-    /// Passed with start, fails with end: the reason runs are made.
+    /// Passed with start, fails with end (and failed again when end was run once more): the
+    /// reason runs are made.
     Regressed,
+    /// Passed with start, failed with end, then passed when end was run once more: the package
+    /// does not behave the same twice (flaky tests, a race). Kept apart from true regressions.
+    Flaky,
     /// Failed with start, passes with end.
     Fixed,
     /// Passed with start, then hit a limit (time, memory) with end: the environment, probably
@@ -34,6 +38,7 @@ impl Category {
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Regressed => "regressed",
+            Category::Flaky => "flaky",
             Category::Fixed => "fixed",
             Category::SpuriousRegressed => "spurious-regressed",
             Category::SpuriousFixed => "spurious-fixed",
@@ -55,8 +60,14 @@ fn hit_a_limit(outcome: Outcome) -> bool {
     matches!(outcome, Outcome::Timeout | Outcome::OutOfMemory)
 }
 
-/// The category of a package from its start and end outcomes.
-pub fn categorize(start: Option<Outcome>, end: Option<Outcome>) -> Category {
+/// The category of a package from its start and end outcomes, and for a regression the outcome
+/// of end's re-run (`None` while it has none: the regression is then not yet confirmed, and is
+/// counted as one).
+pub fn categorize(
+    start: Option<Outcome>,
+    end: Option<Outcome>,
+    end_rerun: Option<Outcome>,
+) -> Category {
     let (Some(start), Some(end)) = (start, end) else {
         return Category::Pending;
     };
@@ -71,6 +82,7 @@ pub fn categorize(start: Option<Outcome>, end: Option<Outcome>) -> Category {
         match (passed(start), passed(end)) {
             (true, true) => Category::StillPassing,
             (true, false) if hit_a_limit(end) => Category::SpuriousRegressed,
+            (true, false) if end_rerun.is_some_and(passed) => Category::Flaky,
             (true, false) => Category::Regressed,
             (false, true) if hit_a_limit(start) => Category::SpuriousFixed,
             (false, true) => Category::Fixed,

@@ -204,6 +204,93 @@ pub struct Job {
     /// dependency-patch run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<Patch>,
+    /// For a *recheck*: the job this one runs again. A package that regressed is run once more
+    /// on its failing side before it counts as regressed; the re-run is a job of its own, of the
+    /// side `<side> (re-run)`, and never reuses an earlier result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recheck_of: Option<JobId>,
+}
+
+/// How a re-run's side is labelled: the side it re-runs, then this.
+pub const RECHECK_SUFFIX: &str = " (re-run)";
+
+/// A run's sides, in order (start, then end): one per toolchain, or for a dependency-patch run
+/// (one toolchain and a patch) the toolchain without and with the patch.
+pub fn run_sides(
+    toolchains: &[Toolchain],
+    patch: Option<&Patch>,
+) -> Vec<(Toolchain, Option<Patch>)> {
+    match (patch, toolchains) {
+        (Some(patch), [toolchain]) => vec![
+            (toolchain.clone(), None),
+            (toolchain.clone(), Some(patch.clone())),
+        ],
+        _ => toolchains.iter().map(|t| (t.clone(), None)).collect(),
+    }
+}
+
+/// The parts of a run's stored definition that every component reads (the producer stores the
+/// whole of it): enough to name the run's sides and to rebuild any of its jobs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoredDefinition {
+    pub toolchains: Vec<Toolchain>,
+    pub experiment: Experiment,
+    #[serde(default)]
+    pub patch: Option<Patch>,
+}
+
+impl StoredDefinition {
+    pub fn of(definition: &serde_json::Value) -> Result<StoredDefinition, InvalidJob> {
+        serde_json::from_value(definition.clone())
+            .map_err(|e| InvalidJob(format!("the run's stored definition is unreadable: {e}")))
+    }
+
+    pub fn sides(&self) -> Vec<(Toolchain, Option<Patch>)> {
+        run_sides(&self.toolchains, self.patch.as_ref())
+    }
+
+    /// The sides' labels, as the database and the report name them.
+    pub fn side_labels(&self) -> Vec<String> {
+        self.sides()
+            .iter()
+            .map(|(toolchain, patch)| Job::side_label(toolchain.as_str(), patch.as_ref()))
+            .collect()
+    }
+
+    /// The job `id` of `run`, from what the database keeps of it (its package, side label and
+    /// the job it re-runs), exactly as it was published; an error if it cannot be rebuilt so.
+    pub fn job(
+        &self,
+        run: RunId,
+        id: JobId,
+        package: PackageVersion,
+        label: &str,
+        recheck_of: Option<JobId>,
+    ) -> Result<Job, InvalidJob> {
+        let base = match recheck_of {
+            Some(_) => label.strip_suffix(RECHECK_SUFFIX).unwrap_or(label),
+            None => label,
+        };
+        let (toolchain, patch) = self
+            .sides()
+            .into_iter()
+            .find(|(t, p)| Job::side_label(t.as_str(), p.as_ref()) == base)
+            .ok_or_else(|| {
+                InvalidJob(format!(
+                    "job {id} is of a side ({label}) its run's definition does not have"
+                ))
+            })?;
+        let mut job = Job::patched(run, package, toolchain, self.experiment.clone(), patch);
+        if recheck_of.is_some() {
+            job = job.recheck();
+        }
+        if job.id != id || job.recheck_of != recheck_of {
+            return Err(InvalidJob(format!(
+                "job {id} does not match its run's definition (was the definition changed by hand?)"
+            )));
+        }
+        Ok(job)
+    }
 }
 
 /// A dependency replaced by another version of it, from the registry or uploaded with the run.
@@ -271,7 +358,18 @@ impl Job {
             toolchain,
             experiment,
             patch,
+            recheck_of: None,
         }
+    }
+
+    /// The job that runs this one again, fresh: a recheck of a regression.
+    pub fn recheck(&self) -> Job {
+        let mut recheck = Job {
+            recheck_of: Some(self.id),
+            ..self.clone()
+        };
+        recheck.id = JobId::derive(self.run_id, &self.package, &recheck.side());
+        recheck
     }
 
     /// How the job's side of the run is named in the database and the report: the toolchain,
@@ -283,8 +381,13 @@ impl Job {
         }
     }
 
+    /// The job's side, as the database's `toolchain` column and the report name it.
     pub fn side(&self) -> String {
-        Job::side_label(self.toolchain.as_str(), self.patch.as_ref())
+        let label = Job::side_label(self.toolchain.as_str(), self.patch.as_ref());
+        match self.recheck_of {
+            Some(_) => label + RECHECK_SUFFIX,
+            None => label,
+        }
     }
 
     /// Parses a queue message, refusing other format versions and ids that do not match the
@@ -305,7 +408,12 @@ impl Job {
         let job: Job =
             serde_json::from_slice(body).map_err(|e| InvalidJob(format!("malformed job: {e}")))?;
         let expected = JobId::derive(job.run_id, &job.package, &job.side());
-        if job.id != expected {
+        // A recheck names the job it re-runs: the same package and side without the suffix.
+        let rechecks_its_original = job.recheck_of.is_none_or(|of| {
+            let original = Job::side_label(job.toolchain.as_str(), job.patch.as_ref());
+            of == JobId::derive(job.run_id, &job.package, &original)
+        });
+        if job.id != expected || !rechecks_its_original {
             return Err(InvalidJob(format!(
                 "job id {} does not match its content (expected {expected})",
                 job.id

@@ -1,12 +1,14 @@
 //! What Quarry's producer, consumer and reporter share: the domain types ([`job`], [`category`]), the
 //! configuration ([`config`]), and the clients for PostgreSQL ([`store`]), RabbitMQ ([`queue`]),
-//! S3 ([`s3`]) and crates.io-compatible registries ([`registry`]).
+//! S3 ([`s3`]) and crates.io-compatible registries ([`registry`]), and what changes a run across
+//! them ([`requeue`]).
 
 pub mod category;
 pub mod config;
 pub mod job;
 pub mod queue;
 pub mod registry;
+pub mod requeue;
 pub mod s3;
 pub mod shutdown;
 pub mod store;

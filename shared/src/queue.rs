@@ -15,8 +15,9 @@
 
 use anyhow::{Context as _, bail};
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -228,6 +229,50 @@ impl Broker {
             .await?;
         channel.close(200, "inspected".into()).await.ok();
         Ok((declared.message_count(), declared.consumer_count()))
+    }
+
+    /// Removes from the dead-letter queue the messages of the jobs in `jobs` (requeued from
+    /// the database, so these copies are spent) and returns how many it removed. Every other
+    /// message goes back to the queue untouched. Reads the queue once, one message at a time:
+    /// an operator's action, not a hot path.
+    pub async fn remove_dead_letters(
+        &self,
+        jobs: &std::collections::HashSet<crate::job::JobId>,
+    ) -> anyhow::Result<u64> {
+        let channel = self.connection.create_channel().await?;
+        let dead = self.topology.dead.as_str();
+        let (ready, _) = self.queue_status(dead).await?;
+        let mut removed = 0;
+        let mut kept = Vec::new();
+        for _ in 0..ready {
+            let Some(message) = channel
+                .basic_get(dead.into(), BasicGetOptions { no_ack: false })
+                .await
+                .context("cannot read the dead-letter queue")?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            match Job::from_message(&delivery.data) {
+                Ok(job) if jobs.contains(&job.id) => {
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                    removed += 1;
+                }
+                // Held (unacked) until the end, so the loop does not read it again.
+                _ => kept.push(delivery),
+            }
+        }
+        for delivery in kept {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        channel.close(200, "dead letters read".into()).await.ok();
+        Ok(removed)
     }
 
     pub async fn close(&self) {

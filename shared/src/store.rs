@@ -97,6 +97,23 @@ pub struct NewResult {
     pub reused_from: Option<JobId>,
 }
 
+/// Packages with these (start, end, end re-run) outcomes: how many.
+pub type OutcomePair = (Option<Outcome>, Option<Outcome>, Option<Outcome>, i64);
+
+/// A job as the database keeps it: (id, package, side label, the job it re-runs), from which
+/// `StoredDefinition::job` rebuilds it.
+pub type StoredJob = (JobId, PackageVersion, String, Option<JobId>);
+
+/// What decides, when a job of a two-sided run gets its result, whether its package regressed
+/// and must be run again: the labels of the run's two sides, and the re-run to add if so.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    pub start: String,
+    pub end: String,
+    /// The end side's job of this package, re-run (`Job::recheck`).
+    pub end_rerun: Job,
+}
+
 /// An earlier result that a job can reuse.
 #[derive(Debug, Clone)]
 pub struct MemoizedResult {
@@ -122,6 +139,8 @@ pub struct ResultRow {
     pub attempt: i32,
     pub consumer: String,
     pub finished_at: DateTime<Utc>,
+    /// For a regression's re-run: the job it ran again.
+    pub recheck_of: Option<Uuid>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
     pub log: Option<String>,
@@ -134,6 +153,8 @@ pub struct ResultRow {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Reconciliation {
     pub jobs: i64,
+    /// Of the jobs, the re-runs of regressions that consumers added.
+    pub reruns: i64,
     pub unpublished: i64,
     pub results: i64,
     /// Up to 20 jobs without a result, as `name@version (toolchain)`.
@@ -409,9 +430,13 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM jobs WHERE run_id = $1),
+                // Once everything is published, every recorded job counts, including the
+                // re-runs of regressions that consumers add as results come in.
+                "WITH recorded AS (SELECT count(*) AS n FROM jobs WHERE run_id = $1)
+                 SELECT recorded.n,
                         (SELECT count(*) FROM results WHERE run_id = $1),
-                        (SELECT jobs_total FROM runs WHERE id = $1)",
+                        CASE WHEN runs.published_at IS NOT NULL THEN recorded.n END
+                 FROM runs, recorded WHERE runs.id = $1",
                 &[&run.0],
             )
             .await?;
@@ -464,15 +489,13 @@ impl Store {
         Ok(rows.into_iter().map(|r| JobId(r.get(0))).collect())
     }
 
-    /// The run's jobs that have no result yet, as (id, package, toolchain).
-    pub async fn unfinished_jobs(
-        &self,
-        run: RunId,
-    ) -> anyhow::Result<Vec<(JobId, PackageVersion, String)>> {
+    /// The run's jobs that have no result yet, as (id, package, side, the job it re-runs).
+    pub async fn unfinished_jobs(&self, run: RunId) -> anyhow::Result<Vec<StoredJob>> {
         let client = self.client().await?;
         Ok(client
             .query(
-                "SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain FROM jobs j
+                "SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain, j.recheck_of
+                 FROM jobs j
                  WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -489,6 +512,7 @@ impl Store {
                         checksum: row.get(3),
                     },
                     row.get(4),
+                    row.get::<_, Option<Uuid>>(5).map(JobId),
                 )
             })
             .collect())
@@ -687,10 +711,29 @@ impl Store {
 
     /// Stores a job's final result and its `finished` event in one transaction. Returns false,
     /// changing nothing, when the job already had a result.
-    pub async fn record_result(&self, result: &NewResult) -> anyhow::Result<bool> {
+    ///
+    /// With a `pairing` (a job of a two-sided run), the same transaction also decides whether
+    /// the package regressed, now that this side has its result, and if so records the end
+    /// side's re-run: returned when it still has to be published. The package's job rows are
+    /// locked first, so when both sides finish at once the second to commit sees the first.
+    pub async fn record_result(
+        &self,
+        result: &NewResult,
+        pairing: Option<&Pairing>,
+    ) -> anyhow::Result<(bool, Option<Job>)> {
         let duration_ms = i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if let Some(pairing) = pairing {
+            let package = &pairing.end_rerun.package;
+            tx.execute(
+                "SELECT 1 FROM jobs WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
+                 FOR UPDATE",
+                &[&result.run_id.0, &package.name, &package.version],
+            )
+            .await
+            .context("cannot lock the package's jobs")?;
+        }
         let inserted = tx
             .execute(
                 "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
@@ -727,8 +770,97 @@ impl Store {
             )
             .await?;
         }
+        let rerun = match pairing {
+            Some(pairing) => Self::record_rerun_if_regressed(&tx, pairing).await?,
+            None => None,
+        };
         tx.commit().await.context("cannot commit the result")?;
-        Ok(inserted == 1)
+        Ok((inserted == 1, rerun))
+    }
+
+    /// Within `record_result`'s transaction: when the package's start side passed and its end
+    /// side failed, records the end side's re-run (once) and returns it if it is unpublished.
+    async fn record_rerun_if_regressed(
+        tx: &deadpool_postgres::Transaction<'_>,
+        pairing: &Pairing,
+    ) -> anyhow::Result<Option<Job>> {
+        let rerun = &pairing.end_rerun;
+        let rows = tx
+            .query(
+                "SELECT j.toolchain, r.outcome FROM jobs j JOIN results r ON r.job_id = j.id
+                 WHERE j.run_id = $1 AND j.crate_name = $2 AND j.crate_version = $3
+                   AND j.toolchain IN ($4, $5)",
+                &[
+                    &rerun.run_id.0,
+                    &rerun.package.name,
+                    &rerun.package.version,
+                    &pairing.start,
+                    &pairing.end,
+                ],
+            )
+            .await?;
+        let side = |label: &str| -> anyhow::Result<Option<Outcome>> {
+            rows.iter()
+                .find(|row| row.get::<_, &str>(0) == label)
+                .map(|row| row.get::<_, &str>(1).parse())
+                .transpose()
+        };
+        let category =
+            crate::category::categorize(side(&pairing.start)?, side(&pairing.end)?, None);
+        if category != crate::category::Category::Regressed {
+            return Ok(None);
+        }
+        let original = rerun
+            .recheck_of
+            .context("a pairing's end_rerun is a re-run")?;
+        tx.execute(
+            "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain,
+                               recheck_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &rerun.id.0,
+                &rerun.run_id.0,
+                &rerun.package.name,
+                &rerun.package.version,
+                &rerun.package.checksum,
+                &rerun.side(),
+                &original.0,
+            ],
+        )
+        .await
+        .context("cannot record a regression's re-run")?;
+        let unpublished = tx
+            .query_one(
+                "SELECT published_at IS NULL FROM jobs WHERE id = $1",
+                &[&rerun.id.0],
+            )
+            .await?;
+        Ok(unpublished.get::<_, bool>(0).then(|| rerun.clone()))
+    }
+
+    /// Re-runs of `job`'s package recorded but not yet published (their consumer died between
+    /// recording and publishing them): as `StoredJob`s, to publish again.
+    pub async fn unpublished_reruns(&self, job: &Job) -> anyhow::Result<Vec<StoredJob>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                "SELECT id, toolchain, recheck_of FROM jobs
+                 WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
+                   AND recheck_of IS NOT NULL AND published_at IS NULL",
+                &[&job.run_id.0, &job.package.name, &job.package.version],
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                (
+                    JobId(row.get(0)),
+                    job.package.clone(),
+                    row.get(1),
+                    Some(JobId(row.get(2))),
+                )
+            })
+            .collect())
     }
 
     /// A computed (not itself reused) result of an identical job, if any. Results that say
@@ -851,7 +983,8 @@ impl Store {
         let rows = client
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
-                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key
+                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
+                        j.recheck_of
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -875,6 +1008,7 @@ impl Store {
                 finished_at: row.get(9),
                 log: row.get(10),
                 log_key: row.get(11),
+                recheck_of: row.get(12),
             });
         }
         Ok(results)
@@ -901,8 +1035,9 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(DISTINCT job_id) FROM job_events
-                         WHERE run_id = $1 AND kind = 'dead-lettered'),
+                "SELECT (SELECT count(DISTINCT job_id) FROM job_events e
+                         WHERE e.run_id = $1 AND e.kind = 'dead-lettered' AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
+                                         AND q.kind = 'requeued' AND q.id > e.id)),
                         (SELECT count(*) FROM results
                          WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2))",
                 &[&run.0, &(window_secs as f64)],
@@ -927,31 +1062,40 @@ impl Store {
         })
     }
 
-    /// For a run with two toolchains: how many packages have each pair of (start, end)
-    /// outcomes, `None` where a side has no result yet. Aggregated in the database, so it stays
-    /// cheap for runs of any size.
+    /// For a run with two toolchains: how many packages have each triple of (start, end, end
+    /// re-run) outcomes, `None` where there is no result yet. Aggregated in the database, so it
+    /// stays cheap for runs of any size.
     pub async fn outcome_pairs(
         &self,
         run: RunId,
         start: &str,
         end: &str,
-    ) -> anyhow::Result<Vec<(Option<Outcome>, Option<Outcome>, i64)>> {
+    ) -> anyhow::Result<Vec<OutcomePair>> {
         let client = self.client().await?;
         let parse = |o: Option<String>| o.map(|o| o.parse::<Outcome>()).transpose();
         client
             .query(
-                "SELECT rs.outcome, re.outcome, count(*)
+                "SELECT rs.outcome, re.outcome, rr.outcome, count(*)
                  FROM jobs js LEFT JOIN results rs ON rs.job_id = js.id
                  JOIN jobs je ON je.run_id = js.run_id AND je.toolchain = $3
                       AND je.crate_name = js.crate_name AND je.crate_version = js.crate_version
                  LEFT JOIN results re ON re.job_id = je.id
+                 LEFT JOIN jobs jr ON jr.recheck_of = je.id
+                 LEFT JOIN results rr ON rr.job_id = jr.id
                  WHERE js.run_id = $1 AND js.toolchain = $2
-                 GROUP BY 1, 2",
+                 GROUP BY 1, 2, 3",
                 &[&run.0, &start, &end],
             )
             .await?
             .into_iter()
-            .map(|row| Ok((parse(row.get(0))?, parse(row.get(1))?, row.get(2))))
+            .map(|row| {
+                Ok((
+                    parse(row.get(0))?,
+                    parse(row.get(1))?,
+                    parse(row.get(2))?,
+                    row.get(3),
+                ))
+            })
             .collect()
     }
 
@@ -1012,7 +1156,8 @@ impl Store {
             .collect()
     }
 
-    /// The run's dead-lettered jobs, latest first, with the reason each was given up on.
+    /// The run's dead-lettered jobs (not since requeued), latest first, with the reason each
+    /// was given up on.
     pub async fn dead_letters(&self, run: RunId, limit: i64) -> anyhow::Result<Vec<ResultBrief>> {
         let client = self.client().await?;
         client
@@ -1020,6 +1165,8 @@ impl Store {
                 "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
                  FROM job_events e JOIN jobs j ON j.id = e.job_id
                  WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
+                   AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
+                                         AND q.kind = 'requeued' AND q.id > e.id)
                  ORDER BY e.at DESC LIMIT $2",
                 &[&run.0, &limit],
             )
@@ -1036,6 +1183,59 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Takes the run's dead-lettered jobs (those not requeued since) out of the dead letters:
+    /// removes their `error` results and logs a `requeued` event for each, in one transaction.
+    /// Returns them, to publish again; until they are, `republish` finds them unfinished.
+    pub async fn requeue_dead_letters(
+        &self,
+        run: RunId,
+        by: &str,
+    ) -> anyhow::Result<Vec<StoredJob>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "WITH dead AS (
+                     SELECT DISTINCT e.job_id FROM job_events e
+                     WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
+                       AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
+                                         AND q.kind = 'requeued' AND q.id > e.id)
+                 ), removed AS (
+                     DELETE FROM results r USING dead
+                     WHERE r.job_id = dead.job_id AND r.outcome = 'error'
+                     RETURNING r.job_id
+                 ), logged AS (
+                     INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
+                     SELECT job_id, $1, 'requeued', $2, 'taken out of the dead letters'
+                     FROM removed
+                     RETURNING job_id
+                 )
+                 SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain,
+                        j.recheck_of
+                 FROM jobs j JOIN logged ON logged.job_id = j.id
+                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                &[&run.0, &by],
+            )
+            .await
+            .context("cannot requeue the dead letters")?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                (
+                    JobId(row.get(0)),
+                    PackageVersion {
+                        name: row.get(1),
+                        version: row.get(2),
+                        checksum: row.get(3),
+                    },
+                    row.get(4),
+                    row.get::<_, Option<Uuid>>(5).map(JobId),
+                )
+            })
+            .collect())
     }
 
     /// Packages whose outcome with `toolchain_a` in run `a` differs from that with `toolchain_b`
@@ -1090,11 +1290,17 @@ impl Store {
                       AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)),
                    (SELECT count(*) FROM results r WHERE r.run_id = $1
                       AND (SELECT count(*) FROM job_events e
-                           WHERE e.job_id = r.job_id AND e.kind = 'finished') <> 1),
+                           WHERE e.job_id = r.job_id AND e.kind = 'finished'
+                             AND e.id > coalesce((SELECT max(q.id) FROM job_events q
+                                                  WHERE q.job_id = r.job_id
+                                                    AND q.kind = 'requeued'), 0)) <> 1),
                    (SELECT count(DISTINCT e.job_id) FROM job_events e
                       WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
+                        AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
+                                         AND q.kind = 'requeued' AND q.id > e.id)
                         AND NOT EXISTS (SELECT 1 FROM results r
-                                        WHERE r.job_id = e.job_id AND r.outcome = 'error'))",
+                                        WHERE r.job_id = e.job_id AND r.outcome = 'error')),
+                   (SELECT count(*) FROM jobs WHERE run_id = $1 AND recheck_of IS NOT NULL)",
                 &[&run.0],
             )
             .await?;
@@ -1114,6 +1320,7 @@ impl Store {
             jobs_without_result_count: row.get(3),
             results_without_one_finished_event: row.get(4),
             dead_letters_without_error_result: row.get(5),
+            reruns: row.get(6),
             jobs_without_result: missing.into_iter().map(|r| r.get(0)).collect(),
         })
     }

@@ -372,3 +372,141 @@ async fn a_dependency_patch_shows_who_it_would_break() {
     }
     assert_eq!(categories, ["regressed", "still-passing"]);
 }
+
+/// A package that regresses is run once more on its end side before it counts as regressed:
+/// the deterministic regression fails again and stays regressed; a package that fails only the
+/// first time is told apart as flaky. The re-run is computed afresh, never reused from the
+/// failure it checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_regression_is_run_again_and_a_flaky_one_is_told_apart() {
+    let packed = tempfile::tempdir().unwrap();
+    // Fails on the end toolchain the first time it builds, passes from then on. It remembers
+    // through a file of this test's own outside the package, so its consumer runs unsandboxed
+    // (the sandbox exists to forbid exactly that).
+    let memory = tempfile::tempdir().unwrap();
+    let marker = memory.path().join("failed-once");
+    let source = tempfile::tempdir().unwrap();
+    let flaky = source.path().join("flaky");
+    std::fs::create_dir_all(flaky.join("src")).unwrap();
+    std::fs::write(
+        flaky.join("Cargo.toml"),
+        "[package]\nname = \"quarry-fixture-flaky\"\nversion = \"1.0.0\"\nedition = \"2021\"\n\
+         description = \"Fails once on nightly, then passes\"\nlicense = \"MIT\"\n",
+    )
+    .unwrap();
+    std::fs::write(flaky.join("src/lib.rs"), "").unwrap();
+    std::fs::write(
+        flaky.join("build.rs"),
+        format!(
+            "fn main() {{\n\
+             let rustc = std::env::var(\"RUSTC\").unwrap_or_else(|_| \"rustc\".to_owned());\n\
+             let version = std::process::Command::new(rustc).arg(\"--version\").output().unwrap();\n\
+             let marker = std::path::Path::new({marker:?});\n\
+             if String::from_utf8_lossy(&version.stdout).contains(\"nightly\") && !marker.exists() {{\n\
+                 std::fs::write(marker, \"\").unwrap();\n\
+                 panic!(\"quarry-fixture-flaky fails this time\");\n\
+             }}\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+    fixtures::pack(&flaky, packed.path()).unwrap();
+    let corpus = fixtures::corpus(packed.path()).unwrap();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let end = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain(), end.parse().unwrap()],
+        experiment: experiment(Mode::Test, 120),
+        selection: Selection::Packages {
+            packages: vec![
+                "quarry-fixture-flaky".into(),
+                "quarry-fixture-regression".into(),
+                "quarry-fixture-pass".into(),
+            ],
+        },
+    };
+    let summary = publish_run(
+        &stack.config,
+        "rerun",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.jobs_queued, 6, "{summary}");
+    let mut config = stack.consumer_config("rerun");
+    config.consumer.unsandboxed = true;
+    let consumers = Consumers::start([config]);
+    let progress = stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    // Two packages regressed; each got one re-run, which the run waited for.
+    assert_eq!(stats.reruns, 2, "{stats:?}");
+    assert_eq!((progress.finished, progress.total), (8, Some(8)));
+    stack.assert_verified("rerun").await;
+
+    let written =
+        quarry_reporter::generate(&stack.config, "rerun", &stack.config.reporter.output_dir)
+            .await
+            .unwrap();
+    let comparison = written.report.comparison.as_ref().unwrap();
+    let row = |name: &str| {
+        comparison
+            .packages
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name} is compared"))
+    };
+    let regression = row("quarry-fixture-regression");
+    assert_eq!(regression.category, "regressed");
+    assert_eq!(regression.end_rerun.as_deref(), Some("build-fail"));
+    let flaky = row("quarry-fixture-flaky");
+    assert_eq!(flaky.category, "flaky");
+    assert_eq!(
+        (flaky.start.as_deref(), flaky.end.as_deref()),
+        (Some("test-pass"), Some("build-fail"))
+    );
+    assert_eq!(flaky.end_rerun.as_deref(), Some("test-pass"));
+    let first = written.read_log(flaky.end_log.as_deref()).unwrap();
+    assert!(first.contains("fails this time"), "{first}");
+    let rerun = written.read_log(flaky.end_rerun_log.as_deref()).unwrap();
+    assert!(!rerun.contains("fails this time"), "{rerun}");
+    assert!(
+        !rerun.contains("reused the result"),
+        "a re-run is computed: {rerun}"
+    );
+    let passing = row("quarry-fixture-pass");
+    assert_eq!(
+        (passing.category.as_str(), passing.end_rerun.as_deref()),
+        ("still-passing", None)
+    );
+
+    let markdown = std::fs::read_to_string(&written.markdown).unwrap();
+    assert!(
+        markdown
+            .contains("`quarry-fixture-flaky@1.0.0`: test-pass → build-fail, re-run: test-pass"),
+        "{markdown}"
+    );
+    let html = std::fs::read_to_string(&written.html).unwrap();
+    assert!(
+        html.contains("<td data-category=\"flaky\">1</td>"),
+        "{html}"
+    );
+    // The follow-up selection counts flaky as spurious, not regressed.
+    let spurious = quarry_producer::packages_from_run(
+        &stack.config,
+        "rerun",
+        &[quarry_producer::Only::Spurious],
+    )
+    .await
+    .unwrap();
+    assert_eq!(spurious, ["quarry-fixture-flaky@1.0.0"]);
+    let explained = quarry_reporter::explain(&stack.config, "rerun", "quarry-fixture-flaky")
+        .await
+        .unwrap();
+    assert!(
+        explained.contains(&format!("with {end} (re-run)")),
+        "{explained}"
+    );
+}
