@@ -496,6 +496,77 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         [1, 2, 3],
         "each retry went through a delay queue, counted"
     );
+
+    // The registry is fixed: the dead-lettered job is requeued through the reporter (with its
+    // token) and this time gets a real result.
+    stack.registry.set_faults(Vec::new());
+    let token = "a-test-token-of-some-length";
+    let mut config = stack.config.clone();
+    config.reporter.listen = "127.0.0.1:0".into();
+    config.reporter.token = Some(quarry_shared::config::Secret::new(token));
+    let stop = CancellationToken::new();
+    let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
+    let requeue = format!("http://{addr}/runs/faulty-registry/requeue");
+    let http = reqwest::Client::new();
+    let refused = http.post(&requeue).send().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        ready(&stack, dead_queue).await,
+        1,
+        "nothing requeued without the token"
+    );
+    let answer = http.post(&requeue).bearer_auth(token).send().await.unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    let said = answer.text().await.unwrap();
+    assert!(
+        said.contains("requeued 1 dead-lettered jobs") && said.contains("1 messages removed"),
+        "{said}"
+    );
+    assert_eq!(
+        ready(&stack, dead_queue).await,
+        0,
+        "its spent copy left the dead letters"
+    );
+    let live = reqwest::get(format!("http://{addr}/runs/faulty-registry"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !live.contains(&corrupt),
+        "no longer listed as dead-lettered"
+    );
+
+    let consumers = stack.start_consumers(&["after-the-fix"]);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
+    let (corrupt_outcome, log) = outcome(corrupt.clone()).await;
+    assert_ne!(corrupt_outcome, "error", "{log}");
+    let events: Vec<String> = store
+        .events(quarry_shared::job::JobId(job))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.kind)
+        .collect();
+    assert_eq!(
+        &events[events.len() - 4..],
+        ["finished", "requeued", "started", "finished"],
+        "the event log keeps the first ending and tells the second: {events:?}"
+    );
+    stack.assert_verified("faulty-registry").await;
+    // Nothing is dead-lettered now: a second requeue has nothing to do.
+    let again = http.post(&requeue).bearer_auth(token).send().await.unwrap();
+    assert!(
+        again
+            .text()
+            .await
+            .unwrap()
+            .contains("requeued 0 dead-lettered jobs")
+    );
+    stop.cancel();
+    server.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
