@@ -112,6 +112,8 @@ struct Done {
     /// For a reused result: the S3 log of the earlier job (`execution.log` is then only a note
     /// that goes before it).
     reused_log_key: Option<String>,
+    /// Given up on, its message dead-lettered with this reason.
+    dead_lettered: Option<String>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -291,8 +293,9 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let publisher = Arc::new(broker.publisher().await?);
     let (_channel, deliveries) = broker.consume(concurrency, &worker.name).await?;
+    let (_dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
     tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
-    let work = deliveries
+    let jobs = deliveries
         .take_until(shutdown.clone().cancelled_owned())
         .for_each_concurrent(usize::from(concurrency), |delivery| {
             let worker = worker.clone();
@@ -304,6 +307,20 @@ async fn consume(
                 }
             }
         });
+    let dead_letters = dead_letters
+        .take_until(shutdown.clone().cancelled_owned())
+        .for_each(|delivery| {
+            let worker = worker.clone();
+            async move {
+                match delivery {
+                    Ok(delivery) => worker.handle_dead_letter(delivery).await,
+                    Err(err) => tracing::error!(%err, "delivery failed"),
+                }
+            }
+        });
+    let work = async {
+        futures::future::join(jobs, dead_letters).await;
+    };
     tokio::pin!(work);
     tokio::select! {
         () = &mut work => {}
@@ -391,6 +408,64 @@ impl Worker {
         }
     }
 
+    /// A copy of a dead letter: recorded if the broker made it, then acked. A failure to record
+    /// it gives it back, to be tried again.
+    async fn handle_dead_letter(&self, delivery: Delivery) {
+        let handled = match self.record_broker_dead_letter(&delivery).await {
+            Ok(()) => ack(&delivery).await,
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "cannot record a dead letter; returning it");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(anyhow::Error::from)
+            }
+        };
+        if let Err(err) = handled {
+            tracing::error!(error = %format!("{err:#}"), "cannot settle a dead letter; the broker will deliver it again");
+        }
+    }
+
+    /// Records the job of a message the broker dead-lettered itself (past the work queue's
+    /// delivery limit, so no consumer got to record it) as an `error`, dead-lettered with the
+    /// broker's reason. The consumers' own dead letters carry their reason and were recorded
+    /// by them; those, and messages that are not jobs, need nothing.
+    async fn record_broker_dead_letter(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        if queue::dead_letter_reason(&delivery.properties).is_some() {
+            return Ok(());
+        }
+        let Some((why, _)) = queue::broker_death(&delivery.properties) else {
+            return Ok(());
+        };
+        let Ok(job) = Job::from_message(&delivery.data) else {
+            return Ok(());
+        };
+        if matches!(
+            self.store.job_state(&job).await?,
+            JobState::Finished | JobState::Unknown
+        ) {
+            return Ok(());
+        }
+        let reason = format!(
+            "dead-lettered by the broker ({why}, after {} deliveries): each ended with its \
+             consumer dying or giving it back (PostgreSQL unreachable, or a job that crashes \
+             consumers?)",
+            queue::previous_deliveries(&delivery.properties)
+        );
+        tracing::error!(job = %job.id, package = %job.package, %reason, "recording a job the broker gave up on");
+        let attempt = queue::failed_attempts(&delivery.properties) + 1;
+        self.record_verdict(&job, attempt, Outcome::Error, &reason, true)
+            .await?;
+        self.metrics.broker_dead_letters.inc();
+        Ok(())
+    }
+
     async fn process(&self, publisher: &Publisher, delivery: &Delivery) -> anyhow::Result<()> {
         let job = match Job::from_message(&delivery.data) {
             Ok(job) => job,
@@ -430,6 +505,7 @@ impl Worker {
                 attempt,
                 Outcome::Skipped,
                 "skipped, the run was cancelled",
+                false,
             )
             .await?;
             return ack(delivery).await;
@@ -442,11 +518,8 @@ impl Worker {
             );
             tracing::error!(job = %job.id, package = %job.package, %reason, "dead-lettering a crash-looping job");
             publisher.dead_letter(&delivery.data, &reason).await?;
-            self.store
-                .record_dead_lettered(&job, &self.name, &reason)
-                .await?;
             self.metrics.dead_lettered.inc();
-            self.record_verdict(&job, attempt, Outcome::Error, &reason)
+            self.record_verdict(&job, attempt, Outcome::Error, &reason, true)
                 .await?;
             return ack(delivery).await;
         }
@@ -480,6 +553,7 @@ impl Worker {
                     memo_key: None,
                     reused_from: None,
                     reused_log_key: None,
+                    dead_lettered: None,
                 }
             }
             Err(InfraError(reason)) => {
@@ -493,19 +567,17 @@ impl Worker {
                 }
                 let reason = format!("gave up after {attempt} attempts: {reason}");
                 publisher.dead_letter(&delivery.data, &reason).await?;
-                self.store
-                    .record_dead_lettered(&job, &self.name, &reason)
-                    .await?;
                 self.metrics.dead_lettered.inc();
                 Done {
                     execution: Execution {
                         outcome: Outcome::Error,
                         exit_code: None,
-                        log: reason,
+                        log: reason.clone(),
                     },
                     memo_key: None,
                     reused_from: None,
                     reused_log_key: None,
+                    dead_lettered: Some(reason),
                 }
             }
         };
@@ -514,6 +586,7 @@ impl Worker {
             memo_key,
             reused_from,
             reused_log_key,
+            dead_lettered,
         } = done;
         let (log, log_key, uploaded) = match reused_log_key {
             Some(key) => (Some(execution.log), Some(key), false),
@@ -538,6 +611,7 @@ impl Worker {
                     log_key: log_key.clone(),
                     memo_key,
                     reused_from,
+                    dead_lettered,
                 },
                 pairing.as_ref(),
             )
@@ -605,6 +679,7 @@ impl Worker {
                     memo_key: Some(memo_key),
                     reused_from: Some(earlier.job_id),
                     reused_log_key: earlier.log_key,
+                    dead_lettered: None,
                 }));
             }
             let holder = self
@@ -639,6 +714,7 @@ impl Worker {
             memo_key: Some(memo_key),
             reused_from: None,
             reused_log_key: None,
+            dead_lettered: None,
         }))
     }
 
@@ -722,13 +798,14 @@ impl Worker {
     }
 
     /// Records a result Quarry decided without running the job (skipped, given up on), with
-    /// `why` as its whole log.
+    /// `why` as its whole log, and as the reason it was dead-lettered if it was.
     async fn record_verdict(
         &self,
         job: &Job,
         attempt: u32,
         outcome: Outcome,
         why: &str,
+        dead_lettered: bool,
     ) -> anyhow::Result<()> {
         // An error or a skip is never a regression: nothing to pair.
         let (recorded, _) = self
@@ -746,6 +823,7 @@ impl Worker {
                     log_key: None,
                     memo_key: None,
                     reused_from: None,
+                    dead_lettered: dead_lettered.then(|| why.to_owned()),
                 },
                 None,
             )

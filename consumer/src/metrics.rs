@@ -31,6 +31,7 @@ pub struct Metrics {
     pub s3_unavailable: IntCounter,
     pub attempts_failed: IntCounter,
     pub dead_lettered: IntCounter,
+    pub broker_dead_letters: IntCounter,
     pub duplicates_skipped: IntCounter,
     pub memoized: IntCounter,
     pub reruns: IntCounter,
@@ -103,6 +104,10 @@ impl Metrics {
             dead_lettered: counter(
                 "quarry_consumer_dead_lettered_total",
                 "Messages moved to the dead-letter queue",
+            )?,
+            broker_dead_letters: counter(
+                "quarry_consumer_broker_dead_letters_recorded_total",
+                "Jobs the broker dead-lettered itself (past the delivery limit), recorded as errors",
             )?,
             duplicates_skipped: counter(
                 "quarry_consumer_duplicates_skipped_total",

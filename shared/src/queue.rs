@@ -4,7 +4,10 @@
 //! - `quarry.jobs`: a quorum queue of [`Job`] messages, fed through the default exchange.
 //!   Its delivery limit sends a message that keeps crashing consumers to the dead-letter queue.
 //! - `quarry.dead` (fanout exchange) → `quarry.jobs.dead`: messages that could not be processed,
-//!   each with an `x-quarry-reason` header.
+//!   each with an `x-quarry-reason` header, kept for people to look at (and requeue).
+//! - `quarry.dead` → `quarry.jobs.dead.record`: a copy of every dead letter, for consumers to
+//!   record the ones the broker dead-lettered itself (past the delivery limit, so no consumer
+//!   did), which would otherwise leave their job without a result.
 //! - `quarry.jobs.retry.<delay>ms`: one delay queue per retry tier, each with a fixed TTL, whose
 //!   expired messages flow back to `quarry.jobs`. A fixed TTL per queue (rather than per message)
 //!   means the message at the head always expires first, so no message waits behind a longer one.
@@ -47,6 +50,8 @@ pub struct Topology {
     pub jobs: String,
     pub dead_exchange: String,
     pub dead: String,
+    /// Copies of the dead letters, consumed to record those the broker made.
+    pub dead_to_record: String,
     /// Delay queues, in retry order: (name, delay in milliseconds).
     pub retries: Vec<(String, u64)>,
 }
@@ -57,6 +62,7 @@ impl Topology {
             jobs: format!("{prefix}.jobs"),
             dead_exchange: format!("{prefix}.dead"),
             dead: format!("{prefix}.jobs.dead"),
+            dead_to_record: format!("{prefix}.jobs.dead.record"),
             retries: retry_delays_ms
                 .iter()
                 .map(|ms| (format!("{prefix}.jobs.retry.{ms}ms"), *ms))
@@ -124,19 +130,21 @@ impl Broker {
             .context("cannot declare the dead-letter exchange")?;
         let mut quorum = FieldTable::default();
         quorum.insert("x-queue-type".into(), long_string("quorum"));
-        channel
-            .queue_declare(t.dead.as_str().into(), durable(), quorum.clone())
-            .await
-            .context("cannot declare the dead-letter queue")?;
-        channel
-            .queue_bind(
-                t.dead.as_str().into(),
-                t.dead_exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for queue in [&t.dead, &t.dead_to_record] {
+            channel
+                .queue_declare(queue.as_str().into(), durable(), quorum.clone())
+                .await
+                .with_context(|| format!("cannot declare the dead-letter queue {queue}"))?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    t.dead_exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         let mut jobs_args = quorum;
         jobs_args.insert(
             "x-dead-letter-exchange".into(),
@@ -193,19 +201,38 @@ impl Broker {
         prefetch: u16,
         consumer_tag: &str,
     ) -> anyhow::Result<(Channel, lapin::Consumer)> {
+        self.consume_queue(&self.topology.jobs, prefetch, consumer_tag)
+            .await
+    }
+
+    /// Starts consuming the copies of the dead letters, one at a time.
+    pub async fn consume_dead_letters(
+        &self,
+        consumer_tag: &str,
+    ) -> anyhow::Result<(Channel, lapin::Consumer)> {
+        self.consume_queue(&self.topology.dead_to_record, 1, consumer_tag)
+            .await
+    }
+
+    async fn consume_queue(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> anyhow::Result<(Channel, lapin::Consumer)> {
         let channel = self.connection.create_channel().await?;
         channel
             .basic_qos(prefetch.max(1), BasicQosOptions::default())
             .await?;
         let consumer = channel
             .basic_consume(
-                self.topology.jobs.as_str().into(),
+                queue.into(),
                 consumer_tag.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .context("cannot start consuming the work queue")?;
+            .with_context(|| format!("cannot start consuming {queue}"))?;
         Ok((channel, consumer))
     }
 
@@ -446,6 +473,29 @@ pub fn previous_deliveries(properties: &BasicProperties) -> u32 {
         Some(AMQPValue::ShortInt(n)) => u32::try_from(*n).unwrap_or(0),
         _ => 0,
     }
+}
+
+/// Why the broker itself dead-lettered a message, from its `x-death` header (`delivery_limit`,
+/// `rejected`, `expired`, `maxlen`), with how often; `None` if it did not.
+pub fn broker_death(properties: &BasicProperties) -> Option<(String, i64)> {
+    let headers = properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return None;
+    };
+    // The most recent death comes first.
+    let AMQPValue::FieldTable(death) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let reason = match death.inner().get("reason")? {
+        AMQPValue::LongString(reason) => reason.to_string(),
+        _ => return None,
+    };
+    let count = match death.inner().get("count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        _ => 1,
+    };
+    Some((reason, count))
 }
 
 /// The reason header of a dead-lettered message, if it has one.

@@ -95,6 +95,9 @@ pub struct NewResult {
     pub memo_key: Option<String>,
     /// The earlier job whose result this one reuses.
     pub reused_from: Option<JobId>,
+    /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
+    /// `dead-lettered` event in the same transaction as the (`error`) result.
+    pub dead_lettered: Option<String>,
 }
 
 /// Packages with these (start, end, end re-run) outcomes: how many.
@@ -673,16 +676,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn record_dead_lettered(
-        &self,
-        job: &Job,
-        consumer: &str,
-        reason: &str,
-    ) -> anyhow::Result<()> {
-        self.append_event(job, "dead-lettered", None, consumer, reason)
-            .await
-    }
-
     async fn append_event(
         &self,
         job: &Job,
@@ -756,6 +749,16 @@ impl Store {
             )
             .await
             .context("cannot record the result")?;
+        if inserted == 1
+            && let Some(reason) = &result.dead_lettered
+        {
+            tx.execute(
+                "INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
+                 VALUES ($1, $2, 'dead-lettered', $3, $4)",
+                &[&result.job_id.0, &result.run_id.0, &result.consumer, reason],
+            )
+            .await?;
+        }
         if inserted == 1 {
             tx.execute(
                 "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
