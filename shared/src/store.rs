@@ -506,18 +506,7 @@ impl Store {
             )
             .await?
             .into_iter()
-            .map(|row| {
-                (
-                    JobId(row.get(0)),
-                    PackageVersion {
-                        name: row.get(1),
-                        version: row.get(2),
-                        checksum: row.get(3),
-                    },
-                    row.get(4),
-                    row.get::<_, Option<Uuid>>(5).map(JobId),
-                )
-            })
+            .map(stored_job)
             .collect())
     }
 
@@ -1224,21 +1213,7 @@ impl Store {
             .await
             .context("cannot requeue the dead letters")?;
         tx.commit().await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| {
-                (
-                    JobId(row.get(0)),
-                    PackageVersion {
-                        name: row.get(1),
-                        version: row.get(2),
-                        checksum: row.get(3),
-                    },
-                    row.get(4),
-                    row.get::<_, Option<Uuid>>(5).map(JobId),
-                )
-            })
-            .collect())
+        Ok(rows.into_iter().map(stored_job).collect())
     }
 
     /// Packages whose outcome with `toolchain_a` in run `a` differs from that with `toolchain_b`
@@ -1389,6 +1364,20 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// A `StoredJob` from a row of jobs.(id, crate_name, crate_version, checksum, toolchain, recheck_of).
+fn stored_job(row: tokio_postgres::Row) -> StoredJob {
+    (
+        JobId(row.get(0)),
+        PackageVersion {
+            name: row.get(1),
+            version: row.get(2),
+            checksum: row.get(3),
+        },
+        row.get(4),
+        row.get::<_, Option<Uuid>>(5).map(JobId),
+    )
 }
 
 const RUN_COLUMNS: &str =

@@ -243,6 +243,17 @@ async fn stack_crate_name(stack: &TestStack) -> String {
     page.crates[0].name.clone()
 }
 
+/// The kinds of a job's events, oldest first.
+async fn event_kinds(store: &Store, job: uuid::Uuid) -> Vec<String> {
+    store
+        .events(quarry_shared::job::JobId(job))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.kind)
+        .collect()
+}
+
 /// A plain AMQP channel to the stack's vhost, for doing what a foreign or broken client does.
 async fn raw_channel(stack: &TestStack) -> (Connection, lapin::Channel) {
     let connection = Connection::connect(
@@ -471,13 +482,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         .unwrap()
         .get(0);
     let store = Store::connect(&stack.config.database).await.unwrap();
-    let events: Vec<String> = store
-        .events(quarry_shared::job::JobId(job))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|event| event.kind)
-        .collect();
+    let events = event_kinds(&store, job).await;
     assert_eq!(
         events,
         [
@@ -556,13 +561,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
     consumers.stop().await;
     let (corrupt_outcome, log) = outcome(corrupt.clone()).await;
     assert_ne!(corrupt_outcome, "error", "{log}");
-    let events: Vec<String> = store
-        .events(quarry_shared::job::JobId(job))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|event| event.kind)
-        .collect();
+    let events = event_kinds(&store, job).await;
     assert_eq!(
         &events[events.len() - 4..],
         ["finished", "requeued", "started", "finished"],
