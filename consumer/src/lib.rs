@@ -114,6 +114,8 @@ struct Done {
     reused_log_key: Option<String>,
     /// Given up on, its message dead-lettered with this reason.
     dead_lettered: Option<String>,
+    /// For a reused result: the earlier result's reason its failure points at the environment.
+    environment: Option<String>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -554,6 +556,7 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: None,
+                    environment: None,
                 }
             }
             Err(InfraError(reason)) => {
@@ -578,6 +581,7 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: Some(reason),
+                    environment: None,
                 }
             }
         };
@@ -587,7 +591,10 @@ impl Worker {
             reused_from,
             reused_log_key,
             dead_lettered,
+            environment,
         } = done;
+        let environment = environment
+            .or_else(|| quarry_shared::category::environment_of(execution.outcome, &execution.log));
         let (log, log_key, uploaded) = match reused_log_key {
             Some(key) => (Some(execution.log), Some(key), false),
             None => match self.save_log(&job, &execution.log).await {
@@ -611,6 +618,7 @@ impl Worker {
                     log_key: log_key.clone(),
                     memo_key,
                     reused_from,
+                    environment,
                     dead_lettered,
                 },
                 pairing.as_ref(),
@@ -680,6 +688,7 @@ impl Worker {
                     reused_from: Some(earlier.job_id),
                     reused_log_key: earlier.log_key,
                     dead_lettered: None,
+                    environment: earlier.environment,
                 }));
             }
             let holder = self
@@ -715,6 +724,7 @@ impl Worker {
             reused_from: None,
             reused_log_key: None,
             dead_lettered: None,
+            environment: None,
         }))
     }
 
@@ -823,6 +833,7 @@ impl Worker {
                     log_key: None,
                     memo_key: None,
                     reused_from: None,
+                    environment: None,
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
                 },
                 None,

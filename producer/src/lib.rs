@@ -1030,7 +1030,7 @@ pub async fn packages_from_run(
     run: &str,
     only: &[Only],
 ) -> anyhow::Result<Vec<String>> {
-    use quarry_shared::category::{Category, categorize};
+    use quarry_shared::category::{Category, Verdict, categorize};
     use quarry_shared::job::Outcome;
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
@@ -1049,7 +1049,7 @@ pub async fn packages_from_run(
             run.name
         );
     }
-    let mut packages: BTreeMap<(String, String), Vec<(String, Outcome)>> = BTreeMap::new();
+    let mut packages: BTreeMap<(String, String), Vec<(String, Verdict)>> = BTreeMap::new();
     for (name, version, toolchain, outcome) in store.package_outcomes(run.id).await? {
         packages
             .entry((name, version))
@@ -1060,11 +1060,11 @@ pub async fn packages_from_run(
         .into_iter()
         .filter(|(_, sides)| {
             let category = pair.as_ref().map(|(start, end)| {
-                let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, o)| *o);
+                let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, v)| *v);
                 let rerun = format!("{end}{RECHECK_SUFFIX}");
-                categorize(side(start), side(end), side(&rerun))
+                categorize(side(start), side(end), side(&rerun).map(|v| v.outcome))
             });
-            let any = |wanted: &[Outcome]| sides.iter().any(|(_, o)| wanted.contains(o));
+            let any = |wanted: &[Outcome]| sides.iter().any(|(_, v)| wanted.contains(&v.outcome));
             only.iter().any(|only| match only {
                 Only::Regressed => category == Some(Category::Regressed),
                 Only::Spurious => matches!(

@@ -3,10 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use quarry_shared::job::Outcome;
 use serde::{Deserialize, Serialize};
 
-pub use quarry_shared::category::{Category, categorize};
+pub use quarry_shared::category::{Category, Verdict, categorize};
 
 /// One package's row of the comparison.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,9 +35,9 @@ pub struct Comparison {
     pub packages: Vec<ComparedPackage>,
 }
 
-/// One side of a package: its outcome and log path under one toolchain.
+/// One side of a package: its result and log path under one toolchain.
 pub struct Side<'a> {
-    pub outcome: Outcome,
+    pub verdict: Verdict,
     pub log: Option<&'a str>,
 }
 
@@ -65,20 +64,20 @@ pub fn compare<'a>(
             end_rerun,
         } = sides;
         let category = categorize(
-            start_side.as_ref().map(|s| s.outcome),
-            end_side.as_ref().map(|s| s.outcome),
-            end_rerun.as_ref().map(|s| s.outcome),
+            start_side.as_ref().map(|s| s.verdict),
+            end_side.as_ref().map(|s| s.verdict),
+            end_rerun.as_ref().map(|s| s.verdict.outcome),
         );
         *categories.entry(category.as_str().to_owned()).or_insert(0) += 1;
         rows.push(ComparedPackage {
             name,
             version,
             category: category.as_str().to_owned(),
-            start: start_side.as_ref().map(|s| s.outcome.to_string()),
-            end: end_side.as_ref().map(|s| s.outcome.to_string()),
+            start: start_side.as_ref().map(|s| s.verdict.outcome.to_string()),
+            end: end_side.as_ref().map(|s| s.verdict.outcome.to_string()),
             start_log: start_side.and_then(|s| s.log.map(str::to_owned)),
             end_log: end_side.and_then(|s| s.log.map(str::to_owned)),
-            end_rerun: end_rerun.as_ref().map(|s| s.outcome.to_string()),
+            end_rerun: end_rerun.as_ref().map(|s| s.verdict.outcome.to_string()),
             end_rerun_log: end_rerun.and_then(|s| s.log.map(str::to_owned)),
         });
     }
@@ -93,7 +92,12 @@ pub fn compare<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Outcome::*;
+    use quarry_shared::job::Outcome::{self, *};
+
+    /// The category of plain outcomes (nothing environmental), with end's re-run if any.
+    fn of(start: Outcome, end: Option<Outcome>, rerun: Option<Outcome>) -> Category {
+        categorize(Some(start.into()), end.map(Verdict::from), rerun)
+    }
 
     #[test]
     fn categories_follow_what_changed() {
@@ -111,26 +115,55 @@ mod tests {
             (Skipped, BuildFail, Category::Skipped),
         ];
         for (start, end, expected) in cases {
-            assert_eq!(
-                categorize(Some(start), Some(end), None),
-                expected,
-                "{start} → {end}"
-            );
+            assert_eq!(of(start, Some(end), None), expected, "{start} → {end}");
         }
-        assert_eq!(categorize(Some(TestPass), None, None), Category::Pending);
+        assert_eq!(of(TestPass, None, None), Category::Pending);
         // A regression is confirmed by its re-run failing again, and dismissed as flaky by
         // its re-run passing; a re-run says nothing about other categories.
         assert_eq!(
-            categorize(Some(TestPass), Some(TestFail), Some(TestFail)),
+            of(TestPass, Some(TestFail), Some(TestFail)),
             Category::Regressed
         );
         assert_eq!(
-            categorize(Some(TestPass), Some(TestFail), Some(TestPass)),
+            of(TestPass, Some(TestFail), Some(TestPass)),
             Category::Flaky
         );
         assert_eq!(
-            categorize(Some(BuildFail), Some(BuildPass), Some(BuildFail)),
+            of(BuildFail, Some(BuildPass), Some(BuildFail)),
             Category::Fixed
+        );
+    }
+
+    #[test]
+    fn a_failure_for_want_of_network_is_spurious_not_a_regression() {
+        let denied = Verdict {
+            outcome: TestFail,
+            environmental: true,
+        };
+        assert_eq!(
+            categorize(Some(TestPass.into()), Some(denied), None),
+            Category::SpuriousRegressed
+        );
+        assert_eq!(
+            categorize(Some(denied), Some(TestPass.into()), None),
+            Category::SpuriousFixed
+        );
+        assert_eq!(
+            categorize(Some(denied), Some(denied), None),
+            Category::StillFailing
+        );
+        let log = "running 1 test\nthread 'fetches' panicked at src/lib.rs:4:\n\
+                   called `Result::unwrap()` on an `Err` value: Os { code: 101, kind: \
+                   NetworkUnreachable, message: \"Network is unreachable\" }\n";
+        let why = quarry_shared::category::environment_of(TestFail, log).unwrap();
+        assert!(
+            why.starts_with("network denied: called `Result::unwrap()`"),
+            "{why}"
+        );
+        assert_eq!(quarry_shared::category::environment_of(TestPass, log), None);
+        assert_eq!(
+            quarry_shared::category::environment_of(TestFail, "assertion failed: 1 == 2"),
+            None
         );
     }
 }

@@ -75,6 +75,10 @@ pub struct PackageRow {
     /// For a failed build or test: its root cause, as read from the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// For a failure that points at the environment rather than the code: why
+    /// (`network denied: ...`). The comparison counts it as spurious.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 /// Failed jobs that share a root cause.
@@ -207,6 +211,7 @@ fn write_report(
             consumer: row.consumer,
             log,
             cause,
+            environment: row.environment,
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -500,7 +505,10 @@ fn compare_toolchains(
             continue;
         };
         let side = compare::Side {
-            outcome,
+            verdict: quarry_shared::category::Verdict {
+                outcome,
+                environmental: p.environment.is_some(),
+            },
             log: p.log.as_deref(),
         };
         let entry = by_package
@@ -729,6 +737,7 @@ mod tests {
                 consumer: "host,\"1\"".into(),
                 log: Some("logs/a.txt".into()),
                 cause: Some("E0308".into()),
+                environment: None,
             }],
         };
         let mut csv = Vec::new();

@@ -444,7 +444,7 @@ async fn compare_page(
         e(&b.name),
     );
     for change in &changes {
-        let category = categorize(Some(change.before), Some(change.after), None);
+        let category = categorize(Some(change.before.into()), Some(change.after.into()), None);
         let _ = writeln!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

@@ -18,10 +18,11 @@ pub enum Category {
     Flaky,
     /// Failed with start, passes with end.
     Fixed,
-    /// Passed with start, then hit a limit (time, memory) with end: the environment, probably
-    /// not the code. Kept apart from true regressions.
+    /// Passed with start, then failed with end for a reason in the environment (a time or
+    /// memory limit, the sandbox denying it the network), probably not the code. Kept apart
+    /// from true regressions.
     SpuriousRegressed,
-    /// Hit a limit with start, passes with end.
+    /// Failed for a reason in the environment with start, passes with end.
     SpuriousFixed,
     StillFailing,
     StillPassing,
@@ -56,21 +57,71 @@ fn passed(outcome: Outcome) -> bool {
     matches!(outcome, Outcome::BuildPass | Outcome::TestPass)
 }
 
-fn hit_a_limit(outcome: Outcome) -> bool {
-    matches!(outcome, Outcome::Timeout | Outcome::OutOfMemory)
+/// One side of a package as the comparison sees it: its outcome, and whether its failure
+/// points at the environment rather than the code (its result's `environment`, such as the
+/// sandbox denying it the network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    pub environmental: bool,
 }
 
-/// The category of a package from its start and end outcomes, and for a regression the outcome
+impl From<Outcome> for Verdict {
+    fn from(outcome: Outcome) -> Verdict {
+        Verdict {
+            outcome,
+            environmental: false,
+        }
+    }
+}
+
+impl Verdict {
+    /// Failed because of the environment: a time or memory limit, or the network denied.
+    fn environmental_failure(self) -> bool {
+        matches!(self.outcome, Outcome::Timeout | Outcome::OutOfMemory)
+            || (self.environmental && !passed(self.outcome))
+    }
+}
+
+/// Where a failed job's log shows the sandbox denying it the network (it has none): the line
+/// that says so. Such a failure points at the environment, not the package's code.
+pub fn network_denial(log: &str) -> Option<&str> {
+    const SIGNS: [&str; 5] = [
+        "Network is unreachable",
+        "os error 101",
+        "Temporary failure in name resolution",
+        "failed to lookup address information",
+        "No address associated with hostname",
+    ];
+    log.lines()
+        .find(|line| SIGNS.iter().any(|sign| line.contains(sign)))
+        .map(str::trim)
+}
+
+/// Why a job's failure points at the environment rather than the code, from its outcome and
+/// log (`network denied: <the log's line>`); `None` for passes and ordinary failures. Time
+/// and memory limits are outcomes of their own and need no reason.
+pub fn environment_of(outcome: Outcome, log: &str) -> Option<String> {
+    if !matches!(outcome, Outcome::BuildFail | Outcome::TestFail) {
+        return None;
+    }
+    let line = network_denial(log)?;
+    let line: String = line.chars().take(300).collect();
+    Some(format!("network denied: {line}"))
+}
+
+/// The category of a package from its start and end results, and for a regression the outcome
 /// of end's re-run (`None` while it has none: the regression is then not yet confirmed, and is
 /// counted as one).
 pub fn categorize(
-    start: Option<Outcome>,
-    end: Option<Outcome>,
+    start: Option<Verdict>,
+    end: Option<Verdict>,
     end_rerun: Option<Outcome>,
 ) -> Category {
-    let (Some(start), Some(end)) = (start, end) else {
+    let (Some(start_verdict), Some(end_verdict)) = (start, end) else {
         return Category::Pending;
     };
+    let (start, end) = (start_verdict.outcome, end_verdict.outcome);
     let either = |outcome: Outcome| start == outcome || end == outcome;
     if either(Outcome::Error) {
         Category::Error
@@ -81,10 +132,10 @@ pub fn categorize(
     } else {
         match (passed(start), passed(end)) {
             (true, true) => Category::StillPassing,
-            (true, false) if hit_a_limit(end) => Category::SpuriousRegressed,
+            (true, false) if end_verdict.environmental_failure() => Category::SpuriousRegressed,
             (true, false) if end_rerun.is_some_and(passed) => Category::Flaky,
             (true, false) => Category::Regressed,
-            (false, true) if hit_a_limit(start) => Category::SpuriousFixed,
+            (false, true) if start_verdict.environmental_failure() => Category::SpuriousFixed,
             (false, true) => Category::Fixed,
             (false, false) => Category::StillFailing,
         }

@@ -17,6 +17,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
+use crate::category::{Category, Verdict, categorize};
 use crate::config::DatabaseConfig;
 use crate::job::{Job, JobId, Outcome, PackageVersion, RunId};
 
@@ -95,13 +96,15 @@ pub struct NewResult {
     pub memo_key: Option<String>,
     /// The earlier job whose result this one reuses.
     pub reused_from: Option<JobId>,
+    /// Why a failure points at the environment rather than the code (`network denied: ...`).
+    pub environment: Option<String>,
     /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
     /// `dead-lettered` event in the same transaction as the (`error`) result.
     pub dead_lettered: Option<String>,
 }
 
-/// Packages with these (start, end, end re-run) outcomes: how many.
-pub type OutcomePair = (Option<Outcome>, Option<Outcome>, Option<Outcome>, i64);
+/// Packages with these start and end results and end re-run outcome: how many.
+pub type OutcomePair = (Option<Verdict>, Option<Verdict>, Option<Outcome>, i64);
 
 /// A job as the database keeps it: (id, package, side label, the job it re-runs), from which
 /// `StoredDefinition::job` rebuilds it.
@@ -127,6 +130,7 @@ pub struct MemoizedResult {
     pub duration_ms: i64,
     pub log_key: Option<String>,
     pub log: Option<String>,
+    pub environment: Option<String>,
 }
 
 /// One row of a run's results, joined with its job, for reports.
@@ -144,6 +148,8 @@ pub struct ResultRow {
     pub finished_at: DateTime<Utc>,
     /// For a regression's re-run: the job it ran again.
     pub recheck_of: Option<Uuid>,
+    /// Why its failure points at the environment, if it does.
+    pub environment: Option<String>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
     pub log: Option<String>,
@@ -719,8 +725,8 @@ impl Store {
         let inserted = tx
             .execute(
                 "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
-                                      consumer, log, log_key, memo_key, reused_from)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                      consumer, log, log_key, memo_key, reused_from, environment)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT (job_id) DO NOTHING",
                 &[
                     &result.job_id.0,
@@ -734,6 +740,7 @@ impl Store {
                     &result.log_key,
                     &result.memo_key,
                     &result.reused_from.map(|j| j.0),
+                    &result.environment,
                 ],
             )
             .await
@@ -779,7 +786,8 @@ impl Store {
         let rerun = &pairing.end_rerun;
         let rows = tx
             .query(
-                "SELECT j.toolchain, r.outcome FROM jobs j JOIN results r ON r.job_id = j.id
+                "SELECT j.toolchain, r.outcome, r.environment IS NOT NULL
+                 FROM jobs j JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2 AND j.crate_version = $3
                    AND j.toolchain IN ($4, $5)",
                 &[
@@ -791,15 +799,19 @@ impl Store {
                 ],
             )
             .await?;
-        let side = |label: &str| -> anyhow::Result<Option<Outcome>> {
+        let side = |label: &str| -> anyhow::Result<Option<Verdict>> {
             rows.iter()
                 .find(|row| row.get::<_, &str>(0) == label)
-                .map(|row| row.get::<_, &str>(1).parse())
+                .map(|row| {
+                    Ok(Verdict {
+                        outcome: row.get::<_, &str>(1).parse()?,
+                        environmental: row.get(2),
+                    })
+                })
                 .transpose()
         };
-        let category =
-            crate::category::categorize(side(&pairing.start)?, side(&pairing.end)?, None);
-        if category != crate::category::Category::Regressed {
+        let category = categorize(side(&pairing.start)?, side(&pairing.end)?, None);
+        if category != Category::Regressed {
             return Ok(None);
         }
         let original = rerun
@@ -862,7 +874,7 @@ impl Store {
         let row = client
             .query_opt(
                 "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
-                        r.log
+                        r.log, r.environment
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
@@ -879,6 +891,7 @@ impl Store {
                 duration_ms: row.get(4),
                 log_key: row.get(5),
                 log: row.get(6),
+                environment: row.get(7),
             })
         })
         .transpose()
@@ -976,7 +989,7 @@ impl Store {
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of
+                        j.recheck_of, r.environment
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -1001,6 +1014,7 @@ impl Store {
                 log: row.get(10),
                 log_key: row.get(11),
                 recheck_of: row.get(12),
+                environment: row.get(13),
             });
         }
         Ok(results)
@@ -1067,7 +1081,8 @@ impl Store {
         let parse = |o: Option<String>| o.map(|o| o.parse::<Outcome>()).transpose();
         client
             .query(
-                "SELECT rs.outcome, re.outcome, rr.outcome, count(*)
+                "SELECT rs.outcome, rs.environment IS NOT NULL, re.outcome,
+                        re.environment IS NOT NULL, rr.outcome, count(*)
                  FROM jobs js LEFT JOIN results rs ON rs.job_id = js.id
                  JOIN jobs je ON je.run_id = js.run_id AND je.toolchain = $3
                       AND je.crate_name = js.crate_name AND je.crate_version = js.crate_version
@@ -1075,32 +1090,35 @@ impl Store {
                  LEFT JOIN jobs jr ON jr.recheck_of = je.id
                  LEFT JOIN results rr ON rr.job_id = jr.id
                  WHERE js.run_id = $1 AND js.toolchain = $2
-                 GROUP BY 1, 2, 3",
+                 GROUP BY 1, 2, 3, 4, 5",
                 &[&run.0, &start, &end],
             )
             .await?
             .into_iter()
             .map(|row| {
-                Ok((
-                    parse(row.get(0))?,
-                    parse(row.get(1))?,
-                    parse(row.get(2))?,
-                    row.get(3),
-                ))
+                // An outcome's column, then whether it is environmental in the next.
+                let verdict = |at: usize| -> anyhow::Result<Option<Verdict>> {
+                    Ok(parse(row.get(at))?.map(|outcome| Verdict {
+                        outcome,
+                        environmental: row.get(at + 1),
+                    }))
+                };
+                Ok((verdict(0)?, verdict(2)?, parse(row.get(4))?, row.get(5)))
             })
             .collect()
     }
 
-    /// Every result of a run as (name, version, toolchain, outcome): what selecting from an
+    /// Every result of a run as (name, version, toolchain, verdict): what selecting from an
     /// earlier run needs, without the logs.
     pub async fn package_outcomes(
         &self,
         run: RunId,
-    ) -> anyhow::Result<Vec<(String, String, String, Outcome)>> {
+    ) -> anyhow::Result<Vec<(String, String, String, Verdict)>> {
         let client = self.client().await?;
         client
             .query(
-                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome
+                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
+                        r.environment IS NOT NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1
                  ORDER BY 1, 2, 3",
                 &[&run.0],
@@ -1112,7 +1130,10 @@ impl Store {
                     row.get(0),
                     row.get(1),
                     row.get(2),
-                    row.get::<_, String>(3).parse()?,
+                    Verdict {
+                        outcome: row.get::<_, String>(3).parse()?,
+                        environmental: row.get(4),
+                    },
                 ))
             })
             .collect()

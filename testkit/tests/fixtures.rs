@@ -30,7 +30,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 14, "{summary}");
+    assert_eq!(summary.jobs_queued, 15, "{summary}");
 
     let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
     stack.wait_for_run(summary.run_id).await;
@@ -208,6 +208,24 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         .unwrap();
     let end_log = written.read_log(regressed.end_log.as_deref()).unwrap();
     assert!(end_log.contains("does not build with"), "{end_log}");
+    // Denied the network by the sandbox on end only: spurious, said why, and not run again.
+    let denied = written
+        .report
+        .packages
+        .iter()
+        .find(|p| p.name == "quarry-fixture-needs-network" && p.outcome == "build-fail")
+        .expect("the network fixture fails on end");
+    let why = denied.environment.as_deref().unwrap_or_default();
+    assert!(why.contains("Network is unreachable"), "{why}");
+    assert_eq!(denied.cause.as_deref(), Some("network denied"));
+    assert!(
+        !written
+            .report
+            .packages
+            .iter()
+            .any(|p| p.name == "quarry-fixture-needs-network" && p.toolchain.ends_with("(re-run)")),
+        "a spurious failure is not re-run"
+    );
     let html = std::fs::read_to_string(&written.html).unwrap();
     assert!(html.contains("<td data-category=\"regressed\">1</td>"));
     let markdown = std::fs::read_to_string(&written.markdown).unwrap();
@@ -237,6 +255,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         [
             "quarry-fixture-broken@1.0.0",
             "quarry-fixture-build-fail@1.0.0",
+            "quarry-fixture-needs-network@1.0.0",
             "quarry-fixture-regression@1.0.0",
             "quarry-fixture-test-fail@1.0.0",
         ]
