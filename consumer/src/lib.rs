@@ -294,8 +294,8 @@ async fn consume(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let publisher = Arc::new(broker.publisher().await?);
-    let (_channel, deliveries) = broker.consume(concurrency, &worker.name).await?;
-    let (_dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
+    let (channel, deliveries) = broker.consume(concurrency, &worker.name).await?;
+    let (dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
     tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
     let jobs = deliveries
         .take_until(shutdown.clone().cancelled_owned())
@@ -332,6 +332,12 @@ async fn consume(
             }
         }
     }
+    // Closed one after the other before the connection is (rather than left to their drop,
+    // which closes them as the connection goes and makes the client log an error).
+    for channel in [dead_channel, channel] {
+        channel.close(200, "consumer stopping".into()).await.ok();
+    }
+    publisher.close().await;
     Ok(())
 }
 

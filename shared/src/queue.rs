@@ -313,6 +313,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Closes the publishing channel (before its connection is closed).
+    pub async fn close(&self) {
+        self.channel.close(200, "done publishing".into()).await.ok();
+    }
+
     /// Publishes persistent job messages and waits for the broker to confirm every one of them.
     pub async fn publish_jobs<'a>(
         &self,

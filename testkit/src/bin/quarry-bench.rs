@@ -160,6 +160,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
     let fleet = stack.start_consumers(&names);
     let definition = quarry_testkit::no_op_run();
     let store = Store::connect(&stack.config.database).await?;
+    eprintln!("pipeline: starting the run");
     let started = Instant::now();
     let summary = publish_run(
         &stack.config,
