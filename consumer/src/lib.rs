@@ -107,6 +107,8 @@ impl std::ops::AddAssign for ConsumerStats {
 /// A job's result as computed (or reused), before it is recorded.
 struct Done {
     execution: Execution,
+    /// How long its experiment ran, if it ran.
+    ran_for: Option<Duration>,
     memo_key: Option<String>,
     reused_from: Option<JobId>,
     /// For a reused result: the S3 log of the earlier job (`execution.log` is then only a note
@@ -135,6 +137,9 @@ struct Worker {
     /// with its package's other side.
     definitions: Mutex<HashMap<RunId, Option<Arc<StoredDefinition>>>>,
     metrics: Arc<Metrics>,
+    /// One per experiment that may run at once (`consumer.concurrency`); the consumer holds
+    /// twice as many jobs, preparing and recording the others meanwhile.
+    slots: tokio::sync::Semaphore,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
 }
@@ -206,6 +211,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         toolchains: Mutex::new(HashMap::new()),
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
+        slots: tokio::sync::Semaphore::new(usize::from(config.consumer.concurrency.max(1))),
         in_hand: Default::default(),
     });
     // Join the fleet: registered, then a heartbeat with the jobs in hand until we stop.
@@ -294,12 +300,14 @@ async fn consume(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let publisher = Arc::new(broker.publisher().await?);
-    let (channel, deliveries) = broker.consume(concurrency, &worker.name).await?;
+    // Twice the slots: while one job holds a slot, another is fetched or recorded.
+    let in_hand = concurrency.saturating_mul(2);
+    let (channel, deliveries) = broker.consume(in_hand, &worker.name).await?;
     let (dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
     tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
     let jobs = deliveries
         .take_until(shutdown.clone().cancelled_owned())
-        .for_each_concurrent(usize::from(concurrency), |delivery| {
+        .for_each_concurrent(usize::from(in_hand), |delivery| {
             let worker = worker.clone();
             let publisher = publisher.clone();
             async move {
@@ -518,11 +526,13 @@ impl Worker {
             .await?;
             return ack(delivery).await;
         }
-        let deliveries = queue::previous_deliveries(&delivery.properties);
-        if deliveries >= queue::CRASH_LIMIT {
+        let JobState::ToDo { crashes } = state else {
+            unreachable!("every other state returned above")
+        };
+        if crashes >= queue::CRASH_LIMIT {
             let reason = format!(
-                "delivered {deliveries} times before without a result: each time its consumer \
-                 died or gave it back (a job that crashes consumers?); not run again"
+                "started {crashes} times without ending: each time its consumer died while it \
+                 ran (a job that crashes consumers?); not run again"
             );
             tracing::error!(job = %job.id, package = %job.package, %reason, "dead-lettering a crash-looping job");
             publisher.dead_letter(&delivery.data, &reason).await?;
@@ -531,13 +541,9 @@ impl Worker {
                 .await?;
             return ack(delivery).await;
         }
-        self.store
-            .start_attempt(&job, attempt as i32, &self.name)
-            .await?;
-        tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
-        let execution = self.execute(&job).await;
-        let duration = started.elapsed();
+        let execution = self.execute(&job, attempt).await;
+        let elapsed = started.elapsed();
         let done = match execution {
             Ok(Plan::Record(done)) => done,
             Ok(Plan::Wait { holder }) => {
@@ -549,15 +555,20 @@ impl Worker {
                     return ack(delivery).await;
                 }
                 // No delay queue to wait in (none configured): compute it after all.
-                Done {
-                    execution: self
-                        .run_experiment(&job)
-                        .await
-                        .unwrap_or_else(|InfraError(why)| Execution {
+                let (execution, ran_for) = match self.run_experiment(&job, attempt).await {
+                    Ok((execution, ran_for)) => (execution, Some(ran_for)),
+                    Err(InfraError(why)) => (
+                        Execution {
                             outcome: Outcome::Error,
                             exit_code: None,
                             log: why,
-                        }),
+                        },
+                        None,
+                    ),
+                };
+                Done {
+                    execution,
+                    ran_for,
                     memo_key: None,
                     reused_from: None,
                     reused_log_key: None,
@@ -583,6 +594,7 @@ impl Worker {
                         exit_code: None,
                         log: reason.clone(),
                     },
+                    ran_for: None,
                     memo_key: None,
                     reused_from: None,
                     reused_log_key: None,
@@ -593,12 +605,15 @@ impl Worker {
         };
         let Done {
             execution,
+            ran_for,
             memo_key,
             reused_from,
             reused_log_key,
             dead_lettered,
             environment,
         } = done;
+        // How long it ran, not counting the wait for an experiment slot.
+        let duration = ran_for.unwrap_or(elapsed);
         let environment = environment
             .or_else(|| quarry_shared::category::environment_of(execution.outcome, &execution.log));
         let (log, log_key, uploaded) = match reused_log_key {
@@ -653,7 +668,7 @@ impl Worker {
         ack(delivery).await
     }
 
-    async fn execute(&self, job: &Job) -> Result<Plan, InfraError> {
+    async fn execute(&self, job: &Job, attempt: u32) -> Result<Plan, InfraError> {
         let known = self.toolchains.lock().await.get(&job.toolchain).cloned();
         let build = if let Some(state) = known {
             state.map_err(InfraError)?
@@ -679,6 +694,7 @@ impl Worker {
             if let Some(earlier) = earlier {
                 self.metrics.memoized.inc();
                 return Ok(Plan::Record(Done {
+                    ran_for: None,
                     execution: Execution {
                         outcome: earlier.outcome,
                         exit_code: earlier.exit_code,
@@ -719,13 +735,15 @@ impl Worker {
                 }
             }
         });
-        let execution = self.run_experiment(job).await;
+        let execution = self.run_experiment(job, attempt).await;
         heartbeat.abort();
         if !fresh && let Err(err) = self.store.release_computation(&memo_key, job.id).await {
             tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
         }
+        let (execution, ran_for) = execution?;
         Ok(Plan::Record(Done {
-            execution: execution?,
+            execution,
+            ran_for: Some(ran_for),
             memo_key: Some(memo_key),
             reused_from: None,
             reused_log_key: None,
@@ -874,15 +892,41 @@ impl Worker {
         }
     }
 
-    async fn run_experiment(&self, job: &Job) -> Result<Execution, InfraError> {
+    /// Fetches the package, then, once one of the consumer's experiment slots is free, logs the
+    /// attempt's `started` event and runs the experiment: returns what it came to and how long
+    /// it ran. The fetch happens while other jobs hold the slots, so a consumer's slots never
+    /// wait on a download; only a job that holds a slot has started, so a consumer's death is
+    /// counted against the jobs whose code was running, not the ones it was fetching.
+    async fn run_experiment(
+        &self,
+        job: &Job,
+        attempt: u32,
+    ) -> Result<(Execution, Duration), InfraError> {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
                 bytes
             }
-            Err(FetchError::Missing(why)) => return Ok(broken(why)),
+            Err(FetchError::Missing(why)) => return Ok((broken(why), Duration::ZERO)),
             Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
         };
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("the slots are never closed");
+        self.store
+            .start_attempt(job, attempt as i32, &self.name)
+            .await
+            .map_err(|e| InfraError(format!("cannot record the attempt's start: {e:#}")))?;
+        tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
+        let started = Instant::now();
+        let execution = self.run_fetched(job, archive).await?;
+        Ok((execution, started.elapsed()))
+    }
+
+    /// Unpacks a fetched package into the job's scratch directory and runs the experiment.
+    async fn run_fetched(&self, job: &Job, archive: bytes::Bytes) -> Result<Execution, InfraError> {
         let scratch = self.jobs_dir.join(job.id.to_string());
         let _cleanup = ScratchDir::create(&scratch)
             .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;

@@ -74,8 +74,9 @@ pub enum JobState {
     Unknown,
     /// Its run was cancelled.
     RunCancelled,
-    /// It is to be done.
-    ToDo,
+    /// It is to be done. `crashes`: its attempts that started running (took an experiment
+    /// slot) and never ended, since it was last requeued: each time, its consumer died.
+    ToDo { crashes: u32 },
 }
 
 /// The final result of one job, as a consumer records it.
@@ -549,9 +550,22 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
+                // A start is ended by an `attempt-failed` or `finished` event before any later
+                // start; one that is not was cut short by its consumer's death.
                 "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1),
                         EXISTS (SELECT 1 FROM jobs WHERE id = $1),
-                        EXISTS (SELECT 1 FROM runs WHERE id = $2 AND cancelled_at IS NOT NULL)",
+                        EXISTS (SELECT 1 FROM runs WHERE id = $2 AND cancelled_at IS NOT NULL),
+                        (SELECT count(*) FROM job_events s
+                         WHERE s.job_id = $1 AND s.kind = 'started'
+                           AND s.id > coalesce((SELECT max(q.id) FROM job_events q
+                                                WHERE q.job_id = $1 AND q.kind = 'requeued'), 0)
+                           AND NOT EXISTS (
+                               SELECT 1 FROM job_events c
+                               WHERE c.job_id = $1 AND c.id > s.id
+                                 AND c.kind IN ('attempt-failed', 'finished')
+                                 AND NOT EXISTS (SELECT 1 FROM job_events n
+                                                 WHERE n.job_id = $1 AND n.kind = 'started'
+                                                   AND n.id > s.id AND n.id < c.id)))",
                 &[&job.id.0, &job.run_id.0],
             )
             .await?;
@@ -564,7 +578,9 @@ impl Store {
         } else if cancelled {
             JobState::RunCancelled
         } else {
-            JobState::ToDo
+            JobState::ToDo {
+                crashes: u32::try_from(row.get::<_, i64>(3)).unwrap_or(u32::MAX),
+            }
         })
     }
 
