@@ -38,10 +38,11 @@ pub const ATTEMPTS_HEADER: &str = "x-quarry-attempts";
 /// Deliveries of one message before the broker itself dead-letters it (crash-loop backstop).
 const DELIVERY_LIMIT: i64 = 10;
 
-/// Earlier deliveries of a job (each ended with its consumer dying or giving it back) after
-/// which a consumer no longer runs it but records it as an error and dead-letters it: a job
-/// that kills its consumers must not take the fleet down with it. Below `DELIVERY_LIMIT`, so
-/// the job still gets its result; the broker's limit stays the backstop.
+/// Earlier attempts of a job that started running and never ended (each time its consumer died:
+/// counted from the event log, so jobs a dead consumer merely held are not counted) after which
+/// a consumer no longer runs it but records it as an error and dead-letters it: a job that kills
+/// its consumers must not take the fleet down with it. Below `DELIVERY_LIMIT`, so the job still
+/// gets its result; the broker's limit stays the backstop.
 pub const CRASH_LIMIT: u32 = 5;
 
 /// The names of Quarry's exchanges and queues under one prefix.
