@@ -81,7 +81,7 @@ const FLEET_HEARTBEAT: Duration = Duration::from_secs(10);
 /// What to do with a job.
 enum Plan {
     /// Record this result.
-    Record(Done),
+    Record(Box<Done>),
     /// An identical job (of another run) is computing the same result: wait for it.
     Wait { holder: JobId },
 }
@@ -104,9 +104,68 @@ impl std::ops::AddAssign for ConsumerStats {
     }
 }
 
+/// A computation claimed for a job (`Store::claim_computation`), renewed by a heartbeat until
+/// it is released: after the job's result is recorded, so that an identical job of another run
+/// always finds one or the other and never computes the same result a second time.
+struct Claim {
+    store: Store,
+    memo_key: String,
+    job: JobId,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Claim {
+    fn hold(store: Store, memo_key: String, job: JobId) -> Claim {
+        let heartbeat = tokio::spawn({
+            let (store, memo_key) = (store.clone(), memo_key.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(CLAIM_HEARTBEAT).await;
+                    if let Err(err) = store.heartbeat_computation(&memo_key, job).await {
+                        tracing::warn!(error = %format!("{err:#}"), "cannot renew a computation claim");
+                    }
+                }
+            }
+        });
+        Claim {
+            store,
+            memo_key,
+            job,
+            heartbeat: Some(heartbeat),
+        }
+    }
+
+    async fn release(mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
+        if let Err(err) = self
+            .store
+            .release_computation(&self.memo_key, self.job)
+            .await
+        {
+            tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
+        }
+    }
+}
+
+impl Drop for Claim {
+    /// Not released on the way (the result could not be recorded): released in the
+    /// background, or else it goes stale and is taken over.
+    fn drop(&mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+            let (store, memo_key, job) = (self.store.clone(), self.memo_key.clone(), self.job);
+            tokio::spawn(async move { store.release_computation(&memo_key, job).await });
+        }
+    }
+}
+
 /// A job's result as computed (or reused), before it is recorded.
 struct Done {
     execution: Execution,
+    /// The computation this job claimed, released once its result is recorded.
+    claim: Option<Claim>,
     /// How long its experiment ran, if it ran.
     ran_for: Option<Duration>,
     memo_key: Option<String>,
@@ -545,7 +604,7 @@ impl Worker {
         let execution = self.execute(&job, attempt).await;
         let elapsed = started.elapsed();
         let done = match execution {
-            Ok(Plan::Record(done)) => done,
+            Ok(Plan::Record(done)) => *done,
             Ok(Plan::Wait { holder }) => {
                 self.store
                     .record_waiting(&job, attempt as i32, &self.name, holder)
@@ -568,6 +627,7 @@ impl Worker {
                 };
                 Done {
                     execution,
+                    claim: None,
                     ran_for,
                     memo_key: None,
                     reused_from: None,
@@ -594,6 +654,7 @@ impl Worker {
                         exit_code: None,
                         log: reason.clone(),
                     },
+                    claim: None,
                     ran_for: None,
                     memo_key: None,
                     reused_from: None,
@@ -605,6 +666,7 @@ impl Worker {
         };
         let Done {
             execution,
+            claim,
             ran_for,
             memo_key,
             reused_from,
@@ -645,6 +707,9 @@ impl Worker {
                 pairing.as_ref(),
             )
             .await?;
+        if let Some(claim) = claim {
+            claim.release().await;
+        }
         if let Some(rerun) = rerun {
             tracing::info!(package = %job.package, rerun = %rerun.id, side = %rerun.side(), "regressed; running its failing side once more");
             self.publish_rerun(publisher, &rerun).await?;
@@ -686,32 +751,8 @@ impl Worker {
         // A re-run exists to see whether the first result happens again: never reused.
         let fresh = job.experiment.fresh || job.recheck_of.is_some();
         if !fresh {
-            let earlier = self
-                .store
-                .memoized_result(&memo_key)
-                .await
-                .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
-            if let Some(earlier) = earlier {
-                self.metrics.memoized.inc();
-                return Ok(Plan::Record(Done {
-                    ran_for: None,
-                    execution: Execution {
-                        outcome: earlier.outcome,
-                        exit_code: earlier.exit_code,
-                        log: format!(
-                            "quarry: reused the result of job {} (run {}): same package checksum, \
-                             toolchain build ({build}) and experiment\n\n{}",
-                            earlier.job_id,
-                            earlier.run_name,
-                            earlier.log.unwrap_or_default()
-                        ),
-                    },
-                    memo_key: Some(memo_key),
-                    reused_from: Some(earlier.job_id),
-                    reused_log_key: earlier.log_key,
-                    dead_lettered: None,
-                    environment: earlier.environment,
-                }));
+            if let Some(reused) = self.reuse(&memo_key, &build).await? {
+                return Ok(Plan::Record(Box::new(reused)));
             }
             let holder = self
                 .store
@@ -721,34 +762,69 @@ impl Worker {
             if let Some(holder) = holder {
                 return Ok(Plan::Wait { holder });
             }
-        }
-        // Keep the claim alive while computing, and give it up afterwards whatever happened.
-        let heartbeat = tokio::spawn({
-            let store = self.store.clone();
-            let (memo_key, job) = (memo_key.clone(), job.id);
-            async move {
-                loop {
-                    tokio::time::sleep(CLAIM_HEARTBEAT).await;
-                    if let Err(err) = store.heartbeat_computation(&memo_key, job).await {
-                        tracing::warn!(error = %format!("{err:#}"), "cannot renew a computation claim");
-                    }
-                }
+            // The twin that held the claim may have recorded its result, then released the
+            // claim, between the look-up above and this claim: look again.
+            if let Some(reused) = self.reuse(&memo_key, &build).await? {
+                self.store
+                    .release_computation(&memo_key, job.id)
+                    .await
+                    .map_err(|e| InfraError(format!("cannot release the computation: {e:#}")))?;
+                return Ok(Plan::Record(Box::new(reused)));
             }
-        });
-        let execution = self.run_experiment(job, attempt).await;
-        heartbeat.abort();
-        if !fresh && let Err(err) = self.store.release_computation(&memo_key, job.id).await {
-            tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
         }
-        let (execution, ran_for) = execution?;
-        Ok(Plan::Record(Done {
+        // Kept alive while computing and until the result is recorded.
+        let claim = (!fresh).then(|| Claim::hold(self.store.clone(), memo_key.clone(), job.id));
+        let (execution, ran_for) = match self.run_experiment(job, attempt).await {
+            Ok(ran) => ran,
+            Err(failed) => {
+                if let Some(claim) = claim {
+                    claim.release().await;
+                }
+                return Err(failed);
+            }
+        };
+        Ok(Plan::Record(Box::new(Done {
             execution,
+            claim,
             ran_for: Some(ran_for),
             memo_key: Some(memo_key),
             reused_from: None,
             reused_log_key: None,
             dead_lettered: None,
             environment: None,
+        })))
+    }
+
+    /// The result of an identical job computed earlier, as this job's, if there is one.
+    async fn reuse(&self, memo_key: &str, build: &str) -> Result<Option<Done>, InfraError> {
+        let earlier = self
+            .store
+            .memoized_result(memo_key)
+            .await
+            .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
+        let Some(earlier) = earlier else {
+            return Ok(None);
+        };
+        self.metrics.memoized.inc();
+        Ok(Some(Done {
+            claim: None,
+            ran_for: None,
+            execution: Execution {
+                outcome: earlier.outcome,
+                exit_code: earlier.exit_code,
+                log: format!(
+                    "quarry: reused the result of job {} (run {}): same package checksum, \
+                     toolchain build ({build}) and experiment\n\n{}",
+                    earlier.job_id,
+                    earlier.run_name,
+                    earlier.log.unwrap_or_default()
+                ),
+            },
+            memo_key: Some(memo_key.to_owned()),
+            reused_from: Some(earlier.job_id),
+            reused_log_key: earlier.log_key,
+            dead_lettered: None,
+            environment: earlier.environment,
         }))
     }
 
