@@ -266,8 +266,14 @@ async fn raw_channel(stack: &TestStack) -> (Connection, lapin::Channel) {
     (connection, channel)
 }
 
-/// Takes the next message of `queue` and gives it back, as a consumer that dies holding it does.
-async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
+/// Takes the next message of `queue` and gives it back, as a consumer that dies holding it does;
+/// with `started` (a store and the attempt), after logging the attempt's `started` event, as a
+/// consumer that dies while the job runs leaves it.
+async fn deliver_and_give_back_after(
+    channel: &lapin::Channel,
+    queue: &str,
+    started: Option<(&Store, i32)>,
+) {
     let message = channel
         .basic_get(
             queue.into(),
@@ -276,6 +282,10 @@ async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
         .await
         .unwrap()
         .expect("a message to deliver");
+    if let Some((store, attempt)) = started {
+        let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+        store.start_attempt(&job, attempt, "doomed").await.unwrap();
+    }
     message
         .acker
         .nack(lapin::options::BasicNackOptions {
@@ -286,27 +296,8 @@ async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
         .unwrap();
 }
 
-/// What a consumer that dies while a job runs leaves behind: the attempt's `started` event,
-/// and the delivery back in the queue (as when its connection drops).
-async fn start_and_die(channel: &lapin::Channel, queue: &str, store: &Store, attempt: i32) {
-    let message = channel
-        .basic_get(
-            queue.into(),
-            lapin::options::BasicGetOptions { no_ack: false },
-        )
-        .await
-        .unwrap()
-        .expect("a message to deliver");
-    let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
-    store.start_attempt(&job, attempt, "doomed").await.unwrap();
-    message
-        .acker
-        .nack(lapin::options::BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+async fn deliver_and_give_back(channel: &lapin::Channel, queue: &str) {
+    deliver_and_give_back_after(channel, queue, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -328,7 +319,7 @@ async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error
 
     let summary = publish(&stack, "crash-loop", first(1)).await;
     for attempt in 1..=quarry_shared::queue::CRASH_LIMIT {
-        start_and_die(&channel, &jobs, &store, attempt as i32).await;
+        deliver_and_give_back_after(&channel, &jobs, Some((&store, attempt as i32))).await;
     }
 
     let consumers = stack.start_consumers(&["after-the-crashes"]);
