@@ -18,7 +18,8 @@ struct Cli {
     /// Name in logs and the event log [default: <hostname>-<pid>].
     #[arg(long, env = "QUARRY_CONSUMER_NAME")]
     name: Option<String>,
-    /// Jobs run at once by this process.
+    /// Experiments run at once by this process (it holds twice as many jobs, fetching and
+    /// recording the others meanwhile).
     #[arg(long, env = "QUARRY_CONSUMER_CONCURRENCY")]
     concurrency: Option<u16>,
     /// Directory for the cargo home and job scratch space.
