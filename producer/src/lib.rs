@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use quarry_shared::Config;
 use quarry_shared::job::{
-    Experiment, Job, PackageVersion, Patch, RECHECK_SUFFIX, RunId, StoredDefinition, Toolchain,
+    Experiment, Job, PackageVersion, Patch, RunId, StoredDefinition, Toolchain, rerun_label,
 };
 use quarry_shared::queue::{Broker, Publisher};
 use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
@@ -87,10 +87,7 @@ impl RunDefinition {
 
     /// The sides' labels, as the database and the report name them.
     pub fn side_labels(&self) -> Vec<String> {
-        self.sides()
-            .iter()
-            .map(|(toolchain, patch)| Job::side_label(toolchain.as_str(), patch.as_ref()))
-            .collect()
+        quarry_shared::job::side_labels(&self.sides())
     }
 
     /// The definition stored with `run`.
@@ -1061,8 +1058,8 @@ pub async fn packages_from_run(
         .filter(|(_, sides)| {
             let category = pair.as_ref().map(|(start, end)| {
                 let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, v)| *v);
-                let rerun = format!("{end}{RECHECK_SUFFIX}");
-                categorize(side(start), side(end), side(&rerun).map(|v| v.outcome))
+                let rerun = side(&rerun_label(end)).map(|v| v.outcome);
+                categorize(side(start), side(end), rerun)
             });
             let any = |wanted: &[Outcome]| sides.iter().any(|(_, v)| wanted.contains(&v.outcome));
             only.iter().any(|only| match only {

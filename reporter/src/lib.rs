@@ -498,7 +498,7 @@ fn compare_toolchains(
     packages: &[PackageRow],
 ) -> Option<Comparison> {
     let [start, end] = <[String; 2]>::try_from(toolchains(definition)).ok()?;
-    let end_rerun = format!("{end}{}", quarry_shared::job::RECHECK_SUFFIX);
+    let end_rerun = quarry_shared::job::rerun_label(&end);
     let mut by_package: BTreeMap<(String, String), compare::Sides<'_>> = BTreeMap::new();
     for p in packages {
         let Ok(outcome) = p.outcome.parse() else {

@@ -214,6 +214,19 @@ pub struct Job {
 /// How a re-run's side is labelled: the side it re-runs, then this.
 pub const RECHECK_SUFFIX: &str = " (re-run)";
 
+/// The label of the re-runs of the side labelled `side`.
+pub fn rerun_label(side: &str) -> String {
+    format!("{side}{RECHECK_SUFFIX}")
+}
+
+/// The labels of sides, as the database and the report name them.
+pub fn side_labels(sides: &[(Toolchain, Option<Patch>)]) -> Vec<String> {
+    sides
+        .iter()
+        .map(|(toolchain, patch)| Job::side_label(toolchain.as_str(), patch.as_ref()))
+        .collect()
+}
+
 /// A run's sides, in order (start, then end): one per toolchain, or for a dependency-patch run
 /// (one toolchain and a patch) the toolchain without and with the patch.
 pub fn run_sides(
@@ -251,10 +264,7 @@ impl StoredDefinition {
 
     /// The sides' labels, as the database and the report name them.
     pub fn side_labels(&self) -> Vec<String> {
-        self.sides()
-            .iter()
-            .map(|(toolchain, patch)| Job::side_label(toolchain.as_str(), patch.as_ref()))
-            .collect()
+        side_labels(&self.sides())
     }
 
     /// The job `id` of `run`, from what the database keeps of it (its package, side label and
@@ -385,7 +395,7 @@ impl Job {
     pub fn side(&self) -> String {
         let label = Job::side_label(self.toolchain.as_str(), self.patch.as_ref());
         match self.recheck_of {
-            Some(_) => label + RECHECK_SUFFIX,
+            Some(_) => rerun_label(&label),
             None => label,
         }
     }
