@@ -190,7 +190,7 @@ impl StepCgroup {
         }
     }
 
-    /// Kills every process left in the step's cgroup.
+    /// Kills every process left in the step's cgroup, waiting (briefly) until they are gone.
     pub fn kill(&self) {
         for dir in &self.dirs {
             if self.v2 && write(dir, "cgroup.kill", "1").is_ok() {
@@ -198,6 +198,22 @@ impl StepCgroup {
             }
             kill_members(dir);
         }
+    }
+
+    /// Sends every process in the step's cgroup SIGKILL once, without waiting for them to go:
+    /// for the job's own path, where the pipe of their output tells when they are gone.
+    pub fn signal(&self) {
+        for dir in &self.dirs {
+            if self.v2 && write(dir, "cgroup.kill", "1").is_ok() {
+                continue;
+            }
+            signal_members(dir);
+        }
+    }
+
+    /// Kills what is left and removes the cgroup on a blocking thread, without waiting for it.
+    pub fn remove_in_background(self) {
+        tokio::task::spawn_blocking(move || drop(self));
     }
 }
 
@@ -236,21 +252,26 @@ pub fn join(fds: &[RawFd]) -> io::Result<()> {
 fn kill_members(dir: &Path) {
     // Repeated because a member may fork while the list is read; the pids limit bounds it.
     for _ in 0..20 {
-        let Ok(members) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        if !signal_members(dir) {
             return;
-        };
-        let pids: Vec<i32> = members.lines().filter_map(|l| l.parse().ok()).collect();
-        if pids.is_empty() {
-            return;
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Sends SIGKILL to every member of the cgroup at `dir`; whether there were any.
+fn signal_members(dir: &Path) -> bool {
+    let Ok(members) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return false;
+    };
+    let pids: Vec<i32> = members.lines().filter_map(|l| l.parse().ok()).collect();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    !pids.is_empty()
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> io::Result<()> {

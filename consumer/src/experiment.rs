@@ -7,13 +7,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use quarry_shared::job::{Mode, Outcome, Toolchain};
-use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
 use tokio::time::Instant;
 
@@ -134,6 +133,10 @@ pub struct Limits {
     pub tasks: u64,
 }
 
+/// This machine's cores (looked up once: the lookup reads the cgroup's CPU quota).
+static CORES: std::sync::LazyLock<u64> =
+    std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+
 /// Largest file a package's code may write (a runaway test writing gigabytes is stopped).
 const FILE_SIZE_LIMIT: u64 = 8 << 30;
 
@@ -149,17 +152,17 @@ pub async fn run(
 ) -> std::io::Result<Execution> {
     let timeout = limits.time;
     let deadline = Instant::now() + timeout;
-    let log = Arc::new(Mutex::new(Log::new(env.log_limit_bytes)));
+    let mut log = Log::new(env.log_limit_bytes);
     let (steps, success) = steps(mode, toolchain, command);
     for step in steps {
         if step.argv.is_empty() {
             log_line(
-                &log,
+                &mut log,
                 "quarry: the experiment's custom mode has no command\n",
             );
             return Ok(finish(&log, Outcome::Error, None));
         }
-        log_line(&log, &format!("$ {}\n", step.argv.join(" ")));
+        log_line(&mut log, &format!("$ {}\n", step.argv.join(" ")));
         let sandbox = if step.sandboxed {
             &env.sandbox
         } else {
@@ -177,10 +180,10 @@ pub async fn run(
             confined: step.sandboxed.then_some((step_name.as_str(), limits)),
         };
         let (status, out_of_memory) =
-            run_step(env, &place, toolchain, &step.argv, deadline, &log).await?;
+            run_step(env, &place, toolchain, &step.argv, deadline, &mut log).await?;
         if out_of_memory && !matches!(status, StepStatus::TimedOut | StepStatus::Exited(0)) {
             log_line(
-                &log,
+                &mut log,
                 &format!(
                     "\nquarry: out of memory: the kernel killed a process of this step for using \
                      more than the limit of {} MiB (all its processes together)\n",
@@ -196,7 +199,7 @@ pub async fn run(
         match status {
             StepStatus::TimedOut => {
                 log_line(
-                    &log,
+                    &mut log,
                     &format!(
                         "\nquarry: killed after the time limit of {}s\n",
                         timeout.as_secs()
@@ -210,7 +213,10 @@ pub async fn run(
                 return Ok(finish(&log, outcome, Some(code)));
             }
             StepStatus::Signalled(signal) => {
-                log_line(&log, &format!("\nquarry: step killed by signal {signal}\n"));
+                log_line(
+                    &mut log,
+                    &format!("\nquarry: step killed by signal {signal}\n"),
+                );
                 let outcome = failure_outcome(&log, step.on_failure);
                 return Ok(finish(&log, outcome, None));
             }
@@ -220,8 +226,8 @@ pub async fn run(
 }
 
 /// A failed step whose log shows allocations failing ran out of memory, whatever the step.
-fn failure_outcome(log: &Mutex<Log>, on_failure: Outcome) -> Outcome {
-    let text = lock(log).text();
+fn failure_outcome(log: &Log, on_failure: Outcome) -> Outcome {
+    let text = log.text();
     let out_of_memory = (text.contains("memory allocation of ") && text.contains(" failed"))
         || text.contains("Cannot allocate memory")
         || text.contains("LLVM ERROR: out of memory");
@@ -232,11 +238,11 @@ fn failure_outcome(log: &Mutex<Log>, on_failure: Outcome) -> Outcome {
     }
 }
 
-fn finish(log: &Mutex<Log>, outcome: Outcome, exit_code: Option<i32>) -> Execution {
+fn finish(log: &Log, outcome: Outcome, exit_code: Option<i32>) -> Execution {
     Execution {
         outcome,
         exit_code,
-        log: lock(log).text(),
+        log: log.text(),
     }
 }
 
@@ -262,7 +268,7 @@ async fn run_step(
     toolchain: &Toolchain,
     argv: &[String],
     deadline: Instant,
-    log: &Arc<Mutex<Log>>,
+    log: &mut Log,
 ) -> std::io::Result<(StepStatus, bool)> {
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let (program, args) = place
@@ -283,8 +289,6 @@ async fn run_step(
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         // Its own process group, so a timeout kills rustc, build scripts and tests too.
         .process_group(0)
         .kill_on_drop(true);
@@ -304,10 +308,7 @@ async fn run_step(
         // Without a cgroup, the address space of each process is all that can be limited.
         let address_space = cgroup.is_none().then_some(limits.memory_bytes);
         // CPU time per process: never less than the wall-clock limit on every core.
-        let cpu_secs = limits
-            .time
-            .as_secs()
-            .saturating_mul(std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+        let cpu_secs = limits.time.as_secs().saturating_mul(*CORES);
         // SAFETY: runs in the forked child before exec; write and setrlimit are
         // async-signal-safe, and nothing here allocates or takes locks (`join_fds` was
         // allocated before the fork).
@@ -325,42 +326,61 @@ async fn run_step(
             });
         }
     }
+    // One pipe for stdout and stderr: the log keeps the order they were written in, as a
+    // terminal would show it, and is read here, in the step's own task.
+    let (output_writer, output) = tokio::net::unix::pipe::pipe()?;
+    let output_writer = output_writer.into_blocking_fd()?;
+    command
+        .stdout(output_writer.try_clone()?)
+        .stderr(output_writer);
+    // Spawned from this thread, not a blocking one: bubblewrap's `--die-with-parent` is tied to
+    // the thread that forked it, and blocking threads exit when idle.
     let mut child = command.spawn()?;
+    // The command holds the pipe's writing end: drop it, or the pipe never ends.
+    drop(command);
     let group = ProcessGroup(child.id().map(|id| Pid::from_raw(id as i32)));
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|out| tokio::spawn(capture(out, log.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|err| tokio::spawn(capture(err, log.clone()))),
-    ];
-    let status = match tokio::time::timeout_at(deadline, child.wait()).await {
-        Ok(status) => status?,
-        Err(_) => {
-            group.kill();
-            if let Some(cgroup) = &cgroup {
-                cgroup.kill();
-            }
-            child.wait().await?;
-            for reader in readers.into_iter().flatten() {
-                reader.abort();
-            }
-            return Ok((StepStatus::TimedOut, false));
-        }
+    let mut capture = Capture {
+        output,
+        buffer: vec![0; 8192],
+        open: true,
     };
-    // Leftover processes of the step (a daemonized build script) die with it.
+    let ran = tokio::time::timeout_at(deadline, async {
+        loop {
+            tokio::select! {
+                status = child.wait() => return status,
+                () = capture.next(log), if capture.open => {}
+            }
+        }
+    })
+    .await;
+    // Leftover processes of the step (a daemonized build script) die with it; on a timeout,
+    // the whole tree does.
     group.kill();
     if let Some(cgroup) = &cgroup {
-        cgroup.kill();
+        cgroup.signal();
     }
+    let status = match ran {
+        Ok(status) => Some(status?),
+        Err(_) => {
+            child.wait().await?;
+            None
+        }
+    };
+    // What was written last is in the pipe until read. It ends once every process holding it
+    // is gone; do not wait past that.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while capture.open {
+            capture.next(log).await;
+        }
+    })
+    .await;
     let out_of_memory = cgroup.as_ref().is_some_and(|c| c.out_of_memory());
-    for reader in readers.into_iter().flatten() {
-        // The pipes close once every process holding them is gone; do not wait past that.
-        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+    if let Some(cgroup) = cgroup {
+        cgroup.remove_in_background();
     }
+    let Some(status) = status else {
+        return Ok((StepStatus::TimedOut, false));
+    };
     let status = match (
         status.code(),
         std::os::unix::process::ExitStatusExt::signal(&status),
@@ -390,23 +410,27 @@ impl Drop for ProcessGroup {
     }
 }
 
-async fn capture(mut stream: impl AsyncRead + Unpin, log: Arc<Mutex<Log>>) {
-    let mut buffer = vec![0u8; 8192];
-    loop {
-        match stream.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => lock(&log).push(&buffer[..n]),
+/// Reads a step's output into its log.
+struct Capture {
+    output: tokio::net::unix::pipe::Receiver,
+    buffer: Vec<u8>,
+    /// Until the pipe ends (or fails).
+    open: bool,
+}
+
+impl Capture {
+    /// Reads what is there (waiting for it) into `log`. Cancel-safe: nothing is read until the
+    /// read completes.
+    async fn next(&mut self, log: &mut Log) {
+        match self.output.read(&mut self.buffer).await {
+            Ok(0) | Err(_) => self.open = false,
+            Ok(n) => log.push(&self.buffer[..n]),
         }
     }
 }
 
-fn log_line(log: &Mutex<Log>, text: &str) {
-    lock(log).push(text.as_bytes());
-}
-
-fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
-    // Appending bytes cannot leave the log inconsistent, so a poisoned lock is still usable.
-    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn log_line(log: &mut Log, text: &str) {
+    log.push(text.as_bytes());
 }
 
 /// Captured output, cut at a limit with a marker saying how much was dropped.

@@ -105,8 +105,8 @@ impl std::ops::AddAssign for ConsumerStats {
 }
 
 /// A computation claimed for a job (`Store::claim_computation`), renewed by a heartbeat until
-/// it is released: after the job's result is recorded, so that an identical job of another run
-/// always finds one or the other and never computes the same result a second time.
+/// it is released: with the job's result, in the same transaction, so that an identical job of
+/// another run always finds one or the other and never computes the same result a second time.
 struct Claim {
     store: Store,
     memo_key: String,
@@ -145,6 +145,13 @@ impl Claim {
             .await
         {
             tracing::warn!(error = %format!("{err:#}"), "cannot release a computation claim; it will go stale");
+        }
+    }
+
+    /// Released with the job's result, in its transaction: only the heartbeat stops.
+    fn released(mut self) {
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
         }
     }
 }
@@ -259,6 +266,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
+    remove_leftover_scratch(&jobs_dir);
 
     let worker = Arc::new(Worker {
         name: name.clone(),
@@ -703,12 +711,13 @@ impl Worker {
                     reused_from,
                     environment,
                     dead_lettered,
+                    releases_claim: claim.is_some(),
                 },
                 pairing.as_ref(),
             )
             .await?;
         if let Some(claim) = claim {
-            claim.release().await;
+            claim.released();
         }
         if let Some(rerun) = rerun {
             tracing::info!(package = %job.package, rerun = %rerun.id, side = %rerun.side(), "regressed; running its failing side once more");
@@ -935,6 +944,7 @@ impl Worker {
                     reused_from: None,
                     environment: None,
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
+                    releases_claim: false,
                 },
                 None,
             )
@@ -968,11 +978,12 @@ impl Worker {
         }
     }
 
-    /// Fetches the package, then, once one of the consumer's experiment slots is free, logs the
-    /// attempt's `started` event and runs the experiment: returns what it came to and how long
-    /// it ran. The fetch happens while other jobs hold the slots, so a consumer's slots never
-    /// wait on a download; only a job that holds a slot has started, so a consumer's death is
-    /// counted against the jobs whose code was running, not the ones it was fetching.
+    /// Fetches the package and prepares its workspace (unpacked, patched), then, once one of the
+    /// consumer's experiment slots is free, logs the attempt's `started` event and runs the
+    /// experiment: returns what it came to and how long it ran. Fetching and unpacking run none
+    /// of the package's code, so they happen while other jobs hold the slots: a slot never
+    /// waits on a download or an unpack, and a consumer's death is counted against the jobs
+    /// whose code was running, not the ones it was preparing.
     async fn run_experiment(
         &self,
         job: &Job,
@@ -986,7 +997,11 @@ impl Worker {
             Err(FetchError::Missing(why)) => return Ok((broken(why), Duration::ZERO)),
             Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
         };
-        let _slot = self
+        let (scratch, package_dir) = match self.prepare(job, archive).await? {
+            Ok(workspace) => workspace,
+            Err(broken) => return Ok((broken, Duration::ZERO)),
+        };
+        let slot = self
             .slots
             .acquire()
             .await
@@ -997,28 +1012,9 @@ impl Worker {
             .map_err(|e| InfraError(format!("cannot record the attempt's start: {e:#}")))?;
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
-        let execution = self.run_fetched(job, archive).await?;
-        Ok((execution, started.elapsed()))
-    }
-
-    /// Unpacks a fetched package into the job's scratch directory and runs the experiment.
-    async fn run_fetched(&self, job: &Job, archive: bytes::Bytes) -> Result<Execution, InfraError> {
-        let scratch = self.jobs_dir.join(job.id.to_string());
-        let _cleanup = ScratchDir::create(&scratch)
-            .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
-        let root = format!("{}-{}", job.package.name, job.package.version);
-        let package_dir = match unpack_off_thread(archive, scratch.join("src"), root).await? {
-            Ok(dir) => dir,
-            Err(why) => return Ok(broken(format!("cannot unpack the package: {why}"))),
-        };
-        if let Some(patch) = &job.patch
-            && let Err(not_applied) = self.apply_patch(patch, &scratch, &package_dir).await
-        {
-            return not_applied;
-        }
-        experiment::run(
+        let execution = experiment::run(
             &self.cargo,
-            &scratch,
+            scratch.path(),
             &package_dir,
             &job.toolchain,
             (job.experiment.mode, job.experiment.command.as_deref()),
@@ -1029,7 +1025,37 @@ impl Worker {
             },
         )
         .await
-        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))
+        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
+        let ran_for = started.elapsed();
+        // The next job's code may start while this one's files are removed.
+        drop(slot);
+        scratch.remove_in_background();
+        Ok((execution, ran_for))
+    }
+
+    /// The job's scratch directory with the package unpacked (and patched) in it, and the
+    /// package's directory; `Err` holds the job's outcome when the package cannot be unpacked or
+    /// patched.
+    async fn prepare(
+        &self,
+        job: &Job,
+        archive: bytes::Bytes,
+    ) -> Result<Result<(ScratchDir, PathBuf), Execution>, InfraError> {
+        let scratch = self.jobs_dir.join(job.id.to_string());
+        let scratch = ScratchDir::create(&scratch)
+            .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
+        let root = format!("{}-{}", job.package.name, job.package.version);
+        let package_dir = match unpack_off_thread(archive, scratch.path().join("src"), root).await?
+        {
+            Ok(dir) => dir,
+            Err(why) => return Ok(Err(broken(format!("cannot unpack the package: {why}")))),
+        };
+        if let Some(patch) = &job.patch
+            && let Err(not_applied) = self.apply_patch(patch, scratch.path(), &package_dir).await
+        {
+            return not_applied.map(Err);
+        }
+        Ok(Ok((scratch, package_dir)))
     }
 
     /// Replaces a dependency of the unpacked package, before anything resolves it: the patch's
@@ -1174,6 +1200,10 @@ async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
 /// A job's scratch directory, removed when the job is done with it (whatever happened).
 struct ScratchDir(PathBuf);
 
+/// Scratch directories being removed are first renamed to a name starting with this, so a job
+/// that comes back to the same consumer at once gets a fresh directory under its own name.
+const REMOVED_SCRATCH: &str = ".removed-";
+
 impl ScratchDir {
     fn create(path: &std::path::Path) -> std::io::Result<ScratchDir> {
         if path.exists() {
@@ -1182,12 +1212,56 @@ impl ScratchDir {
         std::fs::create_dir_all(path)?;
         Ok(ScratchDir(path.to_owned()))
     }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Removes the directory on a blocking thread, without waiting for it: a job's files can be
+    /// many, and removing them holds up nothing. Falls back to removing it here when it cannot
+    /// be moved aside.
+    fn remove_in_background(mut self) {
+        let path = std::mem::take(&mut self.0);
+        let aside = path.with_file_name(format!(
+            "{REMOVED_SCRATCH}{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => {
+                tokio::task::spawn_blocking(move || remove_scratch(&aside));
+            }
+            Err(_) => remove_scratch(&path),
+        }
+    }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.0) {
-            tracing::warn!(dir = %self.0.display(), %err, "cannot remove a scratch directory");
+        // Empty once removed in the background.
+        if !self.0.as_os_str().is_empty() {
+            remove_scratch(&self.0);
+        }
+    }
+}
+
+fn remove_scratch(dir: &std::path::Path) {
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), %err, "cannot remove a scratch directory");
+    }
+}
+
+/// Removes what a consumer of the same name left in its jobs directory when it died.
+fn remove_leftover_scratch(jobs_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(jobs_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(REMOVED_SCRATCH)
+        {
+            remove_scratch(&entry.path());
         }
     }
 }

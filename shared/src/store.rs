@@ -102,6 +102,10 @@ pub struct NewResult {
     /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
     /// `dead-lettered` event in the same transaction as the (`error`) result.
     pub dead_lettered: Option<String>,
+    /// The job holds the computation of `memo_key` (`claim_computation`): released in the
+    /// result's own transaction, so an identical job finds the claim or the result, never
+    /// neither.
+    pub releases_claim: bool,
 }
 
 /// Packages with these start and end results and end re-run outcome: how many.
@@ -293,6 +297,9 @@ impl Store {
         Ok(store)
     }
 
+    /// A pooled connection. Its statements are prepared once per connection
+    /// (`prepare_cached`): a statement then costs one round trip instead of two, and PostgreSQL
+    /// parses and plans it once; consumers run the same few statements for every job.
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
     }
@@ -302,7 +309,10 @@ impl Store {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let mut client = self.client().await?;
         client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .execute(
+                &client.prepare_cached("SELECT pg_advisory_lock($1)").await?,
+                &[&MIGRATION_LOCK],
+            )
             .await
             .context("cannot take the migration lock")?;
         let outcome = embedded::migrations::runner()
@@ -311,7 +321,12 @@ impl Store {
             .await;
         // Unlock even when migrating failed, or the pooled session would keep the lock.
         let unlocked = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .execute(
+                &client
+                    .prepare_cached("SELECT pg_advisory_unlock($1)")
+                    .await?,
+                &[&MIGRATION_LOCK],
+            )
             .await;
         outcome.context("database migration failed")?;
         unlocked.context("cannot release the migration lock")?;
@@ -330,8 +345,12 @@ impl Store {
         let client = self.client().await?;
         let inserted = client
             .execute(
-                "INSERT INTO runs (id, name, definition) VALUES ($1, $2, $3)
+                &client
+                    .prepare_cached(
+                        "INSERT INTO runs (id, name, definition) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO NOTHING",
+                    )
+                    .await?,
                 &[&RunId::new().0, &name, definition],
             )
             .await?;
@@ -398,7 +417,7 @@ impl Store {
         let client = self.client().await?;
         let changed = client
             .execute(
-                "UPDATE runs SET cancelled_at = now() WHERE id = $1 AND cancelled_at IS NULL",
+                &client.prepare_cached("UPDATE runs SET cancelled_at = now() WHERE id = $1 AND cancelled_at IS NULL").await?,
                 &[&run.0],
             )
             .await?;
@@ -410,8 +429,12 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT count(*), count(DISTINCT (crate_name, crate_version))
+                &client
+                    .prepare_cached(
+                        "SELECT count(*), count(DISTINCT (crate_name, crate_version))
                  FROM jobs WHERE run_id = $1",
+                    )
+                    .await?,
                 &[&run.0],
             )
             .await?;
@@ -427,9 +450,13 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE runs SET published_at = now(), producer_summary = $2,
+                &client
+                    .prepare_cached(
+                        "UPDATE runs SET published_at = now(), producer_summary = $2,
                      jobs_total = (SELECT count(*) FROM jobs WHERE run_id = $1)
                  WHERE id = $1",
+                    )
+                    .await?,
                 &[&run.0, summary],
             )
             .await?;
@@ -476,10 +503,10 @@ impl Store {
         let client = self.client().await?;
         let inserted = client
             .query(
-                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain)
+                &client.prepare_cached("INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
                  ON CONFLICT (id) DO NOTHING
-                 RETURNING id",
+                 RETURNING id").await?,
                 &[&ids, &runs, &names, &versions, &checksums, &toolchains],
             )
             .await
@@ -490,9 +517,13 @@ impl Store {
         }
         let rows = client
             .query(
-                "SELECT j.id FROM jobs j
+                &client
+                    .prepare_cached(
+                        "SELECT j.id FROM jobs j
                  WHERE j.id = ANY($1) AND j.published_at IS NULL
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)",
+                    )
+                    .await?,
                 &[&ids],
             )
             .await?;
@@ -504,11 +535,11 @@ impl Store {
         let client = self.client().await?;
         Ok(client
             .query(
-                "SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain, j.recheck_of
+                &client.prepare_cached("SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain, j.recheck_of
                  FROM jobs j
                  WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
-                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                 ORDER BY j.crate_name, j.crate_version, j.toolchain").await?,
                 &[&run.0],
             )
             .await?
@@ -529,13 +560,17 @@ impl Store {
         let tx = client.transaction().await?;
         if let Some((run, position)) = position {
             tx.execute(
-                "UPDATE runs SET paging_position = $2 WHERE id = $1",
+                &tx.prepare_cached("UPDATE runs SET paging_position = $2 WHERE id = $1")
+                    .await?,
                 &[&run.0, position],
             )
             .await?;
         }
         tx.execute(
-            "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            &tx.prepare_cached(
+                "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+            )
+            .await?,
             &[&ids],
         )
         .await?;
@@ -548,11 +583,13 @@ impl Store {
     /// What a consumer needs to know before taking a delivered job on, in one round trip.
     pub async fn job_state(&self, job: &Job) -> anyhow::Result<JobState> {
         let client = self.client().await?;
+        // A start is ended by an `attempt-failed` or `finished` event before any later start;
+        // one that is not was cut short by its consumer's death.
         let row = client
             .query_one(
-                // A start is ended by an `attempt-failed` or `finished` event before any later
-                // start; one that is not was cut short by its consumer's death.
-                "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1),
+                &client
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM results WHERE job_id = $1),
                         EXISTS (SELECT 1 FROM jobs WHERE id = $1),
                         EXISTS (SELECT 1 FROM runs WHERE id = $2 AND cancelled_at IS NOT NULL),
                         (SELECT count(*) FROM job_events s
@@ -566,6 +603,8 @@ impl Store {
                                  AND NOT EXISTS (SELECT 1 FROM job_events n
                                                  WHERE n.job_id = $1 AND n.kind = 'started'
                                                    AND n.id > s.id AND n.id < c.id)))",
+                    )
+                    .await?,
                 &[&job.id.0, &job.run_id.0],
             )
             .await?;
@@ -636,13 +675,13 @@ impl Store {
         for _ in 0..2 {
             let claimed = client
                 .query_opt(
-                    "INSERT INTO computations AS c (memo_key, job_id, consumer) VALUES ($1, $2, $3)
+                    &client.prepare_cached("INSERT INTO computations AS c (memo_key, job_id, consumer) VALUES ($1, $2, $3)
                      ON CONFLICT (memo_key) DO UPDATE
                        SET job_id = excluded.job_id, consumer = excluded.consumer,
                            heartbeat_at = now()
                        WHERE c.job_id = excluded.job_id
                           OR c.heartbeat_at < now() - make_interval(secs => $4)
-                     RETURNING job_id",
+                     RETURNING job_id").await?,
                     &[&memo_key, &job.0, &consumer, &stale_secs],
                 )
                 .await?;
@@ -652,7 +691,9 @@ impl Store {
             // The row was someone else's and fresh, so it was left alone: say whose.
             let holder = client
                 .query_opt(
-                    "SELECT job_id FROM computations WHERE memo_key = $1",
+                    &client
+                        .prepare_cached("SELECT job_id FROM computations WHERE memo_key = $1")
+                        .await?,
                     &[&memo_key],
                 )
                 .await?;
@@ -668,7 +709,7 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE computations SET heartbeat_at = now() WHERE memo_key = $1 AND job_id = $2",
+                &client.prepare_cached("UPDATE computations SET heartbeat_at = now() WHERE memo_key = $1 AND job_id = $2").await?,
                 &[&memo_key, &job.0],
             )
             .await?;
@@ -680,7 +721,9 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "DELETE FROM computations WHERE memo_key = $1 AND job_id = $2",
+                &client
+                    .prepare_cached("DELETE FROM computations WHERE memo_key = $1 AND job_id = $2")
+                    .await?,
                 &[&memo_key, &job.0],
             )
             .await?;
@@ -698,8 +741,12 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                &client
+                    .prepare_cached(
+                        "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
                  VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .await?,
                 &[
                     &job.id.0,
                     &job.run_id.0,
@@ -731,8 +778,8 @@ impl Store {
         if let Some(pairing) = pairing {
             let package = &pairing.end_rerun.package;
             tx.execute(
-                "SELECT 1 FROM jobs WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
-                 FOR UPDATE",
+                &tx.prepare_cached("SELECT 1 FROM jobs WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
+                 FOR UPDATE").await?,
                 &[&result.run_id.0, &package.name, &package.version],
             )
             .await
@@ -740,10 +787,13 @@ impl Store {
         }
         let inserted = tx
             .execute(
-                "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
+                &tx.prepare_cached(
+                    "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
                                       consumer, log, log_key, memo_key, reused_from, environment)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT (job_id) DO NOTHING",
+                )
+                .await?,
                 &[
                     &result.job_id.0,
                     &result.run_id.0,
@@ -765,16 +815,22 @@ impl Store {
             && let Some(reason) = &result.dead_lettered
         {
             tx.execute(
-                "INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
+                &tx.prepare_cached(
+                    "INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
                  VALUES ($1, $2, 'dead-lettered', $3, $4)",
+                )
+                .await?,
                 &[&result.job_id.0, &result.run_id.0, &result.consumer, reason],
             )
             .await?;
         }
         if inserted == 1 {
             tx.execute(
-                "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                &tx.prepare_cached(
+                    "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
                  VALUES ($1, $2, 'finished', $3, $4, $5)",
+                )
+                .await?,
                 &[
                     &result.job_id.0,
                     &result.run_id.0,
@@ -784,6 +840,17 @@ impl Store {
                 ],
             )
             .await?;
+        }
+        if result.releases_claim
+            && let Some(memo_key) = &result.memo_key
+        {
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM computations WHERE memo_key = $1 AND job_id = $2")
+                    .await?,
+                &[memo_key, &result.job_id.0],
+            )
+            .await
+            .context("cannot release the computation")?;
         }
         let rerun = match pairing {
             Some(pairing) => Self::record_rerun_if_regressed(&tx, pairing).await?,
@@ -802,10 +869,13 @@ impl Store {
         let rerun = &pairing.end_rerun;
         let rows = tx
             .query(
-                "SELECT j.toolchain, r.outcome, r.environment IS NOT NULL
+                &tx.prepare_cached(
+                    "SELECT j.toolchain, r.outcome, r.environment IS NOT NULL
                  FROM jobs j JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2 AND j.crate_version = $3
                    AND j.toolchain IN ($4, $5)",
+                )
+                .await?,
                 &[
                     &rerun.run_id.0,
                     &rerun.package.name,
@@ -834,10 +904,13 @@ impl Store {
             .recheck_of
             .context("a pairing's end_rerun is a re-run")?;
         tx.execute(
-            "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain,
+            &tx.prepare_cached(
+                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain,
                                recheck_of)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO NOTHING",
+            )
+            .await?,
             &[
                 &rerun.id.0,
                 &rerun.run_id.0,
@@ -852,7 +925,8 @@ impl Store {
         .context("cannot record a regression's re-run")?;
         let unpublished = tx
             .query_one(
-                "SELECT published_at IS NULL FROM jobs WHERE id = $1",
+                &tx.prepare_cached("SELECT published_at IS NULL FROM jobs WHERE id = $1")
+                    .await?,
                 &[&rerun.id.0],
             )
             .await?;
@@ -865,9 +939,13 @@ impl Store {
         let client = self.client().await?;
         Ok(client
             .query(
-                "SELECT id, toolchain, recheck_of FROM jobs
+                &client
+                    .prepare_cached(
+                        "SELECT id, toolchain, recheck_of FROM jobs
                  WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
                    AND recheck_of IS NOT NULL AND published_at IS NULL",
+                    )
+                    .await?,
                 &[&job.run_id.0, &job.package.name, &job.package.version],
             )
             .await?
@@ -889,12 +967,12 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
+                &client.prepare_cached("SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
                         r.log, r.environment
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
-                 ORDER BY r.finished_at LIMIT 1",
+                 ORDER BY r.finished_at LIMIT 1").await?,
                 &[&memo_key],
             )
             .await?;
@@ -926,8 +1004,12 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
+                &client
+                    .prepare_cached(
+                        "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO NOTHING",
+                    )
+                    .await?,
                 &[&id, &name, &secret, &host],
             )
             .await?;
@@ -945,8 +1027,8 @@ impl Store {
         let client = self.client().await?;
         let updated = client
             .execute(
-                "UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4
-                 WHERE id = $1 AND secret = $2",
+                &client.prepare_cached("UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4
+                 WHERE id = $1 AND secret = $2").await?,
                 &[&id, &secret, &current_jobs, &jobs_done],
             )
             .await?;
@@ -961,8 +1043,12 @@ impl Store {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE consumers SET stopped_at = now(), current_jobs = '{}'
+                &client
+                    .prepare_cached(
+                        "UPDATE consumers SET stopped_at = now(), current_jobs = '{}'
                  WHERE id = $1 AND secret = $2",
+                    )
+                    .await?,
                 &[&id, &secret],
             )
             .await?;
@@ -974,8 +1060,8 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at
-                 FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC",
+                &client.prepare_cached("SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at
+                 FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC").await?,
                 &[&since],
             )
             .await?;
@@ -1041,7 +1127,7 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome",
+                &client.prepare_cached("SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome").await?,
                 &[&run.0],
             )
             .await?;
@@ -1057,18 +1143,18 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(DISTINCT job_id) FROM job_events e
+                &client.prepare_cached("SELECT (SELECT count(DISTINCT job_id) FROM job_events e
                          WHERE e.run_id = $1 AND e.kind = 'dead-lettered' AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
                                          AND q.kind = 'requeued' AND q.id > e.id)),
                         (SELECT count(*) FROM results
-                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2))",
+                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2))").await?,
                 &[&run.0, &(window_secs as f64)],
             )
             .await?;
         let outcomes = client
             .query(
-                "SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
-                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+                &client.prepare_cached("SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2").await?,
                 &[&run.0],
             )
             .await?
@@ -1097,7 +1183,9 @@ impl Store {
         let parse = |o: Option<String>| o.map(|o| o.parse::<Outcome>()).transpose();
         client
             .query(
-                "SELECT rs.outcome, rs.environment IS NOT NULL, re.outcome,
+                &client
+                    .prepare_cached(
+                        "SELECT rs.outcome, rs.environment IS NOT NULL, re.outcome,
                         re.environment IS NOT NULL, rr.outcome, count(*)
                  FROM jobs js LEFT JOIN results rs ON rs.job_id = js.id
                  JOIN jobs je ON je.run_id = js.run_id AND je.toolchain = $3
@@ -1107,6 +1195,8 @@ impl Store {
                  LEFT JOIN results rr ON rr.job_id = jr.id
                  WHERE js.run_id = $1 AND js.toolchain = $2
                  GROUP BY 1, 2, 3, 4, 5",
+                    )
+                    .await?,
                 &[&run.0, &start, &end],
             )
             .await?
@@ -1133,10 +1223,14 @@ impl Store {
         let client = self.client().await?;
         client
             .query(
-                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
+                &client
+                    .prepare_cached(
+                        "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
                         r.environment IS NOT NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1
                  ORDER BY 1, 2, 3",
+                    )
+                    .await?,
                 &[&run.0],
             )
             .await?
@@ -1164,10 +1258,10 @@ impl Store {
         let client = self.client().await?;
         client
             .query(
-                "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at
+                &client.prepare_cached("SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1 AND r.outcome NOT IN ('build-pass', 'test-pass', 'skipped')
-                 ORDER BY r.finished_at DESC LIMIT $2",
+                 ORDER BY r.finished_at DESC LIMIT $2").await?,
                 &[&run.0, &limit],
             )
             .await?
@@ -1191,12 +1285,16 @@ impl Store {
         let client = self.client().await?;
         client
             .query(
-                "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
+                &client
+                    .prepare_cached(
+                        "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
                  FROM job_events e JOIN jobs j ON j.id = e.job_id
                  WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
                    AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
                                          AND q.kind = 'requeued' AND q.id > e.id)
                  ORDER BY e.at DESC LIMIT $2",
+                    )
+                    .await?,
                 &[&run.0, &limit],
             )
             .await?
@@ -1226,7 +1324,8 @@ impl Store {
         let tx = client.transaction().await?;
         let rows = tx
             .query(
-                "WITH dead AS (
+                &tx.prepare_cached(
+                    "WITH dead AS (
                      SELECT DISTINCT e.job_id FROM job_events e
                      WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
                        AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
@@ -1245,6 +1344,8 @@ impl Store {
                         j.recheck_of
                  FROM jobs j JOIN logged ON logged.job_id = j.id
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                )
+                .await?,
                 &[&run.0, &by],
             )
             .await
@@ -1263,13 +1364,17 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
+                &client
+                    .prepare_cached(
+                        "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
                  FROM jobs ja JOIN results ra ON ra.job_id = ja.id
                  JOIN jobs jb ON jb.run_id = $3 AND jb.toolchain = $4
                       AND jb.crate_name = ja.crate_name AND jb.crate_version = ja.crate_version
                  JOIN results rb ON rb.job_id = jb.id
                  WHERE ja.run_id = $1 AND ja.toolchain = $2
                  ORDER BY ja.crate_name, ja.crate_version",
+                    )
+                    .await?,
                 &[&a.0, &toolchain_a, &b.0, &toolchain_b],
             )
             .await?;
@@ -1297,7 +1402,9 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT
+                &client
+                    .prepare_cached(
+                        "SELECT
                    (SELECT count(*) FROM jobs WHERE run_id = $1),
                    (SELECT count(*) FROM jobs WHERE run_id = $1 AND published_at IS NULL),
                    (SELECT count(*) FROM results WHERE run_id = $1),
@@ -1316,15 +1423,17 @@ impl Store {
                         AND NOT EXISTS (SELECT 1 FROM results r
                                         WHERE r.job_id = e.job_id AND r.outcome = 'error')),
                    (SELECT count(*) FROM jobs WHERE run_id = $1 AND recheck_of IS NOT NULL)",
+                    )
+                    .await?,
                 &[&run.0],
             )
             .await?;
         let missing = client
             .query(
-                "SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
+                &client.prepare_cached("SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
                  FROM jobs j WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
-                 ORDER BY 1 LIMIT 20",
+                 ORDER BY 1 LIMIT 20").await?,
                 &[&run.0],
             )
             .await?;
@@ -1351,11 +1460,15 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT j.id, j.crate_version, j.toolchain, r.outcome
+                &client
+                    .prepare_cached(
+                        "SELECT j.id, j.crate_version, j.toolchain, r.outcome
                  FROM jobs j LEFT JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2
                    AND ($3::text IS NULL OR j.crate_version = $3)
                  ORDER BY j.crate_version, j.toolchain",
+                    )
+                    .await?,
                 &[&run.0, &name, &version],
             )
             .await?;

@@ -35,6 +35,9 @@ enum Bench {
         /// Consumers (one job at a time each), and xargs's parallelism.
         #[arg(long, default_value_t = 2)]
         consumers: usize,
+        /// Rounds, each a fresh stack and the pipeline then xargs; the summary is the median.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// A real workload: `cargo check` of real crates through the pipeline (twice: cold caches,
     /// then warm), against xargs running the same fetch and sandboxed check.
@@ -45,6 +48,9 @@ enum Bench {
         /// Consumers (one job at a time each), and xargs's parallelism.
         #[arg(long, default_value_t = 2)]
         consumers: usize,
+        /// Rounds, each a fresh stack, its pipeline runs then xargs's; the summary is the median.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// The producer publishing every version of a generated dump, against a bare lapin loop.
     Publish {
@@ -104,8 +110,33 @@ struct Measured {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = quarry_shared::telemetry::init("quarry-bench");
     match Bench::parse() {
-        Bench::Dispatch { jobs, consumers } => dispatch(jobs, consumers).await,
-        Bench::Check { crates, consumers } => check(crates, consumers).await,
+        Bench::Dispatch {
+            jobs,
+            consumers,
+            rounds,
+        } => {
+            let mut measured = Vec::new();
+            for _ in 0..rounds {
+                measured.push(dispatch(jobs, consumers).await?);
+            }
+            summarize(&format!("dispatch, {jobs} no-op jobs"), &measured);
+            Ok(())
+        }
+        Bench::Check {
+            crates,
+            consumers,
+            rounds,
+        } => {
+            let (mut cold, mut warm) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let [c, w] = check(crates, consumers).await?;
+                cold.push(c);
+                warm.push(w);
+            }
+            summarize(&format!("check, {crates} crates, cold caches"), &cold);
+            summarize(&format!("check, {crates} crates, warm caches"), &warm);
+            Ok(())
+        }
         Bench::Publish { versions, page } => publish(versions, page).await,
         Bench::Report { results } => report(results).await,
         Bench::ReportSide { config, output } => {
@@ -148,7 +179,8 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
+/// One round of `dispatch`: the pipeline's time and xargs's.
+async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<(Duration, Duration)> {
     let crates = tempfile::tempdir()?;
     eprintln!("generating {jobs} packages");
     let corpus = fixtures::synthetic(crates.path(), jobs)?;
@@ -178,6 +210,7 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pipeline = started.elapsed();
+    eprintln!("{}", timeline(&stack.sql().await?, summary.run_id).await?);
     let stats = fleet.stop().await;
     anyhow::ensure!(
         stats.results == jobs as u64,
@@ -195,10 +228,43 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<()> {
         pipeline.as_secs_f64() / bare.as_secs_f64(),
         (pipeline.as_secs_f64() - bare.as_secs_f64()) * 1000.0 * parallel as f64 / jobs as f64,
     );
-    Ok(())
+    Ok((pipeline, bare))
 }
 
-async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
+/// Prints the median of rounds of (pipeline, bare) times, and every round's ratio.
+fn summarize(what: &str, rounds: &[(Duration, Duration)]) {
+    if rounds.len() < 2 {
+        return;
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        let middle = values.len() / 2;
+        if values.len() % 2 == 0 {
+            (values[middle - 1] + values[middle]) / 2.0
+        } else {
+            values[middle]
+        }
+    };
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|(pipeline, bare)| pipeline.as_secs_f64() / bare.as_secs_f64())
+        .collect();
+    println!(
+        "| {what}, median of {} rounds | {:.1} s | {:.1} s | {:.2}× (rounds: {}) |",
+        rounds.len(),
+        median(rounds.iter().map(|r| r.0.as_secs_f64()).collect()),
+        median(rounds.iter().map(|r| r.1.as_secs_f64()).collect()),
+        median(ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}×"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+}
+
+/// One round of `check`: the pipeline's and xargs's times with cold caches, then warm.
+async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Duration); 2]> {
     let corpus = quarry_registry::Corpus::load(&[crates_dir()])?.closed();
     let stack = TestStack::start_with(corpus.clone()).await?;
     let store = Store::connect(&stack.config.database).await?;
@@ -245,6 +311,7 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
         let elapsed = started.elapsed();
         let after = stack.registry.stats();
         let database = stack.sql().await?;
+        eprintln!("{}", timeline(&database, summary.run_id).await?);
         let outcomes = database
             .query(
                 "SELECT r.outcome, count(*) FROM results r WHERE r.run_id = $1 GROUP BY 1 ORDER BY 1",
@@ -351,7 +418,52 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<()> {
             pipeline.as_secs_f64() / bare[i].as_secs_f64(),
         );
     }
-    Ok(())
+    Ok([(pipeline[0].0, bare[0]), (pipeline[1].0, bare[1])])
+}
+
+/// Where a run's time went, from its event log: how long after the run was created the first
+/// job started and the last result was written, and, per consumer, how much of the time from
+/// its first start to its last result its experiments were running.
+async fn timeline(
+    database: &tokio_postgres::Client,
+    run: quarry_shared::job::RunId,
+) -> anyhow::Result<String> {
+    let row = database
+        .query_one(
+            "SELECT extract(epoch FROM (SELECT min(at) FROM job_events
+                        WHERE run_id = r.id AND kind = 'started') - r.created_at)::float8,
+                    extract(epoch FROM (SELECT max(finished_at) FROM results
+                        WHERE run_id = r.id) - r.created_at)::float8
+             FROM runs r WHERE r.id = $1",
+            &[&run.0],
+        )
+        .await?;
+    let (first, last): (Option<f64>, Option<f64>) = (row.get(0), row.get(1));
+    let consumers = database
+        .query(
+            "SELECT consumer, count(*), sum(duration_ms)::float8 / 1000,
+                    extract(epoch FROM max(finished_at) - (SELECT min(e.at) FROM job_events e
+                        WHERE e.run_id = $1 AND e.kind = 'started' AND e.consumer = r.consumer))::float8
+             FROM results r WHERE run_id = $1 GROUP BY consumer ORDER BY consumer",
+            &[&run.0],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let (name, jobs, running, span): (String, i64, f64, Option<f64>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            format!(
+                "{name}: {jobs} jobs, running {running:.2} s of {:.2} s",
+                span.unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(format!(
+        "timeline: first job started after {:.3} s, last result after {:.3} s; {consumers}",
+        first.unwrap_or_default(),
+        last.unwrap_or_default()
+    ))
 }
 
 /// Generates a finished two-toolchain run of `results` results in the database (server-side,
