@@ -1,9 +1,14 @@
 //! Running an experiment on an unpacked package: the cargo steps of its mode, each in its own
-//! process group with a cleared environment, under one deadline for the whole job, the output of
-//! every step captured (up to a limit) into the job's log.
+//! process group with a cleared environment, under one time limit for the whole job, the output
+//! of every step captured (up to a limit) into the job's log.
 //!
-//! Resolution (`cargo fetch`) failing means the package is broken; a failing build or test step
-//! is the package's outcome. Hitting the deadline kills the whole process tree.
+//! It runs in two parts: [`resolve`] (`cargo fetch`, outside the sandbox: it runs none of the
+//! package's code), which a consumer does while its experiment slots are busy, then [`run`],
+//! the steps that run the package's code, in the sandbox, once the job has a slot. The time
+//! limit counts both, not the wait between them.
+//!
+//! Resolution failing means the package is broken; a failing build or test step is the
+//! package's outcome. Hitting the time limit kills the whole process tree.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -140,29 +145,92 @@ static CORES: std::sync::LazyLock<u64> =
 /// Largest file a package's code may write (a runaway test writing gigabytes is stopped).
 const FILE_SIZE_LIMIT: u64 = 8 << 30;
 
-/// Runs `mode`'s steps in `package_dir` with `toolchain`. `scratch` is the job's directory (it
-/// holds `package_dir` and the target directory) and the only place the package can write to.
-pub async fn run(
+/// A job's experiment part-way: the steps that resolve and download its dependencies (outside
+/// the sandbox, running none of the package's code) are done; the ones that run its code are
+/// left for [`run`].
+pub struct Resolved {
+    steps: Vec<Step>,
+    success: Outcome,
+    log: Log,
+    /// The time resolution took, counted against the job's time limit.
+    pub spent: Duration,
+}
+
+/// Runs the steps of `mode` that come before the sandbox (`cargo fetch`) in `package_dir` with
+/// `toolchain`: a consumer does this while its experiment slots are busy. `Ok(Err(_))` is the
+/// job's result when it ends here (its dependencies cannot be resolved, or time ran out).
+pub async fn resolve(
     env: &CargoEnv,
     scratch: &Path,
     package_dir: &Path,
     toolchain: &Toolchain,
     (mode, command): (Mode, Option<&[String]>),
     limits: Limits,
-) -> std::io::Result<Execution> {
-    let timeout = limits.time;
-    let deadline = Instant::now() + timeout;
+) -> std::io::Result<Result<Resolved, Execution>> {
+    let started = Instant::now();
     let mut log = Log::new(env.log_limit_bytes);
-    let (steps, success) = steps(mode, toolchain, command);
+    let (mut steps, success) = steps(mode, toolchain, command);
+    let sandboxed = steps
+        .iter()
+        .position(|step| step.sandboxed)
+        .unwrap_or(steps.len());
+    let sandboxed = steps.split_off(sandboxed);
+    let place = (scratch, package_dir, toolchain);
+    if let Some(ended) =
+        run_steps(env, place, steps, limits, started + limits.time, &mut log).await?
+    {
+        return Ok(Err(ended));
+    }
+    Ok(Ok(Resolved {
+        steps: sandboxed,
+        success,
+        log,
+        spent: started.elapsed(),
+    }))
+}
+
+/// Runs the rest of a resolved experiment: the steps that run the package's code, in the
+/// sandbox, within what resolution left of the job's time limit. `scratch` is the job's
+/// directory (it holds `package_dir` and the target directory) and the only place the package
+/// can write to.
+pub async fn run(
+    env: &CargoEnv,
+    scratch: &Path,
+    package_dir: &Path,
+    toolchain: &Toolchain,
+    resolved: Resolved,
+    limits: Limits,
+) -> std::io::Result<Execution> {
+    let Resolved {
+        steps,
+        success,
+        mut log,
+        spent,
+    } = resolved;
+    let deadline = Instant::now() + limits.time.saturating_sub(spent);
+    let place = (scratch, package_dir, toolchain);
+    if let Some(ended) = run_steps(env, place, steps, limits, deadline, &mut log).await? {
+        return Ok(ended);
+    }
+    Ok(finish(&log, success, Some(0)))
+}
+
+/// Runs `steps` in order until one fails: `Some` is the job's result then.
+async fn run_steps(
+    env: &CargoEnv,
+    (scratch, package_dir, toolchain): (&Path, &Path, &Toolchain),
+    steps: Vec<Step>,
+    limits: Limits,
+    deadline: Instant,
+    log: &mut Log,
+) -> std::io::Result<Option<Execution>> {
+    let timeout = limits.time;
     for step in steps {
         if step.argv.is_empty() {
-            log_line(
-                &mut log,
-                "quarry: the experiment's custom mode has no command\n",
-            );
-            return Ok(finish(&log, Outcome::Error, None));
+            log_line(log, "quarry: the experiment's custom mode has no command\n");
+            return Ok(Some(finish(log, Outcome::Error, None)));
         }
-        log_line(&mut log, &format!("$ {}\n", step.argv.join(" ")));
+        log_line(log, &format!("$ {}\n", step.argv.join(" ")));
         let sandbox = if step.sandboxed {
             &env.sandbox
         } else {
@@ -180,10 +248,10 @@ pub async fn run(
             confined: step.sandboxed.then_some((step_name.as_str(), limits)),
         };
         let (status, out_of_memory) =
-            run_step(env, &place, toolchain, &step.argv, deadline, &mut log).await?;
+            run_step(env, &place, toolchain, &step.argv, deadline, log).await?;
         if out_of_memory && !matches!(status, StepStatus::TimedOut | StepStatus::Exited(0)) {
             log_line(
-                &mut log,
+                log,
                 &format!(
                     "\nquarry: out of memory: the kernel killed a process of this step for using \
                      more than the limit of {} MiB (all its processes together)\n",
@@ -194,35 +262,32 @@ pub async fn run(
                 StepStatus::Exited(code) => Some(code),
                 _ => None,
             };
-            return Ok(finish(&log, Outcome::OutOfMemory, code));
+            return Ok(Some(finish(log, Outcome::OutOfMemory, code)));
         }
         match status {
             StepStatus::TimedOut => {
                 log_line(
-                    &mut log,
+                    log,
                     &format!(
                         "\nquarry: killed after the time limit of {}s\n",
                         timeout.as_secs()
                     ),
                 );
-                return Ok(finish(&log, Outcome::Timeout, None));
+                return Ok(Some(finish(log, Outcome::Timeout, None)));
             }
             StepStatus::Exited(0) => {}
             StepStatus::Exited(code) => {
-                let outcome = failure_outcome(&log, step.on_failure);
-                return Ok(finish(&log, outcome, Some(code)));
+                let outcome = failure_outcome(log, step.on_failure);
+                return Ok(Some(finish(log, outcome, Some(code))));
             }
             StepStatus::Signalled(signal) => {
-                log_line(
-                    &mut log,
-                    &format!("\nquarry: step killed by signal {signal}\n"),
-                );
-                let outcome = failure_outcome(&log, step.on_failure);
-                return Ok(finish(&log, outcome, None));
+                log_line(log, &format!("\nquarry: step killed by signal {signal}\n"));
+                let outcome = failure_outcome(log, step.on_failure);
+                return Ok(Some(finish(log, outcome, None)));
             }
         }
     }
-    Ok(finish(&log, success, Some(0)))
+    Ok(None)
 }
 
 /// A failed step whose log shows allocations failing ran out of memory, whatever the step.

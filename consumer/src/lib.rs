@@ -978,12 +978,13 @@ impl Worker {
         }
     }
 
-    /// Fetches the package and prepares its workspace (unpacked, patched), then, once one of the
-    /// consumer's experiment slots is free, logs the attempt's `started` event and runs the
-    /// experiment: returns what it came to and how long it ran. Fetching and unpacking run none
-    /// of the package's code, so they happen while other jobs hold the slots: a slot never
-    /// waits on a download or an unpack, and a consumer's death is counted against the jobs
-    /// whose code was running, not the ones it was preparing.
+    /// Fetches the package and prepares its workspace (unpacked, patched, its dependencies
+    /// resolved and downloaded), then, once one of the consumer's experiment slots is free, logs
+    /// the attempt's `started` event and runs the experiment's steps that run the package's
+    /// code: returns what it came to and how long it ran (resolving included, waiting for the
+    /// slot not). Preparing runs none of the package's code, so it happens while other jobs hold
+    /// the slots: a slot never waits on a download or a resolution, and a consumer's death is
+    /// counted against the jobs whose code was running, not the ones it was preparing.
     async fn run_experiment(
         &self,
         job: &Job,
@@ -997,9 +998,10 @@ impl Worker {
             Err(FetchError::Missing(why)) => return Ok((broken(why), Duration::ZERO)),
             Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
         };
-        let (scratch, package_dir) = match self.prepare(job, archive).await? {
+        let preparing = Instant::now();
+        let (scratch, package_dir, resolved) = match self.prepare(job, archive).await? {
             Ok(workspace) => workspace,
-            Err(broken) => return Ok((broken, Duration::ZERO)),
+            Err(ended) => return Ok((ended, preparing.elapsed())),
         };
         let slot = self
             .slots
@@ -1012,35 +1014,41 @@ impl Worker {
             .map_err(|e| InfraError(format!("cannot record the attempt's start: {e:#}")))?;
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
+        let resolving = resolved.spent;
         let execution = experiment::run(
             &self.cargo,
             scratch.path(),
             &package_dir,
             &job.toolchain,
-            (job.experiment.mode, job.experiment.command.as_deref()),
-            experiment::Limits {
-                time: Duration::from_secs(job.experiment.timeout_secs),
-                memory_bytes: job.experiment.memory_limit_mb.saturating_mul(1 << 20),
-                tasks: self.cargo.task_limit,
-            },
+            resolved,
+            self.limits(job),
         )
         .await
         .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
-        let ran_for = started.elapsed();
+        let ran_for = resolving + started.elapsed();
         // The next job's code may start while this one's files are removed.
         drop(slot);
         scratch.remove_in_background();
         Ok((execution, ran_for))
     }
 
-    /// The job's scratch directory with the package unpacked (and patched) in it, and the
-    /// package's directory; `Err` holds the job's outcome when the package cannot be unpacked or
-    /// patched.
+    /// What a job's experiment may use.
+    fn limits(&self, job: &Job) -> experiment::Limits {
+        experiment::Limits {
+            time: Duration::from_secs(job.experiment.timeout_secs),
+            memory_bytes: job.experiment.memory_limit_mb.saturating_mul(1 << 20),
+            tasks: self.cargo.task_limit,
+        }
+    }
+
+    /// The job's scratch directory with the package unpacked (and patched) in it and its
+    /// dependencies resolved, the package's directory, and the experiment so far; `Err` holds
+    /// the job's outcome when the package cannot be unpacked, patched or resolved.
     async fn prepare(
         &self,
         job: &Job,
         archive: bytes::Bytes,
-    ) -> Result<Result<(ScratchDir, PathBuf), Execution>, InfraError> {
+    ) -> Result<Result<(ScratchDir, PathBuf, experiment::Resolved), Execution>, InfraError> {
         let scratch = self.jobs_dir.join(job.id.to_string());
         let scratch = ScratchDir::create(&scratch)
             .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
@@ -1055,7 +1063,17 @@ impl Worker {
         {
             return not_applied.map(Err);
         }
-        Ok(Ok((scratch, package_dir)))
+        let resolved = experiment::resolve(
+            &self.cargo,
+            scratch.path(),
+            &package_dir,
+            &job.toolchain,
+            (job.experiment.mode, job.experiment.command.as_deref()),
+            self.limits(job),
+        )
+        .await
+        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
+        Ok(resolved.map(|resolved| (scratch, package_dir, resolved)))
     }
 
     /// Replaces a dependency of the unpacked package, before anything resolves it: the patch's

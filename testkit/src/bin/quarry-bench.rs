@@ -250,14 +250,14 @@ fn summarize(what: &str, rounds: &[(Duration, Duration)]) {
         .map(|(pipeline, bare)| pipeline.as_secs_f64() / bare.as_secs_f64())
         .collect();
     println!(
-        "| {what}, median of {} rounds | {:.1} s | {:.1} s | {:.2}× (rounds: {}) |",
+        "| {what}, median of {} rounds | {:.1} s | {:.1} s | {:.3}× (rounds: {}) |",
         rounds.len(),
         median(rounds.iter().map(|r| r.0.as_secs_f64()).collect()),
         median(rounds.iter().map(|r| r.1.as_secs_f64()).collect()),
         median(ratios.clone()),
         ratios
             .iter()
-            .map(|r| format!("{r:.2}×"))
+            .map(|r| format!("{r:.3}×"))
             .collect::<Vec<_>>()
             .join(", "),
     );
