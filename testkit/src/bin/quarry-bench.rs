@@ -7,6 +7,14 @@
 //! last result; against `xargs -P2` unpacking each of the same `.crate` files and running the
 //! same bubblewrap command line on it.
 //!
+//! `check --crates N`: `cargo check` of real crates through the pipeline, cold then warm, against
+//! xargs doing the same fetch and sandboxed check.
+//!
+//! Both take `--rounds R` (each round a fresh stack; a last row gives the medians, as one round
+//! varies a lot on a shared machine) and print, for each pipeline run, a timeline from its event
+//! log: when the first job started, when the last result came, and how long each consumer's
+//! experiments ran out of its working time.
+//!
 //! `publish --versions N`: the producer's enumeration and publishing. Generates a crates.io
 //! database dump of N versions (10 per crate), publishes every version of it with the producer
 //! (`run --dump --all-versions`: record in PostgreSQL, publish, wait for confirms, save the
