@@ -84,6 +84,8 @@ enum Plan {
     Record(Box<Done>),
     /// An identical job (of another run) is computing the same result: wait for it.
     Wait { holder: JobId },
+    /// The consumer is stopping and the job had not started: give it back to the queue.
+    GiveBack,
 }
 
 impl std::ops::AddAssign for ConsumerStats {
@@ -208,6 +210,9 @@ struct Worker {
     slots: tokio::sync::Semaphore,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
+    /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
+    /// back at once, rather than started only to be cut off at the end of the grace period.
+    stopping: CancellationToken,
 }
 
 /// Marks a job as in hand until dropped.
@@ -280,6 +285,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         metrics: metrics.clone(),
         slots: tokio::sync::Semaphore::new(usize::from(config.consumer.concurrency.max(1))),
         in_hand: Default::default(),
+        stopping: shutdown.clone(),
     });
     // Join the fleet: registered, then a heartbeat with the jobs in hand until we stop.
     let identity = (
@@ -478,15 +484,8 @@ impl Worker {
             // The result could not be recorded (database down?): let another attempt do it.
             tracing::error!(error = %format!("{err:#}"), "job not processed; returning it to the queue");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Err(err) = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-            {
-                tracing::error!(%err, "cannot return the delivery; the broker will redeliver it");
+            if let Err(err) = give_back(&delivery).await {
+                tracing::error!(error = %format!("{err:#}"), "cannot return the delivery; the broker will redeliver it");
             }
         }
     }
@@ -499,15 +498,7 @@ impl Worker {
             Err(err) => {
                 tracing::error!(error = %format!("{err:#}"), "cannot record a dead letter; returning it");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(anyhow::Error::from)
+                give_back(&delivery).await
             }
         };
         if let Err(err) = handled {
@@ -613,6 +604,7 @@ impl Worker {
         let elapsed = started.elapsed();
         let done = match execution {
             Ok(Plan::Record(done)) => *done,
+            Ok(Plan::GiveBack) => return give_back(delivery).await,
             Ok(Plan::Wait { holder }) => {
                 self.store
                     .record_waiting(&job, attempt as i32, &self.name, holder)
@@ -623,7 +615,8 @@ impl Worker {
                 }
                 // No delay queue to wait in (none configured): compute it after all.
                 let (execution, ran_for) = match self.run_experiment(&job, attempt).await {
-                    Ok((execution, ran_for)) => (execution, Some(ran_for)),
+                    Ok(Some((execution, ran_for))) => (execution, Some(ran_for)),
+                    Ok(None) => return give_back(delivery).await,
                     Err(InfraError(why)) => (
                         Execution {
                             outcome: Outcome::Error,
@@ -784,7 +777,9 @@ impl Worker {
         // Kept alive while computing and until the result is recorded.
         let claim = (!fresh).then(|| Claim::hold(self.store.clone(), memo_key.clone(), job.id));
         let (execution, ran_for) = match self.run_experiment(job, attempt).await {
-            Ok(ran) => ran,
+            Ok(Some(ran)) => ran,
+            // The claim goes with its drop.
+            Ok(None) => return Ok(Plan::GiveBack),
             Err(failed) => {
                 if let Some(claim) = claim {
                     claim.release().await;
@@ -984,30 +979,35 @@ impl Worker {
     /// code: returns what it came to and how long it ran (resolving included, waiting for the
     /// slot not). Preparing runs none of the package's code, so it happens while other jobs hold
     /// the slots: a slot never waits on a download or a resolution, and a consumer's death is
-    /// counted against the jobs whose code was running, not the ones it was preparing.
+    /// counted against the jobs whose code was running, not the ones it was preparing. `None`:
+    /// the consumer is stopping and the job had not started.
     async fn run_experiment(
         &self,
         job: &Job,
         attempt: u32,
-    ) -> Result<(Execution, Duration), InfraError> {
+    ) -> Result<Option<(Execution, Duration)>, InfraError> {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
                 bytes
             }
-            Err(FetchError::Missing(why)) => return Ok((broken(why), Duration::ZERO)),
+            Err(FetchError::Missing(why)) => return Ok(Some((broken(why), Duration::ZERO))),
             Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
         };
         let preparing = Instant::now();
         let (scratch, package_dir, resolved) = match self.prepare(job, archive).await? {
             Ok(workspace) => workspace,
-            Err(ended) => return Ok((ended, preparing.elapsed())),
+            Err(ended) => return Ok(Some((ended, preparing.elapsed()))),
         };
-        let slot = self
-            .slots
-            .acquire()
-            .await
-            .expect("the slots are never closed");
+        let slot = tokio::select! {
+            // Biased: a stopping consumer starts nothing, even where a slot is free.
+            biased;
+            () = self.stopping.cancelled() => {
+                tracing::info!(job = %job.id, package = %job.package, "stopping before the job started; giving it back");
+                return Ok(None);
+            }
+            slot = self.slots.acquire() => slot.expect("the slots are never closed"),
+        };
         self.store
             .start_attempt(job, attempt as i32, &self.name)
             .await
@@ -1029,7 +1029,7 @@ impl Worker {
         // The next job's code may start while this one's files are removed.
         drop(slot);
         scratch.remove_in_background();
-        Ok((execution, ran_for))
+        Ok(Some((execution, ran_for)))
     }
 
     /// What a job's experiment may use.
@@ -1204,6 +1204,19 @@ fn broken(why: String) -> Execution {
         exit_code: None,
         log: format!("quarry: {why}\n"),
     }
+}
+
+/// Returns a delivery to the queue, for this or another consumer to take again.
+async fn give_back(delivery: &Delivery) -> anyhow::Result<()> {
+    delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .context("cannot give the delivery back")?;
+    Ok(())
 }
 
 async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
