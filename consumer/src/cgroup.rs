@@ -190,8 +190,9 @@ impl StepCgroup {
         }
     }
 
-    /// Kills every process left in the step's cgroup, waiting (briefly) until they are gone.
-    pub fn kill(&self) {
+    /// Kills every process left in the step's cgroup, waiting (briefly) until they are gone:
+    /// before the cgroup is removed.
+    fn kill(&self) {
         for dir in &self.dirs {
             if self.v2 && write(dir, "cgroup.kill", "1").is_ok() {
                 continue;

@@ -170,11 +170,11 @@ pub async fn resolve(
     let started = Instant::now();
     let mut log = Log::new(env.log_limit_bytes);
     let (mut steps, success) = steps(mode, toolchain, command);
-    let sandboxed = steps
+    let first_sandboxed = steps
         .iter()
         .position(|step| step.sandboxed)
         .unwrap_or(steps.len());
-    let sandboxed = steps.split_off(sandboxed);
+    let sandboxed = steps.split_off(first_sandboxed);
     let place = (scratch, package_dir, toolchain);
     if let Some(ended) =
         run_steps(env, place, steps, limits, started + limits.time, &mut log).await?

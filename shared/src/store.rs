@@ -299,7 +299,9 @@ impl Store {
 
     /// A pooled connection. Its statements are prepared once per connection
     /// (`prepare_cached`): a statement then costs one round trip instead of two, and PostgreSQL
-    /// parses and plans it once; consumers run the same few statements for every job.
+    /// parses and plans it once; consumers run the same few statements for every job. (The
+    /// migration lock is taken unprepared: once per process, and its unlock must run whatever
+    /// happened.)
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
     }
@@ -309,10 +311,7 @@ impl Store {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let mut client = self.client().await?;
         client
-            .execute(
-                &client.prepare_cached("SELECT pg_advisory_lock($1)").await?,
-                &[&MIGRATION_LOCK],
-            )
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await
             .context("cannot take the migration lock")?;
         let outcome = embedded::migrations::runner()
@@ -321,12 +320,7 @@ impl Store {
             .await;
         // Unlock even when migrating failed, or the pooled session would keep the lock.
         let unlocked = client
-            .execute(
-                &client
-                    .prepare_cached("SELECT pg_advisory_unlock($1)")
-                    .await?,
-                &[&MIGRATION_LOCK],
-            )
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await;
         outcome.context("database migration failed")?;
         unlocked.context("cannot release the migration lock")?;
