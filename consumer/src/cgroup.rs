@@ -5,8 +5,8 @@
 //! Both hierarchies are supported: cgroup v2 (unified, what Kubernetes nodes run today) and v1
 //! (separate `memory` and `pids` hierarchies). Each consumer gets a directory under its own
 //! cgroup, and each step a child of that, created before the step starts and removed after it.
-//! A step's process joins its cgroup between fork and exec by writing `0` to the `cgroup.procs`
-//! files opened beforehand, so it cannot fork before it is counted.
+//! A step's process joins its cgroup before it execs (see `spawn`) by writing `0` to the
+//! `cgroup.procs` files opened beforehand, so it cannot fork before it is counted.
 //!
 //! Where no hierarchy is writable (an unprivileged container without delegation), the consumer
 //! says so once and falls back to per-process rlimits.
@@ -235,19 +235,6 @@ impl Drop for StepCgroup {
             }
         }
     }
-}
-
-/// The step's pre-exec half: joins the cgroups whose `cgroup.procs` are open as `fds`.
-///
-/// Runs between fork and exec, so it only makes system calls.
-pub fn join(fds: &[RawFd]) -> io::Result<()> {
-    for &fd in fds {
-        // SAFETY: the descriptors are the `cgroup.procs` files the parent's `StepCgroup`
-        // keeps open until the child has been spawned.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        nix::unistd::write(fd, b"0")?;
-    }
-    Ok(())
 }
 
 fn kill_members(dir: &Path) {

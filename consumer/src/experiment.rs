@@ -11,18 +11,17 @@
 //! package's outcome. Hitting the time limit kills the whole process tree.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use quarry_shared::job::{Mode, Outcome, Toolchain};
 use tokio::io::AsyncReadExt as _;
-use tokio::process::Command;
 use tokio::time::Instant;
 
-use crate::cgroup::{self, CgroupLimits, Cgroups};
+use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::sandbox::Sandbox;
+use crate::spawn::Spawn;
 
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
@@ -339,12 +338,11 @@ async fn run_step(
     let (program, args) = place
         .sandbox
         .command_line(place.scratch, place.dir, &argv[0], &args);
-    let mut command = Command::new(program);
+    // Nothing of the consumer's environment (credentials included) reaches the package; its
+    // own process group, so a timeout kills rustc, build scripts and tests too.
+    let mut command = Spawn::new(program, place.dir);
     command
         .args(args)
-        .current_dir(place.dir)
-        // Nothing of the consumer's environment (credentials included) reaches the package.
-        .env_clear()
         .env("PATH", &env.path)
         .env("HOME", place.scratch)
         .env("CARGO_HOME", &env.cargo_home)
@@ -352,11 +350,7 @@ async fn run_step(
         .env("RUSTUP_TOOLCHAIN", toolchain.as_str())
         .env("CARGO_TARGET_DIR", place.scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
-        .env("CARGO_INCREMENTAL", "0")
-        .stdin(Stdio::null())
-        // Its own process group, so a timeout kills rustc, build scripts and tests too.
-        .process_group(0)
-        .kill_on_drop(true);
+        .env("CARGO_INCREMENTAL", "0");
     let mut cgroup = None;
     if let Some((name, limits)) = place.confined {
         cgroup = match &env.cgroups {
@@ -369,27 +363,21 @@ async fn run_step(
             )?),
             None => None,
         };
-        let join_fds = cgroup.as_ref().map(|c| c.join_fds()).unwrap_or_default();
-        // Without a cgroup, the address space of each process is all that can be limited.
-        let address_space = cgroup.is_none().then_some(limits.memory_bytes);
-        // CPU time per process: never less than the wall-clock limit on every core.
-        let cpu_secs = limits.time.as_secs().saturating_mul(*CORES);
-        // SAFETY: runs in the forked child before exec; write and setrlimit are
-        // async-signal-safe, and nothing here allocates or takes locks (`join_fds` was
-        // allocated before the fork).
-        unsafe {
-            command.pre_exec(move || {
-                use nix::sys::resource::{Resource, setrlimit};
-                cgroup::join(&join_fds)?;
-                if let Some(bytes) = address_space {
-                    setrlimit(Resource::RLIMIT_AS, bytes, bytes)?;
-                }
-                setrlimit(Resource::RLIMIT_CPU, cpu_secs, cpu_secs)?;
-                setrlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT, FILE_SIZE_LIMIT)?;
-                setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-                Ok(())
-            });
+        use nix::sys::resource::Resource;
+        if let Some(cgroup) = &cgroup {
+            command.join_cgroups(cgroup.join_fds());
+        } else {
+            // Without a cgroup, the address space of each process is all that can be limited.
+            command.rlimit(Resource::RLIMIT_AS, limits.memory_bytes);
         }
+        // CPU time per process: never less than the wall-clock limit on every core.
+        command
+            .rlimit(
+                Resource::RLIMIT_CPU,
+                limits.time.as_secs().saturating_mul(*CORES),
+            )
+            .rlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT)
+            .rlimit(Resource::RLIMIT_CORE, 0);
     }
     // One pipe for stdout and stderr: the log keeps the order they were written in, as a
     // terminal would show it, and is read here, in the step's own task.
@@ -399,11 +387,9 @@ async fn run_step(
         .stdout(output_writer.try_clone()?)
         .stderr(output_writer);
     // Spawned from this thread, not a blocking one: bubblewrap's `--die-with-parent` is tied to
-    // the thread that forked it, and blocking threads exit when idle.
+    // the thread that started it, and blocking threads exit when idle.
     let mut child = command.spawn()?;
-    // The command holds the pipe's writing end: drop it, or the pipe never ends.
-    drop(command);
-    let group = ProcessGroup(child.id().map(|id| Pid::from_raw(id as i32)));
+    let group = ProcessGroup(Pid::from_raw(child.id()));
     let mut capture = Capture {
         output,
         buffer: vec![0; 8192],
@@ -458,14 +444,12 @@ async fn run_step(
 }
 
 /// Kills a whole process group when asked, and when dropped (a cancelled job).
-struct ProcessGroup(Option<Pid>);
+struct ProcessGroup(Pid);
 
 impl ProcessGroup {
     fn kill(&self) {
-        if let Some(pid) = self.0 {
-            // ESRCH (already gone) is the common, harmless case.
-            let _ = killpg(pid, Signal::SIGKILL);
-        }
+        // ESRCH (already gone) is the common, harmless case.
+        let _ = killpg(self.0, Signal::SIGKILL);
     }
 }
 

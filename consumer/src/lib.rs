@@ -18,6 +18,7 @@ mod fetch;
 mod metrics;
 mod mirror;
 mod sandbox;
+mod spawn;
 mod unpack;
 
 use std::collections::HashMap;

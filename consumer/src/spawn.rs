@@ -1,0 +1,529 @@
+//! Starting a step's process without copying the consumer.
+//!
+//! A step's process must join its cgroup and take its rlimits before it runs anything, so that
+//! it cannot fork or allocate uncounted. `std::process::Command` can only do that with a
+//! `pre_exec` hook, and a hook makes it `fork`: the kernel copies the consumer's page tables,
+//! every runtime thread stalls on the address space's lock meanwhile, and each page the
+//! consumer then writes is copied once more. With a no-op experiment, that was most of the
+//! consumer's time (BENCHMARKS.md).
+//!
+//! So steps are started the way `posix_spawn` starts processes: `clone(CLONE_VM |
+//! CLONE_VFORK)`, the child running on a stack of its own in the consumer's memory, doing only
+//! system calls (reset signal handlers, new process group, join the cgroups, set the rlimits,
+//! set up stdio, change directory, `execve`) while the calling thread waits for the `execve`.
+//! Everything it needs is prepared before the clone; it allocates nothing and takes no lock.
+//! The child is then waited for through a pidfd (`CLONE_PIDFD`, Linux 5.3 or later).
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::libc;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+
+/// The stack the child runs on until `execve`: it calls a few system calls and nothing else.
+const CHILD_STACK_BYTES: usize = 64 * 1024;
+
+/// A process to start: what `Command` would hold, plus what the child does to itself first.
+pub struct Spawn {
+    program: OsString,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    dir: PathBuf,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    /// Open `cgroup.procs` files the child writes `0` to (joins), before anything else runs.
+    cgroups: Vec<RawFd>,
+    rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+}
+
+impl Spawn {
+    /// `program` is looked up in the `PATH` given with [`Spawn::env`] unless it holds a `/`.
+    /// The environment starts empty, stdin is `/dev/null`, and the process leads a process
+    /// group of its own.
+    pub fn new(program: impl Into<OsString>, dir: &Path) -> Spawn {
+        Spawn {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            dir: dir.to_owned(),
+            stdout: None,
+            stderr: None,
+            cgroups: Vec::new(),
+            rlimits: Vec::new(),
+        }
+    }
+
+    pub fn args<I, S>(&mut self, args: I) -> &mut Spawn
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Spawn {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    pub fn stdout(&mut self, fd: OwnedFd) -> &mut Spawn {
+        self.stdout = Some(fd);
+        self
+    }
+
+    pub fn stderr(&mut self, fd: OwnedFd) -> &mut Spawn {
+        self.stderr = Some(fd);
+        self
+    }
+
+    /// The child joins the cgroups whose `cgroup.procs` files these are. They must stay open
+    /// until `spawn` returns.
+    pub fn join_cgroups(&mut self, procs: Vec<RawFd>) -> &mut Spawn {
+        self.cgroups = procs;
+        self
+    }
+
+    /// Sets both the soft and the hard limit of `resource` in the child.
+    pub fn rlimit(&mut self, resource: nix::sys::resource::Resource, limit: u64) -> &mut Spawn {
+        self.rlimits
+            .push((resource as libc::__rlimit_resource_t, limit));
+        self
+    }
+
+    /// Starts the process. Returns once it runs `program` (or could not).
+    pub fn spawn(&mut self) -> io::Result<Child> {
+        let program = resolve(&self.program, &self.env)?;
+        let program = c_string(program.as_os_str())?;
+        let argv: Vec<CString> = std::iter::once(self.program.as_os_str())
+            .chain(self.args.iter().map(OsString::as_os_str))
+            .map(c_string)
+            .collect::<io::Result<_>>()?;
+        let envp: Vec<CString> = self
+            .env
+            .iter()
+            .map(|(key, value)| {
+                let mut pair = key.clone();
+                pair.push("=");
+                pair.push(value);
+                c_string(&pair)
+            })
+            .collect::<io::Result<_>>()?;
+        let dir = c_string(self.dir.as_os_str())?;
+        let stdin = OwnedFd::from(std::fs::File::open("/dev/null")?);
+        let null_out = || -> io::Result<OwnedFd> {
+            Ok(OwnedFd::from(
+                std::fs::OpenOptions::new().write(true).open("/dev/null")?,
+            ))
+        };
+        let stdout = match self.stdout.take() {
+            Some(fd) => fd,
+            None => null_out()?,
+        };
+        let stderr = match self.stderr.take() {
+            Some(fd) => fd,
+            None => null_out()?,
+        };
+        let argv_ptrs = null_terminated(&argv);
+        let envp_ptrs = null_terminated(&envp);
+        let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = self
+            .rlimits
+            .iter()
+            .map(|&(resource, limit)| {
+                (
+                    resource,
+                    libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    },
+                )
+            })
+            .collect();
+        // Rust's runtime opens /dev/null on any of 0, 1 and 2 found closed at start, so these
+        // are 3 or more and no `dup2` below overwrites a descriptor a later one reads.
+        let mut plan = ChildPlan {
+            program: program.as_ptr(),
+            argv: argv_ptrs.as_ptr(),
+            envp: envp_ptrs.as_ptr(),
+            dir: dir.as_ptr(),
+            stdio: [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            cgroups: &self.cgroups,
+            rlimits: &rlimits,
+            // SAFETY: a zeroed sigset_t is a valid (empty) set; filled in below.
+            mask: unsafe { std::mem::zeroed() },
+            failed_at: AtomicI32::new(0),
+            errno: AtomicI32::new(0),
+        };
+        let mut stack = vec![0u8; CHILD_STACK_BYTES];
+        // The stack grows down from its end, which must be 16-byte aligned.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK_BYTES) & !15;
+        let mut pidfd: libc::c_int = -1;
+        // SAFETY: all signals are blocked around the clone so that no handler of the consumer
+        // runs in the child (which shares its memory) before the child resets them; the child
+        // only reads `plan` (alive until the clone returns, which is after the child's
+        // `execve` or exit: CLONE_VFORK) and writes its atomics.
+        let pid = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut plan.mask);
+            let pid = libc::clone(
+                child_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                &plan as *const ChildPlan as *mut libc::c_void,
+                &mut pidfd as *mut libc::c_int,
+            );
+            let clone_error = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &plan.mask, std::ptr::null_mut());
+            if pid < 0 {
+                return Err(io::Error::new(
+                    clone_error.kind(),
+                    format!(
+                        "cannot start a process (clone with a pidfd needs Linux 5.3 or later): {clone_error}"
+                    ),
+                ));
+            }
+            pid
+        };
+        drop(stack);
+        // SAFETY: CLONE_PIDFD stored a new descriptor (close-on-exec) for the child there.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let failed_at = plan.failed_at.load(Ordering::SeqCst);
+        if failed_at != 0 {
+            let errno = plan.errno.load(Ordering::SeqCst);
+            // The child has exited already; reap it.
+            let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
+            let error = io::Error::from_raw_os_error(errno);
+            let stage = Stage::describe(failed_at);
+            return Err(io::Error::new(
+                error.kind(),
+                format!("cannot start {:?}: {stage}: {error}", self.program),
+            ));
+        }
+        // SAFETY: an `OwnedFd` keeps its descriptor open, and the same, while it is registered.
+        match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+            Ok(pidfd) => Ok(Child {
+                pid: Pid::from_raw(pid),
+                pidfd: Some(pidfd),
+            }),
+            Err(error) => {
+                let (pidfd, error) = error.into_parts();
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A started process. Dropped before it was waited for, it is killed (and reaped).
+pub struct Child {
+    pid: Pid,
+    /// `None` once reaped.
+    pidfd: Option<AsyncFd<OwnedFd>>,
+}
+
+impl Child {
+    pub fn id(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Waits for the process to end and reaps it. Cancel-safe.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let Some(pidfd) = &self.pidfd else {
+            return Err(io::Error::other("the process was already waited for"));
+        };
+        loop {
+            let mut ready = pidfd.readable().await?;
+            match waitid(
+                Id::PIDFd(pidfd.get_ref().as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+            ) {
+                Ok(WaitStatus::StillAlive) => ready.clear_ready(),
+                Ok(status) => {
+                    self.pidfd = None;
+                    return Ok(exit_status(status));
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(errno) => return Err(errno.into()),
+            }
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let Some(pidfd) = self.pidfd.take() else {
+            return;
+        };
+        // Not reaped yet, so the pid is still this process's.
+        let _ = kill(self.pid, Signal::SIGKILL);
+        let pidfd = pidfd.into_inner();
+        let reap = move || {
+            let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
+        };
+        // A killed process may take a moment to exit: not on a runtime thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(reap)),
+            Err(_) => reap(),
+        }
+    }
+}
+
+fn exit_status(status: WaitStatus) -> ExitStatus {
+    // Encoded as `waitpid` reports it, which is what `ExitStatus` holds on Unix.
+    match status {
+        WaitStatus::Exited(_, code) => ExitStatus::from_raw((code & 0xff) << 8),
+        WaitStatus::Signaled(_, signal, core) => {
+            ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 })
+        }
+        // Only exits are waited for (no WSTOPPED or WCONTINUED).
+        _ => ExitStatus::from_raw(0xff << 8),
+    }
+}
+
+/// Finds `program` the way `execvp` would, in the `PATH` of the child's environment.
+fn resolve(program: &OsStr, env: &[(OsString, OsString)]) -> io::Result<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{program:?} is not in the PATH {path:?}"),
+            )
+        })
+}
+
+fn c_string(text: &OsStr) -> io::Result<CString> {
+    CString::new(text.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{text:?} holds a NUL byte"),
+        )
+    })
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Everything the child needs, prepared by the parent.
+struct ChildPlan<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    dir: *const libc::c_char,
+    /// Becomes the child's stdin, stdout and stderr.
+    stdio: [RawFd; 3],
+    cgroups: &'a [RawFd],
+    rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
+    /// The parent's signal mask, the child's once it has reset the signals' handlers.
+    mask: libc::sigset_t,
+    /// Set by the child when it fails: the [`Stage`] and the error.
+    failed_at: AtomicI32,
+    errno: AtomicI32,
+}
+
+/// What the child was doing when it failed.
+#[repr(i32)]
+enum Stage {
+    ProcessGroup = 1,
+    Cgroup,
+    Rlimit,
+    Stdio,
+    Directory,
+    Exec,
+}
+
+impl Stage {
+    fn describe(stage: i32) -> &'static str {
+        match stage {
+            1 => "cannot make its process group",
+            2 => "cannot join its cgroup",
+            3 => "cannot set its resource limits",
+            4 => "cannot set up its stdin, stdout and stderr",
+            5 => "cannot change to its directory",
+            _ => "cannot execute it",
+        }
+    }
+}
+
+/// The child, until `execve`. Only system calls: it shares the parent's memory, whose other
+/// threads may hold the allocator's locks.
+extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: the parent passed a `ChildPlan` it keeps alive until this process execs or exits.
+    let plan = unsafe { &*(plan as *const ChildPlan) };
+    let fail = |stage: Stage| -> libc::c_int {
+        // SAFETY: errno is read right after the failed call; `_exit` runs no destructor and
+        // no atexit handler of the parent's.
+        unsafe {
+            plan.errno
+                .store(*libc::__errno_location(), Ordering::SeqCst);
+            plan.failed_at.store(stage as i32, Ordering::SeqCst);
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: plain system calls on descriptors and strings the parent prepared.
+    unsafe {
+        // Handlers are the consumer's code: back to the defaults before signals are unblocked.
+        // SIGPIPE too, which Rust ignores and children expect to kill them, as std does.
+        let mut action: libc::sigaction = std::mem::zeroed();
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        for signal in 1..65 {
+            if libc::sigaction(signal, std::ptr::null(), &mut action) == 0
+                && (action.sa_sigaction != libc::SIG_DFL && action.sa_sigaction != libc::SIG_IGN
+                    || signal == libc::SIGPIPE)
+            {
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(Stage::ProcessGroup);
+        }
+        for &procs in plan.cgroups {
+            if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                return fail(Stage::Cgroup);
+            }
+        }
+        for (resource, limit) in plan.rlimits {
+            if libc::setrlimit(*resource, limit) != 0 {
+                return fail(Stage::Rlimit);
+            }
+        }
+        for (target, &source) in plan.stdio.iter().enumerate() {
+            if libc::dup2(source, target as libc::c_int) < 0 {
+                return fail(Stage::Stdio);
+            }
+        }
+        if libc::chdir(plan.dir) != 0 {
+            return fail(Stage::Directory);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &plan.mask, std::ptr::null_mut());
+        libc::execve(plan.program, plan.argv, plan.envp);
+        fail(Stage::Exec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    async fn output_of(spawn: &mut Spawn) -> (ExitStatus, String, i32) {
+        let (writer, mut reader) = {
+            let (w, r) = tokio::net::unix::pipe::pipe().unwrap();
+            (w.into_blocking_fd().unwrap(), r)
+        };
+        spawn.stdout(writer.try_clone().unwrap()).stderr(writer);
+        let mut child = spawn.spawn().unwrap();
+        // The spawn holds no copy of the writing end any more: the pipe ends with the child.
+        let mut output = String::new();
+        reader.read_to_string(&mut output).await.unwrap();
+        (child.wait().await.unwrap(), output, child.id())
+    }
+
+    #[tokio::test]
+    async fn a_process_gets_its_arguments_environment_directory_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spawn = Spawn::new("sh", dir.path());
+        spawn
+            .args([
+                "-c",
+                "echo \"$1 $GREETING $(pwd) $(ulimit -f) $(cut -d' ' -f5 /proc/$$/stat)\"; echo err >&2; exit 3",
+                "sh",
+                "first",
+            ])
+            .env("PATH", "/usr/bin:/bin")
+            .env("GREETING", "hello")
+            .rlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, 512 * 1024);
+        let (status, output, pid) = output_of(&mut spawn).await;
+        assert_eq!(status.code(), Some(3));
+        let fields: Vec<&str> = output.split_whitespace().collect();
+        assert_eq!(
+            fields[..3],
+            ["first", "hello", dir.path().to_str().unwrap()]
+        );
+        // ulimit -f counts blocks of 512 bytes.
+        assert_eq!(fields[3], "1024");
+        assert_eq!(fields[5], "err");
+        // Its own process group, led by itself.
+        assert_eq!(fields[4], pid.to_string());
+    }
+
+    #[tokio::test]
+    async fn a_signal_ending_the_process_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spawn = Spawn::new("/bin/sh", dir.path());
+        spawn.args(["-c", "kill -TERM $$"]);
+        let (status, ..) = output_of(&mut spawn).await;
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_started_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Spawn::new("no-such-program", dir.path())
+            .env("PATH", "/usr/bin:/bin")
+            .spawn()
+            .err()
+            .unwrap();
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound, "{missing}");
+        let gone = dir.path().join("gone");
+        let no_dir = Spawn::new("/bin/true", &gone).spawn().err().unwrap();
+        assert!(
+            no_dir
+                .to_string()
+                .contains("cannot change to its directory"),
+            "{no_dir}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_process_is_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Spawn::new("/bin/sleep", dir.path())
+            .args(["600"])
+            .spawn()
+            .unwrap();
+        let pid = child.pid;
+        drop(child);
+        // Reaped on a blocking thread: gone within a moment.
+        for _ in 0..200 {
+            if kill(pid, None).is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the dropped process still exists");
+    }
+}
