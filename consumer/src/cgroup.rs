@@ -138,12 +138,14 @@ impl Cgroups {
             let _ = write(memory_dir, "memory.memsw.limit_in_bytes", &memory);
             write(pids_dir, "pids.max", &tasks)?;
         }
+        // In v1, the child joins through `tasks`, which moves only the writing thread (the
+        // child's only one): unlike `cgroup.procs`, the kernel then skips its global
+        // thread-group lock, whose every taking waits for an RCU grace period, and the thread
+        // that spawns the step waits for that. v2 only moves threads within threaded cgroups.
+        let join_file = if v2 { "cgroup.procs" } else { "tasks" };
         for dir in &step.dirs {
-            step.procs.push(
-                OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))?,
-            );
+            step.procs
+                .push(OpenOptions::new().write(true).open(dir.join(join_file))?);
         }
         Ok(step)
     }
@@ -153,13 +155,14 @@ impl Cgroups {
 #[derive(Debug)]
 pub struct StepCgroup {
     dirs: Vec<PathBuf>,
-    /// The `cgroup.procs` files, opened before the fork: the child only writes to them.
+    /// The files the child joins through (`cgroup.procs`, `tasks` in v1), opened before it
+    /// is started: it only writes to them.
     procs: Vec<File>,
     v2: bool,
 }
 
 impl StepCgroup {
-    /// File descriptors the child writes `0` to, between fork and exec, to join the cgroup.
+    /// File descriptors the child writes `0` to, before it execs, to join the cgroup.
     pub fn join_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }

@@ -40,7 +40,8 @@ pub struct Spawn {
     dir: PathBuf,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-    /// Open `cgroup.procs` files the child writes `0` to (joins), before anything else runs.
+    /// Open `cgroup.procs` (or v1 `tasks`) files the child writes `0` to, joining the
+    /// cgroups, before anything else runs.
     cgroups: Vec<RawFd>,
     rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
 }
@@ -88,8 +89,8 @@ impl Spawn {
         self
     }
 
-    /// The child joins the cgroups whose `cgroup.procs` files these are. They must stay open
-    /// until `spawn` returns.
+    /// The child joins the cgroups whose `cgroup.procs` (or `tasks`) files these are. They
+    /// must stay open until `spawn` returns.
     pub fn join_cgroups(&mut self, procs: Vec<RawFd>) -> &mut Spawn {
         self.cgroups = procs;
         self
