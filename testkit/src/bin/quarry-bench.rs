@@ -123,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             consumers,
             rounds,
         } => {
+            print_temporary_place();
             let mut measured = Vec::new();
             for _ in 0..rounds {
                 measured.push(dispatch(jobs, consumers).await?);
@@ -135,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             consumers,
             rounds,
         } => {
+            print_temporary_place();
             let (mut cold, mut warm) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 let [c, w] = check(crates, consumers).await?;
@@ -237,6 +239,30 @@ async fn dispatch(jobs: usize, parallel: usize) -> anyhow::Result<(Duration, Dur
         (pipeline.as_secs_f64() - bare.as_secs_f64()) * 1000.0 * parallel as f64 / jobs as f64,
     );
     Ok((pipeline, bare))
+}
+
+/// Says where both sides keep their temporary files (scratch directories, caches, the S3
+/// server's objects): `TMPDIR`. File creation there weighs on both, and how much depends on
+/// the filesystem (BENCHMARKS.md).
+fn print_temporary_place() {
+    let dir = std::env::temp_dir();
+    // The mount holding it: the longest mount point that is a prefix of it.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let filesystem = mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (point, kind) = (*fields.get(1)?, *fields.get(2)?);
+            dir.starts_with(point)
+                .then(|| (point.len(), format!("{kind} on {point}")))
+        })
+        .max()
+        .map(|(_, described)| described)
+        .unwrap_or_else(|| "unknown filesystem".to_owned());
+    eprintln!(
+        "temporary files of both sides: {} ({filesystem})",
+        dir.display()
+    );
 }
 
 /// Prints the median of rounds of (pipeline, bare) times, and every round's ratio.
