@@ -256,6 +256,25 @@ def check_common(scenario: str, docs: list[tuple[str, dict]], values: dict[str, 
     else:
         check(not secrets, f"{scenario}: no Secret rendered from values (existingSecret only)")
 
+    # Credentials: files from the Secret, outside /etc (which the sandbox shows), never
+    # environment variables.
+    for name, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            env = c.get("env", [])
+            from_secret = [e["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})]
+            check(not from_secret, f"{scenario}: {name}/{c['name']} takes no credential as an environment variable {from_secret or ''}")
+            files = [e.get("value", "") for e in env if e["name"] in (
+                "QUARRY_DATABASE_URL_FILE", "QUARRY_AMQP_URL_FILE",
+                "QUARRY_S3_ACCESS_KEY_ID_FILE", "QUARRY_S3_SECRET_ACCESS_KEY_FILE")]
+            mount = next((m["mountPath"] for m in c.get("volumeMounts", []) if m["name"] == "credentials"), None)
+            shipped = {i["path"] for i in volumes.get("credentials", {}).get("secret", {}).get("items", [])}
+            check(
+                bool(files) and mount is not None and not mount.startswith("/etc")
+                and all(f.startswith(mount + "/") and f[len(mount) + 1:] in shipped for f in files),
+                f"{scenario}: {name}/{c['name']} reads its credentials from the Secret's files, mounted outside /etc",
+            )
+
     # quarry.toml: valid TOML, only keys Quarry knows.
     configs = [d for d in by_kind(docs, "ConfigMap") if "quarry.toml" in d.get("data", {})]
     if not check(len(configs) == 1, f"{scenario}: one ConfigMap carries quarry.toml"):

@@ -91,14 +91,40 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
-{{/* One environment variable from the credentials Secret. Call with (list $ "VAR" "keyName"). */}}
-{{- define "quarry.secretEnv" -}}
+{{/* Credentials are files, not environment variables: a process's environment is readable by
+whatever else runs as its user, is copied into every child it starts, and ends up in crash
+reports. They are mounted outside /etc, which the consumer's sandbox shows read-only to packages,
+so the sandbox never sees them at all. */}}
+{{- define "quarry.credentialsDir" -}}
+/run/secrets/quarry
+{{- end -}}
+
+{{/* The variable naming the file of one credential. Call with (list $ "VAR_FILE" "keyName"). */}}
+{{- define "quarry.credentialEnv" -}}
 {{- $root := index . 0 -}}
 - name: {{ index . 1 }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "quarry.secretName" $root }}
-      key: {{ index $root.Values.secrets.keys (index . 2) }}
+  value: {{ printf "%s/%s" (include "quarry.credentialsDir" $root) (index $root.Values.secrets.keys (index . 2)) | quote }}
+{{- end -}}
+
+{{/* The credentials Secret as a volume holding only the given keys. Call with
+(list $ "keyName" ...). Readable by the pod's group (fsGroup) only. */}}
+{{- define "quarry.credentialsVolume" -}}
+{{- $root := index . 0 -}}
+- name: credentials
+  secret:
+    secretName: {{ include "quarry.secretName" $root }}
+    defaultMode: 0440
+    items:
+      {{- range $name := rest . }}
+      - key: {{ index $root.Values.secrets.keys $name }}
+        path: {{ index $root.Values.secrets.keys $name }}
+      {{- end }}
+{{- end -}}
+
+{{- define "quarry.credentialsVolumeMount" -}}
+- name: credentials
+  mountPath: {{ include "quarry.credentialsDir" . }}
+  readOnly: true
 {{- end -}}
 
 {{/* Environment every component gets: the configuration file, the database and broker URLs, the
@@ -106,8 +132,8 @@ log filter. */}}
 {{- define "quarry.commonEnv" -}}
 - name: QUARRY_CONFIG
   value: /etc/quarry/quarry.toml
-{{ include "quarry.secretEnv" (list . "QUARRY_DATABASE_URL" "databaseUrl") }}
-{{ include "quarry.secretEnv" (list . "QUARRY_AMQP_URL" "amqpUrl") }}
+{{ include "quarry.credentialEnv" (list . "QUARRY_DATABASE_URL_FILE" "databaseUrl") }}
+{{ include "quarry.credentialEnv" (list . "QUARRY_AMQP_URL_FILE" "amqpUrl") }}
 {{- with .Values.config.logLevel }}
 - name: RUST_LOG
   value: {{ . | quote }}
@@ -269,6 +295,7 @@ containers:
         readOnly: true
       - name: tmp
         mountPath: /tmp
+      {{- include "quarry.credentialsVolumeMount" $root | nindent 6 }}
       {{- include "quarry.caVolumeMount" $root | nindent 6 }}
 volumes:
   - name: config
@@ -289,6 +316,7 @@ volumes:
   - name: tmp
     emptyDir:
       sizeLimit: 64Mi
+  {{- include "quarry.credentialsVolume" (list $root "databaseUrl" "amqpUrl") | nindent 2 }}
   {{- include "quarry.caVolume" $root | nindent 2 }}
 {{- end -}}
 
