@@ -6,7 +6,7 @@
 //! (separate `memory` and `pids` hierarchies). Each consumer gets a directory under its own
 //! cgroup, and each step a child of that, created before the step starts and removed after it.
 //! A step's process joins its cgroup before it execs (see `spawn`) by writing `0` to the
-//! `cgroup.procs` files opened beforehand, so it cannot fork before it is counted.
+//! `cgroup.procs` (v1: `tasks`) files opened beforehand, so it cannot fork before it is counted.
 //!
 //! Where no hierarchy is writable (an unprivileged container without delegation), the consumer
 //! says so once and falls back to per-process rlimits.

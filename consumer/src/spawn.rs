@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
 
 use nix::libc;
 use nix::sys::signal::{Signal, kill};
@@ -163,7 +163,7 @@ impl Spawn {
             rlimits: &rlimits,
             // SAFETY: a zeroed sigset_t is a valid (empty) set; filled in below.
             mask: unsafe { std::mem::zeroed() },
-            failed_at: AtomicI32::new(0),
+            failed_at: AtomicPtr::new(std::ptr::null_mut()),
             errno: AtomicI32::new(0),
         };
         let mut stack = vec![0u8; CHILD_STACK_BYTES];
@@ -201,12 +201,13 @@ impl Spawn {
         // SAFETY: CLONE_PIDFD stored a new descriptor (close-on-exec) for the child there.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let failed_at = plan.failed_at.load(Ordering::SeqCst);
-        if failed_at != 0 {
+        if !failed_at.is_null() {
             let errno = plan.errno.load(Ordering::SeqCst);
             // The child has exited already; reap it.
             let _ = waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED);
             let error = io::Error::from_raw_os_error(errno);
-            let stage = Stage::describe(failed_at);
+            // SAFETY: the child only stores pointers to `'static` strings.
+            let stage: &str = unsafe { *failed_at };
             return Err(io::Error::new(
                 error.kind(),
                 format!("cannot start {:?}: {stage}: {error}", self.program),
@@ -349,33 +350,10 @@ struct ChildPlan<'a> {
     rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
     /// The parent's signal mask, the child's once it has reset the signals' handlers.
     mask: libc::sigset_t,
-    /// Set by the child when it fails: the [`Stage`] and the error.
-    failed_at: AtomicI32,
+    /// Set by the child when it fails: what it was doing (a `'static` string, as the child
+    /// cannot allocate) and the error.
+    failed_at: AtomicPtr<&'static str>,
     errno: AtomicI32,
-}
-
-/// What the child was doing when it failed.
-#[repr(i32)]
-enum Stage {
-    ProcessGroup = 1,
-    Cgroup,
-    Rlimit,
-    Stdio,
-    Directory,
-    Exec,
-}
-
-impl Stage {
-    fn describe(stage: i32) -> &'static str {
-        match stage {
-            1 => "cannot make its process group",
-            2 => "cannot join its cgroup",
-            3 => "cannot set its resource limits",
-            4 => "cannot set up its stdin, stdout and stderr",
-            5 => "cannot change to its directory",
-            _ => "cannot execute it",
-        }
-    }
 }
 
 /// The child, until `execve`. Only system calls: it shares the parent's memory, whose other
@@ -383,13 +361,14 @@ impl Stage {
 extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
     // SAFETY: the parent passed a `ChildPlan` it keeps alive until this process execs or exits.
     let plan = unsafe { &*(plan as *const ChildPlan) };
-    let fail = |stage: Stage| -> libc::c_int {
+    let fail = |stage: &'static &'static str| -> libc::c_int {
         // SAFETY: errno is read right after the failed call; `_exit` runs no destructor and
         // no atexit handler of the parent's.
         unsafe {
             plan.errno
                 .store(*libc::__errno_location(), Ordering::SeqCst);
-            plan.failed_at.store(stage as i32, Ordering::SeqCst);
+            plan.failed_at
+                .store(std::ptr::from_ref(stage).cast_mut(), Ordering::SeqCst);
             libc::_exit(127)
         }
     };
@@ -409,29 +388,29 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
             }
         }
         if libc::setpgid(0, 0) != 0 {
-            return fail(Stage::ProcessGroup);
+            return fail(&"cannot make its process group");
         }
         for &procs in plan.cgroups {
             if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
-                return fail(Stage::Cgroup);
+                return fail(&"cannot join its cgroup");
             }
         }
         for (resource, limit) in plan.rlimits {
             if libc::setrlimit(*resource, limit) != 0 {
-                return fail(Stage::Rlimit);
+                return fail(&"cannot set its resource limits");
             }
         }
         for (target, &source) in plan.stdio.iter().enumerate() {
             if libc::dup2(source, target as libc::c_int) < 0 {
-                return fail(Stage::Stdio);
+                return fail(&"cannot set up its stdin, stdout and stderr");
             }
         }
         if libc::chdir(plan.dir) != 0 {
-            return fail(Stage::Directory);
+            return fail(&"cannot change to its directory");
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &plan.mask, std::ptr::null_mut());
         libc::execve(plan.program, plan.argv, plan.envp);
-        fail(Stage::Exec)
+        fail(&"cannot execute it")
     }
 }
 
