@@ -2,10 +2,12 @@
 //! process group with a cleared environment, under one time limit for the whole job, the output
 //! of every step captured (up to a limit) into the job's log.
 //!
-//! It runs in two parts: [`resolve`] (`cargo fetch`, outside the sandbox: it runs none of the
-//! package's code), which a consumer does while its experiment slots are busy, then [`run`],
-//! the steps that run the package's code, in the sandbox, once the job has a slot. The time
-//! limit counts both, not the wait between them.
+//! It runs in two parts: [`resolve`] (`cargo fetch`: it runs none of the package's code), which
+//! a consumer does while its experiment slots are busy, then [`run`], the steps that run the
+//! package's code, once the job has a slot. The time limit counts both, not the wait between
+//! them. Every step runs in the sandbox: resolution reaches the registry through the job's
+//! gateway and nothing else; the later steps reach nothing. Before each step, the override
+//! files a package (or an earlier step) left are removed (`prepare.rs`).
 //!
 //! Resolution failing means the package is broken; a failing build or test step is the
 //! package's outcome. Hitting the time limit kills the whole process tree.
@@ -15,20 +17,19 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use quarry_shared::job::{Mode, Outcome, Toolchain};
+use quarry_shared::job::{Mode, Outcome, Refusal, Toolchain};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
 use crate::cgroup::{CgroupLimits, Cgroups};
-use crate::sandbox::Sandbox;
+use crate::mirror::Mirror;
+use crate::prepare::{self, Refused};
+use crate::sandbox::{Mounts, Sandbox};
 use crate::spawn::Spawn;
 
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
 pub struct CargoEnv {
-    /// The consumer's own cargo home: registry configuration and the download cache, shared by
-    /// its jobs so a dependency is downloaded once per consumer.
-    pub cargo_home: PathBuf,
     pub rustup_home: PathBuf,
     /// Directories holding `cargo` and `rustup` (the rustup proxies).
     pub path: String,
@@ -47,6 +48,20 @@ pub struct Execution {
     pub outcome: Outcome,
     pub exit_code: Option<i32>,
     pub log: String,
+    /// What the package tried that was refused (the log says what and where).
+    pub refused: Vec<Refusal>,
+}
+
+impl Execution {
+    /// A job that ends before any cargo command, for `why` (with what was refused on the way).
+    pub fn broken(why: &str, refused: &Refused) -> Execution {
+        Execution {
+            outcome: Outcome::Broken,
+            exit_code: None,
+            log: format!("{}quarry: {why}\n", refused.log_lines(0)),
+            refused: refused.refusals(),
+        }
+    }
 }
 
 struct Step {
@@ -54,9 +69,9 @@ struct Step {
     name: &'static str,
     /// The program and its arguments.
     argv: Vec<String>,
-    /// Runs the package's code (build scripts, proc macros, tests), so runs in the sandbox.
-    /// Only resolution, which needs the registry and runs nothing of the package, stays out.
-    sandboxed: bool,
+    /// Resolves: reaches the registry (through the job's gateway) and writes the job's cargo
+    /// home. The other steps run the package's code and reach nothing.
+    resolves: bool,
     /// The outcome if this step fails.
     on_failure: Outcome,
 }
@@ -72,13 +87,13 @@ fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<
     let fetch = Step {
         name: "fetch",
         argv: cargo(&["fetch"]),
-        sandboxed: false,
+        resolves: true,
         on_failure: Outcome::Broken,
     };
     let build = |name, args: &[&str]| Step {
         name,
         argv: cargo(args),
-        sandboxed: true,
+        resolves: false,
         on_failure: Outcome::BuildFail,
     };
     match mode {
@@ -105,7 +120,7 @@ fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<
                 Step {
                     name: "test",
                     argv: cargo(&["test", "--frozen"]),
-                    sandboxed: true,
+                    resolves: false,
                     on_failure: Outcome::TestFail,
                 },
             ],
@@ -117,7 +132,7 @@ fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<
             vec![Step {
                 name: "command",
                 argv: command.map(<[String]>::to_vec).unwrap_or_default(),
-                sandboxed: true,
+                resolves: false,
                 on_failure: Outcome::TestFail,
             }],
             Outcome::TestPass,
@@ -144,58 +159,111 @@ static CORES: std::sync::LazyLock<u64> =
 /// Largest file a package's code may write (a runaway test writing gigabytes is stopped).
 const FILE_SIZE_LIMIT: u64 = 8 << 30;
 
-/// A job's experiment part-way: the steps that resolve and download its dependencies (outside
-/// the sandbox, running none of the package's code) are done; the ones that run its code are
-/// left for [`run`].
+/// A job's experiment part-way: the steps that resolve and download its dependencies (running
+/// none of the package's code) are done; the ones that run its code are left for [`run`].
 pub struct Resolved {
     steps: Vec<Step>,
     success: Outcome,
     log: Log,
+    refused: Refused,
     /// The time resolution took, counted against the job's time limit.
     pub spent: Duration,
 }
 
-/// Runs the steps of `mode` that come before the sandbox (`cargo fetch`) in `package_dir` with
-/// `toolchain`: a consumer does this while its experiment slots are busy. `Ok(Err(_))` is the
-/// job's result when it ends here (its dependencies cannot be resolved, or time ran out).
+/// Where a job's steps run: its scratch directory (which holds the package, its cargo home
+/// and its target directory, and is the only place a step can write to) and the package's
+/// directory in it.
+#[derive(Clone, Copy)]
+pub struct Workspace<'a> {
+    pub scratch: &'a Path,
+    pub package_dir: &'a Path,
+}
+
+impl Workspace<'_> {
+    fn cargo_home(&self) -> PathBuf {
+        self.scratch.join("cargo-home")
+    }
+
+    /// Where the job's gateway socket is on this host: beside its scratch directory, never in
+    /// it, so no step but the one it is bound into can see it.
+    fn gateway_socket(&self) -> PathBuf {
+        let name = self
+            .scratch
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        self.scratch.with_file_name(format!("{name}.sock"))
+    }
+}
+
+/// Runs the steps of `mode` that resolve (`cargo fetch`) in `workspace` with `toolchain`, the
+/// registry reached through a gateway of the job's own to `mirror`: a consumer does this while
+/// its experiment slots are busy. `refused` holds what preparing the package refused, and
+/// gathers what resolution refuses. `Ok(Err(_))` is the job's result when it ends here (its
+/// dependencies cannot be resolved, or time ran out).
 pub async fn resolve(
     env: &CargoEnv,
-    scratch: &Path,
-    package_dir: &Path,
+    mirror: &Mirror,
+    workspace: Workspace<'_>,
     toolchain: &Toolchain,
     (mode, command): (Mode, Option<&[String]>),
     limits: Limits,
+    mut refused: Refused,
 ) -> std::io::Result<Result<Resolved, Execution>> {
     let started = Instant::now();
     let mut log = Log::new(env.log_limit_bytes);
+    log_line(&mut log, &refused.log_lines(0));
     let (mut steps, success) = steps(mode, toolchain, command);
-    let first_sandboxed = steps
-        .iter()
-        .position(|step| step.sandboxed)
-        .unwrap_or(steps.len());
-    let sandboxed = steps.split_off(first_sandboxed);
-    let place = (scratch, package_dir, toolchain);
-    if let Some(ended) =
-        run_steps(env, place, steps, limits, started + limits.time, &mut log).await?
-    {
-        return Ok(Err(ended));
+    let socket = workspace.gateway_socket();
+    prepare::write_cargo_home(workspace.scratch, &env.sandbox.registry_socket(&socket))?;
+    let resolving = steps.iter().take_while(|step| step.resolves).count();
+    let later = steps.split_off(resolving);
+    if !steps.is_empty() {
+        let gateway = mirror.gateway(&socket)?;
+        let ended = run_steps(
+            env,
+            workspace,
+            (toolchain, Some(gateway.socket())),
+            steps,
+            limits,
+            started + limits.time,
+            (&mut log, &mut refused),
+        )
+        .await?;
+        for target in gateway.refused() {
+            let before = refused.len();
+            refused.add(
+                Refusal::Network,
+                format!(
+                    "cargo was made to connect to {target} while resolving: only Quarry's \
+                     registry endpoint can be reached"
+                ),
+            );
+            log_line(&mut log, &refused.log_lines(before));
+        }
+        drop(gateway);
+        if let Some(ended) = ended {
+            return Ok(Err(Execution {
+                log: log.text(),
+                refused: refused.refusals(),
+                ..ended
+            }));
+        }
     }
     Ok(Ok(Resolved {
-        steps: sandboxed,
+        steps: later,
         success,
         log,
+        refused,
         spent: started.elapsed(),
     }))
 }
 
 /// Runs the rest of a resolved experiment: the steps that run the package's code, in the
-/// sandbox, within what resolution left of the job's time limit. `scratch` is the job's
-/// directory (it holds `package_dir` and the target directory) and the only place the package
-/// can write to.
+/// sandbox, within what resolution left of the job's time limit.
 pub async fn run(
     env: &CargoEnv,
-    scratch: &Path,
-    package_dir: &Path,
+    workspace: Workspace<'_>,
     toolchain: &Toolchain,
     resolved: Resolved,
     limits: Limits,
@@ -204,47 +272,71 @@ pub async fn run(
         steps,
         success,
         mut log,
+        mut refused,
         spent,
     } = resolved;
     let deadline = Instant::now() + limits.time.saturating_sub(spent);
-    let place = (scratch, package_dir, toolchain);
-    if let Some(ended) = run_steps(env, place, steps, limits, deadline, &mut log).await? {
-        return Ok(ended);
-    }
-    Ok(finish(&log, success, Some(0)))
+    let ended = run_steps(
+        env,
+        workspace,
+        (toolchain, None),
+        steps,
+        limits,
+        deadline,
+        (&mut log, &mut refused),
+    )
+    .await?;
+    let execution = ended.unwrap_or_else(|| finish(&log, success, Some(0)));
+    Ok(Execution {
+        refused: refused.refusals(),
+        ..execution
+    })
 }
 
-/// Runs `steps` in order until one fails: `Some` is the job's result then.
+/// Runs `steps` in order until one fails: `Some` is the job's result then (without what was
+/// refused, which the caller adds). `registry` is the job's gateway socket, for the steps
+/// that resolve.
 async fn run_steps(
     env: &CargoEnv,
-    (scratch, package_dir, toolchain): (&Path, &Path, &Toolchain),
+    workspace: Workspace<'_>,
+    (toolchain, registry): (&Toolchain, Option<&Path>),
     steps: Vec<Step>,
     limits: Limits,
     deadline: Instant,
-    log: &mut Log,
+    (log, refused): (&mut Log, &mut Refused),
 ) -> std::io::Result<Option<Execution>> {
     let timeout = limits.time;
+    let scratch = workspace.scratch;
     for step in steps {
         if step.argv.is_empty() {
             log_line(log, "quarry: the experiment's custom mode has no command\n");
             return Ok(Some(finish(log, Outcome::Error, None)));
         }
+        // What an earlier step may have written where cargo or rustup would read it.
+        let before = refused.len();
+        prepare::remove_override_files(scratch, workspace.package_dir, refused);
+        log_line(log, &refused.log_lines(before));
+        if refused.ends_the_job() {
+            return Ok(Some(finish(log, Outcome::Broken, None)));
+        }
         log_line(log, &format!("$ {}\n", step.argv.join(" ")));
-        let sandbox = if step.sandboxed {
-            &env.sandbox
-        } else {
-            &Sandbox::Unsandboxed
-        };
         let step_name = format!(
             "{}-{}",
             scratch.file_name().unwrap_or_default().to_string_lossy(),
             step.name
         );
+        let cargo_home = workspace.cargo_home();
+        let read_only = [cargo_home.as_path()];
         let place = Place {
-            scratch,
-            dir: package_dir,
-            sandbox,
-            confined: step.sandboxed.then_some((step_name.as_str(), limits)),
+            workspace,
+            mounts: Mounts {
+                writable: scratch,
+                // Once resolved, what cargo downloaded and its configuration are only read.
+                read_only: if step.resolves { &[] } else { &read_only },
+                registry: registry.filter(|_| step.resolves),
+            },
+            name: &step_name,
+            limits,
         };
         let (status, out_of_memory) =
             run_step(env, &place, toolchain, &step.argv, deadline, log).await?;
@@ -307,6 +399,7 @@ fn finish(log: &Log, outcome: Outcome, exit_code: Option<i32>) -> Execution {
         outcome,
         exit_code,
         log: log.text(),
+        refused: Vec::new(),
     }
 }
 
@@ -316,13 +409,13 @@ enum StepStatus {
     TimedOut,
 }
 
-/// Where a step runs.
+/// Where a step runs, and how it is confined.
 struct Place<'a> {
-    scratch: &'a Path,
-    dir: &'a Path,
-    sandbox: &'a Sandbox,
-    /// For steps that run the package's code: the step's name (for its cgroup) and its limits.
-    confined: Option<(&'a str, Limits)>,
+    workspace: Workspace<'a>,
+    mounts: Mounts<'a>,
+    /// The step's name, for its cgroup.
+    name: &'a str,
+    limits: Limits,
 }
 
 /// Runs one step; also says whether the kernel killed part of it for lack of memory.
@@ -335,50 +428,52 @@ async fn run_step(
     log: &mut Log,
 ) -> std::io::Result<(StepStatus, bool)> {
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-    let (program, args) = place
+    let Workspace {
+        scratch,
+        package_dir,
+    } = place.workspace;
+    let (program, args) = env
         .sandbox
-        .command_line(place.scratch, place.dir, &argv[0], &args);
+        .command_line(&place.mounts, package_dir, &argv[0], &args);
     // Nothing of the consumer's environment (credentials included) reaches the package; its
     // own process group, so a timeout kills rustc, build scripts and tests too.
-    let mut command = Spawn::new(program, place.dir);
+    let mut command = Spawn::new(program, package_dir);
     command
         .args(args)
         .env("PATH", &env.path)
-        .env("HOME", place.scratch)
-        .env("CARGO_HOME", &env.cargo_home)
+        .env("HOME", scratch)
+        .env("CARGO_HOME", place.workspace.cargo_home())
         .env("RUSTUP_HOME", &env.rustup_home)
         .env("RUSTUP_TOOLCHAIN", toolchain.as_str())
-        .env("CARGO_TARGET_DIR", place.scratch.join("target"))
+        .env("CARGO_TARGET_DIR", scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0");
-    let mut cgroup = None;
-    if let Some((name, limits)) = place.confined {
-        cgroup = match &env.cgroups {
-            Some(cgroups) => Some(cgroups.step(
-                name,
-                CgroupLimits {
-                    memory_bytes: limits.memory_bytes,
-                    tasks: limits.tasks,
-                },
-            )?),
-            None => None,
-        };
-        use nix::sys::resource::Resource;
-        if let Some(cgroup) = &cgroup {
-            command.join_cgroups(cgroup.join_fds());
-        } else {
-            // Without a cgroup, the address space of each process is all that can be limited.
-            command.rlimit(Resource::RLIMIT_AS, limits.memory_bytes);
-        }
-        // CPU time per process: never less than the wall-clock limit on every core.
-        command
-            .rlimit(
-                Resource::RLIMIT_CPU,
-                limits.time.as_secs().saturating_mul(*CORES),
-            )
-            .rlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT)
-            .rlimit(Resource::RLIMIT_CORE, 0);
+    let limits = place.limits;
+    let cgroup = match &env.cgroups {
+        Some(cgroups) => Some(cgroups.step(
+            place.name,
+            CgroupLimits {
+                memory_bytes: limits.memory_bytes,
+                tasks: limits.tasks,
+            },
+        )?),
+        None => None,
+    };
+    use nix::sys::resource::Resource;
+    if let Some(cgroup) = &cgroup {
+        command.join_cgroups(cgroup.join_fds());
+    } else {
+        // Without a cgroup, the address space of each process is all that can be limited.
+        command.rlimit(Resource::RLIMIT_AS, limits.memory_bytes);
     }
+    // CPU time per process: never less than the wall-clock limit on every core.
+    command
+        .rlimit(
+            Resource::RLIMIT_CPU,
+            limits.time.as_secs().saturating_mul(*CORES),
+        )
+        .rlimit(Resource::RLIMIT_FSIZE, FILE_SIZE_LIMIT)
+        .rlimit(Resource::RLIMIT_CORE, 0);
     // One pipe for stdout and stderr: the log keeps the order they were written in, as a
     // terminal would show it, and is read here, in the step's own task.
     let (output_writer, output) = tokio::net::unix::pipe::pipe()?;

@@ -15,8 +15,10 @@
 mod cgroup;
 mod experiment;
 mod fetch;
+mod gateway;
 mod metrics;
 mod mirror;
+mod prepare;
 mod sandbox;
 mod spawn;
 mod unpack;
@@ -42,10 +44,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::mirror::Mirror;
+use crate::prepare::Refused;
+
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{DiskCache, FetchError, Fetcher, Source};
 pub use metrics::Metrics;
-pub use sandbox::{Sandbox, find_on_path};
+pub use sandbox::{Mounts, Sandbox, find_on_path};
 
 /// What one consumer did before it stopped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -198,6 +203,8 @@ struct Worker {
     /// Where logs go.
     bucket: Bucket,
     fetcher: Arc<Fetcher>,
+    /// The registry endpoint cargo resolves from, through each job's gateway.
+    mirror: Mirror,
     cargo: CargoEnv,
     jobs_dir: PathBuf,
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
@@ -267,11 +274,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         registry,
         metrics.clone(),
     ));
-    let mirror = mirror::start(fetcher.clone()).await?;
-    let cargo = prepare_cargo_home(config, &name, &mirror.index_url()).await?;
+    let cargo = prepare_cargo_env(config).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
+    let jobs_dir = std::path::absolute(&jobs_dir)?;
+    check_jobs_dir(&jobs_dir, &cargo.sandbox)?;
     remove_leftover_scratch(&jobs_dir);
 
     let worker = Arc::new(Worker {
@@ -279,6 +287,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         store,
         bucket: bucket.clone(),
         fetcher: fetcher.clone(),
+        mirror: Mirror::new(fetcher.clone()),
         cargo,
         jobs_dir,
         toolchains: Mutex::new(HashMap::new()),
@@ -351,7 +360,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     if let Err(err) = worker.store.consumer_stopped(identity.0, &identity.1).await {
         tracing::warn!(error = %format!("{err:#}"), "cannot record that the consumer stopped");
     }
-    drop(mirror);
     fetcher.finish_s3_writes().await;
     if let Some(cgroups) = &worker.cargo.cgroups {
         cgroups.remove();
@@ -623,6 +631,7 @@ impl Worker {
                             outcome: Outcome::Error,
                             exit_code: None,
                             log: why,
+                            refused: Vec::new(),
                         },
                         None,
                     ),
@@ -655,6 +664,7 @@ impl Worker {
                         outcome: Outcome::Error,
                         exit_code: None,
                         log: reason.clone(),
+                        refused: Vec::new(),
                     },
                     claim: None,
                     ran_for: None,
@@ -704,6 +714,7 @@ impl Worker {
                     memo_key,
                     reused_from,
                     environment,
+                    refused: execution.refused,
                     dead_lettered,
                     releases_claim: claim.is_some(),
                 },
@@ -824,6 +835,7 @@ impl Worker {
                     earlier.run_name,
                     earlier.log.unwrap_or_default()
                 ),
+                refused: earlier.refused,
             },
             memo_key: Some(memo_key.to_owned()),
             reused_from: Some(earlier.job_id),
@@ -939,6 +951,7 @@ impl Worker {
                     memo_key: None,
                     reused_from: None,
                     environment: None,
+                    refused: Vec::new(),
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
                     releases_claim: false,
                 },
@@ -992,7 +1005,7 @@ impl Worker {
                 tracing::debug!(package = %job.package, ?source, "crate fetched");
                 bytes
             }
-            Err(FetchError::Missing(why)) => return Ok(Some((broken(why), Duration::ZERO))),
+            Err(FetchError::Missing(why)) => return Ok(Some((broken(&why), Duration::ZERO))),
             Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
         };
         let preparing = Instant::now();
@@ -1016,10 +1029,13 @@ impl Worker {
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
         let resolving = resolved.spent;
+        let workspace = experiment::Workspace {
+            scratch: scratch.path(),
+            package_dir: &package_dir,
+        };
         let execution = experiment::run(
             &self.cargo,
-            scratch.path(),
-            &package_dir,
+            workspace,
             &job.toolchain,
             resolved,
             self.limits(job),
@@ -1057,20 +1073,39 @@ impl Worker {
         let package_dir = match unpack_off_thread(archive, scratch.path().join("src"), root).await?
         {
             Ok(dir) => dir,
-            Err(why) => return Ok(Err(broken(format!("cannot unpack the package: {why}")))),
+            Err(why) => return Ok(Err(broken(&format!("cannot unpack the package: {why}")))),
         };
+        // The trust boundary: what the package ships for cargo to obey is removed or refused
+        // before cargo reads any of it.
+        let mut refused = Refused::default();
+        if let Err(why) = prepare::package(scratch.path(), &package_dir, &mut refused) {
+            return Ok(Err(Execution::broken(&why, &refused)));
+        }
         if let Some(patch) = &job.patch
-            && let Err(not_applied) = self.apply_patch(patch, scratch.path(), &package_dir).await
+            && let Err(not_applied) = self
+                .apply_patch(patch, scratch.path(), &package_dir, &mut refused)
+                .await
         {
             return not_applied.map(Err);
         }
+        if refused.ends_the_job() {
+            return Ok(Err(Execution::broken(
+                "not resolved: the package needs what Quarry does not fetch",
+                &refused,
+            )));
+        }
+        let workspace = experiment::Workspace {
+            scratch: scratch.path(),
+            package_dir: &package_dir,
+        };
         let resolved = experiment::resolve(
             &self.cargo,
-            scratch.path(),
-            &package_dir,
+            &self.mirror,
+            workspace,
             &job.toolchain,
             (job.experiment.mode, job.experiment.command.as_deref()),
             self.limits(job),
+            refused,
         )
         .await
         .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
@@ -1078,25 +1113,33 @@ impl Worker {
     }
 
     /// Replaces a dependency of the unpacked package, before anything resolves it: the patch's
-    /// `.crate` (through the caches, or as uploaded with the run) is unpacked beside the package
-    /// and named in a `[patch.crates-io]` table appended to its manifest (`cargo package` strips
-    /// any the author had). `Err` holds what the job comes to when that cannot be done.
+    /// `.crate` (through the caches, or as uploaded with the run) is unpacked beside the package,
+    /// its manifest checked as the package's is (into `refused`), and named in a
+    /// `[patch.crates-io]` table appended to the package's manifest (`cargo package` strips any
+    /// the author had). `Err` holds what the job comes to when that cannot be done.
     async fn apply_patch(
         &self,
         patch: &Patch,
         scratch: &std::path::Path,
         package_dir: &std::path::Path,
+        refused: &mut Refused,
     ) -> Result<(), Result<Execution, InfraError>> {
         let replacement = PackageVersion {
             name: patch.name.clone(),
             version: patch.version.clone(),
             checksum: patch.checksum.clone(),
         };
+        fn not_applied(
+            why: String,
+            refused: &Refused,
+        ) -> Result<(), Result<Execution, InfraError>> {
+            Err(Ok(Execution::broken(&why, refused)))
+        }
         let archive = match &patch.source {
             PatchSource::Registry => match self.fetcher.fetch(&replacement).await {
                 Ok((bytes, _)) => bytes,
                 Err(FetchError::Missing(why)) => {
-                    return Err(Ok(broken(format!("cannot fetch the patch {patch}: {why}"))));
+                    return not_applied(format!("cannot fetch the patch {patch}: {why}"), refused);
                 }
                 Err(FetchError::Unavailable(why)) => return Err(Err(InfraError(why))),
             },
@@ -1109,10 +1152,13 @@ impl Worker {
                     ))));
                 }
                 Ok(None) => {
-                    return Err(Ok(broken(format!(
-                        "the uploaded patch {patch} is gone from s3://{}/{key}",
-                        self.bucket.bucket()
-                    ))));
+                    return not_applied(
+                        format!(
+                            "the uploaded patch {patch} is gone from s3://{}/{key}",
+                            self.bucket.bucket()
+                        ),
+                        refused,
+                    );
                 }
                 Err(err) => return Err(Err(InfraError(format!("{err:#}")))),
             },
@@ -1121,12 +1167,13 @@ impl Worker {
         let patch_dir = match unpack_off_thread(archive, scratch.join("patches"), root).await {
             Ok(Ok(dir)) => dir,
             Ok(Err(why)) => {
-                return Err(Ok(broken(format!(
-                    "cannot unpack the patch {patch}: {why}"
-                ))));
+                return not_applied(format!("cannot unpack the patch {patch}: {why}"), refused);
             }
             Err(infra) => return Err(Err(infra)),
         };
+        if let Err(why) = prepare::patch(&patch_dir, &patch.to_string(), refused) {
+            return not_applied(format!("the patch {patch}: {why}"), refused);
+        }
         let manifest = package_dir.join("Cargo.toml");
         let table = format!(
             "\n[patch.crates-io]\n{} = {{ path = {} }}\n",
@@ -1138,10 +1185,10 @@ impl Worker {
             .open(&manifest)
             .and_then(|mut file| std::io::Write::write_all(&mut file, table.as_bytes()));
         if let Err(err) = appended {
-            return Err(Ok(broken(format!(
-                "cannot add the patch to {}: {err}",
-                manifest.display()
-            ))));
+            return not_applied(
+                format!("cannot add the patch to {}: {err}", manifest.display()),
+                refused,
+            );
         }
         Ok(())
     }
@@ -1184,7 +1231,6 @@ async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<Stri
         .arg("--version")
         .env_clear()
         .env("PATH", &cargo.path)
-        .env("CARGO_HOME", &cargo.cargo_home)
         .env("RUSTUP_HOME", &cargo.rustup_home)
         .output()
         .await
@@ -1199,12 +1245,8 @@ async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<Stri
     }
 }
 
-fn broken(why: String) -> Execution {
-    Execution {
-        outcome: Outcome::Broken,
-        exit_code: None,
-        log: format!("quarry: {why}\n"),
-    }
+fn broken(why: &str) -> Execution {
+    Execution::broken(why, &Refused::default())
 }
 
 /// Returns a delivery to the queue, for this or another consumer to take again.
@@ -1308,30 +1350,15 @@ fn default_name() -> String {
     format!("{}-{}", host_name(), std::process::id())
 }
 
-/// Sets up the consumer's cargo home: where cargo keeps what it downloaded, and the source
-/// replacement that sends every registry request of cargo to this consumer's own endpoint
-/// (`mirror`), which serves dependencies through the cache layers.
-async fn prepare_cargo_home(
-    config: &Config,
-    name: &str,
-    mirror_index: &str,
-) -> anyhow::Result<CargoEnv> {
-    let cargo_home = config.consumer.work_dir.join(name).join("cargo-home");
-    std::fs::create_dir_all(&cargo_home)
-        .with_context(|| format!("cannot create {}", cargo_home.display()))?;
-    let cargo_config = format!(
-        "[term]\ncolor = \"never\"\n[net]\nretry = 3\n\
-         [source.crates-io]\nreplace-with = \"quarry-mirror\"\n\
-         [source.quarry-mirror]\nregistry = \"{mirror_index}\"\n"
-    );
-    std::fs::write(cargo_home.join("config.toml"), cargo_config)?;
+/// The environment of the consumer's cargo steps: the toolchains, the sandbox and the cgroups
+/// its steps run in. Each job has a cargo home of its own (`prepare::write_cargo_home`).
+async fn prepare_cargo_env(config: &Config) -> anyhow::Result<CargoEnv> {
     let user_home = std::env::var_os("HOME").map(PathBuf::from);
     let rustup_home = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)
         .or_else(|| user_home.as_ref().map(|h| h.join(".rustup")))
         .context("cannot find the rustup home: set RUSTUP_HOME")?;
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
-    let cargo_home = std::path::absolute(&cargo_home)?;
     let sandbox = if config.consumer.unsandboxed {
         tracing::warn!(
             "RUNNING UNSANDBOXED: packages' build scripts and tests run with this consumer's \
@@ -1339,16 +1366,16 @@ async fn prepare_cargo_home(
         );
         Sandbox::Unsandboxed
     } else {
-        // The toolchains, cargo's rustup proxy and the downloaded dependencies, all read-only.
+        // The toolchains and cargo's rustup proxy, read-only.
         let cargo_bin = sandbox::find_on_path("cargo")
             .and_then(|cargo| cargo.parent().map(PathBuf::from))
             .context("cargo is not on PATH")?;
-        let mut sandbox =
-            Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin, cargo_home.clone()]).await?;
+        let mut sandbox = Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin]).await?;
         sandbox.hide(&config.secret_files());
         sandbox
     };
-    let cgroups = match cgroup::Cgroups::detect(name) {
+    let name = config.consumer.name.clone().unwrap_or_else(default_name);
+    let cgroups = match cgroup::Cgroups::detect(&name) {
         Ok(cgroups) => {
             tracing::info!(
                 cgroups = %cgroups.describe(),
@@ -1366,7 +1393,6 @@ async fn prepare_cargo_home(
         }
     };
     Ok(CargoEnv {
-        cargo_home,
         rustup_home,
         path,
         log_limit_bytes: config.consumer.log_limit_bytes,
@@ -1374,4 +1400,36 @@ async fn prepare_cargo_home(
         sandbox,
         cgroups,
     })
+}
+
+/// Refuses a jobs directory the trust boundary cannot hold in: one whose gateway sockets would
+/// not fit a Unix socket's path, or with a cargo configuration above it that the steps would
+/// see (cargo reads one in every directory from the package's up). Nothing a job runs can
+/// write above its scratch directory; this makes sure nothing else left one there either.
+fn check_jobs_dir(jobs_dir: &std::path::Path, sandbox: &Sandbox) -> anyhow::Result<()> {
+    // A job's socket: `<jobs dir>/<uuid>.sock`.
+    let socket = jobs_dir.join(format!("{}.sock", uuid::Uuid::nil()));
+    if socket.as_os_str().len() > gateway::MAX_SOCKET_PATH {
+        anyhow::bail!(
+            "the jobs directory {} is too long a path for the jobs' registry sockets ({} bytes \
+             at most, with a job's name): choose a shorter consumer.work_dir",
+            jobs_dir.display(),
+            gateway::MAX_SOCKET_PATH
+        );
+    }
+    for dir in jobs_dir.ancestors() {
+        for config in [".cargo/config", ".cargo/config.toml"] {
+            let config = dir.join(config);
+            if config.exists() && sandbox.shows(&config) {
+                anyhow::bail!(
+                    "{} would be read by cargo in every job (it is above the jobs directory {}): \
+                     remove it, or choose a consumer.work_dir outside {}",
+                    config.display(),
+                    jobs_dir.display(),
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,16 +1,14 @@
-//! The consumer's own crates.io-compatible endpoint, on loopback, that cargo is pointed at while
-//! it resolves and downloads a package's dependencies (outside the sandbox). Index files are
-//! kept in the work directory and revalidated with the registry (`If-None-Match`: an unchanged
-//! file costs a 304 and no body; an unreachable registry, the cached copy). Downloads go
-//! through the same cache layers as the packages under test (disk, S3, registry), checked
-//! against the index's checksum. So a dependency is downloaded from the registry once, ever,
-//! and a second run downloads no `.crate` from it.
+//! The consumer's own crates.io-compatible endpoint, the only registry cargo knows while it
+//! resolves and downloads a package's dependencies (inside the sandbox, through the job's
+//! [`Gateway`]). Index files are kept in the work directory and revalidated with the registry
+//! (`If-None-Match`: an unchanged file costs a 304 and no body; an unreachable registry, the
+//! cached copy). Downloads go through the same cache layers as the packages under test (disk,
+//! S3, registry), checked against the index's checksum. So a dependency is downloaded from the
+//! registry once, ever, and a second run downloads no `.crate` from it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -21,59 +19,42 @@ use quarry_shared::registry::{IndexConfig, RegistryError, parse_index_file};
 use tokio::sync::RwLock;
 
 use crate::fetch::{FetchError, Fetcher};
+use crate::gateway::{Gateway, REGISTRY_HOST};
 
 struct Shared {
     fetcher: Arc<Fetcher>,
-    base_url: String,
     /// Checksums from the index files served so far, by (name, version).
     checksums: RwLock<HashMap<(String, String), String>>,
 }
 
-/// The endpoint, serving until dropped.
+/// The endpoint, served on each job's gateway.
 pub struct Mirror {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    endpoint: Router,
 }
 
 impl Mirror {
-    /// The sparse index URL to give cargo (`sparse+` prefix included).
-    pub fn index_url(&self) -> String {
-        format!("sparse+http://{}/index/", self.addr)
+    pub fn new(fetcher: Arc<Fetcher>) -> Mirror {
+        let shared = Arc::new(Shared {
+            fetcher,
+            checksums: RwLock::default(),
+        });
+        let endpoint = Router::new()
+            .route("/index/config.json", get(config_json))
+            .route("/index/{*path}", get(index_file))
+            .route("/dl/{name}/{version}", get(download))
+            .with_state(shared);
+        Mirror { endpoint }
+    }
+
+    /// Opens a job's gateway to the endpoint at `socket` (see [`Gateway::open`]).
+    pub fn gateway(&self, socket: &std::path::Path) -> std::io::Result<Gateway> {
+        Gateway::open(socket, self.endpoint.clone())
     }
 }
 
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-pub async fn start(fetcher: Arc<Fetcher>) -> anyhow::Result<Mirror> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot open the local registry endpoint for cargo")?;
-    let addr = listener.local_addr()?;
-    let shared = Arc::new(Shared {
-        fetcher,
-        base_url: format!("http://{addr}"),
-        checksums: RwLock::default(),
-    });
-    let app = Router::new()
-        .route("/index/config.json", get(config_json))
-        .route("/index/{*path}", get(index_file))
-        .route("/dl/{name}/{version}", get(download))
-        .with_state(shared);
-    let task = tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            tracing::error!(%err, "the local registry endpoint stopped");
-        }
-    });
-    Ok(Mirror { addr, task })
-}
-
-async fn config_json(State(shared): State<Arc<Shared>>) -> Json<IndexConfig> {
+async fn config_json() -> Json<IndexConfig> {
     Json(IndexConfig {
-        dl: format!("{}/dl/{{crate}}/{{version}}", shared.base_url),
+        dl: format!("http://{REGISTRY_HOST}/dl/{{crate}}/{{version}}"),
         api: None,
     })
 }

@@ -1,10 +1,13 @@
-//! The sandbox experiments run in: bubblewrap with no network, its own PID namespace and session,
-//! the system and the toolchains read-only, and only the job's scratch directory writable.
+//! The sandbox every step of a job runs in: bubblewrap with no network, its own PID namespace and
+//! session, the system and the toolchains read-only, and only the job's scratch directory
+//! writable (besides the sandbox's own `/tmp`, which dies with it).
 //!
-//! Resolution (`cargo fetch`) needs the registry, so it runs outside; every step that runs the
-//! package's code (build scripts, proc macros, tests) runs inside. When the consumer dies, the
-//! sandbox dies with it (`--die-with-parent`); killing the sandbox's outer process tears down its
-//! PID namespace, and with it every process the package started.
+//! Every cargo command that reads the package runs inside, resolution (`cargo fetch`) included:
+//! cargo obeys the manifest it reads, so it must have nowhere to go. The resolving step alone
+//! gets a way out, to the registry and nowhere else: the job's gateway socket (`gateway.rs`),
+//! bound at [`REGISTRY_SOCKET`]. When the consumer dies, the sandbox dies with it
+//! (`--die-with-parent`); killing the sandbox's outer process tears down its PID namespace, and
+//! with it every process the package started.
 //!
 //! What in the system directories only their owner may read (`/etc/shadow`, private keys under
 //! `/etc/ssl/private`, a config file with secrets kept mode 600) is hidden: a consumer running as
@@ -13,6 +16,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+
+/// Where the resolving step finds the job's registry gateway, inside the sandbox.
+pub const REGISTRY_SOCKET: &str = "/run/quarry/registry.sock";
+
+/// What a step may touch besides the read-only system.
+pub struct Mounts<'a> {
+    /// The only writable place: the job's scratch directory.
+    pub writable: &'a Path,
+    /// Places inside `writable` the step may only read (the job's cargo home, once resolved).
+    pub read_only: &'a [&'a Path],
+    /// The job's registry gateway (its socket on this host), for the step that resolves.
+    pub registry: Option<&'a Path>,
+}
 
 /// Directories of the host visible (read-only) inside the sandbox, if they exist.
 const SYSTEM_DIRS: [&str; 8] = [
@@ -74,36 +90,51 @@ impl Sandbox {
     /// Hides `paths` too (the consumer's own secret files), wherever the sandbox would show
     /// them, whatever their mode: a mounted secret is often readable by everyone.
     pub fn hide(&mut self, paths: &[PathBuf]) {
-        let Sandbox::Bubblewrap {
-            read_only, hidden, ..
-        } = self
-        else {
+        let shown: Vec<Hidden> = paths
+            .iter()
+            .filter_map(|path| path.canonicalize().ok())
+            .filter(|path| self.shows(path))
+            .map(|path| {
+                if path.is_dir() {
+                    Hidden::Directory(path)
+                } else {
+                    Hidden::File(path)
+                }
+            })
+            .collect();
+        let Sandbox::Bubblewrap { hidden, .. } = self else {
             return;
         };
-        for path in paths {
-            let Ok(path) = path.canonicalize() else {
-                continue;
-            };
-            let visible = SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))
-                || read_only.iter().any(|dir| path.starts_with(dir));
-            if !visible {
-                continue;
-            }
-            hidden.push(if path.is_dir() {
-                Hidden::Directory(path)
-            } else {
-                Hidden::File(path)
-            });
-        }
+        hidden.extend(shown);
         hidden.sort();
         hidden.dedup();
     }
 
+    /// Where a step sees the gateway socket that is at `host` on this host.
+    pub fn registry_socket(&self, host: &Path) -> PathBuf {
+        match self {
+            Sandbox::Bubblewrap { .. } => PathBuf::from(REGISTRY_SOCKET),
+            Sandbox::Unsandboxed => host.to_owned(),
+        }
+    }
+
+    /// Whether a step would see `path` of this host (through the system directories or the
+    /// read-only binds; everything, unsandboxed).
+    pub fn shows(&self, path: &Path) -> bool {
+        match self {
+            Sandbox::Unsandboxed => true,
+            Sandbox::Bubblewrap { read_only, .. } => {
+                SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))
+                    || read_only.iter().any(|dir| path.starts_with(dir))
+            }
+        }
+    }
+
     /// The program and arguments that run `program args` in the sandbox, in `dir`, with
-    /// `writable` as the only writable place.
+    /// `mounts`.
     pub fn command_line(
         &self,
-        writable: &Path,
+        mounts: &Mounts<'_>,
         dir: &Path,
         program: &str,
         args: &[&str],
@@ -153,7 +184,20 @@ impl Sandbox {
                         ]),
                     }
                 }
-                bind(&mut line, "--bind", writable);
+                bind(&mut line, "--bind", mounts.writable);
+                for path in mounts.read_only {
+                    bind(&mut line, "--ro-bind", path);
+                }
+                if let Some(socket) = mounts.registry {
+                    line.extend([
+                        "--ro-bind".to_owned(),
+                        socket.display().to_string(),
+                        REGISTRY_SOCKET.to_owned(),
+                    ]);
+                }
+                // The root bubblewrap made, and the directories it made in it for the binds:
+                // nothing there is for a step to write.
+                line.extend(["--remount-ro".to_owned(), "/".to_owned()]);
                 line.extend(["--chdir".to_owned(), dir.display().to_string()]);
                 line.push("--".to_owned());
                 line.push(program.to_owned());
@@ -231,12 +275,13 @@ mod tests {
         sandbox.hide(&[secret.clone(), PathBuf::from("/nonexistent/secret")]);
         let scratch = tempfile::tempdir().unwrap();
         let read = |file: PathBuf| {
-            let (program, args) = sandbox.command_line(
-                scratch.path(),
-                scratch.path(),
-                "cat",
-                &[file.to_str().unwrap()],
-            );
+            let mounts = Mounts {
+                writable: scratch.path(),
+                read_only: &[],
+                registry: None,
+            };
+            let (program, args) =
+                sandbox.command_line(&mounts, scratch.path(), "cat", &[file.to_str().unwrap()]);
             let output = std::process::Command::new(program)
                 .args(args)
                 .output()

@@ -1,6 +1,8 @@
 //! Unpacking a `.crate` (a gzipped tar) into a job's scratch directory, refusing what a package
 //! archive has no business containing: links, devices, paths that escape the directory, and
-//! archives that expand past the size or entry limits.
+//! archives that expand past the size or entry limits, and anything outside the package's own
+//! `<name>-<version>/` directory (cargo refuses those too), which would land above the package,
+//! where cargo looks for configuration.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -29,6 +31,7 @@ pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBu
         if path
             .components()
             .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+            || !path.starts_with(expected_root)
         {
             return Err(format!(
                 "archive entry {} escapes the package directory",
@@ -60,24 +63,7 @@ pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBu
             "archive has no {expected_root}/Cargo.toml at its top"
         ));
     }
-    make_workspace_root(&root.join("Cargo.toml"))?;
     Ok(root)
-}
-
-/// Marks the package as its own workspace root. Without this, cargo walks up from the scratch
-/// directory and adopts any `Cargo.toml` workspace above it (the consumer's own checkout, say),
-/// failing the package for where it was unpacked. Published manifests have no `[workspace]`
-/// (`cargo publish` strips it), so this adds one and changes nothing else.
-fn make_workspace_root(manifest: &Path) -> Result<(), String> {
-    let text =
-        std::fs::read_to_string(manifest).map_err(|e| format!("cannot read Cargo.toml: {e}"))?;
-    let parsed: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("Cargo.toml is not valid TOML: {e}"))?;
-    if !parsed.contains_key("workspace") {
-        std::fs::write(manifest, format!("{text}\n[workspace]\n"))
-            .map_err(|e| format!("cannot write Cargo.toml: {e}"))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -123,6 +109,18 @@ mod tests {
         ]);
         let root = unpack(&bytes, dir.path(), "a-1.0.0").unwrap();
         assert!(root.join("src/lib.rs").is_file());
+    }
+
+    #[test]
+    fn refuses_entries_beside_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = archive(&[
+            ("a-1.0.0/Cargo.toml", b"[package]"),
+            (".cargo/config.toml", b"[alias]\nb = \"run\""),
+        ]);
+        let err = unpack(&bytes, dir.path(), "a-1.0.0").unwrap_err();
+        assert!(err.contains(".cargo/config.toml escapes"), "{err}");
+        assert!(!dir.path().join(".cargo").exists());
     }
 
     #[test]

@@ -534,6 +534,77 @@ impl FromStr for Outcome {
     }
 }
 
+/// What a package tried, before any of its code ran, that Quarry refused: the trust boundary's
+/// findings, kept on the job's result as machine-readable reasons (the log says the details)
+/// and listed by the report. Stored as its kebab-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// It shipped a `.cargo/config[.toml]` or `rust-toolchain[.toml]`, removed before any cargo
+    /// command as rustwide does; the job goes on without it.
+    OverrideFile,
+    /// A removed cargo configuration set what would run a program or send cargo elsewhere
+    /// (sources, registries, credential providers, proxies, wrappers, runners, `[env]`,
+    /// aliases, `include`, `paths`): an attempt, whatever else the package is.
+    HostileConfig,
+    /// A dependency, `[patch]` or `[replace]` from git: never fetched; the job is broken.
+    GitDependency,
+    /// A path (dependency, patch, workspace or target) that leads out of the package: not
+    /// followed; the job is broken.
+    PathOutsidePackage,
+    /// A dependency from a registry other than the run's: not fetched; the job is broken.
+    ForeignRegistry,
+    /// During resolution cargo tried to connect somewhere other than Quarry's registry
+    /// endpoint: refused (it has no other way out of the sandbox).
+    Network,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::OverrideFile,
+        Refusal::HostileConfig,
+        Refusal::GitDependency,
+        Refusal::PathOutsidePackage,
+        Refusal::ForeignRegistry,
+        Refusal::Network,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::OverrideFile => "override-file",
+            Refusal::HostileConfig => "hostile-config",
+            Refusal::GitDependency => "git-dependency",
+            Refusal::PathOutsidePackage => "path-outside-package",
+            Refusal::ForeignRegistry => "foreign-registry",
+            Refusal::Network => "network",
+        }
+    }
+
+    /// Whether the job cannot go on once this is refused: what it needs was not fetched.
+    pub fn ends_the_job(self) -> bool {
+        matches!(
+            self,
+            Refusal::GitDependency | Refusal::PathOutsidePackage | Refusal::ForeignRegistry
+        )
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Refusal {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Refusal::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown refusal {s:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::category::{Category, Verdict, categorize};
 use crate::config::DatabaseConfig;
-use crate::job::{Job, JobId, Outcome, PackageVersion, RunId};
+use crate::job::{Job, JobId, Outcome, PackageVersion, Refusal, RunId};
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -99,6 +99,8 @@ pub struct NewResult {
     pub reused_from: Option<JobId>,
     /// Why a failure points at the environment rather than the code (`network denied: ...`).
     pub environment: Option<String>,
+    /// What the package tried that the consumer refused.
+    pub refused: Vec<Refusal>,
     /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
     /// `dead-lettered` event in the same transaction as the (`error`) result.
     pub dead_lettered: Option<String>,
@@ -136,6 +138,7 @@ pub struct MemoizedResult {
     pub log_key: Option<String>,
     pub log: Option<String>,
     pub environment: Option<String>,
+    pub refused: Vec<Refusal>,
 }
 
 /// One row of a run's results, joined with its job, for reports.
@@ -155,6 +158,8 @@ pub struct ResultRow {
     pub recheck_of: Option<Uuid>,
     /// Why its failure points at the environment, if it does.
     pub environment: Option<String>,
+    /// What the package tried that the consumer refused.
+    pub refused: Vec<Refusal>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
     pub log: Option<String>,
@@ -783,8 +788,9 @@ impl Store {
             .execute(
                 &tx.prepare_cached(
                     "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
-                                      consumer, log, log_key, memo_key, reused_from, environment)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                      consumer, log, log_key, memo_key, reused_from, environment,
+                                      refused)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
                  ON CONFLICT (job_id) DO NOTHING",
                 )
                 .await?,
@@ -801,6 +807,7 @@ impl Store {
                     &result.memo_key,
                     &result.reused_from.map(|j| j.0),
                     &result.environment,
+                    &refusal_names(&result.refused),
                 ],
             )
             .await
@@ -962,7 +969,7 @@ impl Store {
         let row = client
             .query_opt(
                 &client.prepare_cached("SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
-                        r.log, r.environment
+                        r.log, r.environment, r.refused
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
@@ -980,6 +987,7 @@ impl Store {
                 log_key: row.get(5),
                 log: row.get(6),
                 environment: row.get(7),
+                refused: parse_refusals(row.get(8))?,
             })
         })
         .transpose()
@@ -1085,7 +1093,7 @@ impl Store {
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of, r.environment
+                        j.recheck_of, r.environment, r.refused
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -1111,6 +1119,7 @@ impl Store {
                 log_key: row.get(11),
                 recheck_of: row.get(12),
                 environment: row.get(13),
+                refused: parse_refusals(row.get(14))?,
             });
         }
         Ok(results)
@@ -1540,4 +1549,13 @@ fn run_from_row(row: tokio_postgres::Row) -> Run {
         cancelled_at: row.get(7),
         paging_position: row.get(8),
     }
+}
+
+/// Refusals as the database keeps them: their names.
+fn refusal_names(refused: &[Refusal]) -> Vec<&'static str> {
+    refused.iter().map(|r| r.as_str()).collect()
+}
+
+fn parse_refusals(names: Vec<String>) -> anyhow::Result<Vec<Refusal>> {
+    names.iter().map(|name| name.parse()).collect()
 }

@@ -634,12 +634,12 @@ const PLACE: &str = "/QUARRY_BENCH_DIR";
 /// The consumer's bubblewrap command line for `program args`, run in `$d/src` with `$d`
 /// writable, as shell words.
 fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -> String {
-    let (bwrap, line) = sandbox.command_line(
-        Path::new(PLACE),
-        &Path::new(PLACE).join("src"),
-        program,
-        args,
-    );
+    let mounts = quarry_consumer::Mounts {
+        writable: Path::new(PLACE),
+        read_only: &[],
+        registry: None,
+    };
+    let (bwrap, line) = sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args);
     std::iter::once(bwrap.display().to_string())
         .chain(line)
         .map(|arg| {
