@@ -34,7 +34,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
 use quarry_shared::job::{
-    Job, JobId, Outcome, PackageVersion, Patch, PatchSource, RunId, StoredDefinition, Toolchain,
+    Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Refusal, RunId, StoredDefinition,
+    Toolchain,
 };
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
@@ -1073,7 +1074,14 @@ impl Worker {
         let package_dir = match unpack_off_thread(archive, scratch.path().join("src"), root).await?
         {
             Ok(dir) => dir,
-            Err(why) => return Ok(Err(broken(&format!("cannot unpack the package: {why}")))),
+            Err(why) => {
+                let mut refused = Refused::default();
+                refused.add(Refusal::UnpackRefused, why);
+                return Ok(Err(Execution::broken(
+                    "cannot unpack the package",
+                    &refused,
+                )));
+            }
         };
         // The trust boundary: what the package ships for cargo to obey is removed or refused
         // before cargo reads any of it.
@@ -1167,7 +1175,8 @@ impl Worker {
         let patch_dir = match unpack_off_thread(archive, scratch.join("patches"), root).await {
             Ok(Ok(dir)) => dir,
             Ok(Err(why)) => {
-                return not_applied(format!("cannot unpack the patch {patch}: {why}"), refused);
+                refused.add(Refusal::UnpackRefused, format!("the patch {patch}: {why}"));
+                return not_applied(format!("cannot unpack the patch {patch}"), refused);
             }
             Err(infra) => return Err(Err(infra)),
         };

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use quarry_shared::Config;
-use quarry_shared::job::Outcome;
+use quarry_shared::job::{Outcome, Refusal};
 use quarry_shared::s3::Bucket;
 use quarry_shared::store::{Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,10 @@ pub struct Report {
     /// the largest group first.
     #[serde(default)]
     pub causes: Vec<CauseGroup>,
+    /// The packages that tried what the consumer refused (an override file, a git dependency,
+    /// a connection elsewhere), per refusal: what a security team reads first.
+    #[serde(default)]
+    pub refused: Vec<RefusalGroup>,
     pub packages: Vec<PackageRow>,
 }
 
@@ -79,6 +83,17 @@ pub struct PackageRow {
     /// (`network denied: ...`). The comparison counts it as spurious.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
+    /// What the package tried that the consumer refused (`Refusal` names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
+/// The jobs whose package tried what one refusal names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefusalGroup {
+    pub refusal: String,
+    /// `name@version (toolchain)` of each job.
+    pub jobs: Vec<String>,
 }
 
 /// Failed jobs that share a root cause.
@@ -190,14 +205,28 @@ fn write_report(
 ) -> anyhow::Result<Written> {
     let mut packages = Vec::with_capacity(rows.len());
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut refusals: BTreeMap<Refusal, Vec<String>> = BTreeMap::new();
     // Rows are consumed as they are turned into the report's: a million of them is memory.
     for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
-        // A re-run's failure is its package's failure again: counted once, with the first.
-        if let Some(cause) = cause.as_ref().filter(|_| row.recheck_of.is_none()) {
-            groups.entry(cause.clone()).or_default().push(format!(
+        let job = || {
+            format!(
                 "{}@{} ({})",
                 row.crate_name, row.crate_version, row.toolchain
-            ));
+            )
+        };
+        for refusal in &row.refused {
+            refusals.entry(*refusal).or_default().push(job());
+        }
+        // A package broken by what was refused is broken for that reason, named as such.
+        let cause = cause.or_else(|| {
+            (row.outcome == Outcome::Broken)
+                .then(|| row.refused.iter().find(|r| r.ends_the_job()))
+                .flatten()
+                .map(|refusal| format!("refused: {refusal}"))
+        });
+        // A re-run's failure is its package's failure again: counted once, with the first.
+        if let Some(cause) = cause.as_ref().filter(|_| row.recheck_of.is_none()) {
+            groups.entry(cause.clone()).or_default().push(job());
         }
         let log = copied.then(|| format!("logs/{}", log_file(&row)));
         packages.push(PackageRow {
@@ -212,6 +241,7 @@ fn write_report(
             log,
             cause,
             environment: row.environment,
+            refused: row.refused.iter().map(|r| r.to_string()).collect(),
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -240,6 +270,13 @@ fn write_report(
             causes.sort_by(|a, b| b.jobs.len().cmp(&a.jobs.len()).then(a.cause.cmp(&b.cause)));
             causes
         },
+        refused: refusals
+            .into_iter()
+            .map(|(refusal, jobs)| RefusalGroup {
+                refusal: refusal.to_string(),
+                jobs,
+            })
+            .collect(),
         packages,
     };
     let json = dir.join("report.json");
@@ -702,6 +739,29 @@ fn render_markdown(report: &Report) -> String {
             let _ = writeln!(md, "| {} | {} |", group.cause, group.jobs.len());
         }
     }
+    if !report.refused.is_empty() {
+        md.push_str("\n### Refused (what packages tried that Quarry did not allow)\n\n");
+        for group in &report.refused {
+            let shown: Vec<String> = group
+                .jobs
+                .iter()
+                .take(20)
+                .map(|j| format!("`{j}`"))
+                .collect();
+            let more = group.jobs.len().saturating_sub(shown.len());
+            let _ = write!(
+                md,
+                "- **{}** ({}): {}",
+                group.refusal,
+                group.jobs.len(),
+                shown.join(", ")
+            );
+            if more > 0 {
+                let _ = write!(md, ", … and {more} more");
+            }
+            md.push('\n');
+        }
+    }
     md
 }
 
@@ -726,6 +786,7 @@ mod tests {
             counts: BTreeMap::new(),
             comparison: None,
             causes: Vec::new(),
+            refused: Vec::new(),
             packages: vec![PackageRow {
                 name: "a".into(),
                 version: "1.0.0".into(),
@@ -738,6 +799,7 @@ mod tests {
                 log: Some("logs/a.txt".into()),
                 cause: Some("E0308".into()),
                 environment: None,
+                refused: Vec::new(),
             }],
         };
         let mut csv = Vec::new();

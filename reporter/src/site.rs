@@ -127,33 +127,48 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         let by_cause = group(report.packages.iter().filter(|p| p.cause.is_some()), |p| {
             p.cause.clone().unwrap_or_default()
         });
-        index.push_str(
-            "<h2>Root causes</h2>\n<table id=\"causes\"><tr><th>cause</th><th>failed jobs</th><th>for example</th></tr>\n",
-        );
-        for (i, cause) in report.causes.iter().enumerate() {
-            let stem = format!("cause-{}", i + 1);
-            let pages = match by_cause.get(&cause.cause) {
-                Some(rows) => write_pages(
-                    &dir.join("causes"),
-                    &stem,
-                    &format!("{}: failed because of {}", report.run.name, cause.cause),
-                    &package_header(),
-                    rows,
-                    package_row,
-                )?,
-                None => 0,
-            };
-            let examples: Vec<&str> = cause.jobs.iter().take(5).map(String::as_str).collect();
-            let _ = writeln!(
-                index,
-                "<tr><td>{}</td><td data-cause=\"{c}\">{}</td><td>{}</td></tr>",
-                linked(&format!("causes/{stem}-1.html"), &cause.cause, pages),
-                cause.jobs.len(),
-                e(&examples.join(", ")),
-                c = e(&cause.cause),
-            );
-        }
-        index.push_str("</table>\n");
+        let groups: Vec<(&str, &[String])> = report
+            .causes
+            .iter()
+            .map(|g| (g.cause.as_str(), g.jobs.as_slice()))
+            .collect();
+        grouped_table(
+            &mut index,
+            dir,
+            &Grouping {
+                heading: "Root causes",
+                id: "cause",
+                title: &format!("{}: failed because of", report.run.name),
+                jobs: "failed jobs",
+            },
+            &groups,
+            |cause| by_cause.get(cause).cloned().unwrap_or_default(),
+        )?;
+    }
+    if !report.refused.is_empty() {
+        let groups: Vec<(&str, &[String])> = report
+            .refused
+            .iter()
+            .map(|g| (g.refusal.as_str(), g.jobs.as_slice()))
+            .collect();
+        grouped_table(
+            &mut index,
+            dir,
+            &Grouping {
+                heading: "Refused: what packages tried that Quarry did not allow",
+                id: "refused",
+                title: &format!("{}: refused", report.run.name),
+                jobs: "jobs",
+            },
+            &groups,
+            |refusal| {
+                report
+                    .packages
+                    .iter()
+                    .filter(|p| p.refused.iter().any(|r| r == refusal))
+                    .collect()
+            },
+        )?;
     }
 
     let all: Vec<&PackageRow> = report.packages.iter().collect();
@@ -224,6 +239,64 @@ fn bar(count: i64, largest: i64) -> String {
         0.0
     };
     format!("<span class=\"bar\" style=\"width:{width:.1}em\"></span>")
+}
+
+/// A summary table of groups of jobs (root causes, refusals).
+struct Grouping<'a> {
+    heading: &'a str,
+    /// The table's id, the `data-` attribute of its counts, and its pages' directory
+    /// (`<id>s/`).
+    id: &'a str,
+    /// Its pages' title, before the group's name.
+    title: &'a str,
+    /// What the count column counts.
+    jobs: &'a str,
+}
+
+/// Writes `groups` (a name and its jobs, largest first) as a table: each name linked to its
+/// pages of jobs (`rows_of(name)`), how many, and a few examples.
+fn grouped_table<'r>(
+    index: &mut String,
+    dir: &Path,
+    grouping: &Grouping<'_>,
+    groups: &[(&str, &[String])],
+    rows_of: impl Fn(&str) -> Vec<&'r PackageRow>,
+) -> anyhow::Result<()> {
+    let e = escape_html;
+    let id = grouping.id;
+    let _ = writeln!(
+        index,
+        "<h2>{}</h2>\n<table id=\"{id}s\"><tr><th>{id}</th><th>{}</th><th>for example</th></tr>",
+        e(grouping.heading),
+        e(grouping.jobs),
+    );
+    for (i, (name, jobs)) in groups.iter().enumerate() {
+        let stem = format!("{id}-{}", i + 1);
+        let rows = rows_of(name);
+        let pages = if rows.is_empty() {
+            0
+        } else {
+            write_pages(
+                &dir.join(format!("{id}s")),
+                &stem,
+                &format!("{} {name}", grouping.title),
+                &package_header(),
+                &rows,
+                package_row,
+            )?
+        };
+        let examples: Vec<&str> = jobs.iter().take(5).map(String::as_str).collect();
+        let _ = writeln!(
+            index,
+            "<tr><td>{}</td><td data-{id}=\"{n}\">{}</td><td>{}</td></tr>",
+            linked(&format!("{id}s/{stem}-1.html"), name, pages),
+            jobs.len(),
+            e(&examples.join(", ")),
+            n = e(name),
+        );
+    }
+    index.push_str("</table>\n");
+    Ok(())
 }
 
 fn is_passing(outcome: &str) -> bool {

@@ -557,16 +557,21 @@ pub enum Refusal {
     /// During resolution cargo tried to connect somewhere other than Quarry's registry
     /// endpoint: refused (it has no other way out of the sandbox).
     Network,
+    /// The archive holds what a package has no business holding (links, devices, files
+    /// outside its `<name>-<version>/` directory, more than the size limits): not unpacked;
+    /// the job is broken.
+    UnpackRefused,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::OverrideFile,
         Refusal::HostileConfig,
         Refusal::GitDependency,
         Refusal::PathOutsidePackage,
         Refusal::ForeignRegistry,
         Refusal::Network,
+        Refusal::UnpackRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -577,6 +582,7 @@ impl Refusal {
             Refusal::PathOutsidePackage => "path-outside-package",
             Refusal::ForeignRegistry => "foreign-registry",
             Refusal::Network => "network",
+            Refusal::UnpackRefused => "unpack-refused",
         }
     }
 
@@ -584,7 +590,10 @@ impl Refusal {
     pub fn ends_the_job(self) -> bool {
         matches!(
             self,
-            Refusal::GitDependency | Refusal::PathOutsidePackage | Refusal::ForeignRegistry
+            Refusal::GitDependency
+                | Refusal::PathOutsidePackage
+                | Refusal::ForeignRegistry
+                | Refusal::UnpackRefused
         )
     }
 }

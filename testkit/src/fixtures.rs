@@ -60,9 +60,81 @@ pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
 /// The archive bomb's payload: zeros, past the consumer's unpacking limit (1 GiB).
 const BOMB_BYTES: u64 = 3 << 29;
 
+/// The hostile fixtures of `testkit/fixtures/hostile/`, one per way a package could try to steer
+/// what runs outside the sandbox, packed into `out` beside `quarry-fixture-pass` (the registry
+/// dependency they resolve) and the escape fixture, and loaded as a corpus. Their files name
+/// `@OUTSIDE@` (an address standing for the outside world) and `@MARKER@` (a directory where
+/// anything that ran on the host would leave a file); both are filled in here.
+pub fn hostile_corpus(out: &Path, outside: &str, marker: &Path) -> anyhow::Result<Corpus> {
+    let templates = dir().join("hostile");
+    let filled = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(&templates)? {
+        let template = entry?.path();
+        if !template.join("Cargo.toml").is_file() {
+            continue;
+        }
+        let fill = |from: &Path, to: &Path| -> anyhow::Result<()> {
+            copy_filled(
+                from,
+                to,
+                &[
+                    ("@OUTSIDE@", outside),
+                    ("@MARKER@", &marker.display().to_string()),
+                ],
+            )
+        };
+        let name = template.file_name().context("a fixture has a name")?;
+        let crate_dir = filled.path().join(name);
+        fill(&template, &crate_dir)?;
+        // What the archive holds beside the package's own directory.
+        let beside_template = template.with_extension("beside");
+        let beside = filled
+            .path()
+            .join(format!("{}.beside", name.to_string_lossy()));
+        if beside_template.is_dir() {
+            fill(&beside_template, &beside)?;
+        }
+        pack_with(
+            &crate_dir,
+            out,
+            beside_template.is_dir().then_some(beside.as_path()),
+        )
+        .with_context(|| format!("cannot pack {}", template.display()))?;
+    }
+    for regular in ["pass", "sandboxed"] {
+        pack(&dir().join(regular), out)?;
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
+/// Copies the tree `from` to `to`, replacing each (placeholder, value) in every file.
+fn copy_filled(from: &Path, to: &Path, fills: &[(&str, &str)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_filled(&entry.path(), &target, fills)?;
+        } else {
+            let mut text = std::fs::read_to_string(entry.path())?;
+            for (placeholder, value) in fills {
+                text = text.replace(placeholder, value);
+            }
+            std::fs::write(target, text)?;
+        }
+    }
+    Ok(())
+}
+
 /// Packs the crate in `crate_dir` into `<out>/<name>-<version>.crate`, as `cargo package` would
 /// lay it out, and returns the file's path.
 pub fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    pack_with(crate_dir, out, None)
+}
+
+/// [`pack`], with the tree `beside` added at the archive's top, beside the package's own
+/// directory, where no real package has anything.
+fn pack_with(crate_dir: &Path, out: &Path, beside: Option<&Path>) -> anyhow::Result<PathBuf> {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
     let package = manifest["package"].as_table().context("no [package]")?;
@@ -76,6 +148,16 @@ pub fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
         flate2::Compression::default(),
     ));
     tar.append_dir_all(&root, crate_dir)?;
+    if let Some(beside) = beside {
+        for entry in std::fs::read_dir(beside)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                tar.append_dir_all(entry.file_name(), entry.path())?;
+            } else {
+                tar.append_path_with_name(entry.path(), entry.file_name())?;
+            }
+        }
+    }
     if name == "quarry-fixture-archive-bomb" {
         let mut header = tar::Header::new_gnu();
         header.set_size(BOMB_BYTES);
