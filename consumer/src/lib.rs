@@ -698,6 +698,7 @@ impl Worker {
                 None => (Some(execution.log), None, false),
             },
         };
+        let refused = execution.refused.clone();
         let pairing = self.pairing(&job).await;
         let (recorded, rerun) = self
             .store
@@ -732,6 +733,7 @@ impl Worker {
         if recorded {
             self.metrics
                 .job_done(execution.outcome, duration.as_secs_f64());
+            self.metrics.refused(&refused);
             if execution.outcome == Outcome::Timeout {
                 self.metrics.sandbox_kills.inc();
             }
@@ -1333,18 +1335,20 @@ fn remove_scratch(dir: &std::path::Path) {
     }
 }
 
-/// Removes what a consumer of the same name left in its jobs directory when it died.
+/// Removes what a consumer of the same name left in its jobs directory when it died: scratch
+/// directories being removed, gateway sockets.
 fn remove_leftover_scratch(jobs_dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(jobs_dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(REMOVED_SCRATCH)
-        {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(REMOVED_SCRATCH) {
             remove_scratch(&entry.path());
+        } else if name.ends_with(".sock") {
+            // A job's gateway socket, left by a consumer that died while it resolved.
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -1441,4 +1445,31 @@ fn check_jobs_dir(jobs_dir: &std::path::Path, sandbox: &Sandbox) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cargo_configuration_above_the_jobs_directory_keeps_the_consumer_from_starting() {
+        let root = tempfile::tempdir().unwrap();
+        let jobs = root.path().join("work/consumer/jobs");
+        std::fs::create_dir_all(&jobs).unwrap();
+        check_jobs_dir(&jobs, &Sandbox::Unsandboxed).unwrap();
+        std::fs::create_dir_all(root.path().join("work/.cargo")).unwrap();
+        std::fs::write(root.path().join("work/.cargo/config.toml"), "[alias]\n").unwrap();
+        let err = check_jobs_dir(&jobs, &Sandbox::Unsandboxed)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("work/.cargo/config.toml would be read by cargo"),
+            "{err}"
+        );
+        let long = root.path().join("x".repeat(100));
+        let err = check_jobs_dir(&long, &Sandbox::Unsandboxed)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too long a path"), "{err}");
+    }
 }

@@ -1,6 +1,6 @@
 //! The consumer's figures, kept as Prometheus metrics and served at `/metrics`: jobs by outcome
 //! and their durations, fetches and bytes per cache layer, retries, dead letters, memoized
-//! results, sandbox kills. They are also the source of the `ConsumerStats` a consumer returns
+//! results, sandbox kills, what packages tried that was refused. They are also the source of the `ConsumerStats` a consumer returns
 //! when it stops, so there is one count of each thing.
 
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
-use quarry_shared::job::Outcome;
+use quarry_shared::job::{Outcome, Refusal};
 
 use crate::ConsumerStats;
 use crate::fetch::Source;
@@ -38,6 +38,7 @@ pub struct Metrics {
     pub sandbox_kills: IntCounter,
     pub logs_in_database: IntCounter,
     pub index_files: IntCounterVec,
+    refused: IntCounterVec,
     pub connections: IntCounter,
     pub waits: IntCounter,
 }
@@ -129,6 +130,14 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_refused_total",
+                    "Jobs whose package tried what the trust boundary refused, by refusal \
+                     (override-file, hostile-config, git-dependency, network, ...)",
+                ),
+                &["refusal"],
+            )?,
             logs_in_database: counter(
                 "quarry_consumer_logs_in_database_total",
                 "Logs kept in PostgreSQL because S3 would not take them",
@@ -163,9 +172,15 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.index_files.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.refused.clone()))?;
         // Export every series from the start, so dashboards see zeros rather than nothing.
         for outcome in Outcome::ALL {
             metrics.jobs.with_label_values(&[outcome.as_str()]);
+        }
+        for refusal in Refusal::ALL {
+            metrics.refused.with_label_values(&[refusal.as_str()]);
         }
         for layer in LAYERS {
             metrics.fetches.with_label_values(&[layer]);
@@ -179,6 +194,13 @@ impl Metrics {
         self.job_seconds
             .with_label_values(&[outcome.as_str()])
             .observe(seconds);
+    }
+
+    /// A job's result was recorded with these refusals.
+    pub fn refused(&self, refusals: &[Refusal]) {
+        for refusal in refusals {
+            self.refused.with_label_values(&[refusal.as_str()]).inc();
+        }
     }
 
     pub fn fetched(&self, source: Source, bytes: usize) {

@@ -630,7 +630,9 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
             text.to_owned()
         }
     }
-    csv.write_all(b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log\n")?;
+    csv.write_all(
+        b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log,refused\n",
+    )?;
     for p in &report.packages {
         let exit_code = p.exit_code.map(|c| c.to_string()).unwrap_or_default();
         let row = [
@@ -643,6 +645,8 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
             p.attempt.to_string(),
             field(&p.consumer),
             field(p.log.as_deref().unwrap_or("")),
+            // Refusal names need no quoting: kebab-case words, separated by spaces.
+            p.refused.join(" "),
         ];
         csv.write_all(row.join(",").as_bytes())?;
         csv.write_all(b"\n")?;
@@ -808,7 +812,7 @@ mod tests {
         let row = csv.lines().nth(1).unwrap();
         assert_eq!(
             row,
-            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt"
+            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt,"
         );
     }
 

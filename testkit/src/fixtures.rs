@@ -66,45 +66,58 @@ const BOMB_BYTES: u64 = 3 << 29;
 /// `@OUTSIDE@` (an address standing for the outside world) and `@MARKER@` (a directory where
 /// anything that ran on the host would leave a file); both are filled in here.
 pub fn hostile_corpus(out: &Path, outside: &str, marker: &Path) -> anyhow::Result<Corpus> {
-    let templates = dir().join("hostile");
-    let filled = tempfile::tempdir()?;
-    for entry in std::fs::read_dir(&templates)? {
+    for entry in std::fs::read_dir(dir().join("hostile"))? {
         let template = entry?.path();
-        if !template.join("Cargo.toml").is_file() {
-            continue;
+        if template.join("Cargo.toml").is_file() {
+            pack_hostile(&template, out, outside, marker)?;
         }
-        let fill = |from: &Path, to: &Path| -> anyhow::Result<()> {
-            copy_filled(
-                from,
-                to,
-                &[
-                    ("@OUTSIDE@", outside),
-                    ("@MARKER@", &marker.display().to_string()),
-                ],
-            )
-        };
-        let name = template.file_name().context("a fixture has a name")?;
-        let crate_dir = filled.path().join(name);
-        fill(&template, &crate_dir)?;
-        // What the archive holds beside the package's own directory.
-        let beside_template = template.with_extension("beside");
-        let beside = filled
-            .path()
-            .join(format!("{}.beside", name.to_string_lossy()));
-        if beside_template.is_dir() {
-            fill(&beside_template, &beside)?;
-        }
-        pack_with(
-            &crate_dir,
-            out,
-            beside_template.is_dir().then_some(beside.as_path()),
-        )
-        .with_context(|| format!("cannot pack {}", template.display()))?;
     }
     for regular in ["pass", "sandboxed"] {
         pack(&dir().join(regular), out)?;
     }
     Corpus::load(&[out.to_owned()])
+}
+
+/// The hostile patch `hostile/patches/NAME` (a `.crate` to upload with a patch run), filled in
+/// and packed into `out`, as [`hostile_corpus`] does.
+pub fn hostile_patch(
+    name: &str,
+    out: &Path,
+    outside: &str,
+    marker: &Path,
+) -> anyhow::Result<PathBuf> {
+    pack_hostile(
+        &dir().join("hostile/patches").join(name),
+        out,
+        outside,
+        marker,
+    )
+}
+
+/// Packs the hostile fixture `template` into `out`, its placeholders filled in, with what
+/// `<template>.beside/` holds beside the package's own directory.
+fn pack_hostile(
+    template: &Path,
+    out: &Path,
+    outside: &str,
+    marker: &Path,
+) -> anyhow::Result<PathBuf> {
+    let marker = marker.display().to_string();
+    let fills = [("@OUTSIDE@", outside), ("@MARKER@", marker.as_str())];
+    let filled = tempfile::tempdir()?;
+    let crate_dir = filled.path().join("crate");
+    copy_filled(template, &crate_dir, &fills)?;
+    let beside_template = template.with_extension("beside");
+    let beside = filled.path().join("beside");
+    if beside_template.is_dir() {
+        copy_filled(&beside_template, &beside, &fills)?;
+    }
+    pack_with(
+        &crate_dir,
+        out,
+        beside_template.is_dir().then_some(beside.as_path()),
+    )
+    .with_context(|| format!("cannot pack {}", template.display()))
 }
 
 /// Copies the tree `from` to `to`, replacing each (placeholder, value) in every file.

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quarry_producer::{RunDefinition, Selection, publish_run};
-use quarry_shared::job::Mode;
+use quarry_reporter::{PackageRow, Written};
+use quarry_shared::job::{Experiment, Mode};
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 
@@ -74,51 +75,101 @@ fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
     found
 }
 
-async fn run_hostile(
-    sandboxed: bool,
-    packages: Vec<String>,
-) -> (
-    TestStack,
-    OutsideWorld,
-    tempfile::TempDir,
-    quarry_reporter::Written,
-) {
-    let outside = OutsideWorld::listen().await;
-    let marker = tempfile::tempdir().unwrap();
-    let packed = tempfile::tempdir().unwrap();
-    let corpus =
-        fixtures::hostile_corpus(packed.path(), &outside.addr.to_string(), marker.path()).unwrap();
-    let stack = TestStack::start_with(corpus).await.unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Test, 120),
-        selection: Selection::Packages { packages },
-    };
-    let summary = publish_run(
-        &stack.config,
-        "hostile",
-        &definition,
-        &CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    let consumers = if sandboxed {
-        stack.start_consumers(&["hostile-a", "hostile-b"])
-    } else {
-        let mut config = stack.consumer_config("hostile-unsandboxed");
-        config.consumer.unsandboxed = true;
-        Consumers::start([config])
-    };
-    stack.wait_for_run(summary.run_id).await;
-    consumers.stop().await;
-    stack.assert_verified("hostile").await;
-    let written =
-        quarry_reporter::generate(&stack.config, "hostile", &stack.config.reporter.output_dir)
+/// A stack whose registry holds the hostile fixtures, with the outside world they point at.
+struct Hostile {
+    stack: TestStack,
+    outside: OutsideWorld,
+    marker: tempfile::TempDir,
+    /// The packed fixtures the registry serves.
+    _packed: tempfile::TempDir,
+}
+
+impl Hostile {
+    async fn start() -> Hostile {
+        let outside = OutsideWorld::listen().await;
+        let marker = tempfile::tempdir().unwrap();
+        let packed = tempfile::tempdir().unwrap();
+        let corpus =
+            fixtures::hostile_corpus(packed.path(), &outside.addr.to_string(), marker.path())
+                .unwrap();
+        let stack = TestStack::start_with(corpus).await.unwrap();
+        Hostile {
+            stack,
+            outside,
+            marker,
+            _packed: packed,
+        }
+    }
+
+    /// A run of `experiment` with the test toolchain over `packages`.
+    fn definition(experiment: Experiment, packages: &[&str]) -> RunDefinition {
+        RunDefinition {
+            patch: None,
+            filter: Default::default(),
+            toolchains: vec![quarry_testkit::toolchain()],
+            experiment,
+            selection: Selection::Packages {
+                packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+            },
+        }
+    }
+
+    /// Runs `definition` as `run` to the end (on an unsandboxed consumer if asked), checks it
+    /// with `verify`, and writes its report.
+    async fn run(&self, run: &str, definition: &RunDefinition, sandboxed: bool) -> Written {
+        let stack = &self.stack;
+        let summary = publish_run(&stack.config, run, definition, &CancellationToken::new())
             .await
             .unwrap();
-    (stack, outside, marker, written)
+        let consumers = if sandboxed {
+            stack.start_consumers(&[&format!("{run}-a"), &format!("{run}-b")])
+        } else {
+            let mut config = stack.consumer_config(&format!("{run}-unsandboxed"));
+            config.consumer.unsandboxed = true;
+            Consumers::start([config])
+        };
+        stack.wait_for_run(summary.run_id).await;
+        consumers.stop().await;
+        stack.assert_verified(run).await;
+        quarry_reporter::generate(&stack.config, run, &stack.config.reporter.output_dir)
+            .await
+            .unwrap()
+    }
+
+    /// Nothing reached the outside world and nothing ran on the host.
+    fn assert_outside_untouched(&self) {
+        assert_eq!(
+            self.outside.connections(),
+            0,
+            "the outside world was contacted"
+        );
+        let ran: Vec<_> = std::fs::read_dir(self.marker.path())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(ran.is_empty(), "ran on the host: {ran:?}");
+    }
+
+    /// Markers the escape fixture left above its scratch directory, on this host.
+    fn escape_markers(&self) -> Vec<PathBuf> {
+        let work = self.stack.config.consumer.work_dir.parent().unwrap();
+        files_named(work, "quarry-escape-marker")
+    }
+}
+
+fn package<'a>(written: &'a Written, name: &str) -> &'a PackageRow {
+    written
+        .report
+        .packages
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("{name} is in the report"))
+}
+
+fn log_of(written: &Written, name: &str) -> String {
+    written
+        .read_log(package(written, name).log.as_deref())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -127,9 +178,11 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         &std::fs::read(fixtures::dir().join("hostile/expected.json")).unwrap(),
     )
     .unwrap();
-    let mut packages: Vec<String> = expected.keys().cloned().collect();
-    packages.push("quarry-fixture-sandboxed".into());
-    let (stack, outside, marker, written) = run_hostile(true, packages).await;
+    let hostile = Hostile::start().await;
+    let mut packages: Vec<&str> = expected.keys().map(String::as_str).collect();
+    packages.push("quarry-fixture-sandboxed");
+    let definition = Hostile::definition(experiment(Mode::Test, 120), &packages);
+    let written = hostile.run("hostile", &definition, true).await;
 
     let found: BTreeMap<String, Expected> = written
         .report
@@ -145,49 +198,32 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         })
         .collect();
     assert_eq!(found, expected);
-    let escape = written
-        .report
-        .packages
-        .iter()
-        .find(|p| p.name == "quarry-fixture-sandboxed")
-        .unwrap();
-    assert_eq!(escape.outcome, "test-pass", "no escape from any step");
-
-    // Nothing reached the outside world, nothing ran on the host, nothing was written above
-    // a job's scratch directory.
-    assert_eq!(outside.connections(), 0, "the outside world was contacted");
-    let ran: Vec<_> = std::fs::read_dir(marker.path())
-        .unwrap()
-        .flatten()
-        .collect();
-    assert!(ran.is_empty(), "ran on the host: {ran:?}");
-    let work = stack.config.consumer.work_dir.parent().unwrap();
-    let written_above = files_named(work, "quarry-escape-marker");
-    assert!(written_above.is_empty(), "{written_above:?}");
+    assert_eq!(
+        package(&written, "quarry-fixture-sandboxed").outcome,
+        "test-pass",
+        "no escape from any step"
+    );
+    hostile.assert_outside_untouched();
+    let above = hostile.escape_markers();
+    assert!(
+        above.is_empty(),
+        "written above a scratch directory: {above:?}"
+    );
 
     // What was refused, precisely, in the jobs' logs.
-    let log = |name: &str| {
-        let package = written
-            .report
-            .packages
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap();
-        written.read_log(package.log.as_deref()).unwrap()
-    };
-    let outside_addr = outside.addr;
-    for (package, line) in [
+    let outside = hostile.outside.addr;
+    for (name, line) in [
         (
             "quarry-hostile-git-dependency",
             format!(
                 "quarry: refused (git-dependency): git dependency `evil` from \
-                 http://{outside_addr}/evil.git ([dependencies]): not fetched"
+                 http://{outside}/evil.git ([dependencies]): not fetched"
             ),
         ),
         (
             "quarry-hostile-git-patch",
             format!(
-                "git dependency `quarry-fixture-pass` from http://{outside_addr}/pass.git \
+                "git dependency `quarry-fixture-pass` from http://{outside}/pass.git \
                  ([patch.crates-io]): not fetched"
             ),
         ),
@@ -197,7 +233,7 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         ),
         (
             "quarry-hostile-foreign-registry",
-            format!("dependency `other` from the registry sparse+http://{outside_addr}/index/"),
+            format!("dependency `other` from the registry sparse+http://{outside}/index/"),
         ),
         (
             "quarry-hostile-config-credential-provider",
@@ -221,11 +257,11 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
             "rust-toolchain.toml: removed (the run's toolchain is used)".to_owned(),
         ),
     ] {
-        let text = log(package);
-        assert!(text.contains(&line), "{package}: {line}\n{text}");
+        let text = log_of(&written, name);
+        assert!(text.contains(&line), "{name}: {line}\n{text}");
     }
     // The packages that depend on the registry resolved it through the consumer's endpoint.
-    let resolved = log("quarry-hostile-config-credential-provider");
+    let resolved = log_of(&written, "quarry-hostile-config-credential-provider");
     assert!(
         resolved.contains("Compiling quarry-fixture-pass v1.0.0"),
         "{resolved}"
@@ -240,16 +276,10 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         .collect();
     assert_eq!(refused.get("git-dependency"), Some(&2), "{refused:?}");
     assert_eq!(refused.get("hostile-config"), Some(&13), "{refused:?}");
-    let cause = |name: &str| {
-        written
-            .report
-            .packages
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.cause.clone())
-    };
     assert_eq!(
-        cause("quarry-hostile-git-dependency").as_deref(),
+        package(&written, "quarry-hostile-git-dependency")
+            .cause
+            .as_deref(),
         Some("refused: git-dependency")
     );
     let html = std::fs::read_to_string(&written.html).unwrap();
@@ -269,47 +299,130 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
 /// obeyed, and resolution still reaches only the registry endpoint.
 #[tokio::test(flavor = "multi_thread")]
 async fn unsandboxed_resolution_keeps_the_boundary_too() {
-    let packages = [
-        "quarry-hostile-config-credential-provider",
-        "quarry-hostile-config-proxy",
-        "quarry-hostile-git-dependency",
-        "quarry-fixture-sandboxed",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let (stack, outside, marker, written) = run_hostile(false, packages).await;
-    let outcome = |name: &str| {
-        written
-            .report
-            .packages
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.outcome.clone())
-    };
-    assert_eq!(
-        outcome("quarry-hostile-config-credential-provider").as_deref(),
-        Some("test-pass")
+    let hostile = Hostile::start().await;
+    let definition = Hostile::definition(
+        experiment(Mode::Test, 120),
+        &[
+            "quarry-hostile-config-credential-provider",
+            "quarry-hostile-config-proxy",
+            "quarry-hostile-git-dependency",
+            "quarry-fixture-sandboxed",
+        ],
     );
+    let written = hostile.run("unsandboxed", &definition, false).await;
+    let outcome = |name: &str| package(&written, name).outcome.clone();
     assert_eq!(
-        outcome("quarry-hostile-config-proxy").as_deref(),
-        Some("test-pass")
+        outcome("quarry-hostile-config-credential-provider"),
+        "test-pass"
     );
-    assert_eq!(
-        outcome("quarry-hostile-git-dependency").as_deref(),
-        Some("broken")
-    );
-    assert_eq!(outside.connections(), 0, "the outside world was contacted");
-    let ran: Vec<_> = std::fs::read_dir(marker.path())
-        .unwrap()
-        .flatten()
-        .collect();
-    assert!(ran.is_empty(), "ran on the host: {ran:?}");
+    assert_eq!(outcome("quarry-hostile-config-proxy"), "test-pass");
+    assert_eq!(outcome("quarry-hostile-git-dependency"), "broken");
+    hostile.assert_outside_untouched();
     // The escape fixture is a real detector of writes above the scratch directory: bare, it
     // leaves its markers there.
-    assert_eq!(
-        outcome("quarry-fixture-sandboxed").as_deref(),
-        Some("build-fail")
+    assert_eq!(outcome("quarry-fixture-sandboxed"), "build-fail");
+    assert!(!hostile.escape_markers().is_empty());
+}
+
+/// A custom command sees the configuration cargo really uses: Quarry's alone, nothing of the
+/// package's. If a future change let any step read a package's configuration again, cargo
+/// would say so here.
+#[tokio::test(flavor = "multi_thread")]
+async fn cargo_reports_only_quarrys_configuration_for_a_package_that_ships_its_own() {
+    let hostile = Hostile::start().await;
+    let mut command = experiment(Mode::Command, 120);
+    command.command = Some(
+        [
+            "sh",
+            "-c",
+            "RUSTC_BOOTSTRAP=1 cargo -Zunstable-options config get --show-origin",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
     );
-    let work = stack.config.consumer.work_dir.parent().unwrap();
-    assert!(!files_named(work, "quarry-escape-marker").is_empty());
+    let shipping = [
+        "quarry-hostile-config-credential-provider",
+        "quarry-hostile-config-rustc-wrapper",
+        "quarry-hostile-config-include",
+    ];
+    let definition = Hostile::definition(command, &shipping);
+    let written = hostile.run("config-get", &definition, true).await;
+    for name in shipping {
+        let row = package(&written, name);
+        let log = log_of(&written, name);
+        assert_eq!(row.outcome, "test-pass", "{log}");
+        assert_eq!(row.refused, ["override-file", "hostile-config"], "{log}");
+        assert!(
+            log.contains(
+                "source.quarry.registry = \"sparse+http://registry.quarry.invalid/index/\""
+            ),
+            "{log}"
+        );
+        let settings: Vec<&str> = log.lines().filter(|l| l.contains(" # /")).collect();
+        assert!(!settings.is_empty(), "{log}");
+        for line in settings {
+            assert!(
+                line.ends_with("/cargo-home/config.toml"),
+                "not Quarry's: {line}\n{log}"
+            );
+        }
+    }
+    hostile.assert_outside_untouched();
+}
+
+/// A patch run keeps the boundary for the patch too: an uploaded replacement with a git
+/// dependency is refused before anything resolves, naming the patch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_patch_is_refused_like_a_hostile_package() {
+    let hostile = Hostile::start().await;
+    let uploaded = tempfile::tempdir().unwrap();
+    let crate_file = fixtures::hostile_patch(
+        "pass-1.0.1",
+        uploaded.path(),
+        &hostile.outside.addr.to_string(),
+        hostile.marker.path(),
+    )
+    .unwrap();
+    let patch = quarry_producer::resolve_patch(
+        &hostile.stack.config,
+        &format!("quarry-fixture-pass={}", crate_file.display()),
+    )
+    .await
+    .unwrap();
+    let mut definition = Hostile::definition(
+        experiment(Mode::Test, 120),
+        &["quarry-hostile-config-credential-provider"],
+    );
+    definition.patch = Some(patch);
+    let written = hostile.run("hostile-patch", &definition, true).await;
+    let comparison = written.report.comparison.as_ref().unwrap();
+    let compared = &comparison.packages[0];
+    assert_eq!(
+        (compared.start.as_deref(), compared.end.as_deref()),
+        (Some("test-pass"), Some("broken"))
+    );
+    let patched = written
+        .report
+        .packages
+        .iter()
+        .find(|p| p.outcome == "broken")
+        .unwrap();
+    assert!(patched.refused.contains(&"git-dependency".to_owned()));
+    let log = written.read_log(patched.log.as_deref()).unwrap();
+    let outside = hostile.outside.addr;
+    let refusal = log
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "quarry: refused (git-dependency): the patch quarry-fixture-pass@1.0.1 (uploaded",
+            )
+        })
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        refusal.ends_with(&format!(
+            "git dependency `evil` from http://{outside}/evil.git ([dependencies]): not fetched"
+        )),
+        "{log}"
+    );
+    hostile.assert_outside_untouched();
 }
