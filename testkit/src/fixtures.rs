@@ -94,8 +94,9 @@ pub fn hostile_patch(
     )
 }
 
-/// Packs the hostile fixture `template` into `out`, its placeholders filled in, with what
-/// `<template>.beside/` holds beside the package's own directory.
+/// Packs the hostile fixture `template` into `out`, its placeholders filled in, with
+/// `hostile/lib.rs` as its library unless it has its own, and with what `<template>.beside/`
+/// holds beside the package's own directory.
 fn pack_hostile(
     template: &Path,
     out: &Path,
@@ -107,6 +108,11 @@ fn pack_hostile(
     let filled = tempfile::tempdir()?;
     let crate_dir = filled.path().join("crate");
     copy_filled(template, &crate_dir, &fills)?;
+    let lib = crate_dir.join("src/lib.rs");
+    if !lib.exists() {
+        std::fs::create_dir_all(crate_dir.join("src"))?;
+        std::fs::copy(dir().join("hostile/lib.rs"), lib)?;
+    }
     let beside_template = template.with_extension("beside");
     let beside = filled.path().join("beside");
     if beside_template.is_dir() {
