@@ -53,6 +53,8 @@ impl Gateway {
             async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
+                        // Out of file descriptors, say: let connections end before the next.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
                     let admitted = admitted.clone();

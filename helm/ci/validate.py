@@ -53,6 +53,7 @@ ALLOWED_METRICS = {
     "quarry_consumer_duplicates_skipped_total",
     "quarry_consumer_memoized_total",
     "quarry_consumer_sandbox_kills_total",
+    "quarry_consumer_refused_total",
     "quarry_consumer_waits_total",
     "quarry_consumer_broker_connections_total",
     "quarry_run_jobs",
