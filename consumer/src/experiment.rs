@@ -180,6 +180,7 @@ pub struct Workspace<'a> {
 }
 
 impl Workspace<'_> {
+    /// The job's own cargo home (`prepare::write_cargo_home`).
     fn cargo_home(&self) -> PathBuf {
         self.scratch.join("cargo-home")
     }
@@ -215,7 +216,10 @@ pub async fn resolve(
     log_line(&mut log, &refused.log_lines(0));
     let (mut steps, success) = steps(mode, toolchain, command);
     let socket = workspace.gateway_socket();
-    prepare::write_cargo_home(workspace.scratch, &env.sandbox.registry_socket(&socket))?;
+    prepare::write_cargo_home(
+        &workspace.cargo_home(),
+        &env.sandbox.registry_socket(&socket),
+    )?;
     let resolving = steps.iter().take_while(|step| step.resolves).count();
     let later = steps.split_off(resolving);
     if !steps.is_empty() {

@@ -15,7 +15,7 @@
 //! besides what is removed here: Quarry's own ([`write_cargo_home`]).
 
 use std::fmt::Write as _;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use quarry_shared::job::Refusal;
 
@@ -113,20 +113,48 @@ pub fn patch(dir: &Path, name: &str, refused: &mut Refused) -> Result<(), String
 /// Removes the override files cargo or rustup would read, run from `package_dir`, in it and in
 /// every directory above it up to and including `scratch` (above that, the sandbox shows only
 /// directories no job can write to). Run before every step: an earlier step's build script
-/// may have left one.
+/// may have left one. This runs outside the sandbox, on a tree earlier steps could write, so
+/// it follows no link: a link where a directory should be ends the job, and a link standing
+/// for `.cargo` or a configuration is removed itself, never what it points at.
 pub fn remove_override_files(scratch: &Path, package_dir: &Path, refused: &mut Refused) {
-    for dir in package_dir.ancestors() {
-        if !dir.starts_with(scratch) {
-            break;
+    let dirs: Vec<&Path> = package_dir
+        .ancestors()
+        .take_while(|dir| dir.starts_with(scratch))
+        .collect();
+    if let Some(planted) = dirs.iter().find(|dir| !is_real_dir(dir)) {
+        refused.add(
+            Refusal::PathOutsidePackage,
+            format!(
+                "{} is no longer a directory (a link?): not followed",
+                shown_path(scratch, planted)
+            ),
+        );
+        return;
+    }
+    for dir in dirs {
+        let dot_cargo = dir.join(".cargo");
+        if is_present(&dot_cargo) && !is_real_dir(&dot_cargo) {
+            if remove(&dot_cargo, refused) {
+                refused.add(
+                    Refusal::OverrideFile,
+                    format!(
+                        "{}: removed (not a directory)",
+                        shown_path(scratch, &dot_cargo)
+                    ),
+                );
+            }
+            continue;
         }
         for name in CARGO_CONFIGS {
             let path = dir.join(name);
             if !is_present(&path) {
                 continue;
             }
-            let settings = match read_toml(&path) {
-                Ok(config) => hostile_settings(&config),
-                Err(_) => Vec::new(),
+            // Only a plain file is read: not through a link, not a FIFO that would never end.
+            let plain = path.symlink_metadata().is_ok_and(|m| m.is_file());
+            let settings = match plain.then(|| read_toml(&path)) {
+                Some(Ok(config)) => hostile_settings(&config),
+                _ => Vec::new(),
             };
             if remove(&path, refused) {
                 let shown = shown_path(scratch, &path);
@@ -161,10 +189,15 @@ fn is_present(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
 }
 
+/// A directory itself, not a link to one.
+fn is_real_dir(path: &Path) -> bool {
+    path.symlink_metadata().is_ok_and(|m| m.is_dir())
+}
+
 /// Removes a file (or whatever stands at its name); a failure is itself refused: cargo must
 /// not run with it in place.
 fn remove(path: &Path, refused: &mut Refused) -> bool {
-    let removed = if path.is_dir() && !path.is_symlink() {
+    let removed = if is_real_dir(path) {
         std::fs::remove_dir_all(path)
     } else {
         std::fs::remove_file(path)
@@ -446,14 +479,13 @@ fn make_workspace_root(manifest: &Path, parsed: &toml::Table) -> Result<(), Stri
         .map_err(|e| format!("cannot write Cargo.toml: {e}"))
 }
 
-/// The job's own cargo home, `<scratch>/cargo-home`, with Quarry's configuration: crates-io
-/// replaced by the registry endpoint, reached through the SOCKS proxy at `proxy_socket` (the
-/// path as the step that resolves sees it), no git through the command line, no colours.
-/// Nothing is shared with other jobs: what cargo downloads lands here, in the job's scratch
-/// directory, and the steps after resolution see it read-only.
-pub fn write_cargo_home(scratch: &Path, proxy_socket: &Path) -> std::io::Result<PathBuf> {
-    let cargo_home = scratch.join("cargo-home");
-    std::fs::create_dir_all(&cargo_home)?;
+/// Writes Quarry's configuration into a job's own cargo home: crates-io replaced by the
+/// registry endpoint, reached through the SOCKS proxy at `proxy_socket` (the path as the step
+/// that resolves sees it), no git through the command line, no colours. Nothing is shared with
+/// other jobs: what cargo downloads lands there, in the job's scratch directory, and the steps
+/// after resolution see it read-only.
+pub fn write_cargo_home(cargo_home: &Path, proxy_socket: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(cargo_home)?;
     let proxy = toml::Value::String(format!("socks5h://localhost{}", proxy_socket.display()));
     let index = toml::Value::String(format!("sparse+http://{REGISTRY_HOST}/index/"));
     std::fs::write(
@@ -465,13 +497,13 @@ pub fn write_cargo_home(scratch: &Path, proxy_socket: &Path) -> std::io::Result<
              [source.crates-io]\nreplace-with = \"quarry\"\n\
              [source.quarry]\nregistry = {index}\n"
         ),
-    )?;
-    Ok(cargo_home)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn package_with(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
         let scratch = tempfile::tempdir().unwrap();
@@ -529,6 +561,53 @@ mod tests {
         assert!(!refused.ends_the_job());
         let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
         assert!(manifest.ends_with("\n[workspace]\n"), "{manifest}");
+    }
+
+    #[test]
+    fn links_a_step_planted_are_never_followed() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("config.toml"), "[alias]\n").unwrap();
+        std::fs::write(outside.path().join("rust-toolchain"), "nightly").unwrap();
+        let (scratch, dir) = package_with(&[("Cargo.toml", PACKAGE)]);
+        // `.cargo` above the package, a link to a directory outside the scratch directory.
+        std::os::unix::fs::symlink(outside.path(), scratch.path().join("src/.cargo")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("rust-toolchain"),
+            dir.join("rust-toolchain"),
+        )
+        .unwrap();
+        let mut refused = Refused::default();
+        remove_override_files(scratch.path(), &dir, &mut refused);
+        assert!(
+            outside.path().join("config.toml").exists(),
+            "followed a link"
+        );
+        assert!(
+            outside.path().join("rust-toolchain").exists(),
+            "followed a link"
+        );
+        assert!(!is_present(&scratch.path().join("src/.cargo")));
+        assert!(!is_present(&dir.join("rust-toolchain")));
+        assert!(!refused.ends_the_job(), "{}", refused.log_lines(0));
+
+        // The package's own directory swapped for a link: nothing is touched, the job ends.
+        let moved = scratch.path().join("moved");
+        std::fs::rename(&dir, &moved).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &dir).unwrap();
+        let mut refused = Refused::default();
+        remove_override_files(scratch.path(), &dir, &mut refused);
+        assert!(
+            outside.path().join("config.toml").exists(),
+            "followed a link"
+        );
+        assert!(refused.ends_the_job());
+        assert!(
+            refused
+                .log_lines(0)
+                .contains("src/hostile-1.0.0 is no longer a directory"),
+            "{}",
+            refused.log_lines(0)
+        );
     }
 
     #[test]

@@ -60,16 +60,25 @@ pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
 /// The archive bomb's payload: zeros, past the consumer's unpacking limit (1 GiB).
 const BOMB_BYTES: u64 = 3 << 29;
 
+/// What the hostile fixtures' files name, filled in when they are packed.
+pub struct Placeholders<'a> {
+    /// `@OUTSIDE@`: an address standing for the outside world (`host:port`).
+    pub outside: &'a str,
+    /// `@MARKER@`: a directory where anything run on the host would leave a file.
+    pub marker: &'a Path,
+    /// `@VICTIM@`: a directory of the host holding files a fixture would have the consumer
+    /// remove for it (through a link it plants).
+    pub victim: &'a Path,
+}
+
 /// The hostile fixtures of `testkit/fixtures/hostile/`, one per way a package could try to steer
 /// what runs outside the sandbox, packed into `out` beside `quarry-fixture-pass` (the registry
-/// dependency they resolve) and the escape fixture, and loaded as a corpus. Their files name
-/// `@OUTSIDE@` (an address standing for the outside world) and `@MARKER@` (a directory where
-/// anything that ran on the host would leave a file); both are filled in here.
-pub fn hostile_corpus(out: &Path, outside: &str, marker: &Path) -> anyhow::Result<Corpus> {
+/// dependency they resolve) and the escape fixture, and loaded as a corpus.
+pub fn hostile_corpus(out: &Path, fill: &Placeholders<'_>) -> anyhow::Result<Corpus> {
     for entry in std::fs::read_dir(dir().join("hostile"))? {
         let template = entry?.path();
         if template.join("Cargo.toml").is_file() {
-            pack_hostile(&template, out, outside, marker)?;
+            pack_hostile(&template, out, fill)?;
         }
     }
     for regular in ["pass", "sandboxed"] {
@@ -80,31 +89,21 @@ pub fn hostile_corpus(out: &Path, outside: &str, marker: &Path) -> anyhow::Resul
 
 /// The hostile patch `hostile/patches/NAME` (a `.crate` to upload with a patch run), filled in
 /// and packed into `out`, as [`hostile_corpus`] does.
-pub fn hostile_patch(
-    name: &str,
-    out: &Path,
-    outside: &str,
-    marker: &Path,
-) -> anyhow::Result<PathBuf> {
-    pack_hostile(
-        &dir().join("hostile/patches").join(name),
-        out,
-        outside,
-        marker,
-    )
+pub fn hostile_patch(name: &str, out: &Path, fill: &Placeholders<'_>) -> anyhow::Result<PathBuf> {
+    pack_hostile(&dir().join("hostile/patches").join(name), out, fill)
 }
 
 /// Packs the hostile fixture `template` into `out`, its placeholders filled in, with
 /// `hostile/lib.rs` as its library unless it has its own, and with what `<template>.beside/`
 /// holds beside the package's own directory.
-fn pack_hostile(
-    template: &Path,
-    out: &Path,
-    outside: &str,
-    marker: &Path,
-) -> anyhow::Result<PathBuf> {
-    let marker = marker.display().to_string();
-    let fills = [("@OUTSIDE@", outside), ("@MARKER@", marker.as_str())];
+fn pack_hostile(template: &Path, out: &Path, fill: &Placeholders<'_>) -> anyhow::Result<PathBuf> {
+    let marker = fill.marker.display().to_string();
+    let victim = fill.victim.display().to_string();
+    let fills = [
+        ("@OUTSIDE@", fill.outside),
+        ("@MARKER@", marker.as_str()),
+        ("@VICTIM@", victim.as_str()),
+    ];
     let filled = tempfile::tempdir()?;
     let crate_dir = filled.path().join("crate");
     copy_filled(template, &crate_dir, &fills)?;

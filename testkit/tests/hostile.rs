@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 /// The outside world: a listener on loopback that counts whoever connects.
 struct OutsideWorld {
     addr: std::net::SocketAddr,
+    /// `addr` as the fixtures name it.
+    name: String,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -36,6 +38,7 @@ impl OutsideWorld {
         });
         OutsideWorld {
             addr,
+            name: addr.to_string(),
             connections,
             task,
         }
@@ -80,6 +83,8 @@ struct Hostile {
     stack: TestStack,
     outside: OutsideWorld,
     marker: tempfile::TempDir,
+    /// Files of the host a fixture would have the consumer remove through a link.
+    victim: tempfile::TempDir,
     /// The packed fixtures the registry serves.
     _packed: tempfile::TempDir,
 }
@@ -88,16 +93,33 @@ impl Hostile {
     async fn start() -> Hostile {
         let outside = OutsideWorld::listen().await;
         let marker = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        for file in ["config.toml", "rust-toolchain"] {
+            std::fs::write(victim.path().join(file), "the host's own").unwrap();
+        }
         let packed = tempfile::tempdir().unwrap();
         let corpus =
-            fixtures::hostile_corpus(packed.path(), &outside.addr.to_string(), marker.path())
+            fixtures::hostile_corpus(packed.path(), &Self::fill(&outside, &marker, &victim))
                 .unwrap();
         let stack = TestStack::start_with(corpus).await.unwrap();
         Hostile {
             stack,
             outside,
             marker,
+            victim,
             _packed: packed,
+        }
+    }
+
+    fn fill<'a>(
+        outside: &'a OutsideWorld,
+        marker: &'a tempfile::TempDir,
+        victim: &'a tempfile::TempDir,
+    ) -> fixtures::Placeholders<'a> {
+        fixtures::Placeholders {
+            outside: &outside.name,
+            marker: marker.path(),
+            victim: victim.path(),
         }
     }
 
@@ -136,8 +158,15 @@ impl Hostile {
             .unwrap()
     }
 
-    /// Nothing reached the outside world and nothing ran on the host.
+    /// Nothing reached the outside world, nothing ran on the host, and the host's files a
+    /// fixture pointed a link at are still there.
     fn assert_outside_untouched(&self) {
+        for file in ["config.toml", "rust-toolchain"] {
+            assert!(
+                self.victim.path().join(file).exists(),
+                "{file} removed through a link"
+            );
+        }
         assert_eq!(
             self.outside.connections(),
             0,
@@ -251,6 +280,14 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
             "quarry-hostile-config-beside",
             "refused (unpack-refused): archive entry .cargo/ escapes the package directory"
                 .to_owned(),
+        ),
+        (
+            "quarry-hostile-config-link-above",
+            "quarry: refused (override-file): src/.cargo: removed (not a directory)".to_owned(),
+        ),
+        (
+            "quarry-hostile-config-link-above",
+            "quarry: refused (override-file): rust-toolchain: removed".to_owned(),
         ),
         (
             "quarry-hostile-toolchain-file",
@@ -379,8 +416,7 @@ async fn a_hostile_patch_is_refused_like_a_hostile_package() {
     let crate_file = fixtures::hostile_patch(
         "pass-1.0.1",
         uploaded.path(),
-        &hostile.outside.addr.to_string(),
-        hostile.marker.path(),
+        &Hostile::fill(&hostile.outside, &hostile.marker, &hostile.victim),
     )
     .unwrap();
     let patch = quarry_producer::resolve_patch(
