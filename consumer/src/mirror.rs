@@ -59,8 +59,31 @@ async fn config_json() -> Json<IndexConfig> {
     })
 }
 
+/// Whether `name` can be a crate's name (what crates.io allows: ASCII letters, digits, `-` and
+/// `_`). Requests come from cargo reading a hostile manifest; a name never becomes a path that
+/// leaves the caches.
+fn is_crate_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `version` can be a semver version (letters, digits, `.`, `-`, `+`).
+fn is_version(version: &str) -> bool {
+    !version.is_empty()
+        && version.len() <= 128
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
+}
+
 async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>) -> Response {
     let name = path.rsplit('/').next().unwrap_or_default().to_owned();
+    if !is_crate_name(&name) {
+        return (StatusCode::NOT_FOUND, "not a crate's name").into_response();
+    }
     match shared.fetcher.registry().index_file_cached(&name).await {
         Ok((body, how)) => {
             shared.fetcher.count_index_file(how);
@@ -98,6 +121,9 @@ async fn download(
     State(shared): State<Arc<Shared>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
+    if !is_crate_name(&name) || !is_version(&version) {
+        return (StatusCode::NOT_FOUND, "not a crate's name and version").into_response();
+    }
     let Some(checksum) = checksum_of(&shared, &name, &version).await else {
         return (
             StatusCode::NOT_FOUND,
@@ -114,5 +140,26 @@ async fn download(
         Ok((bytes, _)) => ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response(),
         Err(FetchError::Missing(why)) => (StatusCode::NOT_FOUND, why).into_response(),
         Err(FetchError::Unavailable(why)) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_versions_that_could_be_paths_are_refused() {
+        for name in ["serde", "serde_json", "a-b", "Inflector"] {
+            assert!(is_crate_name(name), "{name}");
+        }
+        for name in ["", "..", "a/b", "a%2Fb", "a\\b", ".cargo", &"x".repeat(65)] {
+            assert!(!is_crate_name(name), "{name}");
+        }
+        for version in ["1.0.0", "1.0.0-alpha.1+build.5"] {
+            assert!(is_version(version), "{version}");
+        }
+        for version in ["", "../1", "1/0", "1 0"] {
+            assert!(!is_version(version), "{version}");
+        }
     }
 }
