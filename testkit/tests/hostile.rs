@@ -257,6 +257,13 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
             ),
         ),
         (
+            "quarry-hostile-git-replace",
+            format!(
+                "git dependency `quarry-fixture-pass:1.0.0` from http://{outside}/pass.git \
+                 ([replace]): not fetched"
+            ),
+        ),
+        (
             "quarry-hostile-path-to-root",
             "path dependency `root` ([dependencies]) is \"/\", outside the package".to_owned(),
         ),
@@ -311,7 +318,7 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         .iter()
         .map(|g| (g.refusal.as_str(), g.jobs.len()))
         .collect();
-    assert_eq!(refused.get("git-dependency"), Some(&2), "{refused:?}");
+    assert_eq!(refused.get("git-dependency"), Some(&3), "{refused:?}");
     assert_eq!(refused.get("hostile-config"), Some(&13), "{refused:?}");
     assert_eq!(
         package(&written, "quarry-hostile-git-dependency")
@@ -321,12 +328,12 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
     );
     let html = std::fs::read_to_string(&written.html).unwrap();
     assert!(
-        html.contains("<td data-refused=\"git-dependency\">2</td>"),
+        html.contains("<td data-refused=\"git-dependency\">3</td>"),
         "{html}"
     );
     let markdown = std::fs::read_to_string(&written.markdown).unwrap();
     assert!(
-        markdown.contains("- **git-dependency** (2): "),
+        markdown.contains("- **git-dependency** (3): "),
         "{markdown}"
     );
 }
