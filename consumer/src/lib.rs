@@ -1336,7 +1336,7 @@ fn remove_scratch(dir: &std::path::Path) {
 }
 
 /// Removes what a consumer of the same name left in its jobs directory when it died: scratch
-/// directories being removed, gateway sockets.
+/// directories being removed.
 fn remove_leftover_scratch(jobs_dir: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(jobs_dir) else {
         return;
@@ -1344,11 +1344,10 @@ fn remove_leftover_scratch(jobs_dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
+        // Not gateway sockets: a consumer of the same name may still be using them (one left by
+        // a consumer that died is an empty file, replaced when its job's name comes again).
         if name.starts_with(REMOVED_SCRATCH) {
             remove_scratch(&entry.path());
-        } else if name.ends_with(".sock") {
-            // A job's gateway socket, left by a consumer that died while it resolved.
-            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
