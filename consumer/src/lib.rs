@@ -388,49 +388,111 @@ async fn consume(
     let (channel, deliveries) = broker.consume(in_hand, &worker.name).await?;
     let (dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
     tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
+    worker.metrics.consuming.set(1);
+    // The session lasts while every channel it uses does. One closed from the broker's side (a
+    // delivery held past the broker's `consumer_timeout`, a channel error) ends it: no delivery
+    // is taken any more, the jobs in hand finish, the connection is closed (which gives back
+    // every delivery not acked) and the consumer connects and consumes again. Waiting on the
+    // other channels alone would leave a consumer alive that consumes nothing.
+    let session = shutdown.child_token();
+    let lost: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let end_session = |why: String| {
+        worker.metrics.consuming.set(0);
+        let mut lost = lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.is_none() && !shutdown.is_cancelled() {
+            tracing::warn!(consumer = %worker.name, %why, "a channel to the broker was lost; consuming again on a new connection");
+            worker.metrics.channels_lost.inc();
+            *lost = Some(why);
+        }
+        session.cancel();
+    };
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(CHANNEL_CHECK).await;
+            let open = [
+                ("the jobs", channel.status().connected()),
+                ("the dead letters'", dead_channel.status().connected()),
+                ("the publishing", publisher.is_open()),
+            ];
+            if let Some((which, _)) = open.iter().find(|(_, open)| !open) {
+                end_session(format!("{which} channel was closed"));
+                break;
+            }
+        }
+        // Done: the streams end with the session.
+        std::future::pending::<()>().await
+    };
     let jobs = deliveries
-        .take_until(shutdown.clone().cancelled_owned())
+        .take_until(session.clone().cancelled_owned())
         .for_each_concurrent(usize::from(in_hand), |delivery| {
             let worker = worker.clone();
             let publisher = publisher.clone();
+            let delivery = delivery.map_err(|err| {
+                end_session(format!("the jobs channel failed: {err}"));
+            });
             async move {
-                match delivery {
-                    Ok(delivery) => worker.handle(&publisher, delivery).await,
-                    Err(err) => tracing::error!(%err, "delivery failed"),
+                if let Ok(delivery) = delivery {
+                    worker.handle(&publisher, delivery).await;
                 }
             }
         });
     let dead_letters = dead_letters
-        .take_until(shutdown.clone().cancelled_owned())
+        .take_until(session.clone().cancelled_owned())
         .for_each(|delivery| {
             let worker = worker.clone();
+            let delivery = delivery.map_err(|err| {
+                end_session(format!("the dead letters' channel failed: {err}"));
+            });
             async move {
-                match delivery {
-                    Ok(delivery) => worker.handle_dead_letter(delivery).await,
-                    Err(err) => tracing::error!(%err, "delivery failed"),
+                if let Ok(delivery) = delivery {
+                    worker.handle_dead_letter(delivery).await;
                 }
             }
         });
-    let work = async {
-        futures::future::join(jobs, dead_letters).await;
+    // Either stream ending (its channel gone) ends the session too.
+    let jobs = async {
+        jobs.await;
+        end_session("the broker ended the jobs' delivery stream".to_owned());
     };
-    tokio::pin!(work);
-    tokio::select! {
-        () = &mut work => {}
-        () = shutdown.cancelled() => {
-            if tokio::time::timeout(grace, &mut work).await.is_err() {
-                tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
+    let dead_letters = async {
+        dead_letters.await;
+        end_session("the broker ended the dead letters' delivery stream".to_owned());
+    };
+    {
+        let work = async {
+            tokio::select! {
+                ((), ()) = futures::future::join(jobs, dead_letters) => {}
+                // Never ends: it cancels the session, which ends the streams.
+                () = watchdog => {}
+            }
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            () = &mut work => {}
+            () = shutdown.cancelled() => {
+                worker.metrics.consuming.set(0);
+                if tokio::time::timeout(grace, &mut work).await.is_err() {
+                    tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
+                }
             }
         }
     }
+    worker.metrics.consuming.set(0);
     // Closed one after the other before the connection is (rather than left to their drop,
     // which closes them as the connection goes and makes the client log an error).
     for channel in [dead_channel, channel] {
         channel.close(200, "consumer stopping".into()).await.ok();
     }
     publisher.close().await;
-    Ok(())
+    let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match lost {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
+
+/// How often a consumer checks that its channels to the broker are still open.
+const CHANNEL_CHECK: Duration = Duration::from_secs(1);
 
 /// Connects to the broker again, waiting longer after each failure (1 s up to 30 s), until it
 /// works or `shutdown` is cancelled (`None`).

@@ -26,6 +26,9 @@ pub struct Metrics {
     jobs: IntCounterVec,
     job_seconds: HistogramVec,
     pub in_progress: IntGauge,
+    /// 1 while the consumer consumes from the broker (a session is up), else 0: what `/ready`
+    /// answers.
+    pub consuming: IntGauge,
     fetches: IntCounterVec,
     fetch_bytes: IntCounterVec,
     pub s3_unavailable: IntCounter,
@@ -40,6 +43,7 @@ pub struct Metrics {
     pub index_files: IntCounterVec,
     refused: IntCounterVec,
     pub connections: IntCounter,
+    pub channels_lost: IntCounter,
     pub waits: IntCounter,
 }
 
@@ -80,6 +84,11 @@ impl Metrics {
                 &["outcome"],
             )?,
             in_progress: IntGauge::new("quarry_consumer_jobs_in_progress", "Jobs being worked on")?,
+            consuming: IntGauge::new(
+                "quarry_consumer_consuming",
+                "1 while the consumer consumes jobs from the broker, 0 while it has no channel to \
+                 consume from (connecting again, stopping)",
+            )?,
             fetches: IntCounterVec::new(
                 Opts::new(
                     "quarry_consumer_fetches_total",
@@ -154,6 +163,12 @@ impl Metrics {
                 "quarry_consumer_broker_connections_total",
                 "Connections made to the broker (more than one means it was lost and regained)",
             )?,
+            channels_lost: counter(
+                "quarry_consumer_channels_lost_total",
+                "Channels to the broker found closed (a delivery held past the broker's \
+                 consumer_timeout, a channel error): each ends the session, and the consumer \
+                 consumes again on a new connection",
+            )?,
             registry,
         };
         metrics.registry.register(Box::new(metrics.jobs.clone()))?;
@@ -163,6 +178,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.in_progress.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.consuming.clone()))?;
         metrics
             .registry
             .register(Box::new(metrics.fetches.clone()))?;
@@ -252,6 +270,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(render))
+        .route("/ready", get(ready))
         .with_state(metrics);
     let task = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
@@ -259,6 +278,19 @@ pub async fn serve(
         }
     });
     Ok((addr, task))
+}
+
+/// For a readiness probe: 200 while the consumer consumes, 503 while it does not (a consumer
+/// alive but consuming nothing is not ready, so it is seen).
+async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.consuming.get() > 0 {
+        (axum::http::StatusCode::OK, "consuming\n")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not consuming: connecting to the broker, or stopping\n",
+        )
+    }
 }
 
 async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -314,6 +314,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Whether its channel is still open (the broker closes a channel on some errors).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Closes the publishing channel (before its connection is closed).
     pub async fn close(&self) {
         self.channel.close(200, "done publishing".into()).await.ok();

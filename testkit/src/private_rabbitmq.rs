@@ -40,16 +40,25 @@ fn free_port() -> anyhow::Result<u16> {
 impl PrivateRabbitMq {
     /// Creates a node (management plugin on, loopback only) and starts it.
     pub fn start() -> anyhow::Result<PrivateRabbitMq> {
-        PrivateRabbitMq::create(None)
+        PrivateRabbitMq::create(None, None)
+    }
+
+    /// Like `start`, with an `advanced.config` of Erlang terms (`[{rabbit, [...]}].`): settings
+    /// an operator may give a broker, such as a short `consumer_timeout`.
+    pub fn start_with_advanced(advanced: &str) -> anyhow::Result<PrivateRabbitMq> {
+        PrivateRabbitMq::create(None, Some(advanced))
     }
 
     /// Like `start`, but AMQP is served over TLS only, with this certificate (PEM files of
     /// the certificate, its key and its CA). The management API stays plain HTTP.
     pub fn start_with_tls(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<PrivateRabbitMq> {
-        PrivateRabbitMq::create(Some((cert, key, ca)))
+        PrivateRabbitMq::create(Some((cert, key, ca)), None)
     }
 
-    fn create(tls: Option<(&Path, &Path, &Path)>) -> anyhow::Result<PrivateRabbitMq> {
+    fn create(
+        tls: Option<(&Path, &Path, &Path)>,
+        advanced: Option<&str>,
+    ) -> anyhow::Result<PrivateRabbitMq> {
         let dir = tempfile::Builder::new()
             .prefix("quarry-private-rabbitmq")
             .tempdir()?;
@@ -81,6 +90,9 @@ impl PrivateRabbitMq {
             dir.path().join("enabled_plugins"),
             "[rabbitmq_management].\n",
         )?;
+        if let Some(advanced) = advanced {
+            std::fs::write(dir.path().join("advanced.config"), advanced)?;
+        }
         // Read instead of /etc/rabbitmq/rabbitmq-env.conf, whose settings are the system node's.
         std::fs::write(dir.path().join("rabbitmq-env.conf"), "")?;
         let mut broker = PrivateRabbitMq {
@@ -180,6 +192,17 @@ impl PrivateRabbitMq {
             std::thread::sleep(Duration::from_millis(250));
         }
         Ok(())
+    }
+
+    /// The node's own log so far (what it did to connections and channels, and why).
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path().join("log")) {
+            for entry in entries.flatten() {
+                text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        text
     }
 
     fn output_tail(&self) -> String {
