@@ -30,8 +30,8 @@ pub struct CgroupLimits {
 #[derive(Debug, Clone)]
 pub enum Cgroups {
     V2 {
-        /// `<own cgroup>/quarry-<consumer>`, with the memory and pids controllers enabled for
-        /// its children.
+        /// `<own cgroup>/quarry-<consumer>-<id>`, with the memory and pids controllers enabled
+        /// for its children.
         parent: PathBuf,
     },
     V1 {
@@ -121,7 +121,12 @@ impl Cgroups {
                 kill_members(dir);
                 let _ = std::fs::remove_dir(dir);
             }
-            std::fs::create_dir(dir)?;
+            std::fs::create_dir(dir).map_err(|err| {
+                io::Error::new(
+                    err.kind(),
+                    format!("cannot create the step's cgroup {}: {err}", dir.display()),
+                )
+            })?;
             step.dirs.push(dir.clone());
         }
         let memory = limits.memory_bytes.to_string();

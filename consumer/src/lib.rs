@@ -275,7 +275,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         registry,
         metrics.clone(),
     ));
-    let cargo = prepare_cargo_env(config).await?;
+    // Who this process is in the fleet: two consumers may share a name (a restart while the
+    // old process is still in its grace period), never an id.
+    let identity = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4().simple().to_string(),
+    );
+    let cargo = prepare_cargo_env(config, &owner_of(&name, identity.0)).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -299,10 +305,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         stopping: shutdown.clone(),
     });
     // Join the fleet: registered, then a heartbeat with the jobs in hand until we stop.
-    let identity = (
-        uuid::Uuid::new_v4(),
-        uuid::Uuid::new_v4().simple().to_string(),
-    );
     // The database may be down for a while (restarting): registering is retried with each
     // heartbeat rather than keeping the consumer from working.
     let heartbeat = tokio::spawn({
@@ -1106,7 +1108,7 @@ impl Worker {
             self.limits(job),
         )
         .await
-        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
+        .map_err(|e| InfraError(format!("cannot set up or run the job's steps: {e}")))?;
         let ran_for = resolving + started.elapsed();
         // The next job's code may start while this one's files are removed.
         drop(slot);
@@ -1180,7 +1182,7 @@ impl Worker {
             refused,
         )
         .await
-        .map_err(|e| InfraError(format!("cannot run cargo: {e}")))?;
+        .map_err(|e| InfraError(format!("cannot set up or run the job's steps: {e}")))?;
         Ok(resolved.map(|resolved| (scratch, package_dir, resolved)))
     }
 
@@ -1424,9 +1426,16 @@ fn default_name() -> String {
     format!("{}-{}", host_name(), std::process::id())
 }
 
+/// What names the host resources a consumer process owns alone (its steps' cgroups): its name
+/// and the start of its fleet id, so that two consumers of one name never share them.
+fn owner_of(name: &str, id: uuid::Uuid) -> String {
+    let id = id.simple().to_string();
+    format!("{name}-{}", &id[..8])
+}
+
 /// The environment of the consumer's cargo steps: the toolchains, the sandbox and the cgroups
-/// its steps run in. Each job has a cargo home of its own (`prepare::write_cargo_home`).
-async fn prepare_cargo_env(config: &Config) -> anyhow::Result<CargoEnv> {
+/// its steps run in (`owner` names the consumer's own). Each job has a cargo home of its own (`prepare::write_cargo_home`).
+async fn prepare_cargo_env(config: &Config, owner: &str) -> anyhow::Result<CargoEnv> {
     let user_home = std::env::var_os("HOME").map(PathBuf::from);
     let rustup_home = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)
@@ -1448,8 +1457,7 @@ async fn prepare_cargo_env(config: &Config) -> anyhow::Result<CargoEnv> {
         sandbox.hide(&config.secret_files());
         sandbox
     };
-    let name = config.consumer.name.clone().unwrap_or_else(default_name);
-    let cgroups = match cgroup::Cgroups::detect(&name) {
+    let cgroups = match cgroup::Cgroups::detect(owner) {
         Ok(cgroups) => {
             tracing::info!(
                 cgroups = %cgroups.describe(),
