@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use quarry_shared::Config;
 use quarry_shared::job::{Outcome, Refusal};
 use quarry_shared::s3::Bucket;
-use quarry_shared::store::{Progress, ResultRow, Run, Store};
+use quarry_shared::store::{PackageJob, Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
 pub use cause::root_cause;
@@ -313,9 +313,16 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
         run.name
     );
     let mut text = String::new();
-    for (job, version, toolchain, outcome) in jobs {
+    for PackageJob {
+        id: job,
+        version,
+        side,
+        outcome,
+        refused,
+    } in jobs
+    {
         let events = store.events(job).await?;
-        let _ = writeln!(text, "{name}@{version} with {toolchain} (job {job}):");
+        let _ = writeln!(text, "{name}@{version} with {side} (job {job}):");
         for event in &events {
             let _ = write!(
                 text,
@@ -352,7 +359,12 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
             }
             (None, Some(other)) => format!("last event: {other}"),
         };
-        let _ = writeln!(text, "  → {now}\n");
+        let _ = write!(text, "  → {now}");
+        if !refused.is_empty() {
+            let names: Vec<&str> = refused.iter().map(|r| r.as_str()).collect();
+            let _ = write!(text, "; refused: {}", names.join(", "));
+        }
+        text.push_str("\n\n");
     }
     Ok(text)
 }

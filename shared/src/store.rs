@@ -185,6 +185,19 @@ pub struct Reconciliation {
     pub dead_letters_without_error_result: i64,
 }
 
+/// One job of a package in a run, for `explain`.
+#[derive(Debug, Clone)]
+pub struct PackageJob {
+    pub id: JobId,
+    pub version: String,
+    /// The side label (`Job::side`).
+    pub side: String,
+    /// Its result's outcome, once it has one.
+    pub outcome: Option<Outcome>,
+    /// What its package tried that the consumer refused.
+    pub refused: Vec<Refusal>,
+}
+
 /// A consumer of the fleet, as it registered and last reported.
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetMember {
@@ -1459,13 +1472,13 @@ impl Store {
         run: RunId,
         name: &str,
         version: Option<&str>,
-    ) -> anyhow::Result<Vec<(JobId, String, String, Option<Outcome>)>> {
+    ) -> anyhow::Result<Vec<PackageJob>> {
         let client = self.client().await?;
         let rows = client
             .query(
                 &client
                     .prepare_cached(
-                        "SELECT j.id, j.crate_version, j.toolchain, r.outcome
+                        "SELECT j.id, j.crate_version, j.toolchain, r.outcome, r.refused
                  FROM jobs j LEFT JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2
                    AND ($3::text IS NULL OR j.crate_version = $3)
@@ -1478,12 +1491,14 @@ impl Store {
         rows.into_iter()
             .map(|row| {
                 let outcome: Option<String> = row.get(3);
-                Ok((
-                    JobId(row.get(0)),
-                    row.get(1),
-                    row.get(2),
-                    outcome.map(|o| o.parse()).transpose()?,
-                ))
+                let refused: Option<Vec<String>> = row.get(4);
+                Ok(PackageJob {
+                    id: JobId(row.get(0)),
+                    version: row.get(1),
+                    side: row.get(2),
+                    outcome: outcome.map(|o| o.parse()).transpose()?,
+                    refused: parse_refusals(refused.unwrap_or_default())?,
+                })
             })
             .collect()
     }

@@ -326,6 +326,17 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
             .as_deref(),
         Some("refused: git-dependency")
     );
+    let explained = quarry_reporter::explain(
+        &hostile.stack.config,
+        "hostile",
+        "quarry-hostile-git-dependency",
+    )
+    .await
+    .unwrap();
+    assert!(
+        explained.contains("→ finished as broken; refused: git-dependency"),
+        "{explained}"
+    );
     let html = std::fs::read_to_string(&written.html).unwrap();
     assert!(
         html.contains("<td data-refused=\"git-dependency\">3</td>"),
