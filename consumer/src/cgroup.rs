@@ -51,7 +51,11 @@ impl Cgroups {
             .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         let v2 = match v2_own_dir(&own, &mounts) {
             Some(own_dir) => match prepare_v2(&own_dir, &dir_name) {
-                Ok(parent) => return Ok(Cgroups::V2 { parent }),
+                Ok(parent) => {
+                    let cgroups = Cgroups::V2 { parent };
+                    cgroups.remove_leftovers();
+                    return Ok(cgroups);
+                }
                 Err(why) => why,
             },
             None => "no cgroup2 mount with this process's cgroup".to_owned(),
@@ -70,7 +74,9 @@ impl Cgroups {
                         )
                     })?;
                 }
-                Ok(Cgroups::V1 { memory, pids })
+                let cgroups = Cgroups::V1 { memory, pids };
+                cgroups.remove_leftovers();
+                Ok(cgroups)
             }
             _ => Err(format!(
                 "cgroup v2: {v2}; cgroup v1: no memory and pids hierarchies"
@@ -90,13 +96,64 @@ impl Cgroups {
         }
     }
 
-    /// Removes this consumer's directories (when it stops; its steps' cgroups are gone by then).
-    pub fn remove(&self) {
-        let dirs = match self {
+    /// This consumer's directories: the parents of its steps' cgroups.
+    fn parents(&self) -> Vec<&PathBuf> {
+        match self {
             Cgroups::V2 { parent } => vec![parent],
             Cgroups::V1 { memory, pids } => vec![memory, pids],
-        };
-        for dir in dirs {
+        }
+    }
+
+    /// Makes sure this consumer's directories exist: another consumer's start may have removed
+    /// them while no step of this one ran (see `remove_leftovers`).
+    fn ensure_parents(&self) -> io::Result<()> {
+        for parent in self.parents() {
+            if !parent.is_dir() {
+                std::fs::create_dir_all(parent)?;
+                if matches!(self, Cgroups::V2 { .. }) {
+                    write(parent, "cgroup.subtree_control", "+memory +pids")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what consumers that died left beside this one's directories: other `quarry-*`
+    /// directories and their steps' cgroups, where nothing runs in them (the kernel refuses to
+    /// remove a cgroup with processes, so a live consumer's running steps are never touched; an
+    /// idle live consumer recreates its directory at its next step). Without it, every consumer
+    /// killed on a host would leave its directories behind for good.
+    fn remove_leftovers(&self) {
+        for parent in self.parents() {
+            let (Some(above), Some(own)) = (parent.parent(), parent.file_name()) else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(above) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !name.starts_with("quarry-") || name == "quarry-supervisor" || *name == *own {
+                    continue;
+                }
+                if let Ok(steps) = std::fs::read_dir(entry.path()) {
+                    for step in steps.flatten() {
+                        if step.path().is_dir() {
+                            let _ = std::fs::remove_dir(step.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(entry.path()).is_ok() {
+                    tracing::debug!(dir = %entry.path().display(), "removed a cgroup directory left behind");
+                }
+            }
+        }
+    }
+
+    /// Removes this consumer's directories (when it stops; its steps' cgroups are gone by then).
+    pub fn remove(&self) {
+        for dir in self.parents() {
             if let Err(err) = std::fs::remove_dir(dir) {
                 tracing::debug!(dir = %dir.display(), %err, "cannot remove a cgroup directory");
             }
@@ -105,6 +162,12 @@ impl Cgroups {
 
     /// Creates the cgroup of one step, with its limits set.
     pub fn step(&self, name: &str, limits: CgroupLimits) -> io::Result<StepCgroup> {
+        self.ensure_parents().map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("cannot create this consumer's cgroup directories: {err}"),
+            )
+        })?;
         let name = sanitize(name);
         let (dirs, v2) = match self {
             Cgroups::V2 { parent } => (vec![parent.join(&name)], true),
@@ -364,6 +427,34 @@ fn prepare_v2(own: &Path, dir_name: &str) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a machine where this process can create cgroups (as the consumer's tests run here).
+    #[test]
+    fn a_consumer_removes_what_dead_ones_left_and_recreates_its_own_if_removed() {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let Ok(dead) = Cgroups::detect(&format!("unit-dead-{id}")) else {
+            eprintln!("no cgroups can be created here; nothing to check");
+            return;
+        };
+        let limits = CgroupLimits {
+            memory_bytes: 64 << 20,
+            tasks: 16,
+        };
+        // A step's cgroup left over by a consumer killed mid-step, with nothing running in it.
+        let left = dead.step("left-behind", limits).unwrap();
+        std::mem::forget(left);
+        let live = Cgroups::detect(&format!("unit-live-{id}")).unwrap();
+        for parent in dead.parents() {
+            assert!(!parent.exists(), "{} was left behind", parent.display());
+        }
+        // The dead one's directories are gone; were it alive and idle, its next step recreates
+        // them.
+        let step = dead.step("again", limits).unwrap();
+        drop(step);
+        dead.remove();
+        assert!(live.parents().iter().all(|p| p.is_dir()));
+        live.remove();
+    }
 
     const MOUNTS: &str = "\
 35 25 0:30 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
