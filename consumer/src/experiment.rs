@@ -297,6 +297,51 @@ pub async fn run(
     })
 }
 
+/// Whether this consumer can set up a step at all: a scratch directory in `jobs_dir`, and `true`
+/// run in it as a job's steps run (the sandbox, a cgroup, the limits). `Err` says why not.
+pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
+    let scratch = jobs_dir.join(format!(".check-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&scratch)
+        .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let place = Place {
+        workspace: Workspace {
+            scratch: &scratch,
+            package_dir: &scratch,
+        },
+        mounts: Mounts {
+            writable: &scratch,
+            read_only: &[],
+            registry: None,
+        },
+        name: "check",
+        limits: Limits {
+            time: Duration::from_secs(30),
+            memory_bytes: 256 << 20,
+            tasks: 64,
+        },
+    };
+    let toolchain: Toolchain = "stable".parse().map_err(|e| format!("{e}"))?;
+    let mut log = Log::new(64 << 10);
+    let ran = run_step(
+        env,
+        &place,
+        &toolchain,
+        &["true".to_owned()],
+        Instant::now() + place.limits.time,
+        &mut log,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    match ran {
+        Ok((StepStatus::Exited(0), _)) => Ok(()),
+        Ok(_) => Err(format!(
+            "`true` failed in the sandbox: {}",
+            log.text().trim()
+        )),
+        Err(err) => Err(format!("cannot run a step: {err}")),
+    }
+}
+
 /// Runs `steps` in order until one fails: `Some` is the job's result then (without what was
 /// refused, which the caller adds). `registry` is the job's gateway socket, for the steps
 /// that resolve.

@@ -196,7 +196,25 @@ struct Done {
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
-struct InfraError(String);
+struct InfraError {
+    why: String,
+    /// This consumer's host could not set up the job's steps (its scratch directory, sandbox or
+    /// cgroup), as opposed to a service failing: then the consumer checks whether it can set up
+    /// any step at all.
+    host: bool,
+}
+
+impl From<String> for InfraError {
+    fn from(why: String) -> InfraError {
+        InfraError { why, host: false }
+    }
+}
+
+impl InfraError {
+    fn host(why: String) -> InfraError {
+        InfraError { why, host: true }
+    }
+}
 
 struct Worker {
     name: String,
@@ -222,6 +240,8 @@ struct Worker {
     /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
     /// back at once, rather than started only to be cut off at the end of the grace period.
     stopping: CancellationToken,
+    /// Why this consumer can no longer set up any step, once it found so: it stops taking jobs.
+    broken: std::sync::Mutex<Option<String>>,
 }
 
 /// Marks a job as in hand until dropped.
@@ -303,6 +323,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         slots: tokio::sync::Semaphore::new(usize::from(config.consumer.concurrency.max(1))),
         in_hand: Default::default(),
         stopping: shutdown.clone(),
+        broken: Default::default(),
     });
     // Join the fleet: registered, then a heartbeat with the jobs in hand until we stop.
     // The database may be down for a while (restarting): registering is retried with each
@@ -372,6 +393,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     }
     let stats = metrics.stats();
     tracing::info!(consumer = %name, ?stats, "consumer stopped");
+    if let Some(why) = worker.broken_why() {
+        anyhow::bail!(why);
+    }
     Ok(stats)
 }
 
@@ -691,7 +715,7 @@ impl Worker {
                 let (execution, ran_for) = match self.run_experiment(&job, attempt).await {
                     Ok(Some((execution, ran_for))) => (execution, Some(ran_for)),
                     Ok(None) => return give_back(delivery).await,
-                    Err(InfraError(why)) => (
+                    Err(InfraError { why, .. }) => (
                         Execution {
                             outcome: Outcome::Error,
                             exit_code: None,
@@ -712,7 +736,11 @@ impl Worker {
                     environment: None,
                 }
             }
-            Err(InfraError(reason)) => {
+            Err(InfraError { why: reason, host }) => {
+                if host && self.cannot_set_up_steps(&reason).await {
+                    // Not the job's fault: another consumer takes it, and this one stops.
+                    return give_back(delivery).await;
+                }
                 self.store
                     .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
                     .await?;
@@ -814,10 +842,38 @@ impl Worker {
         ack(delivery).await
     }
 
+    /// After a job's steps could not be set up (`why`): whether this consumer can set up any
+    /// step at all (a scratch directory, the sandbox, a cgroup). If it cannot, it stops taking
+    /// jobs and says why, rather than failing every job of the queue as an `error`; its run
+    /// ends with that error, so a supervisor sees it.
+    async fn cannot_set_up_steps(&self, why: &str) -> bool {
+        if self.broken_why().is_some() {
+            return true;
+        }
+        let Err(check) = experiment::check_host(&self.cargo, &self.jobs_dir).await else {
+            return false;
+        };
+        let why = format!(
+            "this consumer can no longer set up a job's steps ({why}; a check step failed too: \
+             {check}): it stops taking jobs"
+        );
+        tracing::error!(consumer = %self.name, %why, "stopping");
+        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.stopping.cancel();
+        true
+    }
+
+    fn broken_why(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn execute(&self, job: &Job, attempt: u32) -> Result<Plan, InfraError> {
         let known = self.toolchains.lock().await.get(&job.toolchain).cloned();
         let build = if let Some(state) = known {
-            state.map_err(InfraError)?
+            state.map_err(InfraError::from)?
         } else {
             // The first jobs of a toolchain: its package downloads while the toolchain is
             // checked. The download lands in the disk cache, where the experiment finds it; a
@@ -839,7 +895,7 @@ impl Worker {
                 .store
                 .claim_computation(&memo_key, job.id, &self.name, CLAIM_STALE_AFTER)
                 .await
-                .map_err(|e| InfraError(format!("cannot claim the computation: {e:#}")))?;
+                .map_err(|e| InfraError::from(format!("cannot claim the computation: {e:#}")))?;
             if let Some(holder) = holder {
                 return Ok(Plan::Wait { holder });
             }
@@ -849,7 +905,9 @@ impl Worker {
                 self.store
                     .release_computation(&memo_key, job.id)
                     .await
-                    .map_err(|e| InfraError(format!("cannot release the computation: {e:#}")))?;
+                    .map_err(|e| {
+                        InfraError::from(format!("cannot release the computation: {e:#}"))
+                    })?;
                 return Ok(Plan::Record(Box::new(reused)));
             }
         }
@@ -884,7 +942,7 @@ impl Worker {
             .store
             .memoized_result(memo_key)
             .await
-            .map_err(|e| InfraError(format!("cannot look up earlier results: {e:#}")))?;
+            .map_err(|e| InfraError::from(format!("cannot look up earlier results: {e:#}")))?;
         let Some(earlier) = earlier else {
             return Ok(None);
         };
@@ -1073,7 +1131,7 @@ impl Worker {
                 bytes
             }
             Err(FetchError::Missing(why)) => return Ok(Some((broken(&why), Duration::ZERO))),
-            Err(FetchError::Unavailable(why)) => return Err(InfraError(why)),
+            Err(FetchError::Unavailable(why)) => return Err(InfraError::from(why)),
         };
         let preparing = Instant::now();
         let (scratch, package_dir, resolved) = match self.prepare(job, archive).await? {
@@ -1092,7 +1150,7 @@ impl Worker {
         self.store
             .start_attempt(job, attempt as i32, &self.name)
             .await
-            .map_err(|e| InfraError(format!("cannot record the attempt's start: {e:#}")))?;
+            .map_err(|e| InfraError::from(format!("cannot record the attempt's start: {e:#}")))?;
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
         let resolving = resolved.spent;
@@ -1108,7 +1166,7 @@ impl Worker {
             self.limits(job),
         )
         .await
-        .map_err(|e| InfraError(format!("cannot set up or run the job's steps: {e}")))?;
+        .map_err(|e| InfraError::host(format!("cannot set up or run the job's steps: {e}")))?;
         let ran_for = resolving + started.elapsed();
         // The next job's code may start while this one's files are removed.
         drop(slot);
@@ -1135,7 +1193,7 @@ impl Worker {
     ) -> Result<Result<(ScratchDir, PathBuf, experiment::Resolved), Execution>, InfraError> {
         let scratch = self.jobs_dir.join(job.id.to_string());
         let scratch = ScratchDir::create(&scratch)
-            .map_err(|e| InfraError(format!("cannot create {}: {e}", scratch.display())))?;
+            .map_err(|e| InfraError::host(format!("cannot create {}: {e}", scratch.display())))?;
         let root = format!("{}-{}", job.package.name, job.package.version);
         let package_dir = match unpack_off_thread(archive, scratch.path().join("src"), root).await?
         {
@@ -1182,7 +1240,7 @@ impl Worker {
             refused,
         )
         .await
-        .map_err(|e| InfraError(format!("cannot set up or run the job's steps: {e}")))?;
+        .map_err(|e| InfraError::host(format!("cannot set up or run the job's steps: {e}")))?;
         Ok(resolved.map(|resolved| (scratch, package_dir, resolved)))
     }
 
@@ -1215,12 +1273,12 @@ impl Worker {
                 Err(FetchError::Missing(why)) => {
                     return not_applied(format!("cannot fetch the patch {patch}: {why}"), refused);
                 }
-                Err(FetchError::Unavailable(why)) => return Err(Err(InfraError(why))),
+                Err(FetchError::Unavailable(why)) => return Err(Err(InfraError::from(why))),
             },
             PatchSource::Upload { key } => match self.bucket.get_patch(key).await {
                 Ok(Some(bytes)) if fetch::checksum_matches(&bytes, &patch.checksum) => bytes,
                 Ok(Some(_)) => {
-                    return Err(Err(InfraError(format!(
+                    return Err(Err(InfraError::from(format!(
                         "the uploaded patch s3://{}/{key} does not match its checksum",
                         self.bucket.bucket()
                     ))));
@@ -1234,7 +1292,7 @@ impl Worker {
                         refused,
                     );
                 }
-                Err(err) => return Err(Err(InfraError(format!("{err:#}")))),
+                Err(err) => return Err(Err(InfraError::from(format!("{err:#}")))),
             },
         };
         let root = format!("{}-{}", patch.name, patch.version);
@@ -1284,7 +1342,7 @@ impl Worker {
                 state
             }
         };
-        state.map_err(InfraError)
+        state.map_err(InfraError::from)
     }
 }
 
@@ -1297,7 +1355,7 @@ async fn unpack_off_thread(
 ) -> Result<Result<PathBuf, String>, InfraError> {
     tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root))
         .await
-        .map_err(|err| InfraError(format!("unpacking panicked: {err}")))
+        .map_err(|err| InfraError::from(format!("unpacking panicked: {err}")))
 }
 
 async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {

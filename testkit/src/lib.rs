@@ -337,15 +337,22 @@ impl Consumers {
 
     /// Stops them gracefully (as SIGTERM does) and adds up what they did.
     pub async fn stop(self) -> ConsumerStats {
-        self.shutdown.cancel();
         let mut total = ConsumerStats::default();
-        for task in self.tasks {
-            total += task
-                .await
-                .expect("the consumer task did not panic")
-                .expect("the consumer stops cleanly");
+        for ended in self.stop_each().await {
+            total += ended.expect("the consumer stops cleanly");
         }
         total
+    }
+
+    /// Stops them gracefully and says how each ended: what it did, or the error its run ended
+    /// with.
+    pub async fn stop_each(self) -> Vec<anyhow::Result<ConsumerStats>> {
+        self.shutdown.cancel();
+        let mut ended = Vec::new();
+        for task in self.tasks {
+            ended.push(task.await.expect("the consumer task did not panic"));
+        }
+        ended
     }
 }
 
