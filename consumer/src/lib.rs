@@ -259,6 +259,9 @@ impl Drop for InHand<'_> {
 /// Consumes jobs until `shutdown` is cancelled. A lost broker connection is re-established,
 /// with backoff, as often as it takes.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ConsumerStats> {
+    // This consumer's own: it stops itself (a host that cannot run jobs) without stopping
+    // whatever else the caller's token stops.
+    let shutdown = shutdown.child_token();
     let name = config.consumer.name.clone().unwrap_or_else(default_name);
     let store = Store::connect(&config.database).await?;
     store.migrate().await?;
