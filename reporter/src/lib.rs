@@ -116,6 +116,16 @@ pub struct Written {
 }
 
 impl Written {
+    /// Each package's outcome, by name: what a test of a one-sided run compares (with two
+    /// sides, the last one's).
+    pub fn outcomes(&self) -> BTreeMap<&str, &str> {
+        self.report
+            .packages
+            .iter()
+            .map(|p| (p.name.as_str(), p.outcome.as_str()))
+            .collect()
+    }
+
     /// The text of a log the report copied, given its `PackageRow::log` (or a comparison's
     /// `start_log` / `end_log`).
     pub fn read_log(&self, log: Option<&str>) -> anyhow::Result<String> {

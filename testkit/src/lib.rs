@@ -82,6 +82,19 @@ pub fn first_crates(mode: Mode, limit: u64) -> quarry_producer::RunDefinition {
     }
 }
 
+/// A run of `experiment` with the test toolchain over exactly `packages` (newest versions).
+pub fn packages_run(experiment: Experiment, packages: &[&str]) -> quarry_producer::RunDefinition {
+    quarry_producer::RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![toolchain()],
+        experiment,
+        selection: quarry_producer::Selection::Packages {
+            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+        },
+    }
+}
+
 /// The run of the dispatch benchmark and the soak: every crate of the registry, its job `true`
 /// in the sandbox, nothing built.
 pub fn no_op_run() -> quarry_producer::RunDefinition {
@@ -203,6 +216,23 @@ impl TestStack {
     /// Starts consumers named `names` in this process, sharing the stack's work directory.
     pub fn start_consumers(&self, names: &[&str]) -> Consumers {
         Consumers::start(names.iter().map(|name| self.consumer_config(name)))
+    }
+
+    /// Waits (at most a minute) until `count` consumers have joined this stack's fleet: they
+    /// register once their sandbox and cgroups are set up.
+    pub async fn wait_for_fleet(&self, count: usize) {
+        let store = Store::connect(&self.config.database)
+            .await
+            .expect("the test database is reachable");
+        let since = chrono::Utc::now() - chrono::Duration::minutes(1);
+        tokio::time::timeout(Duration::from_secs(60), async {
+            // (Until a consumer has applied the migrations, there is no fleet table.)
+            while store.fleet(since).await.map_or(0, |fleet| fleet.len()) < count {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the consumers join the fleet within a minute");
     }
 
     /// Waits (at most 20 minutes) until every job of `run` has a result.

@@ -3,10 +3,10 @@
 //! one. The consumer must come back and consume again, never stay alive consuming nothing; every
 //! job ends with exactly one result.
 
-use quarry_producer::{RunDefinition, Selection, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::job::Mode;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
-use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
+use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -36,15 +36,7 @@ async fn a_channel_the_broker_closes_for_a_late_ack_is_consumed_again() {
         "quarry-fixture-regression",
         "quarry-fixture-sandboxed",
     ];
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 60),
-        selection: Selection::Packages {
-            packages: packages.map(str::to_owned).to_vec(),
-        },
-    };
+    let definition = packages_run(experiment(Mode::Check, 60), &packages);
     let summary = publish_run(
         &stack.config,
         "late-acks",

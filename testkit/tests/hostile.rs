@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use quarry_producer::{RunDefinition, Selection, publish_run};
+use quarry_producer::{RunDefinition, publish_run};
 use quarry_reporter::{PackageRow, Written};
-use quarry_shared::job::{Experiment, Mode};
-use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
+use quarry_shared::job::Mode;
+use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 /// The outside world: a listener on loopback that counts whoever connects.
@@ -123,19 +123,6 @@ impl Hostile {
         }
     }
 
-    /// A run of `experiment` with the test toolchain over `packages`.
-    fn definition(experiment: Experiment, packages: &[&str]) -> RunDefinition {
-        RunDefinition {
-            patch: None,
-            filter: Default::default(),
-            toolchains: vec![quarry_testkit::toolchain()],
-            experiment,
-            selection: Selection::Packages {
-                packages: packages.iter().map(|p| (*p).to_owned()).collect(),
-            },
-        }
-    }
-
     /// Runs `definition` as `run` to the end (on an unsandboxed consumer if asked), checks it
     /// with `verify`, and writes its report.
     async fn run(&self, run: &str, definition: &RunDefinition, sandboxed: bool) -> Written {
@@ -210,7 +197,7 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
     let hostile = Hostile::start().await;
     let mut packages: Vec<&str> = expected.keys().map(String::as_str).collect();
     packages.push("quarry-fixture-sandboxed");
-    let definition = Hostile::definition(experiment(Mode::Test, 120), &packages);
+    let definition = packages_run(experiment(Mode::Test, 120), &packages);
     let written = hostile.run("hostile", &definition, true).await;
 
     let found: BTreeMap<String, Expected> = written
@@ -355,7 +342,7 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unsandboxed_resolution_keeps_the_boundary_too() {
     let hostile = Hostile::start().await;
-    let definition = Hostile::definition(
+    let definition = packages_run(
         experiment(Mode::Test, 120),
         &[
             "quarry-hostile-config-credential-provider",
@@ -400,7 +387,7 @@ async fn cargo_reports_only_quarrys_configuration_for_a_package_that_ships_its_o
         "quarry-hostile-config-rustc-wrapper",
         "quarry-hostile-config-include",
     ];
-    let definition = Hostile::definition(command, &shipping);
+    let definition = packages_run(command, &shipping);
     let written = hostile.run("config-get", &definition, true).await;
     for name in shipping {
         let row = package(&written, name);
@@ -443,7 +430,7 @@ async fn a_hostile_patch_is_refused_like_a_hostile_package() {
     )
     .await
     .unwrap();
-    let mut definition = Hostile::definition(
+    let mut definition = packages_run(
         experiment(Mode::Test, 120),
         &["quarry-hostile-config-credential-provider"],
     );

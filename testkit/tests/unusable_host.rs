@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use quarry_producer::{RunDefinition, Selection, publish_run};
+use quarry_producer::publish_run;
 use quarry_shared::job::Mode;
 use quarry_shared::store::Store;
-use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
+use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -26,23 +26,13 @@ async fn a_consumer_that_cannot_set_up_steps_stops_and_its_jobs_go_to_another() 
         ("quarry-fixture-patch-lib", "build-pass"),
     ]
     .into();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 60),
-        selection: Selection::Packages {
-            packages: expected.keys().map(|p| (*p).to_owned()).collect(),
-        },
-    };
+    let packages: Vec<&str> = expected.keys().copied().collect();
+    let definition = packages_run(experiment(Mode::Check, 60), &packages);
     let broken_config = stack.consumer_config("broken-host");
     let broken = Consumers::start([broken_config.clone()]);
+    stack.wait_for_fleet(1).await;
     let store = Store::connect(&stack.config.database).await.unwrap();
     let since = chrono::Utc::now() - chrono::Duration::minutes(1);
-    // (Until the consumer has applied the migrations, there is no fleet table.)
-    while store.fleet(since).await.map_or(0, |fleet| fleet.len()) < 1 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let jobs_dir = broken_config
         .consumer
         .work_dir
@@ -88,13 +78,11 @@ async fn a_consumer_that_cannot_set_up_steps_stops_and_its_jobs_go_to_another() 
         quarry_reporter::generate(&stack.config, "unusable", &stack.config.reporter.output_dir)
             .await
             .unwrap();
-    let outcomes: BTreeMap<&str, &str> = written
-        .report
-        .packages
-        .iter()
-        .map(|p| (p.name.as_str(), p.outcome.as_str()))
-        .collect();
-    assert_eq!(outcomes, expected, "no job blamed for the broken host");
+    assert_eq!(
+        written.outcomes(),
+        expected,
+        "no job blamed for the broken host"
+    );
     let sql = stack.sql().await.unwrap();
     let failed: i64 = sql
         .query_one(
