@@ -16,6 +16,7 @@ mod cgroup;
 mod experiment;
 mod fetch;
 mod gateway;
+mod lease;
 mod metrics;
 mod mirror;
 mod prepare;
@@ -45,6 +46,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::lease::{Lease, Leases};
 use crate::mirror::Mirror;
 use crate::prepare::Refused;
 
@@ -76,6 +78,8 @@ pub struct ConsumerStats {
     pub broker_connections: u64,
     /// Times a job waited for an identical job of another run instead of computing.
     pub waits: u64,
+    /// Jobs of lapsed leases (their consumer died) this consumer published again.
+    pub leases_lapsed: u64,
 }
 
 /// Heartbeat of a claimed computation, and when a silent claim may be taken over.
@@ -110,6 +114,7 @@ impl std::ops::AddAssign for ConsumerStats {
         self.reruns += other.reruns;
         self.broker_connections += other.broker_connections;
         self.waits += other.waits;
+        self.leases_lapsed += other.leases_lapsed;
     }
 }
 
@@ -219,6 +224,11 @@ impl InfraError {
 struct Worker {
     name: String,
     store: Store,
+    /// The leases of the jobs this consumer holds.
+    leases: Leases,
+    /// The current session's publishing channel (`None` between sessions). Jobs in hand run on
+    /// across sessions, so each takes the current one when it publishes.
+    publisher: std::sync::Mutex<Option<Arc<Publisher>>>,
     /// Where logs go.
     bucket: Bucket,
     fetcher: Arc<Fetcher>,
@@ -242,6 +252,13 @@ struct Worker {
     stopping: CancellationToken,
     /// Why this consumer can no longer set up any step, once it found so: it stops taking jobs.
     broken: std::sync::Mutex<Option<String>>,
+}
+
+/// A job taken off the queue: its state when it was taken, and its lease.
+struct Taken {
+    job: Job,
+    state: JobState,
+    lease: Lease,
 }
 
 /// Marks a job as in hand until dropped.
@@ -314,6 +331,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
 
     let worker = Arc::new(Worker {
         name: name.clone(),
+        leases: Leases::new(
+            store.clone(),
+            identity.0,
+            name.clone(),
+            Duration::from_secs(config.consumer.lease_secs),
+        ),
+        publisher: Default::default(),
         store,
         bucket: bucket.clone(),
         fetcher: fetcher.clone(),
@@ -357,8 +381,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             }
         }
     });
+    // The leases of the jobs in hand, renewed whatever the broker does (a job runs on while
+    // the consumer connects again); it stops with the consumer, however that ends, so the
+    // leases of a consumer that is gone always lapse.
+    let _renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
+        let worker = worker.clone();
+        async move {
+            loop {
+                tokio::time::sleep(worker.leases.interval()).await;
+                let jobs: Vec<uuid::Uuid> = worker.in_hand_jobs().iter().map(|j| j.0).collect();
+                worker.leases.renew(&jobs).await;
+            }
+        }
+    }));
     let concurrency = config.consumer.concurrency.max(1);
     let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
+    let mut hand = Hand::new(concurrency);
     let mut broker = Some(first_broker);
     loop {
         let current = match broker.take() {
@@ -369,7 +407,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             },
         };
         metrics.connections.inc();
-        let session = consume(&worker, &current, concurrency, &shutdown, grace).await;
+        let session = consume(&worker, &current, &mut hand, &shutdown, grace).await;
         // Closing the connection returns every unacked delivery to the queue.
         current.close().await;
         if shutdown.is_cancelled() {
@@ -380,6 +418,15 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             Err(err) => {
                 tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting")
             }
+        }
+    }
+    if !hand.tasks.is_empty() {
+        // Stopped without a connection to the broker: what is in hand has its grace period,
+        // and what cannot publish what it needs to lets its lease lapse.
+        if tokio::time::timeout(grace, hand.finish()).await.is_err() {
+            hand.tasks.abort_all();
+            hand.finish().await;
+            worker.leases.lapse_all().await;
         }
     }
     heartbeat.abort();
@@ -402,27 +449,64 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     Ok(stats)
 }
 
-/// Consumes from one broker connection until it fails or `shutdown` is cancelled; on shutdown,
-/// lets the jobs in hand finish within `grace`.
+/// The jobs a consumer has in hand, across sessions with the broker: each runs as a task of its
+/// own, holding one of `room`'s permits (twice the slots: while one job holds a slot, another is
+/// fetched, prepared or recorded).
+struct Hand {
+    tasks: tokio::task::JoinSet<()>,
+    room: Arc<tokio::sync::Semaphore>,
+}
+
+impl Hand {
+    fn new(concurrency: u16) -> Hand {
+        Hand {
+            tasks: tokio::task::JoinSet::new(),
+            room: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                concurrency.saturating_mul(2),
+            ))),
+        }
+    }
+
+    /// Forgets the tasks that ended.
+    fn reap(&mut self) {
+        while let Some(ended) = self.tasks.try_join_next() {
+            if let Err(err) = ended
+                && err.is_panic()
+            {
+                tracing::error!(%err, "a job's task panicked; its lease lapses and it is published again");
+            }
+        }
+    }
+
+    /// Waits until every job in hand has ended.
+    async fn finish(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Consumes from one broker connection until it fails or `shutdown` is cancelled. The jobs it
+/// took go on in `hand` when the session ends (their leases hold them, not the connection); on
+/// shutdown, they are given `grace` to finish while the connection is still there to publish
+/// what they need to, and those still running after it are handed back.
 async fn consume(
     worker: &Arc<Worker>,
     broker: &Broker,
-    concurrency: u16,
+    hand: &mut Hand,
     shutdown: &CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
     let publisher = Arc::new(broker.publisher().await?);
-    // Twice the slots: while one job holds a slot, another is fetched or recorded.
-    let in_hand = concurrency.saturating_mul(2);
-    let (channel, deliveries) = broker.consume(in_hand, &worker.name).await?;
+    // A job is taken only when there is room for it, and acked once its lease is held: the
+    // broker holds no delivery for this consumer longer than that.
+    let (channel, deliveries) = broker.take_jobs().await?;
     let (dead_channel, dead_letters) = broker.consume_dead_letters(&worker.name).await?;
-    tracing::info!(consumer = %worker.name, concurrency, "consuming jobs");
+    worker.set_publisher(Some(publisher.clone()));
+    tracing::info!(consumer = %worker.name, "consuming jobs");
     worker.metrics.consuming.set(1);
     // The session lasts while every channel it uses does. One closed from the broker's side (a
-    // delivery held past the broker's `consumer_timeout`, a channel error) ends it: no delivery
-    // is taken any more, the jobs in hand finish, the connection is closed (which gives back
-    // every delivery not acked) and the consumer connects and consumes again. Waiting on the
-    // other channels alone would leave a consumer alive that consumes nothing.
+    // broker restarting, a channel error) ends it: no job is taken any more, the connection is
+    // closed and the consumer connects and consumes again, while the jobs in hand go on.
+    // Waiting on the other channels alone would leave a consumer alive that consumes nothing.
     let session = shutdown.child_token();
     let lost: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let end_session = |why: String| {
@@ -434,6 +518,14 @@ async fn consume(
             *lost = Some(why);
         }
         session.cancel();
+    };
+    // Jobs whose lease lapsed (their consumer died) are published again by whichever
+    // consumer sweeps first.
+    let sweeper = async {
+        loop {
+            tokio::time::sleep(worker.leases.interval()).await;
+            worker.leases.sweep(&publisher, &worker.metrics).await;
+        }
     };
     let watchdog = async {
         loop {
@@ -448,23 +540,40 @@ async fn consume(
                 break;
             }
         }
-        // Done: the streams end with the session.
+        // Done: the session is over.
         std::future::pending::<()>().await
     };
-    let jobs = deliveries
-        .take_until(session.clone().cancelled_owned())
-        .for_each_concurrent(usize::from(in_hand), |delivery| {
-            let worker = worker.clone();
-            let publisher = publisher.clone();
-            let delivery = delivery.map_err(|err| {
-                end_session(format!("the jobs channel failed: {err}"));
-            });
-            async move {
-                if let Ok(delivery) = delivery {
-                    worker.handle(&publisher, delivery).await;
+    let taking = async {
+        let mut deliveries = std::pin::pin!(deliveries);
+        loop {
+            hand.reap();
+            let room = tokio::select! {
+                room = hand.room.clone().acquire_owned() => room.expect("the room is never closed"),
+                () = session.cancelled() => break,
+            };
+            let delivery = tokio::select! {
+                delivery = deliveries.next() => delivery,
+                () = session.cancelled() => break,
+            };
+            match delivery {
+                Some(Ok(delivery)) => {
+                    let worker = worker.clone();
+                    hand.tasks.spawn(async move {
+                        worker.handle(delivery).await;
+                        drop(room);
+                    });
+                }
+                Some(Err(err)) => {
+                    end_session(format!("the jobs channel failed: {err}"));
+                    break;
+                }
+                None => {
+                    end_session("the jobs channel ended".to_owned());
+                    break;
                 }
             }
-        });
+        }
+    };
     let dead_letters = dead_letters
         .take_until(session.clone().cancelled_owned())
         .for_each(|delivery| {
@@ -478,35 +587,47 @@ async fn consume(
                 }
             }
         });
-    // Either stream ending (its channel gone) ends the session too.
-    let jobs = async {
-        jobs.await;
-        end_session("the broker ended the jobs' delivery stream".to_owned());
-    };
+    // The dead letters' stream ending (its channel gone) ends the session too.
     let dead_letters = async {
         dead_letters.await;
         end_session("the broker ended the dead letters' delivery stream".to_owned());
     };
-    {
-        let work = async {
-            tokio::select! {
-                ((), ()) = futures::future::join(jobs, dead_letters) => {}
-                // Never ends: it cancels the session, which ends the streams.
-                () = watchdog => {}
-            }
-        };
-        tokio::pin!(work);
-        tokio::select! {
-            () = &mut work => {}
-            () = shutdown.cancelled() => {
-                worker.metrics.consuming.set(0);
-                if tokio::time::timeout(grace, &mut work).await.is_err() {
-                    tracing::warn!(?grace, "jobs still running after the grace period are given back to the queue");
-                }
-            }
-        }
+    tokio::select! {
+        ((), ()) = futures::future::join(taking, dead_letters) => {}
+        // Never ends: it cancels the session, which ends the others.
+        () = watchdog => {}
+        // Never ends.
+        () = sweeper => {}
     }
     worker.metrics.consuming.set(0);
+    if shutdown.is_cancelled() {
+        // The jobs still waiting for a slot hand themselves back at once; the running ones
+        // have the grace period, publishing through this session meanwhile.
+        let finished = tokio::time::timeout(grace, async {
+            tokio::select! {
+                () = hand.finish() => {}
+                // Never ends.
+                () = async {
+                    loop {
+                        tokio::time::sleep(worker.leases.interval()).await;
+                        worker.leases.sweep(&publisher, &worker.metrics).await;
+                    }
+                } => {}
+            }
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                ?grace,
+                "jobs still running after the grace period are given back to the queue"
+            );
+            hand.tasks.abort_all();
+            hand.finish().await;
+            worker.leases.lapse_all().await;
+            worker.leases.sweep(&publisher, &worker.metrics).await;
+        }
+    }
+    worker.set_publisher(None);
     // Closed one after the other before the connection is (rather than left to their drop,
     // which closes them as the connection goes and makes the client log an error).
     for channel in [dead_channel, channel] {
@@ -552,6 +673,19 @@ async fn reconnect(config: &Config, shutdown: &CancellationToken) -> Option<Brok
 }
 
 impl Worker {
+    /// The current session's publisher.
+    fn publisher(&self) -> anyhow::Result<Arc<Publisher>> {
+        self.publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .context("no connection to the broker at the moment")
+    }
+
+    fn set_publisher(&self, publisher: Option<Arc<Publisher>>) {
+        *self.publisher.lock().unwrap_or_else(|p| p.into_inner()) = publisher;
+    }
+
     fn in_hand_jobs(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<JobId>> {
         // A set of ids cannot be left half-updated by a panic.
         self.in_hand.lock().unwrap_or_else(|p| p.into_inner())
@@ -574,21 +708,101 @@ impl Worker {
         }
     }
 
-    async fn handle(&self, publisher: &Publisher, delivery: Delivery) {
+    async fn handle(&self, delivery: Delivery) {
         self.metrics.in_progress.inc();
         // The job's trace, continued from the context its producer put in the headers.
         let span = tracing::info_span!("run job", job = tracing::field::Empty);
         quarry_shared::telemetry::extract(delivery.properties.headers().as_ref(), &span);
-        let processed = self.process(publisher, &delivery).instrument(span).await;
-        self.metrics.in_progress.dec();
-        if let Err(err) = processed {
-            // The result could not be recorded (database down?): let another attempt do it.
-            tracing::error!(error = %format!("{err:#}"), "job not processed; returning it to the queue");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if let Err(err) = give_back(&delivery).await {
-                tracing::error!(error = %format!("{err:#}"), "cannot return the delivery; the broker will redeliver it");
+        async {
+            match self.take(&delivery).await {
+                Ok(None) => {}
+                Ok(Some(taken)) => {
+                    let _in_hand = self.take_in_hand(taken.job.id);
+                    if let Err(err) = self.process(&taken).await {
+                        // The result could not be recorded (database down?): let another
+                        // attempt do it.
+                        tracing::error!(error = %format!("{err:#}"), "job not processed; handing it back to the queue");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Err(err) = self.hand_back(&taken.lease).await {
+                            tracing::error!(error = %format!("{err:#}"), "cannot hand the job back; its lease lapses and it is published again");
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "job not taken; returning it to the queue");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(err) = give_back(&delivery).await {
+                        tracing::error!(error = %format!("{err:#}"), "cannot return the delivery; the broker will redeliver it");
+                    }
+                }
             }
         }
+        .instrument(span)
+        .await;
+        self.metrics.in_progress.dec();
+    }
+
+    /// Takes a delivered job on: holds its lease, then acks the delivery. `None` when there is
+    /// nothing to do (an invalid message or a job of no run, dead-lettered; a job that has its
+    /// result; a copy of a job another consumer holds), the delivery acked.
+    async fn take(&self, delivery: &Delivery) -> anyhow::Result<Option<Taken>> {
+        let publisher = self.publisher()?;
+        let job = match Job::from_message(&delivery.data) {
+            Ok(job) => job,
+            Err(invalid) => {
+                tracing::warn!(reason = %invalid, "dead-lettering an invalid message");
+                publisher.dead_letter(&delivery.data, &invalid.0).await?;
+                self.metrics.dead_lettered.inc();
+                ack(delivery).await?;
+                return Ok(None);
+            }
+        };
+        tracing::Span::current().record("job", tracing::field::display(job.id));
+        let state = self.store.job_state(&job).await?;
+        if state == JobState::Finished {
+            tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
+            self.metrics.duplicates_skipped.inc();
+            // Its first delivery may have died after recording a regression's re-run and
+            // before publishing it.
+            self.publish_unpublished_reruns(&publisher, &job).await?;
+            ack(delivery).await?;
+            return Ok(None);
+        }
+        if state == JobState::Unknown {
+            let reason = format!(
+                "job {} is not recorded in the database (run deleted?)",
+                job.id
+            );
+            publisher.dead_letter(&delivery.data, &reason).await?;
+            self.metrics.dead_lettered.inc();
+            ack(delivery).await?;
+            return Ok(None);
+        }
+        let failed_attempts = queue::failed_attempts(&delivery.properties);
+        let Some(lease) = self
+            .leases
+            .take(&job, &delivery.data, failed_attempts)
+            .await?
+        else {
+            tracing::info!(job = %job.id, package = %job.package, "another consumer holds this job; dropping the copy");
+            self.metrics.duplicates_skipped.inc();
+            ack(delivery).await?;
+            return Ok(None);
+        };
+        // The lease holds the job from now on. A failed ack only means the broker delivers
+        // the message again: that copy finds the lease and is dropped.
+        if let Err(err) = ack(delivery).await {
+            tracing::warn!(job = %job.id, error = %format!("{err:#}"), "cannot ack a job taken on; its copy will be dropped");
+        }
+        Ok(Some(Taken { job, state, lease }))
+    }
+
+    /// Hands a job back to the work queue as it came (no attempt counted against it), for this
+    /// or another consumer to take again.
+    async fn hand_back(&self, lease: &Lease) -> anyhow::Result<()> {
+        let publisher = self.publisher()?;
+        let put_back = publisher.put_back(&lease.message, lease.failed_attempts);
+        self.leases.hand_over(lease, put_back).await
     }
 
     /// A copy of a dead letter: recorded if the broker made it, then acked. A failure to record
@@ -635,55 +849,31 @@ impl Worker {
         );
         tracing::error!(job = %job.id, package = %job.package, %reason, "recording a job the broker gave up on");
         let attempt = queue::failed_attempts(&delivery.properties) + 1;
-        self.record_verdict(&job, attempt, Outcome::Error, &reason, true)
+        self.record_verdict(&job, attempt, Outcome::Error, &reason, true, None)
             .await?;
         self.metrics.broker_dead_letters.inc();
         Ok(())
     }
 
-    async fn process(&self, publisher: &Publisher, delivery: &Delivery) -> anyhow::Result<()> {
-        let job = match Job::from_message(&delivery.data) {
-            Ok(job) => job,
-            Err(invalid) => {
-                tracing::warn!(reason = %invalid, "dead-lettering an invalid message");
-                publisher.dead_letter(&delivery.data, &invalid.0).await?;
-                self.metrics.dead_lettered.inc();
-                return ack(delivery).await;
-            }
-        };
-        tracing::Span::current().record("job", tracing::field::display(job.id));
-        let _in_hand = self.take_in_hand(job.id);
-        let state = self.store.job_state(&job).await?;
-        if state == JobState::Finished {
-            tracing::info!(job = %job.id, package = %job.package, "already has a result; skipping");
-            self.metrics.duplicates_skipped.inc();
-            // Its first delivery may have died after recording a regression's re-run and
-            // before publishing it.
-            self.publish_unpublished_reruns(publisher, &job).await?;
-            return ack(delivery).await;
-        }
-        if state == JobState::Unknown {
-            let reason = format!(
-                "job {} is not recorded in the database (run deleted?)",
-                job.id
-            );
-            publisher.dead_letter(&delivery.data, &reason).await?;
-            self.metrics.dead_lettered.inc();
-            return ack(delivery).await;
-        }
-
-        let attempt = queue::failed_attempts(&delivery.properties) + 1;
+    /// Runs a job this consumer holds the lease of and records its result (or hands it over
+    /// to a delay queue, or back).
+    async fn process(&self, taken: &Taken) -> anyhow::Result<()> {
+        let Taken { job, state, lease } = taken;
+        let state = *state;
+        let holder = Some(self.leases.holder());
+        let attempt = lease.failed_attempts + 1;
         if state == JobState::RunCancelled {
             // Recorded, not dropped: the run still ends with one result per job.
-            self.record_verdict(
-                &job,
-                attempt,
-                Outcome::Skipped,
-                "skipped, the run was cancelled",
-                false,
-            )
-            .await?;
-            return ack(delivery).await;
+            return self
+                .record_verdict(
+                    job,
+                    attempt,
+                    Outcome::Skipped,
+                    "skipped, the run was cancelled",
+                    false,
+                    holder,
+                )
+                .await;
         }
         let JobState::ToDo { crashes } = state else {
             unreachable!("every other state returned above")
@@ -694,30 +884,34 @@ impl Worker {
                  ran (a job that crashes consumers?); not run again"
             );
             tracing::error!(job = %job.id, package = %job.package, %reason, "dead-lettering a crash-looping job");
-            publisher.dead_letter(&delivery.data, &reason).await?;
-            self.metrics.dead_lettered.inc();
-            self.record_verdict(&job, attempt, Outcome::Error, &reason, true)
+            self.publisher()?
+                .dead_letter(&lease.message, &reason)
                 .await?;
-            return ack(delivery).await;
+            self.metrics.dead_lettered.inc();
+            return self
+                .record_verdict(job, attempt, Outcome::Error, &reason, true, holder)
+                .await;
         }
         let started = Instant::now();
-        let execution = self.execute(&job, attempt).await;
+        let execution = self.execute(job, attempt).await;
         let elapsed = started.elapsed();
         let done = match execution {
             Ok(Plan::Record(done)) => *done,
-            Ok(Plan::GiveBack) => return give_back(delivery).await,
+            Ok(Plan::GiveBack) => return self.hand_back(lease).await,
             Ok(Plan::Wait { holder }) => {
                 self.store
-                    .record_waiting(&job, attempt as i32, &self.name, holder)
+                    .record_waiting(job, attempt as i32, &self.name, holder)
                     .await?;
                 self.metrics.waits.inc();
-                if publisher.defer(&delivery.data, attempt - 1).await? {
-                    return ack(delivery).await;
+                let publisher = self.publisher()?;
+                if publisher.can_defer() {
+                    let defer = publisher.defer(&lease.message, lease.failed_attempts);
+                    return self.leases.hand_over(lease, defer).await;
                 }
                 // No delay queue to wait in (none configured): compute it after all.
-                let (execution, ran_for) = match self.run_experiment(&job, attempt).await {
+                let (execution, ran_for) = match self.run_experiment(job, attempt).await {
                     Ok(Some((execution, ran_for))) => (execution, Some(ran_for)),
-                    Ok(None) => return give_back(delivery).await,
+                    Ok(None) => return self.hand_back(lease).await,
                     Err(InfraError { why, .. }) => (
                         Execution {
                             outcome: Outcome::Error,
@@ -742,18 +936,22 @@ impl Worker {
             Err(InfraError { why: reason, host }) => {
                 if host && self.cannot_set_up_steps(&reason).await {
                     // Not the job's fault: another consumer takes it, and this one stops.
-                    return give_back(delivery).await;
+                    return self.hand_back(lease).await;
                 }
                 self.store
-                    .record_attempt_failed(&job, attempt as i32, &self.name, &reason)
+                    .record_attempt_failed(job, attempt as i32, &self.name, &reason)
                     .await?;
                 self.metrics.attempts_failed.inc();
-                if publisher.retry_later(&delivery.data, attempt).await? {
+                let publisher = self.publisher()?;
+                if publisher.retries_left(attempt) {
                     tracing::warn!(job = %job.id, attempt, %reason, "attempt failed; retrying after a delay");
-                    return ack(delivery).await;
+                    let retry = publisher.retry_later(&lease.message, attempt);
+                    return self.leases.hand_over(lease, retry).await;
                 }
                 let reason = format!("gave up after {attempt} attempts: {reason}");
-                publisher.dead_letter(&delivery.data, &reason).await?;
+                self.publisher()?
+                    .dead_letter(&lease.message, &reason)
+                    .await?;
                 self.metrics.dead_lettered.inc();
                 Done {
                     execution: Execution {
@@ -788,13 +986,13 @@ impl Worker {
             .or_else(|| quarry_shared::category::environment_of(execution.outcome, &execution.log));
         let (log, log_key, uploaded) = match reused_log_key {
             Some(key) => (Some(execution.log), Some(key), false),
-            None => match self.save_log(&job, &execution.log).await {
+            None => match self.save_log(job, &execution.log).await {
                 Some(key) => (None, Some(key), true),
                 None => (Some(execution.log), None, false),
             },
         };
         let refused = execution.refused.clone();
-        let pairing = self.pairing(&job).await;
+        let pairing = self.pairing(job).await;
         let (recorded, rerun) = self
             .store
             .record_result(
@@ -814,6 +1012,7 @@ impl Worker {
                     refused: execution.refused,
                     dead_lettered,
                     releases_claim: claim.is_some(),
+                    lease_holder: holder,
                 },
                 pairing.as_ref(),
             )
@@ -823,7 +1022,10 @@ impl Worker {
         }
         if let Some(rerun) = rerun {
             tracing::info!(package = %job.package, rerun = %rerun.id, side = %rerun.side(), "regressed; running its failing side once more");
-            self.publish_rerun(publisher, &rerun).await?;
+            self.publish_rerun(&*self.publisher()?, &rerun).await?;
+            // Kept until now, so that if this consumer died before publishing, the job's next
+            // delivery would.
+            self.leases.release(lease).await?;
         }
         if recorded {
             self.metrics
@@ -841,8 +1043,8 @@ impl Worker {
                 tracing::warn!(error = %format!("{err:#}"), "cannot remove the log of a duplicate result");
             }
         }
-        // Only now, with the result committed, is the message done with.
-        ack(delivery).await
+        // The lease went with the result (or the re-run's publication): done.
+        Ok(())
     }
 
     /// After a job's steps could not be set up (`why`): whether this consumer can set up any
@@ -1061,6 +1263,7 @@ impl Worker {
         outcome: Outcome,
         why: &str,
         dead_lettered: bool,
+        lease_holder: Option<uuid::Uuid>,
     ) -> anyhow::Result<()> {
         // An error or a skip is never a regression: nothing to pair.
         let (recorded, _) = self
@@ -1082,6 +1285,7 @@ impl Worker {
                     refused: Vec::new(),
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
                     releases_claim: false,
+                    lease_holder,
                 },
                 None,
             )

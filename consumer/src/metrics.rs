@@ -44,6 +44,7 @@ pub struct Metrics {
     refused: IntCounterVec,
     pub connections: IntCounter,
     pub channels_lost: IntCounter,
+    pub leases_lapsed: IntCounter,
     pub waits: IntCounter,
 }
 
@@ -121,7 +122,8 @@ impl Metrics {
             )?,
             duplicates_skipped: counter(
                 "quarry_consumer_duplicates_skipped_total",
-                "Deliveries of jobs that already had a result",
+                "Deliveries of jobs that already had a result, or that another consumer's live \
+                 lease held (a copy of a job in hand)",
             )?,
             memoized: counter(
                 "quarry_consumer_memoized_total",
@@ -168,6 +170,11 @@ impl Metrics {
                 "Channels to the broker found closed (a delivery held past the broker's \
                  consumer_timeout, a channel error): each ends the session, and the consumer \
                  consumes again on a new connection",
+            )?,
+            leases_lapsed: counter(
+                "quarry_consumer_leases_lapsed_total",
+                "Jobs whose lease lapsed (their consumer died, or could not hand them back) \
+                 that this consumer's sweeper published again",
             )?,
             registry,
         };
@@ -255,6 +262,7 @@ impl Metrics {
             reruns: self.reruns.get(),
             broker_connections: self.connections.get(),
             waits: self.waits.get(),
+            leases_lapsed: self.leases_lapsed.get(),
         }
     }
 }

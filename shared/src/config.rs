@@ -250,6 +250,9 @@ pub struct ConsumerConfig {
     pub concurrency: u16,
     /// How long a finishing job may take after SIGTERM before it is given back to the queue.
     pub shutdown_grace_secs: u64,
+    /// How long a job's lease lasts without renewal (renewed every third of it while the job is
+    /// in hand): how long the jobs of a consumer that died wait before another takes them.
+    pub lease_secs: u64,
     /// Bytes of experiment output kept per job; the rest is cut with a marker.
     pub log_limit_bytes: usize,
     /// Size of the local disk cache of `.crate` files (shared by the consumers of a work
@@ -272,6 +275,7 @@ impl Default for ConsumerConfig {
             work_dir: std::env::temp_dir().join("quarry-consumer"),
             concurrency: 1,
             shutdown_grace_secs: 30,
+            lease_secs: 60,
             log_limit_bytes: 1024 * 1024,
             disk_cache_mb: 4096,
             task_limit: 4096,

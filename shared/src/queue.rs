@@ -35,6 +35,13 @@ pub const REASON_HEADER: &str = "x-quarry-reason";
 /// Header counting a job's failed attempts, set by the consumer when it schedules a retry.
 pub const ATTEMPTS_HEADER: &str = "x-quarry-attempts";
 
+/// How long a consumer waits before asking an empty work queue again: from the first to the
+/// second, doubling while it stays empty.
+pub const POLL_PAUSE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(25),
+    std::time::Duration::from_millis(500),
+);
+
 /// Deliveries of one message before the broker itself dead-letters it (crash-loop backstop).
 const DELIVERY_LIMIT: i64 = 10;
 
@@ -196,14 +203,43 @@ impl Broker {
         })
     }
 
-    /// Starts consuming the work queue with at most `prefetch` unacknowledged deliveries.
-    pub async fn consume(
+    /// A channel taking jobs off the work queue one at a time (`basic.get`), and the stream of
+    /// what it takes: a job is asked for only when the stream is polled, so a consumer takes
+    /// exactly as many as it has room for, and the broker never holds a delivery for it that it
+    /// has no room to start (RabbitMQ's `consumer_timeout` would close the channel over it).
+    /// While the queue is empty the stream asks again after a pause that grows from
+    /// `POLL_PAUSE.0` to `POLL_PAUSE.1`. It ends with the first error (the channel is gone).
+    pub async fn take_jobs(
         &self,
-        prefetch: u16,
-        consumer_tag: &str,
-    ) -> anyhow::Result<(Channel, lapin::Consumer)> {
-        self.consume_queue(&self.topology.jobs, prefetch, consumer_tag)
-            .await
+    ) -> anyhow::Result<(
+        Channel,
+        impl futures::Stream<Item = Result<lapin::message::Delivery, lapin::Error>> + use<>,
+    )> {
+        let channel = self.connection.create_channel().await?;
+        let queue = self.topology.jobs.clone();
+        let taking = channel.clone();
+        let jobs = futures::stream::unfold(Some(POLL_PAUSE.0), move |pause| {
+            let (channel, queue) = (taking.clone(), queue.clone());
+            async move {
+                let mut pause = pause?;
+                loop {
+                    match channel
+                        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                        .await
+                    {
+                        Ok(Some(message)) => {
+                            return Some((Ok(message.delivery), Some(POLL_PAUSE.0)));
+                        }
+                        Ok(None) => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(POLL_PAUSE.1);
+                        }
+                        Err(err) => return Some((Err(err), None)),
+                    }
+                }
+            }
+        });
+        Ok((channel, jobs))
     }
 
     /// Starts consuming the copies of the dead letters, one at a time.
@@ -376,22 +412,32 @@ impl Publisher {
         Ok(())
     }
 
+    /// Whether a job may be retried after its `failed_attempts`-th failure: a delay queue is left.
+    pub fn retries_left(&self, failed_attempts: u32) -> bool {
+        (failed_attempts.saturating_sub(1) as usize) < self.topology.retries.len()
+    }
+
+    /// Whether a job can be put aside to wait (there is a delay queue).
+    pub fn can_defer(&self) -> bool {
+        !self.topology.retries.is_empty()
+    }
+
     /// Schedules another attempt of a job after its `failed_attempts`-th failure, through the
-    /// matching delay queue. Returns false, publishing nothing, when the retries are used up.
-    pub async fn retry_later(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<bool> {
+    /// matching delay queue (`retries_left` says whether there is one).
+    pub async fn retry_later(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<()> {
         let tier = failed_attempts.saturating_sub(1) as usize;
         self.delay(body, tier, failed_attempts).await
     }
 
     /// Puts a job aside for the shortest delay without counting a failed attempt (it waits for
-    /// an identical job to finish). Returns false when there are no delay queues.
-    pub async fn defer(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<bool> {
+    /// an identical job to finish); `can_defer` says whether it can.
+    pub async fn defer(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<()> {
         self.delay(body, 0, failed_attempts).await
     }
 
-    async fn delay(&self, body: &[u8], tier: usize, failed_attempts: u32) -> anyhow::Result<bool> {
+    async fn delay(&self, body: &[u8], tier: usize, failed_attempts: u32) -> anyhow::Result<()> {
         let Some((queue, _)) = self.topology.retries.get(tier) else {
-            return Ok(false);
+            bail!("no delay queue for retry tier {tier}");
         };
         let mut headers = FieldTable::default();
         headers.insert(
@@ -399,8 +445,20 @@ impl Publisher {
             AMQPValue::LongLongInt(i64::from(failed_attempts)),
         );
         self.publish_confirmed("", queue, body, headers, "a delayed job")
-            .await?;
-        Ok(true)
+            .await
+    }
+
+    /// Puts a job back on the work queue as it was (with its count of failed attempts), for any
+    /// consumer to take: one handed back, or one whose lease lapsed.
+    pub async fn put_back(&self, body: &[u8], failed_attempts: u32) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(failed_attempts)),
+        );
+        let queue = self.topology.jobs.clone();
+        self.publish_confirmed("", &queue, body, headers, "a job put back")
+            .await
     }
 
     /// Moves a message body to the dead-letter queue with the reason it could not be processed.

@@ -79,6 +79,30 @@ pub enum JobState {
     ToDo { crashes: u32 },
 }
 
+/// A job's lease as a consumer takes it (`Store::take_lease`).
+pub struct NewLease<'a> {
+    pub job: JobId,
+    pub run: RunId,
+    /// The consumer's fleet id, and its name.
+    pub holder: Uuid,
+    pub consumer: &'a str,
+    /// The message as delivered, published again if the lease lapses.
+    pub message: &'a [u8],
+    pub failed_attempts: u32,
+}
+
+/// A lease whose holder stopped renewing it, as the sweeper publishes it again.
+#[derive(Debug, Clone)]
+pub struct LapsedLease {
+    pub job: JobId,
+    pub run: RunId,
+    /// The name of the consumer that held it.
+    pub holder: String,
+    pub message: Vec<u8>,
+    pub failed_attempts: u32,
+    pub lapsed_for: Duration,
+}
+
 /// The final result of one job, as a consumer records it.
 #[derive(Debug, Clone)]
 pub struct NewResult {
@@ -108,6 +132,9 @@ pub struct NewResult {
     /// result's own transaction, so an identical job finds the claim or the result, never
     /// neither.
     pub releases_claim: bool,
+    /// The holder (a consumer's fleet id) of the job's lease, released in the same transaction
+    /// unless the result also recorded a re-run still to be published.
+    pub lease_holder: Option<Uuid>,
 }
 
 /// Packages with these start and end results and end re-run outcome: how many.
@@ -870,6 +897,19 @@ impl Store {
             Some(pairing) => Self::record_rerun_if_regressed(&tx, pairing).await?,
             None => None,
         };
+        // A re-run to publish keeps the lease until it is published: if the consumer dies
+        // first, the lease lapses and the job's next delivery publishes it.
+        if rerun.is_none()
+            && let Some(holder) = result.lease_holder
+        {
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM leases WHERE job_id = $1 AND holder = $2")
+                    .await?,
+                &[&result.job_id.0, &holder],
+            )
+            .await
+            .context("cannot release the job's lease")?;
+        }
         tx.commit().await.context("cannot commit the result")?;
         Ok((inserted == 1, rerun))
     }
@@ -1004,6 +1044,199 @@ impl Store {
             })
         })
         .transpose()
+    }
+
+    // ---- leases (consumer side) ---------------------------------------------------------------
+
+    /// Takes the lease of a delivered job for `holder`, valid for `ttl`: true if it is now
+    /// `holder`'s (no one held it, or its lease had lapsed), false if another live lease holds
+    /// it (this delivery is a copy of a job in hand somewhere: the holder finishes it, or its
+    /// lease lapses and the job is published again).
+    pub async fn take_lease(&self, lease: &NewLease<'_>, ttl: Duration) -> anyhow::Result<bool> {
+        let client = self.client().await?;
+        let taken = client
+            .query_opt(
+                &client
+                    .prepare_cached(
+                        "INSERT INTO leases AS l (job_id, run_id, holder, consumer, message,
+                                              failed_attempts, expires_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
+                         ON CONFLICT (job_id) DO UPDATE
+                           SET holder = excluded.holder, consumer = excluded.consumer,
+                               message = excluded.message,
+                               failed_attempts = excluded.failed_attempts,
+                               taken_at = now(), expires_at = excluded.expires_at
+                           WHERE l.expires_at <= now()
+                         RETURNING 1",
+                    )
+                    .await?,
+                &[
+                    &lease.job.0,
+                    &lease.run.0,
+                    &lease.holder,
+                    &lease.consumer,
+                    &lease.message,
+                    &(lease.failed_attempts as i32),
+                    &ttl.as_secs_f64(),
+                ],
+            )
+            .await
+            .context("cannot take the job's lease")?;
+        Ok(taken.is_some())
+    }
+
+    /// Renews `holder`'s leases of `jobs` (the jobs it has in hand) for another `ttl`.
+    pub async fn renew_leases(
+        &self,
+        holder: Uuid,
+        jobs: &[Uuid],
+        ttl: Duration,
+    ) -> anyhow::Result<u64> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "UPDATE leases SET expires_at = now() + make_interval(secs => $3)
+                         WHERE holder = $1 AND job_id = ANY($2)",
+                    )
+                    .await?,
+                &[&holder, &jobs, &ttl.as_secs_f64()],
+            )
+            .await?)
+    }
+
+    /// Lets `holder`'s lease of `job` lapse at once (all of them with `None`): the step before
+    /// a job is published again, so that the copy, whoever takes it, finds the lease free.
+    pub async fn lapse_leases(&self, holder: Uuid, job: Option<JobId>) -> anyhow::Result<u64> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "UPDATE leases SET expires_at = now()
+                         WHERE holder = $1 AND ($2::uuid IS NULL OR job_id = $2)",
+                    )
+                    .await?,
+                &[&holder, &job.map(|j| j.0)],
+            )
+            .await?)
+    }
+
+    /// Releases `holder`'s lease of `job`. With `lapsed_only`, only if it has lapsed (after
+    /// handing the job back: taken over by the copy's consumer meanwhile, it is theirs).
+    pub async fn release_lease(
+        &self,
+        holder: Uuid,
+        job: JobId,
+        lapsed_only: bool,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "DELETE FROM leases WHERE job_id = $1 AND holder = $2
+                           AND (NOT $3 OR expires_at <= now())",
+                    )
+                    .await?,
+                &[&job.0, &holder, &lapsed_only],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes again the jobs of up to `limit` lapsed leases (their holders died, or handed
+    /// them back and could not publish them), through `publish`, and removes each lease whose
+    /// job `publish` took. The leases stay locked meanwhile, so no other sweeper publishes them
+    /// too, and a consumer taking a copy waits for the removal and then holds a new lease.
+    /// Returns the jobs published; one `publish` refused stops the sweep (the rest stay lapsed,
+    /// for the next).
+    pub async fn sweep_lapsed_leases<F, Fut>(
+        &self,
+        limit: i64,
+        sweeper: &str,
+        mut publish: F,
+    ) -> anyhow::Result<Vec<LapsedLease>>
+    where
+        F: FnMut(LapsedLease) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT job_id, run_id, consumer, message, failed_attempts,
+                            extract(epoch FROM now() - expires_at)::float8
+                     FROM leases WHERE expires_at <= now()
+                     ORDER BY expires_at LIMIT $1
+                     FOR UPDATE SKIP LOCKED",
+                )
+                .await?,
+                &[&limit],
+            )
+            .await
+            .context("cannot read the lapsed leases")?;
+        let mut published = Vec::new();
+        for row in rows {
+            let lapsed = LapsedLease {
+                job: JobId(row.get(0)),
+                run: RunId(row.get(1)),
+                holder: row.get(2),
+                message: row.get(3),
+                failed_attempts: u32::try_from(row.get::<_, i32>(4)).unwrap_or(0),
+                lapsed_for: Duration::from_secs_f64(row.get::<_, f64>(5).max(0.0)),
+            };
+            if let Err(err) = publish(lapsed.clone()).await {
+                tracing::warn!(job = %lapsed.job, error = %format!("{err:#}"), "cannot publish a lapsed lease's job; it stays lapsed");
+                break;
+            }
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM leases WHERE job_id = $1")
+                    .await?,
+                &[&lapsed.job.0],
+            )
+            .await?;
+            let detail = format!(
+                "the lease of {} lapsed {:.0} s ago: published again by {sweeper}",
+                lapsed.holder,
+                lapsed.lapsed_for.as_secs_f64()
+            );
+            tx.execute(
+                &tx.prepare_cached(
+                    "INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
+                     VALUES ($1, $2, 'lease-lapsed', $3, $4)",
+                )
+                .await?,
+                &[&lapsed.job.0, &lapsed.run.0, &sweeper, &detail],
+            )
+            .await?;
+            published.push(lapsed);
+        }
+        tx.commit()
+            .await
+            .context("cannot commit the sweep of lapsed leases")?;
+        Ok(published)
+    }
+
+    /// Leases held now, per run: `(holder's name, job)` of a run's, for `status` and `verify`.
+    pub async fn leases(&self, run: RunId) -> anyhow::Result<Vec<(String, JobId, bool)>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                &client
+                    .prepare_cached(
+                        "SELECT consumer, job_id, expires_at <= now() FROM leases
+                         WHERE run_id = $1 ORDER BY taken_at",
+                    )
+                    .await?,
+                &[&run.0],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), JobId(row.get(1)), row.get(2)))
+            .collect())
     }
 
     // ---- the fleet ----------------------------------------------------------------------------

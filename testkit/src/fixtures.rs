@@ -42,19 +42,52 @@ pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
 pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
     let sources = tempfile::tempdir()?;
     for i in 0..count {
-        let dir = sources.path().join(format!("quarry-bench-{i}"));
-        std::fs::create_dir_all(dir.join("src"))?;
-        std::fs::write(
-            dir.join("Cargo.toml"),
-            format!(
-                "[package]\nname = \"quarry-bench-{i}\"\nversion = \"1.0.0\"\nedition = \"2021\"\n\
-                 description = \"Quarry benchmark package\"\nlicense = \"MIT\"\n"
-            ),
-        )?;
-        std::fs::write(dir.join("src/lib.rs"), "")?;
-        pack(&dir, out)?;
+        write_package(sources.path(), &format!("quarry-bench-{i}"), None, out)?;
     }
     Corpus::load(&[out.to_owned()])
+}
+
+/// Writes `count` distinct packages (`quarry-slow-<i>` 1.0.0) whose build script sleeps for
+/// `seconds`, into `out` as `.crate` files, and loads them as a corpus: jobs that take as long
+/// as a test needs.
+pub fn slow(out: &Path, count: usize, seconds: u64) -> anyhow::Result<Corpus> {
+    let sources = tempfile::tempdir()?;
+    let build = format!(
+        "fn main() {{\n    std::thread::sleep(std::time::Duration::from_secs({seconds}));\n}}\n"
+    );
+    for i in 0..count {
+        write_package(
+            sources.path(),
+            &format!("quarry-slow-{i}"),
+            Some(&build),
+            out,
+        )?;
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
+/// Writes a package `name` 1.0.0 (an empty library, and `build` as its build script) under
+/// `sources` and packs it into `out`.
+fn write_package(
+    sources: &Path,
+    name: &str,
+    build: Option<&str>,
+    out: &Path,
+) -> anyhow::Result<PathBuf> {
+    let dir = sources.join(name);
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"1.0.0\"\nedition = \"2021\"\n\
+             description = \"Quarry test package\"\nlicense = \"MIT\"\n"
+        ),
+    )?;
+    std::fs::write(dir.join("src/lib.rs"), "")?;
+    if let Some(build) = build {
+        std::fs::write(dir.join("build.rs"), build)?;
+    }
+    pack(&dir, out)
 }
 
 /// The archive bomb's payload: zeros, past the consumer's unpacking limit (1 GiB).

@@ -192,6 +192,8 @@ impl TestStack {
         // had this port, and their cached files would stand in when this one fails.
         config.registry.index_cache_dir = Some(dir.path().join("index-cache"));
         config.consumer.shutdown_grace_secs = 10;
+        // A dead consumer's jobs come back within seconds (renewed every second meanwhile).
+        config.consumer.lease_secs = 3;
         // Low enough that the fork-bomb fixture is stopped long before it counts to 3,000.
         config.consumer.task_limit = 512;
         config.reporter.output_dir = dir.path().join("reports");

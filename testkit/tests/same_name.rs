@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_stopping_breaks_nothing_of_another_with_its_name() {
     let packed = tempfile::tempdir().unwrap();
-    let stack = TestStack::start_with(fixtures::corpus(packed.path()).unwrap())
+    fixtures::corpus(packed.path()).unwrap();
+    // Beside the fixtures, slow packages for the second half.
+    let stack = TestStack::start_with(fixtures::slow(packed.path(), 6, 3).unwrap())
         .await
         .unwrap();
     let expected: BTreeMap<&str, &str> = [
@@ -61,4 +63,45 @@ async fn a_consumer_stopping_breaks_nothing_of_another_with_its_name() {
         written.report.packages
     );
     stack.assert_verified("same-name").await;
+
+    // Now both work on one run, and the first is stopped in the middle of it (its jobs in hand
+    // finish or are handed back; the second carries on with its own).
+    let slow: Vec<String> = (0..6).map(|i| format!("quarry-slow-{i}")).collect();
+    let slow: Vec<&str> = slow.iter().map(String::as_str).collect();
+    let config = stack.consumer_config("twin");
+    let first = Consumers::start([config.clone()]);
+    let second = Consumers::start([config]);
+    let summary = publish_run(
+        &stack.config,
+        "same-name-mid-run",
+        &packages_run(experiment(Mode::Check, 60), &slow),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let store = quarry_shared::store::Store::connect(&stack.config.database)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.progress(summary.run_id).await.unwrap().finished == 0 {
+        assert!(std::time::Instant::now() < deadline, "no job finished");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    first.stop().await;
+    let progress = stack.wait_for_run(summary.run_id).await;
+    assert!(progress.finished == 6, "{progress:?}");
+    second.stop().await;
+    let written = quarry_reporter::generate(
+        &stack.config,
+        "same-name-mid-run",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    assert!(
+        written.outcomes().values().all(|o| *o == "build-pass"),
+        "{:?}",
+        written.outcomes()
+    );
+    stack.assert_verified("same-name-mid-run").await;
 }

@@ -1,9 +1,12 @@
 //! `quarry-soak`: the long reliability run (RELIABILITY.md). N generated packages, one no-op
-//! job each, through real `quarry-consumer` processes that are killed with SIGKILL at random
-//! every few seconds (and started again, as Kubernetes would), on a RabbitMQ node of the soak's
-//! own that is restarted twice mid-run. At the end every job must be accounted for:
-//! `quarry-reporter verify` finds exactly one result per job and nothing else, and the soak
-//! prints its figures as a markdown table.
+//! job each, and beside them a run of long jobs (each longer than the broker's delivery
+//! timeout), through real `quarry-consumer` processes that are killed with SIGKILL at random
+//! every few seconds (and started again, as Kubernetes would), or replaced while they drain (a
+//! consumer of the same name started while the old one is still in its grace period), on a
+//! RabbitMQ node of the soak's own, with a delivery timeout of a few seconds, that is restarted
+//! twice mid-run. At the end every job must be accounted for: `quarry-reporter verify` finds
+//! exactly one result per job and nothing else, and the soak prints its figures as a markdown
+//! table.
 //!
 //! Build the consumer beside it: `cargo build --release --bin quarry-consumer --bin quarry-soak`,
 //! then `target/release/quarry-soak --jobs 20000`.
@@ -44,6 +47,19 @@ struct Soak {
     /// Seed of the kill schedule (random if not given).
     #[arg(long)]
     seed: Option<u64>,
+    /// The broker's delivery acknowledgement timeout (`consumer_timeout`), in seconds.
+    #[arg(long, default_value_t = 4)]
+    consumer_timeout_secs: u64,
+    /// Long jobs (`sleep` in the sandbox), in a run of their own beside the no-op jobs.
+    #[arg(long, default_value_t = 20)]
+    long_jobs: usize,
+    /// How long each long job sleeps, in seconds (more than the broker's timeout).
+    #[arg(long, default_value_t = 10)]
+    long_job_secs: u64,
+    /// Every this many kills, the consumer is instead replaced while it drains: told to stop
+    /// (SIGTERM) and, at once, a consumer of the same name started beside it. 0: never.
+    #[arg(long, default_value_t = 3)]
+    same_name_every: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,7 +70,10 @@ fn main() -> anyhow::Result<()> {
     );
     let consumer = consumer_binary()?;
     eprintln!("starting a RabbitMQ node of the soak's own");
-    let broker = PrivateRabbitMq::start()?;
+    let broker = PrivateRabbitMq::start_with_advanced(&format!(
+        "[{{rabbit, [{{consumer_timeout, {}}}, {{channel_tick_interval, 250}}]}}].\n",
+        soak.consumer_timeout_secs * 1000
+    ))?;
     // SAFETY: no other thread exists yet; the runtime is built below.
     unsafe {
         std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
@@ -85,6 +104,8 @@ fn consumer_binary() -> anyhow::Result<PathBuf> {
 #[derive(Default, Debug)]
 struct Figures {
     kills: u32,
+    /// Consumers replaced by one of the same name while they drained.
+    same_name: u32,
     broker_restarts: u32,
     /// Deliveries of jobs that already had a result, recognised and not recorded again
     /// (consumers' `quarry_consumer_duplicates_skipped_total`, read every second, so a kill
@@ -118,8 +139,19 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
         slots.push(spawn(&consumer, &config_file, format!("soak-{i}"), 0).await?);
     }
 
-    let definition = quarry_testkit::no_op_run();
     let started = Instant::now();
+    // The long jobs first, so that they are taken while the no-op jobs flood the queue.
+    let mut long = quarry_testkit::no_op_run();
+    long.experiment.command = Some(vec!["sleep".to_owned(), soak.long_job_secs.to_string()]);
+    long.experiment.timeout_secs = soak.long_job_secs + 60;
+    long.selection = quarry_producer::Selection::Listing {
+        sort: quarry_producer::Sort::Alpha,
+        limit: Some(soak.long_jobs as u64),
+    };
+    let long_summary = publish_run(&stack.config, "soak-long", &long, &CancellationToken::new())
+        .await
+        .context("the producer failed")?;
+    let definition = quarry_testkit::no_op_run();
     let summary = publish_run(
         &stack.config,
         "soak",
@@ -128,8 +160,13 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
     )
     .await
     .context("the producer failed")?;
-    eprintln!("published {} jobs (seed {seed})", summary.jobs_queued);
+    eprintln!(
+        "published {} jobs and {} long ones (seed {seed})",
+        summary.jobs_queued, long_summary.jobs_queued
+    );
     let store = Store::connect(&stack.config.database).await?;
+    // Consumers told to stop while a namesake replaced them, until they exit.
+    let mut draining: Vec<(String, Child)> = Vec::new();
 
     let mut figures = Figures::default();
     let total = soak.jobs as i64;
@@ -140,7 +177,8 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
     let mut last_report = Instant::now();
     loop {
         let finished = store.progress(summary.run_id).await?.finished;
-        if finished >= total {
+        let long_finished = store.progress(long_summary.run_id).await?.finished;
+        if finished >= total && long_finished >= soak.long_jobs as i64 {
             break;
         }
         if started.elapsed() > Duration::from_secs(4 * 3600) {
@@ -169,11 +207,21 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
         if Instant::now() >= next_kill {
             let slot = &mut slots[random.usize(..soak.consumers)];
             let pid = slot.child.id().context("a consumer exited on its own")?;
-            kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
-            slot.child.wait().await?;
-            figures.kills += 1;
             let earlier = slot.earlier_duplicates + slot.duplicates;
-            *slot = spawn(&consumer, &config_file, slot.name.clone(), earlier).await?;
+            let replacement = spawn(&consumer, &config_file, slot.name.clone(), earlier);
+            let faults = figures.kills + figures.same_name + 1;
+            if soak.same_name_every > 0 && faults % (soak.same_name_every + 1) == 0 {
+                // Replaced while it drains: both run under one name for its grace period.
+                kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+                let old = std::mem::replace(slot, replacement.await?);
+                draining.push((old.name, old.child));
+                figures.same_name += 1;
+            } else {
+                kill(Pid::from_raw(pid as i32), Signal::SIGKILL)?;
+                slot.child.wait().await?;
+                figures.kills += 1;
+                *slot = replacement.await?;
+            }
             next_kill = Instant::now() + pause(&mut random);
         }
         for slot in &mut slots {
@@ -181,11 +229,25 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
                 bail!("consumer {} exited on its own: {status}", slot.name);
             }
         }
+        let mut still_draining = Vec::new();
+        for (name, mut child) in draining {
+            match child.try_wait()? {
+                Some(status) => ensure!(
+                    status.success(),
+                    "consumer {name}, told to stop while its namesake started, stopped with {status}"
+                ),
+                None => still_draining.push((name, child)),
+            }
+        }
+        draining = still_draining;
         if last_report.elapsed() > Duration::from_secs(30) {
             eprintln!(
-                "{finished} of {total} jobs after {:.0} s; {} kills, {} broker restarts",
+                "{finished} of {total} jobs and {long_finished} of {} long ones after {:.0} s; \
+                 {} kills, {} same-name replacements, {} broker restarts",
+                soak.long_jobs,
                 started.elapsed().as_secs_f64(),
                 figures.kills,
+                figures.same_name,
                 figures.broker_restarts
             );
             last_report = Instant::now();
@@ -195,6 +257,10 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
     let elapsed = started.elapsed();
 
     // Graceful stop of the fleet: each consumer exits 0 on SIGTERM.
+    for (name, mut child) in draining {
+        let status = child.wait().await?;
+        ensure!(status.success(), "consumer {name} stopped with {status}");
+    }
     for slot in &mut slots {
         if let Some(read) = duplicates_skipped(slot.metrics_port).await {
             slot.duplicates = read;
@@ -211,29 +277,54 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
         figures.duplicates_suppressed += slot.earlier_duplicates + slot.duplicates;
     }
 
-    let verification =
-        quarry_reporter::verify(&stack.config, "soak", &stack.config.reporter.output_dir)
-            .await
-            .context("cannot verify the run")?;
+    let mut problems = Vec::new();
+    for run in ["soak", "soak-long"] {
+        let verification =
+            quarry_reporter::verify(&stack.config, run, &stack.config.reporter.output_dir)
+                .await
+                .with_context(|| format!("cannot verify the run {run}"))?;
+        problems.extend(
+            verification
+                .problems
+                .into_iter()
+                .map(|problem| format!("{run}: {problem}")),
+        );
+    }
     let database = stack.sql().await?;
+    let runs = [summary.run_id.0, long_summary.run_id.0];
     let row = database
         .query_one(
             "SELECT
-               (SELECT count(*) FROM jobs WHERE run_id = $1),
-               (SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.run_id = $1),
-               (SELECT count(*) FROM (SELECT job_id FROM job_events WHERE run_id = $1 AND kind = 'started'
+               (SELECT count(*) FROM jobs WHERE run_id = ANY($1)),
+               (SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.run_id = ANY($1)),
+               (SELECT count(*) FROM (SELECT job_id FROM job_events WHERE run_id = ANY($1) AND kind = 'started'
                                       GROUP BY job_id HAVING count(*) > 1) AS again),
-               (SELECT count(*) FROM job_events WHERE run_id = $1 AND kind = 'attempt-failed')",
-            &[&summary.run_id.0],
+               (SELECT count(*) FROM job_events WHERE run_id = ANY($1) AND kind = 'attempt-failed'),
+               (SELECT count(*) FROM job_events WHERE run_id = ANY($1) AND kind = 'lease-lapsed'),
+               (SELECT count(*) FROM leases WHERE run_id = ANY($1))",
+            &[&&runs[..]],
         )
         .await?;
-    let (jobs, results, started_again, attempts_failed): (i64, i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (jobs, results, started_again, attempts_failed, lapsed, leases_left): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    );
     let outcomes = database
         .query(
             "SELECT r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
-             WHERE j.run_id = $1 GROUP BY r.outcome ORDER BY r.outcome",
-            &[&summary.run_id.0],
+             WHERE j.run_id = ANY($1) GROUP BY r.outcome ORDER BY r.outcome",
+            &[&&runs[..]],
         )
         .await?
         .iter()
@@ -242,32 +333,34 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
     eprintln!("outcomes: {outcomes:?}");
     eprintln!("{figures:?}");
     println!(
-        "| {jobs} | {results} | {} | {} | {} | {started_again} | {} | {attempts_failed} | {:.0} s | {} |",
+        "| {jobs} | {results} | {} | {} ({} s) | {} | {} | {} | {} | {started_again} | {lapsed} | {} | {attempts_failed} | {:.0} s | {} |",
         soak.consumers,
+        soak.long_jobs,
+        soak.long_job_secs,
+        soak.consumer_timeout_secs,
         figures.kills,
+        figures.same_name,
         figures.broker_restarts,
         figures.duplicates_suppressed,
         elapsed.as_secs_f64(),
-        if verification.is_ok() {
+        if problems.is_empty() {
             "ok".to_owned()
         } else {
-            verification.problems.join("; ")
+            problems.join("; ")
         }
     );
+    ensure!(problems.is_empty(), "verify found problems: {problems:?}");
+    let expected = (soak.jobs + soak.long_jobs) as i64;
     ensure!(
-        verification.is_ok(),
-        "verify found problems: {:?}",
-        verification.problems
-    );
-    ensure!(
-        jobs == soak.jobs as i64 && results == jobs,
+        jobs == expected && results == jobs,
         "{jobs} jobs, {results} results"
     );
+    ensure!(leases_left == 0, "{leases_left} leases left over");
     ensure!(
         outcomes.get("test-pass").copied().unwrap_or(0)
             + outcomes.get("build-pass").copied().unwrap_or(0)
             == jobs,
-        "every no-op job should have passed: {outcomes:?}"
+        "every job should have passed: {outcomes:?}"
     );
     drop(stack);
     Ok(())
