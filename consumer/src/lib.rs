@@ -1,16 +1,19 @@
 //! The consumer: takes jobs from the work queue and turns each into exactly one result.
 //!
-//! For each delivery: parse the job (poison messages go to the dead-letter queue with the
-//! reason), skip it if it already has a result (a redelivery), fetch the `.crate` through S3,
-//! unpack it into a scratch directory, run the experiment, write the result to PostgreSQL, and
-//! only after that commit ack the delivery. An infrastructure failure is recorded as a failed
-//! attempt and the job is sent to the delay queue of its retry tier (it comes back to the work
-//! queue when the delay expires); after the last tier the job gets an `error` result and its
-//! message is dead-lettered with the reason.
+//! A job is taken off the work queue only when there is room for it. For each: parse it (poison
+//! messages go to the dead-letter queue with the reason), skip it if it already has a result (a
+//! redelivery), take its lease and ack the delivery (`lease.rs`: from then on the lease holds
+//! the job, not the broker), fetch the `.crate` through the caches, unpack it into a scratch
+//! directory, run the experiment, and write the result to PostgreSQL, releasing the lease in
+//! the same transaction. An infrastructure failure is recorded as a failed attempt and the job
+//! is handed over to the delay queue of its retry tier (it comes back to the work queue when
+//! the delay expires); after the last tier the job gets an `error` result and its message is
+//! dead-lettered with the reason.
 //!
-//! On SIGTERM the consumer stops taking deliveries and lets the jobs in hand finish within the
-//! grace period; a job still running after it is killed and its delivery, never acked, is
-//! redelivered by the broker.
+//! On SIGTERM the consumer stops taking jobs, hands back those waiting for a slot and lets the
+//! running ones finish within the grace period; those still running after it are handed back.
+//! A consumer killed outright leaves its leases to lapse, and another's sweeper publishes
+//! those jobs again.
 
 mod cgroup;
 mod experiment;

@@ -245,8 +245,8 @@ pub struct ConsumerConfig {
     pub name: Option<String>,
     /// Where the consumer keeps its cargo home and per-job scratch directories.
     pub work_dir: PathBuf,
-    /// Experiments run at once by one consumer process (its slots). It holds twice as many jobs
-    /// (its RabbitMQ prefetch), fetching and recording the others while these run.
+    /// Experiments run at once by one consumer process (its slots). It holds twice as many jobs,
+    /// fetching, preparing and recording the others while these run.
     pub concurrency: u16,
     /// How long a finishing job may take after SIGTERM before it is given back to the queue.
     pub shutdown_grace_secs: u64,
