@@ -1031,3 +1031,96 @@ async fn downloads_that_hang_are_cut_short_or_are_rate_limited_are_retried_until
     assert_eq!(stats.attempts_failed, 0, "{stats:?}");
     stack.assert_verified("unreliable-downloads").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_of_a_job_another_consumer_holds_is_dropped_and_its_lapsed_lease_is_published_again()
+{
+    let stack = TestStack::start().await.unwrap();
+    let summary = publish(&stack, "held", first(1)).await;
+    let store = Store::connect(&stack.config.database).await.unwrap();
+    // Another consumer took the job and holds its lease (it acked the delivery, as consumers
+    // do); then a copy of the message reaches the queue (a sweep racing a hand-over, a
+    // producer's republish).
+    let (connection, channel) = raw_channel(&stack).await;
+    let jobs = format!("{}.jobs", stack.config.rabbitmq.prefix);
+    let message = channel
+        .basic_get(
+            jobs.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the job's message");
+    let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+    let other = uuid::Uuid::new_v4();
+    let lease = quarry_shared::store::NewLease {
+        job: job.id,
+        run: job.run_id,
+        holder: other,
+        consumer: "elsewhere",
+        message: &message.delivery.data,
+        failed_attempts: 0,
+    };
+    assert!(
+        store
+            .take_lease(&lease, Duration::from_secs(600))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .take_lease(&lease, Duration::from_secs(600))
+            .await
+            .unwrap(),
+        "a live lease is not taken twice"
+    );
+    channel
+        .basic_publish(
+            "".into(),
+            jobs.as_str().into(),
+            BasicPublishOptions::default(),
+            &message.delivery.data,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let consumers = stack.start_consumers(&["bystander"]);
+    // The copy is taken and dropped: the job stays the other consumer's.
+    for _ in 0..100 {
+        if ready(&stack, jobs_queue).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(ready(&stack, jobs_queue).await, 0);
+    assert_eq!(store.progress(summary.run_id).await.unwrap().finished, 0);
+    assert!(
+        event_kinds(&store, job.id.0)
+            .await
+            .iter()
+            .all(|k| k != "started")
+    );
+
+    // The other consumer dies: its lease lapses, and the bystander's sweeper publishes the job
+    // again, which it then runs.
+    store.lapse_leases(other, None).await.unwrap();
+    stack.wait_for_run(summary.run_id).await;
+    let stats = consumers.stop().await;
+    assert_eq!(
+        (stats.results, stats.duplicates_skipped, stats.leases_lapsed),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    let kinds = event_kinds(&store, job.id.0).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "lease-lapsed").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert!(store.leases(summary.run_id).await.unwrap().is_empty());
+    stack.assert_verified("held").await;
+    connection.close(200, "done".into()).await.unwrap();
+}
