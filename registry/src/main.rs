@@ -11,8 +11,10 @@ use quarry_registry::{Corpus, serve};
 /// real .crate files, for Quarry's tests and demo. Fault injection: PUT /-/faults with a JSON
 /// list of faults; counters: GET /-/stats.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directories searched (three levels deep) for .crate files.
     #[arg(
         long = "crates-dir",
@@ -24,6 +26,10 @@ struct Cli {
     /// (by default they are left out, so every listed crate can be resolved and built).
     #[arg(long)]
     unresolvable_too: bool,
+    /// Serve a corpus collected by `quarry-registry corpus` (its `crates/`), whole: every root
+    /// of it resolves by construction. Replaces --crates-dir.
+    #[arg(long, value_name = "DIR")]
+    corpus: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9015")]
     listen: SocketAddr,
@@ -33,13 +39,63 @@ struct Cli {
     write_dump: Option<PathBuf>,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Collects real crates with their whole dependency trees through cargo: for each
+    /// `name@version` of the list, the crate and everything it needs as a workspace root
+    /// (normal, build, dev and optional dependencies, every target platform). Roots already
+    /// complete are skipped; those that cannot be collected are reported with the reason.
+    Corpus {
+        /// The roots: one `name@version` per line, `#` comments.
+        #[arg(long, value_name = "FILE")]
+        list: PathBuf,
+        /// The corpus directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        into: PathBuf,
+        /// The cargo that downloads.
+        #[arg(long, default_value = "cargo")]
+        cargo: PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = quarry_shared::telemetry::init("quarry-registry");
     let cli = Cli::parse();
-    let dirs: Vec<PathBuf> = cli.crates_dirs.iter().map(|d| expand_home(d)).collect();
+    if let Some(Command::Corpus { list, into, cargo }) = &cli.command {
+        let text = std::fs::read_to_string(list)
+            .with_context(|| format!("cannot read {}", list.display()))?;
+        let roots = quarry_registry::collect::read_list(&text)
+            .with_context(|| format!("in {}", list.display()))?;
+        let (list, into, cargo) = (list.clone(), into.clone(), cargo.clone());
+        let manifest = tokio::task::spawn_blocking(move || {
+            quarry_registry::collect::collect(&roots, &into, &cargo)
+        })
+        .await??;
+        for failed in manifest.roots.iter().filter(|r| r.status != "complete") {
+            eprintln!(
+                "not collected: {}@{}: {}",
+                failed.name,
+                failed.version,
+                failed.reason.as_deref().unwrap_or("?")
+            );
+        }
+        anyhow::ensure!(
+            manifest.complete > 0,
+            "no root of {} could be collected",
+            list.display()
+        );
+        return Ok(());
+    }
+    let (dirs, whole) = match &cli.corpus {
+        Some(corpus) => (vec![corpus.join("crates")], true),
+        None => (
+            cli.crates_dirs.iter().map(|d| expand_home(d)).collect(),
+            cli.unresolvable_too,
+        ),
+    };
     let mut corpus = Corpus::load(&dirs)?;
-    if !cli.unresolvable_too {
+    if !whole {
         let found = corpus.crates.len();
         corpus = corpus.closed();
         tracing::info!(
