@@ -9,6 +9,11 @@
 //! - the manifest is read as data: a dependency (or `[patch]`, `[replace]`) from git or another
 //!   registry, and any path leading out of the package, is refused with a precise reason, and
 //!   the job ends `broken` instead of cargo ever being asked to fetch it;
+//! - the manifest is repaired as Crater's rustwide does, each change said in the job's log:
+//!   `[[bin]]`, `[[example]]`, `[[test]]` and `[[bench]]` entries whose files are not in the
+//!   package are dropped (crates.io packages often exclude them), `package.workspace` is
+//!   removed, and so are the obsolete `publish-lockfile` and `default-run` cargo features;
+//!   a shipped `Cargo.lock` is kept if it is a lockfile, removed (and regenerated) if not;
 //! - the package is made its own workspace root.
 //!
 //! The job's cargo home, in its scratch directory, holds the only configuration cargo reads
@@ -51,22 +56,28 @@ const HOSTILE_SETTINGS: [&str; 17] = [
     "unstable",
 ];
 
-/// What the trust boundary found in a job: each refusal with what the log says of it.
+/// What the trust boundary found in a job: each refusal with what the log says of it, and
+/// (without a refusal) each change preparing the package made to it.
 #[derive(Debug, Default)]
 pub struct Refused {
-    found: Vec<(Refusal, String)>,
+    found: Vec<(Option<Refusal>, String)>,
     /// An override file could not be removed: cargo must not run with it in place.
     stuck: bool,
 }
 
 impl Refused {
     pub fn add(&mut self, refusal: Refusal, detail: String) {
-        self.found.push((refusal, detail));
+        self.found.push((Some(refusal), detail));
+    }
+
+    /// A change preparing the package made to it, for the log.
+    pub fn changed(&mut self, detail: String) {
+        self.found.push((None, detail));
     }
 
     /// The distinct refusals, in order, for the result.
     pub fn refusals(&self) -> Vec<Refusal> {
-        let mut refusals: Vec<Refusal> = self.found.iter().map(|(r, _)| *r).collect();
+        let mut refusals: Vec<Refusal> = self.found.iter().filter_map(|(r, _)| *r).collect();
         refusals.sort();
         refusals.dedup();
         refusals
@@ -74,14 +85,21 @@ impl Refused {
 
     /// Whether what was refused leaves the job nothing to build.
     pub fn ends_the_job(&self) -> bool {
-        self.stuck || self.found.iter().any(|(r, _)| r.ends_the_job())
+        self.stuck
+            || self
+                .found
+                .iter()
+                .any(|(r, _)| r.is_some_and(|r| r.ends_the_job()))
     }
 
     /// The job-log lines for what was found since `from` (an earlier `len`).
     pub fn log_lines(&self, from: usize) -> String {
         let mut lines = String::new();
         for (refusal, detail) in &self.found[from..] {
-            let _ = writeln!(lines, "quarry: refused ({refusal}): {detail}");
+            let _ = match refusal {
+                Some(refusal) => writeln!(lines, "quarry: refused ({refusal}): {detail}"),
+                None => writeln!(lines, "quarry: prepared: {detail}"),
+            };
         }
         lines
     }
@@ -98,9 +116,148 @@ impl Refused {
 pub fn package(scratch: &Path, package_dir: &Path, refused: &mut Refused) -> Result<(), String> {
     remove_override_files(scratch, package_dir, refused);
     let manifest = package_dir.join("Cargo.toml");
-    let parsed = read_toml(&manifest)?;
+    let mut parsed = read_toml(&manifest)?;
+    let changes = repair_manifest(&mut parsed, package_dir);
     check_manifest(&parsed, package_dir, "", refused);
-    make_workspace_root(&manifest, &parsed)
+    check_lockfile(package_dir, refused);
+    if changes.is_empty() {
+        return make_workspace_root(&manifest, &parsed);
+    }
+    for change in changes {
+        refused.changed(change);
+    }
+    // Written anew (comments and layout are not kept): cargo reads the same values.
+    parsed
+        .entry("workspace")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let text = toml::to_string(&parsed).map_err(|e| format!("cannot write Cargo.toml: {e}"))?;
+    std::fs::write(&manifest, text).map_err(|e| format!("cannot write Cargo.toml: {e}"))
+}
+
+/// The target kinds a manifest lists, with the directory cargo looks in by default.
+const TARGET_DIRS: [(&str, &str); 4] = [
+    ("bin", "src/bin"),
+    ("example", "examples"),
+    ("test", "tests"),
+    ("bench", "benches"),
+];
+
+/// Repairs a published manifest as Crater's rustwide does, returning what it changed: targets
+/// whose files are not in the package are dropped (cargo would refuse the whole manifest),
+/// `package.workspace` is removed (the package becomes its own workspace root, and a parent is
+/// not there), and the obsolete `publish-lockfile` and `default-run` cargo features are taken
+/// out with their keys.
+fn repair_manifest(manifest: &mut toml::Table, package_dir: &Path) -> Vec<String> {
+    let mut changes = Vec::new();
+    let package_name = manifest
+        .get("package")
+        .and_then(|p| p.get("name"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned);
+    let mut dropped_bins = Vec::new();
+    for (kind, dir) in TARGET_DIRS {
+        let Some(toml::Value::Array(targets)) = manifest.get_mut(kind) else {
+            continue;
+        };
+        targets.retain(|target| {
+            let name = target.get("name").and_then(toml::Value::as_str);
+            let candidates: Vec<String> = match (target.get("path"), name) {
+                (Some(path), _) => path.as_str().map(str::to_owned).into_iter().collect(),
+                (None, Some(name)) => {
+                    let mut candidates =
+                        vec![format!("{dir}/{name}.rs"), format!("{dir}/{name}/main.rs")];
+                    if kind == "bin" && package_name.as_deref() == Some(name) {
+                        candidates.push("src/main.rs".to_owned());
+                    }
+                    candidates
+                }
+                // Nothing to look for: left to cargo.
+                (None, None) => return true,
+            };
+            // A path out of the package is kept for `check_manifest` to refuse, and not looked
+            // for: nothing outside the package is even looked at.
+            if candidates.iter().any(|c| leaves(Path::new(c)))
+                || candidates.iter().any(|c| package_dir.join(c).is_file())
+            {
+                return true;
+            }
+            changes.push(format!(
+                "dropped [[{kind}]] `{}`: {} is not in the package",
+                name.unwrap_or("?"),
+                candidates.first().map(String::as_str).unwrap_or("?")
+            ));
+            if kind == "bin"
+                && let Some(name) = name
+            {
+                dropped_bins.push(name.to_owned());
+            }
+            false
+        });
+    }
+    let mut obsolete = Vec::new();
+    if let Some(toml::Value::Array(features)) = manifest.get_mut("cargo-features") {
+        features.retain(|feature| match feature.as_str() {
+            Some(name @ ("publish-lockfile" | "default-run")) => {
+                obsolete.push(name.to_owned());
+                false
+            }
+            _ => true,
+        });
+    }
+    if let Some(toml::Value::Table(package)) = manifest.get_mut("package") {
+        if let Some(workspace) = package.remove("workspace") {
+            changes.push(format!(
+                "removed package.workspace = {workspace}: the package is its own workspace root"
+            ));
+        }
+        for feature in &obsolete {
+            changes.push(format!("removed the obsolete cargo feature `{feature}`"));
+        }
+        if package.remove("publish-lockfile").is_some() {
+            changes.push("removed the obsolete package.publish-lockfile".to_owned());
+        }
+        let default_run_gone = package
+            .get("default-run")
+            .and_then(toml::Value::as_str)
+            .is_some_and(|bin| dropped_bins.iter().any(|d| d == bin));
+        if (obsolete.iter().any(|f| f == "default-run") || default_run_gone)
+            && let Some(run) = package.remove("default-run")
+        {
+            changes.push(format!("removed package.default-run = {run}"));
+        }
+    }
+    changes
+}
+
+/// Keeps a `Cargo.lock` the package ships if it reads as a lockfile cargo knows, and removes it
+/// otherwise, so that cargo writes a new one: either way the log says so.
+fn check_lockfile(package_dir: &Path, refused: &mut Refused) {
+    let lockfile = package_dir.join("Cargo.lock");
+    if !is_present(&lockfile) {
+        return;
+    }
+    let why = match read_toml(&lockfile) {
+        Err(why) => why,
+        Ok(lock) => match lock.get("version").map(toml::Value::as_integer) {
+            Some(Some(version)) if !(1..=4).contains(&version) => {
+                format!("lockfile version {version}, which this cargo may not know")
+            }
+            Some(None) => "its version is not a number".to_owned(),
+            _ if !matches!(lock.get("package"), None | Some(toml::Value::Array(_))) => {
+                "its [[package]] entries are not a list".to_owned()
+            }
+            _ => {
+                refused.changed("kept the package's own Cargo.lock".to_owned());
+                return;
+            }
+        },
+    };
+    if remove(&lockfile, refused) {
+        refused.changed(format!(
+            "the package's Cargo.lock is not a valid lockfile ({why}): removed, cargo writes a \
+             new one"
+        ));
+    }
 }
 
 /// Checks the manifest of a patch's replacement, unpacked at `dir`, as a package's own.
@@ -655,6 +812,91 @@ mod tests {
         let mut refused = Refused::default();
         package(scratch.path(), &dir, &mut refused).unwrap();
         assert_eq!(refused.len(), 0, "{}", refused.log_lines(0));
+    }
+
+    #[test]
+    fn a_published_manifest_is_repaired_as_rustwide_does_and_the_log_says_how() {
+        let manifest = format!(
+            "cargo-features = [\"publish-lockfile\", \"default-run\"]\n{PACKAGE}\
+             workspace = \"..\"\npublish-lockfile = true\ndefault-run = \"tool\"\n\
+             [[bin]]\nname = \"hostile\"\n\
+             [[bin]]\nname = \"tool\"\n\
+             [[example]]\nname = \"demo\"\n\
+             [[example]]\nname = \"kept\"\npath = \"examples/kept.rs\"\n\
+             [[test]]\nname = \"integration\"\n\
+             [[bench]]\nname = \"speed\"\npath = \"../speed.rs\"\n"
+        );
+        let (scratch, dir) = package_with(&[
+            ("Cargo.toml", &manifest),
+            ("src/main.rs", ""),
+            ("examples/kept.rs", ""),
+        ]);
+        let mut refused = Refused::default();
+        package(scratch.path(), &dir, &mut refused).unwrap();
+        let log = refused.log_lines(0);
+        for said in [
+            "quarry: prepared: dropped [[bin]] `tool`: src/bin/tool.rs is not in the package",
+            "quarry: prepared: dropped [[example]] `demo`: examples/demo.rs is not in the package",
+            "quarry: prepared: dropped [[test]] `integration`: tests/integration.rs is not in the package",
+            "quarry: prepared: removed package.workspace = \"..\": the package is its own workspace root",
+            "quarry: prepared: removed the obsolete cargo feature `publish-lockfile`",
+            "quarry: prepared: removed the obsolete package.publish-lockfile",
+            "quarry: prepared: removed package.default-run = \"tool\"",
+            // Not looked for outside the package: refused instead.
+            "quarry: refused (path-outside-package): [[bench]] path is \"../speed.rs\"",
+        ] {
+            assert!(log.contains(said), "{said}\n---\n{log}");
+        }
+        let written = read_toml(&dir.join("Cargo.toml")).unwrap();
+        let names = |kind: &str| -> Vec<&str> {
+            written[kind]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["name"].as_str().unwrap())
+                .collect()
+        };
+        assert_eq!(names("bin"), ["hostile"]);
+        assert_eq!(names("example"), ["kept"]);
+        assert!(written["test"].as_array().unwrap().is_empty());
+        assert!(written.contains_key("workspace"));
+        assert!(written["package"].get("workspace").is_none());
+        assert_eq!(written["cargo-features"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_shipped_lockfile_is_kept_if_it_is_one_and_removed_if_not() {
+        let lock = "version = 4\n\n[[package]]\nname = \"hostile\"\nversion = \"1.0.0\"\n";
+        let (scratch, dir) = package_with(&[
+            ("Cargo.toml", PACKAGE),
+            ("src/lib.rs", ""),
+            ("Cargo.lock", lock),
+        ]);
+        let mut refused = Refused::default();
+        package(scratch.path(), &dir, &mut refused).unwrap();
+        assert!(dir.join("Cargo.lock").is_file());
+        assert_eq!(
+            refused.log_lines(0),
+            "quarry: prepared: kept the package's own Cargo.lock\n"
+        );
+        assert!(refused.refusals().is_empty() && !refused.ends_the_job());
+
+        for broken in ["[[package]\nname = ", "version = 99\n", "package = 3\n"] {
+            let (scratch, dir) = package_with(&[
+                ("Cargo.toml", PACKAGE),
+                ("src/lib.rs", ""),
+                ("Cargo.lock", broken),
+            ]);
+            let mut refused = Refused::default();
+            package(scratch.path(), &dir, &mut refused).unwrap();
+            assert!(!dir.join("Cargo.lock").exists(), "{broken:?}");
+            let log = refused.log_lines(0);
+            assert!(
+                log.contains("Cargo.lock is not a valid lockfile")
+                    && log.contains("cargo writes a new one"),
+                "{log}"
+            );
+        }
     }
 
     #[test]

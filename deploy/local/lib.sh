@@ -3,6 +3,8 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 STACK_DIR="${QUARRY_STACK_DIR:-$ROOT/.quarry/stack}"
 CRATES_DIR="${QUARRY_CRATES_DIR:-${CARGO_HOME:-$HOME/.cargo}/registry/cache}"
+# The real corpus (deploy/local/corpus.list with every dependency), collected once per machine.
+CORPUS_DIR="${QUARRY_CORPUS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/quarry/corpus}"
 S3_PORT=9014
 REGISTRY_PORT=9015
 
