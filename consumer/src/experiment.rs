@@ -64,6 +64,7 @@ impl Execution {
     }
 }
 
+#[derive(Clone)]
 struct Step {
     /// Short name, for the step's cgroup.
     name: &'static str,
@@ -224,16 +225,46 @@ pub async fn resolve(
     let later = steps.split_off(resolving);
     if !steps.is_empty() {
         let gateway = mirror.gateway(&socket)?;
-        let ended = run_steps(
+        // A lockfile there now is the package's own (`prepare` kept it).
+        let lockfile = workspace.package_dir.join("Cargo.lock");
+        let shipped_lock = lockfile.is_file();
+        let mut ended = run_steps(
             env,
             workspace,
             (toolchain, Some(gateway.socket())),
-            steps,
+            steps.clone(),
             limits,
             started + limits.time,
             (&mut log, &mut refused),
         )
         .await?;
+        // The package's own lockfile names versions the registry cannot give (a corpus holds
+        // what its roots resolved to today; crates.io may have yanked or lost one): resolve
+        // anew, as cargo would without it, and say so.
+        if let Some(failed) = &ended
+            && shipped_lock
+            && failed.outcome == Outcome::Broken
+            && log.text().contains("locked to")
+            && std::fs::remove_file(&lockfile).is_ok()
+        {
+            let before = refused.len();
+            refused.changed(
+                "the package's Cargo.lock names versions the registry does not have: removed, \
+                 cargo writes a new one"
+                    .to_owned(),
+            );
+            log_line(&mut log, &refused.log_lines(before));
+            ended = run_steps(
+                env,
+                workspace,
+                (toolchain, Some(gateway.socket())),
+                steps,
+                limits,
+                started + limits.time,
+                (&mut log, &mut refused),
+            )
+            .await?;
+        }
         for target in gateway.refused() {
             let before = refused.len();
             refused.add(

@@ -24,7 +24,7 @@ use anyhow::{Context as _, bail};
 use quarry_shared::registry::IndexDependency;
 use serde::Serialize;
 
-use crate::corpus::read_crate_file;
+use crate::corpus::{read_crate_file, shipped_lockfile};
 
 /// One root of a corpus list.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,7 +221,57 @@ fn collect_root(
     } else {
         fetch(work.path(), &manifest, cargo)?
     };
-    let packages = registry_packages(&lock)?;
+    let mut packages = registry_packages(&lock)?;
+    // A package that ships its `Cargo.lock` resolves to what it locks (cargo keeps a valid
+    // lockfile, and so does Quarry): those exact versions too, pinned in throwaways of their
+    // own, all at once or, when that fails (the lock names a version since yanked, which
+    // cargo keeps in a lockfile but will not pick anew), one by one, leaving out what cannot
+    // be had. Without them the consumer resolves the package anew and says so.
+    let mut lock = lock;
+    if let Some(shipped) = shipped_lockfile(&archive)? {
+        let locked: Vec<(String, String)> = registry_packages(&shipped)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !packages.contains(p))
+            .filter(|(name, version)| !crates_dir.join(format!("{name}-{version}.crate")).is_file())
+            .collect();
+        let mut pinned_locks = Vec::new();
+        if !locked.is_empty() {
+            match fetch(&work.path().join("locked"), &pinned(&locked), cargo) {
+                Ok(pinned_lock) => pinned_locks.push(pinned_lock),
+                Err(_) => {
+                    for (i, package) in locked.iter().enumerate() {
+                        let project = work.path().join(format!("locked-{i}"));
+                        if let Ok(pinned_lock) =
+                            fetch(&project, &pinned(std::slice::from_ref(package)), cargo)
+                        {
+                            pinned_locks.push(pinned_lock);
+                        }
+                    }
+                }
+            }
+        }
+        for pinned_lock in pinned_locks {
+            for package in registry_packages(&pinned_lock)? {
+                if !packages.contains(&package) {
+                    packages.push(package);
+                }
+            }
+            // The marker names every crate collected for the root.
+            lock.push_str("\n# versions its own Cargo.lock names\n");
+            for line in pinned_lock.lines() {
+                // One lockfile `version` key per file: the later ones are kept as comments.
+                let format_version = line
+                    .strip_prefix("version = ")
+                    .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()));
+                if format_version {
+                    lock.push_str("# ");
+                }
+                lock.push_str(line);
+                lock.push('\n');
+            }
+        }
+    }
     for (name, version) in &packages {
         let into = crates_dir.join(format!("{name}-{version}.crate"));
         if into.is_file() {
@@ -298,6 +348,18 @@ fn dependency(dep: &IndexDependency) -> String {
         );
     }
     toml::Value::Table(table).to_string()
+}
+
+/// Dependencies pinned to exact versions, for a throwaway manifest.
+fn pinned(packages: &[(String, String)]) -> String {
+    let mut table = String::from("[dependencies]\n");
+    for (i, (name, version)) in packages.iter().enumerate() {
+        table.push_str(&format!(
+            "quarry-locked-{i} = {{ package = {}, version = \"={version}\" }}\n",
+            toml_key(name)
+        ));
+    }
+    table
 }
 
 fn toml_key(name: &str) -> String {

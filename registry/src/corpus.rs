@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use quarry_shared::registry::{IndexDependency, IndexEntry};
 use sha2::{Digest as _, Sha256};
 
@@ -162,21 +162,34 @@ pub fn read_crate_file(path: &Path) -> anyhow::Result<Published> {
 
 /// The top-level `Cargo.toml` of a `.crate` archive (`<name>-<version>/Cargo.toml`).
 fn manifest_of(archive: &[u8]) -> anyhow::Result<toml::Table> {
+    let text = top_level_file(archive, "Cargo.toml")?
+        .context("no Cargo.toml at the top of the archive")?;
+    Ok(toml::from_str(&text)?)
+}
+
+/// The `Cargo.lock` a `.crate` file ships at its top, if it ships one, as text (data: nothing
+/// of it is obeyed).
+pub fn shipped_lockfile(path: &Path) -> anyhow::Result<Option<String>> {
+    top_level_file(&std::fs::read(path)?, "Cargo.lock")
+}
+
+/// A regular file at the top of a `.crate` archive (`<name>-<version>/<file>`), at most 4 MiB.
+fn top_level_file(archive: &[u8], name: &str) -> anyhow::Result<Option<String>> {
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
     for entry in tar.entries()? {
-        let mut entry = entry?;
+        let entry = entry?;
         let path = entry.path()?.into_owned();
         let mut parts = path.components();
         let (Some(_), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        if file.as_os_str() == "Cargo.toml" {
+        if file.as_os_str() == name && entry.header().entry_type().is_file() {
             let mut text = String::new();
-            entry.read_to_string(&mut text)?;
-            return Ok(toml::from_str(&text)?);
+            entry.take(4 << 20).read_to_string(&mut text)?;
+            return Ok(Some(text));
         }
     }
-    bail!("no Cargo.toml at the top of the archive")
+    Ok(None)
 }
 
 fn index_entry(manifest: &toml::Table, cksum: String) -> anyhow::Result<IndexEntry> {
