@@ -254,11 +254,19 @@ pub async fn resolve(
                     .to_owned(),
             );
             log_line(&mut log, &refused.log_lines(before));
+            // Named anew: the first attempt's cgroups are still being removed.
+            let again = steps
+                .into_iter()
+                .map(|step| Step {
+                    name: if step.resolves { "refetch" } else { step.name },
+                    ..step
+                })
+                .collect();
             ended = run_steps(
                 env,
                 workspace,
                 (toolchain, Some(gateway.socket())),
-                steps,
+                again,
                 limits,
                 started + limits.time,
                 (&mut log, &mut refused),

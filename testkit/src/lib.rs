@@ -131,6 +131,22 @@ pub fn crates_dir() -> PathBuf {
     }
 }
 
+/// The real corpus `deploy/local/up` collects (`deploy/local/corpus.list` with every crate its
+/// roots need), loaded whole; an error naming the fix when it has not been collected.
+pub fn real_corpus() -> anyhow::Result<Corpus> {
+    let dir = match std::env::var_os("QUARRY_CORPUS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/quarry/corpus"),
+    };
+    anyhow::ensure!(
+        dir.join("manifest.json").is_file(),
+        "no real corpus in {}: run deploy/local/up, which collects it (or set QUARRY_CORPUS_DIR)",
+        dir.display()
+    );
+    Corpus::load(&[dir.join("crates")])
+}
+
 pub struct TestStack {
     /// Configuration pointing at this stack's private database, vhost, bucket and registry.
     pub config: Config,
