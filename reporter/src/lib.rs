@@ -23,7 +23,7 @@ use quarry_shared::s3::Bucket;
 use quarry_shared::store::{PackageJob, Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
-pub use cause::root_cause;
+pub use cause::{broken_cause, root_cause};
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
 pub use serve::{Pace, human_duration, start as serve};
 
@@ -187,9 +187,11 @@ async fn copy_logs(
                         row.crate_name, row.crate_version, row.toolchain
                     )
                 })?;
-            let cause = matches!(row.outcome, Outcome::BuildFail | Outcome::TestFail)
-                .then(|| root_cause(&row.crate_name, &text))
-                .flatten();
+            let cause = match row.outcome {
+                Outcome::BuildFail | Outcome::TestFail => root_cause(&row.crate_name, &text),
+                Outcome::Broken => broken_cause(&text).map(|why| format!("broken: {why}")),
+                _ => None,
+            };
             let file = log_file(row);
             tokio::fs::write(logs.join(&file), text)
                 .await
