@@ -65,7 +65,8 @@ pub fn broken_cause(log: &str) -> Option<&'static str> {
     }
     // Cargo names the manifest it could not read: a dependency's is under the job's cargo home.
     for line in log.lines() {
-        if line.contains("failed to parse manifest at") || line.contains("failed to load manifest") {
+        if line.contains("failed to parse manifest at") || line.contains("failed to load manifest")
+        {
             return Some(if line.contains("/registry/src/") {
                 "broken-dependencies"
             } else {
