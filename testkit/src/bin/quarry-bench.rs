@@ -8,7 +8,9 @@
 //! same bubblewrap command line on it.
 //!
 //! `check --crates N`: `cargo check` of real crates through the pipeline, cold then warm, against
-//! xargs doing the same fetch and sandboxed check.
+//! xargs doing the same fetch and sandboxed check. With `--real`, N roots of the real corpus
+//! (`deploy/local/corpus.list`, collected by `deploy/local/up`), cold caches only; either way
+//! every crate must come to the same outcome both ways.
 //!
 //! Both take `--rounds R` (each round a fresh stack; a last row gives the medians, as one round
 //! varies a lot on a shared machine) and print, for each pipeline run, a timeline from its event
@@ -59,6 +61,10 @@ enum Bench {
         /// Rounds, each a fresh stack, its pipeline runs then xargs's; the summary is the median.
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Crates of the real corpus instead (N roots of deploy/local/corpus.list spread evenly
+        /// over it, at the versions collected), cold caches only.
+        #[arg(long)]
+        real: bool,
     },
     /// The producer publishing every version of a generated dump, against a bare lapin loop.
     Publish {
@@ -135,16 +141,20 @@ async fn main() -> anyhow::Result<()> {
             crates,
             consumers,
             rounds,
+            real,
         } => {
             print_temporary_place();
             let (mut cold, mut warm) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let [c, w] = check(crates, consumers).await?;
-                cold.push(c);
-                warm.push(w);
+                let measured = check(crates, consumers, real).await?;
+                cold.push(measured[0]);
+                warm.extend(measured.get(1).copied());
             }
-            summarize(&format!("check, {crates} crates, cold caches"), &cold);
-            summarize(&format!("check, {crates} crates, warm caches"), &warm);
+            let which = if real { "real corpus crates" } else { "crates" };
+            summarize(&format!("check, {crates} {which}, cold caches"), &cold);
+            if !warm.is_empty() {
+                summarize(&format!("check, {crates} {which}, warm caches"), &warm);
+            }
             Ok(())
         }
         Bench::Publish { versions, page } => publish(versions, page).await,
@@ -298,8 +308,26 @@ fn summarize(what: &str, rounds: &[(Duration, Duration)]) {
 }
 
 /// One round of `check`: the pipeline's and xargs's times with cold caches, then warm.
-async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Duration); 2]> {
-    let corpus = quarry_registry::Corpus::load(&[crates_dir()])?.closed();
+async fn check(
+    count: u64,
+    parallel: usize,
+    real: bool,
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
+    let corpus = if real {
+        quarry_testkit::real_corpus()?
+    } else {
+        quarry_registry::Corpus::load(&[crates_dir()])?.closed()
+    };
+    let selection = if real {
+        Selection::Packages {
+            packages: corpus_roots(count)?,
+        }
+    } else {
+        Selection::Listing {
+            sort: Sort::Alpha,
+            limit: Some(count),
+        }
+    };
     let stack = TestStack::start_with(corpus.clone()).await?;
     let store = Store::connect(&stack.config.database).await?;
     let definition = |fresh| RunDefinition {
@@ -313,10 +341,7 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Durati
             memory_limit_mb: 2048,
             command: None,
         },
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: Some(count),
-        },
+        selection: selection.clone(),
     };
     // A fleet that is already up when the run starts, as in production.
     let names: Vec<String> = (0..parallel).map(|i| format!("check-{i}")).collect();
@@ -326,7 +351,14 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Durati
 
     let mut pipeline = Vec::new();
     let mut packages = Vec::new();
-    for (round, fresh) in [("cold", false), ("warm", true)] {
+    // What the pipeline's first round came to, by `.crate` file: for the comparison with xargs.
+    let mut outcomes_by_file = std::collections::BTreeMap::new();
+    let rounds: &[(&str, bool)] = if real {
+        &[("cold", false)]
+    } else {
+        &[("cold", false), ("warm", true)]
+    };
+    for &(round, fresh) in rounds {
         let before = stack.registry.stats();
         let started = Instant::now();
         let summary = publish_run(
@@ -356,22 +388,27 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Durati
             .map(|row| format!("{} {}", row.get::<_, String>(0), row.get::<_, i64>(1)))
             .collect::<Vec<_>>()
             .join(", ");
-        packages = database
+        let rows = database
             .query(
-                "SELECT crate_name, crate_version FROM jobs WHERE run_id = $1",
+                "SELECT j.crate_name, j.crate_version, r.outcome FROM jobs j
+                 JOIN results r ON r.job_id = j.id WHERE j.run_id = $1",
                 &[&summary.run_id.0],
             )
-            .await?
-            .iter()
-            .map(|row| {
-                let (name, version): (String, String) = (row.get(0), row.get(1));
-                corpus
-                    .get(&name)
-                    .and_then(|versions| versions.iter().find(|v| v.entry.vers == version))
-                    .map(|published| published.path.clone())
-                    .with_context(|| format!("{name} {version} is not in the corpus"))
-            })
-            .collect::<anyhow::Result<_>>()?;
+            .await?;
+        packages.clear();
+        for row in rows {
+            let (name, version, outcome): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            let path = corpus
+                .get(&name)
+                .and_then(|versions| versions.iter().find(|v| v.entry.vers == version))
+                .map(|published| published.path.clone())
+                .with_context(|| format!("{name} {version} is not in the corpus"))?;
+            if round == "cold" {
+                outcomes_by_file.insert(path.display().to_string(), outcome);
+            }
+            packages.push(path);
+        }
         eprintln!(
             "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes",
             after.downloads - before.downloads,
@@ -418,16 +455,37 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Durati
         "d=$(mktemp -d -p {work}) && mkdir \"$d/src\" && \
          tar xzf \"$1\" -C \"$d/src\" --strip-components=1 --no-same-owner --no-same-permissions && \
          {{ grep -q '^\\[workspace\\]' \"$d/src/Cargo.toml\" || printf '\\n[workspace]\\n' >> \"$d/src/Cargo.toml\"; }} && \
-         (cd \"$d/src\" && {env} cargo {plus} fetch -q) && \
+         rm -rf \"$d/src/.cargo\" \"$d/src/rust-toolchain\" \"$d/src/rust-toolchain.toml\" && \
+         {{ (cd \"$d/src\" && {env} cargo {plus} fetch -q >/dev/null 2>&1) || \
+            {{ echo \"fetch $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0; }}; }} && \
          (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
          echo \"$? $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0",
         work = work.path().display(),
         check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
     );
     let mut bare = Vec::new();
-    for round in ["cold", "warm"] {
+    let mut differ = Vec::new();
+    for &(round, _) in rounds {
         let elapsed = xargs(&packages, parallel, &script, work.path()).await?;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
+        if round == "cold" {
+            for line in statuses.lines() {
+                let Some((status, file)) = line.split_once(' ') else {
+                    continue;
+                };
+                let bare_outcome = match status {
+                    "0" => "build-pass",
+                    "fetch" => "broken",
+                    _ => "build-fail",
+                };
+                let pipeline_outcome = outcomes_by_file.get(file).map_or("none", String::as_str);
+                if pipeline_outcome != bare_outcome {
+                    differ.push(format!(
+                        "{file}: pipeline {pipeline_outcome}, bare cargo {bare_outcome}"
+                    ));
+                }
+            }
+        }
         let failed: Vec<&str> = statuses
             .lines()
             .filter(|line| !line.starts_with("0 "))
@@ -440,19 +498,52 @@ async fn check(count: u64, parallel: usize) -> anyhow::Result<[(Duration, Durati
         std::fs::remove_file(work.path().join("statuses"))?;
         bare.push(elapsed);
     }
+    let which = if real {
+        "crates of the real corpus"
+    } else {
+        "real crates"
+    };
     for (i, round) in ["cold caches", "warm caches, fresh results"]
         .iter()
+        .take(rounds.len())
         .enumerate()
     {
         let (pipeline, bytes) = pipeline[i];
         println!(
-            "| check, {count} real crates, {parallel} consumers, {round} | {:.1} s | {:.1} s | {:.3}× | {bytes} B |",
+            "| check, {count} {which}, {parallel} consumers, {round} | {:.1} s | {:.1} s | {:.3}× | {bytes} B |",
             pipeline.as_secs_f64(),
             bare[i].as_secs_f64(),
             pipeline.as_secs_f64() / bare[i].as_secs_f64(),
         );
     }
-    Ok([(pipeline[0].0, bare[0]), (pipeline[1].0, bare[1])])
+    eprintln!(
+        "outcomes: {} crates, {} the same both ways",
+        outcomes_by_file.len(),
+        outcomes_by_file.len() - differ.len()
+    );
+    anyhow::ensure!(
+        differ.is_empty(),
+        "{} crates came to another outcome through the pipeline than with bare cargo:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
+    Ok(pipeline
+        .iter()
+        .zip(&bare)
+        .map(|((pipeline, _), bare)| (*pipeline, *bare))
+        .collect())
+}
+
+/// `count` roots of the real corpus's list, spread evenly over it, as `name@version`.
+fn corpus_roots(count: u64) -> anyhow::Result<Vec<String>> {
+    let list = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/corpus.list"),
+    )?;
+    let roots = quarry_registry::collect::read_list(&list)?;
+    let count = (count as usize).min(roots.len());
+    Ok((0..count)
+        .map(|i| roots[i * roots.len() / count].to_string())
+        .collect())
 }
 
 /// Where a run's time went, from its event log: how long after the run was created the first
