@@ -3,6 +3,9 @@
 //! as one root cause; other failures are grouped by their first error (a compiler error code
 //! such as E0308, an internal compiler error, the linker, failing tests).
 
+/// The root cause of a compiler crash.
+pub const ICE: &str = "internal compiler error";
+
 /// The root cause of `package`'s failure as its log tells it; `None` when the log says nothing
 /// recognizable (or the job did not fail).
 pub fn root_cause(package: &str, log: &str) -> Option<String> {
@@ -19,7 +22,7 @@ pub fn root_cause(package: &str, log: &str) -> Option<String> {
     if log.contains("internal compiler error")
         || log.contains("error: the compiler unexpectedly panicked")
     {
-        return Some("internal compiler error".to_owned());
+        return Some(ICE.to_owned());
     }
     if log.contains("error: linking with") || log.contains("error: linker `") {
         return Some("linker error".to_owned());

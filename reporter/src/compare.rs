@@ -39,6 +39,8 @@ pub struct Comparison {
 pub struct Side<'a> {
     pub verdict: Verdict,
     pub log: Option<&'a str>,
+    /// Its log shows an internal compiler error.
+    pub ice: bool,
 }
 
 /// A package's sides: start, end, and end's re-run (`None` where there is no result).
@@ -68,6 +70,13 @@ pub fn compare<'a>(
             end_side.as_ref().map(|s| s.verdict),
             end_rerun.as_ref().map(|s| s.verdict.outcome),
         );
+        // The end toolchain crashing where start did not is a regression whatever start did.
+        let ice = |side: &Option<Side<'_>>| side.as_ref().is_some_and(|s| s.ice);
+        let category = if ice(&end_side) && start_side.is_some() && !ice(&start_side) {
+            Category::RegressedIce
+        } else {
+            category
+        };
         *categories.entry(category.as_str().to_owned()).or_insert(0) += 1;
         rows.push(ComparedPackage {
             name,
@@ -131,6 +140,48 @@ mod tests {
         assert_eq!(
             of(BuildFail, Some(BuildPass), Some(BuildFail)),
             Category::Fixed
+        );
+    }
+
+    #[test]
+    fn an_internal_compiler_error_on_the_end_side_is_a_regression_whatever_start_did() {
+        let side = |outcome: Outcome, ice: bool| Side {
+            verdict: outcome.into(),
+            log: None,
+            ice,
+        };
+        let category = |start: Side<'static>, end: Side<'static>| {
+            let sides = Sides {
+                start: Some(start),
+                end: Some(end),
+                end_rerun: None,
+            };
+            compare(
+                "1.95.0",
+                "nightly",
+                [(("p".to_owned(), "1.0.0".to_owned()), sides)],
+            )
+            .packages[0]
+                .category
+                .clone()
+        };
+        // A build failure turned into a crash is news; a pass turned into one too.
+        assert_eq!(
+            category(side(BuildFail, false), side(BuildFail, true)),
+            "regressed-ice"
+        );
+        assert_eq!(
+            category(side(BuildPass, false), side(BuildFail, true)),
+            "regressed-ice"
+        );
+        // A crash on both sides is not new; an ordinary failure stays what it was.
+        assert_eq!(
+            category(side(BuildFail, true), side(BuildFail, true)),
+            "still-failing"
+        );
+        assert_eq!(
+            category(side(BuildFail, false), side(BuildFail, false)),
+            "still-failing"
         );
     }
 

@@ -571,6 +571,7 @@ fn compare_toolchains(
                 environmental: p.environment.is_some(),
             },
             log: p.log.as_deref(),
+            ice: p.cause.as_deref() == Some(cause::ICE),
         };
         let entry = by_package
             .entry((p.name.clone(), p.version.clone()))
@@ -628,6 +629,7 @@ pub(crate) fn progress_line(report: &Report) -> String {
 
 pub(crate) fn category_rank(category: &str) -> usize {
     [
+        "regressed-ice",
         "regressed",
         "fixed",
         "spurious-regressed",
@@ -710,6 +712,10 @@ fn render_markdown(report: &Report) -> String {
             let _ = writeln!(md, "| {category} | {count} |");
         }
         for (category, heading) in [
+            (
+                "regressed-ice",
+                "Regressed (ICE): the end toolchain crashed where the start one did not",
+            ),
             ("regressed", "Regressed (failed again when run once more)"),
             ("flaky", "Flaky (regressed, then passed when run once more)"),
         ] {

@@ -24,7 +24,7 @@ pub const PAGE_ROWS: usize = 1000;
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;}\
     table{border-collapse:collapse;}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;}\
     .build-pass,.test-pass,.still-passing,.fixed{color:#16691c;}\
-    .build-fail,.test-fail,.broken,.regressed,.still-failing{color:#a11;}\
+    .build-fail,.test-fail,.broken,.regressed,.regressed-ice,.still-failing{color:#a11;}\
     .error,.timeout,.out-of-memory,.spurious-regressed,.spurious-fixed{color:#a60;}\
     .bar{display:inline-block;height:.8em;background:#69c;vertical-align:middle;}\
     nav{margin:1em 0;}";

@@ -13,6 +13,10 @@ pub enum Category {
     /// Passed with start, fails with end (and failed again when end was run once more): the
     /// reason runs are made.
     Regressed,
+    /// The end toolchain crashed on the package (an internal compiler error) where start did
+    /// not, whatever start's outcome: a failure that turns into an ICE is news. Read from the
+    /// logs, so the reporter decides it, not `categorize`.
+    RegressedIce,
     /// Passed with start, failed with end, then passed when end was run once more: the package
     /// does not behave the same twice (flaky tests, a race). Kept apart from true regressions.
     Flaky,
@@ -39,6 +43,7 @@ impl Category {
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Regressed => "regressed",
+            Category::RegressedIce => "regressed-ice",
             Category::Flaky => "flaky",
             Category::Fixed => "fixed",
             Category::SpuriousRegressed => "spurious-regressed",
