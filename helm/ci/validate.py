@@ -57,6 +57,7 @@ ALLOWED_METRICS = {
     "quarry_consumer_waits_total",
     "quarry_consumer_broker_connections_total",
     "quarry_consumer_channels_lost_total",
+    "quarry_consumer_leases_lapsed_total",
     "quarry_run_jobs",
     "quarry_run_outcomes",
     "quarry_run_rate_jobs_per_second",

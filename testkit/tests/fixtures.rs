@@ -30,7 +30,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
         .await
         .unwrap();
-    assert_eq!(summary.jobs_queued, 15, "{summary}");
+    assert_eq!(summary.jobs_queued, 16, "{summary}");
 
     let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
     stack.wait_for_run(summary.run_id).await;
