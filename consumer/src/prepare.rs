@@ -230,7 +230,7 @@ fn repair_manifest(manifest: &mut toml::Table, package_dir: &Path) -> Vec<String
 }
 
 /// Keeps a `Cargo.lock` the package ships if it reads as a lockfile cargo knows, and removes it
-/// otherwise, so that cargo writes a new one: either way the log says so.
+/// otherwise, so that cargo writes a new one, saying so in the log.
 fn check_lockfile(package_dir: &Path, refused: &mut Refused) {
     let lockfile = package_dir.join("Cargo.lock");
     if !is_present(&lockfile) {
@@ -246,10 +246,8 @@ fn check_lockfile(package_dir: &Path, refused: &mut Refused) {
             _ if !matches!(lock.get("package"), None | Some(toml::Value::Array(_))) => {
                 "its [[package]] entries are not a list".to_owned()
             }
-            _ => {
-                refused.changed("kept the package's own Cargo.lock".to_owned());
-                return;
-            }
+            // Kept as it is: nothing to say.
+            _ => return,
         },
     };
     if remove(&lockfile, refused) {
@@ -875,10 +873,7 @@ mod tests {
         let mut refused = Refused::default();
         package(scratch.path(), &dir, &mut refused).unwrap();
         assert!(dir.join("Cargo.lock").is_file());
-        assert_eq!(
-            refused.log_lines(0),
-            "quarry: prepared: kept the package's own Cargo.lock\n"
-        );
+        assert_eq!(refused.log_lines(0), "");
         assert!(refused.refusals().is_empty() && !refused.ends_the_job());
 
         for broken in ["[[package]\nname = ", "version = 99\n", "package = 3\n"] {
