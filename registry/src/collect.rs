@@ -13,7 +13,8 @@
 //! - `crates/<name>-<version>.crate`: every crate of every root's closure, once;
 //! - `roots/<name>-<version>.lock`: a complete root's lockfile (a root with one is skipped);
 //! - `manifest.json`: every root of the last collection, complete or why not, and the count of
-//!   crates.
+//!   crates;
+//! - `cargo-home/`: the cargo home the collection downloads into (its own, not the user's).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -96,7 +97,7 @@ pub fn collect(roots: &[Root], dir: &Path, cargo: &Path) -> anyhow::Result<Manif
     for sub in [&crates_dir, &roots_dir] {
         std::fs::create_dir_all(sub).with_context(|| format!("cannot create {}", sub.display()))?;
     }
-    let cargo_home = cargo_home()?;
+    let cargo_home = corpus_cargo_home(dir)?;
     let mut collected = Vec::new();
     let started = Instant::now();
     for (i, root) in roots.iter().enumerate() {
@@ -193,7 +194,7 @@ fn collect_root(
         toml_key(&root.name),
         root.version
     );
-    let lock = fetch(work.path(), &direct, cargo)?;
+    let lock = fetch(work.path(), &direct, cargo, cargo_home)?;
     let archive = cached_crate(cargo_home, &root.name, &root.version)?;
     let published =
         read_crate_file(&archive).with_context(|| format!("cannot read the manifest of {root}"))?;
@@ -219,7 +220,7 @@ fn collect_root(
     let lock = if published.entry.deps.is_empty() {
         lock
     } else {
-        fetch(work.path(), &manifest, cargo)?
+        fetch(work.path(), &manifest, cargo, cargo_home)?
     };
     let mut packages = registry_packages(&lock)?;
     // A package that ships its `Cargo.lock` resolves to what it locks (cargo keeps a valid
@@ -237,14 +238,22 @@ fn collect_root(
             .collect();
         let mut pinned_locks = Vec::new();
         if !locked.is_empty() {
-            match fetch(&work.path().join("locked"), &pinned(&locked), cargo) {
+            match fetch(
+                &work.path().join("locked"),
+                &pinned(&locked),
+                cargo,
+                cargo_home,
+            ) {
                 Ok(pinned_lock) => pinned_locks.push(pinned_lock),
                 Err(_) => {
                     for (i, package) in locked.iter().enumerate() {
                         let project = work.path().join(format!("locked-{i}"));
-                        if let Ok(pinned_lock) =
-                            fetch(&project, &pinned(std::slice::from_ref(package)), cargo)
-                        {
+                        if let Ok(pinned_lock) = fetch(
+                            &project,
+                            &pinned(std::slice::from_ref(package)),
+                            cargo,
+                            cargo_home,
+                        ) {
                             pinned_locks.push(pinned_lock);
                         }
                     }
@@ -281,8 +290,11 @@ fn collect_root(
         // Copied under a temporary name, then renamed: an interrupted copy is never taken for
         // a complete one.
         let partial = into.with_extension("crate.partial");
-        std::fs::copy(&from, &partial)
-            .with_context(|| format!("cannot copy {}", from.display()))?;
+        let _ = std::fs::remove_file(&partial);
+        if std::fs::hard_link(&from, &partial).is_err() {
+            std::fs::copy(&from, &partial)
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+        }
         std::fs::rename(&partial, &into)?;
     }
     std::fs::write(marker, &lock)?;
@@ -291,7 +303,7 @@ fn collect_root(
 
 /// Writes the throwaway project's manifest and has cargo resolve and download it (from what it
 /// has cached when it can, else from crates.io); returns the lockfile.
-fn fetch(project: &Path, dependencies: &str, cargo: &Path) -> anyhow::Result<String> {
+fn fetch(project: &Path, dependencies: &str, cargo: &Path, home: &Path) -> anyhow::Result<String> {
     std::fs::create_dir_all(project.join("src"))?;
     std::fs::write(project.join("src/lib.rs"), "")?;
     std::fs::write(
@@ -302,19 +314,20 @@ fn fetch(project: &Path, dependencies: &str, cargo: &Path) -> anyhow::Result<Str
         ),
     )?;
     let _ = std::fs::remove_file(project.join("Cargo.lock"));
-    let offline = run_cargo(project, cargo, &["fetch", "--offline"]);
+    let offline = run_cargo(project, cargo, home, &["fetch", "--offline"]);
     if offline.is_err() {
         let _ = std::fs::remove_file(project.join("Cargo.lock"));
-        run_cargo(project, cargo, &["fetch"])?;
+        run_cargo(project, cargo, home, &["fetch"])?;
     }
     std::fs::read_to_string(project.join("Cargo.lock")).context("cargo wrote no Cargo.lock")
 }
 
-fn run_cargo(project: &Path, cargo: &Path, args: &[&str]) -> anyhow::Result<()> {
+fn run_cargo(project: &Path, cargo: &Path, home: &Path, args: &[&str]) -> anyhow::Result<()> {
     let output = Command::new(cargo)
         .args(args)
         .arg("--quiet")
         .current_dir(project)
+        .env("CARGO_HOME", home)
         // No toolchain file of anyone's applies here, and nothing is built.
         .env_remove("RUSTUP_TOOLCHAIN")
         .output()
@@ -391,13 +404,24 @@ fn registry_packages(lock: &str) -> anyhow::Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// Cargo's home, where its download cache is.
-fn cargo_home() -> anyhow::Result<PathBuf> {
-    if let Some(home) = std::env::var_os("CARGO_HOME") {
-        return Ok(PathBuf::from(home));
+/// The cargo home the collection downloads into: the corpus's own (`<dir>/cargo-home`), so that
+/// thousands of crates do not land in the user's download cache (which Quarry's tests serve),
+/// with the user's cargo configuration, if any, so that a mirror or proxy they set still applies.
+fn corpus_cargo_home(dir: &Path) -> anyhow::Result<PathBuf> {
+    let home = std::path::absolute(dir.join("cargo-home"))?;
+    std::fs::create_dir_all(&home).with_context(|| format!("cannot create {}", home.display()))?;
+    let user = match std::env::var_os("CARGO_HOME") {
+        Some(home) => Some(PathBuf::from(home)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")),
+    };
+    if let Some(user) = user {
+        for config in ["config.toml", "config"] {
+            if user.join(config).is_file() {
+                std::fs::copy(user.join(config), home.join(config))?;
+            }
+        }
     }
-    let home = std::env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".cargo"))
+    Ok(home)
 }
 
 /// A `.crate` file in cargo's download cache (one directory per registry source).
