@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use quarry_shared::job::{Mode, Outcome, Refusal, Toolchain};
+use quarry_shared::job::{BrokenReason, Experiment, Mode, Outcome, Refusal, Toolchain};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
@@ -50,6 +50,12 @@ pub struct Execution {
     pub log: String,
     /// What the package tried that was refused (the log says what and where).
     pub refused: Vec<Refusal>,
+    /// For a `broken` job, why, where the step that ended it knows (else it is read from the
+    /// refusals and the log when the result is recorded: [`Execution::broken_reason`]).
+    pub broken_reason: Option<BrokenReason>,
+    /// Why its failure points at the environment, where the consumer knows it first-hand (the
+    /// sandbox could not start a step); others are read from the log when it is recorded.
+    pub environment: Option<String>,
 }
 
 impl Execution {
@@ -60,7 +66,39 @@ impl Execution {
             exit_code: None,
             log: format!("{}quarry: {why}\n", refused.log_lines(0)),
             refused: refused.refusals(),
+            broken_reason: None,
+            environment: None,
         }
+    }
+
+    /// The same, broken for `reason`.
+    pub fn because(self, reason: BrokenReason) -> Execution {
+        Execution {
+            broken_reason: Some(reason),
+            ..self
+        }
+    }
+
+    /// Why the job is broken, if it is: what the step said, else the first refusal that ended
+    /// it, else what cargo's words in the log say.
+    pub fn broken_reason(&self) -> Option<BrokenReason> {
+        if self.outcome != Outcome::Broken {
+            return None;
+        }
+        self.broken_reason
+            .or_else(|| {
+                self.refused
+                    .iter()
+                    .find_map(|r| BrokenReason::of_refusal(*r))
+            })
+            .or_else(|| BrokenReason::from_log(&self.log))
+    }
+
+    /// Why its failure points at the environment rather than the code, if it does.
+    pub fn environment(&self) -> Option<String> {
+        self.environment
+            .clone()
+            .or_else(|| quarry_shared::category::environment_of(self.outcome, &self.log))
     }
 }
 
@@ -75,55 +113,73 @@ struct Step {
     resolves: bool,
     /// The outcome if this step fails.
     on_failure: Outcome,
+    /// Its `RUSTFLAGS`, if any.
+    rustflags: Option<String>,
 }
 
-/// The steps of `mode` with `toolchain` (a custom mode runs `command` alone), and the outcome
-/// when all of them succeed.
-fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<Step>, Outcome) {
+/// The steps of `experiment` with `toolchain` (a custom mode runs its command alone), and the
+/// outcome when all of them succeed. The toolchain's variants and the lint cap reach the steps
+/// that build: `--target` and its cargo flags on their command lines, its rustflags and
+/// `--cap-lints` in their `RUSTFLAGS`.
+fn steps(experiment: &Experiment, toolchain: &Toolchain) -> (Vec<Step>, Outcome) {
     let cargo = |args: &[&str]| {
-        let mut argv = vec!["cargo".to_owned(), format!("+{toolchain}")];
+        let mut argv = vec!["cargo".to_owned(), format!("+{}", toolchain.name())];
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         argv
+    };
+    let rustflags = {
+        let cap = experiment.cap_lints.map(|cap| format!("--cap-lints={cap}"));
+        let flags: Vec<&str> = toolchain
+            .rustflags()
+            .into_iter()
+            .chain(cap.as_deref())
+            .collect();
+        (!flags.is_empty()).then(|| flags.join(" "))
     };
     let fetch = Step {
         name: "fetch",
         argv: cargo(&["fetch"]),
         resolves: true,
         on_failure: Outcome::Broken,
+        rustflags: None,
     };
-    let build = |name, args: &[&str]| Step {
-        name,
-        argv: cargo(args),
-        resolves: false,
-        on_failure: Outcome::BuildFail,
+    let build = |name, args: &[&str], on_failure| {
+        let mut argv = cargo(args);
+        if let Some(target) = toolchain.target() {
+            argv.extend(["--target".to_owned(), target.to_owned()]);
+        }
+        argv.extend(toolchain.cargoflags().into_iter().map(str::to_owned));
+        Step {
+            name,
+            argv,
+            resolves: false,
+            on_failure,
+            rustflags: rustflags.clone(),
+        }
     };
-    match mode {
+    let fail = Outcome::BuildFail;
+    match experiment.mode {
         Mode::Check => (
-            vec![fetch, build("check", &["check", "--frozen"])],
+            vec![fetch, build("check", &["check", "--frozen"], fail)],
             Outcome::BuildPass,
         ),
         Mode::Build => (
-            vec![fetch, build("build", &["build", "--frozen"])],
+            vec![fetch, build("build", &["build", "--frozen"], fail)],
             Outcome::BuildPass,
         ),
         Mode::Clippy => (
-            vec![fetch, build("clippy", &["clippy", "--frozen"])],
+            vec![fetch, build("clippy", &["clippy", "--frozen"], fail)],
             Outcome::BuildPass,
         ),
         Mode::Doc => (
-            vec![fetch, build("doc", &["doc", "--frozen", "--no-deps"])],
+            vec![fetch, build("doc", &["doc", "--frozen", "--no-deps"], fail)],
             Outcome::BuildPass,
         ),
         Mode::Test => (
             vec![
                 fetch,
-                build("build", &["build", "--frozen", "--all-targets"]),
-                Step {
-                    name: "test",
-                    argv: cargo(&["test", "--frozen"]),
-                    resolves: false,
-                    on_failure: Outcome::TestFail,
-                },
+                build("build", &["build", "--frozen", "--all-targets"], fail),
+                build("test", &["test", "--frozen"], Outcome::TestFail),
             ],
             Outcome::TestPass,
         ),
@@ -132,9 +188,10 @@ fn steps(mode: Mode, toolchain: &Toolchain, command: Option<&[String]>) -> (Vec<
         Mode::Command => (
             vec![Step {
                 name: "command",
-                argv: command.map(<[String]>::to_vec).unwrap_or_default(),
+                argv: experiment.command.clone().unwrap_or_default(),
                 resolves: false,
                 on_failure: Outcome::TestFail,
+                rustflags,
             }],
             Outcome::TestPass,
         ),
@@ -198,7 +255,7 @@ impl Workspace<'_> {
     }
 }
 
-/// Runs the steps of `mode` that resolve (`cargo fetch`) in `workspace` with `toolchain`, the
+/// Runs the steps of `experiment` that resolve (`cargo fetch`) in `workspace` with `toolchain`, the
 /// registry reached through a gateway of the job's own to `mirror`: a consumer does this while
 /// its experiment slots are busy. `refused` holds what preparing the package refused, and
 /// gathers what resolution refuses. `Ok(Err(_))` is the job's result when it ends here (its
@@ -208,14 +265,14 @@ pub async fn resolve(
     mirror: &Mirror,
     workspace: Workspace<'_>,
     toolchain: &Toolchain,
-    (mode, command): (Mode, Option<&[String]>),
+    experiment: &Experiment,
     limits: Limits,
     mut refused: Refused,
 ) -> std::io::Result<Result<Resolved, Execution>> {
     let started = Instant::now();
     let mut log = Log::new(env.log_limit_bytes);
     log_line(&mut log, &refused.log_lines(0));
-    let (mut steps, success) = steps(mode, toolchain, command);
+    let (mut steps, success) = steps(experiment, toolchain);
     let socket = workspace.gateway_socket();
     prepare::write_cargo_home(
         &workspace.cargo_home(),
@@ -239,20 +296,26 @@ pub async fn resolve(
         )
         .await?;
         // The package's own lockfile names versions the registry cannot give (a corpus holds
-        // what its roots resolved to today; crates.io may have yanked or lost one): resolve
-        // anew, as cargo would without it, and say so.
+        // what its roots resolved to today; crates.io may have yanked or lost one), or is one
+        // cargo will not read: resolve anew, as cargo would without it, and say so.
+        let text = log.text();
+        let unusable = if text.contains("locked to") {
+            Some("names versions the registry does not have")
+        } else if text.contains("failed to parse lock file") {
+            Some("is one cargo will not read")
+        } else {
+            None
+        };
         if let Some(failed) = &ended
             && shipped_lock
             && failed.outcome == Outcome::Broken
-            && log.text().contains("locked to")
+            && let Some(unusable) = unusable
             && std::fs::remove_file(&lockfile).is_ok()
         {
             let before = refused.len();
-            refused.changed(
-                "the package's Cargo.lock names versions the registry does not have: removed, \
-                 cargo writes a new one"
-                    .to_owned(),
-            );
+            refused.changed(format!(
+                "the package's Cargo.lock {unusable}: removed, cargo writes a new one"
+            ));
             log_line(&mut log, &refused.log_lines(before));
             // Named anew: the first attempt's cgroups are still being removed.
             let again = steps
@@ -358,6 +421,7 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
             memory_bytes: 256 << 20,
             tasks: 64,
         },
+        rustflags: None,
     };
     let toolchain: Toolchain = "stable".parse().map_err(|e| format!("{e}"))?;
     let mut log = Log::new(64 << 10);
@@ -408,6 +472,7 @@ async fn run_steps(
             return Ok(Some(finish(log, Outcome::Broken, None)));
         }
         log_line(log, &format!("$ {}\n", step.argv.join(" ")));
+        let output_from = log.len();
         let step_name = format!(
             "{}-{}",
             scratch.file_name().unwrap_or_default().to_string_lossy(),
@@ -425,6 +490,7 @@ async fn run_steps(
             },
             name: &step_name,
             limits,
+            rustflags: step.rustflags.as_deref(),
         };
         let (status, out_of_memory) =
             run_step(env, &place, toolchain, &step.argv, deadline, log).await?;
@@ -456,6 +522,22 @@ async fn run_steps(
             }
             StepStatus::Exited(0) => {}
             StepStatus::Exited(code) => {
+                // Bubblewrap's own errors come before anything of the step's: the sandbox could
+                // not start it, which says nothing about the package.
+                if matches!(env.sandbox, Sandbox::Bubblewrap { .. })
+                    && let Some(line) = log.starts_with_line(output_from, "bwrap: ")
+                {
+                    let why = format!("sandbox error: {line}");
+                    log_line(
+                        log,
+                        &format!("\nquarry: {why}: the sandbox could not start this step\n"),
+                    );
+                    let execution = finish(log, step.on_failure, Some(code));
+                    return Ok(Some(Execution {
+                        environment: Some(why),
+                        ..execution
+                    }));
+                }
                 let outcome = failure_outcome(log, step.on_failure);
                 return Ok(Some(finish(log, outcome, Some(code))));
             }
@@ -488,6 +570,8 @@ fn finish(log: &Log, outcome: Outcome, exit_code: Option<i32>) -> Execution {
         exit_code,
         log: log.text(),
         refused: Vec::new(),
+        broken_reason: None,
+        environment: None,
     }
 }
 
@@ -504,6 +588,8 @@ struct Place<'a> {
     /// The step's name, for its cgroup.
     name: &'a str,
     limits: Limits,
+    /// The step's `RUSTFLAGS`, if any.
+    rustflags: Option<&'a str>,
 }
 
 /// Runs one step; also says whether the kernel killed part of it for lack of memory.
@@ -532,10 +618,13 @@ async fn run_step(
         .env("HOME", scratch)
         .env("CARGO_HOME", place.workspace.cargo_home())
         .env("RUSTUP_HOME", &env.rustup_home)
-        .env("RUSTUP_TOOLCHAIN", toolchain.as_str())
+        .env("RUSTUP_TOOLCHAIN", toolchain.name())
         .env("CARGO_TARGET_DIR", scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0");
+    if let Some(rustflags) = place.rustflags {
+        command.env("RUSTFLAGS", rustflags);
+    }
     let limits = place.limits;
     let cgroup = match &env.cgroups {
         Some(cgroups) => Some(cgroups.step(
@@ -688,6 +777,20 @@ impl Log {
         self.dropped += (chunk.len() - kept) as u64;
     }
 
+    /// Bytes kept so far: where the next output starts.
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The first line of what was kept from `from` on, if it starts with `prefix`.
+    fn starts_with_line(&self, from: usize, prefix: &str) -> Option<String> {
+        let rest = self.bytes.get(from..)?;
+        let line = rest.split(|b| *b == b'\n').next()?;
+        let line = String::from_utf8_lossy(line);
+        line.starts_with(prefix)
+            .then(|| line.trim().chars().take(300).collect())
+    }
+
     fn text(&self) -> String {
         let mut text = String::from_utf8_lossy(&self.bytes).into_owned();
         if self.dropped > 0 {
@@ -703,6 +806,66 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sandbox that cannot start a step (here: told to mount what is not there) is the
+    /// machine's failure, said as such, not the package's.
+    #[tokio::test]
+    async fn a_step_the_sandbox_cannot_start_fails_for_the_environment() {
+        let Some(bwrap) = crate::sandbox::find_on_path("bwrap") else {
+            panic!("bubblewrap is needed: deploy/local/up installs it");
+        };
+        let scratch = tempfile::tempdir().unwrap();
+        let env = CargoEnv {
+            rustup_home: scratch.path().join("rustup"),
+            path: "/usr/bin:/bin".to_owned(),
+            log_limit_bytes: 64 << 10,
+            task_limit: 64,
+            sandbox: Sandbox::Bubblewrap {
+                bwrap,
+                read_only: vec![scratch.path().join("gone")],
+                hidden: Vec::new(),
+            },
+            cgroups: None,
+        };
+        let workspace = Workspace {
+            scratch: scratch.path(),
+            package_dir: scratch.path(),
+        };
+        let step = Step {
+            name: "check",
+            argv: vec!["true".to_owned()],
+            resolves: false,
+            on_failure: Outcome::BuildFail,
+            rustflags: None,
+        };
+        let limits = Limits {
+            time: Duration::from_secs(30),
+            memory_bytes: 512 << 20,
+            tasks: 64,
+        };
+        let mut log = Log::new(64 << 10);
+        let mut refused = Refused::default();
+        let ended = run_steps(
+            &env,
+            workspace,
+            (&"stable".parse().unwrap(), None),
+            vec![step],
+            limits,
+            Instant::now() + limits.time,
+            (&mut log, &mut refused),
+        )
+        .await
+        .unwrap()
+        .expect("the step failed");
+        assert_eq!(ended.outcome, Outcome::BuildFail);
+        let why = ended.environment().unwrap();
+        assert!(why.starts_with("sandbox error: bwrap: "), "{why}");
+        assert!(
+            ended.log.contains("the sandbox could not start this step"),
+            "{}",
+            ended.log
+        );
+    }
 
     #[test]
     fn the_log_is_cut_with_a_marker() {

@@ -38,8 +38,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
 use quarry_shared::job::{
-    Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Refusal, RunId, StoredDefinition,
-    Toolchain,
+    BrokenReason, Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Refusal, RunId,
+    StoredDefinition, Toolchain,
 };
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
@@ -199,8 +199,6 @@ struct Done {
     reused_log_key: Option<String>,
     /// Given up on, its message dead-lettered with this reason.
     dead_lettered: Option<String>,
-    /// For a reused result: the earlier result's reason its failure points at the environment.
-    environment: Option<String>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -239,6 +237,8 @@ struct Worker {
     mirror: Mirror,
     cargo: CargoEnv,
     jobs_dir: PathBuf,
+    /// Where each job's prepared package is kept, if anywhere (`consumer.keep_packages`).
+    keep_packages: Option<PathBuf>,
     /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
     toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
     /// The stored definitions of the runs seen (`None`: unreadable), to pair a job's result
@@ -347,6 +347,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         mirror: Mirror::new(fetcher.clone()),
         cargo,
         jobs_dir,
+        keep_packages: config.consumer.keep_packages.clone(),
         toolchains: Mutex::new(HashMap::new()),
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
@@ -921,6 +922,8 @@ impl Worker {
                             exit_code: None,
                             log: why,
                             refused: Vec::new(),
+                            broken_reason: None,
+                            environment: None,
                         },
                         None,
                     ),
@@ -933,7 +936,6 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: None,
-                    environment: None,
                 }
             }
             Err(InfraError { why: reason, host }) => {
@@ -962,6 +964,8 @@ impl Worker {
                         exit_code: None,
                         log: reason.clone(),
                         refused: Vec::new(),
+                        broken_reason: None,
+                        environment: None,
                     },
                     claim: None,
                     ran_for: None,
@@ -969,7 +973,6 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: Some(reason),
-                    environment: None,
                 }
             }
         };
@@ -981,12 +984,11 @@ impl Worker {
             reused_from,
             reused_log_key,
             dead_lettered,
-            environment,
         } = done;
         // How long it ran, not counting the wait for an experiment slot.
         let duration = ran_for.unwrap_or(elapsed);
-        let environment = environment
-            .or_else(|| quarry_shared::category::environment_of(execution.outcome, &execution.log));
+        let environment = execution.environment();
+        let broken_reason = execution.broken_reason();
         let (log, log_key, uploaded) = match reused_log_key {
             Some(key) => (Some(execution.log), Some(key), false),
             None => match self.save_log(job, &execution.log).await {
@@ -1013,6 +1015,7 @@ impl Worker {
                     reused_from,
                     environment,
                     refused: execution.refused,
+                    broken_reason,
                     dead_lettered,
                     releases_claim: claim.is_some(),
                     lease_holder: holder,
@@ -1140,7 +1143,6 @@ impl Worker {
             reused_from: None,
             reused_log_key: None,
             dead_lettered: None,
-            environment: None,
         })))
     }
 
@@ -1169,12 +1171,13 @@ impl Worker {
                     earlier.log.unwrap_or_default()
                 ),
                 refused: earlier.refused,
+                broken_reason: earlier.broken_reason,
+                environment: earlier.environment,
             },
             memo_key: Some(memo_key.to_owned()),
             reused_from: Some(earlier.job_id),
             reused_log_key: earlier.log_key,
             dead_lettered: None,
-            environment: earlier.environment,
         }))
     }
 
@@ -1286,6 +1289,7 @@ impl Worker {
                     reused_from: None,
                     environment: None,
                     refused: Vec::new(),
+                    broken_reason: None,
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
                     releases_claim: false,
                     lease_holder,
@@ -1402,7 +1406,11 @@ impl Worker {
         archive: bytes::Bytes,
     ) -> Result<Result<(ScratchDir, PathBuf, experiment::Resolved), Execution>, InfraError> {
         let scratch = self.jobs_dir.join(job.id.to_string());
-        let scratch = ScratchDir::create(&scratch)
+        let keep = self
+            .keep_packages
+            .as_ref()
+            .map(|dir| dir.join(job.id.to_string()));
+        let scratch = ScratchDir::create(&scratch, keep)
             .map_err(|e| InfraError::host(format!("cannot create {}: {e}", scratch.display())))?;
         let root = format!("{}-{}", job.package.name, job.package.version);
         let package_dir = match unpack_off_thread(archive, scratch.path().join("src"), root).await?
@@ -1421,7 +1429,9 @@ impl Worker {
         // before cargo reads any of it.
         let mut refused = Refused::default();
         if let Err(why) = prepare::package(scratch.path(), &package_dir, &mut refused) {
-            return Ok(Err(Execution::broken(&why, &refused)));
+            return Ok(Err(
+                Execution::broken(&why, &refused).because(BrokenReason::InvalidManifest)
+            ));
         }
         if let Some(patch) = &job.patch
             && let Err(not_applied) = self
@@ -1445,7 +1455,7 @@ impl Worker {
             &self.mirror,
             workspace,
             &job.toolchain,
-            (job.experiment.mode, job.experiment.command.as_deref()),
+            &job.experiment,
             self.limits(job),
             refused,
         )
@@ -1475,7 +1485,9 @@ impl Worker {
             why: String,
             refused: &Refused,
         ) -> Result<(), Result<Execution, InfraError>> {
-            Err(Ok(Execution::broken(&why, refused)))
+            Err(Ok(
+                Execution::broken(&why, refused).because(BrokenReason::PatchNotApplied)
+            ))
         }
         let archive = match &patch.source {
             PatchSource::Registry => match self.fetcher.fetch(&replacement).await {
@@ -1568,24 +1580,47 @@ async fn unpack_off_thread(
         .map_err(|err| InfraError::from(format!("unpacking panicked: {err}")))
 }
 
+/// The toolchain's build (`rustc --version`), and for a `+target=` variant whether that
+/// target's standard library is installed: `Err` says why the toolchain cannot be used here.
 async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {
-    let output = tokio::process::Command::new("rustc")
-        .arg(format!("+{toolchain}"))
-        .arg("--version")
-        .env_clear()
-        .env("PATH", &cargo.path)
-        .env("RUSTUP_HOME", &cargo.rustup_home)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run rustc: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "toolchain {toolchain} is not usable on this consumer: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+    let rustc = |args: &[&str]| {
+        let mut command = tokio::process::Command::new("rustc");
+        command
+            .arg(format!("+{}", toolchain.name()))
+            .args(args)
+            .env_clear()
+            .env("PATH", &cargo.path)
+            .env("RUSTUP_HOME", &cargo.rustup_home);
+        command
+    };
+    let run = |mut command: tokio::process::Command| async move {
+        let output = command
+            .output()
+            .await
+            .map_err(|e| format!("cannot run rustc: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "toolchain {} is not usable on this consumer: {}",
+                toolchain.name(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    };
+    let version = run(rustc(&["--version"])).await?;
+    if let Some(target) = toolchain.target() {
+        let libdir = run(rustc(&["--print", "target-libdir", "--target", target])).await?;
+        if !std::path::Path::new(&libdir).is_dir() {
+            return Err(format!(
+                "toolchain {} has no standard library for the target {target} on this consumer \
+                 (rustup target add --toolchain {} {target})",
+                toolchain.name(),
+                toolchain.name()
+            ));
+        }
     }
+    Ok(version)
 }
 
 fn broken(why: &str) -> Execution {
@@ -1615,19 +1650,44 @@ async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
 }
 
 /// A job's scratch directory, removed when the job is done with it (whatever happened).
-struct ScratchDir(PathBuf);
+struct ScratchDir(PathBuf, Option<PathBuf>);
 
 /// Scratch directories being removed are first renamed to a name starting with this, so a job
 /// that comes back to the same consumer at once gets a fresh directory under its own name.
 const REMOVED_SCRATCH: &str = ".removed-";
 
 impl ScratchDir {
-    fn create(path: &std::path::Path) -> std::io::Result<ScratchDir> {
+    /// A fresh scratch directory at `path`; `keep`, where its unpacked package goes when it is
+    /// removed (`consumer.keep_packages`).
+    fn create(path: &std::path::Path, keep: Option<PathBuf>) -> std::io::Result<ScratchDir> {
         if path.exists() {
             std::fs::remove_dir_all(path)?;
         }
         std::fs::create_dir_all(path)?;
-        Ok(ScratchDir(path.to_owned()))
+        Ok(ScratchDir(path.to_owned(), keep))
+    }
+
+    /// Moves the unpacked package (as prepared and resolved) to where it is kept, if anywhere.
+    fn keep_package(&mut self) {
+        let Some(keep) = self.1.take() else {
+            return;
+        };
+        let src = self.0.join("src");
+        if !src.exists() {
+            return;
+        }
+        let moved = keep
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                if keep.exists() {
+                    std::fs::remove_dir_all(&keep)?;
+                }
+                std::fs::rename(&src, &keep)
+            });
+        if let Err(err) = moved {
+            tracing::warn!(dir = %keep.display(), %err, "cannot keep the job's package");
+        }
     }
 
     fn path(&self) -> &std::path::Path {
@@ -1638,6 +1698,7 @@ impl ScratchDir {
     /// many, and removing them holds up nothing. Falls back to removing it here when it cannot
     /// be moved aside.
     fn remove_in_background(mut self) {
+        self.keep_package();
         let path = std::mem::take(&mut self.0);
         let aside = path.with_file_name(format!(
             "{REMOVED_SCRATCH}{}",
@@ -1656,6 +1717,7 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         // Empty once removed in the background.
         if !self.0.as_os_str().is_empty() {
+            self.keep_package();
             remove_scratch(&self.0);
         }
     }

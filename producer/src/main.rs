@@ -9,7 +9,7 @@ use quarry_producer::selection::{Dependents, Filter, Sample};
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_shared::Config;
 use quarry_shared::config::ConfigArgs;
-use quarry_shared::job::{Experiment, Mode, Toolchain};
+use quarry_shared::job::{CapLints, Experiment, Mode, Toolchain};
 use quarry_shared::store::Store;
 
 /// Starts Quarry runs: pages a crates.io-compatible registry and publishes one job per package
@@ -83,7 +83,8 @@ struct RunArgs {
         conflicts_with = "experiment"
     )]
     name: Option<String>,
-    /// Rustup toolchain to test with; give it twice (start, then end) to compare two.
+    /// Rustup toolchain to test with; give it twice (start, then end) to compare two. Variants
+    /// as Crater writes them: `stable+rustflags=-Dwarnings`, `+cargoflags=...`, `+target=...`.
     #[arg(
         long = "toolchain",
         value_name = "TOOLCHAIN",
@@ -109,6 +110,12 @@ struct RunArgs {
     )]
     #[serde(default = "default_memory_limit")]
     memory_limit: u64,
+    /// Cap every lint at this level, the package's own code included (`rustc --cap-lints`, as
+    /// Crater's `cap-lints`): `warn` keeps a lint new in the end toolchain from failing a
+    /// `#![deny(warnings)]` crate. Unset, lints are as each package says.
+    #[arg(long, value_enum, value_name = "LEVEL", conflicts_with = "experiment")]
+    #[serde(default)]
+    cap_lints: Option<CapLints>,
     /// Take at most this many crates from the registry listing.
     #[arg(long, conflicts_with_all = ["packages", "experiment"])]
     #[serde(default)]
@@ -541,6 +548,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     timeout_secs: args.timeout,
                     fresh: args.fresh,
                     memory_limit_mb: args.memory_limit,
+                    cap_lints: args.cap_lints,
                     command: (!args.command.is_empty()).then(|| args.command.clone()),
                 },
                 selection,

@@ -44,6 +44,18 @@ impl Corpus {
         Ok(corpus)
     }
 
+    /// Marks `name@version` yanked, as crates.io does when its owner yanks it: served, but not
+    /// chosen by a resolver that has no lockfile naming it.
+    pub fn yank(&mut self, name: &str, version: &str) -> anyhow::Result<()> {
+        let published = self
+            .crates
+            .get_mut(&name.to_ascii_lowercase())
+            .and_then(|versions| versions.iter_mut().find(|p| p.entry.vers == version))
+            .with_context(|| format!("the corpus has no {name}@{version} to yank"))?;
+        published.entry.yanked = true;
+        Ok(())
+    }
+
     fn add(&mut self, published: Published) {
         let versions = self
             .crates

@@ -46,44 +46,6 @@ pub fn root_cause(package: &str, log: &str) -> Option<String> {
     None
 }
 
-/// Why a `broken` job could not be prepared, as its log (cargo resolving it) tells it, in the
-/// classes Crater's rustwide keeps: `invalid-manifest` (the package's own manifest),
-/// `invalid-lockfile`, `yanked-dependencies` (only yanked versions would do),
-/// `missing-dependencies` (no version of a dependency would do, or it does not exist), and
-/// `broken-dependencies` (a dependency's manifest, download or checksum is bad). `None` when
-/// the log shows none of them (a refusal, an unpacking failure: named otherwise).
-pub fn broken_cause(log: &str) -> Option<&'static str> {
-    let has = |sign: &str| log.contains(sign);
-    if has("failed to parse lock file") || has("failed to parse lockfile") {
-        return Some("invalid-lockfile");
-    }
-    if has("failed to select a version for the requirement") && has(" is yanked") {
-        return Some("yanked-dependencies");
-    }
-    if has("failed to select a version for the requirement")
-        || has("no matching package named")
-        || has("failed to load source for dependency")
-    {
-        return Some("missing-dependencies");
-    }
-    // Cargo names the manifest it could not read: a dependency's is under the job's cargo home.
-    for line in log.lines() {
-        if line.contains("failed to parse manifest at") || line.contains("failed to load manifest")
-        {
-            return Some(if line.contains("/registry/src/") {
-                "broken-dependencies"
-            } else {
-                "invalid-manifest"
-            });
-        }
-    }
-    if has("failed to download") || has("failed to verify the checksum") || has("failed to unpack")
-    {
-        return Some("broken-dependencies");
-    }
-    None
-}
-
 /// Cargo prints package names with dashes, crate names with underscores.
 fn same_crate(a: &str, b: &str) -> bool {
     a.replace('-', "_") == b.replace('-', "_")
@@ -92,48 +54,6 @@ fn same_crate(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broken_jobs_are_told_apart_by_what_cargo_could_not_resolve() {
-        let cases = [
-            (
-                "error: failed to select a version for the requirement `sval = \"^2\"`\n\
-                 candidate versions found which didn't match: 2.22.0",
-                Some("missing-dependencies"),
-            ),
-            (
-                "error: failed to select a version for the requirement `tokio = \"=1.54.0\"`\n\
-                 version 1.54.0 is yanked",
-                Some("yanked-dependencies"),
-            ),
-            (
-                "error: no matching package named `nope` found",
-                Some("missing-dependencies"),
-            ),
-            (
-                "error: failed to parse manifest at `/j/src/x-1.0.0/Cargo.toml`\n\nCaused by:\n  \
-                 TOML parse error",
-                Some("invalid-manifest"),
-            ),
-            (
-                "error: failed to parse manifest at \
-                 `/j/cargo-home/registry/src/quarry/dep-1.0.0/Cargo.toml`",
-                Some("broken-dependencies"),
-            ),
-            (
-                "error: failed to parse lock file at: /j/src/x-1.0.0/Cargo.lock",
-                Some("invalid-lockfile"),
-            ),
-            (
-                "error: failed to download from `http://registry.quarry.invalid/...`",
-                Some("broken-dependencies"),
-            ),
-            ("quarry: refused (git-dependency): ...", None),
-        ];
-        for (log, expected) in cases {
-            assert_eq!(broken_cause(log), expected, "{log}");
-        }
-    }
 
     #[test]
     fn a_dependency_that_did_not_compile_is_the_root_cause() {

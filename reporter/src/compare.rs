@@ -217,4 +217,41 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn a_full_disk_is_spurious_even_where_it_broke_resolution() {
+        use quarry_shared::category::{environment_of, spurious_kind};
+        let log = "error: failed to unpack package `syn v2.0.1`\n\nCaused by:\n  failed to write \
+                   /j/cargo-home/registry/src/x/syn-2.0.1/src/lib.rs: No space left on device \
+                   (os error 28)\n";
+        let why = environment_of(Broken, log).unwrap();
+        assert!(why.starts_with("no space left: "), "{why}");
+        assert_eq!(
+            spurious_kind(Broken, Some(&why)).as_deref(),
+            Some("no space left")
+        );
+        let full = Verdict {
+            outcome: Broken,
+            environmental: true,
+        };
+        assert_eq!(
+            categorize(Some(BuildPass.into()), Some(full), None),
+            Category::SpuriousRegressed
+        );
+        // Broken for the package's own reasons stays broken, and nothing else is spurious.
+        assert_eq!(
+            categorize(Some(BuildPass.into()), Some(Broken.into()), None),
+            Category::Broken
+        );
+        assert_eq!(
+            environment_of(Broken, "error: no matching package named `x`"),
+            None
+        );
+        assert_eq!(spurious_kind(Timeout, None).as_deref(), Some("timeout"));
+        assert_eq!(
+            spurious_kind(TestFail, Some("sandbox error: bwrap: Can't mount proc")).as_deref(),
+            Some("sandbox error")
+        );
+        assert_eq!(spurious_kind(TestFail, None), None);
+    }
 }

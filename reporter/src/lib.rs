@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use quarry_shared::Config;
-use quarry_shared::job::{Outcome, Refusal};
+use quarry_shared::job::{BrokenReason, Outcome, Refusal};
 use quarry_shared::s3::Bucket;
 use quarry_shared::store::{PackageJob, Progress, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
-pub use cause::{broken_cause, root_cause};
+pub use cause::root_cause;
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
 pub use serve::{Pace, human_duration, start as serve};
 
@@ -44,6 +44,15 @@ pub struct Report {
     /// a connection elsewhere), per refusal: what a security team reads first.
     #[serde(default)]
     pub refused: Vec<RefusalGroup>,
+    /// Broken jobs per reason (`BrokenReason` names, `unknown` where none was told), the
+    /// largest group first: what a triager sorts thousands of them by.
+    #[serde(default)]
+    pub broken: Vec<ReasonGroup>,
+    /// Jobs that failed for a reason in the environment, per kind (`out of memory`, `timeout`,
+    /// `network denied`, `no space left`, `sandbox error`), the largest group first: shown
+    /// apart, never mixed with regressions.
+    #[serde(default)]
+    pub spurious: Vec<ReasonGroup>,
     pub packages: Vec<PackageRow>,
 }
 
@@ -86,6 +95,25 @@ pub struct PackageRow {
     /// What the package tried that the consumer refused (`Refusal` names).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
+    /// For a broken job: why it could not be prepared (a `BrokenReason` name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_reason: Option<String>,
+}
+
+impl PackageRow {
+    /// The kind of its environmental failure, if it failed for a reason in the environment.
+    pub fn spurious(&self) -> Option<String> {
+        let outcome: Outcome = self.outcome.parse().ok()?;
+        quarry_shared::category::spurious_kind(outcome, self.environment.as_deref())
+    }
+}
+
+/// The jobs that share a reason (a broken reason, a kind of spurious failure).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReasonGroup {
+    pub reason: String,
+    /// `name@version (toolchain)` of each job.
+    pub jobs: Vec<String>,
 }
 
 /// The jobs whose package tried what one refusal names.
@@ -189,7 +217,11 @@ async fn copy_logs(
                 })?;
             let cause = match row.outcome {
                 Outcome::BuildFail | Outcome::TestFail => root_cause(&row.crate_name, &text),
-                Outcome::Broken => broken_cause(&text).map(|why| format!("broken: {why}")),
+                // Results recorded before reasons were stored: told from the log.
+                Outcome::Broken => row
+                    .broken_reason
+                    .or_else(|| BrokenReason::from_log(&text))
+                    .map(|why| format!("broken: {why}")),
                 _ => None,
             };
             let file = log_file(row);
@@ -218,6 +250,8 @@ fn write_report(
     let mut packages = Vec::with_capacity(rows.len());
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut refusals: BTreeMap<Refusal, Vec<String>> = BTreeMap::new();
+    let mut broken: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut spurious_groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Rows are consumed as they are turned into the report's: a million of them is memory.
     for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
         let job = || {
@@ -230,15 +264,39 @@ fn write_report(
             refusals.entry(*refusal).or_default().push(job());
         }
         // A package broken by what was refused is broken for that reason, named as such.
-        let cause = cause.or_else(|| {
-            (row.outcome == Outcome::Broken)
-                .then(|| row.refused.iter().find(|r| r.ends_the_job()))
-                .flatten()
-                .map(|refusal| format!("refused: {refusal}"))
+        let broken_reason = (row.outcome == Outcome::Broken).then(|| {
+            row.broken_reason
+                .or_else(|| {
+                    row.refused
+                        .iter()
+                        .find_map(|r| BrokenReason::of_refusal(*r))
+                })
+                .or_else(|| {
+                    cause
+                        .as_deref()
+                        .and_then(|c| c.strip_prefix("broken: "))
+                        .and_then(|r| r.parse().ok())
+                })
         });
+        let cause = cause.or_else(|| {
+            broken_reason
+                .flatten()
+                .map(|reason| format!("broken: {reason}"))
+        });
+        let spurious =
+            quarry_shared::category::spurious_kind(row.outcome, row.environment.as_deref());
         // A re-run's failure is its package's failure again: counted once, with the first.
-        if let Some(cause) = cause.as_ref().filter(|_| row.recheck_of.is_none()) {
-            groups.entry(cause.clone()).or_default().push(job());
+        if row.recheck_of.is_none() {
+            if let Some(cause) = &cause {
+                groups.entry(cause.clone()).or_default().push(job());
+            }
+            if let Some(reason) = broken_reason {
+                let name = reason.map_or("unknown", BrokenReason::as_str);
+                broken.entry(name.to_owned()).or_default().push(job());
+            }
+            if let Some(kind) = spurious {
+                spurious_groups.entry(kind).or_default().push(job());
+            }
         }
         let log = copied.then(|| format!("logs/{}", log_file(&row)));
         packages.push(PackageRow {
@@ -254,6 +312,7 @@ fn write_report(
             cause,
             environment: row.environment,
             refused: row.refused.iter().map(|r| r.to_string()).collect(),
+            broken_reason: broken_reason.flatten().map(|r| r.to_string()),
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -282,6 +341,8 @@ fn write_report(
             causes.sort_by(|a, b| b.jobs.len().cmp(&a.jobs.len()).then(a.cause.cmp(&b.cause)));
             causes
         },
+        broken: reason_groups(broken),
+        spurious: reason_groups(spurious_groups),
         refused: refusals
             .into_iter()
             .map(|(refusal, jobs)| RefusalGroup {
@@ -307,6 +368,21 @@ fn write_report(
         markdown,
         report,
     })
+}
+
+/// Groups by reason, the largest first.
+fn reason_groups(groups: BTreeMap<String, Vec<String>>) -> Vec<ReasonGroup> {
+    let mut groups: Vec<ReasonGroup> = groups
+        .into_iter()
+        .map(|(reason, jobs)| ReasonGroup { reason, jobs })
+        .collect();
+    groups.sort_by(|a, b| {
+        b.jobs
+            .len()
+            .cmp(&a.jobs.len())
+            .then(a.reason.cmp(&b.reason))
+    });
+    groups
 }
 
 /// Why a package is where it is in a run, told from its jobs' event logs: one paragraph per
@@ -657,7 +733,8 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
         }
     }
     csv.write_all(
-        b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log,refused\n",
+        b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log,refused,\
+          broken_reason,environment\n",
     )?;
     for p in &report.packages {
         let exit_code = p.exit_code.map(|c| c.to_string()).unwrap_or_default();
@@ -673,6 +750,8 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
             field(p.log.as_deref().unwrap_or("")),
             // Refusal names need no quoting: kebab-case words, separated by spaces.
             p.refused.join(" "),
+            p.broken_reason.clone().unwrap_or_default(),
+            field(p.environment.as_deref().unwrap_or("")),
         ];
         csv.write_all(row.join(",").as_bytes())?;
         csv.write_all(b"\n")?;
@@ -773,6 +852,21 @@ fn render_markdown(report: &Report) -> String {
             let _ = writeln!(md, "| {} | {} |", group.cause, group.jobs.len());
         }
     }
+    for (groups, heading) in [
+        (&report.broken, "Broken, by reason"),
+        (
+            &report.spurious,
+            "Spurious: failed for a reason in the environment, not the code",
+        ),
+    ] {
+        if groups.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "\n### {heading}\n\n| reason | jobs |\n|---|---:|");
+        for group in groups {
+            let _ = writeln!(md, "| {} | {} |", group.reason, group.jobs.len());
+        }
+    }
     if !report.refused.is_empty() {
         md.push_str("\n### Refused (what packages tried that Quarry did not allow)\n\n");
         for group in &report.refused {
@@ -821,6 +915,8 @@ mod tests {
             comparison: None,
             causes: Vec::new(),
             refused: Vec::new(),
+            broken: Vec::new(),
+            spurious: Vec::new(),
             packages: vec![PackageRow {
                 name: "a".into(),
                 version: "1.0.0".into(),
@@ -834,6 +930,7 @@ mod tests {
                 cause: Some("E0308".into()),
                 environment: None,
                 refused: Vec::new(),
+                broken_reason: None,
             }],
         };
         let mut csv = Vec::new();
@@ -842,7 +939,7 @@ mod tests {
         let row = csv.lines().nth(1).unwrap();
         assert_eq!(
             row,
-            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt,"
+            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt,,,"
         );
     }
 

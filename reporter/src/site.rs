@@ -145,6 +145,49 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
             |cause| by_cause.get(cause).cloned().unwrap_or_default(),
         )?;
     }
+    if !report.broken.is_empty() {
+        grouped_table(
+            &mut index,
+            dir,
+            &Grouping {
+                heading: "Broken, by reason",
+                id: "broken",
+                title: &format!("{}: broken because of", report.run.name),
+                jobs: "broken jobs",
+            },
+            &reason_groups(&report.broken),
+            |reason| {
+                report
+                    .packages
+                    .iter()
+                    .filter(|p| {
+                        p.outcome == "broken"
+                            && p.broken_reason.as_deref().unwrap_or("unknown") == reason
+                    })
+                    .collect()
+            },
+        )?;
+    }
+    if !report.spurious.is_empty() {
+        grouped_table(
+            &mut index,
+            dir,
+            &Grouping {
+                heading: "Spurious: failed for a reason in the environment, not the code",
+                id: "spurious",
+                title: &format!("{}: failed because of the environment", report.run.name),
+                jobs: "jobs",
+            },
+            &reason_groups(&report.spurious),
+            |kind| {
+                report
+                    .packages
+                    .iter()
+                    .filter(|p| p.spurious().as_deref() == Some(kind))
+                    .collect()
+            },
+        )?;
+    }
     if !report.refused.is_empty() {
         let groups: Vec<(&str, &[String])> = report
             .refused
@@ -640,4 +683,11 @@ fn package_page(run: &str) -> String {
          </script>\n</body></html>\n",
     );
     html
+}
+
+fn reason_groups(groups: &[crate::ReasonGroup]) -> Vec<(&str, &[String])> {
+    groups
+        .iter()
+        .map(|g| (g.reason.as_str(), g.jobs.as_slice()))
+        .collect()
 }

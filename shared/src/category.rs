@@ -103,16 +103,46 @@ pub fn network_denial(log: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Where a failed job's log shows the disk it writes to full: the line that says so. Such a
+/// failure points at the machine, not the package's code.
+pub fn no_space(log: &str) -> Option<&str> {
+    const SIGNS: [&str; 2] = ["No space left on device", "os error 28"];
+    log.lines()
+        .find(|line| SIGNS.iter().any(|sign| line.contains(sign)))
+        .map(str::trim)
+}
+
 /// Why a job's failure points at the environment rather than the code, from its outcome and
-/// log (`network denied: <the log's line>`); `None` for passes and ordinary failures. Time
-/// and memory limits are outcomes of their own and need no reason.
+/// log (`network denied: <the log's line>`, `no space left: <the log's line>`); `None` for
+/// passes and ordinary failures. Time and memory limits are outcomes of their own and need no
+/// reason; a sandbox that could not start a step is said by the consumer, which knows it.
 pub fn environment_of(outcome: Outcome, log: &str) -> Option<String> {
-    if !matches!(outcome, Outcome::BuildFail | Outcome::TestFail) {
+    let short = |line: &str| line.chars().take(300).collect::<String>();
+    if !matches!(
+        outcome,
+        Outcome::BuildFail | Outcome::TestFail | Outcome::Broken
+    ) {
+        return None;
+    }
+    if let Some(line) = no_space(log) {
+        return Some(format!("no space left: {}", short(line)));
+    }
+    if outcome == Outcome::Broken {
         return None;
     }
     let line = network_denial(log)?;
-    let line: String = line.chars().take(300).collect();
-    Some(format!("network denied: {line}"))
+    Some(format!("network denied: {}", short(line)))
+}
+
+/// The kind of an environmental failure, for counting them apart: `out of memory`, `timeout`,
+/// or the reason's words before its colon (`network denied`, `no space left`, `sandbox
+/// error`).
+pub fn spurious_kind(outcome: Outcome, environment: Option<&str>) -> Option<String> {
+    match outcome {
+        Outcome::OutOfMemory => Some("out of memory".to_owned()),
+        Outcome::Timeout => Some("timeout".to_owned()),
+        _ => environment.map(|why| why.split(':').next().unwrap_or(why).trim().to_owned()),
+    }
 }
 
 /// The category of a package from its start and end results, and for a regression the outcome
@@ -132,7 +162,11 @@ pub fn categorize(
         Category::Error
     } else if either(Outcome::Skipped) {
         Category::Skipped
-    } else if either(Outcome::Broken) {
+    } else if [start_verdict, end_verdict]
+        .iter()
+        .any(|v| v.outcome == Outcome::Broken && !v.environmental)
+    {
+        // Broken by the machine (its disk full while resolving) is a spurious failure below.
         Category::Broken
     } else {
         match (passed(start), passed(end)) {

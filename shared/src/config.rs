@@ -266,6 +266,11 @@ pub struct ConsumerConfig {
     /// Run packages' code without the bubblewrap sandbox. Only for machines that cannot have it
     /// and run nothing else of value: the consumer warns loudly.
     pub unsandboxed: bool,
+    /// Keep each job's prepared package here, as `<dir>/<job id>/<name>-<version>/` (its
+    /// manifest as Quarry repaired it, the `Cargo.lock` cargo resolved; not its build), to
+    /// reproduce a result by hand or check one with bare cargo. Unset, nothing is kept: kept
+    /// packages are never removed by Quarry.
+    pub keep_packages: Option<PathBuf>,
 }
 
 impl Default for ConsumerConfig {
@@ -281,6 +286,7 @@ impl Default for ConsumerConfig {
             task_limit: 4096,
             metrics_listen: None,
             unsandboxed: false,
+            keep_packages: None,
         }
     }
 }

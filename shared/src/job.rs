@@ -65,33 +65,105 @@ impl fmt::Display for JobId {
     }
 }
 
-/// A rustup toolchain name: `stable`, `nightly`, `1.95.0`, `nightly-2026-05-19`, ...
+/// A rustup toolchain (`stable`, `nightly`, `1.95.0`, `nightly-2026-05-19`, ...), optionally
+/// with variants, as Crater writes them: `stable+rustflags=-Dwarnings`, `+cargoflags=...`,
+/// `+target=x86_64-unknown-linux-musl`. Two variants of one toolchain are two sides of a run,
+/// so a lint made an error can be told from a regression. The whole text is the side's label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Toolchain(String);
 
+/// The variants a toolchain may carry, in the order they are written.
+const TOOLCHAIN_VARIANTS: [&str; 3] = ["rustflags", "cargoflags", "target"];
+
 impl Toolchain {
+    /// The whole text: the rustup name and its variants.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The rustup toolchain name (`cargo +<name>`).
+    pub fn name(&self) -> &str {
+        self.0.split('+').next().unwrap_or(&self.0)
+    }
+
+    fn variant(&self, key: &str) -> Option<&str> {
+        self.0
+            .split('+')
+            .skip(1)
+            .find_map(|v| v.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    /// Flags for every rustc the build steps run (`RUSTFLAGS`).
+    pub fn rustflags(&self) -> Option<&str> {
+        self.variant("rustflags")
+    }
+
+    /// Arguments added to each cargo build step (`check`, `build`, `test`, ...).
+    pub fn cargoflags(&self) -> Vec<&str> {
+        self.variant("cargoflags")
+            .map(|flags| flags.split_whitespace().collect())
+            .unwrap_or_default()
+    }
+
+    /// The target the build steps build for (`--target`).
+    pub fn target(&self) -> Option<&str> {
+        self.variant("target")
     }
 }
 
 impl FromStr for Toolchain {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
+        let mut parts = s.split('+');
+        let name = parts.next().unwrap_or_default();
         // The name ends up as `cargo +<name>`: refuse anything that could be read as a flag.
-        let valid = !s.is_empty()
-            && !s.starts_with('-')
-            && s.len() <= 64
-            && s.chars()
+        let valid = !name.is_empty()
+            && !name.starts_with('-')
+            && name.len() <= 64
+            && name
+                .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-        if valid {
-            Ok(Toolchain(s.to_owned()))
-        } else {
+        if !valid {
             anyhow::bail!(
-                "invalid toolchain name {s:?}: expected a rustup toolchain such as `stable`, `nightly` or `1.95.0`"
-            )
+                "invalid toolchain name {name:?}: expected a rustup toolchain such as `stable`, \
+                 `nightly` or `1.95.0`, optionally with variants (`stable+rustflags=-Dwarnings`)"
+            );
         }
+        let mut seen = Vec::new();
+        for variant in parts {
+            let Some((key, value)) = variant.split_once('=') else {
+                anyhow::bail!(
+                    "invalid toolchain variant {variant:?} in {s:?}: expected key=value, with key \
+                     one of {}",
+                    TOOLCHAIN_VARIANTS.join(", ")
+                );
+            };
+            if !TOOLCHAIN_VARIANTS.contains(&key) {
+                anyhow::bail!(
+                    "unknown toolchain variant {key:?} in {s:?}: expected one of {}",
+                    TOOLCHAIN_VARIANTS.join(", ")
+                );
+            }
+            if seen.contains(&key) {
+                anyhow::bail!("toolchain variant {key:?} given twice in {s:?}");
+            }
+            seen.push(key);
+            anyhow::ensure!(
+                !value.trim().is_empty() && !value.chars().any(char::is_control),
+                "toolchain variant {key:?} in {s:?} needs a value"
+            );
+            if key == "target" {
+                anyhow::ensure!(
+                    value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')),
+                    "invalid target {value:?} in {s:?}: expected a target triple"
+                );
+            }
+        }
+        anyhow::ensure!(s.len() <= 512, "toolchain {s:?} is too long");
+        Ok(Toolchain(s.to_owned()))
     }
 }
 
@@ -170,6 +242,39 @@ pub struct Experiment {
     /// For `Mode::Command`: the program and its arguments (no shell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// The most a lint may be, for the package's own code too (`--cap-lints`, as Crater's
+    /// `cap-lints`): with `warn`, a `#![deny(warnings)]` crate does not fail on a lint new in
+    /// the end toolchain. `None` leaves lints as the package says (cargo already caps its
+    /// dependencies' at `allow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_lints: Option<CapLints>,
+}
+
+/// A lint level to cap every lint at (`rustc --cap-lints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapLints {
+    Allow,
+    Warn,
+    Deny,
+    Forbid,
+}
+
+impl CapLints {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapLints::Allow => "allow",
+            CapLints::Warn => "warn",
+            CapLints::Deny => "deny",
+            CapLints::Forbid => "forbid",
+        }
+    }
+}
+
+impl fmt::Display for CapLints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 fn default_memory_limit_mb() -> u64 {
@@ -444,6 +549,17 @@ impl Job {
             self.experiment.timeout_secs,
             self.experiment.memory_limit_mb
         );
+        // What changes the build besides the toolchain's own build: its variants (`+rustflags=`,
+        // ...) and the lint cap. Written only when set, so earlier keys stay what they were.
+        let variants = self.toolchain.as_str().strip_prefix(self.toolchain.name());
+        let identity = match variants.filter(|v| !v.is_empty()) {
+            Some(variants) => format!("{identity}\nvariants {variants}"),
+            None => identity,
+        };
+        let identity = match self.experiment.cap_lints {
+            Some(cap) => format!("{identity}\ncap-lints {cap}"),
+            None => identity,
+        };
         let identity = match &self.experiment.command {
             Some(argv) => format!("{identity}\n{}", argv.join("\0")),
             None => identity,
@@ -614,6 +730,132 @@ impl FromStr for Refusal {
     }
 }
 
+/// Why a package could not be prepared for its experiment (its outcome is `broken`), in the
+/// classes Crater's rustwide keeps, plus the trust boundary's refusals that end a job: what a
+/// triager sorts ten thousand broken packages by. Stored on the result as its kebab-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokenReason {
+    /// The package's own manifest is one cargo will not read.
+    InvalidManifest,
+    /// The package's own lockfile is one cargo will not read, even after Quarry's repair.
+    InvalidLockfile,
+    /// A dependency's only versions that would do are yanked.
+    YankedDependencies,
+    /// No version of a dependency would do, or it does not exist.
+    MissingDependencies,
+    /// A dependency's manifest, download or checksum is bad.
+    BrokenDependencies,
+    /// Needs a git dependency, which Quarry never fetches ([`Refusal::GitDependency`]).
+    GitDependency,
+    /// Needs a path out of the package ([`Refusal::PathOutsidePackage`]).
+    PathOutsidePackage,
+    /// Needs another registry ([`Refusal::ForeignRegistry`]).
+    ForeignRegistry,
+    /// Its archive was refused ([`Refusal::UnpackRefused`]).
+    UnpackRefused,
+    /// A patch of the run's could not be applied to it.
+    PatchNotApplied,
+}
+
+impl BrokenReason {
+    pub const ALL: [BrokenReason; 10] = [
+        BrokenReason::InvalidManifest,
+        BrokenReason::InvalidLockfile,
+        BrokenReason::YankedDependencies,
+        BrokenReason::MissingDependencies,
+        BrokenReason::BrokenDependencies,
+        BrokenReason::GitDependency,
+        BrokenReason::PathOutsidePackage,
+        BrokenReason::ForeignRegistry,
+        BrokenReason::UnpackRefused,
+        BrokenReason::PatchNotApplied,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokenReason::InvalidManifest => "invalid-manifest",
+            BrokenReason::InvalidLockfile => "invalid-lockfile",
+            BrokenReason::YankedDependencies => "yanked-dependencies",
+            BrokenReason::MissingDependencies => "missing-dependencies",
+            BrokenReason::BrokenDependencies => "broken-dependencies",
+            BrokenReason::GitDependency => "git-dependency",
+            BrokenReason::PathOutsidePackage => "path-outside-package",
+            BrokenReason::ForeignRegistry => "foreign-registry",
+            BrokenReason::UnpackRefused => "unpack-refused",
+            BrokenReason::PatchNotApplied => "patch-not-applied",
+        }
+    }
+
+    /// The reason a refusal that ends the job gives it.
+    pub fn of_refusal(refusal: Refusal) -> Option<BrokenReason> {
+        match refusal {
+            Refusal::GitDependency => Some(BrokenReason::GitDependency),
+            Refusal::PathOutsidePackage => Some(BrokenReason::PathOutsidePackage),
+            Refusal::ForeignRegistry => Some(BrokenReason::ForeignRegistry),
+            Refusal::UnpackRefused => Some(BrokenReason::UnpackRefused),
+            Refusal::OverrideFile | Refusal::HostileConfig | Refusal::Network => None,
+        }
+    }
+
+    /// Why a job whose resolution failed is broken, from its log (cargo's words): `None` when
+    /// the log shows none of the classes.
+    pub fn from_log(log: &str) -> Option<BrokenReason> {
+        let has = |sign: &str| log.contains(sign);
+        if has("failed to parse lock file") || has("failed to parse lockfile") {
+            return Some(BrokenReason::InvalidLockfile);
+        }
+        if has("failed to select a version for the requirement") && has(" is yanked") {
+            return Some(BrokenReason::YankedDependencies);
+        }
+        if has("failed to select a version for the requirement")
+            || has("no matching package named")
+            || has("failed to load source for dependency")
+        {
+            return Some(BrokenReason::MissingDependencies);
+        }
+        if has("failed to load manifest for dependency") {
+            return Some(BrokenReason::BrokenDependencies);
+        }
+        // Cargo names the manifest it could not read: a dependency's is under the job's cargo
+        // home.
+        for line in log.lines() {
+            if line.contains("failed to parse manifest at")
+                || line.contains("failed to load manifest")
+            {
+                return Some(if line.contains("/registry/src/") {
+                    BrokenReason::BrokenDependencies
+                } else {
+                    BrokenReason::InvalidManifest
+                });
+            }
+        }
+        if has("failed to download")
+            || has("failed to verify the checksum")
+            || has("failed to unpack")
+        {
+            return Some(BrokenReason::BrokenDependencies);
+        }
+        None
+    }
+}
+
+impl fmt::Display for BrokenReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BrokenReason {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        BrokenReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown broken reason {s:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,6 +875,7 @@ mod tests {
                 fresh: false,
                 memory_limit_mb: 1024,
                 command: None,
+                cap_lints: None,
             },
         )
     }
@@ -670,6 +913,96 @@ mod tests {
         assert!("--config=evil".parse::<Toolchain>().is_err());
         assert!("stable; rm -rf /".parse::<Toolchain>().is_err());
         assert!("nightly-2026-05-19".parse::<Toolchain>().is_ok());
+    }
+
+    #[test]
+    fn toolchain_variants_are_read_and_checked() {
+        let t: Toolchain = "stable+rustflags=-Dwarnings -Cdebuginfo=0+cargoflags=--features x+target=x86_64-unknown-linux-musl"
+            .parse()
+            .unwrap();
+        assert_eq!(t.name(), "stable");
+        assert_eq!(t.rustflags(), Some("-Dwarnings -Cdebuginfo=0"));
+        assert_eq!(t.cargoflags(), ["--features", "x"]);
+        assert_eq!(t.target(), Some("x86_64-unknown-linux-musl"));
+        let plain: Toolchain = "1.95.0".parse().unwrap();
+        assert_eq!(
+            (plain.name(), plain.rustflags(), plain.target()),
+            ("1.95.0", None, None)
+        );
+        for bad in [
+            "stable+nope=1",
+            "stable+rustflags",
+            "stable+rustflags=",
+            "stable+rustflags=a+rustflags=b",
+            "stable+target=../x",
+            "-x+rustflags=a",
+        ] {
+            assert!(bad.parse::<Toolchain>().is_err(), "{bad}");
+        }
+        // A variant or a lint cap is not the toolchain it varies: never the same memoized result.
+        let a = job();
+        let mut b = job();
+        b.toolchain = "1.95.0+rustflags=-Dwarnings".parse().unwrap();
+        assert_ne!(a.memo_key("build"), b.memo_key("build"));
+        let mut c = job();
+        c.experiment.cap_lints = Some(CapLints::Warn);
+        assert_ne!(a.memo_key("build"), c.memo_key("build"));
+    }
+
+    #[test]
+    fn broken_jobs_are_told_apart_by_what_cargo_could_not_resolve() {
+        let cases = [
+            (
+                "error: failed to select a version for the requirement `sval = \"^2\"`\n\
+                 candidate versions found which didn't match: 2.22.0",
+                Some(BrokenReason::MissingDependencies),
+            ),
+            (
+                "error: failed to select a version for the requirement `tokio = \"=1.54.0\"`\n\
+                 version 1.54.0 is yanked",
+                Some(BrokenReason::YankedDependencies),
+            ),
+            (
+                "error: no matching package named `nope` found",
+                Some(BrokenReason::MissingDependencies),
+            ),
+            (
+                "error: failed to parse manifest at `/j/src/x-1.0.0/Cargo.toml`\n\nCaused by:\n  \
+                 TOML parse error",
+                Some(BrokenReason::InvalidManifest),
+            ),
+            (
+                "error: failed to parse manifest at \
+                 `/j/cargo-home/registry/src/quarry/dep-1.0.0/Cargo.toml`",
+                Some(BrokenReason::BrokenDependencies),
+            ),
+            (
+                "error: failed to parse lock file at: /j/src/x-1.0.0/Cargo.lock",
+                Some(BrokenReason::InvalidLockfile),
+            ),
+            (
+                "error: failed to download from `http://registry.quarry.invalid/...`",
+                Some(BrokenReason::BrokenDependencies),
+            ),
+            ("quarry: refused (git-dependency): ...", None),
+        ];
+        for (log, expected) in cases {
+            assert_eq!(BrokenReason::from_log(log), expected, "{log}");
+        }
+    }
+
+    #[test]
+    fn broken_reasons_round_trip_through_their_names() {
+        for reason in BrokenReason::ALL {
+            assert_eq!(reason.as_str().parse::<BrokenReason>().unwrap(), reason);
+        }
+        for refusal in Refusal::ALL {
+            assert_eq!(
+                BrokenReason::of_refusal(refusal).is_some(),
+                refusal.ends_the_job(),
+                "{refusal}"
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::category::{Category, Verdict, categorize};
 use crate::config::DatabaseConfig;
-use crate::job::{Job, JobId, Outcome, PackageVersion, Refusal, RunId};
+use crate::job::{BrokenReason, Job, JobId, Outcome, PackageVersion, Refusal, RunId};
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -125,6 +125,8 @@ pub struct NewResult {
     pub environment: Option<String>,
     /// What the package tried that the consumer refused.
     pub refused: Vec<Refusal>,
+    /// For a `broken` result: why it could not be prepared, where that is known.
+    pub broken_reason: Option<BrokenReason>,
     /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
     /// `dead-lettered` event in the same transaction as the (`error`) result.
     pub dead_lettered: Option<String>,
@@ -166,6 +168,7 @@ pub struct MemoizedResult {
     pub log: Option<String>,
     pub environment: Option<String>,
     pub refused: Vec<Refusal>,
+    pub broken_reason: Option<BrokenReason>,
 }
 
 /// One row of a run's results, joined with its job, for reports.
@@ -187,6 +190,8 @@ pub struct ResultRow {
     pub environment: Option<String>,
     /// What the package tried that the consumer refused.
     pub refused: Vec<Refusal>,
+    /// For a `broken` result: why it could not be prepared, where that is known.
+    pub broken_reason: Option<BrokenReason>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
     pub log: Option<String>,
@@ -829,8 +834,8 @@ impl Store {
                 &tx.prepare_cached(
                     "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
                                       consumer, log, log_key, memo_key, reused_from, environment,
-                                      refused)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                      refused, broken_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                  ON CONFLICT (job_id) DO NOTHING",
                 )
                 .await?,
@@ -848,6 +853,7 @@ impl Store {
                     &result.reused_from.map(|j| j.0),
                     &result.environment,
                     &refusal_names(&result.refused),
+                    &result.broken_reason.map(BrokenReason::as_str),
                 ],
             )
             .await
@@ -1022,7 +1028,7 @@ impl Store {
         let row = client
             .query_opt(
                 &client.prepare_cached("SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
-                        r.log, r.environment, r.refused
+                        r.log, r.environment, r.refused, r.broken_reason
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
@@ -1041,6 +1047,7 @@ impl Store {
                 log: row.get(6),
                 environment: row.get(7),
                 refused: parse_refusals(row.get(8))?,
+                broken_reason: parse_broken_reason(row.get(9))?,
             })
         })
         .transpose()
@@ -1339,7 +1346,7 @@ impl Store {
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of, r.environment, r.refused
+                        j.recheck_of, r.environment, r.refused, r.broken_reason
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -1366,6 +1373,7 @@ impl Store {
                 recheck_of: row.get(12),
                 environment: row.get(13),
                 refused: parse_refusals(row.get(14))?,
+                broken_reason: parse_broken_reason(row.get(15))?,
             });
         }
         Ok(results)
@@ -1800,6 +1808,10 @@ fn run_from_row(row: tokio_postgres::Row) -> Run {
 }
 
 /// Refusals as the database keeps them: their names.
+fn parse_broken_reason(name: Option<String>) -> anyhow::Result<Option<BrokenReason>> {
+    name.map(|name| name.parse()).transpose()
+}
+
 fn refusal_names(refused: &[Refusal]) -> Vec<&'static str> {
     refused.iter().map(|r| r.as_str()).collect()
 }

@@ -36,6 +36,40 @@ pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
     Corpus::load(&[out.to_owned()])
 }
 
+/// The fixtures of one directory of `testkit/fixtures/` (such as `lints`), packed into `out`
+/// and loaded as a corpus.
+pub fn group(name: &str, out: &Path) -> anyhow::Result<Corpus> {
+    for entry in std::fs::read_dir(dir().join(name))? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").is_file() {
+            pack(&path, out).with_context(|| format!("cannot pack {}", path.display()))?;
+        }
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
+/// The preparation fixtures of `testkit/fixtures/prepare/`, one per rule Quarry applies to a
+/// published package before resolving it and one per reason it can be broken for, packed into
+/// `out` and loaded as a corpus: `quarry-prepare-dep` first, its checksum filled in where a
+/// lockfile names it (`@CHECKSUM@`), and `quarry-prepare-yanked@1.0.0` yanked.
+pub fn prepare_corpus(out: &Path) -> anyhow::Result<Corpus> {
+    use sha2::Digest as _;
+    let fixtures = dir().join("prepare");
+    let dep = pack(&fixtures.join("dep"), out)?;
+    let checksum = hex::encode(sha2::Sha256::digest(std::fs::read(dep)?));
+    for entry in std::fs::read_dir(&fixtures)? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").is_file() && path.file_name() != Some("dep".as_ref()) {
+            let filled = tempfile::tempdir()?;
+            copy_filled(&path, filled.path(), &[("@CHECKSUM@", &checksum)])?;
+            pack(filled.path(), out).with_context(|| format!("cannot pack {}", path.display()))?;
+        }
+    }
+    let mut corpus = Corpus::load(&[out.to_owned()])?;
+    corpus.yank("quarry-prepare-yanked", "1.0.0")?;
+    Ok(corpus)
+}
+
 /// Writes `count` tiny, distinct, valid packages (`quarry-bench-<i>` 1.0.0: a manifest and an
 /// empty library) into `out` as `.crate` files and loads them as a corpus: a registry of any size
 /// for benchmarks.

@@ -63,6 +63,7 @@ pub fn experiment(mode: Mode, timeout_secs: u64) -> Experiment {
         timeout_secs,
         fresh: false,
         memory_limit_mb: 1024,
+        cap_lints: None,
         command: None,
     }
 }
@@ -107,6 +108,7 @@ pub fn no_op_run() -> quarry_producer::RunDefinition {
             timeout_secs: 60,
             fresh: false,
             memory_limit_mb: 1024,
+            cap_lints: None,
             command: Some(vec!["true".to_owned()]),
         },
         selection: quarry_producer::Selection::Listing {

@@ -21,6 +21,7 @@ fn check_first_crates(fresh: bool) -> RunDefinition {
             timeout_secs: 300,
             fresh,
             memory_limit_mb: 4096,
+            cap_lints: None,
             command: None,
         },
         selection: Selection::Listing {

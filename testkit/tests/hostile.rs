@@ -311,7 +311,13 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
         package(&written, "quarry-hostile-git-dependency")
             .cause
             .as_deref(),
-        Some("refused: git-dependency")
+        Some("broken: git-dependency")
+    );
+    assert_eq!(
+        package(&written, "quarry-hostile-git-dependency")
+            .broken_reason
+            .as_deref(),
+        Some("git-dependency")
     );
     let explained = quarry_reporter::explain(
         &hostile.stack.config,

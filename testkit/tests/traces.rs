@@ -72,6 +72,7 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
             timeout_secs: 60,
             fresh: true,
             memory_limit_mb: 1024,
+            cap_lints: None,
             command: Some(vec!["true".to_owned()]),
         },
         selection: Selection::Packages { packages },

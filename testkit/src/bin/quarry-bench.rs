@@ -339,19 +339,25 @@ async fn check(
             timeout_secs: 600,
             fresh,
             memory_limit_mb: 2048,
+            cap_lints: None,
             command: None,
         },
         selection: selection.clone(),
     };
-    // A fleet that is already up when the run starts, as in production.
-    let names: Vec<String> = (0..parallel).map(|i| format!("check-{i}")).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let fleet = stack.start_consumers(&names);
+    // A fleet that is already up when the run starts, as in production, keeping each job's
+    // prepared package: bare cargo checks the same directories.
+    let work = tempfile::tempdir()?;
+    let kept = work.path().join("kept");
+    let fleet = quarry_testkit::Consumers::start((0..parallel).map(|i| {
+        let mut config = stack.consumer_config(&format!("check-{i}"));
+        config.consumer.keep_packages = Some(kept.clone());
+        config
+    }));
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     let mut pipeline = Vec::new();
     let mut packages = Vec::new();
-    // What the pipeline's first round came to, by `.crate` file: for the comparison with xargs.
+    // What the pipeline's first round came to, by kept package: for the comparison with xargs.
     let mut outcomes_by_file = std::collections::BTreeMap::new();
     let rounds: &[(&str, bool)] = if real {
         &[("cold", false)]
@@ -390,20 +396,16 @@ async fn check(
             .join(", ");
         let rows = database
             .query(
-                "SELECT j.crate_name, j.crate_version, r.outcome FROM jobs j
+                "SELECT j.crate_name, j.crate_version, r.outcome, j.id FROM jobs j
                  JOIN results r ON r.job_id = j.id WHERE j.run_id = $1",
                 &[&summary.run_id.0],
             )
             .await?;
         packages.clear();
         for row in rows {
-            let (name, version, outcome): (String, String, String) =
-                (row.get(0), row.get(1), row.get(2));
-            let path = corpus
-                .get(&name)
-                .and_then(|versions| versions.iter().find(|v| v.entry.vers == version))
-                .map(|published| published.path.clone())
-                .with_context(|| format!("{name} {version} is not in the corpus"))?;
+            let (name, version, outcome, job): (String, String, String, uuid::Uuid) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let path = kept.join(job.to_string()).join(format!("{name}-{version}"));
             if round == "cold" {
                 outcomes_by_file.insert(path.display().to_string(), outcome);
             }
@@ -419,9 +421,9 @@ async fn check(
     let stats = fleet.stop().await;
     eprintln!("{stats:?}");
 
-    // The same packages with xargs: fetch outside the sandbox, check inside, twice (an empty
-    // cargo home, then the same one again).
-    let work = tempfile::tempdir()?;
+    // The same packages with xargs, each in a copy of the directory the pipeline prepared (its
+    // manifest as Quarry repaired it, the lockfile cargo resolved): fetch outside the sandbox,
+    // check inside, twice (an empty cargo home, then the same one again).
     let bare_home = work.path().join("cargo-home");
     std::fs::create_dir_all(&bare_home)?;
     let index = &stack.config.registry.index_url;
@@ -452,10 +454,7 @@ async fn check(
     );
     let plus = format!("+{toolchain}");
     let script = format!(
-        "d=$(mktemp -d -p {work}) && mkdir \"$d/src\" && \
-         tar xzf \"$1\" -C \"$d/src\" --strip-components=1 --no-same-owner --no-same-permissions && \
-         {{ grep -q '^\\[workspace\\]' \"$d/src/Cargo.toml\" || printf '\\n[workspace]\\n' >> \"$d/src/Cargo.toml\"; }} && \
-         rm -rf \"$d/src/.cargo\" \"$d/src/rust-toolchain\" \"$d/src/rust-toolchain.toml\" && \
+        "d=$(mktemp -d -p {work}) && cp -a \"$1\" \"$d/src\" && \
          {{ (cd \"$d/src\" && {env} cargo {plus} fetch -q >/dev/null 2>&1) || \
             {{ echo \"fetch $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0; }}; }} && \
          (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
@@ -608,6 +607,7 @@ async fn report(results: u64) -> anyhow::Result<()> {
             timeout_secs: 600,
             fresh: false,
             memory_limit_mb: 1024,
+            cap_lints: None,
             command: None,
         },
         selection: Selection::Listing {
