@@ -27,7 +27,12 @@ pub fn build_script_processes(fixture: &str) -> Vec<String> {
 
 /// Packs every fixture into `<out>/<name>-<version>.crate` and loads them as a corpus.
 pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
-    for entry in std::fs::read_dir(dir())? {
+    pack_all(&dir(), out)
+}
+
+/// Packs every crate directly in `from` into `out` and loads them as a corpus.
+fn pack_all(from: &Path, out: &Path) -> anyhow::Result<Corpus> {
+    for entry in std::fs::read_dir(from)? {
         let path = entry?.path();
         if path.join("Cargo.toml").is_file() {
             pack(&path, out).with_context(|| format!("cannot pack {}", path.display()))?;
@@ -39,13 +44,7 @@ pub fn corpus(out: &Path) -> anyhow::Result<Corpus> {
 /// The fixtures of one directory of `testkit/fixtures/` (such as `lints`), packed into `out`
 /// and loaded as a corpus.
 pub fn group(name: &str, out: &Path) -> anyhow::Result<Corpus> {
-    for entry in std::fs::read_dir(dir().join(name))? {
-        let path = entry?.path();
-        if path.join("Cargo.toml").is_file() {
-            pack(&path, out).with_context(|| format!("cannot pack {}", path.display()))?;
-        }
-    }
-    Corpus::load(&[out.to_owned()])
+    pack_all(&dir().join(name), out)
 }
 
 /// The preparation fixtures of `testkit/fixtures/prepare/`, one per rule Quarry applies to a
