@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use quarry_shared::job::{BrokenReason, Experiment, Mode, Outcome, Refusal, Toolchain};
+use quarry_shared::job::{BrokenReason, Experiment, Mode, Outcome, Refusal};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
@@ -26,11 +26,11 @@ use crate::mirror::Mirror;
 use crate::prepare::{self, Refused};
 use crate::sandbox::{Mounts, Sandbox};
 use crate::spawn::Spawn;
+use crate::toolchains::Installed;
 
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
 pub struct CargoEnv {
-    pub rustup_home: PathBuf,
     /// Directories holding `cargo` and `rustup` (the rustup proxies).
     pub path: String,
     pub log_limit_bytes: usize,
@@ -117,13 +117,14 @@ struct Step {
     rustflags: Option<String>,
 }
 
-/// The steps of `experiment` with `toolchain` (a custom mode runs its command alone), and the
+/// The steps of `experiment` with the job's toolchain (a custom mode runs its command alone), and the
 /// outcome when all of them succeed. The toolchain's variants and the lint cap reach the steps
 /// that build: `--target` and its cargo flags on their command lines, its rustflags and
 /// `--cap-lints` in their `RUSTFLAGS`.
-fn steps(experiment: &Experiment, toolchain: &Toolchain) -> (Vec<Step>, Outcome) {
+fn steps(experiment: &Experiment, installed: &Installed) -> (Vec<Step>, Outcome) {
+    let toolchain = &installed.toolchain;
     let cargo = |args: &[&str]| {
-        let mut argv = vec!["cargo".to_owned(), format!("+{}", toolchain.name())];
+        let mut argv = vec!["cargo".to_owned(), format!("+{}", installed.rustup_name)];
         argv.extend(args.iter().map(|a| (*a).to_owned()));
         argv
     };
@@ -264,7 +265,7 @@ pub async fn resolve(
     env: &CargoEnv,
     mirror: &Mirror,
     workspace: Workspace<'_>,
-    toolchain: &Toolchain,
+    toolchain: &Installed,
     experiment: &Experiment,
     limits: Limits,
     mut refused: Refused,
@@ -288,7 +289,7 @@ pub async fn resolve(
         let mut ended = run_steps(
             env,
             workspace,
-            (toolchain, Some(gateway.socket())),
+            (Some(toolchain), Some(gateway.socket())),
             steps.clone(),
             limits,
             started + limits.time,
@@ -328,7 +329,7 @@ pub async fn resolve(
             ended = run_steps(
                 env,
                 workspace,
-                (toolchain, Some(gateway.socket())),
+                (Some(toolchain), Some(gateway.socket())),
                 again,
                 limits,
                 started + limits.time,
@@ -370,7 +371,7 @@ pub async fn resolve(
 pub async fn run(
     env: &CargoEnv,
     workspace: Workspace<'_>,
-    toolchain: &Toolchain,
+    toolchain: &Installed,
     resolved: Resolved,
     limits: Limits,
 ) -> std::io::Result<Execution> {
@@ -385,7 +386,7 @@ pub async fn run(
     let ended = run_steps(
         env,
         workspace,
-        (toolchain, None),
+        (Some(toolchain), None),
         steps,
         limits,
         deadline,
@@ -423,12 +424,11 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
         },
         rustflags: None,
     };
-    let toolchain: Toolchain = "stable".parse().map_err(|e| format!("{e}"))?;
     let mut log = Log::new(64 << 10);
     let ran = run_step(
         env,
         &place,
-        &toolchain,
+        None,
         &["true".to_owned()],
         Instant::now() + place.limits.time,
         &mut log,
@@ -451,7 +451,7 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
 async fn run_steps(
     env: &CargoEnv,
     workspace: Workspace<'_>,
-    (toolchain, registry): (&Toolchain, Option<&Path>),
+    (toolchain, registry): (Option<&Installed>, Option<&Path>),
     steps: Vec<Step>,
     limits: Limits,
     deadline: Instant,
@@ -596,7 +596,7 @@ struct Place<'a> {
 async fn run_step(
     env: &CargoEnv,
     place: &Place<'_>,
-    toolchain: &Toolchain,
+    toolchain: Option<&Installed>,
     argv: &[String],
     deadline: Instant,
     log: &mut Log,
@@ -617,11 +617,16 @@ async fn run_step(
         .env("PATH", &env.path)
         .env("HOME", scratch)
         .env("CARGO_HOME", place.workspace.cargo_home())
-        .env("RUSTUP_HOME", &env.rustup_home)
-        .env("RUSTUP_TOOLCHAIN", toolchain.name())
         .env("CARGO_TARGET_DIR", scratch.join("target"))
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0");
+    if let Some(toolchain) = toolchain {
+        command
+            .env("RUSTUP_HOME", &toolchain.home)
+            .env("RUSTUP_TOOLCHAIN", &toolchain.rustup_name)
+            // A toolchain the consumer lacks is never installed by a step.
+            .env("RUSTUP_AUTO_INSTALL", "0");
+    }
     if let Some(rustflags) = place.rustflags {
         command.env("RUSTFLAGS", rustflags);
     }
@@ -816,7 +821,6 @@ mod tests {
         };
         let scratch = tempfile::tempdir().unwrap();
         let env = CargoEnv {
-            rustup_home: scratch.path().join("rustup"),
             path: "/usr/bin:/bin".to_owned(),
             log_limit_bytes: 64 << 10,
             task_limit: 64,
@@ -848,7 +852,7 @@ mod tests {
         let ended = run_steps(
             &env,
             workspace,
-            (&"stable".parse().unwrap(), None),
+            (None, None),
             vec![step],
             limits,
             Instant::now() + limits.time,

@@ -25,6 +25,7 @@ mod mirror;
 mod prepare;
 mod sandbox;
 mod spawn;
+mod toolchains;
 mod unpack;
 
 use std::collections::HashMap;
@@ -39,7 +40,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use quarry_shared::Config;
 use quarry_shared::job::{
     BrokenReason, Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Refusal, RunId,
-    StoredDefinition, Toolchain,
+    StoredDefinition,
 };
 use quarry_shared::queue::{self, Broker, Publisher};
 use quarry_shared::registry::RegistryClient;
@@ -52,6 +53,7 @@ use tracing::Instrument as _;
 use crate::lease::{Lease, Leases};
 use crate::mirror::Mirror;
 use crate::prepare::Refused;
+use crate::toolchains::{Installed, Leased, Toolchains};
 
 pub use experiment::{CargoEnv, Execution};
 pub use fetch::{DiskCache, FetchError, Fetcher, Source};
@@ -83,6 +85,8 @@ pub struct ConsumerStats {
     pub waits: u64,
     /// Jobs of lapsed leases (their consumer died) this consumer published again.
     pub leases_lapsed: u64,
+    /// Toolchains it installed on demand.
+    pub toolchain_installs: u64,
 }
 
 /// Heartbeat of a claimed computation, and when a silent claim may be taken over.
@@ -97,7 +101,7 @@ enum Plan {
     /// Record this result.
     Record(Box<Done>),
     /// An identical job (of another run) is computing the same result: wait for it.
-    Wait { holder: JobId },
+    Wait { holder: JobId, toolchain: Leased },
     /// The consumer is stopping and the job had not started: give it back to the queue.
     GiveBack,
 }
@@ -114,6 +118,7 @@ impl std::ops::AddAssign for ConsumerStats {
         self.registry_fetches += other.registry_fetches;
         self.s3_unavailable += other.s3_unavailable;
         self.memoized += other.memoized;
+        self.toolchain_installs += other.toolchain_installs;
         self.reruns += other.reruns;
         self.broker_connections += other.broker_connections;
         self.waits += other.waits;
@@ -199,6 +204,8 @@ struct Done {
     reused_log_key: Option<String>,
     /// Given up on, its message dead-lettered with this reason.
     dead_lettered: Option<String>,
+    /// The exact build of the toolchain it ran with (`rustc -vV`), where one was found.
+    toolchain_build: Option<String>,
 }
 
 /// Why a job could not be run this time: Quarry's fault, not the package's.
@@ -239,8 +246,8 @@ struct Worker {
     jobs_dir: PathBuf,
     /// Where each job's prepared package is kept, if anywhere (`consumer.keep_packages`).
     keep_packages: Option<PathBuf>,
-    /// Toolchains checked on this machine: `Ok(version)` or why they cannot be used.
-    toolchains: Mutex<HashMap<Toolchain, Result<String, String>>>,
+    /// The toolchains jobs build with: the consumer's own, and those it installs on demand.
+    toolchains: Toolchains,
     /// The stored definitions of the runs seen (`None`: unreadable), to pair a job's result
     /// with its package's other side.
     definitions: Mutex<HashMap<RunId, Option<Arc<StoredDefinition>>>>,
@@ -324,7 +331,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         uuid::Uuid::new_v4(),
         uuid::Uuid::new_v4().simple().to_string(),
     );
-    let cargo = prepare_cargo_env(config, &owner_of(&name, identity.0)).await?;
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    let toolchains = Toolchains::new(
+        rustup_home()?,
+        path.clone(),
+        &config.consumer.toolchains,
+        &config.consumer.work_dir,
+        bucket.clone(),
+        metrics.toolchain_installs.clone(),
+    )?;
+    let cargo = prepare_cargo_env(config, &owner_of(&name, identity.0), &toolchains, path).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -348,7 +364,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         cargo,
         jobs_dir,
         keep_packages: config.consumer.keep_packages.clone(),
-        toolchains: Mutex::new(HashMap::new()),
+        toolchains,
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         slots: tokio::sync::Semaphore::new(usize::from(config.consumer.concurrency.max(1))),
@@ -703,9 +719,10 @@ impl Worker {
     async fn fleet_heartbeat(&self, (id, secret): &(uuid::Uuid, String)) {
         let current: Vec<uuid::Uuid> = self.in_hand_jobs().iter().map(|j| j.0).collect();
         let done = self.metrics.stats().results as i64;
+        let toolchains = self.toolchains.known();
         if let Err(err) = self
             .store
-            .consumer_heartbeat(*id, secret, &current, done)
+            .consumer_heartbeat(*id, secret, &current, done, &toolchains)
             .await
         {
             tracing::warn!(error = %format!("{err:#}"), "cannot renew the fleet heartbeat");
@@ -902,7 +919,7 @@ impl Worker {
         let done = match execution {
             Ok(Plan::Record(done)) => *done,
             Ok(Plan::GiveBack) => return self.hand_back(lease).await,
-            Ok(Plan::Wait { holder }) => {
+            Ok(Plan::Wait { holder, toolchain }) => {
                 self.store
                     .record_waiting(job, attempt as i32, &self.name, holder)
                     .await?;
@@ -913,7 +930,10 @@ impl Worker {
                     return self.leases.hand_over(lease, defer).await;
                 }
                 // No delay queue to wait in (none configured): compute it after all.
-                let (execution, ran_for) = match self.run_experiment(job, attempt).await {
+                let (execution, ran_for) = match self
+                    .run_experiment(job, attempt, &toolchain.installed)
+                    .await
+                {
                     Ok(Some((execution, ran_for))) => (execution, Some(ran_for)),
                     Ok(None) => return self.hand_back(lease).await,
                     Err(InfraError { why, .. }) => (
@@ -936,6 +956,7 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: None,
+                    toolchain_build: Some(toolchain.installed.build.clone()),
                 }
             }
             Err(InfraError { why: reason, host }) => {
@@ -973,6 +994,7 @@ impl Worker {
                     reused_from: None,
                     reused_log_key: None,
                     dead_lettered: Some(reason),
+                    toolchain_build: None,
                 }
             }
         };
@@ -984,6 +1006,7 @@ impl Worker {
             reused_from,
             reused_log_key,
             dead_lettered,
+            toolchain_build,
         } = done;
         // How long it ran, not counting the wait for an experiment slot.
         let duration = ran_for.unwrap_or(elapsed);
@@ -1017,6 +1040,7 @@ impl Worker {
                     refused: execution.refused,
                     broken_reason,
                     dead_lettered,
+                    toolchain_build,
                     releases_claim: claim.is_some(),
                     lease_holder: holder,
                 },
@@ -1082,19 +1106,18 @@ impl Worker {
     }
 
     async fn execute(&self, job: &Job, attempt: u32) -> Result<Plan, InfraError> {
-        let known = self.toolchains.lock().await.get(&job.toolchain).cloned();
-        let build = if let Some(state) = known {
-            state.map_err(InfraError::from)?
-        } else {
-            // The first jobs of a toolchain: its package downloads while the toolchain is
-            // checked. The download lands in the disk cache, where the experiment finds it; a
-            // failed one is tried again there and reported as such.
-            let (build, _) = tokio::join!(
-                self.check_toolchain(&job.toolchain),
-                self.fetcher.fetch(&job.package)
-            );
-            build?
-        };
+        let file = self.definition(job.run_id).await.and_then(|definition| {
+            quarry_shared::job::toolchain_file(&definition.toolchain_files, &job.toolchain).cloned()
+        });
+        // The package downloads while the toolchain is found (installed, the first time). The
+        // download lands in the disk cache, where the experiment finds it; a failed one is
+        // tried again there and reported as such.
+        let (leased, _) = tokio::join!(
+            self.toolchains.lease(&job.toolchain, file.as_ref()),
+            self.fetcher.fetch(&job.package)
+        );
+        let toolchain = leased.map_err(InfraError::from)?;
+        let build = toolchain.installed.build.clone();
         let memo_key = job.memo_key(&build);
         // A re-run exists to see whether the first result happens again: never reused.
         let fresh = job.experiment.fresh || job.recheck_of.is_some();
@@ -1108,7 +1131,7 @@ impl Worker {
                 .await
                 .map_err(|e| InfraError::from(format!("cannot claim the computation: {e:#}")))?;
             if let Some(holder) = holder {
-                return Ok(Plan::Wait { holder });
+                return Ok(Plan::Wait { holder, toolchain });
             }
             // The twin that held the claim may have recorded its result, then released the
             // claim, between the look-up above and this claim: look again.
@@ -1124,7 +1147,10 @@ impl Worker {
         }
         // Kept alive while computing and until the result is recorded.
         let claim = (!fresh).then(|| Claim::hold(self.store.clone(), memo_key.clone(), job.id));
-        let (execution, ran_for) = match self.run_experiment(job, attempt).await {
+        let (execution, ran_for) = match self
+            .run_experiment(job, attempt, &toolchain.installed)
+            .await
+        {
             Ok(Some(ran)) => ran,
             // The claim goes with its drop.
             Ok(None) => return Ok(Plan::GiveBack),
@@ -1143,6 +1169,7 @@ impl Worker {
             reused_from: None,
             reused_log_key: None,
             dead_lettered: None,
+            toolchain_build: Some(build),
         })))
     }
 
@@ -1165,9 +1192,10 @@ impl Worker {
                 exit_code: earlier.exit_code,
                 log: format!(
                     "quarry: reused the result of job {} (run {}): same package checksum, \
-                     toolchain build ({build}) and experiment\n\n{}",
+                     toolchain build ({}) and experiment\n\n{}",
                     earlier.job_id,
                     earlier.run_name,
+                    build.lines().next().unwrap_or_default(),
                     earlier.log.unwrap_or_default()
                 ),
                 refused: earlier.refused,
@@ -1178,6 +1206,7 @@ impl Worker {
             reused_from: Some(earlier.job_id),
             reused_log_key: earlier.log_key,
             dead_lettered: None,
+            toolchain_build: Some(build.to_owned()),
         }))
     }
 
@@ -1291,6 +1320,7 @@ impl Worker {
                     refused: Vec::new(),
                     broken_reason: None,
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
+                    toolchain_build: None,
                     releases_claim: false,
                     lease_holder,
                 },
@@ -1338,6 +1368,7 @@ impl Worker {
         &self,
         job: &Job,
         attempt: u32,
+        toolchain: &Installed,
     ) -> Result<Option<(Execution, Duration)>, InfraError> {
         let archive = match self.fetcher.fetch(&job.package).await {
             Ok((bytes, source)) => {
@@ -1348,7 +1379,7 @@ impl Worker {
             Err(FetchError::Unavailable(why)) => return Err(InfraError::from(why)),
         };
         let preparing = Instant::now();
-        let (scratch, package_dir, resolved) = match self.prepare(job, archive).await? {
+        let (scratch, package_dir, resolved) = match self.prepare(job, archive, toolchain).await? {
             Ok(workspace) => workspace,
             Err(ended) => return Ok(Some((ended, preparing.elapsed()))),
         };
@@ -1375,7 +1406,7 @@ impl Worker {
         let execution = experiment::run(
             &self.cargo,
             workspace,
-            &job.toolchain,
+            toolchain,
             resolved,
             self.limits(job),
         )
@@ -1404,6 +1435,7 @@ impl Worker {
         &self,
         job: &Job,
         archive: bytes::Bytes,
+        toolchain: &Installed,
     ) -> Result<Result<(ScratchDir, PathBuf, experiment::Resolved), Execution>, InfraError> {
         let scratch = self.jobs_dir.join(job.id.to_string());
         let keep = self
@@ -1454,7 +1486,7 @@ impl Worker {
             &self.cargo,
             &self.mirror,
             workspace,
-            &job.toolchain,
+            toolchain,
             &job.experiment,
             self.limits(job),
             refused,
@@ -1547,25 +1579,6 @@ impl Worker {
         }
         Ok(())
     }
-
-    /// Checks once per consumer that a toolchain is installed and answers; returns its exact
-    /// build (`rustc --version`).
-    async fn check_toolchain(&self, toolchain: &Toolchain) -> Result<String, InfraError> {
-        let mut known = self.toolchains.lock().await;
-        let state = match known.get(toolchain) {
-            Some(state) => state.clone(),
-            None => {
-                let state = probe_toolchain(&self.cargo, toolchain).await;
-                match &state {
-                    Ok(version) => tracing::info!(%toolchain, %version, "toolchain ready"),
-                    Err(why) => tracing::error!(%toolchain, %why, "toolchain unusable"),
-                }
-                known.insert(toolchain.clone(), state.clone());
-                state
-            }
-        };
-        state.map_err(InfraError::from)
-    }
 }
 
 /// Unpacks a `.crate` (see [`unpack::unpack`]) on a blocking thread: the package's directory, or
@@ -1578,49 +1591,6 @@ async fn unpack_off_thread(
     tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root))
         .await
         .map_err(|err| InfraError::from(format!("unpacking panicked: {err}")))
-}
-
-/// The toolchain's build (`rustc --version`), and for a `+target=` variant whether that
-/// target's standard library is installed: `Err` says why the toolchain cannot be used here.
-async fn probe_toolchain(cargo: &CargoEnv, toolchain: &Toolchain) -> Result<String, String> {
-    let rustc = |args: &[&str]| {
-        let mut command = tokio::process::Command::new("rustc");
-        command
-            .arg(format!("+{}", toolchain.name()))
-            .args(args)
-            .env_clear()
-            .env("PATH", &cargo.path)
-            .env("RUSTUP_HOME", &cargo.rustup_home);
-        command
-    };
-    let run = |mut command: tokio::process::Command| async move {
-        let output = command
-            .output()
-            .await
-            .map_err(|e| format!("cannot run rustc: {e}"))?;
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-        } else {
-            Err(format!(
-                "toolchain {} is not usable on this consumer: {}",
-                toolchain.name(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    };
-    let version = run(rustc(&["--version"])).await?;
-    if let Some(target) = toolchain.target() {
-        let libdir = run(rustc(&["--print", "target-libdir", "--target", target])).await?;
-        if !std::path::Path::new(&libdir).is_dir() {
-            return Err(format!(
-                "toolchain {} has no standard library for the target {target} on this consumer \
-                 (rustup target add --toolchain {} {target})",
-                toolchain.name(),
-                toolchain.name()
-            ));
-        }
-    }
-    Ok(version)
 }
 
 fn broken(why: &str) -> Execution {
@@ -1765,13 +1735,12 @@ fn owner_of(name: &str, id: uuid::Uuid) -> String {
 
 /// The environment of the consumer's cargo steps: the toolchains, the sandbox and the cgroups
 /// its steps run in (`owner` names the consumer's own). Each job has a cargo home of its own (`prepare::write_cargo_home`).
-async fn prepare_cargo_env(config: &Config, owner: &str) -> anyhow::Result<CargoEnv> {
-    let user_home = std::env::var_os("HOME").map(PathBuf::from);
-    let rustup_home = std::env::var_os("RUSTUP_HOME")
-        .map(PathBuf::from)
-        .or_else(|| user_home.as_ref().map(|h| h.join(".rustup")))
-        .context("cannot find the rustup home: set RUSTUP_HOME")?;
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
+async fn prepare_cargo_env(
+    config: &Config,
+    owner: &str,
+    toolchains: &Toolchains,
+    path: String,
+) -> anyhow::Result<CargoEnv> {
     let sandbox = if config.consumer.unsandboxed {
         tracing::warn!(
             "RUNNING UNSANDBOXED: packages' build scripts and tests run with this consumer's \
@@ -1783,7 +1752,12 @@ async fn prepare_cargo_env(config: &Config, owner: &str) -> anyhow::Result<Cargo
         let cargo_bin = sandbox::find_on_path("cargo")
             .and_then(|cargo| cargo.parent().map(PathBuf::from))
             .context("cargo is not on PATH")?;
-        let mut sandbox = Sandbox::bubblewrap(vec![rustup_home.clone(), cargo_bin]).await?;
+        let mut sandbox = Sandbox::bubblewrap(vec![
+            toolchains.own_home().to_owned(),
+            toolchains.dir().to_owned(),
+            cargo_bin,
+        ])
+        .await?;
         sandbox.hide(&config.secret_files());
         sandbox
     };
@@ -1805,13 +1779,20 @@ async fn prepare_cargo_env(config: &Config, owner: &str) -> anyhow::Result<Cargo
         }
     };
     Ok(CargoEnv {
-        rustup_home,
         path,
         log_limit_bytes: config.consumer.log_limit_bytes,
         task_limit: config.consumer.task_limit,
         sandbox,
         cgroups,
     })
+}
+
+/// The consumer's own rustup home: where the toolchains it comes with are.
+fn rustup_home() -> anyhow::Result<PathBuf> {
+    std::env::var_os("RUSTUP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".rustup")))
+        .context("cannot find the rustup home: set RUSTUP_HOME")
 }
 
 /// Refuses a jobs directory the trust boundary cannot hold in: one whose gateway sockets would

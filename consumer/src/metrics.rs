@@ -46,6 +46,7 @@ pub struct Metrics {
     pub channels_lost: IntCounter,
     pub leases_lapsed: IntCounter,
     pub waits: IntCounter,
+    pub toolchain_installs: IntCounter,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
@@ -157,6 +158,10 @@ impl Metrics {
                 "quarry_consumer_sandbox_kills_total",
                 "Experiments killed with their whole process tree at the time limit",
             )?,
+            toolchain_installs: counter(
+                "quarry_consumer_toolchain_installs_total",
+                "Toolchains this consumer installed on demand (with rustup, or from a run's toolchain file)",
+            )?,
             waits: counter(
                 "quarry_consumer_waits_total",
                 "Jobs put aside to wait for an identical job of another run computing the same result",
@@ -263,6 +268,7 @@ impl Metrics {
             broker_connections: self.connections.get(),
             waits: self.waits.get(),
             leases_lapsed: self.leases_lapsed.get(),
+            toolchain_installs: self.toolchain_installs.get(),
         }
     }
 }

@@ -44,6 +44,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-slow".into()],
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "crash", &definition, &never)
@@ -140,6 +141,7 @@ async fn a_stopping_consumer_finishes_its_running_job_and_gives_back_the_waiting
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-slow".into()],
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "stopping", &definition, &never)

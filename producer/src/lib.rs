@@ -12,12 +12,14 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use quarry_shared::Config;
 use quarry_shared::job::{
-    Experiment, Job, PackageVersion, Patch, RunId, StoredDefinition, Toolchain, rerun_label,
+    Experiment, Job, PackageVersion, Patch, RunId, StoredDefinition, Toolchain, ToolchainFile,
+    rerun_label,
 };
 use quarry_shared::queue::{Broker, Publisher};
 use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
 use quarry_shared::store::Store;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 mod dump;
@@ -76,6 +78,10 @@ pub struct RunDefinition {
     /// dependency replaced (*end*), with the run's one toolchain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<Patch>,
+    /// Toolchains given as files (`--toolchain-file`), uploaded with the run: each names one of
+    /// `toolchains`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub toolchain_files: Vec<quarry_shared::job::ToolchainFile>,
 }
 
 impl RunDefinition {
@@ -267,6 +273,66 @@ pub async fn resolve_patch(config: &Config, spec: &str) -> anyhow::Result<Patch>
         version: entry.vers.clone(),
         checksum: entry.cksum.clone(),
         source: quarry_shared::job::PatchSource::Registry,
+    })
+}
+
+/// Turns `--toolchain-file NAME=FILE` into the run's toolchain file: checked to be a tar archive
+/// (plain, gzip or xz, as rustup's dist tarballs and CI artifacts are), checksummed, and uploaded
+/// to S3 once (a file already there under its checksum is not sent again).
+pub async fn resolve_toolchain_file(config: &Config, spec: &str) -> anyhow::Result<ToolchainFile> {
+    use std::io::Read as _;
+    let (name, path) = spec.split_once('=').with_context(|| {
+        format!("--toolchain-file {spec:?}: give NAME=FILE (pr-12345=rust-nightly-x86_64-unknown-linux-gnu.tar.xz)")
+    })?;
+    let toolchain: Toolchain = name
+        .parse()
+        .with_context(|| format!("--toolchain-file {spec:?}: the name"))?;
+    anyhow::ensure!(
+        toolchain.name() == toolchain.as_str(),
+        "--toolchain-file {spec:?}: name the toolchain without variants (give those with \
+         --toolchain {name}+...)"
+    );
+    let path = std::path::Path::new(path);
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("--toolchain-file: cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut head = Vec::with_capacity(512);
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .with_context(|| format!("--toolchain-file: cannot read {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if head.len() < 512 {
+            let wanted = (512 - head.len()).min(read);
+            head.extend_from_slice(&buffer[..wanted]);
+        }
+        hasher.update(&buffer[..read]);
+        bytes += read as u64;
+    }
+    let compressed = head.starts_with(&[0x1f, 0x8b]) || head.starts_with(b"\xfd7zXZ\0");
+    let tar = head.get(257..262) == Some(b"ustar");
+    anyhow::ensure!(
+        compressed || tar,
+        "--toolchain-file: {} is not a tar archive (plain, gzip or xz): give a rustup dist \
+         tarball, a CI artifact or a toolchain directory packed with tar",
+        path.display()
+    );
+    let checksum = hex::encode(hasher.finalize());
+    let bucket = quarry_shared::s3::Bucket::new(&config.s3)?;
+    bucket.ensure_exists().await?;
+    let key = bucket
+        .put_toolchain(&checksum, path, bytes)
+        .await
+        .context("--toolchain-file: cannot upload the toolchain to S3")?;
+    Ok(ToolchainFile {
+        name: name.to_owned(),
+        checksum,
+        bytes,
+        key,
     })
 }
 

@@ -88,11 +88,23 @@ struct RunArgs {
     #[arg(
         long = "toolchain",
         value_name = "TOOLCHAIN",
-        required_unless_present = "experiment",
+        required_unless_present_any = ["experiment", "toolchain_files"],
         conflicts_with = "experiment"
     )]
     #[serde(default)]
     toolchains: Vec<Toolchain>,
+    /// A toolchain given as a file, such as a pull request's compiler build: NAME=FILE, a
+    /// rustup dist tarball or CI artifact (`rust-nightly-x86_64-unknown-linux-gnu.tar.xz`) or
+    /// an installed toolchain directory packed with tar. Uploaded to S3 with the run; each
+    /// consumer installs it the first time it needs it. NAME is a side of the run: after the
+    /// --toolchain ones unless one of them names it (with variants, say).
+    #[arg(
+        long = "toolchain-file",
+        value_name = "NAME=FILE",
+        conflicts_with = "experiment"
+    )]
+    #[serde(default)]
+    toolchain_files: Vec<String>,
     /// What to do with each package.
     #[arg(long, value_enum, default_value_t = Mode::Check, conflicts_with = "experiment")]
     #[serde(default = "default_mode")]
@@ -260,7 +272,7 @@ impl RunArgs {
             path.display()
         );
         anyhow::ensure!(
-            !from_file.toolchains.is_empty(),
+            !from_file.toolchains.is_empty() || !from_file.toolchain_files.is_empty(),
             "the experiment file {} has no `toolchains`",
             path.display()
         );
@@ -288,6 +300,17 @@ impl RunArgs {
             "the experiment file {}: `from_run` and `only` go together",
             path.display()
         );
+        for spec in &mut from_file.toolchain_files {
+            if let Some((name, file)) = spec.split_once('=')
+                && std::path::Path::new(file).is_relative()
+            {
+                let beside = path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(file);
+                *spec = format!("{name}={}", beside.display());
+            }
+        }
         if let Some(patch) = &mut from_file.patch
             && let Some((name, file)) = patch.split_once('=')
             && file.ends_with(".crate")
@@ -436,6 +459,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     member.jobs_done,
                     in_hand.join(",")
                 )?;
+                // The toolchains it has ready: its own and those it installed on demand.
+                for toolchain in &member.toolchains {
+                    writeln!(out, "    toolchain {toolchain}")?;
+                }
             }
             print_out(&out)
         }
@@ -472,8 +499,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let args = args.resolve()?;
+            let mut args = args.resolve()?;
             let name = args.name.clone().context("a run needs a name")?;
+            anyhow::ensure!(
+                !args.toolchains.is_empty() || !args.toolchain_files.is_empty(),
+                "give the run a toolchain: --toolchain or --toolchain-file"
+            );
+            let sides = args.toolchains.len()
+                + args
+                    .toolchain_files
+                    .iter()
+                    .filter(|spec| {
+                        let name = spec.split_once('=').map_or(spec.as_str(), |(n, _)| n);
+                        !args.toolchains.iter().any(|t| t.name() == name)
+                    })
+                    .count();
+            anyhow::ensure!(
+                sides <= 2,
+                "a run compares at most two toolchains (start and end)"
+            );
+            let mut toolchain_files = Vec::new();
+            for spec in &args.toolchain_files {
+                let file = quarry_producer::resolve_toolchain_file(&config, spec).await?;
+                anyhow::ensure!(
+                    !toolchain_files
+                        .iter()
+                        .any(|f: &quarry_shared::job::ToolchainFile| f.name == file.name),
+                    "--toolchain-file {} is given twice",
+                    file.name
+                );
+                if !args.toolchains.iter().any(|t| t.name() == file.name) {
+                    args.toolchains.push(file.name.parse()?);
+                }
+                eprintln!(
+                    "toolchain {}: {} ({} MiB, sha256 {}) uploaded as s3://{}/{}",
+                    file.name,
+                    spec.split_once('=').map(|(_, f)| f).unwrap_or(spec),
+                    file.bytes >> 20,
+                    &file.checksum[..12],
+                    config.s3.bucket,
+                    file.key
+                );
+                toolchain_files.push(file);
+            }
             anyhow::ensure!(
                 (args.mode == Mode::Command) != args.command.is_empty(),
                 "--mode command and a command after `--` go together"
@@ -557,6 +625,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(spec) => Some(quarry_producer::resolve_patch(&config, spec).await?),
                     None => None,
                 },
+                toolchain_files,
             };
             let summary = publish_run(&config, &name, &definition, &shutdown).await?;
             eprint!("{summary}");

@@ -271,6 +271,41 @@ pub struct ConsumerConfig {
     /// reproduce a result by hand or check one with bare cargo. Unset, nothing is kept: kept
     /// packages are never removed by Quarry.
     pub keep_packages: Option<PathBuf>,
+    /// The toolchains this consumer installs itself when a job needs one it lacks.
+    pub toolchains: ToolchainsConfig,
+}
+
+/// Toolchains installed on demand: a channel or date the consumer's own rustup home lacks
+/// (`nightly-2026-11-30`), with rustup from `dist_server`, or a toolchain file uploaded with the
+/// run. Kept in `dir` (a rustup home of their own, read-only inside the sandbox), at most
+/// `limit_mb` of them: the least recently used that no job is using go first.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolchainsConfig {
+    /// Where they go; `<consumer.work_dir>/toolchains` if unset. Consumers may share it (a
+    /// volume): installs and removals take a lock file per toolchain there.
+    pub dir: Option<PathBuf>,
+    /// Where rustup downloads channels from (`RUSTUP_DIST_SERVER`): a mirror works.
+    pub dist_server: String,
+    /// Most MiB kept; past it the least recently used, unused ones are removed.
+    pub limit_mb: u64,
+    /// How long one install may take.
+    pub install_timeout_secs: u64,
+    /// Install toolchains the consumer lacks at all; when false, only the consumer's own
+    /// rustup home is used and a job of another toolchain ends in `error`.
+    pub on_demand: bool,
+}
+
+impl Default for ToolchainsConfig {
+    fn default() -> Self {
+        ToolchainsConfig {
+            dir: None,
+            dist_server: "https://static.rust-lang.org".to_owned(),
+            limit_mb: 20 * 1024,
+            install_timeout_secs: 1800,
+            on_demand: true,
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -287,6 +322,7 @@ impl Default for ConsumerConfig {
             metrics_listen: None,
             unsandboxed: false,
             keep_packages: None,
+            toolchains: ToolchainsConfig::default(),
         }
     }
 }

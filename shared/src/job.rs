@@ -347,6 +347,42 @@ pub fn run_sides(
     }
 }
 
+/// A toolchain given to a run as a file (`--toolchain-file NAME=FILE`): a rustup dist tarball
+/// or CI artifact, or an installed toolchain directory packed as a tarball. The producer uploads
+/// it to S3 once, by its checksum; each consumer downloads, checks, unpacks and registers it the
+/// first time one of its jobs needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ToolchainFile {
+    /// The toolchain's name in the run (`--toolchain NAME`, the side label).
+    pub name: String,
+    /// Hex sha256 of the file.
+    pub checksum: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Where the producer put it.
+    pub key: String,
+}
+
+impl ToolchainFile {
+    /// The name it is registered under with rustup on a consumer (`rustup toolchain link`):
+    /// from its content, so two runs' files called `pr-1` never collide, and the same file is
+    /// installed once whatever the runs call it.
+    pub fn rustup_name(&self) -> String {
+        format!(
+            "quarry-file-{}",
+            &self.checksum[..16.min(self.checksum.len())]
+        )
+    }
+}
+
+/// The toolchain file of `toolchain` (by its name, whatever its variants), if it was given as one.
+pub fn toolchain_file<'a>(
+    files: &'a [ToolchainFile],
+    toolchain: &Toolchain,
+) -> Option<&'a ToolchainFile> {
+    files.iter().find(|f| f.name == toolchain.name())
+}
+
 /// The parts of a run's stored definition that every component reads (the producer stores the
 /// whole of it): enough to name the run's sides and to rebuild any of its jobs.
 #[derive(Debug, Clone, Deserialize)]
@@ -355,6 +391,9 @@ pub struct StoredDefinition {
     pub experiment: Experiment,
     #[serde(default)]
     pub patch: Option<Patch>,
+    /// The toolchains given as files, by name.
+    #[serde(default)]
+    pub toolchain_files: Vec<ToolchainFile>,
 }
 
 impl StoredDefinition {

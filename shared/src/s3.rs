@@ -1,4 +1,5 @@
-//! The S3 bucket near the registry: the cache of `.crate` files, and the jobs' logs.
+//! The S3 bucket near the registry: the cache of `.crate` files, the jobs' logs, and what runs
+//! upload for the consumers (dependency patches, toolchain files).
 //!
 //! `.crate` objects are keyed by package name and version; their content is checked against the
 //! index's sha256 by the caller (`consumer::fetch`), so a corrupt object is never trusted. Logs are
@@ -127,6 +128,95 @@ impl Bucket {
     /// An uploaded dependency-patch `.crate`, or `None` when the bucket does not have it.
     pub async fn get_patch(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
         self.get_object(key).await
+    }
+
+    /// Stores a toolchain file uploaded with a run (`--toolchain-file`), by its checksum, streamed
+    /// from `file`; an object of that key and size already there is kept (the same file, as the
+    /// key is its checksum). Returns the key.
+    pub async fn put_toolchain(
+        &self,
+        checksum: &str,
+        file: &std::path::Path,
+        bytes: u64,
+    ) -> anyhow::Result<String> {
+        let key = format!("toolchains/{checksum}.tar");
+        if self.object_size(&key).await? == Some(bytes) {
+            return Ok(key);
+        }
+        let body = ByteStream::from_path(file)
+            .await
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .content_type("application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .map_err(|err| anyhow::Error::new(err.into_service_error()))
+            .with_context(|| format!("cannot write s3://{}/{key}", self.bucket))?;
+        Ok(key)
+    }
+
+    /// Streams the object `key` into the file `into` (created anew); returns the hex sha256 of
+    /// what was written, or `None` when there is no such key.
+    pub async fn get_to_file(
+        &self,
+        key: &str,
+        into: &std::path::Path,
+    ) -> anyhow::Result<Option<String>> {
+        use sha2::{Digest as _, Sha256};
+        use tokio::io::AsyncWriteExt as _;
+        let response = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(response) => response,
+            Err(SdkError::ServiceError(err)) if err.err().is_no_such_key() => return Ok(None),
+            Err(err) => {
+                return Err(anyhow::Error::new(err.into_service_error()))
+                    .with_context(|| format!("cannot read s3://{}/{key}", self.bucket));
+            }
+        };
+        let mut file = tokio::fs::File::create(into)
+            .await
+            .with_context(|| format!("cannot create {}", into.display()))?;
+        let mut body = response.body;
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .with_context(|| format!("cannot read the body of s3://{}/{key}", self.bucket))?
+        {
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .with_context(|| format!("cannot write {}", into.display()))?;
+        }
+        file.flush().await?;
+        Ok(Some(hex::encode(hasher.finalize())))
+    }
+
+    /// The size of the object `key`, or `None` when there is no such key.
+    async fn object_size(&self, key: &str) -> anyhow::Result<Option<u64>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some(head.content_length().unwrap_or_default().max(0) as u64)),
+            Err(SdkError::ServiceError(err)) if err.err().is_not_found() => Ok(None),
+            Err(err) => Err(anyhow::Error::new(err.into_service_error()))
+                .with_context(|| format!("cannot look up s3://{}/{key}", self.bucket)),
+        }
     }
 
     /// An object's body, or `None` when there is no such key.

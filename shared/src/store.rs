@@ -130,6 +130,8 @@ pub struct NewResult {
     /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
     /// `dead-lettered` event in the same transaction as the (`error`) result.
     pub dead_lettered: Option<String>,
+    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
+    pub toolchain_build: Option<String>,
     /// The job holds the computation of `memo_key` (`claim_computation`): released in the
     /// result's own transaction, so an identical job finds the claim or the result, never
     /// neither.
@@ -192,6 +194,8 @@ pub struct ResultRow {
     pub refused: Vec<Refusal>,
     /// For a `broken` result: why it could not be prepared, where that is known.
     pub broken_reason: Option<BrokenReason>,
+    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
+    pub toolchain_build: Option<String>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
     #[serde(skip)]
     pub log: Option<String>,
@@ -241,6 +245,8 @@ pub struct FleetMember {
     pub current_jobs: Vec<Uuid>,
     pub jobs_done: i64,
     pub stopped_at: Option<DateTime<Utc>>,
+    /// The toolchains it has ready (`name: build`), as it last reported.
+    pub toolchains: Vec<String>,
 }
 
 impl FleetMember {
@@ -834,8 +840,8 @@ impl Store {
                 &tx.prepare_cached(
                     "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
                                       consumer, log, log_key, memo_key, reused_from, environment,
-                                      refused, broken_reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                                      refused, broken_reason, toolchain_build)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                  ON CONFLICT (job_id) DO NOTHING",
                 )
                 .await?,
@@ -854,6 +860,7 @@ impl Store {
                     &result.environment,
                     &refusal_names(&result.refused),
                     &result.broken_reason.map(BrokenReason::as_str),
+                    &result.toolchain_build,
                 ],
             )
             .await
@@ -1271,20 +1278,23 @@ impl Store {
         Ok(())
     }
 
-    /// Renews a consumer's heartbeat with the jobs it has in hand and its total so far.
+    /// Renews a consumer's heartbeat with the jobs it has in hand, its total so far and the
+    /// toolchains it has ready.
     pub async fn consumer_heartbeat(
         &self,
         id: Uuid,
         secret: &str,
         current_jobs: &[Uuid],
         jobs_done: i64,
+        toolchains: &[String],
     ) -> anyhow::Result<()> {
         let client = self.client().await?;
         let updated = client
             .execute(
-                &client.prepare_cached("UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4
+                &client.prepare_cached("UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4,
+                        toolchains = $5
                  WHERE id = $1 AND secret = $2").await?,
-                &[&id, &secret, &current_jobs, &jobs_done],
+                &[&id, &secret, &current_jobs, &jobs_done, &toolchains],
             )
             .await?;
         anyhow::ensure!(
@@ -1315,7 +1325,8 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                &client.prepare_cached("SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at
+                &client.prepare_cached("SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at,
+                        toolchains
                  FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC").await?,
                 &[&since],
             )
@@ -1331,6 +1342,7 @@ impl Store {
                 current_jobs: row.get(5),
                 jobs_done: row.get(6),
                 stopped_at: row.get(7),
+                toolchains: row.get(8),
             })
             .collect())
     }
@@ -1346,7 +1358,7 @@ impl Store {
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of, r.environment, r.refused, r.broken_reason
+                        j.recheck_of, r.environment, r.refused, r.broken_reason, r.toolchain_build
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -1374,6 +1386,7 @@ impl Store {
                 environment: row.get(13),
                 refused: parse_refusals(row.get(14))?,
                 broken_reason: parse_broken_reason(row.get(15))?,
+                toolchain_build: row.get(16),
             });
         }
         Ok(results)

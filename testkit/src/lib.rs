@@ -80,6 +80,7 @@ pub fn first_crates(mode: Mode, limit: u64) -> quarry_producer::RunDefinition {
             sort: quarry_producer::Sort::Alpha,
             limit: Some(limit),
         },
+        toolchain_files: Vec::new(),
     }
 }
 
@@ -93,6 +94,7 @@ pub fn packages_run(experiment: Experiment, packages: &[&str]) -> quarry_produce
         selection: quarry_producer::Selection::Packages {
             packages: packages.iter().map(|p| (*p).to_owned()).collect(),
         },
+        toolchain_files: Vec::new(),
     }
 }
 
@@ -115,6 +117,7 @@ pub fn no_op_run() -> quarry_producer::RunDefinition {
             sort: quarry_producer::Sort::Alpha,
             limit: None,
         },
+        toolchain_files: Vec::new(),
     }
 }
 
@@ -214,6 +217,9 @@ impl TestStack {
         config.consumer.lease_secs = 3;
         // Low enough that the fork-bomb fixture is stopped long before it counts to 3,000.
         config.consumer.task_limit = 512;
+        // Toolchains the machine lacks are never downloaded from the Internet: a dist server
+        // that answers nothing (the test of a mirror stands one up).
+        config.consumer.toolchains.dist_server = "http://127.0.0.1:1".to_owned();
         config.reporter.output_dir = dir.path().join("reports");
         Ok(TestStack {
             config,

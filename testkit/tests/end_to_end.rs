@@ -28,6 +28,7 @@ fn check_first_crates(fresh: bool) -> RunDefinition {
             sort: Sort::Alpha,
             limit: Some(PACKAGES),
         },
+        toolchain_files: Vec::new(),
     }
 }
 

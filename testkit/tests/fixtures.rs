@@ -25,6 +25,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
             sort: Sort::Alpha,
             limit: None,
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "fixtures", &definition, &never)
@@ -122,6 +123,7 @@ async fn without_the_sandbox_the_escape_fixture_fails_naming_its_escape() {
         selection: Selection::Packages {
             packages: vec!["quarry-fixture-sandboxed".into()],
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "unsandboxed", &definition, &never)
@@ -172,6 +174,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
         selection: Selection::Packages {
             packages: expected.keys().cloned().collect(),
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "compared", &definition, &never)
@@ -284,6 +287,7 @@ async fn identical_jobs_in_flight_are_computed_once() {
                 "quarry-fixture-build-fail".into(),
             ],
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let mut runs = Vec::new();
@@ -359,6 +363,7 @@ async fn a_dependency_patch_shows_who_it_would_break() {
             selection: Selection::Packages {
                 packages: vec!["quarry-fixture-patch-user".into()],
             },
+            toolchain_files: Vec::new(),
         };
         let summary = publish_run(&stack.config, run, &definition, &CancellationToken::new())
             .await
@@ -447,6 +452,7 @@ async fn a_regression_is_run_again_and_a_flaky_one_is_told_apart() {
                 "quarry-fixture-pass".into(),
             ],
         },
+        toolchain_files: Vec::new(),
     };
     let summary = publish_run(
         &stack.config,

@@ -29,6 +29,7 @@ async fn run(
             sort: Sort::Alpha,
             limit: Some(4),
         },
+        toolchain_files: Vec::new(),
     };
     let summary = publish_run(&stack.config, name, &definition, &CancellationToken::new())
         .await

@@ -21,6 +21,7 @@ fn definition(selection: Selection) -> RunDefinition {
         toolchains: vec![quarry_testkit::toolchain()],
         experiment: experiment(Mode::Check, 300),
         selection,
+        toolchain_files: Vec::new(),
     }
 }
 

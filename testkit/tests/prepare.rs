@@ -43,6 +43,7 @@ async fn each_preparation_rule_and_broken_reason_is_applied_said_and_counted() {
             sort: Sort::Alpha,
             limit: None,
         },
+        toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "prepare", &definition, &never)

@@ -59,6 +59,7 @@ impl Setup {
             experiment: experiment(Mode::Check, 300),
             selection,
             filter,
+            toolchain_files: Vec::new(),
         };
         publish_run(
             &self.stack.config,
@@ -255,6 +256,7 @@ async fn an_interrupted_dump_run_resumes_without_duplicates() {
         experiment: experiment(Mode::Check, 300),
         selection: setup.dump(),
         filter: all.clone(),
+        toolchain_files: Vec::new(),
     };
     // Interrupted from the start: the producer finishes the page in hand and stops.
     let interrupted = CancellationToken::new();
@@ -320,6 +322,7 @@ async fn a_file_that_is_not_a_dump_is_a_clear_error() {
             limit: None,
         },
         filter: Filter::default(),
+        toolchain_files: Vec::new(),
     };
     let err = publish_run(
         &setup.stack.config,

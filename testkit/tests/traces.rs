@@ -77,6 +77,7 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
         },
         selection: Selection::Packages { packages },
         filter: Default::default(),
+        toolchain_files: Vec::new(),
     };
     let summary = publish_run(
         &stack.config,

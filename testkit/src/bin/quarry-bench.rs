@@ -343,6 +343,7 @@ async fn check(
             command: None,
         },
         selection: selection.clone(),
+        toolchain_files: Vec::new(),
     };
     // A fleet that is already up when the run starts, as in production, keeping each job's
     // prepared package: bare cargo checks the same directories.
@@ -614,6 +615,7 @@ async fn report(results: u64) -> anyhow::Result<()> {
             sort: Sort::Alpha,
             limit: None,
         },
+        toolchain_files: Vec::new(),
     };
     let packages = (results / 2) as i64;
     let run = uuid::Uuid::new_v4();
@@ -862,6 +864,7 @@ async fn publish_with_producer(config: &quarry_shared::Config, dump: &Path) -> a
             all_versions: true,
             ..Default::default()
         },
+        toolchain_files: Vec::new(),
     };
     let summary = publish_run(config, "publish", &definition, &CancellationToken::new()).await?;
     anyhow::ensure!(summary.complete, "the producer stopped early");
