@@ -16,7 +16,7 @@ pub mod private_rabbitmq;
 pub mod tls;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,29 @@ pub fn toolchain() -> Toolchain {
     env_or("QUARRY_TEST_TOOLCHAIN", "1.95.0")
         .parse()
         .expect("QUARRY_TEST_TOOLCHAIN must be a toolchain name")
+}
+
+/// Packs the installed toolchain `name` (its sysroot, without the documentation) into `out` as
+/// a gzip-compressed tar with one top directory, as one packs a toolchain directory to give a
+/// run with `--toolchain-file`.
+pub fn pack_installed_toolchain(name: &str, out: &Path) -> anyhow::Result<()> {
+    let output = std::process::Command::new("rustc")
+        .arg(format!("+{name}"))
+        .args(["--print", "sysroot"])
+        .output()
+        .context("cannot run rustc")?;
+    anyhow::ensure!(output.status.success(), "toolchain {name} is not installed");
+    let sysroot = std::fs::canonicalize(String::from_utf8(output.stdout)?.trim())?;
+    let file = std::fs::File::create(out)?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for dir in ["bin", "lib", "libexec", "etc"] {
+        if sysroot.join(dir).is_dir() {
+            tar.append_dir_all(format!("rust-{name}-packed/{dir}"), sysroot.join(dir))?;
+        }
+    }
+    tar.into_inner()?.finish()?;
+    Ok(())
 }
 
 /// The experiment most tests run: `mode` with the given time limit, 1 GiB of memory per
