@@ -332,15 +332,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         uuid::Uuid::new_v4().simple().to_string(),
     );
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
-    let toolchains = Toolchains::new(
-        rustup_home()?,
+    let own_toolchains = rustup_home()?;
+    let on_demand = Toolchains::dir_of(&config.consumer.toolchains, &config.consumer.work_dir)?;
+    let cargo = prepare_cargo_env(
+        config,
+        &owner_of(&name, identity.0),
+        [&own_toolchains, &on_demand],
         path.clone(),
+    )
+    .await?;
+    let toolchains = Toolchains::new(
+        (own_toolchains, on_demand),
+        path,
         &config.consumer.toolchains,
-        &config.consumer.work_dir,
-        bucket.clone(),
+        (bucket.clone(), cargo.sandbox.clone()),
         metrics.toolchain_installs.clone(),
     )?;
-    let cargo = prepare_cargo_env(config, &owner_of(&name, identity.0), &toolchains, path).await?;
     let jobs_dir = config.consumer.work_dir.join(&name).join("jobs");
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
@@ -1733,12 +1740,13 @@ fn owner_of(name: &str, id: uuid::Uuid) -> String {
     format!("{name}-{}", &id[..8])
 }
 
-/// The environment of the consumer's cargo steps: the toolchains, the sandbox and the cgroups
-/// its steps run in (`owner` names the consumer's own). Each job has a cargo home of its own (`prepare::write_cargo_home`).
+/// The environment of the consumer's cargo steps: the toolchains (its own rustup home and those
+/// installed on demand, read-only), the sandbox and the cgroups its steps run in (`owner` names
+/// the consumer's own). Each job has a cargo home of its own (`prepare::write_cargo_home`).
 async fn prepare_cargo_env(
     config: &Config,
     owner: &str,
-    toolchains: &Toolchains,
+    toolchains: [&PathBuf; 2],
     path: String,
 ) -> anyhow::Result<CargoEnv> {
     let sandbox = if config.consumer.unsandboxed {
@@ -1752,12 +1760,12 @@ async fn prepare_cargo_env(
         let cargo_bin = sandbox::find_on_path("cargo")
             .and_then(|cargo| cargo.parent().map(PathBuf::from))
             .context("cargo is not on PATH")?;
-        let mut sandbox = Sandbox::bubblewrap(vec![
-            toolchains.own_home().to_owned(),
-            toolchains.dir().to_owned(),
-            cargo_bin,
-        ])
-        .await?;
+        // Those installed on demand too: the directory must exist to be mounted.
+        std::fs::create_dir_all(toolchains[1])
+            .with_context(|| format!("cannot create {}", toolchains[1].display()))?;
+        let mut read_only: Vec<PathBuf> = toolchains.into_iter().cloned().collect();
+        read_only.push(cargo_bin);
+        let mut sandbox = Sandbox::bubblewrap(read_only).await?;
         sandbox.hide(&config.secret_files());
         sandbox
     };

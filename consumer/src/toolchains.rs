@@ -30,6 +30,8 @@ use quarry_shared::config::ToolchainsConfig;
 use quarry_shared::job::{Toolchain, ToolchainFile};
 use quarry_shared::s3::Bucket;
 
+use crate::sandbox::{Mounts, Sandbox};
+
 /// How long a toolchain that could not be had (a dist server or S3 unreachable) is not tried
 /// again: its jobs fail at once meanwhile, and go back to the queue with the usual backoff.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -92,6 +94,9 @@ pub struct Toolchains {
     dir: PathBuf,
     config: ToolchainsConfig,
     bucket: Bucket,
+    /// Where a toolchain's `rustc` is asked who it is: a toolchain file is somebody's build,
+    /// so it runs nowhere but in the sandbox, as the packages' code does.
+    sandbox: Sandbox,
     /// By rustup name and variants.
     cells: std::sync::Mutex<HashMap<String, Cell>>,
     /// Toolchains installed by this consumer (its metric).
@@ -99,20 +104,24 @@ pub struct Toolchains {
 }
 
 impl Toolchains {
-    /// `work_dir` is the consumer's: the default place of the on-demand directory.
+    /// Where the toolchains installed on demand go, for a consumer of `work_dir`.
+    pub fn dir_of(config: &ToolchainsConfig, work_dir: &Path) -> std::io::Result<PathBuf> {
+        std::path::absolute(
+            config
+                .dir
+                .clone()
+                .unwrap_or_else(|| work_dir.join("toolchains")),
+        )
+    }
+
+    /// `dir` is [`Toolchains::dir_of`]; `sandbox` shows it and `base_home` read-only.
     pub fn new(
-        base_home: PathBuf,
+        (base_home, dir): (PathBuf, PathBuf),
         path: String,
         config: &ToolchainsConfig,
-        work_dir: &Path,
-        bucket: Bucket,
+        (bucket, sandbox): (Bucket, Sandbox),
         installs: prometheus::IntCounter,
     ) -> anyhow::Result<Toolchains> {
-        let dir = config
-            .dir
-            .clone()
-            .unwrap_or_else(|| work_dir.join("toolchains"));
-        let dir = std::path::absolute(&dir)?;
         for sub in ["rustup", "files", "locks", "downloads"] {
             let sub = dir.join(sub);
             std::fs::create_dir_all(&sub).map_err(|e| {
@@ -128,20 +137,10 @@ impl Toolchains {
             dir,
             config: config.clone(),
             bucket,
+            sandbox,
             cells: Default::default(),
             installs,
         })
-    }
-
-    /// The consumer's own rustup home.
-    pub fn own_home(&self) -> &Path {
-        &self.base_home
-    }
-
-    /// Where the toolchains installed on demand are (read-only in the sandbox, as the
-    /// consumer's own rustup home is).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The toolchains this consumer has found ready, as the fleet table shows them
@@ -260,9 +259,10 @@ impl Toolchains {
         if let Source::Channel = source {
             // The consumer's own, if it has it: then also for a target it lacks the standard
             // library of (its rustup home is not the consumer's to change), which is an error.
-            match probe(&self.path, &self.base_home, rustup_name, None).await {
+            match self.probe(&self.base_home, rustup_name, None).await {
                 Ok(_) => {
-                    return probe(&self.path, &self.base_home, rustup_name, target)
+                    return self
+                        .probe(&self.base_home, rustup_name, target)
                         .await
                         .map(|build| self.installed(toolchain, rustup_name, &self.base_home, build))
                         .map_err(transient);
@@ -274,7 +274,7 @@ impl Toolchains {
         let home = self.dir.join("rustup");
         let lock = self.lock_file(rustup_name).map_err(transient)?;
         let lock = exclusively(lock).await.map_err(transient)?;
-        let found = match probe(&self.path, &home, rustup_name, None).await {
+        let found = match self.probe(&home, rustup_name, None).await {
             Ok(_) => Ok(false),
             Err(_) => match source {
                 Source::Channel => self
@@ -288,7 +288,7 @@ impl Toolchains {
             Ok(now) => now,
             Err(failed) => return Err(failed),
         };
-        let mut build = probe(&self.path, &home, rustup_name, target).await;
+        let mut build = self.probe(&home, rustup_name, target).await;
         if let (Err(_), Some(target), Source::Channel) = (&build, target, &source) {
             // Installed before, without this target's standard library.
             self.rustup(
@@ -297,12 +297,10 @@ impl Toolchains {
             )
             .await
             .map_err(transient)?;
-            build = probe(&self.path, &home, rustup_name, Some(target)).await;
+            build = self.probe(&home, rustup_name, Some(target)).await;
         }
         let build = build.map_err(transient)?;
-        let sysroot = sysroot(&self.path, &home, rustup_name)
-            .await
-            .map_err(transient)?;
+        let sysroot = self.sysroot(&home, rustup_name).await.map_err(transient)?;
         // The lock file says where the toolchain is, for removal by whichever consumer.
         std::fs::write(
             self.dir.join("locks").join(rustup_name),
@@ -571,6 +569,79 @@ impl Toolchains {
     }
 }
 
+impl Toolchains {
+    /// A toolchain's `rustc -vV` in `home`, and for a `+target=` variant whether that target's
+    /// standard library is there: `Err` says why it cannot be used.
+    async fn probe(&self, home: &Path, name: &str, target: Option<&str>) -> Result<String, String> {
+        let build = self.rustc(home, name, &["-vV"]).await?;
+        if let Some(target) = target {
+            let libdir = self
+                .rustc(
+                    home,
+                    name,
+                    &["--print", "target-libdir", "--target", target],
+                )
+                .await?;
+            if !Path::new(&libdir).is_dir() {
+                return Err(format!(
+                    "toolchain {name} has no standard library for the target {target} on this \
+                     consumer (rustup target add --toolchain {name} {target})"
+                ));
+            }
+        }
+        Ok(build)
+    }
+
+    async fn sysroot(&self, home: &Path, name: &str) -> Result<PathBuf, String> {
+        let sysroot = PathBuf::from(self.rustc(home, name, &["--print", "sysroot"]).await?);
+        // A linked toolchain's sysroot is its link: where its files are is where it points.
+        Ok(std::fs::canonicalize(&sysroot).unwrap_or(sysroot))
+    }
+
+    /// Runs the toolchain's `rustc` in the sandbox, with a scratch directory of its own.
+    async fn rustc(&self, home: &Path, name: &str, args: &[&str]) -> Result<String, String> {
+        let scratch = self
+            .dir
+            .join("downloads")
+            .join(format!("rustc-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+        let _removed = scopeguard(&scratch);
+        let plus = format!("+{name}");
+        let mut all = vec![plus.as_str()];
+        all.extend(args);
+        let mounts = Mounts {
+            writable: &scratch,
+            read_only: &[],
+            registry: None,
+        };
+        let (program, line) = self.sandbox.command_line(&mounts, &scratch, "rustc", &all);
+        let output = tokio::process::Command::new(program)
+            .args(line)
+            .current_dir(&scratch)
+            .env_clear()
+            .env("PATH", &self.path)
+            .env("HOME", &scratch)
+            .env("RUSTUP_HOME", home)
+            // Never the proxy's own install: installs happen here, on purpose, once.
+            .env("RUSTUP_AUTO_INSTALL", "0")
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(60), output)
+            .await
+            .map_err(|_| format!("toolchain {name}: rustc did not answer within 60 s"))?
+            .map_err(|e| format!("cannot run rustc: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "toolchain {name} is not usable on this consumer: {}",
+                last_lines(&String::from_utf8_lossy(&output.stderr), 4)
+            ))
+        }
+    }
+}
+
 /// An on-demand toolchain on disk, as its lock file records it.
 struct OnDisk {
     name: String,
@@ -630,62 +701,6 @@ async fn exclusively(lock: File) -> Result<File, String> {
         .await
         .map_err(|e| format!("locking panicked: {e}"))?
         .map_err(|e| format!("cannot lock a toolchain: {e}"))
-}
-
-/// A toolchain's `rustc -vV` in `home`, and for a `+target=` variant whether that target's
-/// standard library is there: `Err` says why it cannot be used.
-async fn probe(
-    path: &str,
-    home: &Path,
-    name: &str,
-    target: Option<&str>,
-) -> Result<String, String> {
-    let build = rustc(path, home, name, &["-vV"]).await?;
-    if let Some(target) = target {
-        let libdir = rustc(
-            path,
-            home,
-            name,
-            &["--print", "target-libdir", "--target", target],
-        )
-        .await?;
-        if !Path::new(&libdir).is_dir() {
-            return Err(format!(
-                "toolchain {name} has no standard library for the target {target} on this consumer \
-                 (rustup target add --toolchain {name} {target})"
-            ));
-        }
-    }
-    Ok(build)
-}
-
-async fn sysroot(path: &str, home: &Path, name: &str) -> Result<PathBuf, String> {
-    let sysroot = PathBuf::from(rustc(path, home, name, &["--print", "sysroot"]).await?);
-    // A linked toolchain's sysroot is its link: where its files are is where it points.
-    Ok(std::fs::canonicalize(&sysroot).unwrap_or(sysroot))
-}
-
-async fn rustc(path: &str, home: &Path, name: &str, args: &[&str]) -> Result<String, String> {
-    let output = tokio::process::Command::new("rustc")
-        .arg(format!("+{name}"))
-        .args(args)
-        .env_clear()
-        .env("PATH", path)
-        .env("RUSTUP_HOME", home)
-        // Never the proxy's own install: installs happen here, on purpose, once.
-        .env("RUSTUP_AUTO_INSTALL", "0")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run rustc: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "toolchain {name} is not usable on this consumer: {}",
-            last_lines(&String::from_utf8_lossy(&output.stderr), 4)
-        ))
-    }
 }
 
 fn last_lines(text: &str, count: usize) -> String {
@@ -1026,15 +1041,27 @@ mod tests {
             limit_mb,
             ..stack.config.consumer.toolchains.clone()
         };
+        let own = crate::rustup_home().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let sandbox = Sandbox::bubblewrap(vec![own.clone(), dir.to_owned(), cargo_bin()])
+            .await
+            .unwrap();
         Toolchains::new(
-            crate::rustup_home().unwrap(),
+            (own, dir.to_owned()),
             std::env::var("PATH").unwrap(),
             &config,
-            dir,
-            bucket,
+            (bucket, sandbox),
             prometheus::IntCounter::new("installs", "installs").unwrap(),
         )
         .unwrap()
+    }
+
+    fn cargo_bin() -> PathBuf {
+        crate::sandbox::find_on_path("cargo")
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_owned()
     }
 
     /// A fake toolchain uploaded as a run's file, under `name`.

@@ -229,7 +229,7 @@ def config_keys_of_example() -> dict[str, set[str]]:
     keys: dict[str, set[str]] = {}
     section_name = None
     for line in EXAMPLE_CONFIG.read_text().splitlines():
-        header = re.match(r"^\[(\w+)\]", line)
+        header = re.match(r"^\[([\w.]+)\]", line)
         if header:
             section_name = header.group(1)
             keys[section_name] = set()
@@ -288,7 +288,15 @@ def check_common(scenario: str, docs: list[tuple[str, dict]], values: dict[str, 
         fail(f"{scenario}: quarry.toml is not TOML: {error}")
         return
     known = config_keys_of_example()
-    unknown = [f"{s}.{k}" for s, table in toml.items() for k in table if k not in known.get(s, set())]
+    def tables(table: dict, prefix: str = ""):
+        """Each table of the file by its dotted name ("consumer.toolchains"), with its plain keys."""
+        for name, value in table.items():
+            if isinstance(value, dict):
+                full = f"{prefix}{name}"
+                yield full, [k for k, v in value.items() if not isinstance(v, dict)]
+                yield from tables(value, f"{full}.")
+
+    unknown = [f"{s}.{k}" for s, keys in tables(toml) for k in keys if k not in known.get(s, set())]
     check(not unknown, f"{scenario}: quarry.toml uses only keys of docs/quarry.example.toml {unknown or ''}")
     secret_keys = [f"{s}.{k}" for s, table in toml.items() for k in table if k in ("url", "access_key_id", "secret_access_key")]
     check(not secret_keys, f"{scenario}: quarry.toml holds no credentials {secret_keys or ''}")

@@ -10,6 +10,7 @@
 //! `QUARRY_TEST_RABBITMQ_API` (the management API), `QUARRY_TEST_CRATES_DIR` and
 //! `QUARRY_TEST_TOOLCHAIN`.
 
+pub mod dist_server;
 pub mod fixtures;
 pub mod private_postgres;
 pub mod private_rabbitmq;

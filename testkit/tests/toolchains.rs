@@ -228,3 +228,56 @@ fn corrupt_bytes(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(&path, b"0123456789").unwrap();
     path
 }
+
+/// A channel the consumers lack, installed with rustup from the configured dist server: a
+/// mirror on loopback serving `nightly-2026-11-30` made of the test toolchain's files.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_the_consumers_lack_is_installed_with_rustup_from_the_mirror() {
+    let packed = tempfile::tempdir().unwrap();
+    let mut stack = TestStack::start_with(fixtures::synthetic(packed.path(), 2).unwrap())
+        .await
+        .unwrap();
+    let own = quarry_testkit::toolchain();
+    let mirror = quarry_testkit::dist_server::DistServer::serve(own.name(), "2026-11-30")
+        .await
+        .unwrap();
+    stack.config.consumer.toolchains.dist_server = mirror.url().to_owned();
+    let nightly: Toolchain = "nightly-2026-11-30".parse().unwrap();
+    let definition = RunDefinition {
+        toolchains: vec![nightly.clone()],
+        ..packages_run(experiment(Mode::Check, 300), &PACKAGES[..2])
+    };
+    let consumers = consumers(&stack, &["mirror-a"]);
+    let summary = publish_run(
+        &stack.config,
+        "mirror",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    stack.wait_for_run(summary.run_id).await;
+    let stats: Vec<_> = consumers.stop_each().await;
+    let stats = stats
+        .into_iter()
+        .next()
+        .unwrap()
+        .expect("the consumer stops cleanly");
+    assert_eq!(stats.toolchain_installs, 1, "{stats:?}");
+    assert!(mirror.requests() >= 4, "the manifest and three packages");
+
+    let rows = results(&stack, "mirror").await;
+    assert_eq!(rows.len(), 2);
+    for (side, outcome, build, log) in rows {
+        assert_eq!(side, "nightly-2026-11-30");
+        assert_eq!(outcome, Outcome::BuildPass, "{log}");
+        assert!(
+            build
+                .as_deref()
+                .is_some_and(|b| b.starts_with("rustc 1.95.0")),
+            "{build:?}"
+        );
+        assert!(log.contains("cargo +nightly-2026-11-30 check"), "{log}");
+    }
+    stack.assert_verified("mirror").await;
+}
