@@ -62,6 +62,10 @@ pub struct RunInfo {
     pub name: String,
     pub definition: serde_json::Value,
     pub created_at: String,
+    /// Each side's exact toolchain build(s) (the first line of `rustc -vV`), as its results
+    /// recorded them: two builds for one side mean its consumers did not agree on it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub builds: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -252,8 +256,23 @@ fn write_report(
     let mut refusals: BTreeMap<Refusal, Vec<String>> = BTreeMap::new();
     let mut broken: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut spurious_groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Each side's builds, without an allocation per row (a million rows share one or two).
+    let mut builds: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     // Rows are consumed as they are turned into the report's: a million of them is memory.
     for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
+        if let Some(build) = row
+            .toolchain_build
+            .as_deref()
+            .and_then(|b| b.lines().next())
+            && !builds
+                .get(&row.toolchain)
+                .is_some_and(|seen| seen.contains(build))
+        {
+            builds
+                .entry(row.toolchain.clone())
+                .or_default()
+                .insert(build.to_owned());
+        }
         let job = || {
             format!(
                 "{}@{} ({})",
@@ -322,6 +341,10 @@ fn write_report(
             name: run.name.clone(),
             definition: run.definition.clone(),
             created_at: run.created_at.to_rfc3339(),
+            builds: builds
+                .into_iter()
+                .map(|(side, builds)| (side, builds.into_iter().collect()))
+                .collect(),
         },
         progress: ProgressInfo {
             finished: progress.finished,
@@ -777,6 +800,12 @@ fn render_markdown(report: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "## Quarry run `{}`\n", report.run.name);
     let _ = writeln!(md, "{}\n", progress_line(report));
+    for (side, builds) in &report.run.builds {
+        let _ = writeln!(md, "- `{side}`: `{}`", builds.join("`, `"));
+    }
+    if !report.run.builds.is_empty() {
+        md.push('\n');
+    }
     md.push_str("| outcome | packages |\n|---|---:|\n");
     for (outcome, count) in &report.counts {
         let _ = writeln!(md, "| {outcome} | {count} |");
@@ -905,6 +934,7 @@ mod tests {
                 name: "run".into(),
                 definition: serde_json::Value::Null,
                 created_at: String::new(),
+                builds: BTreeMap::new(),
             },
             progress: ProgressInfo {
                 finished: 1,

@@ -41,6 +41,18 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         created = e(&report.run.created_at),
         progress = e(&progress_line(report)),
     );
+    if !report.run.builds.is_empty() {
+        index.push_str("<table id=\"builds\"><tr><th>side</th><th>toolchain build</th></tr>\n");
+        for (side, builds) in &report.run.builds {
+            let _ = writeln!(
+                index,
+                "<tr><td>{}</td><td>{}</td></tr>",
+                e(side),
+                e(&builds.join(", "))
+            );
+        }
+        index.push_str("</table>\n");
+    }
     search_box(&mut index, report);
 
     // Outcomes, each but the passing ones with its pages.

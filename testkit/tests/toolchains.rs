@@ -123,6 +123,21 @@ async fn a_toolchain_file_is_installed_once_by_each_consumer_and_its_build_recor
             );
         }
     }
+    // The report names each side's exact build.
+    let written = quarry_reporter::generate(
+        &stack.config,
+        "on-demand",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    let release = expected_build.lines().next().unwrap().to_owned();
+    for side in [own.to_string(), "pr-12345".to_owned()] {
+        assert_eq!(
+            written.report.run.builds.get(&side),
+            Some(&vec![release.clone()])
+        );
+    }
     stack.assert_verified("on-demand").await;
 }
 
