@@ -168,20 +168,8 @@ impl Bucket {
     ) -> anyhow::Result<Option<String>> {
         use sha2::{Digest as _, Sha256};
         use tokio::io::AsyncWriteExt as _;
-        let response = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(response) => response,
-            Err(SdkError::ServiceError(err)) if err.err().is_no_such_key() => return Ok(None),
-            Err(err) => {
-                return Err(anyhow::Error::new(err.into_service_error()))
-                    .with_context(|| format!("cannot read s3://{}/{key}", self.bucket));
-            }
+        let Some(response) = self.get_response(key).await? else {
+            return Ok(None);
         };
         let mut file = tokio::fs::File::create(into)
             .await
@@ -219,9 +207,12 @@ impl Bucket {
         }
     }
 
-    /// An object's body, or `None` when there is no such key.
-    async fn get_object(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
-        let response = match self
+    /// The answer to a GET of `key`, body unread, or `None` when there is no such key.
+    async fn get_response(
+        &self,
+        key: &str,
+    ) -> anyhow::Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>> {
+        match self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -229,12 +220,17 @@ impl Bucket {
             .send()
             .await
         {
-            Ok(response) => response,
-            Err(SdkError::ServiceError(err)) if err.err().is_no_such_key() => return Ok(None),
-            Err(err) => {
-                return Err(anyhow::Error::new(err.into_service_error()))
-                    .with_context(|| format!("cannot read s3://{}/{key}", self.bucket));
-            }
+            Ok(response) => Ok(Some(response)),
+            Err(SdkError::ServiceError(err)) if err.err().is_no_such_key() => Ok(None),
+            Err(err) => Err(anyhow::Error::new(err.into_service_error()))
+                .with_context(|| format!("cannot read s3://{}/{key}", self.bucket)),
+        }
+    }
+
+    /// An object's body, or `None` when there is no such key.
+    async fn get_object(&self, key: &str) -> anyhow::Result<Option<Bytes>> {
+        let Some(response) = self.get_response(key).await? else {
+            return Ok(None);
         };
         let body = response
             .body
