@@ -284,10 +284,7 @@ impl Toolchains {
                 Source::File(file) => self.install_file(file).await.map(|()| true),
             },
         };
-        let installed_now = match found {
-            Ok(now) => now,
-            Err(failed) => return Err(failed),
-        };
+        let installed_now = found?;
         let mut build = self.probe(&home, rustup_name, target).await;
         if let (Err(_), Some(target), Source::Channel) = (&build, target, &source) {
             // Installed before, without this target's standard library.
@@ -402,7 +399,7 @@ impl Toolchains {
             .join(format!("{}-{nonce}", file.checksum));
         tracing::info!(toolchain = %file.name, key = %file.key, bytes = file.bytes, "downloading a toolchain file");
         let got = self.bucket.get_to_file(&file.key, &download).await;
-        let removed_download = scopeguard(&download);
+        let removed_download = removed_on_drop(&download);
         let checksum = match got {
             Ok(Some(checksum)) => checksum,
             Ok(None) => {
@@ -438,7 +435,7 @@ impl Toolchains {
             .await
             .map_err(|e| transient(format!("unpacking panicked: {e}")))?;
         drop(removed_download);
-        let removed_unpacking = scopeguard(&unpacking);
+        let removed_unpacking = removed_on_drop(&unpacking);
         let toolchain_dir = unpacked.map_err(|why| {
             for_good(format!(
                 "the toolchain file of {} cannot be installed: {why}",
@@ -567,9 +564,7 @@ impl Toolchains {
             drop(lock);
         }
     }
-}
 
-impl Toolchains {
     /// A toolchain's `rustc -vV` in `home`, and for a `+target=` variant whether that target's
     /// standard library is there: `Err` says why it cannot be used.
     async fn probe(&self, home: &Path, name: &str, target: Option<&str>) -> Result<String, String> {
@@ -606,7 +601,7 @@ impl Toolchains {
             .join(format!("rustc-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&scratch)
             .map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
-        let _removed = scopeguard(&scratch);
+        let _removed = removed_on_drop(&scratch);
         let plus = format!("+{name}");
         let mut all = vec![plus.as_str()];
         all.extend(args);
@@ -722,7 +717,7 @@ impl Drop for RemovedOnDrop {
     }
 }
 
-fn scopeguard(path: &Path) -> RemovedOnDrop {
+fn removed_on_drop(path: &Path) -> RemovedOnDrop {
     RemovedOnDrop(path.to_owned())
 }
 
