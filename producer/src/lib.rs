@@ -424,15 +424,15 @@ pub async fn publish_run(
                 return Ok(None);
             };
             let position = serde_json::to_value(&pages.position)?;
-            let (jobs, left_out) = page_jobs(&registry, &run, definition, page).await;
-            let pending = store.record_jobs(&jobs).await?;
+            let paged = page_jobs(&registry, &run, definition, page).await;
+            let pending = paged.record(&store, run.id).await?;
             anyhow::Ok(Some((
                 RecordedPage {
-                    jobs,
+                    jobs: paged.jobs,
                     pending,
                     position,
                 },
-                left_out,
+                paged.left_out,
             )))
         };
         let publish = async {
@@ -484,16 +484,16 @@ pub async fn publish_run(
                 .iter()
                 .map(|label| Item::Request(parse_spec(label)))
                 .collect();
-            let (jobs, left_out) = page_jobs(&registry, &run, definition, page).await;
-            let pending = store.record_jobs(&jobs).await?;
+            let paged = page_jobs(&registry, &run, definition, page).await;
+            let pending = paged.record(&store, run.id).await?;
             let page = RecordedPage {
-                jobs,
+                jobs: paged.jobs,
                 pending,
                 position: position.clone(),
             };
             page.publish(&publisher).await?;
             summary.jobs_queued += page.mark_published(&store, run.id).await?;
-            summary.packages_failed.extend(left_out);
+            summary.packages_failed.extend(paged.left_out);
         }
     }
     progress.finish();
@@ -541,19 +541,26 @@ impl RecordedPage {
     }
 }
 
-/// The jobs of a page's packages (one per version and toolchain), and the packages left out
-/// with why.
+/// The jobs of a page's packages (one per version and toolchain), what the packages depend on,
+/// and the packages left out with why.
 async fn page_jobs(
     registry: &RegistryClient,
     run: &quarry_shared::store::Run,
     definition: &RunDefinition,
     page: Vec<Item>,
-) -> (Vec<Job>, Vec<(String, String)>) {
+) -> PagedJobs {
     let resolved = futures::stream::iter(page)
         .map(|item| async {
             match item {
                 Item::Request(request) => resolve(registry, &definition.filter, request).await,
-                Item::Resolved(package) => (package.to_string(), Ok(vec![package])),
+                // A dump's rows carry no dependencies.
+                Item::Resolved(package) => (
+                    package.to_string(),
+                    Ok(vec![Resolved {
+                        package,
+                        dependencies: Vec::new(),
+                    }]),
+                ),
                 Item::LeftOut { package, why } => (package, Err(why)),
             }
         })
@@ -561,11 +568,18 @@ async fn page_jobs(
         .collect::<Vec<_>>()
         .await;
     let mut jobs = Vec::new();
+    let mut dependencies = Vec::new();
     let mut left_out = Vec::new();
     for (name, resolution) in resolved {
         match resolution {
             Ok(packages) => {
-                for package in packages {
+                for Resolved {
+                    package,
+                    dependencies: depends_on,
+                } in packages
+                {
+                    let dependent = package.name.to_ascii_lowercase();
+                    dependencies.extend(depends_on.into_iter().map(|d| (dependent.clone(), d)));
                     for (toolchain, patch) in definition.sides() {
                         jobs.push(Job::patched(
                             run.id,
@@ -580,7 +594,34 @@ async fn page_jobs(
             Err(why) => left_out.push((name, why)),
         }
     }
-    (jobs, left_out)
+    PagedJobs {
+        jobs,
+        dependencies,
+        left_out,
+    }
+}
+
+/// What a page of packages comes to.
+struct PagedJobs {
+    jobs: Vec<Job>,
+    /// (package, dependency), by lowercase crate names.
+    dependencies: Vec<(String, String)>,
+    /// The packages left out, with why.
+    left_out: Vec<(String, String)>,
+}
+
+impl PagedJobs {
+    /// Records the page's jobs and what its packages depend on; returns the jobs still to
+    /// publish.
+    async fn record(
+        &self,
+        store: &Store,
+        run: RunId,
+    ) -> anyhow::Result<Vec<quarry_shared::job::JobId>> {
+        let pending = store.record_jobs(&self.jobs).await?;
+        store.record_dependencies(run, &self.dependencies).await?;
+        Ok(pending)
+    }
 }
 
 /// A package to look up: a name, and optionally the exact version wanted.
@@ -971,7 +1012,7 @@ async fn resolve(
     registry: &RegistryClient,
     filter: &Filter,
     request: Request,
-) -> (String, Result<Vec<PackageVersion>, String>) {
+) -> (String, Result<Vec<Resolved>, String>) {
     let label = match &request.version {
         Some(v) => format!("{}@{v}", request.name),
         None => request.name.clone(),
@@ -996,13 +1037,36 @@ async fn resolve(
     }
     let packages = chosen
         .into_iter()
-        .map(|e| PackageVersion {
-            name: e.name.clone(),
-            version: e.vers.clone(),
-            checksum: e.cksum.clone(),
+        .map(|e| Resolved {
+            package: PackageVersion {
+                name: e.name.clone(),
+                version: e.vers.clone(),
+                checksum: e.cksum.clone(),
+            },
+            dependencies: build_dependencies(e),
         })
         .collect();
     (label, Ok(packages))
+}
+
+/// A package version to test, with what it depends on where the index told.
+struct Resolved {
+    package: PackageVersion,
+    /// Its direct normal and build dependencies on crates of the same registry, by lowercase
+    /// name (a failure of one breaks its build; a dev-dependency's only its tests).
+    dependencies: Vec<String>,
+}
+
+fn build_dependencies(entry: &IndexEntry) -> Vec<String> {
+    let mut names: Vec<String> = entry
+        .deps
+        .iter()
+        .filter(|d| d.registry.is_none() && d.kind.as_deref() != Some("dev"))
+        .map(|d| d.crate_name().to_ascii_lowercase())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Progress on stderr while paging: a spinner line on a terminal, a log line every ten seconds
@@ -1073,7 +1137,8 @@ impl PublishProgress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Only {
-    /// Passed with the start toolchain, failed with the end one (two-toolchain runs).
+    /// Passed with the start toolchain, failed with the end one, or crashed it (two-toolchain
+    /// runs).
     Regressed,
     /// Hit a limit (time, memory) on one side only, or regressed then passed when run again
     /// (flaky): confirm or dismiss them.
@@ -1129,7 +1194,9 @@ pub async fn packages_from_run(
             });
             let any = |wanted: &[Outcome]| sides.iter().any(|(_, v)| wanted.contains(&v.outcome));
             only.iter().any(|only| match only {
-                Only::Regressed => category == Some(Category::Regressed),
+                Only::Regressed => {
+                    matches!(category, Some(Category::Regressed | Category::RegressedIce))
+                }
                 Only::Spurious => matches!(
                     category,
                     Some(Category::SpuriousRegressed | Category::SpuriousFixed | Category::Flaky)

@@ -11,6 +11,8 @@ mod cause;
 mod compare;
 mod serve;
 mod site;
+mod summary;
+mod triage;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use cause::root_cause;
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
 pub use serve::{Pace, human_duration, start as serve};
+pub use triage::{Dependent, Earlier, Regression, RegressionGroup};
 
 /// The machine-readable report (`report.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +39,14 @@ pub struct Report {
     pub counts: BTreeMap<String, i64>,
     /// For runs with two toolchains: each package's start and end outcomes, compared.
     pub comparison: Option<Comparison>,
+    /// For two toolchains: the regressions grouped by root cause, the group that broke most
+    /// crates first (see `triage.rs`).
+    #[serde(default)]
+    pub regressions: Vec<RegressionGroup>,
+    /// The commands that re-run this run's packages of a kind (`regressed`, `spurious`), by
+    /// kind; only kinds the run has.
+    #[serde(default)]
+    pub reruns: BTreeMap<String, String>,
     /// Failed jobs grouped by root cause (a dependency that broke them, their first error),
     /// the largest group first.
     #[serde(default)]
@@ -92,6 +103,9 @@ pub struct PackageRow {
     /// For a failed build or test: its root cause, as read from the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// For a job that did not pass: the first error of its log, as printed (bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
     /// For a failure that points at the environment rather than the code: why
     /// (`network denied: ...`). The comparison counts it as spurious.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +180,9 @@ impl Written {
     }
 }
 
+/// How many earlier runs of each regressed package the report shows.
+const HISTORY_RUNS: i64 = 5;
+
 /// Writes the report of `run` (an id or a name) under `output_dir/<run name>/`.
 pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::Result<Written> {
     let store = Store::connect(&config.database).await?;
@@ -176,14 +193,79 @@ pub async fn generate(config: &Config, run: &str, output_dir: &Path) -> anyhow::
     let dir = output_dir.join(&run.name);
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    // Every log of a small run; of a large one, those people open: the jobs that did not pass.
+    // Every log of a small run; of a large one, those people open: the jobs that did not pass,
+    // and the other sides of their packages (a regression's passing log is half its diff).
     let every_log = rows.len() as u64 <= config.reporter.copy_passing_logs_up_to;
+    let failing: std::collections::HashSet<(&str, &str)> = rows
+        .iter()
+        .filter(|row| !row.outcome.is_pass())
+        .map(|row| (row.crate_name.as_str(), row.crate_version.as_str()))
+        .collect();
     let copied: Vec<bool> = rows
         .iter()
-        .map(|row| every_log || !row.outcome.is_pass())
+        .map(|row| {
+            every_log || failing.contains(&(row.crate_name.as_str(), row.crate_version.as_str()))
+        })
         .collect();
-    let causes = copy_logs(&Bucket::new(&config.s3)?, &rows, &copied, &logs).await?;
-    write_report(&dir, &run, progress, &counts, rows, &copied, causes)
+    // The packages that may have regressed (failed on a side, passed on another): their
+    // earlier runs are the report's history of each regression.
+    let mut candidates: Vec<String> = rows
+        .iter()
+        .filter(|row| {
+            row.outcome.is_pass()
+                && failing.contains(&(row.crate_name.as_str(), row.crate_version.as_str()))
+        })
+        .map(|row| row.crate_name.clone())
+        .collect();
+    candidates.dedup();
+    drop(failing);
+    let history = store
+        .package_history(run.id, &candidates, HISTORY_RUNS)
+        .await?;
+    let dependents = store.dependent_counts(run.id).await?;
+    let read = copy_logs(&Bucket::new(&config.s3)?, &rows, &copied, &logs).await?;
+    write_report(
+        &dir,
+        &run,
+        Gathered {
+            progress,
+            counts: &counts,
+            rows,
+            copied: &copied,
+            read,
+            dependents,
+            history,
+        },
+        config.reporter.report_url.as_deref().map(|url| {
+            format!(
+                "{}/{}/index.html",
+                url.trim_end_matches('/'),
+                escape_href(&run.name)
+            )
+        }),
+    )
+}
+
+/// What the report is written from, gathered from PostgreSQL and the logs.
+struct Gathered<'a> {
+    progress: Progress,
+    counts: &'a [(Outcome, i64)],
+    rows: Vec<ResultRow>,
+    /// Which rows' logs were copied beside the report.
+    copied: &'a [bool],
+    /// What was read from each row's log.
+    read: Vec<ReadLog>,
+    /// How many of the run's packages depend on each crate, by lowercase name.
+    dependents: std::collections::HashMap<String, i64>,
+    /// Earlier results of the packages that may have regressed.
+    history: Vec<quarry_shared::store::HistoryRow>,
+}
+
+/// What the report takes from a job's log.
+#[derive(Default)]
+struct ReadLog {
+    cause: Option<String>,
+    first_error: Option<String>,
 }
 
 /// The file name of a job's log in the report's `logs/` directory.
@@ -196,19 +278,19 @@ fn log_file(row: &ResultRow) -> String {
 
 /// Writes the log of every job marked in `copy` into `logs`: what PostgreSQL keeps of it (all
 /// of it, or a note of Quarry's), then the compressed log from S3. Logs are fetched a few at a
-/// time. Returns each failed build's or test's root cause, read from its log while it is at
-/// hand (failures are always copied).
+/// time. Returns what is read from each failed job's log while it is at hand (its root cause,
+/// its first error; failures are always copied).
 async fn copy_logs(
     bucket: &Bucket,
     rows: &[ResultRow],
     copy: &[bool],
     logs: &Path,
-) -> anyhow::Result<Vec<Option<String>>> {
+) -> anyhow::Result<Vec<ReadLog>> {
     use futures::StreamExt as _;
     let mut writes = futures::stream::iter(rows.iter().zip(copy))
         .map(|(row, copy)| async move {
             if !copy {
-                return anyhow::Ok(None);
+                return anyhow::Ok(ReadLog::default());
             }
             let text = bucket
                 .result_log(row.log.as_deref(), row.log_key.as_deref())
@@ -228,29 +310,40 @@ async fn copy_logs(
                     .map(|why| format!("broken: {why}")),
                 _ => None,
             };
+            let first_error = (!row.outcome.is_pass())
+                .then(|| cause::first_error(&text))
+                .flatten();
             let file = log_file(row);
             tokio::fs::write(logs.join(&file), text)
                 .await
                 .with_context(|| format!("cannot write the log {file}"))?;
-            anyhow::Ok(cause)
+            anyhow::Ok(ReadLog { cause, first_error })
         })
         .buffered(16);
-    let mut causes = Vec::with_capacity(rows.len());
-    while let Some(cause) = writes.next().await {
-        causes.push(cause?);
+    let mut read = Vec::with_capacity(rows.len());
+    while let Some(log) = writes.next().await {
+        read.push(log?);
     }
-    Ok(causes)
+    Ok(read)
 }
 
+/// Writes the report's files under `dir`; `link` is the address of its `index.html` where the
+/// reports are published.
 fn write_report(
     dir: &Path,
     run: &Run,
-    progress: Progress,
-    counts: &[(Outcome, i64)],
-    rows: Vec<ResultRow>,
-    copied: &[bool],
-    causes: Vec<Option<String>>,
+    gathered: Gathered<'_>,
+    link: Option<String>,
 ) -> anyhow::Result<Written> {
+    let Gathered {
+        progress,
+        counts,
+        rows,
+        copied,
+        read,
+        dependents,
+        history,
+    } = gathered;
     let mut packages = Vec::with_capacity(rows.len());
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut refusals: BTreeMap<Refusal, Vec<String>> = BTreeMap::new();
@@ -259,7 +352,7 @@ fn write_report(
     // Each side's builds, without an allocation per row (a million rows share one or two).
     let mut builds: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     // Rows are consumed as they are turned into the report's: a million of them is memory.
-    for ((row, cause), copied) in rows.into_iter().zip(causes).zip(copied) {
+    for ((row, ReadLog { cause, first_error }), copied) in rows.into_iter().zip(read).zip(copied) {
         if let Some(build) = row
             .toolchain_build
             .as_deref()
@@ -329,12 +422,23 @@ fn write_report(
             consumer: row.consumer,
             log,
             cause,
+            first_error,
             environment: row.environment,
             refused: row.refused.iter().map(|r| r.to_string()).collect(),
             broken_reason: broken_reason.flatten().map(|r| r.to_string()),
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
+    let mut regressions = comparison
+        .as_ref()
+        .map(|c| triage::group(&c.packages, &packages, &c.end, &dependents))
+        .unwrap_or_default();
+    triage::attach_history(&mut regressions, history);
+    triage::assign_pages(&mut regressions);
+    let reruns = comparison
+        .as_ref()
+        .map(|c| triage::reruns(&run.name, &run.definition, &c.categories))
+        .unwrap_or_default();
     let report = Report {
         run: RunInfo {
             id: run.id.to_string(),
@@ -356,6 +460,8 @@ fn write_report(
             .map(|(outcome, n)| (outcome.to_string(), *n))
             .collect(),
         comparison,
+        regressions,
+        reruns,
         causes: {
             let mut causes: Vec<CauseGroup> = groups
                 .into_iter()
@@ -379,7 +485,7 @@ fn write_report(
     write_file(&json, |out| Ok(serde_json::to_writer(out, &report)?))?;
     let html = site::write(dir, &report)?;
     let markdown = dir.join("summary.md");
-    std::fs::write(&markdown, render_markdown(&report))
+    std::fs::write(&markdown, summary::render(&report, link.as_deref()))
         .with_context(|| format!("cannot write {}", markdown.display()))?;
     let csv = dir.join("results.csv");
     write_file(&csv, |out| render_csv(&report, out))?;
@@ -796,132 +902,6 @@ fn write_file(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn render_markdown(report: &Report) -> String {
-    let mut md = String::new();
-    let _ = writeln!(md, "## Quarry run `{}`\n", report.run.name);
-    let _ = writeln!(md, "{}\n", progress_line(report));
-    for (side, builds) in &report.run.builds {
-        let _ = writeln!(md, "- `{side}`: `{}`", builds.join("`, `"));
-    }
-    if !report.run.builds.is_empty() {
-        md.push('\n');
-    }
-    md.push_str("| outcome | packages |\n|---|---:|\n");
-    for (outcome, count) in &report.counts {
-        let _ = writeln!(md, "| {outcome} | {count} |");
-    }
-    if let Some(comparison) = &report.comparison {
-        let _ = writeln!(
-            md,
-            "\n### `{}` → `{}`\n\n| category | packages |\n|---|---:|",
-            comparison.start, comparison.end
-        );
-        for (category, count) in &comparison.categories {
-            let _ = writeln!(md, "| {category} | {count} |");
-        }
-        for (category, heading) in [
-            (
-                "regressed-ice",
-                "Regressed (ICE): the end toolchain crashed where the start one did not",
-            ),
-            ("regressed", "Regressed (failed again when run once more)"),
-            ("flaky", "Flaky (regressed, then passed when run once more)"),
-        ] {
-            let listed: Vec<&ComparedPackage> = comparison
-                .packages
-                .iter()
-                .filter(|p| p.category == category)
-                .collect();
-            if listed.is_empty() {
-                continue;
-            }
-            let _ = writeln!(md, "\n#### {heading}\n");
-            for p in listed.iter().take(100) {
-                let _ = write!(
-                    md,
-                    "- `{}@{}`: {} → {}",
-                    p.name,
-                    p.version,
-                    p.start.as_deref().unwrap_or("pending"),
-                    p.end.as_deref().unwrap_or("pending")
-                );
-                match &p.end_rerun {
-                    Some(rerun) => {
-                        let _ = writeln!(md, ", re-run: {rerun}");
-                    }
-                    None => md.push('\n'),
-                }
-            }
-            if listed.len() > 100 {
-                let _ = writeln!(md, "- … and {} more", listed.len() - 100);
-            }
-        }
-    }
-    let failing: Vec<&PackageRow> = report
-        .packages
-        .iter()
-        .filter(|p| !matches!(p.outcome.as_str(), "build-pass" | "test-pass"))
-        .collect();
-    if !failing.is_empty() {
-        md.push_str("\n### Not passing\n\n");
-        for p in failing.iter().take(100) {
-            let _ = writeln!(
-                md,
-                "- `{}@{}` ({}): {}",
-                p.name, p.version, p.toolchain, p.outcome
-            );
-        }
-        if failing.len() > 100 {
-            let _ = writeln!(md, "- … and {} more", failing.len() - 100);
-        }
-    }
-    if !report.causes.is_empty() {
-        md.push_str("\n### Root causes\n\n| cause | failed jobs |\n|---|---:|\n");
-        for group in report.causes.iter().take(20) {
-            let _ = writeln!(md, "| {} | {} |", group.cause, group.jobs.len());
-        }
-    }
-    for (groups, heading) in [
-        (&report.broken, "Broken, by reason"),
-        (
-            &report.spurious,
-            "Spurious: failed for a reason in the environment, not the code",
-        ),
-    ] {
-        if groups.is_empty() {
-            continue;
-        }
-        let _ = writeln!(md, "\n### {heading}\n\n| reason | jobs |\n|---|---:|");
-        for group in groups {
-            let _ = writeln!(md, "| {} | {} |", group.reason, group.jobs.len());
-        }
-    }
-    if !report.refused.is_empty() {
-        md.push_str("\n### Refused (what packages tried that Quarry did not allow)\n\n");
-        for group in &report.refused {
-            let shown: Vec<String> = group
-                .jobs
-                .iter()
-                .take(20)
-                .map(|j| format!("`{j}`"))
-                .collect();
-            let more = group.jobs.len().saturating_sub(shown.len());
-            let _ = write!(
-                md,
-                "- **{}** ({}): {}",
-                group.refusal,
-                group.jobs.len(),
-                shown.join(", ")
-            );
-            if more > 0 {
-                let _ = write!(md, ", … and {more} more");
-            }
-            md.push('\n');
-        }
-    }
-    md
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,6 +923,8 @@ mod tests {
             },
             counts: BTreeMap::new(),
             comparison: None,
+            regressions: Vec::new(),
+            reruns: BTreeMap::new(),
             causes: Vec::new(),
             refused: Vec::new(),
             broken: Vec::new(),
@@ -958,6 +940,7 @@ mod tests {
                 consumer: "host,\"1\"".into(),
                 log: Some("logs/a.txt".into()),
                 cause: Some("E0308".into()),
+                first_error: None,
                 environment: None,
                 refused: Vec::new(),
                 broken_reason: None,

@@ -27,7 +27,17 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;}\
     .build-fail,.test-fail,.broken,.regressed,.regressed-ice,.still-failing{color:#a11;}\
     .error,.timeout,.out-of-memory,.spurious-regressed,.spurious-fixed{color:#a60;}\
     .bar{display:inline-block;height:.8em;background:#69c;vertical-align:middle;}\
-    nav{margin:1em 0;}";
+    nav{margin:1em 0;}\
+    pre{background:#f6f6f6;padding:.4em .6em;white-space:pre-wrap;overflow-wrap:anywhere;}\
+    .cause{border-left:4px solid #a11;padding-left:1em;margin:1em 0;}\
+    .root{margin:.6em 0;}.add{color:#16691c;}.del{color:#a11;}\
+    code.command{display:block;background:#f6f6f6;padding:.4em .6em;overflow-wrap:anywhere;}";
+
+/// The most root-cause groups, roots per group and dependents per root shown on the first page;
+/// the rest are a click away in the category's pages.
+const SHOWN_GROUPS: usize = 50;
+const SHOWN_ROOTS: usize = 20;
+const SHOWN_DEPENDENTS: usize = 20;
 
 /// Writes `index.html` and every list page under `dir`; returns the path of `index.html`.
 pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> {
@@ -54,37 +64,7 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         index.push_str("</table>\n");
     }
     search_box(&mut index, report);
-
-    // Outcomes, each but the passing ones with its pages.
-    let by_outcome = group(
-        report.packages.iter().filter(|p| !is_passing(&p.outcome)),
-        |p| p.outcome.clone(),
-    );
-    let largest = report.counts.values().copied().max().unwrap_or(0);
-    index.push_str(
-        "<h2>Outcomes</h2>\n<table id=\"counts\"><tr><th>outcome</th><th>jobs</th><th></th></tr>\n",
-    );
-    for (outcome, count) in &report.counts {
-        let pages = match by_outcome.get(outcome) {
-            Some(rows) => write_pages(
-                &dir.join("outcomes"),
-                outcome,
-                &format!("{}: {outcome}", report.run.name),
-                &package_header(),
-                rows,
-                package_row,
-            )?,
-            None => 0,
-        };
-        let _ = writeln!(
-            index,
-            "<tr class=\"{o}\"><td>{}</td><td data-count=\"{o}\">{count}</td><td>{}</td></tr>",
-            linked(&format!("outcomes/{outcome}-1.html"), outcome, pages),
-            bar(*count, largest),
-            o = e(outcome)
-        );
-    }
-    index.push_str("</table>\n");
+    regressions(&mut index, dir, report)?;
 
     if let Some(comparison) = &report.comparison {
         let by_category = group(
@@ -132,6 +112,37 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
         }
         index.push_str("</table>\n");
     }
+
+    // Outcomes, each but the passing ones with its pages.
+    let by_outcome = group(
+        report.packages.iter().filter(|p| !is_passing(&p.outcome)),
+        |p| p.outcome.clone(),
+    );
+    let largest = report.counts.values().copied().max().unwrap_or(0);
+    index.push_str(
+        "<h2>Outcomes</h2>\n<table id=\"counts\"><tr><th>outcome</th><th>jobs</th><th></th></tr>\n",
+    );
+    for (outcome, count) in &report.counts {
+        let pages = match by_outcome.get(outcome) {
+            Some(rows) => write_pages(
+                &dir.join("outcomes"),
+                outcome,
+                &format!("{}: {outcome}", report.run.name),
+                &package_header(),
+                rows,
+                package_row,
+            )?,
+            None => 0,
+        };
+        let _ = writeln!(
+            index,
+            "<tr class=\"{o}\"><td>{}</td><td data-count=\"{o}\">{count}</td><td>{}</td></tr>",
+            linked(&format!("outcomes/{outcome}-1.html"), outcome, pages),
+            bar(*count, largest),
+            o = e(outcome)
+        );
+    }
+    index.push_str("</table>\n");
 
     durations(&mut index, &report.packages);
 
@@ -702,4 +713,281 @@ fn reason_groups(groups: &[crate::ReasonGroup]) -> Vec<(&str, &[String])> {
         .iter()
         .map(|g| (g.reason.as_str(), g.jobs.as_slice()))
         .collect()
+}
+
+/// The first section of a two-side run's page: its regressions grouped by root cause, each
+/// root with its first error, its logs, its page and the crates it broke under it; and the
+/// commands that re-run them. Writes each root's page (see [`regression_page`]).
+fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Result<()> {
+    let Some(comparison) = &report.comparison else {
+        return Ok(());
+    };
+    let e = escape_html;
+    let crates: usize = report.regressions.iter().map(|g| g.crates).sum();
+    let _ = writeln!(
+        index,
+        "<h2 id=\"regressions\">Regressions: <span data-count=\"regressed-crates\">{crates}</span> \
+         {}, <span data-count=\"root-causes\">{}</span> root {}</h2>",
+        if crates == 1 { "crate" } else { "crates" },
+        report.regressions.len(),
+        if report.regressions.len() == 1 {
+            "cause"
+        } else {
+            "causes"
+        },
+    );
+    if report.regressions.is_empty() {
+        let _ = writeln!(
+            index,
+            "<p>Nothing that passed with {} fails with {}.</p>",
+            e(&comparison.start),
+            e(&comparison.end)
+        );
+    }
+    for (only, command) in &report.reruns {
+        let _ = writeln!(
+            index,
+            "<p>Re-run the {only} crates, computed afresh:</p><code class=\"command\" \
+             data-rerun=\"{only}\">{}</code>",
+            e(command),
+            only = e(only),
+        );
+    }
+    let regressions_dir = dir.join("regressed");
+    for (g, group) in report.regressions.iter().enumerate() {
+        let shown = g < SHOWN_GROUPS;
+        if shown {
+            let _ = writeln!(
+                index,
+                "<div class=\"cause\" data-group=\"{cause}\"><h3>{cause} · \
+                 <span data-count=\"group-{n}\">{}</span> {}</h3>\n<ol>",
+                group.crates,
+                if group.crates == 1 { "crate" } else { "crates" },
+                cause = e(&group.cause),
+                n = g + 1,
+            );
+        }
+        for (r, root) in group.roots.iter().enumerate() {
+            let page = &root.page;
+            if let Some(page) = page {
+                std::fs::create_dir_all(&regressions_dir)
+                    .with_context(|| format!("cannot create {}", regressions_dir.display()))?;
+                let html = regression_page(dir, report, &group.cause, root);
+                let path = dir.join(page);
+                std::fs::write(&path, html)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if !shown || r >= SHOWN_ROOTS {
+                continue;
+            }
+            let _ = write!(
+                index,
+                "<li class=\"root\" data-root=\"{name}\">{} {} · <span class=\"{c}\">{c}</span> · \
+                 {} · {} · {}",
+                root_link(&root.name),
+                e(&root.version),
+                dependents(root.dependents),
+                root_log(
+                    root.start_log.as_deref(),
+                    &format!("{} log", comparison.start)
+                ),
+                root_log(root.end_log.as_deref(), &format!("{} log", comparison.end)),
+                name = e(&root.name),
+                c = e(&root.category),
+            );
+            if let Some(page) = page {
+                let _ = write!(
+                    index,
+                    " · <a href=\"{}\">diff and history</a>",
+                    e(&escape_href(page))
+                );
+            }
+            if let Some(error) = &root.first_error {
+                let _ = write!(index, "\n<pre class=\"first-error\">{}</pre>", e(error));
+            }
+            if !root.broken.is_empty() {
+                let _ = write!(
+                    index,
+                    "<details open><summary><span data-count=\"broken-by-{name}\">{}</span> {} \
+                     failed because {} on it</summary><ol>",
+                    root.broken.len(),
+                    if root.broken.len() == 1 {
+                        "crate"
+                    } else {
+                        "crates"
+                    },
+                    if root.broken.len() == 1 {
+                        "it depends"
+                    } else {
+                        "they depend"
+                    },
+                    name = e(&root.name),
+                );
+                for dependent in root.broken.iter().take(SHOWN_DEPENDENTS) {
+                    let _ = write!(
+                        index,
+                        "<li class=\"dependent\">{} {} · {} · {}</li>",
+                        root_link(&dependent.name),
+                        e(&dependent.version),
+                        dependents(dependent.dependents),
+                        root_log(
+                            dependent.end_log.as_deref(),
+                            &format!("{} log", comparison.end)
+                        ),
+                    );
+                }
+                if root.broken.len() > SHOWN_DEPENDENTS {
+                    let _ = write!(
+                        index,
+                        "<li>… and {} more (<a href=\"categories/regressed-1.html\">every \
+                         regression</a>)</li>",
+                        root.broken.len() - SHOWN_DEPENDENTS
+                    );
+                }
+                index.push_str("</ol></details>");
+            }
+            index.push_str("</li>\n");
+        }
+        if shown {
+            if group.roots.len() > SHOWN_ROOTS {
+                let _ = writeln!(
+                    index,
+                    "<li>… and {} more crates of this cause</li>",
+                    group.roots.len() - SHOWN_ROOTS
+                );
+            }
+            index.push_str("</ol></div>\n");
+        }
+    }
+    if report.regressions.len() > SHOWN_GROUPS {
+        let _ = writeln!(
+            index,
+            "<p>… and {} more root causes: <a href=\"categories/regressed-1.html\">every \
+             regression</a>.</p>",
+            report.regressions.len() - SHOWN_GROUPS
+        );
+    }
+    Ok(())
+}
+
+/// How many of the run's packages depend on a crate, in words.
+fn dependents(count: i64) -> String {
+    match count {
+        0 => "no dependents in this run".to_owned(),
+        1 => "<span class=\"dependents\">1</span> dependent in this run".to_owned(),
+        n => format!("<span class=\"dependents\">{n}</span> dependents in this run"),
+    }
+}
+
+/// A package's name linking to its page, from the report's root.
+fn root_link(name: &str) -> String {
+    package_link(name).replacen("href=\"../", "href=\"", 1)
+}
+
+/// A link to a log from the report's root.
+fn root_log(log: Option<&str>, text: &str) -> String {
+    match log {
+        Some(log) => format!(
+            "<a href=\"{}\">{}</a>",
+            escape_html(&escape_href(log)),
+            escape_html(text)
+        ),
+        None => format!("{} in S3", escape_html(text)),
+    }
+}
+
+/// The page of one regression (under `regressed/`): its logs, the diff of its two logs around
+/// its first error, the crates it broke, and its results in earlier runs.
+fn regression_page(dir: &Path, report: &Report, cause: &str, root: &crate::Regression) -> String {
+    let e = escape_html;
+    let (start, end) = report
+        .comparison
+        .as_ref()
+        .map_or(("start", "end"), |c| (c.start.as_str(), c.end.as_str()));
+    let title = format!("{}@{}: {}", root.name, root.version, root.category);
+    let mut html = head(&format!("{}: {title}", report.run.name), "../");
+    let _ = writeln!(
+        html,
+        "<h1>{}</h1>\n<p>Root cause: {} · {} · {} · {}</p>",
+        e(&title),
+        e(cause),
+        dependents(root.dependents),
+        log_link(root.start_log.as_deref(), &format!("{start} log"), ""),
+        log_link(root.end_log.as_deref(), &format!("{end} log"), ""),
+    );
+    if let Some(rerun) = &root.end_rerun {
+        let _ = writeln!(html, "<p>Run once more with {}: {}.</p>", e(end), e(rerun));
+    }
+    if let Some(error) = &root.first_error {
+        let _ = writeln!(html, "<h2>First error</h2>\n<pre>{}</pre>", e(error));
+    }
+    let read = |log: &Option<String>| {
+        log.as_deref()
+            .and_then(|log| std::fs::read_to_string(dir.join(log)).ok())
+    };
+    html.push_str("<h2>What changed in the log</h2>\n");
+    match (read(&root.start_log), read(&root.end_log)) {
+        (Some(start_text), Some(end_text)) => {
+            let diff = crate::triage::log_diff(&start_text, &end_text, root.first_error.as_deref());
+            let _ = write!(
+                html,
+                "<p><span class=\"del\">- only in the {} log</span> · <span class=\"add\">+ only \
+                 in the {} log</span></p>\n<pre class=\"diff\">",
+                e(start),
+                e(end)
+            );
+            for (tag, line) in &diff {
+                let class = match tag {
+                    '+' => "add",
+                    '-' => "del",
+                    _ => "same",
+                };
+                let _ = writeln!(html, "<span class=\"{class}\">{tag} {}</span>", e(line));
+            }
+            html.push_str("</pre>\n");
+        }
+        _ => html.push_str("<p>A log is in S3 only: <code>quarry-reporter explain</code>.</p>\n"),
+    }
+    if !root.broken.is_empty() {
+        let _ = writeln!(
+            html,
+            "<h2>{} crates failed because they depend on it</h2>\n<table><tr><th>package</th>\
+             <th>version</th><th>dependents in this run</th><th>log</th></tr>",
+            root.broken.len()
+        );
+        for d in &root.broken {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                package_link(&d.name),
+                e(&d.version),
+                d.dependents,
+                log_link(d.end_log.as_deref(), "log", ""),
+            );
+        }
+        html.push_str("</table>\n");
+    }
+    html.push_str("<h2>Earlier runs</h2>\n");
+    if root.history.is_empty() {
+        html.push_str("<p>No earlier run tested it.</p>\n");
+    } else {
+        html.push_str(
+            "<table id=\"history\"><tr><th>run</th><th>created</th><th>version</th><th>side</th>\
+             <th>outcome</th></tr>\n",
+        );
+        for earlier in &root.history {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td></tr>",
+                e(&earlier.run),
+                e(&earlier.created_at),
+                e(&earlier.version),
+                e(&earlier.side),
+                o = e(&earlier.outcome),
+            );
+        }
+        html.push_str("</table>\n");
+    }
+    html.push_str("</body></html>\n");
+    html
 }

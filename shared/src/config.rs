@@ -346,6 +346,10 @@ pub struct ReporterConfig {
     /// Runs of at most this many results get every log copied beside their report; larger
     /// ones only the logs of jobs that did not pass (the others stay in S3).
     pub copy_passing_logs_up_to: u64,
+    /// Where the written reports are published (`https://quarry.example.org/reports`, as
+    /// `serve` offers them under `/reports`): the markdown summary links to
+    /// `<report_url>/<run>/index.html`. Unset, it names the file beside it.
+    pub report_url: Option<String>,
 }
 
 impl Default for ReporterConfig {
@@ -357,6 +361,7 @@ impl Default for ReporterConfig {
             token_file: None,
             public: true,
             copy_passing_logs_up_to: 20_000,
+            report_url: None,
         }
     }
 }

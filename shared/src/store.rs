@@ -204,6 +204,17 @@ pub struct ResultRow {
     pub log_key: Option<String>,
 }
 
+/// A package's result in an earlier run.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRow {
+    pub crate_name: String,
+    pub crate_version: String,
+    pub run: String,
+    pub created_at: DateTime<Utc>,
+    pub side: String,
+    pub outcome: Outcome,
+}
+
 /// What `Store::reconcile` found: the figures the invariants are checked against.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Reconciliation {
@@ -1348,6 +1359,101 @@ impl Store {
     }
 
     // ---- reports ----------------------------------------------------------------------------
+
+    /// Records what packages of `run` depend on, as (package, dependency) crate names: the
+    /// direct normal and build dependencies of the versions tested. Recorded again, nothing
+    /// changes.
+    pub async fn record_dependencies(
+        &self,
+        run: RunId,
+        edges: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        if edges.is_empty() {
+            return Ok(());
+        }
+        let packages: Vec<&str> = edges.iter().map(|(p, _)| p.as_str()).collect();
+        let dependencies: Vec<&str> = edges.iter().map(|(_, d)| d.as_str()).collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "INSERT INTO dependencies (run_id, crate_name, dependency)
+                         SELECT $1, * FROM unnest($2::text[], $3::text[])
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .await?,
+                &[&run.0, &packages, &dependencies],
+            )
+            .await
+            .context("cannot record the packages' dependencies")?;
+        Ok(())
+    }
+
+    /// How many of `run`'s packages depend directly on each crate (by lowercase name), as the
+    /// index told the producer; crates nothing in the run depends on are absent.
+    pub async fn dependent_counts(
+        &self,
+        run: RunId,
+    ) -> anyhow::Result<std::collections::HashMap<String, i64>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT dependency, count(*) FROM dependencies WHERE run_id = $1
+                 GROUP BY dependency",
+                &[&run.0],
+            )
+            .await
+            .context("cannot count the run's dependents")?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The outcomes of the packages named in `packages` in runs created before `run`, the
+    /// `runs_each` most recent runs of each package, newest first.
+    pub async fn package_history(
+        &self,
+        run: RunId,
+        packages: &[String],
+        runs_each: i64,
+    ) -> anyhow::Result<Vec<HistoryRow>> {
+        if packages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT crate_name, crate_version, run_name, created_at, toolchain, outcome
+                 FROM (
+                     SELECT j.crate_name, j.crate_version, ru.name AS run_name, ru.created_at,
+                            j.toolchain, r.outcome,
+                            dense_rank() OVER (PARTITION BY j.crate_name
+                                               ORDER BY ru.created_at DESC, ru.id) AS nth
+                     FROM jobs j
+                     JOIN results r ON r.job_id = j.id
+                     JOIN runs ru ON ru.id = j.run_id
+                     WHERE j.crate_name = ANY($2) AND j.run_id <> $1
+                       AND ru.created_at < (SELECT created_at FROM runs WHERE id = $1)
+                 ) h
+                 WHERE nth <= $3
+                 ORDER BY crate_name, created_at DESC, toolchain",
+                &[&run.0, &packages, &runs_each],
+            )
+            .await
+            .context("cannot read the packages' earlier results")?;
+        rows.into_iter()
+            .map(|r| {
+                let outcome: String = r.get(5);
+                Ok(HistoryRow {
+                    crate_name: r.get(0),
+                    crate_version: r.get(1),
+                    run: r.get(2),
+                    created_at: r.get(3),
+                    side: r.get(4),
+                    outcome: outcome.parse()?,
+                })
+            })
+            .collect()
+    }
 
     /// Every result of a run, ordered by package then toolchain.
     pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {

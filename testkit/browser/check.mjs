@@ -17,9 +17,10 @@ const USAGE = `usage: node check.mjs --url URL --expect FILE.json --screenshot O
 
 Each --url starts a page; the --expect and --screenshot after it belong to that page.
   --expect FILE.json   {"counts": {"<key>": <integer>, ...}, "texts": ["substring", ...],
-                        "search": {"query": "text", "finds": "text"}}
+                        "order": ["first", "second", ...], "search": {"query": "text", "finds": "text"}}
                        counts: the first [data-count="<key>"] element's text, read as an integer
                        texts:  each must appear in document.body.innerText
+                       order:  texts that must appear in document.body.innerText in this order
                        search: type query into #q, press Enter; #found must come to show finds
   --screenshot OUT.png full-page screenshot, parent directories created
   --chromium PATH      the browser (default: $QUARRY_CHROMIUM, else /usr/bin/chromium)
@@ -108,8 +109,8 @@ async function readExpect(file) {
     const bad = (why) => new UsageError(`expect file ${file}: ${why}`);
     if (expect === null || typeof expect !== 'object' || Array.isArray(expect)) throw bad('not a JSON object');
     for (const key of Object.keys(expect)) {
-        if (!['counts', 'texts', 'search'].includes(key)) {
-            throw bad(`unknown key "${key}" (only "counts", "texts" and "search")`);
+        if (!['counts', 'texts', 'order', 'search'].includes(key)) {
+            throw bad(`unknown key "${key}" (only "counts", "texts", "order" and "search")`);
         }
     }
     const counts = expect.counts ?? {};
@@ -121,11 +122,15 @@ async function readExpect(file) {
     if (!Array.isArray(texts) || texts.some((t) => typeof t !== 'string' || t === '')) {
         throw bad('"texts" is not an array of non-empty strings');
     }
+    const order = expect.order ?? [];
+    if (!Array.isArray(order) || order.some((t) => typeof t !== 'string' || t === '')) {
+        throw bad('"order" is not an array of non-empty strings');
+    }
     const search = expect.search ?? null;
     if (search !== null && (typeof search.query !== 'string' || typeof search.finds !== 'string')) {
         throw bad('"search" wants {"query": string, "finds": string}');
     }
-    return { counts, texts, search };
+    return { counts, texts, order, search };
 }
 
 // "1,234", "1 234" (narrow or plain no-break space), "1'234" or "1_234" -> 1234; anything that is
@@ -274,6 +279,26 @@ async function checkPage(browser, spec, options, report) {
                 for (const want of expect.texts) {
                     const present = found.text.includes(want) || squashed.includes(squash(want));
                     report.check(present, `${label} text ${show(want)}${present ? '' : ' not found in the page'}`);
+                }
+
+                if (expect.order.length > 0) {
+                    // Each text after the one before it, in the page as a person reads it.
+                    let at = 0;
+                    let missing = null;
+                    for (const want of expect.order) {
+                        const found = squashed.indexOf(squash(want), at);
+                        if (found < 0) {
+                            missing = want;
+                            break;
+                        }
+                        at = found + squash(want).length;
+                    }
+                    report.check(
+                        missing === null,
+                        missing === null
+                            ? `${label} order ${expect.order.map((t) => show(t, 40)).join(' < ')}`
+                            : `${label} order: ${show(missing)} not found after the texts before it`,
+                    );
                 }
 
                 if (expect.search) {

@@ -145,6 +145,50 @@ pub fn no_op_run() -> quarry_producer::RunDefinition {
     }
 }
 
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit is in the repository")
+        .to_owned()
+}
+
+/// Runs the headless-browser checker (testkit/browser) on `pages`: (url, what to expect as its
+/// README says, screenshot name under `target/test-artifacts/`, kept for looking at); panics
+/// with its output when a check fails.
+pub fn browser_check(pages: &[(String, serde_json::Value, &str)]) {
+    let browser = repo_root().join("testkit/browser");
+    assert!(
+        browser.join("node_modules/playwright-core").is_dir(),
+        "the browser checker is not installed: run deploy/local/up (it installs chromium, node \
+         and testkit/browser's packages)"
+    );
+    let artifacts = repo_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let mut command = std::process::Command::new("node");
+    command.arg(browser.join("check.mjs"));
+    let expect_dir = tempfile::tempdir().unwrap();
+    for (i, (url, expect, screenshot)) in pages.iter().enumerate() {
+        let expect_file = expect_dir.path().join(format!("{i}.json"));
+        std::fs::write(&expect_file, expect.to_string()).unwrap();
+        command
+            .arg("--url")
+            .arg(url)
+            .arg("--expect")
+            .arg(&expect_file)
+            .arg("--screenshot")
+            .arg(artifacts.join(screenshot));
+    }
+    let output = command.output().expect("node runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("{text}");
+    assert!(output.status.success(), "the browser check failed:\n{text}");
+}
+
 /// The real `.crate` files tests serve: cargo's download cache, cut down to the crates whose
 /// dependencies it can all serve.
 pub fn crates_dir() -> PathBuf {

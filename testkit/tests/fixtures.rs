@@ -94,7 +94,7 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     };
     assert_eq!(
         cause_of("quarry-fixture-build-fail").as_deref(),
-        Some("E0308")
+        Some("E0308: mismatched types")
     );
     assert_eq!(
         cause_of("quarry-fixture-test-fail").as_deref(),
@@ -102,7 +102,10 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
     );
     let html = std::fs::read_to_string(&written.html).unwrap();
     // The build failure fixture's, and the ICE fixture's on a stable toolchain.
-    assert!(html.contains("<td data-cause=\"E0308\">2</td>"), "{html}");
+    assert!(
+        html.contains("<td data-cause=\"E0308: mismatched types\">2</td>"),
+        "{html}"
+    );
 
     // The never-ending build script died with its job: no process of it is left.
     let survivors = fixtures::build_script_processes("quarry-fixture-timeout");

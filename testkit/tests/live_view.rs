@@ -126,45 +126,7 @@ fn exported(exposition: &str) -> BTreeSet<String> {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// Runs the headless-browser checker (testkit/browser) on `pages`: (url, expected counts,
-/// screenshot name).
-fn browser_check(pages: &[(String, serde_json::Value, &str)]) {
-    let browser = repo_root().join("testkit/browser");
-    assert!(
-        browser.join("node_modules/playwright-core").is_dir(),
-        "the browser checker is not installed: run deploy/local/up (it installs chromium, node \
-         and testkit/browser's packages)"
-    );
-    let artifacts = repo_root().join("target/test-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let mut command = std::process::Command::new("node");
-    command.arg(browser.join("check.mjs"));
-    let expect_dir = tempfile::tempdir().unwrap();
-    for (i, (url, expect, screenshot)) in pages.iter().enumerate() {
-        let expect_file = expect_dir.path().join(format!("{i}.json"));
-        std::fs::write(&expect_file, expect.to_string()).unwrap();
-        command
-            .arg("--url")
-            .arg(url)
-            .arg("--expect")
-            .arg(&expect_file)
-            .arg("--screenshot")
-            .arg(artifacts.join(screenshot));
-    }
-    let output = command.output().expect("node runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("{text}");
-    assert!(output.status.success(), "the browser check failed:\n{text}");
+    quarry_testkit::repo_root()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,7 +236,7 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         .iter()
         .map(|(o, n)| (o.to_string(), (*n).into()))
         .collect();
-    browser_check(&[
+    quarry_testkit::browser_check(&[
         (
             format!("{base}/runs/live-a"),
             serde_json::json!({ "counts": expected, "texts": ["Latest failures"] }),
