@@ -13,7 +13,6 @@ use futures::StreamExt as _;
 use quarry_shared::Config;
 use quarry_shared::job::{
     Experiment, Job, PackageVersion, Patch, RunId, StoredDefinition, Toolchain, ToolchainFile,
-    rerun_label,
 };
 use quarry_shared::queue::{Broker, Publisher};
 use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
@@ -1158,7 +1157,7 @@ pub async fn packages_from_run(
     run: &str,
     only: &[Only],
 ) -> anyhow::Result<Vec<String>> {
-    use quarry_shared::category::{Category, Verdict, categorize};
+    use quarry_shared::category::{Category, Verdict, package_categories};
     use quarry_shared::job::Outcome;
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
@@ -1177,22 +1176,20 @@ pub async fn packages_from_run(
             run.name
         );
     }
-    let mut packages: BTreeMap<(String, String), Vec<(String, Verdict)>> = BTreeMap::new();
-    for (name, version, toolchain, outcome) in store.package_outcomes(run.id).await? {
-        packages
-            .entry((name, version))
-            .or_default()
-            .push((toolchain, outcome));
+    let rows = store.package_outcomes(run.id).await?;
+    let categories = pair
+        .as_ref()
+        .map(|(start, end)| package_categories(rows.clone(), start, end))
+        .unwrap_or_default();
+    let mut packages: BTreeMap<(String, String), Vec<Verdict>> = BTreeMap::new();
+    for (name, version, _, outcome) in rows {
+        packages.entry((name, version)).or_default().push(outcome);
     }
     let selected = packages
         .into_iter()
-        .filter(|(_, sides)| {
-            let category = pair.as_ref().map(|(start, end)| {
-                let side = |t: &str| sides.iter().find(|(s, _)| s == t).map(|(_, v)| *v);
-                let rerun = side(&rerun_label(end)).map(|v| v.outcome);
-                categorize(side(start), side(end), rerun)
-            });
-            let any = |wanted: &[Outcome]| sides.iter().any(|(_, v)| wanted.contains(&v.outcome));
+        .filter(|(package, sides)| {
+            let category = categories.get(package).copied();
+            let any = |wanted: &[Outcome]| sides.iter().any(|v| wanted.contains(&v.outcome));
             only.iter().any(|only| match only {
                 Only::Regressed => {
                     matches!(category, Some(Category::Regressed | Category::RegressedIce))

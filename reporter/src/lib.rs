@@ -9,6 +9,7 @@
 
 mod cause;
 mod compare;
+mod live;
 mod serve;
 mod site;
 mod summary;
@@ -287,8 +288,11 @@ async fn copy_logs(
     logs: &Path,
 ) -> anyhow::Result<Vec<ReadLog>> {
     use futures::StreamExt as _;
-    let mut writes = futures::stream::iter(rows.iter().zip(copy))
-        .map(|(row, copy)| async move {
+    // By index: a closure over borrowed pairs would make the future not `Send` for the live
+    // view's task (a higher-ranked lifetime the compiler cannot prove general).
+    let mut writes = futures::stream::iter(0..rows.len())
+        .map(|i| async move {
+            let (row, copy) = (&rows[i], copy[i]);
             if !copy {
                 return anyhow::Ok(ReadLog::default());
             }

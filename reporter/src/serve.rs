@@ -29,7 +29,7 @@ use quarry_shared::store::{Run, RunFigures, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::compare::categorize;
+use crate::compare::{Category, categorize};
 use crate::{escape_href, escape_html as e};
 
 /// Results counted over this window make a run's current pace.
@@ -44,6 +44,8 @@ struct App {
     /// Connected on first need (queue depths), again after a failure.
     broker: Mutex<Option<Broker>>,
     token: Option<Secret>,
+    /// The latest partial report of each running run (see `live.rs`).
+    live: Arc<crate::live::LiveReports>,
 }
 
 /// Starts the server on the configured address; runs until `shutdown` is cancelled. Returns
@@ -65,11 +67,23 @@ pub async fn start(
             "reporter.public = false needs a token (QUARRY_REPORTER_TOKEN or token_file)"
         );
     }
+    let live = Arc::new(crate::live::LiveReports::default());
+    let refresher = (config.reporter.live_report_secs > 0).then(|| {
+        crate::live::spawn(
+            config.clone(),
+            store.clone(),
+            live.clone(),
+            Duration::from_secs(config.reporter.live_report_secs),
+            RECENT_RUNS,
+            shutdown.clone(),
+        )
+    });
     let app = Arc::new(App {
         store,
         config: config.clone(),
         broker: Mutex::new(None),
         token,
+        live,
     });
     let reports = tower_http::services::ServeDir::new(&config.reporter.output_dir);
     let read = Router::new()
@@ -102,6 +116,12 @@ pub async fn start(
             .await;
         if let Err(err) = served {
             tracing::error!(%err, "the reporter's server stopped");
+        }
+        // A partial report being written is finished, not cut off.
+        if let Some(refresher) = refresher
+            && let Err(err) = refresher.await
+        {
+            tracing::error!(%err, "the partial reports' writer failed");
         }
     });
     Ok((addr, task))
@@ -366,6 +386,9 @@ async fn run_page(
         );
     }
     body.push_str("</table>\n");
+    if let Some(snapshot) = app.live.get(run.id) {
+        live_regressions(&mut body, &run, &snapshot);
+    }
     let failures = app.store.recent_failures(run.id, 50).await?;
     body.push_str("<h2>Latest failures</h2>\n<table id=\"failures\"><tr><th>package</th><th>toolchain</th><th>outcome</th><th>at</th><th></th></tr>\n");
     for f in &failures {
@@ -408,6 +431,54 @@ async fn run_page(
     body.push_str("</table>\n");
     render_fleet(&app, &mut body).await?;
     Ok(page(&format!("Run {}", run.name), true, &body))
+}
+
+/// The regressions of the run's latest partial report, grouped as the report groups them.
+fn live_regressions(body: &mut String, run: &Run, snapshot: &crate::live::Snapshot) {
+    if !snapshot.compared {
+        return;
+    }
+    let _ = writeln!(
+        body,
+        "<h2>Regressions so far: <span data-count=\"live-regressed\">{}</span> crates, \
+         <span data-count=\"live-causes\">{}</span> root causes</h2>\n<p>From the report written \
+         at {} over {} of {} results: <a href=\"/reports/{}/index.html\">the {} report</a>.</p>\n<ol>",
+        snapshot.regressed_crates,
+        snapshot.causes,
+        snapshot.at.format("%H:%M:%S UTC"),
+        snapshot.finished,
+        snapshot
+            .total
+            .map_or_else(|| "?".to_owned(), |t| t.to_string()),
+        escape_href(&run.name),
+        if snapshot.complete {
+            "final"
+        } else {
+            "partial"
+        },
+    );
+    for (n, group) in snapshot.groups.iter().enumerate() {
+        let roots: Vec<String> = group
+            .roots
+            .iter()
+            .map(|root| {
+                let mut text = e(&format!("{}@{}", root.name, root.version));
+                if !root.broken.is_empty() {
+                    let _ = write!(text, " (and {} that depend on it)", root.broken.len());
+                }
+                text
+            })
+            .collect();
+        let _ = writeln!(
+            body,
+            "<li><strong>{}</strong> · <span data-count=\"live-group-{}\">{}</span> crates: {}</li>",
+            e(&group.cause),
+            n + 1,
+            group.crates,
+            roots.join(", "),
+        );
+    }
+    body.push_str("</ol>\n");
 }
 
 /// The toolchain a run's results are compared on: its *end* toolchain (its only one, for a
@@ -456,10 +527,63 @@ async fn compare_page(
         );
     }
     body.push_str("</table>\n");
+    // Each run's own regressions (start to end side), by package: new in b, gone since a.
+    if let (Some(before), Some(after)) = (
+        regressed(&app.store, &a).await?,
+        regressed(&app.store, &b).await?,
+    ) {
+        for (heading, key, names) in [
+            (
+                format!("New regressions: in {}, not in {}", b.name, a.name),
+                "new-regressions",
+                after.difference(&before).collect::<Vec<_>>(),
+            ),
+            (
+                format!(
+                    "Gone: regressions of {} that {} does not have",
+                    a.name, b.name
+                ),
+                "gone-regressions",
+                before.difference(&after).collect::<Vec<_>>(),
+            ),
+        ] {
+            let _ = writeln!(
+                body,
+                "<h2>{} (<span data-count=\"{key}\">{}</span>)</h2>\n<ul id=\"{key}\">",
+                e(&heading),
+                names.len()
+            );
+            for name in names {
+                let _ = writeln!(body, "<li>{}</li>", e(name));
+            }
+            body.push_str("</ul>\n");
+        }
+    }
     Ok(page(
         &format!("{} compared with {}", a.name, b.name),
         false,
         &body,
+    ))
+}
+
+/// The packages (by name) that regressed between `run`'s two sides; `None` for a run of one.
+async fn regressed(
+    store: &Store,
+    run: &Run,
+) -> anyhow::Result<Option<std::collections::BTreeSet<String>>> {
+    let [start, end] = match <[String; 2]>::try_from(crate::toolchains(&run.definition)) {
+        Ok(sides) => sides,
+        Err(_) => return Ok(None),
+    };
+    let rows = store.package_outcomes(run.id).await?;
+    Ok(Some(
+        quarry_shared::category::package_categories(rows, &start, &end)
+            .into_iter()
+            .filter(|(_, category)| {
+                matches!(category, Category::Regressed | Category::RegressedIce)
+            })
+            .map(|((name, _), _)| name)
+            .collect(),
     ))
 }
 

@@ -389,4 +389,162 @@ mod tests {
         assert!(text.contains("more lines"));
         assert!(text.ends_with("[The full report](https://q.example/reports/r/index.html)\n"));
     }
+
+    /// A run of 100,000 results with every section overfull: thousands of root causes, long
+    /// error messages full of backticks, hundreds of spurious and broken reasons.
+    #[test]
+    fn the_summary_of_a_hundred_thousand_results_fits_in_a_comment() {
+        use crate::{
+            ComparedPackage, Comparison, Dependent, PackageRow, ProgressInfo, ReasonGroup,
+            RefusalGroup, Regression, RegressionGroup, RunInfo,
+        };
+        use std::collections::BTreeMap;
+        let long = |i: usize| format!("a long crate name number {i:06} {}", "x".repeat(40));
+        let categories = ["regressed", "flaky", "fixed", "error", "still-passing"];
+        let compared: Vec<ComparedPackage> = (0..50_000)
+            .map(|i| ComparedPackage {
+                name: long(i),
+                version: "1.0.0".into(),
+                category: categories[i % categories.len()].into(),
+                start: Some("build-pass".into()),
+                end: Some("build-fail".into()),
+                start_log: None,
+                end_log: None,
+                end_rerun: Some("build-pass".into()),
+                end_rerun_log: None,
+            })
+            .collect();
+        let packages: Vec<PackageRow> = (0..100_000)
+            .map(|i| PackageRow {
+                name: long(i / 2),
+                version: "1.0.0".into(),
+                toolchain: if i % 2 == 0 { "start" } else { "end" }.into(),
+                outcome: "build-fail".into(),
+                exit_code: Some(101),
+                duration_ms: 1000,
+                attempt: 1,
+                consumer: "c".into(),
+                log: None,
+                cause: Some(format!("E{:04}: `cause` {i}", i % 10_000)),
+                first_error: None,
+                environment: None,
+                refused: Vec::new(),
+                broken_reason: None,
+            })
+            .collect();
+        let error = format!(
+            "error[E0308]: mismatched ``types`` |{}|\n --> src/lib.rs",
+            "y".repeat(1400)
+        );
+        let regressions: Vec<RegressionGroup> = (0..3_000)
+            .map(|g| RegressionGroup {
+                cause: format!("E{g:04}: {} `with` | bars", "z".repeat(110)),
+                crates: 33,
+                roots: (0..3)
+                    .map(|r| Regression {
+                        name: long(g * 3 + r),
+                        version: "1.0.0".into(),
+                        category: "regressed".into(),
+                        start: Some("build-pass".into()),
+                        end: Some("build-fail".into()),
+                        dependents: 7,
+                        first_error: Some(error.clone()),
+                        start_log: None,
+                        end_log: None,
+                        end_rerun: None,
+                        page: None,
+                        broken: (0..10)
+                            .map(|d| Dependent {
+                                name: long(d),
+                                version: "1.0.0".into(),
+                                dependents: 0,
+                                end_log: None,
+                            })
+                            .collect(),
+                        history: Vec::new(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let reasons = |what: &str| -> Vec<ReasonGroup> {
+            (0..500)
+                .map(|i| ReasonGroup {
+                    reason: format!("{what} {i} {}", "w".repeat(80)),
+                    jobs: (0..100).map(long).collect(),
+                })
+                .collect()
+        };
+        let mut counts = BTreeMap::new();
+        counts.insert("build-fail".to_owned(), 100_000);
+        let report = Report {
+            run: RunInfo {
+                id: "id".into(),
+                name: "huge".into(),
+                definition: serde_json::Value::Null,
+                created_at: String::new(),
+                builds: BTreeMap::new(),
+            },
+            progress: ProgressInfo {
+                finished: 100_000,
+                total: Some(100_000),
+                complete: true,
+            },
+            counts,
+            comparison: Some(Comparison {
+                start: "start".into(),
+                end: "end".into(),
+                categories: categories.iter().map(|c| (c.to_string(), 10_000)).collect(),
+                packages: compared,
+            }),
+            regressions,
+            reruns: [
+                (
+                    "regressed".to_owned(),
+                    "quarry-producer run --name huge-regressed".to_owned(),
+                ),
+                (
+                    "spurious".to_owned(),
+                    "quarry-producer run --name huge-spurious".to_owned(),
+                ),
+            ]
+            .into(),
+            causes: Vec::new(),
+            refused: (0..50)
+                .map(|i| RefusalGroup {
+                    refusal: format!("refusal-{i}"),
+                    jobs: (0..1000).map(long).collect(),
+                })
+                .collect(),
+            broken: reasons("broken"),
+            spurious: reasons("spurious"),
+            packages,
+        };
+        let md = render(
+            &report,
+            Some("https://quarry.example.org/reports/huge/index.html"),
+        );
+        let chars = md.chars().count();
+        assert!(chars < LIMIT, "{chars} characters");
+        assert!(
+            chars > LIMIT - RESERVE - 2_000,
+            "it uses the room it has: {chars}"
+        );
+        assert!(md.contains("#### 1. ``E0000: "), "{}", &md[..2000]);
+        assert!(md.contains("```sh\nquarry-producer run --name huge-regressed\n```"));
+        assert!(
+            md.contains("more root causes of regressions"),
+            "{}",
+            &md[md.len() - 3000..]
+        );
+        assert!(md.contains("Cut short to stay under GitHub's comment limit"));
+        assert!(
+            md.ends_with("[The full report](https://quarry.example.org/reports/huge/index.html)\n")
+        );
+        // Fences outrun the backticks inside.
+        assert!(
+            md.contains(": ```error[E0308]: mismatched ``types`` |"),
+            "{}",
+            &md[..3000]
+        );
+    }
 }

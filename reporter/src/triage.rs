@@ -373,20 +373,27 @@ const DIFF_LINES: usize = 120;
 pub type DiffLine = (char, String);
 
 /// The changes between a regression's start and end logs, around the end log's first error (or
-/// the first changes, if that line is not among them); at most [`DIFF_LINES`] lines.
+/// the first changes, if that line is not among them); at most [`DIFF_LINES`] lines. Lines are
+/// compared with what always differs between two jobs taken out (the toolchain in `cargo +X`,
+/// the job's scratch directory, timings), and shown as they are.
 pub fn log_diff(start: &str, end: &str, first_error: Option<&str>) -> Vec<DiffLine> {
-    use similar::{ChangeTag, TextDiff};
-    let diff = TextDiff::configure()
-        .timeout(std::time::Duration::from_secs(1))
-        .diff_lines(start, end);
-    let groups = diff.grouped_ops(DIFF_CONTEXT);
+    use similar::{Algorithm, DiffOp, capture_diff_slices_deadline, group_diff_ops};
+    let old: Vec<&str> = start.lines().collect();
+    let new: Vec<&str> = end.lines().collect();
+    let old_key: Vec<String> = old.iter().map(|l| comparable(l)).collect();
+    let new_key: Vec<String> = new.iter().map(|l| comparable(l)).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let ops = capture_diff_slices_deadline(Algorithm::Myers, &old_key, &new_key, Some(deadline));
+    let groups = group_diff_ops(ops, DIFF_CONTEXT);
     let first_line = first_error.and_then(|e| e.lines().next());
     let around = first_line
         .and_then(|wanted| {
             groups.iter().position(|ops| {
                 ops.iter().any(|op| {
-                    diff.iter_changes(op)
-                        .any(|c| c.tag() == ChangeTag::Insert && c.value().trim_end() == wanted)
+                    op.iter_changes(&old, &new).any(|change| {
+                        change.tag() == similar::ChangeTag::Insert
+                            && change.value().trim_end() == wanted
+                    })
                 })
             })
         })
@@ -397,16 +404,27 @@ pub fn log_diff(start: &str, end: &str, first_error: Option<&str>) -> Vec<DiffLi
             lines.push((' ', "…".to_owned()));
         }
         for op in ops {
-            for change in diff.iter_changes(op) {
-                let tag = match change.tag() {
-                    ChangeTag::Equal => ' ',
-                    ChangeTag::Delete => '-',
-                    ChangeTag::Insert => '+',
-                };
-                lines.push((
-                    tag,
-                    change.value().trim_end_matches(['\n', '\r']).to_owned(),
-                ));
+            // Equal lines are shown as the end log has them.
+            let changes: Vec<(char, &str)> = match *op {
+                DiffOp::Equal { new_index, len, .. } => new[new_index..new_index + len]
+                    .iter()
+                    .map(|l| (' ', *l))
+                    .collect(),
+                _ => op
+                    .iter_changes(&old, &new)
+                    .map(|change| {
+                        let line = change.value();
+                        let tag = match change.tag() {
+                            similar::ChangeTag::Delete => '-',
+                            similar::ChangeTag::Insert => '+',
+                            similar::ChangeTag::Equal => ' ',
+                        };
+                        (tag, line)
+                    })
+                    .collect(),
+            };
+            for (tag, line) in changes {
+                lines.push((tag, line.to_owned()));
                 if lines.len() >= DIFF_LINES {
                     lines.push((' ', "… (the rest is in the logs)".to_owned()));
                     return lines;
@@ -415,6 +433,22 @@ pub fn log_diff(start: &str, end: &str, first_error: Option<&str>) -> Vec<DiffLi
         }
     }
     lines
+}
+
+/// A log line with what differs between any two jobs replaced by placeholders.
+fn comparable(line: &str) -> String {
+    use std::sync::LazyLock;
+    static JOB: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"\S*/jobs/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+            .expect("a valid pattern")
+    });
+    static TOOLCHAIN: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"cargo \+\S+").expect("a valid pattern"));
+    static TIME: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r"\b\d+(?:\.\d+)?(?:s|ms)\b").expect("a valid pattern"));
+    let line = JOB.replace_all(line, "<job>");
+    let line = TOOLCHAIN.replace_all(&line, "cargo +<toolchain>");
+    TIME.replace_all(&line, "<time>").into_owned()
 }
 
 #[cfg(test)]
@@ -555,6 +589,13 @@ mod tests {
         );
         assert!(text.contains("- Finished\n"), "{text}");
         assert!(text.contains("  line 1\n"), "{text}");
+        // What differs between any two jobs is not a change.
+        let start = "$ cargo +1.95.0 check\n   Compiling a (/w/a/jobs/3f2f7ae7-362c-5c87-ac0f-e63ddf93a03a/src/a)\n    Finished in 0.57s\n";
+        let end = "$ cargo +nightly check\n   Compiling a (/w/b/jobs/f15b0771-80fa-5443-9d28-350a940fff45/src/a)\nerror: boom\n";
+        let lines = log_diff(start, end, Some("error: boom"));
+        let changed: Vec<&(char, String)> = lines.iter().filter(|(tag, _)| *tag != ' ').collect();
+        assert_eq!(changed.len(), 2, "{lines:?}");
+        assert_eq!(lines[0], (' ', "$ cargo +nightly check".to_owned()));
         let long_start: String = (0..1000).map(|i| format!("a{i}\n")).collect();
         let long_end: String = (0..1000).map(|i| format!("b{i}\n")).collect();
         assert!(log_diff(&long_start, &long_end, None).len() <= DIFF_LINES + 1);

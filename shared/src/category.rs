@@ -145,6 +145,36 @@ pub fn spurious_kind(outcome: Outcome, environment: Option<&str>) -> Option<Stri
     }
 }
 
+/// Each package's category in a two-side run, from its results as (name, version, side label,
+/// verdict) rows: `start` and `end` are the sides' labels (end's re-run is found by its own).
+pub fn package_categories(
+    rows: impl IntoIterator<Item = (String, String, String, Verdict)>,
+    start: &str,
+    end: &str,
+) -> std::collections::BTreeMap<(String, String), Category> {
+    let end_rerun = crate::job::rerun_label(end);
+    let mut sides: std::collections::BTreeMap<(String, String), [Option<Verdict>; 3]> =
+        std::collections::BTreeMap::new();
+    for (name, version, side, verdict) in rows {
+        let slot = if side == start {
+            0
+        } else if side == end {
+            1
+        } else if side == end_rerun {
+            2
+        } else {
+            continue;
+        };
+        sides.entry((name, version)).or_default()[slot] = Some(verdict);
+    }
+    sides
+        .into_iter()
+        .map(|(package, [start, end, rerun])| {
+            (package, categorize(start, end, rerun.map(|v| v.outcome)))
+        })
+        .collect()
+}
+
 /// The category of a package from its start and end results, and for a regression the outcome
 /// of end's re-run (`None` while it has none: the regression is then not yet confirmed, and is
 /// counted as one).

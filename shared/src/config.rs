@@ -350,6 +350,9 @@ pub struct ReporterConfig {
     /// `serve` offers them under `/reports`): the markdown summary links to
     /// `<report_url>/<run>/index.html`. Unset, it names the file beside it.
     pub report_url: Option<String>,
+    /// How often `serve` writes the report of each running run again, in seconds, for the live
+    /// view's grouping of its regressions so far (0: never).
+    pub live_report_secs: u64,
 }
 
 impl Default for ReporterConfig {
@@ -362,6 +365,7 @@ impl Default for ReporterConfig {
             public: true,
             copy_passing_logs_up_to: 20_000,
             report_url: None,
+            live_report_secs: 300,
         }
     }
 }

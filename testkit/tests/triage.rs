@@ -27,6 +27,12 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     let corpus = fixtures::group("triage", packed.path()).unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
     let never = CancellationToken::new();
+    // The live view, writing partial reports every second as results arrive.
+    let mut config = stack.config.clone();
+    config.reporter.listen = "127.0.0.1:0".to_owned();
+    config.reporter.live_report_secs = 1;
+    let stop = CancellationToken::new();
+    let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
     let listing = Selection::Listing {
         sort: Sort::Alpha,
         limit: None,
@@ -48,6 +54,23 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     stack.wait_for_run(summary.run_id).await;
     consumers.stop().await;
     stack.assert_verified("triage").await;
+    // The live view's last partial report of the run, once it is done; then the live view
+    // stops, before the test writes the same files itself.
+    let run_page = final_live_report(&format!("http://{addr}/runs/triage")).await;
+    assert!(
+        run_page.contains("<span data-count=\"live-group-1\">5</span>"),
+        "{run_page}"
+    );
+    quarry_testkit::browser_check(&[(
+        format!("http://{addr}/runs/triage"),
+        serde_json::json!({
+            "counts": { "live-regressed": 6, "live-causes": 2, "live-group-1": 5, "live-group-2": 1 },
+            "texts": ["quarry-triage-core@1.0.0 (and 4 that depend on it)", "the final report"],
+        }),
+        "triage-live.png",
+    )]);
+    stop.cancel();
+    server.await.unwrap();
 
     let out = &stack.config.reporter.output_dir;
     let written = quarry_reporter::generate(&stack.config, "triage", out)
@@ -155,8 +178,7 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     );
 
     // In a browser: the group, its count, its root and the dependents in their order.
-    let mut config = stack.config.clone();
-    config.reporter.listen = "127.0.0.1:0".to_owned();
+    config.reporter.live_report_secs = 0;
     let stop = CancellationToken::new();
     let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
     let index = format!("http://{addr}/reports/triage/index.html");
@@ -213,4 +235,20 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     ]);
     stop.cancel();
     server.await.unwrap();
+}
+
+/// The run page once the live view has written the run's final report.
+async fn final_live_report(url: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let page = reqwest::get(url).await.unwrap().text().await.unwrap();
+        if page.contains("the final report") {
+            return page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no final partial report after 60 s:\n{page}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
