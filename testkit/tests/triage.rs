@@ -181,6 +181,20 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     config.reporter.live_report_secs = 0;
     let stop = CancellationToken::new();
     let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
+    // Between the two runs: the later one lacks the dependents, so their regressions are gone.
+    let compare = reqwest::get(format!("http://{addr}/compare/triage/triage-again"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        compare.contains("<span data-count=\"gone-regressions\">5</span>")
+            && compare.contains("<span data-count=\"new-regressions\">0</span>")
+            && compare.contains("<li>quarry-triage-mid</li>"),
+        "{compare}"
+    );
+
     let index = format!("http://{addr}/reports/triage/index.html");
     quarry_testkit::browser_check(&[
         (
