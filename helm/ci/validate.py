@@ -385,6 +385,14 @@ def check_full(docs: list[tuple[str, dict]], values: dict[str, Any]) -> None:
                  "PodDisruptionBudget", "PersistentVolumeClaim", "CronJob", "Job"):
         check(kind in kinds, f"{scenario}: renders a {kind}")
 
+    configs = [doc for _, doc in docs if doc["kind"] == "ConfigMap" and "quarry.toml" in doc.get("data", {})]
+    reporter = tomllib.loads(configs[0]["data"]["quarry.toml"]).get("reporter", {})
+    check(
+        reporter.get("report_url") == values["reporter"]["reportUrl"]
+        and reporter.get("live_report_secs") == values["reporter"]["liveReportSeconds"],
+        f"{scenario}: the reporter's report_url and live_report_secs come from its values",
+    )
+
     scaled = by_kind(docs, "ScaledObject")[0]
     trigger = scaled["spec"]["triggers"][0]
     meta = trigger["metadata"]
