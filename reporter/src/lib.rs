@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use cause::root_cause;
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
 pub use serve::{Pace, human_duration, start as serve};
-pub use triage::{Dependent, Earlier, Regression, RegressionGroup};
+pub use triage::{Earlier, Regression, RegressionGroup};
 
 /// The machine-readable report (`report.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -769,13 +769,17 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
         }
         for (r, root) in group.roots.iter().enumerate() {
             let page = &root.page;
-            if let Some(page) = page {
-                std::fs::create_dir_all(&regressions_dir)
-                    .with_context(|| format!("cannot create {}", regressions_dir.display()))?;
-                let html = regression_page(dir, report, &group.cause, root);
-                let path = dir.join(page);
-                std::fs::write(&path, html)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+            for (regression, broken_by) in std::iter::once((root, None))
+                .chain(root.broken.iter().map(|d| (d, Some(root.name.as_str()))))
+            {
+                if let Some(page) = &regression.page {
+                    std::fs::create_dir_all(&regressions_dir)
+                        .with_context(|| format!("cannot create {}", regressions_dir.display()))?;
+                    let html = regression_page(dir, report, &group.cause, regression, broken_by);
+                    let path = dir.join(page);
+                    std::fs::write(&path, html)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
             }
             if !shown || r >= SHOWN_ROOTS {
                 continue;
@@ -826,7 +830,7 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
                 for dependent in root.broken.iter().take(SHOWN_DEPENDENTS) {
                     let _ = write!(
                         index,
-                        "<li class=\"dependent\">{} {} · {} · {}</li>",
+                        "<li class=\"dependent\">{} {} · {} · {}",
                         root_link(&dependent.name),
                         e(&dependent.version),
                         dependents(dependent.dependents),
@@ -835,6 +839,14 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
                             &format!("{} log", comparison.end)
                         ),
                     );
+                    if let Some(page) = &dependent.page {
+                        let _ = write!(
+                            index,
+                            " · <a href=\"{}\">diff and history</a>",
+                            e(&escape_href(page))
+                        );
+                    }
+                    index.push_str("</li>");
                 }
                 if root.broken.len() > SHOWN_DEPENDENTS {
                     let _ = write!(
@@ -898,7 +910,14 @@ fn root_log(log: Option<&str>, text: &str) -> String {
 
 /// The page of one regression (under `regressed/`): its logs, the diff of its two logs around
 /// its first error, the crates it broke, and its results in earlier runs.
-fn regression_page(dir: &Path, report: &Report, cause: &str, root: &crate::Regression) -> String {
+/// `broken_by` names the regressed crate it failed because of, for a dependent.
+fn regression_page(
+    dir: &Path,
+    report: &Report,
+    cause: &str,
+    root: &crate::Regression,
+    broken_by: Option<&str>,
+) -> String {
     let e = escape_html;
     let (start, end) = report
         .comparison
@@ -910,7 +929,12 @@ fn regression_page(dir: &Path, report: &Report, cause: &str, root: &crate::Regre
         html,
         "<h1>{}</h1>\n<p>Root cause: {} · {} · {} · {}</p>",
         e(&title),
-        e(cause),
+        match broken_by {
+            Some(krate) => e(&format!(
+                "dependency {krate}, which regressed itself ({cause})"
+            )),
+            None => e(cause),
+        },
         dependents(root.dependents),
         log_link(root.start_log.as_deref(), &format!("{start} log"), ""),
         log_link(root.end_log.as_deref(), &format!("{end} log"), ""),
@@ -956,9 +980,18 @@ fn regression_page(dir: &Path, report: &Report, cause: &str, root: &crate::Regre
             root.broken.len()
         );
         for d in &root.broken {
+            // A sibling page, in the same directory.
+            let page = d.page.as_deref().map_or_else(String::new, |page| {
+                format!(
+                    " · <a href=\"{}\">diff and history</a>",
+                    e(&escape_href(
+                        page.strip_prefix("regressed/").unwrap_or(page)
+                    ))
+                )
+            });
             let _ = writeln!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}{page}</td></tr>",
                 package_link(&d.name),
                 e(&d.version),
                 d.dependents,

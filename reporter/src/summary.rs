@@ -395,8 +395,8 @@ mod tests {
     #[test]
     fn the_summary_of_a_hundred_thousand_results_fits_in_a_comment() {
         use crate::{
-            ComparedPackage, Comparison, Dependent, PackageRow, ProgressInfo, ReasonGroup,
-            RefusalGroup, Regression, RegressionGroup, RunInfo,
+            ComparedPackage, Comparison, PackageRow, ProgressInfo, ReasonGroup, RefusalGroup,
+            Regression, RegressionGroup, RunInfo,
         };
         use std::collections::BTreeMap;
         let long = |i: usize| format!("a long crate name number {i:06} {}", "x".repeat(40));
@@ -436,32 +436,29 @@ mod tests {
             "error[E0308]: mismatched ``types`` |{}|\n --> src/lib.rs",
             "y".repeat(1400)
         );
+        let regression = |name: String| Regression {
+            name,
+            version: "1.0.0".into(),
+            category: "regressed".into(),
+            start: Some("build-pass".into()),
+            end: Some("build-fail".into()),
+            dependents: 7,
+            first_error: Some(error.clone()),
+            start_log: None,
+            end_log: None,
+            end_rerun: None,
+            page: None,
+            broken: Vec::new(),
+            history: Vec::new(),
+        };
         let regressions: Vec<RegressionGroup> = (0..3_000)
             .map(|g| RegressionGroup {
                 cause: format!("E{g:04}: {} `with` | bars", "z".repeat(110)),
                 crates: 33,
                 roots: (0..3)
                     .map(|r| Regression {
-                        name: long(g * 3 + r),
-                        version: "1.0.0".into(),
-                        category: "regressed".into(),
-                        start: Some("build-pass".into()),
-                        end: Some("build-fail".into()),
-                        dependents: 7,
-                        first_error: Some(error.clone()),
-                        start_log: None,
-                        end_log: None,
-                        end_rerun: None,
-                        page: None,
-                        broken: (0..10)
-                            .map(|d| Dependent {
-                                name: long(d),
-                                version: "1.0.0".into(),
-                                dependents: 0,
-                                end_log: None,
-                            })
-                            .collect(),
-                        history: Vec::new(),
+                        broken: (0..10).map(|d| regression(long(d))).collect(),
+                        ..regression(long(g * 3 + r))
                     })
                     .collect(),
             })

@@ -54,9 +54,10 @@ pub struct Regression {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page: Option<String>,
     /// The regressed crates whose end-side log says they failed because this one did not
-    /// compile (directly or through another of them), the most depended on first.
+    /// compile (directly or through another of them), the most depended on first (their own
+    /// `broken` is empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub broken: Vec<Dependent>,
+    pub broken: Vec<Regression>,
     /// Its results in the most recent earlier runs that tested it, newest first: was it
     /// already broken last week?
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -71,16 +72,6 @@ pub struct Earlier {
     pub version: String,
     pub side: String,
     pub outcome: String,
-}
-
-/// A regressed crate that failed because a crate it depends on did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Dependent {
-    pub name: String,
-    pub version: String,
-    pub dependents: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_log: Option<String>,
 }
 
 /// Groups the comparison's regressions. `packages` are the report's rows (for each crate's
@@ -142,35 +133,28 @@ pub fn group(
             .unwrap_or(0)
     };
     let mut roots: HashMap<usize, Regression> = HashMap::new();
-    let mut broken: HashMap<usize, Vec<Dependent>> = HashMap::new();
+    let mut broken: HashMap<usize, Vec<Regression>> = HashMap::new();
     for (i, &(p, row)) in regressed.iter().enumerate() {
-        let root = root_of(i);
-        if root == i {
-            roots.insert(
-                i,
-                Regression {
-                    name: p.name.clone(),
-                    version: p.version.clone(),
-                    category: p.category.clone(),
-                    start: p.start.clone(),
-                    end: p.end.clone(),
-                    dependents: count(&p.name),
-                    first_error: row.and_then(|r| r.first_error.clone()),
-                    start_log: p.start_log.clone(),
-                    end_log: p.end_log.clone(),
-                    end_rerun: p.end_rerun.clone(),
-                    page: None,
-                    broken: Vec::new(),
-                    history: Vec::new(),
-                },
-            );
-        } else {
-            broken.entry(root).or_default().push(Dependent {
-                name: p.name.clone(),
-                version: p.version.clone(),
-                dependents: count(&p.name),
-                end_log: p.end_log.clone(),
-            });
+        let regression = Regression {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            category: p.category.clone(),
+            start: p.start.clone(),
+            end: p.end.clone(),
+            dependents: count(&p.name),
+            first_error: row.and_then(|r| r.first_error.clone()),
+            start_log: p.start_log.clone(),
+            end_log: p.end_log.clone(),
+            end_rerun: p.end_rerun.clone(),
+            page: None,
+            broken: Vec::new(),
+            history: Vec::new(),
+        };
+        match root_of(i) {
+            root if root == i => {
+                roots.insert(i, regression);
+            }
+            root => broken.entry(root).or_default().push(regression),
         }
     }
     let mut groups: HashMap<String, Vec<Regression>> = HashMap::new();
@@ -225,19 +209,21 @@ pub fn group(
 /// The most regressions that get a page of their own (the diff of their logs, their history).
 pub const PAGES: usize = 2000;
 
-/// Names the page of each root, in the order they are listed, up to [`PAGES`].
+/// Names the page of each regression, each root before the crates it broke, up to [`PAGES`].
 pub fn assign_pages(groups: &mut [RegressionGroup]) {
-    for (n, root) in groups
-        .iter_mut()
-        .flat_map(|g| g.roots.iter_mut())
-        .take(PAGES)
-        .enumerate()
-    {
-        root.page = Some(format!("regressed/{}.html", n + 1));
+    let mut n = 0;
+    for root in groups.iter_mut().flat_map(|g| g.roots.iter_mut()) {
+        let Regression { page, broken, .. } = root;
+        for page in std::iter::once(page).chain(broken.iter_mut().map(|d| &mut d.page)) {
+            if n < PAGES {
+                n += 1;
+                *page = Some(format!("regressed/{n}.html"));
+            }
+        }
     }
 }
 
-/// Gives each root its earlier results (`history` is ordered by package, newest first).
+/// Gives each regression its earlier results (`history` is ordered by package, newest first).
 pub fn attach_history(groups: &mut [RegressionGroup], history: Vec<HistoryRow>) {
     let mut by_name: HashMap<String, Vec<Earlier>> = HashMap::new();
     for row in history {
@@ -250,8 +236,18 @@ pub fn attach_history(groups: &mut [RegressionGroup], history: Vec<HistoryRow>) 
         });
     }
     for root in groups.iter_mut().flat_map(|g| g.roots.iter_mut()) {
-        if let Some(earlier) = by_name.get(&root.name) {
-            root.history = earlier.clone();
+        let Regression {
+            name,
+            history,
+            broken,
+            ..
+        } = root;
+        for (name, history) in std::iter::once((&*name, history))
+            .chain(broken.iter_mut().map(|d| (&d.name, &mut d.history)))
+        {
+            if let Some(earlier) = by_name.get(name) {
+                *history = earlier.clone();
+            }
         }
     }
 }

@@ -137,6 +137,19 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
         "{page}"
     );
     assert!(page.contains("No earlier run tested it."), "{page}");
+    // A dependent's page too: what it failed because of, and its own log's changes.
+    let mid = &core.broken[0];
+    let page = std::fs::read_to_string(written.dir.join(mid.page.as_deref().unwrap())).unwrap();
+    assert!(
+        page.contains(
+            "dependency quarry-triage-core, which regressed itself (E0308: mismatched types)"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains("+ error: could not compile `quarry-triage-core`"),
+        "{page}"
+    );
 
     let markdown = std::fs::read_to_string(&written.markdown).unwrap();
     assert!(
