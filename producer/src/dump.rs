@@ -136,7 +136,14 @@ pub fn select(
             if row.allowed_by(filter).is_none() {
                 return ControlFlow::Continue(());
             }
-            pages.push(item(name_of(row.crate_id), row.num, row.checksum))
+            // Every version streams through before the dependencies table is reached: these
+            // carry none (the report then has no dependent counts to rank by).
+            pages.push(item(
+                name_of(row.crate_id),
+                row.num,
+                row.checksum,
+                Vec::new(),
+            ))
         })?;
     } else {
         let mut newest: HashMap<u32, Newest> = HashMap::with_capacity(crates.len());
@@ -148,10 +155,21 @@ pub fn select(
         })?;
         let mut chosen: Vec<(u32, Newest)> = newest.into_iter().collect();
         chosen.sort_by(|(a, _), (b, _)| name_of(*a).cmp(name_of(*b)));
+        let taken: HashSet<u32> = chosen.iter().map(|(_, n)| n.version_id).collect();
+        let mut dependencies = build_dependencies(path, &taken)?;
         for (crate_id, newest) in chosen {
             let num = newest.version.to_string();
+            let mut names: Vec<String> = dependencies
+                .remove(&newest.version_id)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|id| catalogue.names.get(&id))
+                .map(|name| name.to_ascii_lowercase())
+                .collect();
+            names.sort();
+            names.dedup();
             if pages
-                .push(item(name_of(crate_id), &num, &newest.checksum))
+                .push(item(name_of(crate_id), &num, &newest.checksum, names))
                 .is_break()
             {
                 break;
@@ -188,13 +206,16 @@ fn keep_if_newer(newest: &mut HashMap<u32, Newest>, filter: &Filter, row: &Versi
     }
 }
 
-fn item(name: &str, num: &str, checksum: &str) -> crate::Item {
+fn item(name: &str, num: &str, checksum: &str, dependencies: Vec<String>) -> crate::Item {
     if checksum.len() == 64 && checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-        crate::Item::Resolved(PackageVersion {
-            name: name.to_owned(),
-            version: num.to_owned(),
-            checksum: checksum.to_owned(),
-        })
+        crate::Item::Resolved {
+            package: PackageVersion {
+                name: name.to_owned(),
+                version: num.to_owned(),
+                checksum: checksum.to_owned(),
+            },
+            dependencies,
+        }
     } else {
         crate::Item::LeftOut {
             package: format!("{name}@{num}"),
@@ -237,6 +258,42 @@ impl<F: FnMut(Page) -> ControlFlow<()>> Pager<'_, F> {
             let _ = (self.send)(std::mem::take(&mut self.page));
         }
     }
+}
+
+/// The direct normal and build dependencies (crate ids) of each version in `versions`, from
+/// `dependencies.csv` (`kind` 2 is a dev-dependency, left out: it breaks only tests).
+fn build_dependencies(
+    path: &Path,
+    versions: &HashSet<u32>,
+) -> anyhow::Result<HashMap<u32, Vec<u32>>> {
+    let mut dependencies: HashMap<u32, Vec<u32>> = HashMap::new();
+    let mut found = false;
+    scan(path, |table, reader| {
+        if table != "dependencies.csv" {
+            return Ok(ControlFlow::Continue(()));
+        }
+        found = true;
+        let mut rows = csv::Reader::from_reader(reader);
+        let [version_id, crate_id, kind] =
+            columns(&mut rows, table, ["version_id", "crate_id", "kind"])?;
+        let mut record = csv::ByteRecord::new();
+        while rows.read_byte_record(&mut record)? {
+            let version: u32 = number(&record, version_id, table)?;
+            if versions.contains(&version) && record.get(kind) != Some(b"2") {
+                dependencies
+                    .entry(version)
+                    .or_default()
+                    .push(number(&record, crate_id, table)?);
+            }
+        }
+        Ok(ControlFlow::Break(()))
+    })?;
+    anyhow::ensure!(
+        found,
+        "{} has no data/dependencies.csv: is it a crates.io database dump?",
+        path.display()
+    );
+    Ok(dependencies)
 }
 
 /// Who depends on whom, by crate id, over the versions the filter would take.

@@ -552,12 +552,14 @@ async fn page_jobs(
         .map(|item| async {
             match item {
                 Item::Request(request) => resolve(registry, &definition.filter, request).await,
-                // A dump's rows carry no dependencies.
-                Item::Resolved(package) => (
+                Item::Resolved {
+                    package,
+                    dependencies,
+                } => (
                     package.to_string(),
                     Ok(vec![Resolved {
                         package,
-                        dependencies: Vec::new(),
+                        dependencies,
                     }]),
                 ),
                 Item::LeftOut { package, why } => (package, Err(why)),
@@ -635,8 +637,12 @@ pub(crate) struct Request {
 pub(crate) enum Item {
     /// To be looked up in the index.
     Request(Request),
-    /// Already known with its checksum (a database dump carries them).
-    Resolved(PackageVersion),
+    /// Already known with its checksum and dependencies (a database dump carries them).
+    Resolved {
+        package: PackageVersion,
+        /// Its direct normal and build dependencies, by lowercase name.
+        dependencies: Vec<String>,
+    },
     /// Left out of the run, with why.
     LeftOut { package: String, why: String },
 }

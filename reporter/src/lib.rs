@@ -907,12 +907,13 @@ fn write_file(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn csv_fields_with_separators_are_quoted() {
-        let report = Report {
+    /// A complete run of `packages` with nothing else in it, for tests to fill in.
+    pub(crate) fn report_of(packages: Vec<PackageRow>) -> Report {
+        let n = packages.len() as i64;
+        Report {
             run: RunInfo {
                 id: "id".into(),
                 name: "run".into(),
@@ -921,8 +922,8 @@ mod tests {
                 builds: BTreeMap::new(),
             },
             progress: ProgressInfo {
-                finished: 1,
-                total: Some(1),
+                finished: n,
+                total: Some(n),
                 complete: true,
             },
             counts: BTreeMap::new(),
@@ -933,23 +934,39 @@ mod tests {
             refused: Vec::new(),
             broken: Vec::new(),
             spurious: Vec::new(),
-            packages: vec![PackageRow {
-                name: "a".into(),
-                version: "1.0.0".into(),
-                toolchain: "stable".into(),
-                outcome: "build-fail".into(),
-                exit_code: Some(101),
-                duration_ms: 1500,
-                attempt: 1,
-                consumer: "host,\"1\"".into(),
-                log: Some("logs/a.txt".into()),
-                cause: Some("E0308".into()),
-                first_error: None,
-                environment: None,
-                refused: Vec::new(),
-                broken_reason: None,
-            }],
-        };
+            packages,
+        }
+    }
+
+    /// A job of `name` 1.0.0 on `toolchain` that failed to build.
+    pub(crate) fn failed(name: &str, toolchain: &str) -> PackageRow {
+        PackageRow {
+            name: name.into(),
+            version: "1.0.0".into(),
+            toolchain: toolchain.into(),
+            outcome: "build-fail".into(),
+            exit_code: Some(101),
+            duration_ms: 1500,
+            attempt: 1,
+            consumer: "c".into(),
+            log: None,
+            cause: None,
+            first_error: None,
+            environment: None,
+            refused: Vec::new(),
+            broken_reason: None,
+        }
+    }
+
+    #[test]
+    fn csv_fields_with_separators_are_quoted() {
+        let report = report_of(vec![PackageRow {
+            toolchain: "stable".into(),
+            consumer: "host,\"1\"".into(),
+            log: Some("logs/a.txt".into()),
+            cause: Some("E0308".into()),
+            ..failed("a", "stable")
+        }]);
         let mut csv = Vec::new();
         render_csv(&report, &mut csv).unwrap();
         let csv = String::from_utf8(csv).unwrap();

@@ -1024,3 +1024,53 @@ fn regression_page(
     html.push_str("</body></html>\n");
     html
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Comparison, Regression, RegressionGroup};
+
+    /// What a package prints reaches the page only as text: its error, its cause.
+    #[test]
+    fn a_hostile_log_stays_text_on_the_first_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let hostile = "error: <script>alert(1)</script><img src=x onerror=alert(2)>";
+        let mut report = crate::tests::report_of(vec![crate::tests::failed("evil", "end")]);
+        report.comparison = Some(Comparison {
+            start: "start".into(),
+            end: "end".into(),
+            categories: [("regressed".to_owned(), 1)].into(),
+            packages: Vec::new(),
+        });
+        report.regressions = vec![RegressionGroup {
+            cause: "<b>cause</b>".into(),
+            crates: 1,
+            roots: vec![Regression {
+                name: "evil".into(),
+                version: "1.0.0\"><script>".into(),
+                category: "regressed".into(),
+                start: Some("build-pass".into()),
+                end: Some("build-fail".into()),
+                dependents: 0,
+                first_error: Some(hostile.into()),
+                start_log: None,
+                end_log: None,
+                end_rerun: None,
+                page: Some("regressed/1.html".into()),
+                broken: Vec::new(),
+                history: Vec::new(),
+            }],
+        }];
+        write(dir.path(), &report).unwrap();
+        for page in ["index.html", "regressed/1.html"] {
+            let html = std::fs::read_to_string(dir.path().join(page)).unwrap();
+            assert!(!html.contains("<script>alert"), "{page}: {html}");
+            assert!(!html.contains("<img"), "{page}");
+            assert!(!html.contains("<b>cause"), "{page}");
+            assert!(
+                html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+                "{page}: {html}"
+            );
+        }
+    }
+}

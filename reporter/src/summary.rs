@@ -395,10 +395,9 @@ mod tests {
     #[test]
     fn the_summary_of_a_hundred_thousand_results_fits_in_a_comment() {
         use crate::{
-            ComparedPackage, Comparison, PackageRow, ProgressInfo, ReasonGroup, RefusalGroup,
-            Regression, RegressionGroup, RunInfo,
+            ComparedPackage, Comparison, PackageRow, ReasonGroup, RefusalGroup, Regression,
+            RegressionGroup,
         };
-        use std::collections::BTreeMap;
         let long = |i: usize| format!("a long crate name number {i:06} {}", "x".repeat(40));
         let categories = ["regressed", "flaky", "fixed", "error", "still-passing"];
         let compared: Vec<ComparedPackage> = (0..50_000)
@@ -416,20 +415,8 @@ mod tests {
             .collect();
         let packages: Vec<PackageRow> = (0..100_000)
             .map(|i| PackageRow {
-                name: long(i / 2),
-                version: "1.0.0".into(),
-                toolchain: if i % 2 == 0 { "start" } else { "end" }.into(),
-                outcome: "build-fail".into(),
-                exit_code: Some(101),
-                duration_ms: 1000,
-                attempt: 1,
-                consumer: "c".into(),
-                log: None,
                 cause: Some(format!("E{:04}: `cause` {i}", i % 10_000)),
-                first_error: None,
-                environment: None,
-                refused: Vec::new(),
-                broken_reason: None,
+                ..crate::tests::failed(&long(i / 2), if i % 2 == 0 { "start" } else { "end" })
             })
             .collect();
         let error = format!(
@@ -471,51 +458,35 @@ mod tests {
                 })
                 .collect()
         };
-        let mut counts = BTreeMap::new();
-        counts.insert("build-fail".to_owned(), 100_000);
-        let report = Report {
-            run: RunInfo {
-                id: "id".into(),
-                name: "huge".into(),
-                definition: serde_json::Value::Null,
-                created_at: String::new(),
-                builds: BTreeMap::new(),
-            },
-            progress: ProgressInfo {
-                finished: 100_000,
-                total: Some(100_000),
-                complete: true,
-            },
-            counts,
-            comparison: Some(Comparison {
-                start: "start".into(),
-                end: "end".into(),
-                categories: categories.iter().map(|c| (c.to_string(), 10_000)).collect(),
-                packages: compared,
-            }),
-            regressions,
-            reruns: [
-                (
-                    "regressed".to_owned(),
-                    "quarry-producer run --name huge-regressed".to_owned(),
-                ),
-                (
-                    "spurious".to_owned(),
-                    "quarry-producer run --name huge-spurious".to_owned(),
-                ),
-            ]
-            .into(),
-            causes: Vec::new(),
-            refused: (0..50)
-                .map(|i| RefusalGroup {
-                    refusal: format!("refusal-{i}"),
-                    jobs: (0..1000).map(long).collect(),
-                })
-                .collect(),
-            broken: reasons("broken"),
-            spurious: reasons("spurious"),
-            packages,
-        };
+        let mut report = crate::tests::report_of(packages);
+        report.run.name = "huge".into();
+        report.counts.insert("build-fail".to_owned(), 100_000);
+        report.comparison = Some(Comparison {
+            start: "start".into(),
+            end: "end".into(),
+            categories: categories.iter().map(|c| (c.to_string(), 10_000)).collect(),
+            packages: compared,
+        });
+        report.regressions = regressions;
+        report.reruns = [
+            (
+                "regressed".to_owned(),
+                "quarry-producer run --name huge-regressed".to_owned(),
+            ),
+            (
+                "spurious".to_owned(),
+                "quarry-producer run --name huge-spurious".to_owned(),
+            ),
+        ]
+        .into();
+        report.refused = (0..50)
+            .map(|i| RefusalGroup {
+                refusal: format!("refusal-{i}"),
+                jobs: (0..1000).map(long).collect(),
+            })
+            .collect();
+        report.broken = reasons("broken");
+        report.spurious = reasons("spurious");
         let md = render(
             &report,
             Some("https://quarry.example.org/reports/huge/index.html"),

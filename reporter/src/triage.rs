@@ -82,14 +82,22 @@ pub fn group(
     end: &str,
     dependents: &HashMap<String, i64>,
 ) -> Vec<RegressionGroup> {
-    let end_rows: HashMap<(&str, &str), &PackageRow> = packages
-        .iter()
-        .filter(|p| p.toolchain == end)
-        .map(|p| ((p.name.as_str(), p.version.as_str()), p))
-        .collect();
-    let regressed: Vec<(&ComparedPackage, Option<&PackageRow>)> = compared
+    let regressions: Vec<&ComparedPackage> = compared
         .iter()
         .filter(|p| is_regression(&p.category))
+        .collect();
+    // Only the regressions' end rows are looked up: a million rows need no map of their own.
+    let wanted: std::collections::HashSet<(&str, &str)> = regressions
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let end_rows: HashMap<(&str, &str), &PackageRow> = packages
+        .iter()
+        .filter(|p| p.toolchain == end && wanted.contains(&(p.name.as_str(), p.version.as_str())))
+        .map(|p| ((p.name.as_str(), p.version.as_str()), p))
+        .collect();
+    let regressed: Vec<(&ComparedPackage, Option<&PackageRow>)> = regressions
+        .into_iter()
         .map(|p| {
             (
                 p,
@@ -467,20 +475,9 @@ mod tests {
 
     fn row(name: &str, cause: &str) -> PackageRow {
         PackageRow {
-            name: name.into(),
-            version: "1.0.0".into(),
-            toolchain: "nightly".into(),
-            outcome: "build-fail".into(),
-            exit_code: Some(101),
-            duration_ms: 1000,
-            attempt: 1,
-            consumer: "c".into(),
-            log: None,
             cause: Some(cause.into()),
             first_error: Some(format!("error: in {name}")),
-            environment: None,
-            refused: Vec::new(),
-            broken_reason: None,
+            ..crate::tests::failed(name, "nightly")
         }
     }
 

@@ -87,7 +87,23 @@ impl Setup {
 
     /// Both sources with the same filter: they must choose the same packages, checksums too,
     /// and count the same crates filtered out.
+    /// The (package, dependency) pairs a run recorded.
+    async fn dependencies(&self, run: &str) -> BTreeSet<(String, String)> {
+        let sql = self.stack.sql().await.unwrap();
+        sql.query(
+            "SELECT crate_name, dependency FROM dependencies \
+             JOIN runs ON runs.id = dependencies.run_id WHERE runs.name = $1",
+            &[&run],
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+    }
+
     async fn both(&self, name: &str, filter: Filter) -> Chosen {
+        let all_versions = filter.all_versions;
         let from_index = self
             .publish(&format!("{name}-index"), index(), filter.clone())
             .await;
@@ -116,6 +132,15 @@ impl Setup {
             from_index, from_dump,
             "{name}: the dump and the index choose the same"
         );
+        // And tell the report the same dependencies, but for every-version runs, whose dump
+        // rows come before the dump's dependencies.
+        if !all_versions {
+            assert_eq!(
+                self.dependencies(&format!("{name}-index")).await,
+                self.dependencies(&format!("{name}-dump")).await,
+                "{name}: the dump and the index record the same dependencies"
+            );
+        }
         from_index
     }
 
@@ -148,6 +173,29 @@ async fn the_dump_chooses_what_the_index_chooses() {
     // The newest version of every crate, with the index's checksums.
     let newest = setup.both("newest", Filter::default()).await;
     assert_eq!(newest.len(), corpus.crates.len());
+    // What the report ranks by: each newest version's normal and build dependencies.
+    let expected: BTreeSet<(String, String)> = corpus
+        .crates
+        .iter()
+        .flat_map(|(name, versions)| {
+            let newest = &versions.last().unwrap().entry;
+            newest
+                .deps
+                .iter()
+                .filter(|d| d.kind.as_deref() != Some("dev"))
+                .map(move |d| {
+                    (
+                        name.to_ascii_lowercase(),
+                        d.crate_name().to_ascii_lowercase(),
+                    )
+                })
+        })
+        .collect();
+    assert!(
+        !expected.is_empty(),
+        "the test corpus's crates have dependencies"
+    );
+    assert_eq!(setup.dependencies("newest-dump").await, expected);
     for (name, version, checksum) in &newest {
         let published = corpus.get(name).unwrap().last().unwrap();
         assert_eq!(
