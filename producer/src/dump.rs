@@ -261,12 +261,23 @@ impl<F: FnMut(Page) -> ControlFlow<()>> Pager<'_, F> {
 }
 
 /// The direct normal and build dependencies (crate ids) of each version in `versions`, from
-/// `dependencies.csv` (`kind` 2 is a dev-dependency, left out: it breaks only tests).
+/// `dependencies.csv` (a dev-dependency is left out: it breaks only tests).
 fn build_dependencies(
     path: &Path,
     versions: &HashSet<u32>,
 ) -> anyhow::Result<HashMap<u32, Vec<u32>>> {
     let mut dependencies: HashMap<u32, Vec<u32>> = HashMap::new();
+    for_each_dependency(path, |version, crate_id, dev| {
+        if !dev && versions.contains(&version) {
+            dependencies.entry(version).or_default().push(crate_id);
+        }
+    })?;
+    Ok(dependencies)
+}
+
+/// Calls `visit(version id, crate id depended on, whether a dev-dependency)` for each row of
+/// `dependencies.csv` (`kind` 2 is a dev-dependency).
+fn for_each_dependency(path: &Path, mut visit: impl FnMut(u32, u32, bool)) -> anyhow::Result<()> {
     let mut found = false;
     scan(path, |table, reader| {
         if table != "dependencies.csv" {
@@ -278,13 +289,11 @@ fn build_dependencies(
             columns(&mut rows, table, ["version_id", "crate_id", "kind"])?;
         let mut record = csv::ByteRecord::new();
         while rows.read_byte_record(&mut record)? {
-            let version: u32 = number(&record, version_id, table)?;
-            if versions.contains(&version) && record.get(kind) != Some(b"2") {
-                dependencies
-                    .entry(version)
-                    .or_default()
-                    .push(number(&record, crate_id, table)?);
-            }
+            visit(
+                number(&record, version_id, table)?,
+                number(&record, crate_id, table)?,
+                record.get(kind) == Some(b"2"),
+            );
         }
         Ok(ControlFlow::Break(()))
     })?;
@@ -293,7 +302,7 @@ fn build_dependencies(
         "{} has no data/dependencies.csv: is it a crates.io database dump?",
         path.display()
     );
-    Ok(dependencies)
+    Ok(())
 }
 
 /// Who depends on whom, by crate id, over the versions the filter would take.
@@ -319,28 +328,11 @@ fn reverse_dependencies(path: &Path, filter: &Filter) -> anyhow::Result<ReverseD
             .collect();
     }
     let mut graph = ReverseDependencies::default();
-    let mut found = false;
-    scan(path, |table, reader| {
-        if table != "dependencies.csv" {
-            return Ok(ControlFlow::Continue(()));
+    for_each_dependency(path, |version, dependency, _| {
+        if let Some(dependent) = taken.get(&version) {
+            graph.add(*dependent, dependency);
         }
-        found = true;
-        let mut rows = csv::Reader::from_reader(reader);
-        let [version_id, crate_id] = columns(&mut rows, table, ["version_id", "crate_id"])?;
-        let mut record = csv::ByteRecord::new();
-        while rows.read_byte_record(&mut record)? {
-            let version: u32 = number(&record, version_id, table)?;
-            if let Some(dependent) = taken.get(&version) {
-                graph.add(*dependent, number(&record, crate_id, table)?);
-            }
-        }
-        Ok(ControlFlow::Break(()))
     })?;
-    anyhow::ensure!(
-        found,
-        "{} has no data/dependencies.csv: is it a crates.io database dump?",
-        path.display()
-    );
     Ok(graph)
 }
 

@@ -958,6 +958,25 @@ pub(crate) mod tests {
         }
     }
 
+    /// `name` 1.0.0, regressed from build-pass to build-fail, with nothing else known.
+    pub(crate) fn regression(name: &str) -> Regression {
+        Regression {
+            name: name.into(),
+            version: "1.0.0".into(),
+            category: "regressed".into(),
+            start: Some("build-pass".into()),
+            end: Some("build-fail".into()),
+            dependents: 0,
+            first_error: None,
+            start_log: None,
+            end_log: None,
+            end_rerun: None,
+            page: None,
+            broken: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
     #[test]
     fn csv_fields_with_separators_are_quoted() {
         let report = report_of(vec![PackageRow {

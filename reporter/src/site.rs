@@ -1046,19 +1046,10 @@ mod tests {
             cause: "<b>cause</b>".into(),
             crates: 1,
             roots: vec![Regression {
-                name: "evil".into(),
                 version: "1.0.0\"><script>".into(),
-                category: "regressed".into(),
-                start: Some("build-pass".into()),
-                end: Some("build-fail".into()),
-                dependents: 0,
                 first_error: Some(hostile.into()),
-                start_log: None,
-                end_log: None,
-                end_rerun: None,
                 page: Some("regressed/1.html".into()),
-                broken: Vec::new(),
-                history: Vec::new(),
+                ..crate::tests::regression("evil")
             }],
         }];
         write(dir.path(), &report).unwrap();

@@ -424,19 +424,9 @@ mod tests {
             "y".repeat(1400)
         );
         let regression = |name: String| Regression {
-            name,
-            version: "1.0.0".into(),
-            category: "regressed".into(),
-            start: Some("build-pass".into()),
-            end: Some("build-fail".into()),
             dependents: 7,
             first_error: Some(error.clone()),
-            start_log: None,
-            end_log: None,
-            end_rerun: None,
-            page: None,
-            broken: Vec::new(),
-            history: Vec::new(),
+            ..crate::tests::regression(&name)
         };
         let regressions: Vec<RegressionGroup> = (0..3_000)
             .map(|g| RegressionGroup {
