@@ -3,18 +3,23 @@
 # Build from the repository root:
 #   docker build -f docker/consumer.Dockerfile -t quarry-consumer .
 #   docker build -f docker/consumer.Dockerfile --build-arg TOOLCHAINS="1.95.0 1.96.0 nightly" -t quarry-consumer .
-# A run can only use toolchains installed here, by the same name (`stable` is not `1.95.0`):
-# the toolchains are read-only at run time and never installed on demand.
+# Runs name toolchains exactly (`stable` is not `1.95.0`); those installed here are read-only at
+# run time and ready at once, others are installed on demand (docs/operations.md).
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+# The stage or image the experiments' toolchains (/opt/rustup, /opt/cargo) come from: installed by
+# rustup below, or an image holding them (docker/build-local's, where rustup cannot download).
+ARG TOOLCHAINS_IMAGE=toolchains-rustup
 
 FROM ${RUST_IMAGE} AS builder
 # Quarry is built with the toolchain pinned in rust-toolchain.toml (docker/lint checks they agree).
 ARG RUST_TOOLCHAIN=1.95.0
 ENV RUSTUP_TOOLCHAIN=${RUST_TOOLCHAIN} \
     CARGO_TERM_COLOR=never
-RUN rustup toolchain install --profile minimal "${RUST_TOOLCHAIN}"
+# Installed unless the Rust image already has it (docker/build-local's, made offline).
+RUN rustup which --toolchain "${RUST_TOOLCHAIN}" rustc > /dev/null 2>&1 \
+    || rustup toolchain install --profile minimal "${RUST_TOOLCHAIN}"
 WORKDIR /src
 # Every workspace member is needed for cargo to load the workspace (docker/lint checks the list).
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
@@ -34,7 +39,7 @@ RUN --mount=type=cache,id=quarry-cargo-registry,target=/usr/local/cargo/registry
 # The toolchains experiments run with, installed by rustup (the rustup binary of the Rust image,
 # run as rustup-init) into /opt/rustup and /opt/cargo, readable by everyone, writable by no one
 # at run time.
-FROM ${RUST_IMAGE} AS toolchains
+FROM ${RUST_IMAGE} AS toolchains-rustup
 # Space-separated rustup toolchain names; runs name them exactly as written here.
 ARG TOOLCHAINS="1.95.0 nightly"
 # Space-separated components added to every toolchain (clippy for `--mode clippy`).
@@ -56,6 +61,8 @@ RUN set -eu; \
     /opt/cargo/bin/rustup toolchain list; \
     rm -rf /opt/rustup/downloads /opt/rustup/tmp /opt/cargo/registry; \
     chmod -R a+rX,go-w /opt/rustup /opt/cargo
+
+FROM ${TOOLCHAINS_IMAGE} AS toolchains
 
 FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="quarry-consumer" \

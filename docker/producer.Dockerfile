@@ -12,7 +12,9 @@ FROM ${RUST_IMAGE} AS builder
 ARG RUST_TOOLCHAIN=1.95.0
 ENV RUSTUP_TOOLCHAIN=${RUST_TOOLCHAIN} \
     CARGO_TERM_COLOR=never
-RUN rustup toolchain install --profile minimal "${RUST_TOOLCHAIN}"
+# Installed unless the Rust image already has it (docker/build-local's, made offline).
+RUN rustup which --toolchain "${RUST_TOOLCHAIN}" rustc > /dev/null 2>&1 \
+    || rustup toolchain install --profile minimal "${RUST_TOOLCHAIN}"
 WORKDIR /src
 # Every workspace member is needed for cargo to load the workspace (docker/lint checks the list).
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
