@@ -34,7 +34,7 @@ pub struct CargoEnv {
     /// Directories holding `cargo` and `rustup` (the rustup proxies).
     pub path: String,
     pub log_limit_bytes: usize,
-    /// Processes and threads a sandboxed step may have at once (with cgroups).
+    /// Processes and threads a sandboxed step may have at once.
     pub task_limit: u64,
     /// Where the steps that run the package's code are confined.
     pub sandbox: Sandbox,
@@ -207,7 +207,8 @@ pub struct Limits {
     /// Memory of the steps that run the package's code: of all their processes together where
     /// cgroups are available, else the address space of each process.
     pub memory_bytes: u64,
-    /// Processes and threads of such a step together (with cgroups only).
+    /// Processes and threads of such a step together (by its cgroup, else by its sandbox's
+    /// `RLIMIT_NPROC`).
     pub tasks: u64,
 }
 
@@ -606,9 +607,12 @@ async fn run_step(
         scratch,
         package_dir,
     } = place.workspace;
-    let (program, args) = env
-        .sandbox
-        .command_line(&place.mounts, package_dir, &argv[0], &args);
+    let limits = place.limits;
+    // Without a cgroup, the sandbox counts the step's processes.
+    let tasks = env.cgroups.is_none().then_some(limits.tasks);
+    let (program, args) =
+        env.sandbox
+            .command_line(&place.mounts, package_dir, &argv[0], &args, tasks);
     // Nothing of the consumer's environment (credentials included) reaches the package; its
     // own process group, so a timeout kills rustc, build scripts and tests too.
     let mut command = Spawn::new(program, package_dir);
@@ -630,7 +634,6 @@ async fn run_step(
     if let Some(rustflags) = place.rustflags {
         command.env("RUSTFLAGS", rustflags);
     }
-    let limits = place.limits;
     let cgroup = match &env.cgroups {
         Some(cgroups) => Some(cgroups.step(
             place.name,
@@ -828,6 +831,7 @@ mod tests {
                 bwrap,
                 read_only: vec![scratch.path().join("gone")],
                 hidden: Vec::new(),
+                prlimit: None,
             },
             cgroups: None,
         };

@@ -1778,10 +1778,19 @@ async fn prepare_cargo_env(
             );
             Some(cgroups)
         }
+        Err(why) if sandbox.limits_tasks() => {
+            tracing::warn!(
+                %why,
+                "no cgroups: memory is limited per process (address space), processes per step \
+                 (RLIMIT_NPROC in its sandbox)"
+            );
+            None
+        }
         Err(why) => {
             tracing::warn!(
                 %why,
-                "no cgroups: memory is limited per process (address space), processes are not"
+                "no cgroups: memory is limited per process (address space), processes are not \
+                 (unsandboxed, or no prlimit)"
             );
             None
         }

@@ -43,6 +43,8 @@ pub enum Sandbox {
         read_only: Vec<PathBuf>,
         /// Paths in the system directories that not everyone may read, hidden in the sandbox.
         hidden: Vec<Hidden>,
+        /// util-linux's `prlimit`, which limits a step's processes where no cgroup does.
+        prlimit: Option<PathBuf>,
     },
     /// Steps run as plain child processes. Only with the operator's explicit consent.
     Unsandboxed,
@@ -84,6 +86,7 @@ impl Sandbox {
             bwrap,
             read_only,
             hidden,
+            prlimit: find_on_path("prlimit"),
         })
     }
 
@@ -130,14 +133,31 @@ impl Sandbox {
         }
     }
 
+    /// Whether [`Sandbox::command_line`] can limit a step's processes without a cgroup.
+    pub fn limits_tasks(&self) -> bool {
+        matches!(
+            self,
+            Sandbox::Bubblewrap {
+                prlimit: Some(_),
+                ..
+            }
+        )
+    }
+
     /// The program and arguments that run `program args` in the sandbox, in `dir`, with
-    /// `mounts`.
+    /// `mounts`; with `tasks`, at most that many processes and threads at once.
+    ///
+    /// `tasks` is for where no cgroup counts them: `RLIMIT_NPROC`, set by `prlimit` inside the
+    /// sandbox. The kernel counts it per user namespace (Linux >= 5.14), and each step has its
+    /// own, so it counts this step's tasks only; it was made while the consumer's own limit was
+    /// in force, so the consumer and the other steps, of the same UID, do not count against it.
     pub fn command_line(
         &self,
         mounts: &Mounts<'_>,
         dir: &Path,
         program: &str,
         args: &[&str],
+        tasks: Option<u64>,
     ) -> (PathBuf, Vec<String>) {
         match self {
             Sandbox::Unsandboxed => (
@@ -148,6 +168,7 @@ impl Sandbox {
                 bwrap,
                 read_only,
                 hidden,
+                prlimit,
             } => {
                 let mut line: Vec<String> = [
                     "--unshare-all",
@@ -200,6 +221,12 @@ impl Sandbox {
                 line.extend(["--remount-ro".to_owned(), "/".to_owned()]);
                 line.extend(["--chdir".to_owned(), dir.display().to_string()]);
                 line.push("--".to_owned());
+                if let (Some(tasks), Some(prlimit)) = (tasks, prlimit) {
+                    // Hard and soft: the package cannot raise it again.
+                    line.push(prlimit.display().to_string());
+                    line.push(format!("--nproc={tasks}:{tasks}"));
+                    line.push("--".to_owned());
+                }
                 line.push(program.to_owned());
                 line.extend(args.iter().map(|a| (*a).to_owned()));
                 (bwrap.clone(), line)
@@ -280,8 +307,13 @@ mod tests {
                 read_only: &[],
                 registry: None,
             };
-            let (program, args) =
-                sandbox.command_line(&mounts, scratch.path(), "cat", &[file.to_str().unwrap()]);
+            let (program, args) = sandbox.command_line(
+                &mounts,
+                scratch.path(),
+                "cat",
+                &[file.to_str().unwrap()],
+                None,
+            );
             let output = std::process::Command::new(program)
                 .args(args)
                 .output()
@@ -290,6 +322,53 @@ mod tests {
         };
         assert_eq!(read(shown.path().join("toolchain.txt")), "public");
         assert_eq!(read(secret), "", "the secret is /dev/null inside");
+    }
+
+    /// Where no cgroup counts a step's processes (a pod's consumer, UID 10001), its sandbox
+    /// does: the step's own, not the consumer's nor its other steps'.
+    #[tokio::test]
+    async fn a_steps_processes_are_limited_without_a_cgroup() {
+        let sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
+        assert!(sandbox.limits_tasks(), "prlimit is installed");
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mounts = Mounts {
+            writable: scratch.path(),
+            read_only: &[],
+            registry: None,
+        };
+        // As an unprivileged user (root's processes are never counted), with 30 processes of
+        // that user already running outside the sandbox.
+        let start = |processes: u32| {
+            let (program, args) = sandbox.command_line(
+                &mounts,
+                scratch.path(),
+                "sh",
+                &[
+                    "-c",
+                    &format!("for i in $(seq {processes}); do sleep 1 & done; wait"),
+                ],
+                Some(8),
+            );
+            let mut line = vec![program.display().to_string()];
+            line.extend(args);
+            let script =
+                "for i in $(seq 30); do sleep 2 & done; \"$@\"; status=$?; wait; exit $status";
+            std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(["sh", "-c", script, "sh"])
+                .args(line)
+                .output()
+                .unwrap()
+        };
+        let few = start(5);
+        assert!(few.status.success(), "{few:?}");
+        let many = start(12);
+        assert!(!many.status.success(), "{many:?}");
+        assert!(
+            String::from_utf8_lossy(&many.stderr).contains("Cannot fork"),
+            "{many:?}"
+        );
     }
 
     #[test]

@@ -610,7 +610,9 @@ impl Toolchains {
             read_only: &[],
             registry: None,
         };
-        let (program, line) = self.sandbox.command_line(&mounts, &scratch, "rustc", &all);
+        let (program, line) = self
+            .sandbox
+            .command_line(&mounts, &scratch, "rustc", &all, None);
         let output = tokio::process::Command::new(program)
             .args(line)
             .current_dir(&scratch)

@@ -744,7 +744,8 @@ fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -
         read_only: &[],
         registry: None,
     };
-    let (bwrap, line) = sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args);
+    let (bwrap, line) =
+        sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args, None);
     std::iter::once(bwrap.display().to_string())
         .chain(line)
         .map(|arg| {
