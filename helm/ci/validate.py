@@ -337,6 +337,23 @@ def check_common(scenario: str, docs: list[tuple[str, dict]], values: dict[str, 
             and not sc.get("privileged"),
             f"{scenario}: userns sandbox: own user namespace, unmasked /proc, no capabilities, read-only root",
         )
+        # As docker/run-local ran the consumer image (testkit/src/images.rs): these paths and
+        # profiles are what was proven to work, so the chart may not drift from them.
+        proven = dict(re.findall(r'const (\w+): (?:&str|u32) = "?([^";]+)"?;', (ROOT / "testkit/src/images.rs").read_text()))
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        check(
+            mounts.get("work") == proven.get("WORK_DIR") == env.get("QUARRY_CONSUMER_WORK_DIR")
+            and mounts.get("credentials") == proven.get("SECRETS_DIR")
+            and env.get("QUARRY_CONFIG") == proven.get("CONFIG_FILE")
+            and mounts.get("tmp") == "/tmp"
+            and sc.get("runAsUser") == sc.get("runAsGroup") == int(proven.get("IMAGE_UID", "0"))
+            # (or the tighter Localhost profiles docs/operations.md describes, not run here)
+            and all(sc.get(profile, {}).get("type") in ("Unconfined", "Localhost")
+                    for profile in ("seccompProfile", "appArmorProfile")),
+            f"{scenario}: the consumer container is as docker/run-local ran it (work {proven.get('WORK_DIR')}, "
+            f"credentials {proven.get('SECRETS_DIR')}, {proven.get('CONFIG_FILE')}, /tmp, UID {proven.get('IMAGE_UID')}, unconfined)",
+        )
     elif mode == "privileged":
         check(sc.get("privileged") is True and "hostUsers" not in spec, f"{scenario}: privileged sandbox mode")
     else:

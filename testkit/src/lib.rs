@@ -12,6 +12,7 @@
 
 pub mod dist_server;
 pub mod fixtures;
+pub mod images;
 pub mod private_postgres;
 pub mod private_rabbitmq;
 pub mod tls;
@@ -36,6 +37,14 @@ const S3_SECRET_KEY: &str = "quarry-test-secret";
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A TCP port on loopback that nothing listens on (as the kernel handed it out just now).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("loopback has a free port")
 }
 
 fn admin_database_url() -> String {
@@ -352,6 +361,14 @@ impl TestStack {
         progress
     }
 
+    /// The id of the run named (or with the id) `run`.
+    pub async fn run_id(&self, run: &str) -> RunId {
+        let store = Store::connect(&self.config.database)
+            .await
+            .expect("the test database is reachable");
+        store.find_run(run).await.expect("the run exists").id
+    }
+
     /// Checks the invariants of the run named `run` with `quarry-reporter verify`.
     pub async fn assert_verified(&self, run: &str) {
         let verification =
@@ -518,7 +535,7 @@ fn s3s_fs_binary() -> PathBuf {
 
 /// Starts s3s-fs on a free port and waits until it accepts connections.
 fn start_s3s_fs(root: &std::path::Path) -> anyhow::Result<(Child, SocketAddr)> {
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut child = Command::new(s3s_fs_binary())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_shared::job::Mode;
+use quarry_testkit::images::{self, Images};
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +13,20 @@ const TIME_LIMIT_SECS: u64 = 30;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_failure_class_gets_its_outcome_in_the_report() {
+    failure_classes(None).await;
+}
+
+/// The same run through Quarry's images, run as the chart runs its pods: migrations and the run
+/// published by producer containers, two consumer containers in the `userns` sandbox mode, the
+/// report written and verified by a reporter container; the outcomes, limits included, are the
+/// same.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the images of docker/build-local: docker/run-local runs it"]
+async fn each_failure_class_gets_its_outcome_in_the_images() {
+    failure_classes(Some(Images::from_env())).await;
+}
+
+async fn failure_classes(images: Option<Images>) {
     let packed = tempfile::tempdir().unwrap();
     let corpus = fixtures::corpus(packed.path()).unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
@@ -28,14 +43,55 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         toolchain_files: Vec::new(),
     };
     let never = CancellationToken::new();
-    let summary = publish_run(&stack.config, "fixtures", &definition, &never)
-        .await
-        .unwrap();
-    assert_eq!(summary.jobs_queued, 16, "{summary}");
-
-    let consumers = stack.start_consumers(&["fixtures-a", "fixtures-b"]);
-    stack.wait_for_run(summary.run_id).await;
-    consumers.stop().await;
+    let names = ["fixtures-a", "fixtures-b"];
+    if let Some(images) = &images {
+        let run = |component, args: &[&str]| {
+            let output = stack.run_image(images, component, args);
+            images::check(output, &format!("quarry-{component} {}", args.join(" "))).unwrap()
+        };
+        run("producer", &["migrate"]);
+        let published = run(
+            "producer",
+            &[
+                "run",
+                "--name",
+                "fixtures",
+                "--mode",
+                "test",
+                "--timeout",
+                "30",
+                "--memory-limit",
+                "1024",
+                "--toolchain",
+                &quarry_testkit::toolchain().to_string(),
+            ],
+        );
+        assert!(published.contains("16 jobs, 16 queued now"), "{published}");
+        let consumers = stack.start_image_consumers(images, &names, &[]);
+        eprintln!(
+            "consumer containers answered /metrics after {:?}",
+            consumers.started_in
+        );
+        let run_id = stack.run_id("fixtures").await;
+        stack.wait_for_run(run_id).await;
+        let logs = consumers.stop().unwrap();
+        // Inside the container the consumer has no cgroups, as in a pod (docs/operations.md).
+        assert!(
+            logs.iter().all(|log| log.contains("no cgroups")),
+            "{logs:?}"
+        );
+        let output = stack.config.reporter.output_dir.display().to_string();
+        run("reporter", &["generate", "fixtures", "--output", &output]);
+        run("reporter", &["verify", "fixtures", "--output", &output]);
+    } else {
+        let summary = publish_run(&stack.config, "fixtures", &definition, &never)
+            .await
+            .unwrap();
+        assert_eq!(summary.jobs_queued, 16, "{summary}");
+        let consumers = stack.start_consumers(&names);
+        stack.wait_for_run(summary.run_id).await;
+        consumers.stop().await;
+    }
 
     let written =
         quarry_reporter::generate(&stack.config, "fixtures", &stack.config.reporter.output_dir)
@@ -72,7 +128,15 @@ async fn each_failure_class_gets_its_outcome_in_the_report() {
         hog.contains("quarry: out of memory") || hog.contains("memory allocation of"),
         "{hog}"
     );
-    assert!(log("quarry-fixture-fork-bomb").contains("stopped after"));
+    // Stopped by the step's own task limit (its cgroup's, else its sandbox's RLIMIT_NPROC),
+    // not by a limit of the whole machine or container.
+    let bomb = log("quarry-fixture-fork-bomb");
+    let started: u64 = bomb
+        .split_once("stopped after ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(count, _)| count.parse().ok())
+        .unwrap_or_else(|| panic!("{bomb}"));
+    assert!(started < stack.config.consumer.task_limit, "{bomb}");
     // Two gigabytes printed: the start is kept, the rest counted.
     let loud = log("quarry-fixture-loud");
     assert!(

@@ -4,6 +4,7 @@
 //! the outside world hears nothing; no marker appears on the host; `verify` is clean.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use quarry_producer::{RunDefinition, publish_run};
 use quarry_reporter::{PackageRow, Written};
 use quarry_shared::job::Mode;
+use quarry_testkit::images::Images;
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +80,14 @@ fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
     found
 }
 
+/// Who runs the jobs: consumers in this process (sandboxed, or as an operator who turned the
+/// sandbox off runs them), or consumer containers of Quarry's image.
+enum Fleet {
+    Sandboxed,
+    Unsandboxed,
+    Images(Images),
+}
+
 /// A stack whose registry holds the hostile fixtures, with the outside world they point at.
 struct Hostile {
     stack: TestStack,
@@ -123,22 +133,43 @@ impl Hostile {
         }
     }
 
-    /// Runs `definition` as `run` to the end (on an unsandboxed consumer if asked), checks it
-    /// with `verify`, and writes its report.
-    async fn run(&self, run: &str, definition: &RunDefinition, sandboxed: bool) -> Written {
+    /// Runs `definition` as `run` to the end on `fleet`, checks it with `verify`, and writes its
+    /// report.
+    async fn run(&self, run: &str, definition: &RunDefinition, fleet: Fleet) -> Written {
         let stack = &self.stack;
         let summary = publish_run(&stack.config, run, definition, &CancellationToken::new())
             .await
             .unwrap();
-        let consumers = if sandboxed {
-            stack.start_consumers(&[&format!("{run}-a"), &format!("{run}-b")])
-        } else {
-            let mut config = stack.consumer_config(&format!("{run}-unsandboxed"));
-            config.consumer.unsandboxed = true;
-            Consumers::start([config])
-        };
-        stack.wait_for_run(summary.run_id).await;
-        consumers.stop().await;
+        let names = [format!("{run}-a"), format!("{run}-b")];
+        let names = [names[0].as_str(), names[1].as_str()];
+        match fleet {
+            Fleet::Sandboxed => {
+                let consumers = stack.start_consumers(&names);
+                stack.wait_for_run(summary.run_id).await;
+                consumers.stop().await;
+            }
+            Fleet::Unsandboxed => {
+                let mut config = stack.consumer_config(&format!("{run}-unsandboxed"));
+                config.consumer.unsandboxed = true;
+                let consumers = Consumers::start([config]);
+                stack.wait_for_run(summary.run_id).await;
+                consumers.stop().await;
+            }
+            Fleet::Images(images) => {
+                // The directories a fixture aims at are the consumer's own host here: shown to
+                // the container at their paths, as they are to an in-process consumer.
+                for dir in [self.marker.path(), self.victim.path()] {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+                }
+                let consumers = stack.start_image_consumers(
+                    &images,
+                    &names,
+                    &[self.marker.path(), self.victim.path()],
+                );
+                stack.wait_for_run(summary.run_id).await;
+                consumers.stop().unwrap();
+            }
+        }
         stack.assert_verified(run).await;
         quarry_reporter::generate(&stack.config, run, &stack.config.reporter.output_dir)
             .await
@@ -190,6 +221,19 @@ fn log_of(written: &Written, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
+    hostile_packages(Fleet::Sandboxed).await;
+}
+
+/// The same attacks on consumer containers of Quarry's image, run as the chart runs them: the
+/// same outcomes and refusals, nothing reached (the services are on the container's loopback
+/// too, with host networking), the mounted credentials unread.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the images of docker/build-local: docker/run-local runs it"]
+async fn hostile_packages_are_refused_inside_the_consumer_image() {
+    hostile_packages(Fleet::Images(Images::from_env())).await;
+}
+
+async fn hostile_packages(fleet: Fleet) {
     let expected: BTreeMap<String, Expected> = serde_json::from_slice(
         &std::fs::read(fixtures::dir().join("hostile/expected.json")).unwrap(),
     )
@@ -198,7 +242,7 @@ async fn hostile_packages_are_refused_and_reach_nothing_outside_the_sandbox() {
     let mut packages: Vec<&str> = expected.keys().map(String::as_str).collect();
     packages.push("quarry-fixture-sandboxed");
     let definition = packages_run(experiment(Mode::Test, 120), &packages);
-    let written = hostile.run("hostile", &definition, true).await;
+    let written = hostile.run("hostile", &definition, fleet).await;
 
     let found: BTreeMap<String, Expected> = written
         .report
@@ -357,7 +401,9 @@ async fn unsandboxed_resolution_keeps_the_boundary_too() {
             "quarry-fixture-sandboxed",
         ],
     );
-    let written = hostile.run("unsandboxed", &definition, false).await;
+    let written = hostile
+        .run("unsandboxed", &definition, Fleet::Unsandboxed)
+        .await;
     let outcome = |name: &str| package(&written, name).outcome.clone();
     assert_eq!(
         outcome("quarry-hostile-config-credential-provider"),
@@ -394,7 +440,9 @@ async fn cargo_reports_only_quarrys_configuration_for_a_package_that_ships_its_o
         "quarry-hostile-config-include",
     ];
     let definition = packages_run(command, &shipping);
-    let written = hostile.run("config-get", &definition, true).await;
+    let written = hostile
+        .run("config-get", &definition, Fleet::Sandboxed)
+        .await;
     for name in shipping {
         let row = package(&written, name);
         let log = log_of(&written, name);
@@ -441,7 +489,9 @@ async fn a_hostile_patch_is_refused_like_a_hostile_package() {
         &["quarry-hostile-config-credential-provider"],
     );
     definition.patch = Some(patch);
-    let written = hostile.run("hostile-patch", &definition, true).await;
+    let written = hostile
+        .run("hostile-patch", &definition, Fleet::Sandboxed)
+        .await;
     let comparison = written.report.comparison.as_ref().unwrap();
     let compared = &comparison.packages[0];
     assert_eq!(
