@@ -261,6 +261,21 @@ impl StepCgroup {
         }
     }
 
+    /// The most memory the step's processes used together (`memory.peak`, Linux 5.19 and
+    /// later; `memory.max_usage_in_bytes` in v1), where the kernel keeps it.
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
+        std::fs::read_to_string(self.dirs[0].join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// Kills every process left in the step's cgroup, waiting (briefly) until they are gone:
     /// before the cgroup is removed.
     fn kill(&self) {

@@ -27,6 +27,7 @@ use crate::prepare::{self, Refused};
 use crate::sandbox::{Mounts, Sandbox};
 use crate::spawn::Spawn;
 use crate::toolchains::Installed;
+use quarry_shared::cost::{Cost, StepCost};
 
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
@@ -56,6 +57,9 @@ pub struct Execution {
     /// Why its failure points at the environment, where the consumer knows it first-hand (the
     /// sandbox could not start a step); others are read from the log when it is recorded.
     pub environment: Option<String>,
+    /// What its steps used (the consumer adds the disk and the wait for a slot); boxed, as
+    /// an `Execution` travels in `Result`s.
+    pub cost: Box<Cost>,
 }
 
 impl Execution {
@@ -68,6 +72,20 @@ impl Execution {
             refused: refused.refusals(),
             broken_reason: None,
             environment: None,
+            cost: Box::default(),
+        }
+    }
+
+    /// A job that ends in `error` for `why` (Quarry's failure, not the package's).
+    pub fn error(why: String) -> Execution {
+        Execution {
+            outcome: Outcome::Error,
+            exit_code: None,
+            log: why,
+            refused: Vec::new(),
+            broken_reason: None,
+            environment: None,
+            cost: Box::default(),
         }
     }
 
@@ -226,6 +244,8 @@ pub struct Resolved {
     success: Outcome,
     log: Log,
     refused: Refused,
+    /// What the resolving steps used.
+    cost: Cost,
     /// The time resolution took, counted against the job's time limit.
     pub spent: Duration,
 }
@@ -273,6 +293,7 @@ pub async fn resolve(
 ) -> std::io::Result<Result<Resolved, Execution>> {
     let started = Instant::now();
     let mut log = Log::new(env.log_limit_bytes);
+    let mut cost = Cost::default();
     log_line(&mut log, &refused.log_lines(0));
     let (mut steps, success) = steps(experiment, toolchain);
     let socket = workspace.gateway_socket();
@@ -294,7 +315,7 @@ pub async fn resolve(
             steps.clone(),
             limits,
             started + limits.time,
-            (&mut log, &mut refused),
+            (&mut log, &mut refused, &mut cost),
         )
         .await?;
         // The package's own lockfile names versions the registry cannot give (a corpus holds
@@ -334,7 +355,7 @@ pub async fn resolve(
                 again,
                 limits,
                 started + limits.time,
-                (&mut log, &mut refused),
+                (&mut log, &mut refused, &mut cost),
             )
             .await?;
         }
@@ -354,6 +375,7 @@ pub async fn resolve(
             return Ok(Err(Execution {
                 log: log.text(),
                 refused: refused.refusals(),
+                cost: Box::new(cost),
                 ..ended
             }));
         }
@@ -363,6 +385,7 @@ pub async fn resolve(
         success,
         log,
         refused,
+        cost,
         spent: started.elapsed(),
     }))
 }
@@ -381,6 +404,7 @@ pub async fn run(
         success,
         mut log,
         mut refused,
+        mut cost,
         spent,
     } = resolved;
     let deadline = Instant::now() + limits.time.saturating_sub(spent);
@@ -391,12 +415,13 @@ pub async fn run(
         steps,
         limits,
         deadline,
-        (&mut log, &mut refused),
+        (&mut log, &mut refused, &mut cost),
     )
     .await?;
     let execution = ended.unwrap_or_else(|| finish(&log, success, Some(0)));
     Ok(Execution {
         refused: refused.refusals(),
+        cost: Box::new(cost),
         ..execution
     })
 }
@@ -437,7 +462,10 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
     .await;
     let _ = std::fs::remove_dir_all(&scratch);
     match ran {
-        Ok((StepStatus::Exited(0), _)) => Ok(()),
+        Ok(Ran {
+            status: StepStatus::Exited(0),
+            ..
+        }) => Ok(()),
         Ok(_) => Err(format!(
             "`true` failed in the sandbox: {}",
             log.text().trim()
@@ -456,7 +484,7 @@ async fn run_steps(
     steps: Vec<Step>,
     limits: Limits,
     deadline: Instant,
-    (log, refused): (&mut Log, &mut Refused),
+    (log, refused, cost): (&mut Log, &mut Refused, &mut Cost),
 ) -> std::io::Result<Option<Execution>> {
     let timeout = limits.time;
     let scratch = workspace.scratch;
@@ -493,8 +521,12 @@ async fn run_steps(
             limits,
             rustflags: step.rustflags.as_deref(),
         };
-        let (status, out_of_memory) =
-            run_step(env, &place, toolchain, &step.argv, deadline, log).await?;
+        let ran = run_step(env, &place, toolchain, &step.argv, deadline, log).await?;
+        let (status, out_of_memory) = (ran.status, ran.out_of_memory);
+        cost.add(StepCost {
+            name: step.name.to_owned(),
+            ..ran.cost
+        });
         if out_of_memory && !matches!(status, StepStatus::TimedOut | StepStatus::Exited(0)) {
             log_line(
                 log,
@@ -573,6 +605,7 @@ fn finish(log: &Log, outcome: Outcome, exit_code: Option<i32>) -> Execution {
         refused: Vec::new(),
         broken_reason: None,
         environment: None,
+        cost: Box::default(),
     }
 }
 
@@ -593,7 +626,16 @@ struct Place<'a> {
     rustflags: Option<&'a str>,
 }
 
-/// Runs one step; also says whether the kernel killed part of it for lack of memory.
+/// How a step ended, and what it used.
+struct Ran {
+    status: StepStatus,
+    /// Whether the kernel killed part of it for lack of memory.
+    out_of_memory: bool,
+    /// Without the step's name.
+    cost: StepCost,
+}
+
+/// Runs one step.
 async fn run_step(
     env: &CargoEnv,
     place: &Place<'_>,
@@ -601,7 +643,8 @@ async fn run_step(
     argv: &[String],
     deadline: Instant,
     log: &mut Log,
-) -> std::io::Result<(StepStatus, bool)> {
+) -> std::io::Result<Ran> {
+    let started = Instant::now();
     let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
     let Workspace {
         scratch,
@@ -706,11 +749,26 @@ async fn run_step(
     })
     .await;
     let out_of_memory = cgroup.as_ref().is_some_and(|c| c.out_of_memory());
+    let usage = child.usage().unwrap_or_default();
+    let cost = StepCost {
+        name: String::new(),
+        wall_ms: millis(started.elapsed()),
+        cpu_ms: millis(usage.cpu),
+        // The whole tree's where the kernel keeps it, else the largest process's.
+        peak_memory_bytes: cgroup
+            .as_ref()
+            .and_then(|c| c.peak_memory_bytes())
+            .unwrap_or(usage.max_rss_bytes),
+    };
     if let Some(cgroup) = cgroup {
         cgroup.remove_in_background();
     }
     let Some(status) = status else {
-        return Ok((StepStatus::TimedOut, false));
+        return Ok(Ran {
+            status: StepStatus::TimedOut,
+            out_of_memory: false,
+            cost,
+        });
     };
     let status = match (
         status.code(),
@@ -720,7 +778,15 @@ async fn run_step(
         (None, Some(signal)) => StepStatus::Signalled(signal),
         (None, None) => StepStatus::Exited(-1),
     };
-    Ok((status, out_of_memory))
+    Ok(Ran {
+        status,
+        out_of_memory,
+        cost,
+    })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Kills a whole process group when asked, and when dropped (a cancelled job).
@@ -853,6 +919,7 @@ mod tests {
         };
         let mut log = Log::new(64 << 10);
         let mut refused = Refused::default();
+        let mut cost = Cost::default();
         let ended = run_steps(
             &env,
             workspace,
@@ -860,7 +927,7 @@ mod tests {
             vec![step],
             limits,
             Instant::now() + limits.time,
-            (&mut log, &mut refused),
+            (&mut log, &mut refused, &mut cost),
         )
         .await
         .unwrap()

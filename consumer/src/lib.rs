@@ -943,17 +943,7 @@ impl Worker {
                 {
                     Ok(Some((execution, ran_for))) => (execution, Some(ran_for)),
                     Ok(None) => return self.hand_back(lease).await,
-                    Err(InfraError { why, .. }) => (
-                        Execution {
-                            outcome: Outcome::Error,
-                            exit_code: None,
-                            log: why,
-                            refused: Vec::new(),
-                            broken_reason: None,
-                            environment: None,
-                        },
-                        None,
-                    ),
+                    Err(InfraError { why, .. }) => (Execution::error(why), None),
                 };
                 Done {
                     execution,
@@ -987,14 +977,7 @@ impl Worker {
                     .await?;
                 self.metrics.dead_lettered.inc();
                 Done {
-                    execution: Execution {
-                        outcome: Outcome::Error,
-                        exit_code: None,
-                        log: reason.clone(),
-                        refused: Vec::new(),
-                        broken_reason: None,
-                        environment: None,
-                    },
+                    execution: Execution::error(reason.clone()),
                     claim: None,
                     ran_for: None,
                     memo_key: None,
@@ -1027,6 +1010,12 @@ impl Worker {
             },
         };
         let refused = execution.refused.clone();
+        // A job whose steps never ran here (reused, or ended before the first) cost nothing
+        // worth recording.
+        let cost = (!execution.cost.steps.is_empty()).then(|| (*execution.cost).clone());
+        if let Some(cost) = &cost {
+            self.metrics.observe_cost(cost);
+        }
         let pairing = self.pairing(job).await;
         let (recorded, rerun) = self
             .store
@@ -1048,6 +1037,7 @@ impl Worker {
                     broken_reason,
                     dead_lettered,
                     toolchain_build,
+                    cost,
                     releases_claim: claim.is_some(),
                     lease_holder: holder,
                 },
@@ -1208,6 +1198,8 @@ impl Worker {
                 refused: earlier.refused,
                 broken_reason: earlier.broken_reason,
                 environment: earlier.environment,
+                // It ran nothing here.
+                cost: Default::default(),
             },
             memo_key: Some(memo_key.to_owned()),
             reused_from: Some(earlier.job_id),
@@ -1328,6 +1320,7 @@ impl Worker {
                     broken_reason: None,
                     dead_lettered: dead_lettered.then(|| why.to_owned()),
                     toolchain_build: None,
+                    cost: None,
                     releases_claim: false,
                     lease_holder,
                 },
@@ -1390,6 +1383,7 @@ impl Worker {
             Ok(workspace) => workspace,
             Err(ended) => return Ok(Some((ended, preparing.elapsed()))),
         };
+        let waiting = Instant::now();
         let slot = tokio::select! {
             // Biased: a stopping consumer starts nothing, even where a slot is free.
             biased;
@@ -1405,12 +1399,13 @@ impl Worker {
             .map_err(|e| InfraError::from(format!("cannot record the attempt's start: {e:#}")))?;
         tracing::info!(job = %job.id, package = %job.package, toolchain = %job.toolchain, attempt, "job started");
         let started = Instant::now();
+        let slot_wait = started - waiting;
         let resolving = resolved.spent;
         let workspace = experiment::Workspace {
             scratch: scratch.path(),
             package_dir: &package_dir,
         };
-        let execution = experiment::run(
+        let mut execution = experiment::run(
             &self.cargo,
             workspace,
             toolchain,
@@ -1420,8 +1415,10 @@ impl Worker {
         .await
         .map_err(|e| InfraError::host(format!("cannot set up or run the job's steps: {e}")))?;
         let ran_for = resolving + started.elapsed();
-        // The next job's code may start while this one's files are removed.
+        // The next job's code may start while this one's files are measured and removed.
         drop(slot);
+        execution.cost.slot_wait_ms = u64::try_from(slot_wait.as_millis()).unwrap_or(u64::MAX);
+        execution.cost.disk_bytes = scratch.disk_used().await;
         scratch.remove_in_background();
         Ok(Some((execution, ran_for)))
     }
@@ -1669,6 +1666,29 @@ impl ScratchDir {
 
     fn path(&self) -> &std::path::Path {
         &self.0
+    }
+
+    /// The disk its files take (allocated blocks, links not followed), walked off the runtime's
+    /// threads.
+    async fn disk_used(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            use std::os::unix::fs::MetadataExt as _;
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => meta.blocks() * 512 + walk(&entry.path()),
+                    Ok(meta) => meta.blocks() * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        let dir = self.0.clone();
+        tokio::task::spawn_blocking(move || walk(&dir))
+            .await
+            .unwrap_or(0)
     }
 
     /// Removes the directory on a blocking thread, without waiting for it: a job's files can be

@@ -13,18 +13,25 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, CounterVec, Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 use quarry_shared::job::{Outcome, Refusal};
 
 use crate::ConsumerStats;
 use crate::fetch::Source;
+use quarry_shared::cost::Cost;
 
 pub struct Metrics {
     registry: Registry,
     jobs: IntCounterVec,
     job_seconds: HistogramVec,
+    /// What the jobs that ran here used (`quarry_shared::cost`).
+    cpu_seconds: Counter,
+    step_cpu_seconds: CounterVec,
+    peak_memory: Histogram,
+    disk: Histogram,
+    slot_wait: Histogram,
     pub in_progress: IntGauge,
     /// 1 while the consumer consumes from the broker (a session is up), else 0: what `/ready`
     /// answers.
@@ -84,6 +91,50 @@ impl Metrics {
                     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                 ]),
                 &["outcome"],
+            )?,
+            cpu_seconds: Counter::new(
+                "quarry_consumer_job_cpu_seconds_total",
+                "CPU time (user and system) of the steps of the jobs that ran here",
+            )?,
+            step_cpu_seconds: CounterVec::new(
+                Opts::new(
+                    "quarry_consumer_step_cpu_seconds_total",
+                    "CPU time of the jobs' steps, by step (fetch, check, build, test, ...)",
+                ),
+                &["step"],
+            )?,
+            peak_memory: Histogram::with_opts(
+                HistogramOpts::new(
+                    "quarry_consumer_job_peak_memory_bytes",
+                    "The most memory one step of a job used (its whole process tree where it \
+                     had a cgroup, else its largest process)",
+                )
+                .buckets(prometheus::exponential_buckets(
+                    16.0 * 1024.0 * 1024.0,
+                    2.0,
+                    10,
+                )?),
+            )?,
+            disk: Histogram::with_opts(
+                HistogramOpts::new(
+                    "quarry_consumer_job_disk_bytes",
+                    "Disk a job's scratch directory took at its end (package, dependencies, \
+                     target directory)",
+                )
+                .buckets(prometheus::exponential_buckets(
+                    1024.0 * 1024.0,
+                    4.0,
+                    10,
+                )?),
+            )?,
+            slot_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "quarry_consumer_slot_wait_seconds",
+                    "Time a prepared job waited for an experiment slot",
+                )
+                .buckets(vec![
+                    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                ]),
             )?,
             in_progress: IntGauge::new("quarry_consumer_jobs_in_progress", "Jobs being worked on")?,
             consuming: IntGauge::new(
@@ -189,6 +240,19 @@ impl Metrics {
             .register(Box::new(metrics.job_seconds.clone()))?;
         metrics
             .registry
+            .register(Box::new(metrics.cpu_seconds.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.step_cpu_seconds.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.peak_memory.clone()))?;
+        metrics.registry.register(Box::new(metrics.disk.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.slot_wait.clone()))?;
+        metrics
+            .registry
             .register(Box::new(metrics.in_progress.clone()))?;
         metrics
             .registry
@@ -224,6 +288,20 @@ impl Metrics {
         self.job_seconds
             .with_label_values(&[outcome.as_str()])
             .observe(seconds);
+    }
+
+    /// A job that ran here used `cost`.
+    pub fn observe_cost(&self, cost: &Cost) {
+        let seconds = |ms: u64| ms as f64 / 1000.0;
+        self.cpu_seconds.inc_by(seconds(cost.cpu_ms));
+        for step in &cost.steps {
+            self.step_cpu_seconds
+                .with_label_values(&[step.name.as_str()])
+                .inc_by(seconds(step.cpu_ms));
+        }
+        self.peak_memory.observe(cost.peak_memory_bytes as f64);
+        self.disk.observe(cost.disk_bytes as f64);
+        self.slot_wait.observe(seconds(cost.slot_wait_ms));
     }
 
     /// A job's result was recorded with these refusals.

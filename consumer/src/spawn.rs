@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
 
 use nix::libc;
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 
@@ -218,6 +218,7 @@ impl Spawn {
             Ok(pidfd) => Ok(Child {
                 pid: Pid::from_raw(pid),
                 pidfd: Some(pidfd),
+                usage: None,
             }),
             Err(error) => {
                 let (pidfd, error) = error.into_parts();
@@ -234,6 +235,67 @@ pub struct Child {
     pid: Pid,
     /// `None` once reaped.
     pidfd: Option<AsyncFd<OwnedFd>>,
+    /// What it used, once reaped.
+    usage: Option<Usage>,
+}
+
+/// What a reaped process used, with every descendant it (or they) waited for: a step's whole
+/// tree, as bubblewrap's init reaps whatever is orphaned in the sandbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// User and system CPU time together.
+    pub cpu: std::time::Duration,
+    /// The largest resident set of any one of those processes.
+    pub max_rss_bytes: u64,
+}
+
+impl Usage {
+    fn of(usage: &libc::rusage) -> Usage {
+        let time = |t: libc::timeval| {
+            std::time::Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000)
+        };
+        Usage {
+            cpu: time(usage.ru_utime) + time(usage.ru_stime),
+            // In KiB on Linux.
+            max_rss_bytes: (usage.ru_maxrss.max(0) as u64) << 10,
+        }
+    }
+}
+
+/// Reaps the process of `pidfd` if it has ended, with what it used. The `waitid` system call
+/// fills a `rusage` that glibc's wrapper (and nix's) does not pass.
+fn reap(pidfd: RawFd) -> io::Result<Option<(ExitStatus, Usage)>> {
+    // SAFETY: plain-data structs the kernel fills.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for writes for the duration of the call.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_waitid,
+            libc::P_PIDFD,
+            pidfd,
+            &mut info as *mut libc::siginfo_t,
+            libc::WEXITED | libc::WNOHANG,
+            &mut usage as *mut libc::rusage,
+        )
+    };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: filled for SIGCHLD (`WNOHANG` with nothing to report leaves it zeroed).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // Encoded as `waitpid` reports it, which is what `ExitStatus` holds on Unix.
+    let status = match info.si_code {
+        libc::CLD_EXITED => ExitStatus::from_raw((status & 0xff) << 8),
+        libc::CLD_KILLED => ExitStatus::from_raw(status),
+        libc::CLD_DUMPED => ExitStatus::from_raw(status | 0x80),
+        // Only exits are waited for (no WSTOPPED or WCONTINUED).
+        _ => ExitStatus::from_raw(0xff << 8),
+    };
+    Ok(Some((status, Usage::of(&usage))))
 }
 
 impl Child {
@@ -248,19 +310,22 @@ impl Child {
         };
         loop {
             let mut ready = pidfd.readable().await?;
-            match waitid(
-                Id::PIDFd(pidfd.get_ref().as_fd()),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-            ) {
-                Ok(WaitStatus::StillAlive) => ready.clear_ready(),
-                Ok(status) => {
+            match reap(pidfd.get_ref().as_raw_fd()) {
+                Ok(None) => ready.clear_ready(),
+                Ok(Some((status, usage))) => {
                     self.pidfd = None;
-                    return Ok(exit_status(status));
+                    self.usage = Some(usage);
+                    return Ok(status);
                 }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(errno) => return Err(errno.into()),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
             }
         }
+    }
+
+    /// What the process and the descendants it waited for used, once it was waited for.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
     }
 }
 
@@ -280,18 +345,6 @@ impl Drop for Child {
             Ok(runtime) => drop(runtime.spawn_blocking(reap)),
             Err(_) => reap(),
         }
-    }
-}
-
-fn exit_status(status: WaitStatus) -> ExitStatus {
-    // Encoded as `waitpid` reports it, which is what `ExitStatus` holds on Unix.
-    match status {
-        WaitStatus::Exited(_, code) => ExitStatus::from_raw((code & 0xff) << 8),
-        WaitStatus::Signaled(_, signal, core) => {
-            ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 })
-        }
-        // Only exits are waited for (no WSTOPPED or WCONTINUED).
-        _ => ExitStatus::from_raw(0xff << 8),
     }
 }
 

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use quarry_shared::Config;
+use quarry_shared::cost::Cost;
 use quarry_shared::job::{BrokenReason, Outcome, Refusal};
 use quarry_shared::s3::Bucket;
 use quarry_shared::store::{PackageJob, Progress, ResultRow, Run, Store};
@@ -65,6 +66,9 @@ pub struct Report {
     /// apart, never mixed with regressions.
     #[serde(default)]
     pub spurious: Vec<ReasonGroup>,
+    /// What the run's jobs used.
+    #[serde(default)]
+    pub cost: RunCost,
     pub packages: Vec<PackageRow>,
 }
 
@@ -117,6 +121,48 @@ pub struct PackageRow {
     /// For a broken job: why it could not be prepared (a `BrokenReason` name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broken_reason: Option<String>,
+    /// What the job used, where it ran (not for a reused result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+/// What a run's jobs used, over those whose cost was recorded (a reused result ran nothing):
+/// what the run cost, and what a larger one would.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunCost {
+    /// Jobs whose cost was recorded.
+    pub jobs: u64,
+    /// Their CPU time (user and system), and its mean per job.
+    pub cpu_seconds: f64,
+    pub cpu_seconds_per_job: f64,
+    /// Their wall-clock time, summed.
+    pub wall_seconds: f64,
+    /// The most memory any one step used.
+    pub peak_memory_bytes: u64,
+    /// Disk their scratch directories took, summed, and the largest.
+    pub disk_bytes: u64,
+    pub largest_disk_bytes: u64,
+    /// Time prepared jobs waited for a slot, summed.
+    pub slot_wait_seconds: f64,
+    /// CPU seconds per step name (`fetch`, `check`, ...).
+    pub steps: BTreeMap<String, f64>,
+}
+
+impl RunCost {
+    fn add(&mut self, cost: &Cost, duration_ms: i64) {
+        let seconds = |ms: u64| ms as f64 / 1000.0;
+        self.jobs += 1;
+        self.cpu_seconds += seconds(cost.cpu_ms);
+        self.cpu_seconds_per_job = self.cpu_seconds / self.jobs as f64;
+        self.wall_seconds += duration_ms.max(0) as f64 / 1000.0;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(cost.peak_memory_bytes);
+        self.disk_bytes += cost.disk_bytes;
+        self.largest_disk_bytes = self.largest_disk_bytes.max(cost.disk_bytes);
+        self.slot_wait_seconds += seconds(cost.slot_wait_ms);
+        for step in &cost.steps {
+            *self.steps.entry(step.name.clone()).or_default() += seconds(step.cpu_ms);
+        }
+    }
 }
 
 impl PackageRow {
@@ -349,6 +395,7 @@ fn write_report(
         history,
     } = gathered;
     let mut packages = Vec::with_capacity(rows.len());
+    let mut run_cost = RunCost::default();
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut refusals: BTreeMap<Refusal, Vec<String>> = BTreeMap::new();
     let mut broken: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -415,6 +462,9 @@ fn write_report(
             }
         }
         let log = copied.then(|| format!("logs/{}", log_file(&row)));
+        if let Some(cost) = &row.cost {
+            run_cost.add(cost, row.duration_ms);
+        }
         packages.push(PackageRow {
             name: row.crate_name,
             version: row.crate_version,
@@ -430,6 +480,7 @@ fn write_report(
             environment: row.environment,
             refused: row.refused.iter().map(|r| r.to_string()).collect(),
             broken_reason: broken_reason.flatten().map(|r| r.to_string()),
+            cost: row.cost,
         });
     }
     let comparison = compare_toolchains(&run.definition, &packages);
@@ -476,6 +527,7 @@ fn write_report(
         },
         broken: reason_groups(broken),
         spurious: reason_groups(spurious_groups),
+        cost: run_cost,
         refused: refusals
             .into_iter()
             .map(|(refusal, jobs)| RefusalGroup {
@@ -867,7 +919,7 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
     }
     csv.write_all(
         b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log,refused,\
-          broken_reason,environment\n",
+          broken_reason,environment,cpu_ms,peak_memory_bytes,disk_bytes,slot_wait_ms\n",
     )?;
     for p in &report.packages {
         let exit_code = p.exit_code.map(|c| c.to_string()).unwrap_or_default();
@@ -886,6 +938,13 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
             p.broken_reason.clone().unwrap_or_default(),
             field(p.environment.as_deref().unwrap_or("")),
         ];
+        let cost = p.cost.as_ref().map_or_else(
+            || [String::new(), String::new(), String::new(), String::new()],
+            |c| {
+                [c.cpu_ms, c.peak_memory_bytes, c.disk_bytes, c.slot_wait_ms].map(|n| n.to_string())
+            },
+        );
+        let row: Vec<String> = row.into_iter().chain(cost).collect();
         csv.write_all(row.join(",").as_bytes())?;
         csv.write_all(b"\n")?;
     }
@@ -934,6 +993,7 @@ pub(crate) mod tests {
             refused: Vec::new(),
             broken: Vec::new(),
             spurious: Vec::new(),
+            cost: RunCost::default(),
             packages,
         }
     }
@@ -955,6 +1015,7 @@ pub(crate) mod tests {
             environment: None,
             refused: Vec::new(),
             broken_reason: None,
+            cost: None,
         }
     }
 
@@ -992,7 +1053,8 @@ pub(crate) mod tests {
         let row = csv.lines().nth(1).unwrap();
         assert_eq!(
             row,
-            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt,,,"
+            // No cost recorded: the last four columns are empty.
+            "a,1.0.0,stable,build-fail,101,1500,1,\"host,\"\"1\"\"\",logs/a.txt,,,,,,,"
         );
     }
 

@@ -145,6 +145,7 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
     index.push_str("</table>\n");
 
     durations(&mut index, &report.packages);
+    cost(&mut index, &report.cost);
 
     if !report.causes.is_empty() {
         let by_cause = group(report.packages.iter().filter(|p| p.cause.is_some()), |p| {
@@ -380,7 +381,7 @@ fn group<'a, T>(
     groups
 }
 
-fn package_header() -> [String; 8] {
+fn package_header() -> [String; 10] {
     [
         "package",
         "version",
@@ -388,6 +389,8 @@ fn package_header() -> [String; 8] {
         "outcome",
         "exit",
         "seconds",
+        "CPU seconds",
+        "peak MiB",
         "attempt",
         "log",
     ]
@@ -414,12 +417,18 @@ fn package_row(p: &PackageRow, html: &mut String) {
     let _ = writeln!(
         html,
         "<tr id=\"{id}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"{o}\">{o}</td><td>{}</td>\
-         <td>{:.1}</td><td>{}</td><td>{}</td></tr>",
+         <td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
         package_link(&p.name),
         e(&p.version),
         e(&p.toolchain),
         p.exit_code.map_or_else(String::new, |c| c.to_string()),
         p.duration_ms as f64 / 1000.0,
+        p.cost
+            .as_ref()
+            .map_or_else(String::new, |c| format!("{:.1}", c.cpu_ms as f64 / 1000.0)),
+        p.cost
+            .as_ref()
+            .map_or_else(String::new, |c| (c.peak_memory_bytes >> 20).to_string()),
         p.attempt,
         log_link(p.log.as_deref(), "log", ""),
         id = e(&p.name),
@@ -546,6 +555,59 @@ fn durations(html: &mut String, packages: &[PackageRow]) {
     html.push_str("</table>\n");
 }
 
+/// A job's cost in a line: `CPU 4.2 s, peak 310 MiB, disk 88 MiB; fetch 0.1 s, check 4.1 s`
+/// (each step's wall-clock time).
+fn cost_text(cost: &quarry_shared::cost::Cost) -> String {
+    let steps: Vec<String> = cost
+        .steps
+        .iter()
+        .map(|s| format!("{} {:.1} s", s.name, s.wall_ms as f64 / 1000.0))
+        .collect();
+    format!(
+        "CPU {:.1} s, peak {} MiB, disk {} MiB; {}",
+        cost.cpu_ms as f64 / 1000.0,
+        cost.peak_memory_bytes >> 20,
+        cost.disk_bytes >> 20,
+        steps.join(", ")
+    )
+}
+
+/// What the run's jobs used, and per step.
+fn cost(html: &mut String, cost: &crate::RunCost) {
+    if cost.jobs == 0 {
+        return;
+    }
+    let mib = |bytes: u64| bytes >> 20;
+    let _ = writeln!(
+        html,
+        "<h2>Cost</h2>\n<p>Over the <span data-count=\"cost-jobs\">{jobs}</span> jobs that ran \
+         (a reused result ran nothing).</p>\n<table id=\"cost\">\n\
+         <tr><td>CPU time (user and system)</td><td data-cost=\"cpu-seconds\">{cpu:.1} s</td></tr>\n\
+         <tr><td>CPU time per job</td><td data-cost=\"cpu-seconds-per-job\">{per_job:.2} s</td></tr>\n\
+         <tr><td>wall-clock time, summed</td><td>{wall:.1} s</td></tr>\n\
+         <tr><td>most memory of one step</td><td>{peak} MiB</td></tr>\n\
+         <tr><td>disk at the jobs' end, summed (largest)</td><td>{disk} MiB ({largest} MiB)</td></tr>\n\
+         <tr><td>waiting for a slot, summed</td><td>{wait:.1} s</td></tr>\n</table>",
+        jobs = cost.jobs,
+        cpu = cost.cpu_seconds,
+        per_job = cost.cpu_seconds_per_job,
+        wall = cost.wall_seconds,
+        peak = mib(cost.peak_memory_bytes),
+        disk = mib(cost.disk_bytes),
+        largest = mib(cost.largest_disk_bytes),
+        wait = cost.slot_wait_seconds,
+    );
+    html.push_str("<table id=\"step-cost\"><tr><th>step</th><th>CPU seconds</th></tr>\n");
+    for (step, seconds) in &cost.steps {
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{seconds:.1}</td></tr>",
+            escape_html(step)
+        );
+    }
+    html.push_str("</table>\n");
+}
+
 /// The search box; its script loads `search.js` (every package name and the page of `packages/`
 /// listing it) on first use.
 fn search_box(html: &mut String, report: &Report) {
@@ -646,6 +708,7 @@ fn write_package_data(dir: &Path, report: &Report) -> anyhow::Result<()> {
                     p.log.as_deref().map(escape_href),
                     p.cause,
                     categories.get(&(p.name.as_str(), p.version.as_str())),
+                    p.cost.as_ref().map(cost_text),
                 ])
             })
             .collect();
@@ -663,7 +726,8 @@ fn package_page(run: &str) -> String {
         "<p><a href=\"index.html\">← summary</a></p>\n\
          <h1 id=\"name\"></h1><p id=\"status\">loading…</p>\n\
          <table id=\"rows\" hidden><tr><th>version</th><th>toolchain</th><th>outcome</th>\
-         <th>category</th><th>exit</th><th>seconds</th><th>attempt</th><th>cause</th><th>log</th></tr></table>\n\
+         <th>category</th><th>exit</th><th>seconds</th><th>attempt</th><th>cause</th><th>cost</th>\
+         <th>log</th></tr></table>\n\
          <script>\n\
          const name = decodeURIComponent(location.hash.slice(1));\n\
          const status = (text) => { document.getElementById('status').textContent = text; };\n\
@@ -680,11 +744,11 @@ fn package_page(run: &str) -> String {
          }\n\
          function quarryPackages(data) {\n\
            const table = document.getElementById('rows');\n\
-           for (const [n, version, toolchain, outcome, exit, ms, attempt, log, cause, category] of data) {\n\
+           for (const [n, version, toolchain, outcome, exit, ms, attempt, log, cause, category, cost] of data) {\n\
              if (n !== name) continue;\n\
              const row = table.insertRow();\n\
              for (const text of [version, toolchain, outcome, category ?? '', exit ?? '',\n\
-                                 (ms / 1000).toFixed(1), attempt, cause ?? '']) {\n\
+                                 (ms / 1000).toFixed(1), attempt, cause ?? '', cost ?? '']) {\n\
                row.insertCell().textContent = text;\n\
              }\n\
              row.cells[2].className = outcome;\n\

@@ -30,6 +30,19 @@ pub fn render(report: &Report, link: Option<&str>) -> String {
     md.blank();
     md.line(&format!("{}.", progress_line(report)));
     md.blank();
+    let cost = &report.cost;
+    if cost.jobs > 0 {
+        md.line(&format!(
+            "Cost: {:.1} CPU-seconds over the {} jobs that ran ({:.2} per job), at most {} MiB \
+             in one step, {} MiB of disk.",
+            cost.cpu_seconds,
+            cost.jobs,
+            cost.cpu_seconds_per_job,
+            cost.peak_memory_bytes >> 20,
+            cost.disk_bytes >> 20
+        ));
+        md.blank();
+    }
     for (side, builds) in &report.run.builds {
         let builds: Vec<String> = builds.iter().map(|b| code(b)).collect();
         md.line(&format!("- {}: {}", code(side), builds.join(", ")));

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::category::{Category, Verdict, categorize};
 use crate::config::DatabaseConfig;
+use crate::cost::Cost;
 use crate::job::{BrokenReason, Job, JobId, Outcome, PackageVersion, Refusal, RunId};
 
 mod embedded {
@@ -132,6 +133,8 @@ pub struct NewResult {
     pub dead_lettered: Option<String>,
     /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
     pub toolchain_build: Option<String>,
+    /// What it used, where its steps ran here.
+    pub cost: Option<Cost>,
     /// The job holds the computation of `memo_key` (`claim_computation`): released in the
     /// result's own transaction, so an identical job finds the claim or the result, never
     /// neither.
@@ -194,6 +197,8 @@ pub struct ResultRow {
     pub refused: Vec<Refusal>,
     /// For a `broken` result: why it could not be prepared, where that is known.
     pub broken_reason: Option<BrokenReason>,
+    /// What it used, where its steps ran (not for a reused result).
+    pub cost: Option<Cost>,
     /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
     pub toolchain_build: Option<String>,
     /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
@@ -834,6 +839,11 @@ impl Store {
         pairing: Option<&Pairing>,
     ) -> anyhow::Result<(bool, Option<Job>)> {
         let duration_ms = i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX);
+        let cost = result.cost.as_ref();
+        let steps = cost
+            .map(|c| serde_json::to_value(&c.steps))
+            .transpose()
+            .context("cannot encode the job's steps")?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         if let Some(pairing) = pairing {
@@ -851,8 +861,10 @@ impl Store {
                 &tx.prepare_cached(
                     "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
                                       consumer, log, log_key, memo_key, reused_from, environment,
-                                      refused, broken_reason, toolchain_build)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                                      refused, broken_reason, toolchain_build, cpu_ms,
+                                      peak_memory_bytes, disk_bytes, slot_wait_ms, steps)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20)
                  ON CONFLICT (job_id) DO NOTHING",
                 )
                 .await?,
@@ -872,6 +884,11 @@ impl Store {
                     &refusal_names(&result.refused),
                     &result.broken_reason.map(BrokenReason::as_str),
                     &result.toolchain_build,
+                    &cost.map(|c| bigint(c.cpu_ms)),
+                    &cost.map(|c| bigint(c.peak_memory_bytes)),
+                    &cost.map(|c| bigint(c.disk_bytes)),
+                    &cost.map(|c| bigint(c.slot_wait_ms)),
+                    &steps,
                 ],
             )
             .await
@@ -1464,7 +1481,8 @@ impl Store {
             .query_raw(
                 "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of, r.environment, r.refused, r.broken_reason, r.toolchain_build
+                        j.recheck_of, r.environment, r.refused, r.broken_reason, r.toolchain_build,
+                        r.cpu_ms, r.peak_memory_bytes, r.disk_bytes, r.slot_wait_ms, r.steps
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
                  ORDER BY j.crate_name, j.crate_version, j.toolchain",
@@ -1493,6 +1511,7 @@ impl Store {
                 refused: parse_refusals(row.get(14))?,
                 broken_reason: parse_broken_reason(row.get(15))?,
                 toolchain_build: row.get(16),
+                cost: cost_of(&row, 17)?,
             });
         }
         Ok(results)
@@ -1937,4 +1956,29 @@ fn refusal_names(refused: &[Refusal]) -> Vec<&'static str> {
 
 fn parse_refusals(names: Vec<String>) -> anyhow::Result<Vec<Refusal>> {
     names.iter().map(|name| name.parse()).collect()
+}
+
+/// A count for a `bigint` column (saturating: none of Quarry's comes near 2^63).
+fn bigint(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The cost recorded on a result, from its five columns starting at `first`.
+fn cost_of(row: &tokio_postgres::Row, first: usize) -> anyhow::Result<Option<Cost>> {
+    let Some(cpu_ms) = row.get::<_, Option<i64>>(first) else {
+        return Ok(None);
+    };
+    let count = |i: usize| row.get::<_, Option<i64>>(first + i).unwrap_or(0).max(0) as u64;
+    let steps: Option<serde_json::Value> = row.get(first + 4);
+    Ok(Some(Cost {
+        cpu_ms: cpu_ms.max(0) as u64,
+        peak_memory_bytes: count(1),
+        disk_bytes: count(2),
+        slot_wait_ms: count(3),
+        steps: steps
+            .map(serde_json::from_value)
+            .transpose()
+            .context("a result's steps are not what the consumer records")?
+            .unwrap_or_default(),
+    }))
 }

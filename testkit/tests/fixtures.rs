@@ -147,6 +147,36 @@ async fn failure_classes(images: Option<Images>) {
     assert!(loud.len() < 64 << 20, "the kept log is bounded");
     assert!(log("quarry-fixture-archive-bomb").contains("expands past"));
 
+    // What each job used, recorded on its result and summed for the run.
+    let cost = |name: &str| {
+        let package = written.report.packages.iter().find(|p| p.name == name);
+        package
+            .and_then(|p| p.cost.clone())
+            .unwrap_or_else(|| panic!("{name} has its cost recorded"))
+    };
+    let pass = cost("quarry-fixture-pass");
+    let steps: Vec<&str> = pass.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["fetch", "build", "test"], "{pass:?}");
+    assert!(pass.cpu_ms > 0 && pass.disk_bytes > 0, "{pass:?}");
+    assert!(pass.cpu_ms >= pass.steps.iter().map(|s| s.cpu_ms).max().unwrap());
+    // The memory hog's peak is what it allocated, up to the limit (1 GiB).
+    let hog = cost("quarry-fixture-memory-hog");
+    assert!(hog.peak_memory_bytes >= 512 << 20, "{hog:?}");
+    let run = &written.report.cost;
+    let measured: Vec<_> = written
+        .report
+        .packages
+        .iter()
+        .filter_map(|p| p.cost.as_ref())
+        .collect();
+    assert_eq!(run.jobs as usize, measured.len());
+    let cpu_ms: u64 = measured.iter().map(|c| c.cpu_ms).sum();
+    assert!(
+        (run.cpu_seconds - cpu_ms as f64 / 1000.0).abs() < 1e-6,
+        "{run:?}"
+    );
+    assert!(run.peak_memory_bytes >= hog.peak_memory_bytes);
+
     // Failures grouped by root cause, read from their logs.
     let cause_of = |name: &str| {
         written

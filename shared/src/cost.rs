@@ -1,0 +1,39 @@
+//! What a job's run used — its cost, recorded beside its outcome and apart from it: CPU time,
+//! peak memory, disk, how long it waited for a slot, and each step's share. The consumer
+//! measures it, the store keeps it on the result, the reporter sums it per run.
+
+use serde::{Deserialize, Serialize};
+
+/// What one job used where it ran. A memoized result, which ran nothing, has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// CPU time, user and system, of every step's processes.
+    pub cpu_ms: u64,
+    /// The most memory one step used: all its processes together where it had a cgroup, else
+    /// its largest process.
+    pub peak_memory_bytes: u64,
+    /// What the job's scratch directory (package, cargo home, target directory) held at its end.
+    pub disk_bytes: u64,
+    /// From the consumer taking the job to a slot starting it.
+    pub slot_wait_ms: u64,
+    /// Each step, in order.
+    pub steps: Vec<StepCost>,
+}
+
+/// One step of a job (`fetch`, `check`, `test`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCost {
+    pub name: String,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub peak_memory_bytes: u64,
+}
+
+impl Cost {
+    /// Adds a step's cost to the job's.
+    pub fn add(&mut self, step: StepCost) {
+        self.cpu_ms += step.cpu_ms;
+        self.peak_memory_bytes = self.peak_memory_bytes.max(step.peak_memory_bytes);
+        self.steps.push(step);
+    }
+}
