@@ -37,6 +37,8 @@ pub enum Cgroups {
     V1 {
         memory: PathBuf,
         pids: PathBuf,
+        /// Where the `cpuacct` hierarchy is writable too: the steps' CPU time.
+        cpuacct: Option<PathBuf>,
     },
 }
 
@@ -74,7 +76,15 @@ impl Cgroups {
                         )
                     })?;
                 }
-                let cgroups = Cgroups::V1 { memory, pids };
+                // Optional: only the steps' CPU time is read from it.
+                let cpuacct = v1_own_dir(&own, &mounts, "cpuacct")
+                    .map(|dir| dir.join(&dir_name))
+                    .filter(|dir| std::fs::create_dir_all(dir).is_ok());
+                let cgroups = Cgroups::V1 {
+                    memory,
+                    pids,
+                    cpuacct,
+                };
                 cgroups.remove_leftovers();
                 Ok(cgroups)
             }
@@ -88,10 +98,17 @@ impl Cgroups {
     pub fn describe(&self) -> String {
         match self {
             Cgroups::V2 { parent } => format!("cgroup v2 under {}", parent.display()),
-            Cgroups::V1 { memory, pids } => format!(
-                "cgroup v1 under {} and {}",
+            Cgroups::V1 {
+                memory,
+                pids,
+                cpuacct,
+            } => format!(
+                "cgroup v1 under {} and {}{}",
                 memory.display(),
-                pids.display()
+                pids.display(),
+                cpuacct
+                    .as_ref()
+                    .map_or_else(String::new, |dir| format!(" (CPU time: {})", dir.display()))
             ),
         }
     }
@@ -100,7 +117,14 @@ impl Cgroups {
     fn parents(&self) -> Vec<&PathBuf> {
         match self {
             Cgroups::V2 { parent } => vec![parent],
-            Cgroups::V1 { memory, pids } => vec![memory, pids],
+            Cgroups::V1 {
+                memory,
+                pids,
+                cpuacct,
+            } => [Some(memory), Some(pids), cpuacct.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
         }
     }
 
@@ -169,14 +193,18 @@ impl Cgroups {
             )
         })?;
         let name = sanitize(name);
-        let (dirs, v2) = match self {
-            Cgroups::V2 { parent } => (vec![parent.join(&name)], true),
-            Cgroups::V1 { memory, pids } => (vec![memory.join(&name), pids.join(&name)], false),
+        let dirs: Vec<PathBuf> = self.parents().iter().map(|p| p.join(&name)).collect();
+        let v2 = matches!(self, Cgroups::V2 { .. });
+        // Where the step's CPU time is counted: any v2 cgroup, v1's cpuacct.
+        let cpu = match self {
+            Cgroups::V2 { .. } => Some(dirs[0].join("cpu.stat")),
+            Cgroups::V1 { cpuacct, .. } => cpuacct.as_ref().map(|_| dirs[2].join("cpuacct.usage")),
         };
         let mut step = StepCgroup {
             dirs: Vec::new(),
             procs: Vec::new(),
             v2,
+            cpu,
         };
         for dir in &dirs {
             if dir.exists() {
@@ -227,6 +255,8 @@ pub struct StepCgroup {
     /// is started: it only writes to them.
     procs: Vec<File>,
     v2: bool,
+    /// `cpu.stat` (v2) or `cpuacct.usage` (v1), where the kernel counts the step's CPU time.
+    cpu: Option<PathBuf>,
 }
 
 impl StepCgroup {
@@ -258,6 +288,21 @@ impl StepCgroup {
                 .ok()
                 .and_then(|n| n.trim().parse::<u64>().ok())
                 .is_some_and(|n| n > 0),
+        }
+    }
+
+    /// The CPU time (user and system) of every process the step had, where it is counted.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let file = self.cpu.as_ref()?;
+        let text = std::fs::read_to_string(file).ok()?;
+        if self.v2 {
+            let usec = text.lines().find_map(|line| {
+                line.strip_prefix("usage_usec ")
+                    .and_then(|n| n.trim().parse().ok())
+            })?;
+            Some(Duration::from_micros(usec))
+        } else {
+            Some(Duration::from_nanos(text.trim().parse().ok()?))
         }
     }
 

@@ -753,7 +753,13 @@ async fn run_step(
     let cost = StepCost {
         name: String::new(),
         wall_ms: millis(started.elapsed()),
-        cpu_ms: millis(usage.cpu),
+        // The cgroup counts every process the step had; without one, the rusage of the
+        // process waited for covers its tree only unsandboxed (bubblewrap's init passes none on).
+        cpu_ms: match (cgroup.as_ref().and_then(|c| c.cpu_time()), &env.sandbox) {
+            (Some(cpu), _) => Some(millis(cpu)),
+            (None, Sandbox::Unsandboxed) => Some(millis(usage.cpu)),
+            (None, Sandbox::Bubblewrap { .. }) => None,
+        },
         // The whole tree's where the kernel keeps it, else the largest process's.
         peak_memory_bytes: cgroup
             .as_ref()

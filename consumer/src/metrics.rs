@@ -94,7 +94,8 @@ impl Metrics {
             )?,
             cpu_seconds: Counter::new(
                 "quarry_consumer_job_cpu_seconds_total",
-                "CPU time (user and system) of the steps of the jobs that ran here",
+                "CPU time (user and system) of the steps of the jobs that ran here, where it is \
+                 counted (a step's cgroup)",
             )?,
             step_cpu_seconds: CounterVec::new(
                 Opts::new(
@@ -293,11 +294,13 @@ impl Metrics {
     /// A job that ran here used `cost`.
     pub fn observe_cost(&self, cost: &Cost) {
         let seconds = |ms: u64| ms as f64 / 1000.0;
-        self.cpu_seconds.inc_by(seconds(cost.cpu_ms));
+        self.cpu_seconds.inc_by(seconds(cost.cpu_ms.unwrap_or(0)));
         for step in &cost.steps {
-            self.step_cpu_seconds
-                .with_label_values(&[step.name.as_str()])
-                .inc_by(seconds(step.cpu_ms));
+            if let Some(cpu_ms) = step.cpu_ms {
+                self.step_cpu_seconds
+                    .with_label_values(&[step.name.as_str()])
+                    .inc_by(seconds(cpu_ms));
+            }
         }
         self.peak_memory.observe(cost.peak_memory_bytes as f64);
         self.disk.observe(cost.disk_bytes as f64);

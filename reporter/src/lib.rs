@@ -132,7 +132,9 @@ pub struct PackageRow {
 pub struct RunCost {
     /// Jobs whose cost was recorded.
     pub jobs: u64,
-    /// Their CPU time (user and system), and its mean per job.
+    /// Those of them whose CPU time was counted (`Cost::cpu_ms`), their CPU time (user and
+    /// system), and its mean per job.
+    pub cpu_jobs: u64,
     pub cpu_seconds: f64,
     pub cpu_seconds_per_job: f64,
     /// Their wall-clock time, summed.
@@ -152,15 +154,20 @@ impl RunCost {
     fn add(&mut self, cost: &Cost, duration_ms: i64) {
         let seconds = |ms: u64| ms as f64 / 1000.0;
         self.jobs += 1;
-        self.cpu_seconds += seconds(cost.cpu_ms);
-        self.cpu_seconds_per_job = self.cpu_seconds / self.jobs as f64;
+        if let Some(cpu_ms) = cost.cpu_ms {
+            self.cpu_jobs += 1;
+            self.cpu_seconds += seconds(cpu_ms);
+            self.cpu_seconds_per_job = self.cpu_seconds / self.cpu_jobs as f64;
+        }
         self.wall_seconds += duration_ms.max(0) as f64 / 1000.0;
         self.peak_memory_bytes = self.peak_memory_bytes.max(cost.peak_memory_bytes);
         self.disk_bytes += cost.disk_bytes;
         self.largest_disk_bytes = self.largest_disk_bytes.max(cost.disk_bytes);
         self.slot_wait_seconds += seconds(cost.slot_wait_ms);
         for step in &cost.steps {
-            *self.steps.entry(step.name.clone()).or_default() += seconds(step.cpu_ms);
+            if let Some(cpu_ms) = step.cpu_ms {
+                *self.steps.entry(step.name.clone()).or_default() += seconds(cpu_ms);
+            }
         }
     }
 }
@@ -941,7 +948,12 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
         let cost = p.cost.as_ref().map_or_else(
             || [String::new(), String::new(), String::new(), String::new()],
             |c| {
-                [c.cpu_ms, c.peak_memory_bytes, c.disk_bytes, c.slot_wait_ms].map(|n| n.to_string())
+                [
+                    c.cpu_ms.map_or_else(String::new, |n| n.to_string()),
+                    c.peak_memory_bytes.to_string(),
+                    c.disk_bytes.to_string(),
+                    c.slot_wait_ms.to_string(),
+                ]
             },
         );
         let row: Vec<String> = row.into_iter().chain(cost).collect();

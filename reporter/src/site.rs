@@ -425,7 +425,8 @@ fn package_row(p: &PackageRow, html: &mut String) {
         p.duration_ms as f64 / 1000.0,
         p.cost
             .as_ref()
-            .map_or_else(String::new, |c| format!("{:.1}", c.cpu_ms as f64 / 1000.0)),
+            .and_then(|c| c.cpu_ms)
+            .map_or_else(String::new, |ms| format!("{:.1}", ms as f64 / 1000.0)),
         p.cost
             .as_ref()
             .map_or_else(String::new, |c| (c.peak_memory_bytes >> 20).to_string()),
@@ -564,8 +565,11 @@ fn cost_text(cost: &quarry_shared::cost::Cost) -> String {
         .map(|s| format!("{} {:.1} s", s.name, s.wall_ms as f64 / 1000.0))
         .collect();
     format!(
-        "CPU {:.1} s, peak {} MiB, disk {} MiB; {}",
-        cost.cpu_ms as f64 / 1000.0,
+        "CPU {}, peak {} MiB, disk {} MiB; {}",
+        cost.cpu_ms.map_or_else(
+            || "not counted".to_owned(),
+            |ms| format!("{:.1} s", ms as f64 / 1000.0)
+        ),
         cost.peak_memory_bytes >> 20,
         cost.disk_bytes >> 20,
         steps.join(", ")
@@ -582,13 +586,15 @@ fn cost(html: &mut String, cost: &crate::RunCost) {
         html,
         "<h2>Cost</h2>\n<p>Over the <span data-count=\"cost-jobs\">{jobs}</span> jobs that ran \
          (a reused result ran nothing).</p>\n<table id=\"cost\">\n\
-         <tr><td>CPU time (user and system)</td><td data-cost=\"cpu-seconds\">{cpu:.1} s</td></tr>\n\
+         <tr><td>CPU time (user and system), of the {cpu_jobs} jobs it was counted for</td>\
+         <td data-cost=\"cpu-seconds\">{cpu:.1} s</td></tr>\n\
          <tr><td>CPU time per job</td><td data-cost=\"cpu-seconds-per-job\">{per_job:.2} s</td></tr>\n\
          <tr><td>wall-clock time, summed</td><td>{wall:.1} s</td></tr>\n\
          <tr><td>most memory of one step</td><td>{peak} MiB</td></tr>\n\
          <tr><td>disk at the jobs' end, summed (largest)</td><td>{disk} MiB ({largest} MiB)</td></tr>\n\
          <tr><td>waiting for a slot, summed</td><td>{wait:.1} s</td></tr>\n</table>",
         jobs = cost.jobs,
+        cpu_jobs = cost.cpu_jobs,
         cpu = cost.cpu_seconds,
         per_job = cost.cpu_seconds_per_job,
         wall = cost.wall_seconds,

@@ -33,9 +33,10 @@ pub fn render(report: &Report, link: Option<&str>) -> String {
     let cost = &report.cost;
     if cost.jobs > 0 {
         md.line(&format!(
-            "Cost: {:.1} CPU-seconds over the {} jobs that ran ({:.2} per job), at most {} MiB \
-             in one step, {} MiB of disk.",
+            "Cost: {:.1} CPU-seconds over the {} of {} jobs that ran whose CPU time was \
+             counted ({:.2} per job), at most {} MiB in one step, {} MiB of disk.",
             cost.cpu_seconds,
+            cost.cpu_jobs,
             cost.jobs,
             cost.cpu_seconds_per_job,
             cost.peak_memory_bytes >> 20,

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 /// What one job used where it ran. A memoized result, which ran nothing, has none.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cost {
-    /// CPU time, user and system, of every step's processes.
-    pub cpu_ms: u64,
+    /// CPU time, user and system, of every step's processes, where the kernel counted it for
+    /// each step (its cgroup; unsandboxed, its process tree). A sandboxed step without a
+    /// cgroup has none: bubblewrap's init does not pass on what its children used.
+    pub cpu_ms: Option<u64>,
     /// The most memory one step used: all its processes together where it had a cgroup, else
     /// its largest process.
     pub peak_memory_bytes: u64,
@@ -25,14 +27,18 @@ pub struct Cost {
 pub struct StepCost {
     pub name: String,
     pub wall_ms: u64,
-    pub cpu_ms: u64,
+    pub cpu_ms: Option<u64>,
     pub peak_memory_bytes: u64,
 }
 
 impl Cost {
     /// Adds a step's cost to the job's.
     pub fn add(&mut self, step: StepCost) {
-        self.cpu_ms += step.cpu_ms;
+        self.cpu_ms = match (self.steps.is_empty(), self.cpu_ms, step.cpu_ms) {
+            (true, _, cpu) => cpu,
+            (false, Some(job), Some(step)) => Some(job + step),
+            _ => None,
+        };
         self.peak_memory_bytes = self.peak_memory_bytes.max(step.peak_memory_bytes);
         self.steps.push(step);
     }

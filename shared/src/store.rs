@@ -884,7 +884,7 @@ impl Store {
                     &refusal_names(&result.refused),
                     &result.broken_reason.map(BrokenReason::as_str),
                     &result.toolchain_build,
-                    &cost.map(|c| bigint(c.cpu_ms)),
+                    &cost.and_then(|c| c.cpu_ms).map(bigint),
                     &cost.map(|c| bigint(c.peak_memory_bytes)),
                     &cost.map(|c| bigint(c.disk_bytes)),
                     &cost.map(|c| bigint(c.slot_wait_ms)),
@@ -1963,22 +1963,22 @@ fn bigint(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The cost recorded on a result, from its five columns starting at `first`.
+/// The cost recorded on a result, from its five columns starting at `first` (`cpu_ms`,
+/// `peak_memory_bytes`, `disk_bytes`, `slot_wait_ms`, `steps`): none where `steps` is NULL.
 fn cost_of(row: &tokio_postgres::Row, first: usize) -> anyhow::Result<Option<Cost>> {
-    let Some(cpu_ms) = row.get::<_, Option<i64>>(first) else {
+    let Some(steps) = row.get::<_, Option<serde_json::Value>>(first + 4) else {
         return Ok(None);
     };
-    let count = |i: usize| row.get::<_, Option<i64>>(first + i).unwrap_or(0).max(0) as u64;
-    let steps: Option<serde_json::Value> = row.get(first + 4);
+    let count = |i: usize| {
+        row.get::<_, Option<i64>>(first + i)
+            .map(|n| n.max(0) as u64)
+    };
     Ok(Some(Cost {
-        cpu_ms: cpu_ms.max(0) as u64,
-        peak_memory_bytes: count(1),
-        disk_bytes: count(2),
-        slot_wait_ms: count(3),
-        steps: steps
-            .map(serde_json::from_value)
-            .transpose()
-            .context("a result's steps are not what the consumer records")?
-            .unwrap_or_default(),
+        cpu_ms: count(0),
+        peak_memory_bytes: count(1).unwrap_or(0),
+        disk_bytes: count(2).unwrap_or(0),
+        slot_wait_ms: count(3).unwrap_or(0),
+        steps: serde_json::from_value(steps)
+            .context("a result's steps are not what the consumer records")?,
     }))
 }

@@ -157,8 +157,15 @@ async fn failure_classes(images: Option<Images>) {
     let pass = cost("quarry-fixture-pass");
     let steps: Vec<&str> = pass.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(steps, ["fetch", "build", "test"], "{pass:?}");
-    assert!(pass.cpu_ms > 0 && pass.disk_bytes > 0, "{pass:?}");
-    assert!(pass.cpu_ms >= pass.steps.iter().map(|s| s.cpu_ms).max().unwrap());
+    assert!(pass.disk_bytes > 0, "{pass:?}");
+    if images.is_none() {
+        // Counted by each step's cgroup.
+        assert!(pass.cpu_ms.is_some_and(|ms| ms > 0), "{pass:?}");
+    } else {
+        // A sandboxed step without a cgroup (a container's, a pod's) has its CPU time counted
+        // by nobody: not recorded rather than recorded wrong.
+        assert_eq!(pass.cpu_ms, None, "{pass:?}");
+    }
     // The memory hog's peak is what it allocated, up to the limit (1 GiB).
     let hog = cost("quarry-fixture-memory-hog");
     assert!(hog.peak_memory_bytes >= 512 << 20, "{hog:?}");
@@ -170,7 +177,7 @@ async fn failure_classes(images: Option<Images>) {
         .filter_map(|p| p.cost.as_ref())
         .collect();
     assert_eq!(run.jobs as usize, measured.len());
-    let cpu_ms: u64 = measured.iter().map(|c| c.cpu_ms).sum();
+    let cpu_ms: u64 = measured.iter().filter_map(|c| c.cpu_ms).sum();
     assert!(
         (run.cpu_seconds - cpu_ms as f64 / 1000.0).abs() < 1e-6,
         "{run:?}"
