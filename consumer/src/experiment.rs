@@ -753,18 +753,23 @@ async fn run_step(
     let cost = StepCost {
         name: String::new(),
         wall_ms: millis(started.elapsed()),
-        // The cgroup counts every process the step had; without one, the rusage of the
-        // process waited for covers its tree only unsandboxed (bubblewrap's init passes none on).
-        cpu_ms: match (cgroup.as_ref().and_then(|c| c.cpu_time()), &env.sandbox) {
-            (Some(cpu), _) => Some(millis(cpu)),
-            (None, Sandbox::Unsandboxed) => Some(millis(usage.cpu)),
-            (None, Sandbox::Bubblewrap { .. }) => None,
+        cpu_ms: None,
+        peak_memory_bytes: None,
+    };
+    // The cgroup counts every process the step had; without one, the rusage of the process
+    // waited for covers its tree only unsandboxed (bubblewrap's init passes none on).
+    let unsandboxed = matches!(env.sandbox, Sandbox::Unsandboxed);
+    let cost = StepCost {
+        cpu_ms: match cgroup.as_ref().and_then(|c| c.cpu_time()) {
+            Some(cpu) => Some(millis(cpu)),
+            None => unsandboxed.then(|| millis(usage.cpu)),
         },
-        // The whole tree's where the kernel keeps it, else the largest process's.
-        peak_memory_bytes: cgroup
-            .as_ref()
-            .and_then(|c| c.peak_memory_bytes())
-            .unwrap_or(usage.max_rss_bytes),
+        // The whole tree's; unsandboxed without a cgroup, the largest process's.
+        peak_memory_bytes: match cgroup.as_ref().and_then(|c| c.peak_memory_bytes()) {
+            Some(peak) => Some(peak),
+            None => unsandboxed.then_some(usage.max_rss_bytes),
+        },
+        ..cost
     };
     if let Some(cgroup) = cgroup {
         cgroup.remove_in_background();

@@ -302,7 +302,9 @@ impl Metrics {
                     .inc_by(seconds(cpu_ms));
             }
         }
-        self.peak_memory.observe(cost.peak_memory_bytes as f64);
+        if let Some(peak) = cost.peak_memory_bytes {
+            self.peak_memory.observe(peak as f64);
+        }
         self.disk.observe(cost.disk_bytes as f64);
         self.slot_wait.observe(seconds(cost.slot_wait_ms));
     }

@@ -160,7 +160,9 @@ impl RunCost {
             self.cpu_seconds_per_job = self.cpu_seconds / self.cpu_jobs as f64;
         }
         self.wall_seconds += duration_ms.max(0) as f64 / 1000.0;
-        self.peak_memory_bytes = self.peak_memory_bytes.max(cost.peak_memory_bytes);
+        self.peak_memory_bytes = self
+            .peak_memory_bytes
+            .max(cost.peak_memory_bytes.unwrap_or(0));
         self.disk_bytes += cost.disk_bytes;
         self.largest_disk_bytes = self.largest_disk_bytes.max(cost.disk_bytes);
         self.slot_wait_seconds += seconds(cost.slot_wait_ms);
@@ -950,7 +952,8 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
             |c| {
                 [
                     c.cpu_ms.map_or_else(String::new, |n| n.to_string()),
-                    c.peak_memory_bytes.to_string(),
+                    c.peak_memory_bytes
+                        .map_or_else(String::new, |n| n.to_string()),
                     c.disk_bytes.to_string(),
                     c.slot_wait_ms.to_string(),
                 ]

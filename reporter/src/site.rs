@@ -429,7 +429,8 @@ fn package_row(p: &PackageRow, html: &mut String) {
             .map_or_else(String::new, |ms| format!("{:.1}", ms as f64 / 1000.0)),
         p.cost
             .as_ref()
-            .map_or_else(String::new, |c| (c.peak_memory_bytes >> 20).to_string()),
+            .and_then(|c| c.peak_memory_bytes)
+            .map_or_else(String::new, |bytes| (bytes >> 20).to_string()),
         p.attempt,
         log_link(p.log.as_deref(), "log", ""),
         id = e(&p.name),
@@ -565,12 +566,15 @@ fn cost_text(cost: &quarry_shared::cost::Cost) -> String {
         .map(|s| format!("{} {:.1} s", s.name, s.wall_ms as f64 / 1000.0))
         .collect();
     format!(
-        "CPU {}, peak {} MiB, disk {} MiB; {}",
+        "CPU {}, peak {}, disk {} MiB; {}",
         cost.cpu_ms.map_or_else(
             || "not counted".to_owned(),
             |ms| format!("{:.1} s", ms as f64 / 1000.0)
         ),
-        cost.peak_memory_bytes >> 20,
+        cost.peak_memory_bytes.map_or_else(
+            || "not counted".to_owned(),
+            |bytes| format!("{} MiB", bytes >> 20)
+        ),
         cost.disk_bytes >> 20,
         steps.join(", ")
     )

@@ -11,9 +11,10 @@ pub struct Cost {
     /// each step (its cgroup; unsandboxed, its process tree). A sandboxed step without a
     /// cgroup has none: bubblewrap's init does not pass on what its children used.
     pub cpu_ms: Option<u64>,
-    /// The most memory one step used: all its processes together where it had a cgroup, else
-    /// its largest process.
-    pub peak_memory_bytes: u64,
+    /// The most memory one step used: all its processes together, where its cgroup counted
+    /// them (unsandboxed without a cgroup, its largest process). Like `cpu_ms`, none for a
+    /// sandboxed step without a cgroup.
+    pub peak_memory_bytes: Option<u64>,
     /// What the job's scratch directory (package, cargo home, target directory) held at its end.
     pub disk_bytes: u64,
     /// From the consumer taking the job to a slot starting it.
@@ -28,7 +29,7 @@ pub struct StepCost {
     pub name: String,
     pub wall_ms: u64,
     pub cpu_ms: Option<u64>,
-    pub peak_memory_bytes: u64,
+    pub peak_memory_bytes: Option<u64>,
 }
 
 impl Cost {
@@ -39,7 +40,11 @@ impl Cost {
             (false, Some(job), Some(step)) => Some(job + step),
             _ => None,
         };
-        self.peak_memory_bytes = self.peak_memory_bytes.max(step.peak_memory_bytes);
+        self.peak_memory_bytes = match (self.steps.is_empty(), self.peak_memory_bytes) {
+            (true, _) => step.peak_memory_bytes,
+            (false, Some(job)) => step.peak_memory_bytes.map(|step| job.max(step)),
+            (false, None) => None,
+        };
         self.steps.push(step);
     }
 }

@@ -885,7 +885,7 @@ impl Store {
                     &result.broken_reason.map(BrokenReason::as_str),
                     &result.toolchain_build,
                     &cost.and_then(|c| c.cpu_ms).map(bigint),
-                    &cost.map(|c| bigint(c.peak_memory_bytes)),
+                    &cost.and_then(|c| c.peak_memory_bytes).map(bigint),
                     &cost.map(|c| bigint(c.disk_bytes)),
                     &cost.map(|c| bigint(c.slot_wait_ms)),
                     &steps,
@@ -1975,7 +1975,7 @@ fn cost_of(row: &tokio_postgres::Row, first: usize) -> anyhow::Result<Option<Cos
     };
     Ok(Some(Cost {
         cpu_ms: count(0),
-        peak_memory_bytes: count(1).unwrap_or(0),
+        peak_memory_bytes: count(1),
         disk_bytes: count(2).unwrap_or(0),
         slot_wait_ms: count(3).unwrap_or(0),
         steps: serde_json::from_value(steps)
