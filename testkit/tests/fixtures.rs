@@ -58,10 +58,11 @@ async fn failure_classes(images: Option<Images>) {
                 "fixtures",
                 "--mode",
                 "test",
+                // The definition above, as flags.
                 "--timeout",
-                "30",
+                &definition.experiment.timeout_secs.to_string(),
                 "--memory-limit",
-                "1024",
+                &definition.experiment.memory_limit_mb.to_string(),
                 "--toolchain",
                 &quarry_testkit::toolchain().to_string(),
             ],
