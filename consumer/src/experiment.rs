@@ -750,16 +750,12 @@ async fn run_step(
     .await;
     let out_of_memory = cgroup.as_ref().is_some_and(|c| c.out_of_memory());
     let usage = child.usage().unwrap_or_default();
-    let cost = StepCost {
-        name: String::new(),
-        wall_ms: millis(started.elapsed()),
-        cpu_ms: None,
-        peak_memory_bytes: None,
-    };
     // The cgroup counts every process the step had; without one, the rusage of the process
     // waited for covers its tree only unsandboxed (bubblewrap's init passes none on).
     let unsandboxed = matches!(env.sandbox, Sandbox::Unsandboxed);
     let cost = StepCost {
+        name: String::new(),
+        wall_ms: millis(started.elapsed()),
         cpu_ms: match cgroup.as_ref().and_then(|c| c.cpu_time()) {
             Some(cpu) => Some(millis(cpu)),
             None => unsandboxed.then(|| millis(usage.cpu)),
@@ -769,7 +765,6 @@ async fn run_step(
             Some(peak) => Some(peak),
             None => unsandboxed.then_some(usage.max_rss_bytes),
         },
-        ..cost
     };
     if let Some(cgroup) = cgroup {
         cgroup.remove_in_background();

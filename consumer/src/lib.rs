@@ -1669,24 +1669,31 @@ impl ScratchDir {
     }
 
     /// The disk its files take (allocated blocks, links not followed), walked off the runtime's
-    /// threads.
+    /// threads. Without recursion: the package's build scripts choose how deep its tree is.
     async fn disk_used(&self) -> u64 {
-        fn walk(dir: &std::path::Path) -> u64 {
+        fn walk(root: PathBuf) -> u64 {
             use std::os::unix::fs::MetadataExt as _;
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return 0;
-            };
-            entries
-                .flatten()
-                .map(|entry| match entry.metadata() {
-                    Ok(meta) if meta.is_dir() => meta.blocks() * 512 + walk(&entry.path()),
-                    Ok(meta) => meta.blocks() * 512,
-                    Err(_) => 0,
-                })
-                .sum()
+            let mut used = 0;
+            let mut pending = vec![root];
+            while let Some(dir) = pending.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    // `DirEntry::metadata` does not follow a link.
+                    let Ok(meta) = entry.metadata() else {
+                        continue;
+                    };
+                    used += meta.blocks() * 512;
+                    if meta.is_dir() {
+                        pending.push(entry.path());
+                    }
+                }
+            }
+            used
         }
         let dir = self.0.clone();
-        tokio::task::spawn_blocking(move || walk(&dir))
+        tokio::task::spawn_blocking(move || walk(dir))
             .await
             .unwrap_or(0)
     }
