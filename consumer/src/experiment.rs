@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::mirror::Mirror;
 use crate::prepare::{self, Refused};
-use crate::sandbox::{Mounts, Sandbox};
+use crate::sandbox::{self, Mounts, Sandbox};
 use crate::spawn::Spawn;
 use crate::toolchains::Installed;
 use quarry_shared::cost::{Cost, StepCost};
@@ -41,6 +41,9 @@ pub struct CargoEnv {
     pub sandbox: Sandbox,
     /// Where those steps get their cgroup, if this machine lets the consumer create them.
     pub cgroups: Option<Cgroups>,
+    /// `quarry-confine` on this host, where it confines here (`confine.rs`): only then do slots
+    /// keep target directories across jobs.
+    pub confine: Option<PathBuf>,
 }
 
 /// What running the experiment produced.
@@ -257,6 +260,9 @@ pub struct Resolved {
 pub struct Workspace<'a> {
     pub scratch: &'a Path,
     pub package_dir: &'a Path,
+    /// The slot's kept target directory, where the job builds in one (`shared_target.rs`);
+    /// else its target directory is in `scratch`.
+    pub shared_target: Option<&'a Path>,
 }
 
 impl Workspace<'_> {
@@ -436,11 +442,14 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
         workspace: Workspace {
             scratch: &scratch,
             package_dir: &scratch,
+            shared_target: None,
         },
         mounts: Mounts {
             writable: &scratch,
             read_only: &[],
             registry: None,
+            cargo_home: None,
+            shared_target: None,
         },
         name: "check",
         limits: Limits {
@@ -516,6 +525,12 @@ async fn run_steps(
                 // Once resolved, what cargo downloaded and its configuration are only read.
                 read_only: if step.resolves { &[] } else { &read_only },
                 registry: registry.filter(|_| step.resolves),
+                cargo_home: Some((&cargo_home, step.resolves)),
+                // Resolution builds nothing.
+                shared_target: workspace
+                    .shared_target
+                    .zip(env.confine.as_deref())
+                    .filter(|_| !step.resolves),
             },
             name: &step_name,
             limits,
@@ -649,6 +664,7 @@ async fn run_step(
     let Workspace {
         scratch,
         package_dir,
+        ..
     } = place.workspace;
     let limits = place.limits;
     // Without a cgroup, the sandbox counts the step's processes.
@@ -663,10 +679,22 @@ async fn run_step(
         .args(args)
         .env("PATH", &env.path)
         .env("HOME", scratch)
-        .env("CARGO_HOME", place.workspace.cargo_home())
-        .env("CARGO_TARGET_DIR", scratch.join("target"))
+        .env(
+            "CARGO_HOME",
+            env.sandbox.cargo_home(&place.workspace.cargo_home()),
+        )
         .env("CARGO_TERM_COLOR", "never")
         .env("CARGO_INCREMENTAL", "0");
+    if place.mounts.shared_target.is_some() {
+        // Every rustc through `quarry-confine`, which puts build scripts behind it too; the
+        // package's own tree stays writable for them.
+        command
+            .env("CARGO_TARGET_DIR", sandbox::SHARED_TARGET)
+            .env("RUSTC_WRAPPER", crate::confine::SANDBOX_PATH)
+            .env(crate::confine::WRITABLE_ENV, scratch.join("src"));
+    } else {
+        command.env("CARGO_TARGET_DIR", scratch.join("target"));
+    }
     if let Some(toolchain) = toolchain {
         command
             .env("RUSTUP_HOME", &toolchain.home)
@@ -906,10 +934,12 @@ mod tests {
                 prlimit: None,
             },
             cgroups: None,
+            confine: None,
         };
         let workspace = Workspace {
             scratch: scratch.path(),
             package_dir: scratch.path(),
+            shared_target: None,
         };
         let step = Step {
             name: "check",

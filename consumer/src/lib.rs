@@ -16,6 +16,7 @@
 //! those jobs again.
 
 mod cgroup;
+pub mod confine;
 mod experiment;
 mod fetch;
 mod gateway;
@@ -24,6 +25,7 @@ mod metrics;
 mod mirror;
 mod prepare;
 mod sandbox;
+mod shared_target;
 mod spawn;
 mod toolchains;
 mod unpack;
@@ -254,7 +256,7 @@ struct Worker {
     metrics: Arc<Metrics>,
     /// One per experiment that may run at once (`consumer.concurrency`); the consumer holds
     /// twice as many jobs, preparing and recording the others meanwhile.
-    slots: tokio::sync::Semaphore,
+    slots: shared_target::Slots,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
     /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
@@ -354,6 +356,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let jobs_dir = std::path::absolute(&jobs_dir)?;
     check_jobs_dir(&jobs_dir, &cargo.sandbox)?;
     remove_leftover_scratch(&jobs_dir);
+    let slots = shared_target::Slots::new(
+        usize::from(config.consumer.concurrency.max(1)),
+        cargo.confine.as_ref().map(|_| {
+            (
+                config.consumer.work_dir.join(&name).join("targets"),
+                config.consumer.shared_target_mb.saturating_mul(1 << 20),
+            )
+        }),
+    )
+    .context("cannot create the slots' target directories")?;
 
     let worker = Arc::new(Worker {
         name: name.clone(),
@@ -374,7 +386,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         toolchains,
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
-        slots: tokio::sync::Semaphore::new(usize::from(config.consumer.concurrency.max(1))),
+        slots,
         in_hand: Default::default(),
         stopping: shutdown.clone(),
         broken: Default::default(),
@@ -1391,7 +1403,7 @@ impl Worker {
                 tracing::info!(job = %job.id, package = %job.package, "stopping before the job started; giving it back");
                 return Ok(None);
             }
-            slot = self.slots.acquire() => slot.expect("the slots are never closed"),
+            slot = self.slots.acquire() => slot,
         };
         self.store
             .start_attempt(job, attempt as i32, &self.name)
@@ -1401,9 +1413,13 @@ impl Worker {
         let started = Instant::now();
         let slot_wait = started - waiting;
         let resolving = resolved.spent;
+        let shared_target = self
+            .slots
+            .target(&slot, job.experiment.mode, &toolchain.rustup_name);
         let workspace = experiment::Workspace {
             scratch: scratch.path(),
             package_dir: &package_dir,
+            shared_target: shared_target.as_deref(),
         };
         let mut execution = experiment::run(
             &self.cargo,
@@ -1415,10 +1431,15 @@ impl Worker {
         .await
         .map_err(|e| InfraError::host(format!("cannot set up or run the job's steps: {e}")))?;
         let ran_for = resolving + started.elapsed();
+        // Measured before the slot's next job adds to it.
+        let kept = self.slots.after_job(&slot).await;
+        if shared_target.is_some() {
+            self.metrics.shared_target_observe(kept);
+        }
         // The next job's code may start while this one's files are measured and removed.
         drop(slot);
         execution.cost.slot_wait_ms = u64::try_from(slot_wait.as_millis()).unwrap_or(u64::MAX);
-        execution.cost.disk_bytes = scratch.disk_used().await;
+        execution.cost.disk_bytes = scratch.disk_used().await + kept.added_bytes;
         scratch.remove_in_background();
         Ok(Some((execution, ran_for)))
     }
@@ -1485,6 +1506,7 @@ impl Worker {
         let workspace = experiment::Workspace {
             scratch: scratch.path(),
             package_dir: &package_dir,
+            shared_target: None,
         };
         let resolved = experiment::resolve(
             &self.cargo,
@@ -1668,32 +1690,10 @@ impl ScratchDir {
         &self.0
     }
 
-    /// The disk its files take (allocated blocks, links not followed), walked off the runtime's
-    /// threads. Without recursion: the package's build scripts choose how deep its tree is.
+    /// The disk its files take, walked off the runtime's threads.
     async fn disk_used(&self) -> u64 {
-        fn walk(root: PathBuf) -> u64 {
-            use std::os::unix::fs::MetadataExt as _;
-            let mut used = 0;
-            let mut pending = vec![root];
-            while let Some(dir) = pending.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    // `DirEntry::metadata` does not follow a link.
-                    let Ok(meta) = entry.metadata() else {
-                        continue;
-                    };
-                    used += meta.blocks() * 512;
-                    if meta.is_dir() {
-                        pending.push(entry.path());
-                    }
-                }
-            }
-            used
-        }
         let dir = self.0.clone();
-        tokio::task::spawn_blocking(move || walk(dir))
+        tokio::task::spawn_blocking(move || shared_target::disk_used(&dir))
             .await
             .unwrap_or(0)
     }
@@ -1822,13 +1822,67 @@ async fn prepare_cargo_env(
             None
         }
     };
+    let confine = if config.consumer.shared_target_mb == 0 {
+        None
+    } else {
+        match confine_here(&sandbox).await {
+            Ok(confine) => {
+                tracing::info!(
+                    confine = %confine.display(),
+                    "slots keep their target directories across jobs: build scripts and rustc \
+                     confined with Landlock"
+                );
+                Some(confine)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    %why,
+                    "every job builds its dependencies from nothing: no target directory is kept \
+                     across jobs"
+                );
+                None
+            }
+        }
+    };
     Ok(CargoEnv {
         path,
         log_limit_bytes: config.consumer.log_limit_bytes,
         task_limit: config.consumer.task_limit,
         sandbox,
         cgroups,
+        confine,
     })
+}
+
+/// `quarry-confine`, found and checked to confine on this machine (`confine.rs`): beside this
+/// program (or, for a test binary, one directory up), else on `PATH`.
+async fn confine_here(sandbox: &Sandbox) -> Result<PathBuf, String> {
+    if matches!(sandbox, Sandbox::Unsandboxed) {
+        return Err("unsandboxed: nothing would hold the package's code to it".to_owned());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let confine = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("quarry-confine"))
+        .find(|path| path.is_file())
+        .or_else(|| sandbox::find_on_path("quarry-confine"))
+        .ok_or("quarry-confine is not installed beside the consumer nor on PATH")?;
+    let probe = tokio::process::Command::new(&confine)
+        .arg("probe")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {}: {e}", confine.display()))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "Landlock cannot confine here (Linux 6.2 or later, with Landlock enabled, is needed): \
+             {}",
+            String::from_utf8_lossy(&probe.stderr).trim()
+        ));
+    }
+    Ok(confine)
 }
 
 /// The consumer's own rustup home: where the toolchains it comes with are.

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub leases_lapsed: IntCounter,
     pub waits: IntCounter,
     pub toolchain_installs: IntCounter,
+    /// The slots' kept target directories (`shared_target.rs`).
+    shared_target_bytes: IntGauge,
+    shared_target_removals: IntCounter,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
@@ -120,7 +123,7 @@ impl Metrics {
                 HistogramOpts::new(
                     "quarry_consumer_job_disk_bytes",
                     "Disk a job's scratch directory took at its end (package, dependencies, \
-                     target directory)",
+                     target directory), with what it added to its slot's kept target directory",
                 )
                 .buckets(prometheus::exponential_buckets(
                     1024.0 * 1024.0,
@@ -210,6 +213,14 @@ impl Metrics {
                 "quarry_consumer_sandbox_kills_total",
                 "Experiments killed with their whole process tree at the time limit",
             )?,
+            shared_target_bytes: IntGauge::new(
+                "quarry_consumer_shared_target_bytes",
+                "Disk the target directory of the slot that ran the last job takes, after it",
+            )?,
+            shared_target_removals: counter(
+                "quarry_consumer_shared_target_removals_total",
+                "Slots' kept target directories removed for passing consumer.shared_target_mb",
+            )?,
             toolchain_installs: counter(
                 "quarry_consumer_toolchain_installs_total",
                 "Toolchains this consumer installed on demand (with rustup, or from a run's toolchain file)",
@@ -255,6 +266,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.in_progress.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.shared_target_bytes.clone()))?;
         metrics
             .registry
             .register(Box::new(metrics.consuming.clone()))?;
@@ -307,6 +321,15 @@ impl Metrics {
         }
         self.disk.observe(cost.disk_bytes as f64);
         self.slot_wait.observe(seconds(cost.slot_wait_ms));
+    }
+
+    /// A job's slot's kept target directory came to `kept` after it.
+    pub fn shared_target_observe(&self, kept: crate::shared_target::AfterJob) {
+        self.shared_target_bytes
+            .set(i64::try_from(kept.size_bytes).unwrap_or(i64::MAX));
+        if kept.removed {
+            self.shared_target_removals.inc();
+        }
     }
 
     /// A job's result was recorded with these refusals.

@@ -20,14 +20,26 @@ use anyhow::{Context as _, bail};
 /// Where the resolving step finds the job's registry gateway, inside the sandbox.
 pub const REGISTRY_SOCKET: &str = "/run/quarry/registry.sock";
 
+/// Where a step finds the job's cargo home, inside the sandbox: the same in every job, as cargo
+/// hashes the path of every dependency's sources into its fingerprints.
+pub const CARGO_HOME: &str = "/run/quarry/cargo-home";
+
+/// Where a step finds its slot's kept target directory, inside the sandbox.
+pub const SHARED_TARGET: &str = "/run/quarry/target";
+
 /// What a step may touch besides the read-only system.
 pub struct Mounts<'a> {
-    /// The only writable place: the job's scratch directory.
+    /// The job's scratch directory: writable.
     pub writable: &'a Path,
     /// Places inside `writable` the step may only read (the job's cargo home, once resolved).
     pub read_only: &'a [&'a Path],
     /// The job's registry gateway (its socket on this host), for the step that resolves.
     pub registry: Option<&'a Path>,
+    /// The job's cargo home on this host, also shown at [`CARGO_HOME`]; writable if `true`.
+    pub cargo_home: Option<(&'a Path, bool)>,
+    /// The slot's kept target directory on this host, shown writable at [`SHARED_TARGET`], and
+    /// `quarry-confine` on this host, shown at [`crate::confine::SANDBOX_PATH`].
+    pub shared_target: Option<(&'a Path, &'a Path)>,
 }
 
 /// Directories of the host visible (read-only) inside the sandbox, if they exist.
@@ -121,6 +133,14 @@ impl Sandbox {
         }
     }
 
+    /// Where a step sees the job's cargo home that is at `host` on this host.
+    pub fn cargo_home(&self, host: &Path) -> PathBuf {
+        match self {
+            Sandbox::Bubblewrap { .. } => PathBuf::from(CARGO_HOME),
+            Sandbox::Unsandboxed => host.to_owned(),
+        }
+    }
+
     /// Whether a step would see `path` of this host (through the system directories or the
     /// read-only binds; everything, unsandboxed).
     pub fn shows(&self, path: &Path) -> bool {
@@ -208,6 +228,24 @@ impl Sandbox {
                 bind(&mut line, "--bind", mounts.writable);
                 for path in mounts.read_only {
                     bind(&mut line, "--ro-bind", path);
+                }
+                if let Some((cargo_home, writable)) = mounts.cargo_home {
+                    let how = if writable { "--bind" } else { "--ro-bind" };
+                    line.extend([
+                        how.to_owned(),
+                        cargo_home.display().to_string(),
+                        CARGO_HOME.to_owned(),
+                    ]);
+                }
+                if let Some((target, confine)) = mounts.shared_target {
+                    line.extend([
+                        "--bind".to_owned(),
+                        target.display().to_string(),
+                        SHARED_TARGET.to_owned(),
+                        "--ro-bind".to_owned(),
+                        confine.display().to_string(),
+                        crate::confine::SANDBOX_PATH.to_owned(),
+                    ]);
                 }
                 if let Some(socket) = mounts.registry {
                     line.extend([
@@ -306,6 +344,8 @@ mod tests {
                 writable: scratch.path(),
                 read_only: &[],
                 registry: None,
+                cargo_home: None,
+                shared_target: None,
             };
             let (program, args) = sandbox.command_line(
                 &mounts,
@@ -336,6 +376,8 @@ mod tests {
             writable: scratch.path(),
             read_only: &[],
             registry: None,
+            cargo_home: None,
+            shared_target: None,
         };
         // As an unprivileged user (root's processes are never counted), with 30 processes of
         // that user already running outside the sandbox.

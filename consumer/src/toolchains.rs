@@ -609,6 +609,8 @@ impl Toolchains {
             writable: &scratch,
             read_only: &[],
             registry: None,
+            cargo_home: None,
+            shared_target: None,
         };
         let (program, line) = self
             .sandbox

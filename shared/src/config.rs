@@ -273,6 +273,11 @@ pub struct ConsumerConfig {
     pub keep_packages: Option<PathBuf>,
     /// The toolchains this consumer installs itself when a job needs one it lacks.
     pub toolchains: ToolchainsConfig,
+    /// Most MiB of compiled dependencies each experiment slot keeps across its jobs (its target
+    /// directories, one per toolchain), for `check`, `build` and `clippy` jobs; past it, after a
+    /// job, the slot's are removed whole. 0 keeps none: every job builds its tree from nothing.
+    /// Kept only in the bubblewrap sandbox, where Landlock confines build scripts and rustc.
+    pub shared_target_mb: u64,
 }
 
 /// Toolchains installed on demand: a channel or date the consumer's own rustup home lacks
@@ -314,6 +319,7 @@ impl Default for ConsumerConfig {
             name: None,
             work_dir: std::env::temp_dir().join("quarry-consumer"),
             concurrency: 1,
+            shared_target_mb: 10 << 10,
             shutdown_grace_secs: 30,
             lease_secs: 60,
             log_limit_bytes: 1024 * 1024,

@@ -229,6 +229,38 @@ pub fn real_corpus() -> anyhow::Result<Corpus> {
     Corpus::load(&[dir.join("crates")])
 }
 
+/// Makes sure `quarry-confine` is where an in-process consumer looks for it (one directory up
+/// from a test binary), as `cargo test --workspace` leaves it: without it, slots keep no target
+/// directories and the tests would not test what production runs.
+fn built_confine() -> anyhow::Result<()> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("a test binary outside a target directory")?;
+            if profile_dir.join("quarry-confine").is_file() {
+                return Ok(());
+            }
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "quarry-consumer", "--bin", "quarry-confine"])
+                .arg("--target-dir")
+                .arg(profile_dir.parent().unwrap_or(profile_dir))
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("building quarry-confine failed: {status}"))
+            }
+        })
+        .clone()
+        .map_err(|why| anyhow::anyhow!(why))
+}
+
 pub struct TestStack {
     /// Configuration pointing at this stack's private database, vhost, bucket and registry.
     pub config: Config,
@@ -248,6 +280,7 @@ impl TestStack {
     }
 
     pub async fn start_with(corpus: Corpus) -> anyhow::Result<TestStack> {
+        built_confine()?;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("quarry_test_{id}");
         let vhost = format!("quarry-test-{id}");

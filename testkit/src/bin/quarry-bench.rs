@@ -743,6 +743,8 @@ fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -
         writable: Path::new(PLACE),
         read_only: &[],
         registry: None,
+        cargo_home: None,
+        shared_target: None,
     };
     let (bwrap, line) =
         sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args, None);

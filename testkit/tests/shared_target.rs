@@ -1,0 +1,74 @@
+//! A slot keeps its target directory across jobs, and no job can change what a later one builds
+//! against: `quarry-shared-poisoner`'s build script and a proc macro it uses try everything
+//! against the compiled artifacts of `quarry-shared-dep` (write, truncate, link, rename, remove,
+//! plant a file beside), then `quarry-shared-victim`, which depends on it too, runs in the same
+//! slot and must build against the artifacts as they were compiled, without compiling them
+//! again.
+
+use quarry_producer::publish_run;
+use quarry_shared::job::Mode;
+use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_job_alters_what_a_later_job_builds_against() {
+    let packed = tempfile::tempdir().unwrap();
+    let stack = TestStack::start_with(fixtures::group("shared-target", packed.path()).unwrap())
+        .await
+        .unwrap();
+    let never = CancellationToken::new();
+    // One slot, so that both jobs use the same kept target directory.
+    let mut config = stack.consumer_config("shared");
+    config.consumer.concurrency = 1;
+    let consumers = quarry_testkit::Consumers::start([config]);
+
+    let mut logs = Vec::new();
+    for (run, package) in [
+        ("poison", "quarry-shared-poisoner"),
+        ("victim", "quarry-shared-victim"),
+    ] {
+        let definition = packages_run(experiment(Mode::Check, 300), &[package]);
+        let summary = publish_run(&stack.config, run, &definition, &never)
+            .await
+            .unwrap();
+        stack.wait_for_run(summary.run_id).await;
+        let written =
+            quarry_reporter::generate(&stack.config, run, &stack.config.reporter.output_dir)
+                .await
+                .unwrap();
+        let row = written.report.packages[0].clone();
+        let log = written.read_log(row.log.as_deref()).unwrap();
+        assert_eq!(row.outcome, "build-pass", "{package}:\n{log}");
+        logs.push(log);
+    }
+    consumers.stop().await;
+    let (poisoner, victim) = (&logs[0], &logs[1]);
+
+    // The attacks found their target and none of their attempts took.
+    for attacker in ["build script", "proc macro"] {
+        let line = poisoner
+            .lines()
+            .find(|line| line.contains(&format!("quarry-poison: {attacker} found")))
+            .unwrap_or_else(|| panic!("the {attacker} did not report:\n{poisoner}"));
+        let (found, took) = line
+            .rsplit_once("found ")
+            .and_then(|(_, counts)| counts.split_once(", took "))
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            found.trim().parse::<usize>().unwrap() > 0,
+            "the {attacker} found nothing to attack, so proved nothing: {line}"
+        );
+        assert_eq!(took.trim(), "0", "the {attacker} got through: {line}");
+    }
+    assert!(
+        poisoner.contains("Compiling quarry-shared-dep v1.0.0"),
+        "the poisoner's job compiled the dependency:\n{poisoner}"
+    );
+    // The victim built against what the poisoner's job compiled, untouched.
+    for compiled in ["Checking quarry-shared-dep", "Compiling quarry-shared-dep"] {
+        assert!(
+            !victim.contains(compiled),
+            "the dependency was compiled again rather than reused:\n{victim}"
+        );
+    }
+}
