@@ -34,7 +34,8 @@ COPY testkit ./testkit
 RUN --mount=type=cache,id=quarry-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=quarry-cargo-target,target=/src/target \
     cargo build --release --locked -p quarry-consumer \
-    && install -D -m 0755 target/release/quarry-consumer /out/quarry-consumer
+    && install -D -m 0755 target/release/quarry-consumer /out/quarry-consumer \
+    && install -D -m 0755 target/release/quarry-confine /out/quarry-confine
 
 # The toolchains experiments run with, installed by rustup (the rustup binary of the Rust image,
 # run as rustup-init) into /opt/rustup and /opt/cargo, readable by everyone, writable by no one
@@ -90,6 +91,8 @@ RUN groupadd --gid 10001 quarry \
 COPY --from=toolchains /opt/rustup /opt/rustup
 COPY --from=toolchains /opt/cargo /opt/cargo
 COPY --from=builder /out/quarry-consumer /usr/local/bin/quarry-consumer
+# Beside the consumer, where it looks: what confines build scripts and rustc for shared targets.
+COPY --from=builder /out/quarry-confine /usr/local/bin/quarry-confine
 ENV RUSTUP_HOME=/opt/rustup \
     PATH=/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     QUARRY_CONSUMER_WORK_DIR=/var/lib/quarry

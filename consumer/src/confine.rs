@@ -12,8 +12,8 @@
 //! - rustc (cargo's `RUSTC_WRAPPER`) runs with only a fresh directory of its own writable: its
 //!   `--out-dir` is replaced by a unit directory beside it. This program, unconfined, moves the
 //!   unit's outputs (regular files whose names carry the unit's `-C extra-filename`, which no
-//!   other unit's do) into place: the metadata as soon as rustc announces it (cargo starts the
-//!   dependents then), the rest when rustc exits.
+//!   other unit's do) into place when rustc exits; the metadata is linked there as soon as
+//!   rustc announces it (cargo starts the dependents then).
 //! - A build script is compiled as usual, then set aside (`.real`) behind a trampoline that runs
 //!   it confined to its `OUT_DIR`.
 //! - Both may also write `/tmp`, `/dev` (its null device) and the job's own package tree
@@ -342,9 +342,10 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
 }
 
 /// An artifact rustc announces (`{"artifact": PATH, "emit": ...}`: cargo starts the unit's
-/// dependents on it) is moved into place first, and the line forwarded with its new path.
+/// dependents on it) is linked into place first, and the line forwarded with its new path.
 fn announced(invocation: &Invocation, unit_dir: &Path, line: &[u8]) -> Option<Vec<u8>> {
-    if !line.starts_with(b"{\"artifact\"") {
+    // `{"$message_type":"artifact","artifact":...}` (older rustc: `{"artifact":...}`).
+    if !line.starts_with(b"{") || !line.windows(11).any(|w| w == b"\"artifact\":") {
         return None;
     }
     let mut message: serde_json::Value = serde_json::from_slice(line).ok()?;
@@ -354,7 +355,9 @@ fn announced(invocation: &Invocation, unit_dir: &Path, line: &[u8]) -> Option<Ve
         return None;
     }
     let placed = invocation.out_dir.join(name);
-    move_output(&path, &placed).ok()?;
+    // Linked, not moved: rustc reads the file again as it goes on (to embed it in the rlib,
+    // or to finish the metadata). The move at its exit replaces the link with the file itself.
+    link_output(&path, &placed).ok()?;
     message["artifact"] = serde_json::Value::String(placed.to_str()?.to_owned());
     let mut text = serde_json::to_vec(&message).ok()?;
     text.push(b'\n');
@@ -368,6 +371,19 @@ fn move_output(from: &Path, to: &Path) -> std::io::Result<()> {
         return Err(std::io::Error::other("not a regular file"));
     }
     std::fs::rename(from, to)
+}
+
+/// Links a regular file at `to` as well, replacing what was there.
+fn link_output(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = from.symlink_metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    match std::fs::remove_file(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::hard_link(from, to)
 }
 
 /// Moves what the unit wrote into its `--out-dir`: its outputs only.
@@ -444,5 +460,36 @@ mod tests {
         assert!(script.is_build_script());
         assert_eq!(script.out_dir, PathBuf::from("/t/debug/build/x-77"));
         assert_eq!(Invocation::parse(&args("-vV")), None);
+    }
+
+    #[test]
+    fn an_announced_artifact_is_in_place_before_cargo_hears_of_it() {
+        let out = tempfile::tempdir().unwrap();
+        let invocation = Invocation::parse(&args(&format!(
+            "--crate-name x --crate-type lib -C extra-filename=-abc --out-dir {}",
+            out.path().display()
+        )))
+        .unwrap();
+        let unit = out.path().join(".quarry-unit-abc");
+        std::fs::create_dir(&unit).unwrap();
+        std::fs::write(unit.join("libx-abc.rmeta"), b"meta").unwrap();
+        std::fs::write(unit.join("liby-def.rmeta"), b"not x's").unwrap();
+        let line = |name: &str| {
+            format!(
+                "{{\"$message_type\":\"artifact\",\"artifact\":\"{}\",\"emit\":\"metadata\"}}\n",
+                unit.join(name).display()
+            )
+        };
+        let forwarded = announced(&invocation, &unit, line("libx-abc.rmeta").as_bytes()).unwrap();
+        let message: serde_json::Value = serde_json::from_slice(&forwarded).unwrap();
+        let placed = out.path().join("libx-abc.rmeta");
+        assert_eq!(message["artifact"], placed.display().to_string());
+        assert_eq!(std::fs::read(&placed).unwrap(), b"meta");
+        // Another unit's name is neither moved nor rewritten.
+        assert_eq!(
+            announced(&invocation, &unit, line("liby-def.rmeta").as_bytes()),
+            None
+        );
+        assert!(!out.path().join("liby-def.rmeta").exists());
     }
 }

@@ -1413,9 +1413,10 @@ impl Worker {
         let started = Instant::now();
         let slot_wait = started - waiting;
         let resolving = resolved.spent;
-        let shared_target = self
-            .slots
-            .target(&slot, job.experiment.mode, &toolchain.rustup_name);
+        let variant = format!("{} {:?}", job.toolchain, job.experiment.cap_lints);
+        let shared_target =
+            self.slots
+                .target(&slot, job.experiment.mode, &toolchain.rustup_name, &variant);
         let workspace = experiment::Workspace {
             scratch: scratch.path(),
             package_dir: &package_dir,

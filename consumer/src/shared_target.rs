@@ -107,14 +107,26 @@ impl Slots {
         }
     }
 
-    /// The target directory `slot` keeps for jobs of `mode` with the toolchain `rustup_name`,
-    /// created; `None` where none is kept for them.
-    pub fn target(&self, slot: &Slot<'_>, mode: Mode, rustup_name: &str) -> Option<PathBuf> {
+    /// The target directory `slot` keeps for jobs of `mode` with the toolchain `rustup_name`
+    /// and the flags `variant` (the side's rustflags, target and lint cap: jobs whose flags
+    /// differ would only rebuild each other's units), created; `None` where none is kept for
+    /// them.
+    pub fn target(
+        &self,
+        slot: &Slot<'_>,
+        mode: Mode,
+        rustup_name: &str,
+        variant: &str,
+    ) -> Option<PathBuf> {
+        use sha2::Digest as _;
         let targets = self.targets.as_ref()?;
         if !matches!(mode, Mode::Check | Mode::Build | Mode::Clippy) {
             return None;
         }
-        let dir = targets.slot_dir(slot.index).join(rustup_name);
+        let variant = hex::encode(&sha2::Sha256::digest(variant)[..6]);
+        let dir = targets
+            .slot_dir(slot.index)
+            .join(format!("{rustup_name}-{variant}"));
         std::fs::create_dir_all(&dir).ok()?;
         Some(dir)
     }
@@ -225,12 +237,16 @@ mod tests {
         let slots = Slots::new(2, Some((dir.path().to_owned(), 1 << 20))).unwrap();
         let (first, second) = (slots.acquire().await, slots.acquire().await);
         assert_ne!(first.index, second.index, "two jobs never share a slot");
-        assert_eq!(slots.target(&first, Mode::Test, "stable"), None);
-        let target = slots.target(&first, Mode::Check, "stable").unwrap();
+        assert_eq!(slots.target(&first, Mode::Test, "stable", ""), None);
+        let target = slots.target(&first, Mode::Check, "stable", "").unwrap();
         assert!(target.starts_with(dir.path()));
         assert_ne!(
             Some(target.clone()),
-            slots.target(&second, Mode::Check, "stable")
+            slots.target(&second, Mode::Check, "stable", "")
+        );
+        assert_ne!(
+            Some(target.clone()),
+            slots.target(&first, Mode::Check, "stable", "-Dwarnings")
         );
 
         std::fs::write(target.join("unit"), vec![1u8; 64 << 10]).unwrap();
@@ -245,7 +261,7 @@ mod tests {
         let past = slots.after_job(&first).await;
         assert!(past.removed, "{past:?}");
         assert!(!target.exists(), "removed whole past the limit");
-        let again = slots.target(&first, Mode::Build, "stable").unwrap();
+        let again = slots.target(&first, Mode::Build, "stable", "").unwrap();
         assert!(std::fs::read_dir(again).unwrap().next().is_none());
     }
 
@@ -254,6 +270,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let slots = Slots::new(1, Some((dir.path().to_owned(), 0))).unwrap();
         let slot = slots.acquire().await;
-        assert_eq!(slots.target(&slot, Mode::Check, "stable"), None);
+        assert_eq!(slots.target(&slot, Mode::Check, "stable", ""), None);
     }
 }

@@ -404,6 +404,28 @@ pub async fn publish_run(
         tracing::info!(?position, "continuing from the saved paging position");
         pages.position = position;
     }
+    let page_size = usize::try_from(config.registry.page_size)?;
+    // The crates slowest in earlier runs go first, before paging, so that the run does not
+    // end waiting on one of them started last (as PkgEvalFarm orders its jobs).
+    let longest = store.longest_packages(STRAGGLERS).await?;
+    let stragglers = straggler_requests(&definition.selection, &definition.filter, &longest)?;
+    if !stragglers.is_empty() {
+        tracing::info!(
+            packages = stragglers.len(),
+            "publishing first the packages slowest in earlier runs"
+        );
+        let position = serde_json::to_value(&pages.position)?;
+        let (queued, left_out) = publish_out_of_order(
+            (&store, &publisher, &registry),
+            (&run, definition),
+            stragglers,
+            (&position, page_size),
+        )
+        .await?;
+        summary.jobs_queued += queued;
+        // Paging will come to them again and say so.
+        drop(left_out);
+    }
     let mut progress = PublishProgress::new();
     let interrupted;
     // Three pages at a time: while the broker confirms one page, the page before it is marked
@@ -478,22 +500,19 @@ pub async fn publish_run(
             "trying again the packages left out before"
         );
         let position = serde_json::to_value(&pages.position)?;
-        for chunk in left_out_before.chunks(usize::try_from(config.registry.page_size.max(1))?) {
-            let page = chunk
-                .iter()
-                .map(|label| Item::Request(parse_spec(label)))
-                .collect();
-            let paged = page_jobs(&registry, &run, definition, page).await;
-            let pending = paged.record(&store, run.id).await?;
-            let page = RecordedPage {
-                jobs: paged.jobs,
-                pending,
-                position: position.clone(),
-            };
-            page.publish(&publisher).await?;
-            summary.jobs_queued += page.mark_published(&store, run.id).await?;
-            summary.packages_failed.extend(paged.left_out);
-        }
+        let page = left_out_before
+            .iter()
+            .map(|label| Item::Request(parse_spec(label)))
+            .collect();
+        let (queued, left_out) = publish_out_of_order(
+            (&store, &publisher, &registry),
+            (&run, definition),
+            page,
+            (&position, page_size),
+        )
+        .await?;
+        summary.jobs_queued += queued;
+        summary.packages_failed.extend(left_out);
     }
     progress.finish();
     summary.crates_filtered_out = pages.filtered_out();
@@ -511,6 +530,83 @@ pub async fn publish_run(
     Ok(summary)
 }
 
+/// How many of the crates slowest in earlier runs a run publishes before it pages.
+const STRAGGLERS: i64 = 1000;
+
+/// Of `longest` (crate names, slowest first), those the run selects whatever the paging
+/// order, as requests: the packages of a list, or every crate of a whole registry when only
+/// name patterns filter it (a limit, a sample or a dependents filter decides by the paging).
+fn straggler_requests(
+    selection: &Selection,
+    filter: &Filter,
+    longest: &[String],
+) -> anyhow::Result<Vec<Item>> {
+    let order: std::collections::HashMap<&str, usize> = longest
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+    let mut requests: Vec<(usize, Request)> = match selection {
+        Selection::Packages { packages } => packages
+            .iter()
+            .map(|spec| parse_spec(spec))
+            .filter_map(|request| order.get(request.name.as_str()).map(|&i| (i, request)))
+            .collect(),
+        Selection::Listing { limit: None, .. } | Selection::Dump { limit: None, .. }
+            if filter.sample.is_none() && filter.dependents.is_none() =>
+        {
+            let patterns = NamePatterns::new(&filter.patterns)?;
+            longest
+                .iter()
+                .enumerate()
+                .filter(|(_, name)| patterns.matches(name))
+                .map(|(i, name)| {
+                    (
+                        i,
+                        Request {
+                            name: name.clone(),
+                            version: None,
+                        },
+                    )
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    requests.sort_by_key(|(i, _)| *i);
+    Ok(requests
+        .into_iter()
+        .map(|(_, request)| Item::Request(request))
+        .collect())
+}
+
+/// Records and publishes `page` outside the paging order (the slowest crates first, the
+/// packages left out before), in pages of the configured size, leaving the paging position as
+/// it is: how many jobs it queued, and the packages it had to leave out.
+async fn publish_out_of_order(
+    (store, publisher, registry): (&Store, &Publisher, &RegistryClient),
+    (run, definition): (&quarry_shared::store::Run, &RunDefinition),
+    page: Vec<Item>,
+    (position, page_size): (&serde_json::Value, usize),
+) -> anyhow::Result<(u64, Vec<(String, String)>)> {
+    let (mut queued, mut left_out) = (0, Vec::new());
+    let mut items = page.into_iter().peekable();
+    while items.peek().is_some() {
+        let chunk: Vec<Item> = items.by_ref().take(page_size.max(1)).collect();
+        let paged = page_jobs(registry, run, definition, chunk).await;
+        let pending = paged.record(store, run.id).await?;
+        let page = RecordedPage {
+            jobs: paged.jobs,
+            pending,
+            position: position.clone(),
+        };
+        page.publish(publisher).await?;
+        queued += page.mark_published(store, run.id).await?;
+        left_out.extend(paged.left_out);
+    }
+    Ok((queued, left_out))
+}
+
 /// A page whose jobs are recorded in PostgreSQL, waiting to be published.
 struct RecordedPage {
     jobs: Vec<Job>,
@@ -521,11 +617,12 @@ struct RecordedPage {
 }
 
 impl RecordedPage {
-    /// Publishes the pending jobs and waits for every confirm.
+    /// Publishes the pending jobs, in their order (the longest expected first), and waits for
+    /// every confirm.
     async fn publish(&self, publisher: &Publisher) -> anyhow::Result<()> {
-        let pending: std::collections::HashSet<_> = self.pending.iter().collect();
+        let jobs: std::collections::HashMap<_, _> = self.jobs.iter().map(|j| (j.id, j)).collect();
         publisher
-            .publish_jobs(self.jobs.iter().filter(|j| pending.contains(&j.id)))
+            .publish_jobs(self.pending.iter().filter_map(|id| jobs.get(id).copied()))
             .await
             .context("publishing a page of jobs failed; re-run the producer to continue")
     }

@@ -205,19 +205,28 @@ pub struct Pace {
     pub per_second: f64,
     /// Jobs without a result (of those recorded so far).
     pub pending: i64,
-    /// Seconds until the last result at the current pace; `None` when nothing is moving.
+    /// Seconds until the last result: the work left (the pending jobs' expected durations, from
+    /// earlier runs, else this run's mean) at the rate the fleet got through work lately, so
+    /// that a few slow crates left count as what they are; `None` when nothing is moving.
     pub eta_secs: Option<f64>,
 }
 
 impl Pace {
     pub fn of(figures: &RunFigures) -> Pace {
-        let per_second = figures.recent as f64 / figures.window_secs.max(1) as f64;
+        let window = figures.window_secs.max(1) as f64;
+        let per_second = figures.recent as f64 / window;
         let known = figures.progress.total.unwrap_or(figures.progress.recorded);
         let pending = (known - figures.progress.finished).max(0);
+        // Work-seconds done per second: about the slots kept busy.
+        let work_per_second = figures.recent_work_ms as f64 / 1000.0 / window;
+        // A job never run before is expected to take the run's mean.
+        let remaining_secs = (figures.pending_expected_ms as f64
+            + figures.pending_unknown as f64 * figures.mean_ms.unwrap_or(0.0))
+            / 1000.0;
         let eta_secs = if pending == 0 {
             Some(0.0)
-        } else if per_second > 0.0 {
-            Some(pending as f64 / per_second)
+        } else if work_per_second > 0.0 {
+            Some(remaining_secs / work_per_second)
         } else {
             None
         };
@@ -767,6 +776,37 @@ async fn queue_depths(app: &App) -> anyhow::Result<Vec<(String, u32, u32)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eta_counts_the_work_left_not_the_jobs() {
+        let figures = |pending_expected_ms, pending_unknown| RunFigures {
+            progress: quarry_shared::store::Progress {
+                recorded: 110,
+                finished: 100,
+                total: Some(110),
+            },
+            dead_lettered: 0,
+            // 100 results of 2 s each in 100 s: two slots kept busy.
+            recent: 100,
+            window_secs: 100,
+            recent_work_ms: 200_000,
+            pending_expected_ms,
+            pending_unknown,
+            mean_ms: Some(2_000.0),
+            outcomes: Vec::new(),
+        };
+        // Ten jobs left, one of them a crate that took 1,000 s last time: 1,018 work-seconds
+        // on two slots, not ten jobs at one per second.
+        let slow = Pace::of(&figures(1_000_000 + 9 * 2_000, 0));
+        assert_eq!(slow.pending, 10);
+        assert!((slow.eta_secs.unwrap() - 509.0).abs() < 1e-6, "{slow:?}");
+        // Never run before: the run's mean each.
+        let unknown = Pace::of(&figures(0, 10));
+        assert!(
+            (unknown.eta_secs.unwrap() - 10.0).abs() < 1e-6,
+            "{unknown:?}"
+        );
+    }
 
     #[test]
     fn durations_read_like_a_person_would_say_them() {

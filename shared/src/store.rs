@@ -6,6 +6,7 @@
 //! - a job has at most one result (`record_result` inserts with `ON CONFLICT DO NOTHING`);
 //! - events are only appended, never updated.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -288,6 +289,15 @@ pub struct RunFigures {
     /// Results recorded in the last `window_secs`: the current pace.
     pub recent: i64,
     pub window_secs: i64,
+    /// What those results took to run, added up: the work the fleet gets through.
+    pub recent_work_ms: i64,
+    /// The expected durations of the recorded jobs without a result, added up (`expected_ms`:
+    /// from earlier runs), and how many of them have none.
+    pub pending_expected_ms: i64,
+    pub pending_unknown: i64,
+    /// The mean duration of the results computed in this run so far: what a job never run
+    /// before is expected to take.
+    pub mean_ms: Option<f64>,
     /// Results per toolchain and outcome.
     pub outcomes: Vec<(String, Outcome, i64)>,
 }
@@ -553,7 +563,7 @@ impl Store {
     // ---- jobs (producer side) ---------------------------------------------------------------
 
     /// Records jobs (idempotently) and returns those still to publish: not yet confirmed by the
-    /// broker and without a result.
+    /// broker and without a result, the longest expected first.
     pub async fn record_jobs(&self, jobs: &[Job]) -> anyhow::Result<Vec<JobId>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
@@ -567,33 +577,75 @@ impl Store {
         let sides: Vec<String> = jobs.iter().map(Job::side).collect();
         let toolchains: Vec<&str> = sides.iter().map(String::as_str).collect();
         let client = self.client().await?;
+        // Each new job's expected duration: the latest computed result of the same crate in
+        // another run, its own side's first (`jobs_crate_name`, then `results`' primary key).
         let inserted = client
             .query(
-                &client.prepare_cached("INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain)
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id").await?,
+                &client.prepare_cached("WITH inserted AS (
+                   INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain, expected_ms)
+                   SELECT n.id, n.run_id, n.crate_name, n.crate_version, n.checksum, n.toolchain,
+                          (SELECT r.duration_ms FROM jobs p JOIN results r ON r.job_id = p.id
+                           WHERE p.crate_name = n.crate_name AND p.run_id <> n.run_id
+                             AND r.reused_from IS NULL
+                           ORDER BY p.toolchain = n.toolchain DESC, r.finished_at DESC LIMIT 1)
+                   FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+                        AS n(id, run_id, crate_name, crate_version, checksum, toolchain)
+                   ON CONFLICT (id) DO NOTHING
+                   RETURNING id, expected_ms)
+                 SELECT id, expected_ms FROM inserted").await?,
                 &[&ids, &runs, &names, &versions, &checksums, &toolchains],
             )
             .await
             .context("cannot record jobs")?;
-        if inserted.len() == ids.len() {
-            // All new (the usual case on a first invocation): none can be published yet.
-            return Ok(inserted.into_iter().map(|r| JobId(r.get(0))).collect());
-        }
-        let rows = client
+        // All new (the usual case on a first invocation): none can be published yet.
+        let rows = if inserted.len() == ids.len() {
+            inserted
+        } else {
+            client
+                .query(
+                    &client
+                        .prepare_cached(
+                            "SELECT j.id, j.expected_ms FROM jobs j
+                 WHERE j.id = ANY($1) AND j.published_at IS NULL
+                   AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)",
+                        )
+                        .await?,
+                    &[&ids],
+                )
+                .await?
+        };
+        // Longest expected first; the others (never run before) after them, in the order given.
+        let given: HashMap<Uuid, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut pending: Vec<(Uuid, Option<i64>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        pending.sort_by_key(|(id, expected)| {
+            (
+                std::cmp::Reverse(expected.unwrap_or(-1)),
+                given.get(id).copied(),
+            )
+        });
+        Ok(pending.into_iter().map(|(id, _)| JobId(id)).collect())
+    }
+
+    /// The crates whose latest computed results took longest, longest first, at most `limit`:
+    /// what a run publishes before it pages, so that its slowest jobs start first.
+    pub async fn longest_packages(&self, limit: i64) -> anyhow::Result<Vec<String>> {
+        let client = self.client().await?;
+        Ok(client
             .query(
                 &client
                     .prepare_cached(
-                        "SELECT j.id FROM jobs j
-                 WHERE j.id = ANY($1) AND j.published_at IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)",
+                        "SELECT j.crate_name FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.reused_from IS NULL
+                 GROUP BY j.crate_name ORDER BY max(r.duration_ms) DESC LIMIT $1",
                     )
                     .await?,
-                &[&ids],
+                &[&limit],
             )
-            .await?;
-        Ok(rows.into_iter().map(|r| JobId(r.get(0))).collect())
+            .await?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect())
     }
 
     /// The run's jobs that have no result yet, as (id, package, side, the job it re-runs).
@@ -1538,11 +1590,20 @@ impl Store {
         let client = self.client().await?;
         let row = client
             .query_one(
-                &client.prepare_cached("SELECT (SELECT count(DISTINCT job_id) FROM job_events e
+                &client.prepare_cached("WITH pending AS (
+                   SELECT j.expected_ms FROM jobs j
+                   WHERE j.run_id = $1 AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id))
+                 SELECT (SELECT count(DISTINCT job_id) FROM job_events e
                          WHERE e.run_id = $1 AND e.kind = 'dead-lettered' AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
                                          AND q.kind = 'requeued' AND q.id > e.id)),
                         (SELECT count(*) FROM results
-                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2))").await?,
+                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2)),
+                        (SELECT coalesce(sum(duration_ms), 0)::bigint FROM results
+                         WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2)),
+                        (SELECT coalesce(sum(expected_ms), 0)::bigint FROM pending),
+                        (SELECT count(*) FROM pending WHERE expected_ms IS NULL),
+                        (SELECT avg(duration_ms)::float8 FROM results
+                         WHERE run_id = $1 AND reused_from IS NULL)").await?,
                 &[&run.0, &(window_secs as f64)],
             )
             .await?;
@@ -1561,6 +1622,10 @@ impl Store {
             dead_lettered: row.get(0),
             recent: row.get(1),
             window_secs,
+            recent_work_ms: row.get(2),
+            pending_expected_ms: row.get(3),
+            pending_unknown: row.get(4),
+            mean_ms: row.get(5),
             outcomes,
         })
     }

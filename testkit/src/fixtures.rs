@@ -84,17 +84,23 @@ pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
 /// `seconds`, into `out` as `.crate` files, and loads them as a corpus: jobs that take as long
 /// as a test needs.
 pub fn slow(out: &Path, count: usize, seconds: u64) -> anyhow::Result<Corpus> {
+    let packages: Vec<(String, u64)> = (0..count)
+        .map(|i| (format!("quarry-slow-{i}"), seconds))
+        .collect();
+    timed(out, &packages)
+}
+
+/// Writes packages `name` 1.0.0 whose build script sleeps for the seconds given with each
+/// (none for 0), into `out` as `.crate` files, and loads them as a corpus.
+pub fn timed(out: &Path, packages: &[(String, u64)]) -> anyhow::Result<Corpus> {
     let sources = tempfile::tempdir()?;
-    let build = format!(
-        "fn main() {{\n    std::thread::sleep(std::time::Duration::from_secs({seconds}));\n}}\n"
-    );
-    for i in 0..count {
-        write_package(
-            sources.path(),
-            &format!("quarry-slow-{i}"),
-            Some(&build),
-            out,
-        )?;
+    for (name, seconds) in packages {
+        let build = (*seconds > 0).then(|| {
+            format!(
+                "fn main() {{\n    std::thread::sleep(std::time::Duration::from_secs({seconds}));\n}}\n"
+            )
+        });
+        write_package(sources.path(), name, build.as_deref(), out)?;
     }
     Corpus::load(&[out.to_owned()])
 }

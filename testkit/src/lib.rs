@@ -237,16 +237,26 @@ fn built_confine() -> anyhow::Result<()> {
     BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .ok_or("a test binary outside a target directory")?;
-            if profile_dir.join("quarry-confine").is_file() {
+            if exe
+                .ancestors()
+                .skip(1)
+                .take(2)
+                .any(|dir| dir.join("quarry-confine").is_file())
+            {
                 return Ok(());
             }
+            // A test binary (`target/<profile>/deps/`) gets it built; anything else is told.
+            let profile_dir = exe
+                .parent()
+                .filter(|deps| deps.ends_with("deps"))
+                .and_then(Path::parent)
+                .ok_or_else(|| {
+                    format!("quarry-confine is not beside {}: build it", exe.display())
+                })?;
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "-p", "quarry-consumer", "--bin", "quarry-confine"])
+                .args(profile_dir.ends_with("release").then_some("--release"))
                 .arg("--target-dir")
                 .arg(profile_dir.parent().unwrap_or(profile_dir))
                 .status()

@@ -360,13 +360,11 @@ async fn check(
     let mut packages = Vec::new();
     // What the pipeline's first round came to, by kept package: for the comparison with xargs.
     let mut outcomes_by_file = std::collections::BTreeMap::new();
-    let rounds: &[(&str, bool)] = if real {
-        &[("cold", false)]
-    } else {
-        &[("cold", false), ("warm", true)]
-    };
+    let rounds: &[(&str, bool)] = &[("cold", false), ("warm", true)];
+    let mut pipeline_cpu = Vec::new();
     for &(round, fresh) in rounds {
         let before = stack.registry.stats();
+        let cpu_before = machine_cpu_seconds()?;
         let started = Instant::now();
         let summary = publish_run(
             &stack.config,
@@ -382,8 +380,17 @@ async fn check(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed();
+        let cpu = machine_cpu_seconds()? - cpu_before;
         let after = stack.registry.stats();
         let database = stack.sql().await?;
+        let recorded: f64 = database
+            .query_one(
+                "SELECT coalesce(sum(cpu_ms), 0)::float8 / 1000 FROM results WHERE run_id = $1",
+                &[&summary.run_id.0],
+            )
+            .await?
+            .get(0);
+        pipeline_cpu.push((cpu, recorded));
         eprintln!("{}", timeline(&database, summary.run_id).await?);
         let outcomes = database
             .query(
@@ -402,18 +409,49 @@ async fn check(
                 &[&summary.run_id.0],
             )
             .await?;
-        packages.clear();
+        // What failed, and why: the tail of each failed job's log.
+        let written = quarry_reporter::generate(
+            &stack.config,
+            &format!("check-{round}"),
+            &work.path().join("reports"),
+        )
+        .await?;
+        for row in written
+            .report
+            .packages
+            .iter()
+            .filter(|p| p.outcome != "build-pass")
+        {
+            let log = written.read_log(row.log.as_deref()).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "{round}: {}@{} {}:\n  {}",
+                row.name,
+                row.version,
+                row.outcome,
+                lines[lines.len().saturating_sub(12)..].join("\n  ")
+            );
+        }
+        if round != "cold" {
+            eprintln!(
+                "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes; \
+                 {cpu:.1} CPU-s on the machine, {recorded:.1} CPU-s recorded by the jobs",
+                after.downloads - before.downloads,
+                after.download_bytes - before.download_bytes
+            );
+            pipeline.push((elapsed, after.download_bytes - before.download_bytes));
+            continue;
+        }
         for row in rows {
             let (name, version, outcome, job): (String, String, String, uuid::Uuid) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
             let path = kept.join(job.to_string()).join(format!("{name}-{version}"));
-            if round == "cold" {
-                outcomes_by_file.insert(path.display().to_string(), outcome);
-            }
+            outcomes_by_file.insert(path.display().to_string(), outcome);
             packages.push(path);
         }
         eprintln!(
-            "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes",
+            "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes; \
+             {cpu:.1} CPU-s on the machine, {recorded:.1} CPU-s recorded by the jobs",
             after.downloads - before.downloads,
             after.download_bytes - before.download_bytes
         );
@@ -454,36 +492,62 @@ async fn check(
         rustup_home()?.display(),
     );
     let plus = format!("+{toolchain}");
-    let script = format!(
-        "d=$(mktemp -d -p {work}) && cp -a \"$1\" \"$d/src\" && \
-         {{ (cd \"$d/src\" && {env} cargo {plus} fetch -q >/dev/null 2>&1) || \
-            {{ echo \"fetch $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0; }}; }} && \
-         (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
-         echo \"$? $1\" >> {work}/statuses; rm -rf \"$d\"; exit 0",
-        work = work.path().display(),
-        check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
-    );
+    // Two bare baselines: a fresh target directory per crate, and one per worker kept across
+    // its crates as Crater does (moved into the crate's directory for its check, so that the
+    // sandbox's one writable place holds it, and back after).
+    let script = |kept_target: bool| {
+        let (take, give_back) = if kept_target {
+            (
+                format!(
+                    "for i in $(seq 0 {last}); do mkdir \"{work}/lock-$i\" 2>/dev/null && \
+                     {{ slot=$i; break; }}; done; mkdir -p \"{work}/target-$slot\" && \
+                     mv \"{work}/target-$slot\" \"$d/target\";",
+                    last = parallel - 1,
+                    work = work.path().display(),
+                ),
+                format!(
+                    "mv \"$d/target\" \"{work}/target-$slot\"; rmdir \"{work}/lock-$slot\";",
+                    work = work.path().display(),
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        format!(
+            "d=$(mktemp -d -p {work}) && cp -a \"$1\" \"$d/src\" && {take} \
+             {{ (cd \"$d/src\" && {env} cargo {plus} fetch -q >/dev/null 2>&1) || \
+                {{ echo \"fetch $1\" >> {work}/statuses; {give_back} rm -rf \"$d\"; exit 0; }}; }} && \
+             (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
+             echo \"$? $1\" >> {work}/statuses; {give_back} rm -rf \"$d\"; exit 0",
+            work = work.path().display(),
+            check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
+        )
+    };
     let mut bare = Vec::new();
     let mut differ = Vec::new();
-    for &(round, _) in rounds {
-        let elapsed = xargs(&packages, parallel, &script, work.path()).await?;
+    let arms: &[(&str, bool)] = &[
+        ("fresh target per crate", false),
+        ("one target per worker", true),
+    ];
+    for &(arm, kept_target) in arms {
+        let cpu_before = machine_cpu_seconds()?;
+        let elapsed = xargs(&packages, parallel, &script(kept_target), work.path()).await?;
+        let cpu = machine_cpu_seconds()? - cpu_before;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
-        if round == "cold" {
-            for line in statuses.lines() {
-                let Some((status, file)) = line.split_once(' ') else {
-                    continue;
-                };
-                let bare_outcome = match status {
-                    "0" => "build-pass",
-                    "fetch" => "broken",
-                    _ => "build-fail",
-                };
-                let pipeline_outcome = outcomes_by_file.get(file).map_or("none", String::as_str);
-                if pipeline_outcome != bare_outcome {
-                    differ.push(format!(
-                        "{file}: pipeline {pipeline_outcome}, bare cargo {bare_outcome}"
-                    ));
-                }
+        for line in statuses.lines() {
+            let Some((status, file)) = line.split_once(' ') else {
+                continue;
+            };
+            let bare_outcome = match status {
+                "0" => "build-pass",
+                "fetch" => "broken",
+                _ => "build-fail",
+            };
+            let pipeline_outcome = outcomes_by_file.get(file).map_or("none", String::as_str);
+            if pipeline_outcome != bare_outcome {
+                differ.push(format!(
+                    "{file}: pipeline {pipeline_outcome}, bare cargo ({arm}) {bare_outcome}"
+                ));
             }
         }
         let failed: Vec<&str> = statuses
@@ -491,29 +555,38 @@ async fn check(
             .filter(|line| !line.starts_with("0 "))
             .collect();
         eprintln!(
-            "xargs -P{parallel}, {round}: {elapsed:?}, {} of {} passed; failed: {failed:?}",
+            "xargs -P{parallel}, {arm}: {elapsed:?}, {cpu:.1} CPU-s on the machine, {} of {} \
+             passed; failed: {failed:?}",
             packages.len() - failed.len(),
             packages.len()
         );
         std::fs::remove_file(work.path().join("statuses"))?;
-        bare.push(elapsed);
+        bare.push((elapsed, cpu));
     }
     let which = if real {
         "crates of the real corpus"
     } else {
         "real crates"
     };
-    for (i, round) in ["cold caches", "warm caches, fresh results"]
-        .iter()
-        .take(rounds.len())
-        .enumerate()
-    {
-        let (pipeline, bytes) = pipeline[i];
+    let crates = packages.len().max(1) as f64;
+    let (fresh, crater) = (bare[0], bare[1]);
+    for (i, round) in ["cold caches", "again, fresh results"].iter().enumerate() {
+        let (elapsed, bytes) = pipeline[i];
+        let (cpu, recorded) = pipeline_cpu[i];
         println!(
-            "| check, {count} {which}, {parallel} consumers, {round} | {:.1} s | {:.1} s | {:.3}× | {bytes} B |",
-            pipeline.as_secs_f64(),
-            bare[i].as_secs_f64(),
-            pipeline.as_secs_f64() / bare[i].as_secs_f64(),
+            "| check, {count} {which}, {parallel} consumers, {round} | {:.1} s | {:.1} CPU-s ({:.2} per crate; jobs recorded {recorded:.1}) | {:.3}× fresh, {:.3}× Crater-style | {bytes} B |",
+            elapsed.as_secs_f64(),
+            cpu,
+            cpu / crates,
+            elapsed.as_secs_f64() / fresh.0.as_secs_f64(),
+            elapsed.as_secs_f64() / crater.0.as_secs_f64(),
+        );
+    }
+    for (&(arm, _), (elapsed, cpu)) in arms.iter().zip(&bare) {
+        println!(
+            "| check, {count} {which}, bare cargo, xargs -P{parallel}, {arm} | {:.1} s | {cpu:.1} CPU-s ({:.2} per crate) | | |",
+            elapsed.as_secs_f64(),
+            cpu / crates,
         );
     }
     eprintln!(
@@ -527,11 +600,32 @@ async fn check(
         differ.len(),
         differ.join("\n")
     );
-    Ok(pipeline
+    // Cold against the fresh arm (which starts with an empty cargo home), again against the
+    // Crater-style one (which finds the home the fresh arm filled).
+    Ok(vec![(pipeline[0].0, fresh.0), (pipeline[1].0, crater.0)])
+}
+
+/// CPU time the whole machine has spent so far (user, nice, system, interrupts, steal), from
+/// `/proc/stat`: the arms of a benchmark run one after another on an otherwise idle machine, so
+/// the difference over an arm is what it cost, services and all.
+fn machine_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 = ticks
         .iter()
-        .zip(&bare)
-        .map(|((pipeline, _), bare)| (*pipeline, *bare))
-        .collect())
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    // USER_HZ is 100 on Linux (what `getconf CLK_TCK` prints).
+    Ok(busy as f64 / 100.0)
 }
 
 /// `count` roots of the real corpus's list, spread evenly over it, as `name@version`.

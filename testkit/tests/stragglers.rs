@@ -1,0 +1,104 @@
+//! The slowest crates start first: a run publishes the crates that took longest in earlier runs
+//! before it pages the registry (and each page longest first), so that its last minutes are not
+//! spent waiting on one slow crate that happened to come last.
+
+use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_shared::job::Mode;
+use quarry_testkit::{TestStack, experiment, fixtures};
+use tokio_util::sync::CancellationToken;
+
+const SLOW: &str = "quarry-timed-z";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crate_slow_in_an_earlier_run_is_published_first() {
+    let packed = tempfile::tempdir().unwrap();
+    let mut packages: Vec<(String, u64)> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| (format!("quarry-timed-{n}"), 0))
+        .collect();
+    // Last in the registry's order, and the slowest.
+    packages.push((SLOW.to_owned(), 4));
+    let stack = TestStack::start_with(fixtures::timed(packed.path(), &packages).unwrap())
+        .await
+        .unwrap();
+    let never = CancellationToken::new();
+    // One slot: the jobs start one after another, in the order they are delivered.
+    let mut config = stack.consumer_config("stragglers");
+    config.consumer.concurrency = 1;
+    let consumers = quarry_testkit::Consumers::start([config]);
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: quarry_shared::job::Experiment {
+            fresh: true,
+            ..experiment(Mode::Check, 120)
+        },
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: None,
+        },
+        toolchain_files: Vec::new(),
+    };
+    let database = stack.sql().await.unwrap();
+    // Pages of two: the slow crate, last in the registry's order, is on the last page.
+    let mut producer = stack.config.clone();
+    producer.registry.page_size = 2;
+
+    // The first run: nothing known yet.
+    let summary = publish_run(&producer, "first", &definition, &never)
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 5);
+    stack.wait_for_run(summary.run_id).await;
+    consumers.stop().await;
+
+    // The second, with no consumer running: the slow crate is the first message on the queue,
+    // and every job is there once.
+    let summary = publish_run(&producer, "second", &definition, &never)
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 5, "each job published once");
+    let connection = lapin::Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let jobs_queue = quarry_shared::queue::Broker::connect(&stack.config.rabbitmq)
+        .await
+        .unwrap()
+        .topology()
+        .jobs
+        .clone();
+    let mut queued = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            jobs_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+        queued.push(job.package.name);
+    }
+    assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
+    queued.sort();
+    queued.dedup();
+    assert_eq!(queued.len(), 5, "every job once: {queued:?}");
+    let expected: Option<i64> = database
+        .query_one(
+            "SELECT j.expected_ms FROM jobs j JOIN runs r ON r.id = j.run_id
+             WHERE r.name = 'second' AND j.crate_name = $1",
+            &[&SLOW],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        expected.is_some_and(|ms| ms >= 4_000),
+        "the second run expects the time the first took: {expected:?}"
+    );
+}
