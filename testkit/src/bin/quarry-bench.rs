@@ -432,22 +432,15 @@ async fn check(
                 lines[lines.len().saturating_sub(12)..].join("\n  ")
             );
         }
-        if round != "cold" {
-            eprintln!(
-                "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes; \
-                 {cpu:.1} CPU-s on the machine, {recorded:.1} CPU-s recorded by the jobs",
-                after.downloads - before.downloads,
-                after.download_bytes - before.download_bytes
-            );
-            pipeline.push((elapsed, after.download_bytes - before.download_bytes));
-            continue;
-        }
-        for row in rows {
-            let (name, version, outcome, job): (String, String, String, uuid::Uuid) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            let path = kept.join(job.to_string()).join(format!("{name}-{version}"));
-            outcomes_by_file.insert(path.display().to_string(), outcome);
-            packages.push(path);
+        // The bare arms check the packages the first round prepared.
+        if round == "cold" {
+            for row in rows {
+                let (name, version, outcome, job): (String, String, String, uuid::Uuid) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let path = kept.join(job.to_string()).join(format!("{name}-{version}"));
+                outcomes_by_file.insert(path.display().to_string(), outcome);
+                packages.push(path);
+            }
         }
         eprintln!(
             "pipeline, {round}: {elapsed:?}, {outcomes}; registry: {} downloads, {} bytes; \
