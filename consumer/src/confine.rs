@@ -148,9 +148,11 @@ fn within(args: &[OsString]) -> Result<ExitCode, String> {
     ))
 }
 
-/// `build-script PROGRAM`: a build script's trampoline runs it confined to its `OUT_DIR`.
+/// `build-script PROGRAM [ARGV0 ARGS...]`: a build script's trampoline runs it confined to its
+/// `OUT_DIR`, under the name cargo ran it by (what process listings and the script itself see).
 fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
     let program = args.first().ok_or("build-script: no program")?;
+    let argv0 = args.get(1).unwrap_or(program);
     let out_dir = std::env::var_os("OUT_DIR")
         .map(PathBuf::from)
         .filter(|dir| dir.is_absolute() && dir.ends_with("out"))
@@ -158,7 +160,10 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
     let mut writable = vec![out_dir];
     writable.extend(common_writable());
     restrict(&writable)?;
-    let err = Command::new(program).args(&args[1..]).exec();
+    let err = Command::new(program)
+        .arg0(argv0)
+        .args(args.get(2..).unwrap_or_default())
+        .exec();
     Err(format!(
         "cannot run {}: {err}",
         Path::new(program).display()
@@ -418,7 +423,7 @@ fn behind_trampoline(invocation: &Invocation) -> Result<(), String> {
     if quoted.contains('\'') {
         return Err(format!("a build script path with a quote: {quoted}"));
     }
-    let script = format!("#!/bin/sh\nexec {SANDBOX_PATH} build-script '{quoted}' \"$@\"\n");
+    let script = format!("#!/bin/sh\nexec {SANDBOX_PATH} build-script '{quoted}' \"$0\" \"$@\"\n");
     std::fs::write(&program, script)
         .and_then(|()| std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)))
         .map_err(|e| format!("cannot write {}: {e}", program.display()))
