@@ -34,7 +34,8 @@ use std::process::{Command, ExitCode, Stdio};
 pub const SANDBOX_PATH: &str = "/run/quarry/bin/quarry-confine";
 
 /// Colon-separated directories a confined process may write besides its own outputs, `/tmp`
-/// and `/dev`: the job's package tree.
+/// and `/dev`: the job's package tree. Set for cargo; removed before rustc or a build script
+/// runs, which see nothing of Quarry's.
 pub const WRITABLE_ENV: &str = "QUARRY_CONFINE_WRITABLE";
 
 /// Where a confined rustc writes, inside its `--out-dir`, until its outputs are moved out.
@@ -141,7 +142,11 @@ fn within(args: &[OsString]) -> Result<ExitCode, String> {
     let mut writable: Vec<PathBuf> = dirs.iter().map(PathBuf::from).collect();
     writable.extend(common_writable());
     restrict(&writable)?;
-    let err = Command::new(program).args(&command[1..]).exec();
+    // Quarry's own setting, not the package's business.
+    let err = Command::new(program)
+        .args(&command[1..])
+        .env_remove(WRITABLE_ENV)
+        .exec();
     Err(format!(
         "cannot run {}: {err}",
         Path::new(program).display()
@@ -163,6 +168,7 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
     let err = Command::new(program)
         .arg0(argv0)
         .args(args.get(2..).unwrap_or_default())
+        .env_remove(WRITABLE_ENV)
         .exec();
     Err(format!(
         "cannot run {}: {err}",
