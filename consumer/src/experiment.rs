@@ -13,6 +13,7 @@
 //! package's outcome. Hitting the time limit kills the whole process tree.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -25,6 +26,7 @@ use crate::cgroup::{CgroupLimits, Cgroups};
 use crate::mirror::Mirror;
 use crate::prepare::{self, Refused};
 use crate::sandbox::{self, Mounts, Sandbox};
+use crate::sources::{JobSources, Sources};
 use crate::spawn::Spawn;
 use crate::toolchains::Installed;
 use quarry_shared::cost::{Cost, StepCost};
@@ -44,6 +46,8 @@ pub struct CargoEnv {
     /// `quarry-confine` on this host, where it confines here (`confine.rs`): only then do slots
     /// keep target directories across jobs.
     pub confine: Option<PathBuf>,
+    /// The store of extracted dependency sources, where jobs share them (`sources.rs`).
+    pub sources: Option<Arc<Sources>>,
 }
 
 /// What running the experiment produced.
@@ -251,6 +255,8 @@ pub struct Resolved {
     cost: Cost,
     /// The time resolution took, counted against the job's time limit.
     pub spent: Duration,
+    /// The stored sources the job's cargo home links to, kept until its last step ends.
+    sources: Option<Arc<JobSources>>,
 }
 
 /// Where a job's steps run: its scratch directory (which holds the package, its cargo home
@@ -309,8 +315,16 @@ pub async fn resolve(
     )?;
     let resolving = steps.iter().take_while(|step| step.resolves).count();
     let later = steps.split_off(resolving);
+    let cargo_home = workspace.cargo_home();
+    let sources = env.sources.as_ref().and_then(|sources| {
+        sources.for_job(
+            &cargo_home,
+            &env.sandbox.sources(sources.dir()),
+            &toolchain.build,
+        )
+    });
     if !steps.is_empty() {
-        let gateway = mirror.gateway(&socket)?;
+        let gateway = mirror.gateway(&socket, sources.clone())?;
         // A lockfile there now is the package's own (`prepare` kept it).
         let lockfile = workspace.package_dir.join("Cargo.lock");
         let shipped_lock = lockfile.is_file();
@@ -393,6 +407,7 @@ pub async fn resolve(
         refused,
         cost,
         spent: started.elapsed(),
+        sources,
     }))
 }
 
@@ -412,6 +427,7 @@ pub async fn run(
         mut refused,
         mut cost,
         spent,
+        sources,
     } = resolved;
     let deadline = Instant::now() + limits.time.saturating_sub(spent);
     let ended = run_steps(
@@ -424,6 +440,8 @@ pub async fn run(
         (&mut log, &mut refused, &mut cost),
     )
     .await?;
+    // No step is left to read them.
+    drop(sources);
     let execution = ended.unwrap_or_else(|| finish(&log, success, Some(0)));
     Ok(Execution {
         refused: refused.refusals(),
@@ -450,6 +468,7 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
             registry: None,
             cargo_home: None,
             shared_target: None,
+            sources: None,
         },
         name: "check",
         limits: Limits {
@@ -526,6 +545,7 @@ async fn run_steps(
                 read_only: if step.resolves { &[] } else { &read_only },
                 registry: registry.filter(|_| step.resolves),
                 cargo_home: Some((&cargo_home, step.resolves)),
+                sources: env.sources.as_deref().map(Sources::dir),
                 // Resolution builds nothing.
                 shared_target: workspace
                     .shared_target
@@ -935,6 +955,7 @@ mod tests {
             },
             cgroups: None,
             confine: None,
+            sources: None,
         };
         let workspace = Workspace {
             scratch: scratch.path(),

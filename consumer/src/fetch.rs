@@ -6,7 +6,6 @@
 //! The same file asked for twice at once is fetched once: the second request waits for the first
 //! and then finds it on disk.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +17,7 @@ use quarry_shared::registry::{RegistryClient, RegistryError};
 use quarry_shared::s3::Bucket;
 use sha2::{Digest as _, Sha256};
 
+use crate::in_flight::InFlight;
 use crate::metrics::Metrics;
 
 /// Where a `.crate` came from.
@@ -43,7 +43,7 @@ pub struct Fetcher {
     bucket: Bucket,
     registry: RegistryClient,
     retry: ExponentialBuilder,
-    in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: InFlight,
     metrics: Arc<Metrics>,
     /// Copies into S3 still being written: off the job's path, but waited for on shutdown.
     s3_writes: tokio_util::task::TaskTracker,
@@ -93,25 +93,15 @@ impl Fetcher {
 
     pub async fn fetch(&self, package: &PackageVersion) -> Result<(Bytes, Source), FetchError> {
         // One fetch per file at a time; whoever waited finds the file on disk afterwards.
-        let key = format!("{}@{}", package.name, package.version);
-        let gate = self
-            .in_flight
-            .lock()
-            .await
-            .entry(key.clone())
-            .or_default()
-            .clone();
         let fetched = {
-            let _turn = gate.lock().await;
+            let _turn = self
+                .in_flight
+                .turn(format!("{}@{}", package.name, package.version))
+                .await;
             self.fetch_through_layers(package).await
         };
         if let Ok((bytes, source)) = &fetched {
             self.metrics.fetched(*source, bytes.len());
-        }
-        let mut in_flight = self.in_flight.lock().await;
-        // Forget the gate once nobody else holds it (the map holds one reference, we another).
-        if Arc::strong_count(&gate) <= 2 {
-            in_flight.remove(&key);
         }
         fetched
     }

@@ -20,12 +20,14 @@ pub mod confine;
 mod experiment;
 mod fetch;
 mod gateway;
+mod in_flight;
 mod lease;
 mod metrics;
 mod mirror;
 mod prepare;
 mod sandbox;
 mod shared_target;
+mod sources;
 mod spawn;
 mod toolchains;
 mod unpack;
@@ -89,6 +91,10 @@ pub struct ConsumerStats {
     pub leases_lapsed: u64,
     /// Toolchains it installed on demand.
     pub toolchain_installs: u64,
+    /// Dependencies' sources it extracted into its store (`sources.rs`), once each.
+    pub sources_extracted: u64,
+    /// Dependencies' sources a job found in the store, extracted by an earlier job.
+    pub sources_shared: u64,
 }
 
 /// Heartbeat of a claimed computation, and when a silent claim may be taken over.
@@ -125,6 +131,8 @@ impl std::ops::AddAssign for ConsumerStats {
         self.broker_connections += other.broker_connections;
         self.waits += other.waits;
         self.leases_lapsed += other.leases_lapsed;
+        self.sources_extracted += other.sources_extracted;
+        self.sources_shared += other.sources_shared;
     }
 }
 
@@ -336,13 +344,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned());
     let own_toolchains = rustup_home()?;
     let on_demand = Toolchains::dir_of(&config.consumer.toolchains, &config.consumer.work_dir)?;
-    let cargo = prepare_cargo_env(
+    let mut cargo = prepare_cargo_env(
         config,
         &owner_of(&name, identity.0),
         [&own_toolchains, &on_demand],
         path.clone(),
     )
     .await?;
+    cargo.sources = open_sources(config, &name, &cargo.sandbox, metrics.clone())?;
     let toolchains = Toolchains::new(
         (own_toolchains, on_demand),
         path,
@@ -1852,7 +1861,54 @@ async fn prepare_cargo_env(
         sandbox,
         cgroups,
         confine,
+        sources: None,
     })
+}
+
+/// The consumer's store of extracted dependency sources (`sources.rs`), where jobs can share
+/// one: only in the sandbox (unsandboxed, a build script could write it), within
+/// `consumer.sources_mb`, and owned by this process alone.
+fn open_sources(
+    config: &Config,
+    name: &str,
+    sandbox: &Sandbox,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<sources::Sources>>> {
+    if config.consumer.sources_mb == 0 {
+        tracing::info!("consumer.sources_mb is 0: every job extracts its dependencies' sources");
+        return Ok(None);
+    }
+    if matches!(sandbox, Sandbox::Unsandboxed) {
+        tracing::warn!(
+            "unsandboxed: every job extracts its dependencies' sources (a package's code could \
+             write a shared copy)"
+        );
+        return Ok(None);
+    }
+    let dir = std::path::absolute(config.consumer.work_dir.join(name).join("sources"))?;
+    let opened = sources::Sources::open(
+        dir.clone(),
+        config.consumer.sources_mb.saturating_mul(1 << 20),
+        metrics,
+    )
+    .with_context(|| format!("cannot open the store of sources {}", dir.display()))?;
+    match opened {
+        Some(sources) => {
+            tracing::info!(
+                dir = %dir.display(),
+                "dependencies' sources are extracted once and shared read-only by every job"
+            );
+            Ok(Some(Arc::new(sources)))
+        }
+        None => {
+            tracing::warn!(
+                dir = %dir.display(),
+                "another consumer of this name owns the store of sources: every job extracts \
+                 its dependencies' sources"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// `quarry-confine`, found and checked to confine on this machine (`confine.rs`): beside this

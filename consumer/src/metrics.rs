@@ -57,9 +57,15 @@ pub struct Metrics {
     /// The slots' kept target directories (`shared_target.rs`).
     shared_target_bytes: IntGauge,
     shared_target_removals: IntCounter,
+    /// The dependency sources extracted once and shared (`sources.rs`).
+    sources: IntCounterVec,
+    sources_bytes: IntGauge,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
+
+/// What became of a dependency's sources (`quarry_consumer_sources_total`).
+const SOURCES: [&str; 4] = ["extracted", "shared", "left-to-cargo", "removed"];
 
 fn layer(source: Source) -> &'static str {
     match source {
@@ -221,6 +227,20 @@ impl Metrics {
                 "quarry_consumer_shared_target_removals_total",
                 "Slots' kept target directories removed for passing consumer.shared_target_mb",
             )?,
+            sources: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_sources_total",
+                    "Dependency sources cargo downloaded, by what became of them: extracted \
+                     (into the consumer's store, once), shared (linked to the stored copy), \
+                     left-to-cargo (not storable: cargo extracted it in the job); and removed \
+                     (stored copies removed past consumer.sources_mb)",
+                ),
+                &["how"],
+            )?,
+            sources_bytes: IntGauge::new(
+                "quarry_consumer_sources_bytes",
+                "Disk the consumer's store of extracted dependency sources takes",
+            )?,
             toolchain_installs: counter(
                 "quarry_consumer_toolchain_installs_total",
                 "Toolchains this consumer installed on demand (with rustup, or from a run's toolchain file)",
@@ -274,6 +294,12 @@ impl Metrics {
             .register(Box::new(metrics.consuming.clone()))?;
         metrics
             .registry
+            .register(Box::new(metrics.sources.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.sources_bytes.clone()))?;
+        metrics
+            .registry
             .register(Box::new(metrics.fetches.clone()))?;
         metrics
             .registry
@@ -290,6 +316,9 @@ impl Metrics {
         }
         for refusal in Refusal::ALL {
             metrics.refused.with_label_values(&[refusal.as_str()]);
+        }
+        for how in SOURCES {
+            metrics.sources.with_label_values(&[how]);
         }
         for layer in LAYERS {
             metrics.fetches.with_label_values(&[layer]);
@@ -330,6 +359,18 @@ impl Metrics {
         if kept.removed {
             self.shared_target_removals.inc();
         }
+    }
+
+    /// A dependency's sources were `how` (one of [`SOURCES`]).
+    pub fn source(&self, how: &str) {
+        debug_assert!(SOURCES.contains(&how), "{how}");
+        self.sources.with_label_values(&[how]).inc();
+    }
+
+    /// The store of extracted sources takes `bytes` now.
+    pub fn sources_size(&self, bytes: u64) {
+        self.sources_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// A job's result was recorded with these refusals.
@@ -375,6 +416,8 @@ impl Metrics {
             waits: self.waits.get(),
             leases_lapsed: self.leases_lapsed.get(),
             toolchain_installs: self.toolchain_installs.get(),
+            sources_extracted: self.sources.with_label_values(&["extracted"]).get(),
+            sources_shared: self.sources.with_label_values(&["shared"]).get(),
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -20,6 +21,7 @@ use tokio::sync::RwLock;
 
 use crate::fetch::{FetchError, Fetcher};
 use crate::gateway::{Gateway, REGISTRY_HOST};
+use crate::sources::JobSources;
 
 struct Shared {
     fetcher: Arc<Fetcher>,
@@ -46,11 +48,24 @@ impl Mirror {
         Mirror { endpoint }
     }
 
-    /// Opens a job's gateway to the endpoint at `socket` (see [`Gateway::open`]).
-    pub fn gateway(&self, socket: &std::path::Path) -> std::io::Result<Gateway> {
-        Gateway::open(socket, self.endpoint.clone())
+    /// Opens a job's gateway to the endpoint at `socket` (see [`Gateway::open`]); with
+    /// `sources`, each dependency cargo downloads through it is linked to the consumer's
+    /// extracted copy first.
+    pub fn gateway(
+        &self,
+        socket: &std::path::Path,
+        sources: Option<Arc<JobSources>>,
+    ) -> std::io::Result<Gateway> {
+        Gateway::open(
+            socket,
+            self.endpoint.clone().layer(Extension(JobLinks(sources))),
+        )
     }
 }
+
+/// The job a gateway serves, for its downloads.
+#[derive(Clone)]
+struct JobLinks(Option<Arc<JobSources>>);
 
 async fn config_json() -> Json<IndexConfig> {
     Json(IndexConfig {
@@ -119,6 +134,7 @@ async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<Strin
 
 async fn download(
     State(shared): State<Arc<Shared>>,
+    Extension(JobLinks(sources)): Extension<JobLinks>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     if !is_crate_name(&name) || !is_version(&version) {
@@ -137,7 +153,15 @@ async fn download(
         checksum,
     };
     match shared.fetcher.fetch(&package).await {
-        Ok((bytes, _)) => ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response(),
+        Ok((bytes, _)) => {
+            // Before cargo has the file, so that it finds the sources extracted.
+            if let Some(sources) = sources
+                && let Err(why) = sources.link(&package, &bytes).await
+            {
+                tracing::debug!(%package, %why, "cargo extracts the sources itself");
+            }
+            ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response()
+        }
         Err(FetchError::Missing(why)) => (StatusCode::NOT_FOUND, why).into_response(),
         Err(FetchError::Unavailable(why)) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }

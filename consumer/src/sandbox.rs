@@ -24,6 +24,10 @@ pub const REGISTRY_SOCKET: &str = "/run/quarry/registry.sock";
 /// hashes the path of every dependency's sources into its fingerprints.
 pub const CARGO_HOME: &str = "/run/quarry/cargo-home";
 
+/// Where a step finds the consumer's store of extracted dependency sources (`sources.rs`),
+/// read-only; the links in the job's cargo home lead there.
+pub const SOURCES: &str = "/run/quarry/sources";
+
 /// Where a step finds its slot's kept target directory, inside the sandbox.
 pub const SHARED_TARGET: &str = "/run/quarry/target";
 
@@ -37,6 +41,8 @@ pub struct Mounts<'a> {
     pub registry: Option<&'a Path>,
     /// The job's cargo home on this host, also shown at [`CARGO_HOME`]; writable if `true`.
     pub cargo_home: Option<(&'a Path, bool)>,
+    /// The consumer's store of extracted sources on this host, shown read-only at [`SOURCES`].
+    pub sources: Option<&'a Path>,
     /// The slot's kept target directory on this host, shown writable at [`SHARED_TARGET`], and
     /// `quarry-confine` on this host, shown at [`crate::confine::SANDBOX_PATH`].
     pub shared_target: Option<(&'a Path, &'a Path)>,
@@ -129,6 +135,14 @@ impl Sandbox {
     pub fn registry_socket(&self, host: &Path) -> PathBuf {
         match self {
             Sandbox::Bubblewrap { .. } => PathBuf::from(REGISTRY_SOCKET),
+            Sandbox::Unsandboxed => host.to_owned(),
+        }
+    }
+
+    /// Where a step sees the store of extracted sources that is at `host` on this host.
+    pub fn sources(&self, host: &Path) -> PathBuf {
+        match self {
+            Sandbox::Bubblewrap { .. } => PathBuf::from(SOURCES),
             Sandbox::Unsandboxed => host.to_owned(),
         }
     }
@@ -237,6 +251,13 @@ impl Sandbox {
                         CARGO_HOME.to_owned(),
                     ]);
                 }
+                if let Some(sources) = mounts.sources {
+                    line.extend([
+                        "--ro-bind".to_owned(),
+                        sources.display().to_string(),
+                        SOURCES.to_owned(),
+                    ]);
+                }
                 if let Some((target, confine)) = mounts.shared_target {
                     line.extend([
                         "--bind".to_owned(),
@@ -325,6 +346,49 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
+    /// The store of sources every job shares is only read, whatever a step runs (Landlock
+    /// confines build scripts too where it can; this holds without it, in `test` jobs).
+    #[tokio::test]
+    async fn a_step_reads_the_shared_sources_and_cannot_change_them() {
+        let sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
+        let store = tempfile::tempdir().unwrap();
+        std::fs::create_dir(store.path().join("dep")).unwrap();
+        std::fs::write(store.path().join("dep/lib.rs"), "pub fn answer() {}").unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let mounts = Mounts {
+            writable: scratch.path(),
+            read_only: &[],
+            registry: None,
+            cargo_home: None,
+            shared_target: None,
+            sources: Some(store.path()),
+        };
+        let script = format!(
+            "cat {SOURCES}/dep/lib.rs; echo poison >> {SOURCES}/dep/lib.rs; \
+             rm -f {SOURCES}/dep/lib.rs; mv {SOURCES}/dep {SOURCES}/moved; \
+             touch {SOURCES}/planted; true"
+        );
+        let (program, args) =
+            sandbox.command_line(&mounts, scratch.path(), "sh", &["-c", &script], None);
+        let output = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "pub fn answer() {}"
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("Read-only file system"),
+            "{output:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(store.path().join("dep/lib.rs")).unwrap(),
+            "pub fn answer() {}"
+        );
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 1);
+    }
+
     #[tokio::test]
     async fn the_consumers_secret_files_are_hidden_whatever_their_mode() {
         // A directory the sandbox shows (as it shows the toolchains), holding a secret file
@@ -346,6 +410,7 @@ mod tests {
                 registry: None,
                 cargo_home: None,
                 shared_target: None,
+                sources: None,
             };
             let (program, args) = sandbox.command_line(
                 &mounts,
@@ -378,6 +443,7 @@ mod tests {
             registry: None,
             cargo_home: None,
             shared_target: None,
+            sources: None,
         };
         // As an unprivileged user (root's processes are never counted), with 30 processes of
         // that user already running outside the sandbox.

@@ -611,6 +611,7 @@ impl Toolchains {
             registry: None,
             cargo_home: None,
             shared_target: None,
+            sources: None,
         };
         let (program, line) = self
             .sandbox

@@ -3,6 +3,10 @@
 //! archives that expand past the size or entry limits, and anything outside the package's own
 //! `<name>-<version>/` directory (cargo refuses those too), which would land above the package,
 //! where cargo looks for configuration.
+//!
+//! Files keep their executable bits (a build script may run a shipped `configure`), as cargo
+//! keeps them, but nothing is writable by others than the consumer's user, and every
+//! directory is one that user can empty, so that what is unpacked can always be removed.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -14,6 +18,7 @@ pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBu
     std::fs::create_dir_all(into).map_err(|e| format!("cannot create {}: {e}", into.display()))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
     tar.set_preserve_permissions(false);
+    tar.set_mask(0o022);
     tar.set_unpack_xattrs(false);
     let mut total: u64 = 0;
     let entries = tar
@@ -56,6 +61,12 @@ pub fn unpack(archive: &[u8], into: &Path, expected_root: &str) -> Result<PathBu
         entry
             .unpack_in(into)
             .map_err(|e| format!("cannot unpack {}: {e}", path.display()))?;
+        if kind.is_dir() {
+            use std::os::unix::fs::PermissionsExt as _;
+            let dir = into.join(&path);
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("cannot unpack {}: {e}", path.display()))?;
+        }
     }
     let root = into.join(expected_root);
     if !root.join("Cargo.toml").is_file() {
@@ -180,6 +191,37 @@ mod tests {
             );
         }
         assert!(!Path::new("/tmp/quarry-absolute").exists());
+    }
+
+    #[test]
+    fn executables_stay_executable_and_nothing_is_left_unremovable_or_writable_by_others() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (path, kind, mode) in [
+            ("a-1.0.0/Cargo.toml", tar::EntryType::Regular, 0o666),
+            ("a-1.0.0/configure", tar::EntryType::Regular, 0o777),
+            ("a-1.0.0/locked", tar::EntryType::Directory, 0o555),
+            ("a-1.0.0/locked/file", tar::EntryType::Regular, 0o444),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(kind);
+            header.set_size(0);
+            header.set_mode(mode);
+            header.set_path(path).unwrap();
+            header.set_cksum();
+            builder.append(&header, &[][..]).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap().finish().unwrap();
+        let root = unpack(&bytes, dir.path(), "a-1.0.0").unwrap();
+        let mode = |path: &str| root.join(path).metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("Cargo.toml"), 0o644);
+        assert_eq!(mode("configure"), 0o755);
+        assert_eq!(mode("locked"), 0o755);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

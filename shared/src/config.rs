@@ -278,6 +278,11 @@ pub struct ConsumerConfig {
     /// job, the slot's are removed whole. 0 keeps none: every job builds its tree from nothing.
     /// Kept only in the bubblewrap sandbox, where Landlock confines build scripts and rustc.
     pub shared_target_mb: u64,
+    /// Most MiB of dependencies' sources the consumer keeps extracted for every job to read
+    /// (`<work_dir>/<name>/sources`), instead of each job extracting its tree again; past it,
+    /// the least recently used that no job in hand reads are removed. 0 keeps none. Kept only
+    /// in the bubblewrap sandbox, which shows them read-only.
+    pub sources_mb: u64,
 }
 
 /// Toolchains installed on demand: a channel or date the consumer's own rustup home lacks
@@ -320,6 +325,7 @@ impl Default for ConsumerConfig {
             work_dir: std::env::temp_dir().join("quarry-consumer"),
             concurrency: 1,
             shared_target_mb: 10 << 10,
+            sources_mb: 10 << 10,
             shutdown_grace_secs: 30,
             lease_secs: 60,
             log_limit_bytes: 1024 * 1024,

@@ -3,7 +3,9 @@
 //! against the compiled artifacts of `quarry-shared-dep` (write, truncate, link, rename, remove,
 //! plant a file beside), then `quarry-shared-victim`, which depends on it too, runs in the same
 //! slot and must build against the artifacts as they were compiled, without compiling them
-//! again.
+//! again. The build script also attacks the dependency's sources, which jobs share read-only
+//! (`sources.rs`): the victim's job must find them as the archive has them, without extracting
+//! them again.
 
 use quarry_producer::publish_run;
 use quarry_shared::job::Mode;
@@ -20,6 +22,7 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     // One slot, so that both jobs use the same kept target directory.
     let mut config = stack.consumer_config("shared");
     config.consumer.concurrency = 1;
+    let store = config.consumer.work_dir.join("shared").join("sources");
     let consumers = quarry_testkit::Consumers::start([config]);
 
     let mut logs = Vec::new();
@@ -41,11 +44,11 @@ async fn no_job_alters_what_a_later_job_builds_against() {
         assert_eq!(row.outcome, "build-pass", "{package}:\n{log}");
         logs.push(log);
     }
-    consumers.stop().await;
+    let stats = consumers.stop().await;
     let (poisoner, victim) = (&logs[0], &logs[1]);
 
     // The attacks found their target and none of their attempts took.
-    for attacker in ["build script", "proc macro"] {
+    for attacker in ["build script", "proc macro", "sources"] {
         let line = poisoner
             .lines()
             .find(|line| line.contains(&format!("quarry-poison: {attacker} found")))
@@ -69,6 +72,27 @@ async fn no_job_alters_what_a_later_job_builds_against() {
         assert!(
             !victim.contains(compiled),
             "the dependency was compiled again rather than reused:\n{victim}"
+        );
+    }
+
+    // Extracted once, by the consumer, for the poisoner's job (the dependency, the attack and
+    // the macro), and found there by the victim's; as the archive has them.
+    assert_eq!(stats.sources_extracted, 3, "{stats:?}");
+    assert_eq!(stats.sources_shared, 1, "{stats:?}");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shared-target/dep");
+    let stored: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().join("quarry-shared-dep-1.0.0"))
+        .filter(|dir| dir.is_dir())
+        .collect();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    for file in ["src/lib.rs", "build.rs"] {
+        assert_eq!(
+            std::fs::read(stored[0].join(file)).unwrap(),
+            std::fs::read(fixture.join(file)).unwrap(),
+            "{file} of the stored sources was changed"
         );
     }
 }

@@ -832,6 +832,7 @@ fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -
         registry: None,
         cargo_home: None,
         shared_target: None,
+        sources: None,
     };
     let (bwrap, line) =
         sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args, None);

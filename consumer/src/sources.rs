@@ -1,0 +1,642 @@
+//! Dependency sources, extracted once per consumer and shown read-only to every job.
+//!
+//! Cargo extracts every dependency it downloads into its cargo home (`registry/src/<registry
+//! dir>/<name>-<version>/`, marked done by a `.cargo-ok` file), and each job has a cargo home of
+//! its own: so every job extracted its whole tree again, a third of a real crate's CPU time
+//! (`tokio-rustls`: 296 MiB, 1.3 of a cold resolution's 1.45 CPU-s). Here the consumer extracts
+//! each `.crate` once, itself, from the checksum-verified bytes its mirror serves, into a store
+//! that every step sees read-only at [`crate::sandbox::SOURCES`]; when cargo downloads a
+//! dependency, the mirror first links `registry/src/<registry dir>/<name>-<version>` in the job's
+//! cargo home to the stored copy, so cargo finds it extracted (`.cargo-ok` says `{"v":1}`) and
+//! extracts nothing.
+//!
+//! What makes sharing safe: the store is written only by the consumer, outside any sandbox, with
+//! the same refusals as a package under test (`unpack.rs`: no links, devices or escaping
+//! paths); no step can write it (read-only bind); what cargo reads through the link is exactly
+//! the archive whose sha256 the index gave. What the consumer will not store (an archive with a
+//! link in it, say) is left to cargo to extract in the job, as before. The links are made before
+//! cargo hears the download finished, in a directory the consumer creates itself and checks is
+//! no link, while only cargo (Quarry's configuration, no package code) runs in the sandbox.
+//!
+//! Only for toolchains whose cargo reads `.cargo-ok` as `{"v":1}` (1.72 and later); an older
+//! cargo would find the marker foreign and extract over the read-only copy. Bounded by
+//! `consumer.sources_mb`: past it, the least recently used entries that no job in hand links are
+//! removed. One consumer process owns a store (a lock file): a second of the same name shares
+//! none.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use quarry_shared::job::PackageVersion;
+
+use crate::in_flight::InFlight;
+use crate::metrics::Metrics;
+
+/// Directory names of entries being extracted or removed, until they are done.
+const PARTIAL: &str = ".partial-";
+const REMOVED: &str = ".removed-";
+/// In each entry, beside the package: the disk it takes, in bytes.
+const SIZE: &str = "size";
+/// What cargo (1.71.1 and later) writes into `.cargo-ok` once it extracted a package.
+const EXTRACTED: &str = r#"{"v":1}"#;
+/// The oldest release whose cargo reads [`EXTRACTED`] as done.
+const OLDEST_RELEASE: (u64, u64) = (1, 72);
+
+/// A consumer's store of extracted dependency sources.
+pub struct Sources {
+    dir: PathBuf,
+    limit_bytes: u64,
+    index: Mutex<Index>,
+    in_flight: InFlight,
+    metrics: Arc<Metrics>,
+    /// Held for the process's life: no other process manages this store.
+    _owner: File,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("dir", &self.dir)
+            .field("limit_bytes", &self.limit_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, Entry>,
+    total_bytes: u64,
+    /// Counts uses, for least recently used first.
+    clock: u64,
+}
+
+struct Entry {
+    bytes: u64,
+    last_used: u64,
+    /// Jobs in hand that link it.
+    users: usize,
+}
+
+/// One job's use of the store: where its cargo home is, and the entries it links, which are
+/// not removed until it is dropped (after the job's last step).
+pub struct JobSources {
+    sources: Arc<Sources>,
+    cargo_home: PathBuf,
+    /// Where the job's steps see the store.
+    seen_at: PathBuf,
+    held: Mutex<Vec<String>>,
+}
+
+impl Sources {
+    /// The store in `dir`, up to `limit_bytes`, keeping what an earlier process of the same
+    /// name left there (written by it, as here). `Ok(None)` if another process owns it.
+    pub fn open(
+        dir: PathBuf,
+        limit_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Option<Sources>> {
+        std::fs::create_dir_all(&dir)?;
+        let owner = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(".owner"))?;
+        match owner.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(err)) => return Err(err),
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let size = std::fs::read_to_string(path.join(SIZE))
+                .ok()
+                .and_then(|size| size.trim().parse::<u64>().ok());
+            match size {
+                Some(bytes) if is_checksum(&name) => {
+                    let modified = entry
+                        .metadata()
+                        .and_then(|meta| meta.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((modified, name, bytes));
+                }
+                // Left half done, or being removed, by a process that died.
+                _ if entry.file_type().is_ok_and(|kind| kind.is_dir()) => {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                _ => {}
+            }
+        }
+        // Oldest first: what an earlier process extracted earliest goes first.
+        found.sort();
+        let mut index = Index::default();
+        for (_, name, bytes) in found {
+            index.clock += 1;
+            index.total_bytes += bytes;
+            index.entries.insert(
+                name,
+                Entry {
+                    bytes,
+                    last_used: index.clock,
+                    users: 0,
+                },
+            );
+        }
+        metrics.sources_size(index.total_bytes);
+        Ok(Some(Sources {
+            dir,
+            limit_bytes,
+            index: Mutex::new(index),
+            in_flight: InFlight::default(),
+            metrics,
+            _owner: owner,
+        }))
+    }
+
+    /// The store's directory on this host.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A job's use of the store, for a job whose cargo home is at `cargo_home` on this host and
+    /// whose steps see the store at `seen_at`, built with a toolchain whose `rustc -vV` is
+    /// `build`; `None` if that toolchain's cargo would not take a stored copy as extracted.
+    pub fn for_job(
+        self: &Arc<Self>,
+        cargo_home: &Path,
+        seen_at: &Path,
+        build: &str,
+    ) -> Option<Arc<JobSources>> {
+        let release = build
+            .lines()
+            .find_map(|line| line.strip_prefix("release: "))?;
+        let mut parts = release.split(['.', '-']);
+        let major: u64 = parts.next()?.parse().ok()?;
+        let minor: u64 = parts.next()?.parse().ok()?;
+        ((major, minor) >= OLDEST_RELEASE).then(|| {
+            Arc::new(JobSources {
+                sources: self.clone(),
+                cargo_home: cargo_home.to_owned(),
+                seen_at: seen_at.to_owned(),
+                held: Mutex::default(),
+            })
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a use of the entry `checksum` if the store has it.
+    fn take(&self, checksum: &str) -> bool {
+        let mut index = self.lock();
+        index.clock += 1;
+        let now = index.clock;
+        match index.entries.get_mut(checksum) {
+            Some(entry) => {
+                entry.users += 1;
+                entry.last_used = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn give_back(&self, checksum: &str) {
+        let mut index = self.lock();
+        if let Some(entry) = index.entries.get_mut(checksum) {
+            entry.users = entry.users.saturating_sub(1);
+        }
+    }
+
+    /// Takes a use of `package`'s entry, extracting `archive` (its checksum verified) into the
+    /// store first if it is not there: once, however many jobs ask at once. `Err` says why it
+    /// cannot be stored.
+    async fn hold(&self, package: &PackageVersion, archive: &bytes::Bytes) -> Result<(), String> {
+        let checksum = package.checksum.to_ascii_lowercase();
+        if !is_checksum(&checksum) {
+            return Err(format!("{package}: {checksum:?} is not a sha256"));
+        }
+        if self.take(&checksum) {
+            self.metrics.source("shared");
+            return Ok(());
+        }
+        let _turn = self.in_flight.turn(checksum.clone()).await;
+        if self.take(&checksum) {
+            self.metrics.source("shared");
+            return Ok(());
+        }
+        let (dir, archive) = (self.dir.clone(), archive.clone());
+        let root = format!("{}-{}", package.name, package.version);
+        let entry = checksum.clone();
+        let bytes = tokio::task::spawn_blocking(move || extract(&dir, &entry, &root, &archive))
+            .await
+            .map_err(|e| format!("extracting panicked: {e}"))??;
+        let removed = {
+            let mut index = self.lock();
+            index.clock += 1;
+            let now = index.clock;
+            index.total_bytes += bytes;
+            index.entries.insert(
+                checksum,
+                Entry {
+                    bytes,
+                    last_used: now,
+                    users: 1,
+                },
+            );
+            let removed = self.evict(&mut index);
+            self.metrics.sources_size(index.total_bytes);
+            removed
+        };
+        self.metrics.source("extracted");
+        if !removed.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                for dir in removed {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Past the limit, takes the least recently used entries no job links out of the store
+    /// (renamed aside at once, so none is linked again) and returns where they are now.
+    fn evict(&self, index: &mut Index) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        while index.total_bytes > self.limit_bytes {
+            let Some(oldest) = index
+                .entries
+                .iter()
+                .filter(|(_, entry)| entry.users == 0)
+                .min_by_key(|(_, entry)| entry.last_used)
+                .map(|(checksum, _)| checksum.clone())
+            else {
+                break;
+            };
+            let entry = index.entries.remove(&oldest).expect("just found");
+            index.total_bytes -= entry.bytes;
+            let aside = self
+                .dir
+                .join(format!("{REMOVED}{}", uuid::Uuid::new_v4().simple()));
+            if std::fs::rename(self.dir.join(&oldest), &aside).is_ok() {
+                removed.push(aside);
+            }
+            self.metrics.source("removed");
+        }
+        removed
+    }
+}
+
+impl JobSources {
+    /// Before cargo, in this job's resolving step, hears that `package` (whose bytes `archive`
+    /// matched the index's checksum) is downloaded: makes it stored and links it where cargo
+    /// would extract it. `Err` says why not; cargo then extracts it itself, as without a store.
+    pub async fn link(
+        &self,
+        package: &PackageVersion,
+        archive: &bytes::Bytes,
+    ) -> Result<(), String> {
+        let linked = self.try_link(package, archive).await;
+        if linked.is_err() {
+            self.sources.metrics.source("left-to-cargo");
+        }
+        linked
+    }
+
+    async fn try_link(
+        &self,
+        package: &PackageVersion,
+        archive: &bytes::Bytes,
+    ) -> Result<(), String> {
+        let into = self.registry_dir()?;
+        let link = into.join(format!("{}-{}", package.name, package.version));
+        if link.symlink_metadata().is_ok() {
+            // Linked already (a second resolution), or extracted by cargo.
+            return Ok(());
+        }
+        self.sources.hold(package, archive).await?;
+        let checksum = package.checksum.to_ascii_lowercase();
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.contains(&checksum) {
+                self.sources.give_back(&checksum);
+            } else {
+                held.push(checksum.clone());
+            }
+        }
+        let target = self
+            .seen_at
+            .join(&checksum)
+            .join(format!("{}-{}", package.name, package.version));
+        if !self
+            .sources
+            .dir
+            .join(&checksum)
+            .join(format!("{}-{}", package.name, package.version))
+            .is_dir()
+        {
+            return Err(format!("{package}: its archive holds another package"));
+        }
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| format!("cannot link {}: {e}", link.display()))
+    }
+
+    /// The job's `registry/src/<registry dir>`, created if need be. Cargo names the registry's
+    /// directory (`registry.quarry.invalid-<hash of the source>`, the hash its own), and has
+    /// made it under `registry/index` by the time it downloads. Every directory on the way is
+    /// checked to be one, not a link: nothing but cargo has run there, but nothing is followed.
+    fn registry_dir(&self) -> Result<PathBuf, String> {
+        let registry = self.cargo_home.join("registry");
+        let mut names = Vec::new();
+        for sub in ["index", "cache"] {
+            if let Ok(entries) = std::fs::read_dir(registry.join(sub)) {
+                names.extend(
+                    entries
+                        .flatten()
+                        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                        .filter(|name| is_registry_dir(name)),
+                );
+            }
+        }
+        names.sort();
+        names.dedup();
+        let [name] = names.as_slice() else {
+            return Err(format!(
+                "cargo's directory for the registry is not one in {}: {names:?}",
+                registry.display()
+            ));
+        };
+        let src = registry.join("src");
+        let into = src.join(name);
+        for dir in [&registry, &src, &into] {
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(format!("cannot create {}: {err}", dir.display())),
+            }
+            if !dir.symlink_metadata().is_ok_and(|meta| meta.is_dir()) {
+                return Err(format!("{} is not a directory", dir.display()));
+            }
+        }
+        Ok(into)
+    }
+}
+
+impl Drop for JobSources {
+    fn drop(&mut self) {
+        for checksum in self
+            .held
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            self.sources.give_back(&checksum);
+        }
+    }
+}
+
+/// Extracts `archive` (the package `root`, `<name>-<version>`) into the store at `dir` as the
+/// entry `checksum`, marked as cargo marks what it extracted; returns the disk it takes.
+fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64, String> {
+    let partial = dir.join(format!("{PARTIAL}{}", uuid::Uuid::new_v4().simple()));
+    let stored = (|| {
+        let package = crate::unpack::unpack(archive, &partial, root)?;
+        let write = |path: PathBuf, text: &str| {
+            std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        // Over any the archive had (cargo skips those).
+        write(package.join(".cargo-ok"), EXTRACTED)?;
+        let bytes = crate::shared_target::disk_used(&partial);
+        write(partial.join(SIZE), &bytes.to_string())?;
+        std::fs::rename(&partial, dir.join(checksum))
+            .map_err(|e| format!("cannot store {root}: {e}"))?;
+        Ok(bytes)
+    })();
+    if stored.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    stored
+}
+
+fn is_checksum(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `name` is what cargo names the directory of Quarry's registry endpoint.
+fn is_registry_dir(name: &str) -> bool {
+    name.strip_prefix(crate::gateway::REGISTRY_HOST)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hash| !hash.is_empty() && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUILD: &str = "rustc 1.95.0 (59807616e 2026-04-14)\nrelease: 1.95.0\n";
+
+    /// A `.crate` of `root` holding `entries` (path under the root, type, content).
+    fn archive(root: &str, entries: &[(&str, tar::EntryType, &[u8])]) -> bytes::Bytes {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (path, kind, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            if kind.is_symlink() {
+                header.set_link_name("/etc/passwd").unwrap();
+            }
+            header.set_path(format!("{root}/{path}")).unwrap();
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap().into()
+    }
+
+    fn package(name: &str, archive: &bytes::Bytes) -> PackageVersion {
+        use sha2::Digest as _;
+        PackageVersion {
+            name: name.to_owned(),
+            version: "1.0.0".to_owned(),
+            checksum: hex::encode(sha2::Sha256::digest(archive)),
+        }
+    }
+
+    fn plain(name: &str, filler: usize) -> bytes::Bytes {
+        let filler = vec![b'x'; filler];
+        archive(
+            &format!("{name}-1.0.0"),
+            &[
+                ("Cargo.toml", tar::EntryType::Regular, b"[package]"),
+                ("src/lib.rs", tar::EntryType::Regular, &filler),
+            ],
+        )
+    }
+
+    /// A job's cargo home as cargo leaves it by the time it downloads.
+    fn cargo_home(dir: &Path) -> PathBuf {
+        let home = dir.join("cargo-home");
+        std::fs::create_dir_all(home.join("registry/index/registry.quarry.invalid-0123abcd"))
+            .unwrap();
+        home
+    }
+
+    fn store(dir: &Path, limit_bytes: u64) -> Arc<Sources> {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        Arc::new(
+            Sources::open(dir.join("store"), limit_bytes, metrics)
+                .unwrap()
+                .unwrap(),
+        )
+    }
+
+    fn stored(sources: &Sources) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(sources.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| is_checksum(name))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_dependency_is_extracted_once_and_linked_where_cargo_looks() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = store(dir.path(), 1 << 30);
+        let bytes = plain("a", 10);
+        let a = package("a", &bytes);
+        let mut links = Vec::new();
+        for job in ["one", "two"] {
+            let home = cargo_home(&dir.path().join(job));
+            let job = sources
+                .for_job(&home, Path::new("/run/quarry/sources"), BUILD)
+                .unwrap();
+            job.link(&a, &bytes).await.unwrap();
+            let link = home.join("registry/src/registry.quarry.invalid-0123abcd/a-1.0.0");
+            links.push(std::fs::read_link(&link).unwrap());
+            // Linked already: nothing changes.
+            job.link(&a, &bytes).await.unwrap();
+        }
+        let expected = Path::new("/run/quarry/sources")
+            .join(&a.checksum)
+            .join("a-1.0.0");
+        assert_eq!(links, [expected.clone(), expected]);
+        assert_eq!(
+            stored(&sources),
+            std::slice::from_ref(&a.checksum),
+            "extracted once"
+        );
+        let copy = sources.dir().join(&a.checksum).join("a-1.0.0");
+        assert_eq!(
+            std::fs::read_to_string(copy.join(".cargo-ok")).unwrap(),
+            r#"{"v":1}"#
+        );
+        assert_eq!(
+            std::fs::read_to_string(copy.join("src/lib.rs")).unwrap(),
+            "x".repeat(10)
+        );
+    }
+
+    #[tokio::test]
+    async fn what_cannot_be_stored_is_left_to_cargo() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = store(dir.path(), 1 << 30);
+        let home = cargo_home(dir.path());
+        let job = sources
+            .for_job(&home, Path::new("/run/quarry/sources"), BUILD)
+            .unwrap();
+        let linked = archive(
+            "b-1.0.0",
+            &[
+                ("Cargo.toml", tar::EntryType::Regular, b"[package]"),
+                ("passwd", tar::EntryType::Symlink, b""),
+            ],
+        );
+        let err = job.link(&package("b", &linked), &linked).await.unwrap_err();
+        assert!(err.contains("Symlink"), "{err}");
+        // Another package's archive under this one's checksum.
+        let other = plain("c", 1);
+        let err = job.link(&package("d", &other), &other).await.unwrap_err();
+        assert!(err.contains("escapes"), "{err}");
+        let src = home.join("registry/src/registry.quarry.invalid-0123abcd");
+        assert_eq!(
+            std::fs::read_dir(&src).unwrap().count(),
+            0,
+            "nothing linked"
+        );
+        assert!(stored(&sources).is_empty());
+        // A cargo home where cargo made no registry directory yet, or one that is a link.
+        let bare = dir.path().join("bare");
+        std::fs::create_dir_all(bare.join("registry/index/registry.quarry.invalid-77")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), bare.join("registry/src")).unwrap();
+        let job = sources
+            .for_job(&bare, Path::new("/run/quarry/sources"), BUILD)
+            .unwrap();
+        let bytes = plain("a", 1);
+        let err = job.link(&package("a", &bytes), &bytes).await.unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+        assert!(!dir.path().join("registry.quarry.invalid-77").exists());
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_the_least_recently_used_unlinked_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for about two.
+        let sources = store(dir.path(), 192 << 10);
+        let archives: Vec<_> = ["a", "b", "c"]
+            .map(|name| (name, plain(name, 60 << 10)))
+            .into();
+        let packages: Vec<_> = archives
+            .iter()
+            .map(|(name, bytes)| package(name, bytes))
+            .collect();
+        let home = |job: &str| cargo_home(&dir.path().join(job));
+        let seen = Path::new("/run/quarry/sources");
+        let holding_a = sources.for_job(&home("one"), seen, BUILD).unwrap();
+        holding_a.link(&packages[0], &archives[0].1).await.unwrap();
+        {
+            let job = sources.for_job(&home("two"), seen, BUILD).unwrap();
+            job.link(&packages[1], &archives[1].1).await.unwrap();
+        }
+        let job = sources.for_job(&home("three"), seen, BUILD).unwrap();
+        job.link(&packages[2], &archives[2].1).await.unwrap();
+        // `a` is older than `b`, but a job in hand links it.
+        let mut expected = vec![packages[0].checksum.clone(), packages[2].checksum.clone()];
+        expected.sort();
+        assert_eq!(stored(&sources), expected);
+    }
+
+    #[test]
+    fn a_cargo_older_than_the_marker_shares_nothing_and_one_process_owns_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = store(dir.path(), 1 << 30);
+        let home = dir.path().join("cargo-home");
+        let seen = Path::new("/run/quarry/sources");
+        assert!(
+            sources
+                .for_job(&home, seen, "rustc 1.70.0\nrelease: 1.70.0\n")
+                .is_none()
+        );
+        assert!(
+            sources
+                .for_job(&home, seen, "release: 1.96.0-nightly\n")
+                .is_some()
+        );
+        let metrics = Arc::new(Metrics::new().unwrap());
+        assert!(
+            Sources::open(dir.path().join("store"), 1, metrics)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
