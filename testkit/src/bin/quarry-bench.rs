@@ -391,6 +391,27 @@ async fn check(
             .await?
             .get(0);
         pipeline_cpu.push((cpu, recorded));
+        // Where the jobs' CPU went, step by step (fetch, refetch, check).
+        let steps = database
+            .query(
+                "SELECT s->>'name', coalesce(sum((s->>'cpu_ms')::float8), 0) / 1000, count(*)
+                 FROM results r, jsonb_array_elements(r.steps) s
+                 WHERE r.run_id = $1 GROUP BY 1 ORDER BY 1",
+                &[&summary.run_id.0],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                format!(
+                    "{} {:.1} CPU-s ({} steps)",
+                    row.get::<_, String>(0),
+                    row.get::<_, f64>(1),
+                    row.get::<_, i64>(2)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!("pipeline, {round}: the jobs' steps: {steps}");
         eprintln!("{}", timeline(&database, summary.run_id).await?);
         let outcomes = database
             .query(
