@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use quarry_shared::job::{BrokenReason, Experiment, Mode, Outcome, Refusal};
+use quarry_core::job::{BrokenReason, Experiment, Mode, Outcome, Refusal};
 use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 
@@ -29,7 +29,7 @@ use crate::sandbox::{self, Mounts, Sandbox};
 use crate::sources::{JobSources, Sources};
 use crate::spawn::Spawn;
 use crate::toolchains::Installed;
-use quarry_shared::cost::{Cost, StepCost};
+use quarry_core::cost::{Cost, StepCost};
 
 /// The environment every step runs in.
 #[derive(Debug, Clone)]
@@ -123,7 +123,7 @@ impl Execution {
     pub fn environment(&self) -> Option<String> {
         self.environment
             .clone()
-            .or_else(|| quarry_shared::category::environment_of(self.outcome, &self.log))
+            .or_else(|| quarry_core::category::environment_of(self.outcome, &self.log))
     }
 }
 

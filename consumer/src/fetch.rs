@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
-use quarry_shared::job::PackageVersion;
-use quarry_shared::registry::{RegistryClient, RegistryError};
-use quarry_shared::s3::Bucket;
+use quarry_core::job::PackageVersion;
+use quarry_infra::registry::{RegistryClient, RegistryError};
+use quarry_infra::s3::Bucket;
 use sha2::{Digest as _, Sha256};
 
 use crate::in_flight::InFlight;
@@ -71,8 +71,8 @@ impl Fetcher {
     }
 
     /// Counts how an index file was had (downloaded, revalidated, or stale from the cache).
-    pub fn count_index_file(&self, how: quarry_shared::registry::IndexFetch) {
-        use quarry_shared::registry::IndexFetch;
+    pub fn count_index_file(&self, how: quarry_infra::registry::IndexFetch) {
+        use quarry_infra::registry::IndexFetch;
         let label = match how {
             IndexFetch::Downloaded => "downloaded",
             IndexFetch::NotModified => "not-modified",

@@ -13,9 +13,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use quarry_shared::job::{Job, JobId};
-use quarry_shared::queue::Publisher;
-use quarry_shared::store::{NewLease, Store};
+use quarry_core::job::{Job, JobId};
+use quarry_infra::queue::Publisher;
+use quarry_infra::store::{NewLease, Store};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;

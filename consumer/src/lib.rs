@@ -41,15 +41,15 @@ use anyhow::Context as _;
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use quarry_shared::Config;
-use quarry_shared::job::{
+use quarry_core::job::{
     BrokenReason, Job, JobId, Outcome, PackageVersion, Patch, PatchSource, Refusal, RunId,
     StoredDefinition,
 };
-use quarry_shared::queue::{self, Broker, Publisher};
-use quarry_shared::registry::RegistryClient;
-use quarry_shared::s3::Bucket;
-use quarry_shared::store::{JobState, NewResult, Pairing, Store};
+use quarry_infra::Config;
+use quarry_infra::queue::{self, Broker, Publisher};
+use quarry_infra::registry::RegistryClient;
+use quarry_infra::s3::Bucket;
+use quarry_infra::store::{JobState, NewResult, Pairing, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -761,7 +761,7 @@ impl Worker {
         self.metrics.in_progress.inc();
         // The job's trace, continued from the context its producer put in the headers.
         let span = tracing::info_span!("run job", job = tracing::field::Empty);
-        quarry_shared::telemetry::extract(delivery.properties.headers().as_ref(), &span);
+        quarry_infra::telemetry::extract(delivery.properties.headers().as_ref(), &span);
         async {
             match self.take(&delivery).await {
                 Ok(None) => {}
@@ -1125,7 +1125,7 @@ impl Worker {
 
     async fn execute(&self, job: &Job, attempt: u32) -> Result<Plan, InfraError> {
         let file = self.definition(job.run_id).await.and_then(|definition| {
-            quarry_shared::job::toolchain_file(&definition.toolchain_files, &job.toolchain).cloned()
+            quarry_core::job::toolchain_file(&definition.toolchain_files, &job.toolchain).cloned()
         });
         // The package downloads while the toolchain is found (installed, the first time). The
         // download lands in the disk cache, where the experiment finds it; a failed one is

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use quarry_shared::Config;
-use quarry_shared::config::ConfigArgs;
+use quarry_infra::Config;
+use quarry_infra::config::ConfigArgs;
 
 /// Takes Quarry jobs from RabbitMQ, fetches each package through its cache layers (local disk,
 /// S3, then the registry), runs the experiment in a bubblewrap sandbox and records its outcome in
@@ -39,7 +39,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_shared::telemetry::init("quarry-consumer");
+    let _telemetry = quarry_infra::telemetry::init("quarry-consumer");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,7 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.unsandboxed {
         config.consumer.unsandboxed = true;
     }
-    let shutdown = quarry_shared::shutdown::on_signal()?;
+    let shutdown = quarry_infra::shutdown::on_signal()?;
     quarry_consumer::run(&config, shutdown).await?;
     Ok(())
 }

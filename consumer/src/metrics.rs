@@ -16,17 +16,17 @@ use prometheus::{
     Counter, CounterVec, Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
-use quarry_shared::job::{Outcome, Refusal};
+use quarry_core::job::{Outcome, Refusal};
 
 use crate::ConsumerStats;
 use crate::fetch::Source;
-use quarry_shared::cost::Cost;
+use quarry_core::cost::Cost;
 
 pub struct Metrics {
     registry: Registry,
     jobs: IntCounterVec,
     job_seconds: HistogramVec,
-    /// What the jobs that ran here used (`quarry_shared::cost`).
+    /// What the jobs that ran here used (`quarry_core::cost`).
     cpu_seconds: Counter,
     step_cpu_seconds: CounterVec,
     peak_memory: Histogram,

@@ -15,8 +15,9 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use quarry_shared::job::PackageVersion;
-use quarry_shared::registry::{IndexConfig, RegistryError, parse_index_file};
+use quarry_core::index::{IndexConfig, parse_index_file};
+use quarry_core::job::PackageVersion;
+use quarry_infra::registry::RegistryError;
 use tokio::sync::RwLock;
 
 use crate::fetch::{FetchError, Fetcher};

@@ -22,7 +22,7 @@
 use std::fmt::Write as _;
 use std::path::{Component, Path};
 
-use quarry_shared::job::Refusal;
+use quarry_core::job::Refusal;
 
 use crate::gateway::REGISTRY_HOST;
 

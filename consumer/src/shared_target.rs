@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use quarry_shared::job::Mode;
+use quarry_core::job::Mode;
 
 /// Directory name of removed slot directories, until they are gone.
 const REMOVED: &str = ".removed-";

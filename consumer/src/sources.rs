@@ -29,7 +29,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use quarry_shared::job::PackageVersion;
+use quarry_core::job::PackageVersion;
 
 use crate::in_flight::InFlight;
 use crate::metrics::Metrics;

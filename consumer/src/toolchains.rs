@@ -26,9 +26,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use quarry_shared::config::ToolchainsConfig;
-use quarry_shared::job::{Toolchain, ToolchainFile};
-use quarry_shared::s3::Bucket;
+use quarry_core::job::{Toolchain, ToolchainFile};
+use quarry_infra::config::ToolchainsConfig;
+use quarry_infra::s3::Bucket;
 
 use crate::sandbox::{Mounts, Sandbox};
 

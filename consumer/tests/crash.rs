@@ -6,8 +6,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, publish_run};
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 

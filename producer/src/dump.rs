@@ -18,7 +18,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::Context as _;
-use quarry_shared::job::PackageVersion;
+use quarry_core::job::PackageVersion;
 
 use crate::Sort;
 use crate::selection::{Filter, NamePatterns, ReverseDependencies, sample};

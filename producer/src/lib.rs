@@ -10,13 +10,14 @@ use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use quarry_shared::Config;
-use quarry_shared::job::{
+use quarry_core::index::IndexEntry;
+use quarry_core::job::{
     Experiment, Job, PackageVersion, Patch, RunId, StoredDefinition, Toolchain, ToolchainFile,
 };
-use quarry_shared::queue::{Broker, Publisher};
-use quarry_shared::registry::{IndexEntry, RegistryClient, RegistryError};
-use quarry_shared::store::Store;
+use quarry_infra::Config;
+use quarry_infra::queue::{Broker, Publisher};
+use quarry_infra::registry::{RegistryClient, RegistryError};
+use quarry_infra::store::Store;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -80,23 +81,23 @@ pub struct RunDefinition {
     /// Toolchains given as files (`--toolchain-file`), uploaded with the run: each names one of
     /// `toolchains`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub toolchain_files: Vec<quarry_shared::job::ToolchainFile>,
+    pub toolchain_files: Vec<quarry_core::job::ToolchainFile>,
 }
 
 impl RunDefinition {
     /// The run's sides, in order (start, then end): one per toolchain, or for a patch run the
     /// toolchain without and with the patch.
     pub fn sides(&self) -> Vec<(Toolchain, Option<Patch>)> {
-        quarry_shared::job::run_sides(&self.toolchains, self.patch.as_ref())
+        quarry_core::job::run_sides(&self.toolchains, self.patch.as_ref())
     }
 
     /// The sides' labels, as the database and the report name them.
     pub fn side_labels(&self) -> Vec<String> {
-        quarry_shared::job::side_labels(&self.sides())
+        quarry_core::job::side_labels(&self.sides())
     }
 
     /// The definition stored with `run`.
-    pub fn of(run: &quarry_shared::store::Run) -> anyhow::Result<RunDefinition> {
+    pub fn of(run: &quarry_infra::store::Run) -> anyhow::Result<RunDefinition> {
         serde_json::from_value(run.definition.clone()).with_context(|| {
             format!(
                 "run {} has a definition this producer cannot read",
@@ -233,27 +234,26 @@ pub async fn resolve_patch(config: &Config, spec: &str) -> anyhow::Result<Patch>
     check_package_spec(name).context("--patch: the dependency to replace")?;
     let file = std::path::Path::new(with);
     if with.ends_with(".crate") || file.is_file() {
-        let published = quarry_registry::read_crate_file(file).with_context(|| {
-            format!("--patch: {} is not a readable .crate file", file.display())
-        })?;
+        let not_readable = || format!("--patch: {} is not a readable .crate file", file.display());
+        let bytes = std::fs::read(file).with_context(not_readable)?;
+        let entry = quarry_core::archive::index_entry(&bytes).with_context(not_readable)?;
         anyhow::ensure!(
-            published.entry.name.eq_ignore_ascii_case(name),
+            entry.name.eq_ignore_ascii_case(name),
             "--patch: {} is package {}, not {name}",
             file.display(),
-            published.entry.name
+            entry.name
         );
-        let bytes = std::fs::read(file)?;
-        let bucket = quarry_shared::s3::Bucket::new(&config.s3)?;
+        let bucket = quarry_infra::s3::Bucket::new(&config.s3)?;
         bucket.ensure_exists().await?;
         let key = bucket
-            .put_patch(&published.entry.cksum, bytes.into())
+            .put_patch(&entry.cksum, bytes.into())
             .await
             .context("--patch: cannot upload the package to S3")?;
         return Ok(Patch {
-            name: published.entry.name,
-            version: published.entry.vers,
-            checksum: published.entry.cksum,
-            source: quarry_shared::job::PatchSource::Upload { key },
+            name: entry.name,
+            version: entry.vers,
+            checksum: entry.cksum,
+            source: quarry_core::job::PatchSource::Upload { key },
         });
     }
     semver::Version::parse(with)
@@ -271,7 +271,7 @@ pub async fn resolve_patch(config: &Config, spec: &str) -> anyhow::Result<Patch>
         name: entry.name.clone(),
         version: entry.vers.clone(),
         checksum: entry.cksum.clone(),
-        source: quarry_shared::job::PatchSource::Registry,
+        source: quarry_core::job::PatchSource::Registry,
     })
 }
 
@@ -321,7 +321,7 @@ pub async fn resolve_toolchain_file(config: &Config, spec: &str) -> anyhow::Resu
         path.display()
     );
     let checksum = hex::encode(hasher.finalize());
-    let bucket = quarry_shared::s3::Bucket::new(&config.s3)?;
+    let bucket = quarry_infra::s3::Bucket::new(&config.s3)?;
     bucket.ensure_exists().await?;
     let key = bucket
         .put_toolchain(&checksum, path, bytes)
@@ -585,7 +585,7 @@ fn straggler_requests(
 /// it is: how many jobs it queued, and the packages it had to leave out.
 async fn publish_out_of_order(
     (store, publisher, registry): (&Store, &Publisher, &RegistryClient),
-    (run, definition): (&quarry_shared::store::Run, &RunDefinition),
+    (run, definition): (&quarry_infra::store::Run, &RunDefinition),
     page: Vec<Item>,
     (position, page_size): (&serde_json::Value, usize),
 ) -> anyhow::Result<(u64, Vec<(String, String)>)> {
@@ -611,7 +611,7 @@ async fn publish_out_of_order(
 struct RecordedPage {
     jobs: Vec<Job>,
     /// The jobs not yet published (nor finished) by an earlier invocation.
-    pending: Vec<quarry_shared::job::JobId>,
+    pending: Vec<quarry_core::job::JobId>,
     /// The paging position after this page, saved once it is published.
     position: serde_json::Value,
 }
@@ -641,7 +641,7 @@ impl RecordedPage {
 /// and the packages left out with why.
 async fn page_jobs(
     registry: &RegistryClient,
-    run: &quarry_shared::store::Run,
+    run: &quarry_infra::store::Run,
     definition: &RunDefinition,
     page: Vec<Item>,
 ) -> PagedJobs {
@@ -715,7 +715,7 @@ impl PagedJobs {
         &self,
         store: &Store,
         run: RunId,
-    ) -> anyhow::Result<Vec<quarry_shared::job::JobId>> {
+    ) -> anyhow::Result<Vec<quarry_core::job::JobId>> {
         let pending = store.record_jobs(&self.jobs).await?;
         store.record_dependencies(run, &self.dependencies).await?;
         Ok(pending)
@@ -1260,8 +1260,8 @@ pub async fn packages_from_run(
     run: &str,
     only: &[Only],
 ) -> anyhow::Result<Vec<String>> {
-    use quarry_shared::category::{Category, Verdict, package_categories};
-    use quarry_shared::job::Outcome;
+    use quarry_core::category::{Category, Verdict, package_categories};
+    use quarry_core::job::Outcome;
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
     let definition = RunDefinition::of(&run)?;

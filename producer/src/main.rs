@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use quarry_core::job::{CapLints, Experiment, Mode, Toolchain};
+use quarry_infra::Config;
+use quarry_infra::config::ConfigArgs;
+use quarry_infra::store::Store;
 use quarry_producer::selection::{Dependents, Filter, Sample};
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::Config;
-use quarry_shared::config::ConfigArgs;
-use quarry_shared::job::{CapLints, Experiment, Mode, Toolchain};
-use quarry_shared::store::Store;
 
 /// Starts Quarry runs: pages a crates.io-compatible registry and publishes one job per package
 /// version and toolchain to RabbitMQ, recording each in PostgreSQL first. Re-running the same
@@ -106,7 +106,7 @@ struct RunArgs {
     #[serde(default)]
     toolchain_files: Vec<String>,
     /// What to do with each package.
-    #[arg(long, value_enum, default_value_t = Mode::Check, conflicts_with = "experiment")]
+    #[arg(long, value_parser = mode_parser(), default_value_t = Mode::Check, conflicts_with = "experiment")]
     #[serde(default = "default_mode")]
     mode: Mode,
     /// Time limit for one package's experiment, in seconds.
@@ -125,7 +125,7 @@ struct RunArgs {
     /// Cap every lint at this level, the package's own code included (`rustc --cap-lints`, as
     /// Crater's `cap-lints`): `warn` keeps a lint new in the end toolchain from failing a
     /// `#![deny(warnings)]` crate. Unset, lints are as each package says.
-    #[arg(long, value_enum, value_name = "LEVEL", conflicts_with = "experiment")]
+    #[arg(long, value_parser = cap_lints_parser(), value_name = "LEVEL", conflicts_with = "experiment")]
     #[serde(default)]
     cap_lints: Option<CapLints>,
     /// Take at most this many crates from the registry listing.
@@ -238,6 +238,22 @@ struct RunArgs {
     fresh: bool,
 }
 
+/// The modes by name (the domain's types know nothing of the command line).
+fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Mode::ALL.map(Mode::as_str))
+        .map(|name| name.parse::<Mode>().expect("one of the possible values"))
+}
+
+/// The lint levels by name.
+fn cap_lints_parser() -> impl clap::builder::TypedValueParser<Value = CapLints> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(CapLints::ALL.map(CapLints::as_str)).map(|name| {
+        name.parse::<CapLints>()
+            .expect("one of the possible values")
+    })
+}
+
 fn default_mode() -> Mode {
     Mode::Check
 }
@@ -340,7 +356,7 @@ impl RunArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_shared::telemetry::init("quarry-producer");
+    let _telemetry = quarry_infra::telemetry::init("quarry-producer");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,
@@ -353,7 +369,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config)?;
-    let shutdown = quarry_shared::shutdown::on_signal()?;
+    let shutdown = quarry_infra::shutdown::on_signal()?;
     match cli.command {
         Command::Republish { run, force } => {
             let republished = quarry_producer::republish(&config, &run, force).await?;
@@ -469,8 +485,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Requeue { run } => {
             let store = connect(&config).await?;
             let run = store.find_run(&run).await?;
-            let broker = quarry_shared::queue::Broker::connect(&config.rabbitmq).await?;
-            let requeued = quarry_shared::requeue::requeue_dead_letters(
+            let broker = quarry_infra::queue::Broker::connect(&config.rabbitmq).await?;
+            let requeued = quarry_infra::requeue::requeue_dead_letters(
                 &store,
                 &broker,
                 &run,
@@ -524,7 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::ensure!(
                     !toolchain_files
                         .iter()
-                        .any(|f: &quarry_shared::job::ToolchainFile| f.name == file.name),
+                        .any(|f: &quarry_core::job::ToolchainFile| f.name == file.name),
                     "--toolchain-file {} is given twice",
                     file.name
                 );
@@ -638,7 +654,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // The same follower as `quarry-reporter status`: a progress bar with rate and
                 // ETA, then the outcomes and where the report is.
                 let outcome =
-                    quarry_reporter::status(&config, &summary.run_name, &shutdown).await?;
+                    quarry_infra::follow::follow(&config, &summary.run_name, &shutdown).await?;
                 eprint!("{outcome}");
                 if shutdown.is_cancelled() {
                     eprintln!("stopped waiting; the run goes on");
@@ -666,8 +682,8 @@ async fn connect(config: &Config) -> anyhow::Result<Store> {
 }
 
 fn status(
-    run: &quarry_shared::store::Run,
-    progress: &quarry_shared::store::Progress,
+    run: &quarry_infra::store::Run,
+    progress: &quarry_core::progress::Progress,
 ) -> &'static str {
     if run.cancelled_at.is_some() {
         "cancelled"

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
+use quarry_core::job::{Job, JobId};
+use quarry_infra::queue::Broker;
+use quarry_infra::store::Store;
 use quarry_registry::Fault;
-use quarry_shared::job::{Job, JobId};
-use quarry_shared::queue::Broker;
-use quarry_shared::store::Store;
 use quarry_testkit::TestStack;
 
 const PAGE: u32 = 5;

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use quarry_shared::registry::IndexDependency;
+use quarry_core::index::IndexDependency;
 use serde::Serialize;
 
 use crate::corpus::{read_crate_file, shipped_lockfile};

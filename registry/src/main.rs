@@ -60,7 +60,14 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = quarry_shared::telemetry::init("quarry-registry");
+    // Logs only: the test registry depends on the domain alone, not on Quarry's telemetry.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let cli = Cli::parse();
     if let Some(Command::Corpus { list, into, cargo }) = &cli.command {
         let text = std::fs::read_to_string(list)

@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use futures::StreamExt as _;
-use quarry_shared::registry::{CrateSummary, CratesPage, IndexConfig, PageMeta, index_path};
+use quarry_core::index::{CrateSummary, CratesPage, IndexConfig, PageMeta, index_path};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 

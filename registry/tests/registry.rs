@@ -2,10 +2,8 @@
 
 use std::path::Path;
 
+use quarry_core::index::{CratesPage, IndexConfig, download_url, index_path, parse_index_file};
 use quarry_registry::{Corpus, Fault, serve};
-use quarry_shared::registry::{
-    CratesPage, IndexConfig, download_url, index_path, parse_index_file,
-};
 use sha2::{Digest as _, Sha256};
 
 /// Writes a minimal but real `.crate` archive: `<name>-<version>/Cargo.toml` and `src/lib.rs`.

@@ -32,7 +32,7 @@ pub fn root_cause(package: &str, log: &str) -> Option<String> {
     if log.contains("error: linking with") || log.contains("error: linker `") {
         return Some("linker error".to_owned());
     }
-    if quarry_shared::category::network_denial(log).is_some() {
+    if quarry_core::category::network_denial(log).is_some() {
         return Some("network denied".to_owned());
     }
     for line in log.lines() {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use quarry_shared::category::{Category, Verdict, categorize};
+pub use quarry_core::category::{Category, Verdict, categorize};
 
 /// One package's row of the comparison.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +101,7 @@ pub fn compare<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quarry_shared::job::Outcome::{self, *};
+    use quarry_core::job::Outcome::{self, *};
 
     /// The category of plain outcomes (nothing environmental), with end's re-run if any.
     fn of(start: Outcome, end: Option<Outcome>, rerun: Option<Outcome>) -> Category {
@@ -206,21 +206,21 @@ mod tests {
         let log = "running 1 test\nthread 'fetches' panicked at src/lib.rs:4:\n\
                    called `Result::unwrap()` on an `Err` value: Os { code: 101, kind: \
                    NetworkUnreachable, message: \"Network is unreachable\" }\n";
-        let why = quarry_shared::category::environment_of(TestFail, log).unwrap();
+        let why = quarry_core::category::environment_of(TestFail, log).unwrap();
         assert!(
             why.starts_with("network denied: called `Result::unwrap()`"),
             "{why}"
         );
-        assert_eq!(quarry_shared::category::environment_of(TestPass, log), None);
+        assert_eq!(quarry_core::category::environment_of(TestPass, log), None);
         assert_eq!(
-            quarry_shared::category::environment_of(TestFail, "assertion failed: 1 == 2"),
+            quarry_core::category::environment_of(TestFail, "assertion failed: 1 == 2"),
             None
         );
     }
 
     #[test]
     fn a_full_disk_is_spurious_even_where_it_broke_resolution() {
-        use quarry_shared::category::{environment_of, spurious_kind};
+        use quarry_core::category::{environment_of, spurious_kind};
         let log = "error: failed to unpack package `syn v2.0.1`\n\nCaused by:\n  failed to write \
                    /j/cargo-home/registry/src/x/syn-2.0.1/src/lib.rs: No space left on device \
                    (os error 28)\n";

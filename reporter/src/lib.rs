@@ -20,16 +20,17 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use quarry_shared::Config;
-use quarry_shared::cost::Cost;
-use quarry_shared::job::{BrokenReason, Outcome, Refusal};
-use quarry_shared::s3::Bucket;
-use quarry_shared::store::{PackageJob, Progress, ResultRow, Run, Store};
+use quarry_core::cost::Cost;
+use quarry_core::job::{BrokenReason, Outcome, Refusal};
+use quarry_core::progress::Progress;
+use quarry_infra::Config;
+use quarry_infra::s3::Bucket;
+use quarry_infra::store::{PackageJob, ResultRow, Run, Store};
 use serde::{Deserialize, Serialize};
 
 pub use cause::root_cause;
 pub use compare::{Category, ComparedPackage, Comparison, categorize};
-pub use serve::{Pace, human_duration, start as serve};
+pub use serve::start as serve;
 pub use triage::{Earlier, Regression, RegressionGroup};
 
 /// The machine-readable report (`report.json`).
@@ -178,7 +179,7 @@ impl PackageRow {
     /// The kind of its environmental failure, if it failed for a reason in the environment.
     pub fn spurious(&self) -> Option<String> {
         let outcome: Outcome = self.outcome.parse().ok()?;
-        quarry_shared::category::spurious_kind(outcome, self.environment.as_deref())
+        quarry_core::category::spurious_kind(outcome, self.environment.as_deref())
     }
 }
 
@@ -314,7 +315,7 @@ struct Gathered<'a> {
     /// How many of the run's packages depend on each crate, by lowercase name.
     dependents: std::collections::HashMap<String, i64>,
     /// Earlier results of the packages that may have regressed.
-    history: Vec<quarry_shared::store::HistoryRow>,
+    history: Vec<quarry_infra::store::HistoryRow>,
 }
 
 /// What the report takes from a job's log.
@@ -456,7 +457,7 @@ fn write_report(
                 .map(|reason| format!("broken: {reason}"))
         });
         let spurious =
-            quarry_shared::category::spurious_kind(row.outcome, row.environment.as_deref());
+            quarry_core::category::spurious_kind(row.outcome, row.environment.as_deref());
         // A re-run's failure is its package's failure again: counted once, with the first.
         if row.recheck_of.is_none() {
             if let Some(cause) = &cause {
@@ -651,88 +652,6 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
     Ok(text)
 }
 
-/// Follows a run in the terminal until every job has a result (or `stop` is cancelled): a
-/// progress bar with done / total, pace and ETA where stderr is a terminal, a line every 30 s
-/// where it is not. Returns the summary to print at the end.
-pub async fn status(
-    config: &Config,
-    run: &str,
-    stop: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<String> {
-    use std::io::IsTerminal as _;
-    let store = Store::connect(&config.database).await?;
-    let run = store.find_run(run).await?;
-    let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} {msg}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(run.name.clone());
-    let terminal = std::io::stderr().is_terminal();
-    let mut last_line = std::time::Instant::now();
-    let figures = loop {
-        let figures = store
-            .run_figures(run.id, std::time::Duration::from_secs(300))
-            .await?;
-        let pace = Pace::of(&figures);
-        let progress = figures.progress;
-        let eta = pace.eta_secs.map_or("–".to_owned(), human_duration);
-        let message = format!(
-            "{:.1}/min, ETA {eta}, {} dead-lettered",
-            pace.per_second * 60.0,
-            figures.dead_lettered
-        );
-        bar.set_length(progress.total.unwrap_or(progress.recorded) as u64);
-        bar.set_position(progress.finished as u64);
-        bar.set_message(message.clone());
-        if !terminal && last_line.elapsed() >= std::time::Duration::from_secs(30) {
-            eprintln!(
-                "{}: {} of {} jobs, {message}",
-                run.name,
-                progress.finished,
-                progress
-                    .total
-                    .map_or_else(|| format!("{}+", progress.recorded), |t| t.to_string())
-            );
-            last_line = std::time::Instant::now();
-        }
-        if progress.is_complete() || stop.is_cancelled() {
-            break figures;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-            () = stop.cancelled() => {}
-        }
-    };
-    bar.finish_and_clear();
-    let progress = figures.progress;
-    let mut summary = format!(
-        "run {}: {} of {} jobs finished{}\n",
-        run.name,
-        progress.finished,
-        progress
-            .total
-            .map_or_else(|| format!("{}+", progress.recorded), |t| t.to_string()),
-        if progress.is_complete() {
-            ""
-        } else {
-            " (still running)"
-        }
-    );
-    for (toolchain, outcome, count) in &figures.outcomes {
-        let _ = writeln!(summary, "  {toolchain:<12} {outcome:<14} {count}");
-    }
-    if figures.dead_lettered > 0 {
-        let _ = writeln!(summary, "  {} dead-lettered", figures.dead_lettered);
-    }
-    let _ = writeln!(
-        summary,
-        "report: quarry-reporter generate {}   live: quarry-reporter serve",
-        run.name
-    );
-    Ok(summary)
-}
-
 /// What `verify` found wrong with a run; empty when every invariant holds.
 #[derive(Debug, Clone, Default)]
 pub struct Verification {
@@ -819,7 +738,7 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
 /// The run's sides, in order (start, then end), from its stored definition: its toolchains, or
 /// for a dependency-patch run its toolchain without and with the patch (as jobs are labelled).
 pub(crate) fn toolchains(definition: &serde_json::Value) -> Vec<String> {
-    quarry_shared::job::StoredDefinition::of(definition)
+    quarry_core::job::StoredDefinition::of(definition)
         .map(|definition| definition.side_labels())
         .unwrap_or_default()
 }
@@ -829,14 +748,14 @@ fn compare_toolchains(
     packages: &[PackageRow],
 ) -> Option<Comparison> {
     let [start, end] = <[String; 2]>::try_from(toolchains(definition)).ok()?;
-    let end_rerun = quarry_shared::job::rerun_label(&end);
+    let end_rerun = quarry_core::job::rerun_label(&end);
     let mut by_package: BTreeMap<(String, String), compare::Sides<'_>> = BTreeMap::new();
     for p in packages {
         let Ok(outcome) = p.outcome.parse() else {
             continue;
         };
         let side = compare::Side {
-            verdict: quarry_shared::category::Verdict {
+            verdict: quarry_core::category::Verdict {
                 outcome,
                 environmental: p.environment.is_some(),
             },

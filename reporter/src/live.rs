@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use quarry_shared::Config;
-use quarry_shared::job::RunId;
-use quarry_shared::store::{Run, Store};
+use quarry_core::job::RunId;
+use quarry_infra::Config;
+use quarry_infra::store::{Run, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::RegressionGroup;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use quarry_shared::Config;
-use quarry_shared::config::ConfigArgs;
+use quarry_infra::Config;
+use quarry_infra::config::ConfigArgs;
 
 /// Turns the results of a Quarry run, stored in PostgreSQL, into a report: an HTML page to open
 /// offline, a JSON file for machines, a markdown summary to paste into an issue, and every log.
@@ -68,7 +68,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_shared::telemetry::init("quarry-reporter");
+    let _telemetry = quarry_infra::telemetry::init("quarry-reporter");
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,
@@ -86,12 +86,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         std::env::var("QUARRY_REPORTER_TOKEN"),
         &config.reporter.token_file,
     ) {
-        config.reporter.token = Some(quarry_shared::config::Secret::new(token));
+        config.reporter.token = Some(quarry_infra::config::Secret::new(token));
     }
     match cli.command {
         Command::Status { run } => {
-            let stop = quarry_shared::shutdown::on_signal()?;
-            eprint!("{}", quarry_reporter::status(&config, &run, &stop).await?);
+            let stop = quarry_infra::shutdown::on_signal()?;
+            eprint!(
+                "{}",
+                quarry_infra::follow::follow(&config, &run, &stop).await?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { listen, output } => {
@@ -101,7 +104,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(output) = output {
                 config.reporter.output_dir = output;
             }
-            let shutdown = quarry_shared::shutdown::on_signal()?;
+            let shutdown = quarry_infra::shutdown::on_signal()?;
             let (addr, server) = quarry_reporter::serve(&config, shutdown).await?;
             eprintln!("serving the live view at http://{addr}/ (metrics at /metrics)");
             server.await?;

@@ -22,10 +22,11 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use prometheus::{Encoder as _, GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
-use quarry_shared::Config;
-use quarry_shared::config::Secret;
-use quarry_shared::queue::Broker;
-use quarry_shared::store::{Run, RunFigures, Store};
+use quarry_core::progress::{Pace, human_duration};
+use quarry_infra::Config;
+use quarry_infra::config::Secret;
+use quarry_infra::queue::Broker;
+use quarry_infra::store::{Run, Store};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -196,56 +197,6 @@ async fn lookup(app: &App, run: &str) -> Result<Run, Failure> {
         .find_run(run)
         .await
         .map_err(|err| Failure(StatusCode::NOT_FOUND, format!("{err:#}")))
-}
-
-/// A run's pace and what is left, as the live view and `status` show them.
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    /// Results per second over the last five minutes.
-    pub per_second: f64,
-    /// Jobs without a result (of those recorded so far).
-    pub pending: i64,
-    /// Seconds until the last result: the work left (the pending jobs' expected durations, from
-    /// earlier runs, else this run's mean) at the rate the fleet got through work lately, so
-    /// that a few slow crates left count as what they are; `None` when nothing is moving.
-    pub eta_secs: Option<f64>,
-}
-
-impl Pace {
-    pub fn of(figures: &RunFigures) -> Pace {
-        let window = figures.window_secs.max(1) as f64;
-        let per_second = figures.recent as f64 / window;
-        let known = figures.progress.total.unwrap_or(figures.progress.recorded);
-        let pending = (known - figures.progress.finished).max(0);
-        // Work-seconds done per second: about the slots kept busy.
-        let work_per_second = figures.recent_work_ms as f64 / 1000.0 / window;
-        // A job never run before is expected to take the run's mean.
-        let remaining_secs = (figures.pending_expected_ms as f64
-            + figures.pending_unknown as f64 * figures.mean_ms.unwrap_or(0.0))
-            / 1000.0;
-        let eta_secs = if pending == 0 {
-            Some(0.0)
-        } else if work_per_second > 0.0 {
-            Some(remaining_secs / work_per_second)
-        } else {
-            None
-        };
-        Pace {
-            per_second,
-            pending,
-            eta_secs,
-        }
-    }
-}
-
-/// `1h 02m`, `3m 10s`, `42s`.
-pub fn human_duration(secs: f64) -> String {
-    let secs = secs.round() as u64;
-    match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
-        _ => format!("{}h {:02}m", secs / 3600, (secs % 3600) / 60),
-    }
 }
 
 fn page(title: &str, refresh: bool, body: &str) -> Html<String> {
@@ -586,7 +537,7 @@ async fn regressed(
     };
     let rows = store.package_outcomes(run.id).await?;
     Ok(Some(
-        quarry_shared::category::package_categories(rows, &start, &end)
+        quarry_core::category::package_categories(rows, &start, &end)
             .into_iter()
             .filter(|(_, category)| {
                 matches!(category, Category::Regressed | Category::RegressedIce)
@@ -604,7 +555,7 @@ async fn cancel(State(app): State<Arc<App>>, Path(run): Path<String>) -> Result<
     Ok(Redirect::to(&format!("/runs/{}", escape_href(&run.name))))
 }
 
-/// Requeues the run's dead-lettered jobs (see `quarry_shared::requeue`) and says what it did.
+/// Requeues the run's dead-lettered jobs (see `quarry_infra::requeue`) and says what it did.
 async fn requeue(State(app): State<Arc<App>>, Path(run): Path<String>) -> Result<String, Failure> {
     let run = lookup(&app, &run).await?;
     // Held throughout: two requeues at once would read the dead-letter queue against each other.
@@ -613,7 +564,7 @@ async fn requeue(State(app): State<Arc<App>>, Path(run): Path<String>) -> Result
         *broker = Some(Broker::connect(&app.config.rabbitmq).await?);
     }
     let connected = broker.as_ref().context("no broker")?;
-    let requeued = quarry_shared::requeue::requeue_dead_letters(
+    let requeued = quarry_infra::requeue::requeue_dead_letters(
         &app.store,
         connected,
         &run,
@@ -771,47 +722,4 @@ async fn queue_depths(app: &App) -> anyhow::Result<Vec<(String, u32, u32)>> {
         depths.push((queue, messages, consumers));
     }
     Ok(depths)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_eta_counts_the_work_left_not_the_jobs() {
-        let figures = |pending_expected_ms, pending_unknown| RunFigures {
-            progress: quarry_shared::store::Progress {
-                recorded: 110,
-                finished: 100,
-                total: Some(110),
-            },
-            dead_lettered: 0,
-            // 100 results of 2 s each in 100 s: two slots kept busy.
-            recent: 100,
-            window_secs: 100,
-            recent_work_ms: 200_000,
-            pending_expected_ms,
-            pending_unknown,
-            mean_ms: Some(2_000.0),
-            outcomes: Vec::new(),
-        };
-        // Ten jobs left, one of them a crate that took 1,000 s last time: 1,018 work-seconds
-        // on two slots, not ten jobs at one per second.
-        let slow = Pace::of(&figures(1_000_000 + 9 * 2_000, 0));
-        assert_eq!(slow.pending, 10);
-        assert!((slow.eta_secs.unwrap() - 509.0).abs() < 1e-6, "{slow:?}");
-        // Never run before: the run's mean each.
-        let unknown = Pace::of(&figures(0, 10));
-        assert!(
-            (unknown.eta_secs.unwrap() - 10.0).abs() < 1e-6,
-            "{unknown:?}"
-        );
-    }
-
-    #[test]
-    fn durations_read_like_a_person_would_say_them() {
-        assert_eq!(human_duration(42.4), "42s");
-        assert_eq!(human_duration(190.0), "3m 10s");
-        assert_eq!(human_duration(3720.0), "1h 02m");
-    }
 }

@@ -559,7 +559,7 @@ fn durations(html: &mut String, packages: &[PackageRow]) {
 
 /// A job's cost in a line: `CPU 4.2 s, peak 310 MiB, disk 88 MiB; fetch 0.1 s, check 4.1 s`
 /// (each step's wall-clock time).
-fn cost_text(cost: &quarry_shared::cost::Cost) -> String {
+fn cost_text(cost: &quarry_core::cost::Cost) -> String {
     let steps: Vec<String> = cost
         .steps
         .iter()

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::cause::DEPENDENCY;
-use quarry_shared::store::HistoryRow;
+use quarry_infra::store::HistoryRow;
 
 use crate::{ComparedPackage, PackageRow};
 
@@ -295,7 +295,7 @@ fn crate_key(name: &str) -> String {
 /// `spurious`), with the same sides and experiment, and `--fresh` so that the results are
 /// computed again rather than taken from this run. `None` for a definition it cannot repeat.
 pub fn rerun_command(run: &str, definition: &serde_json::Value, only: &str) -> Option<String> {
-    let stored = quarry_shared::job::StoredDefinition::of(definition).ok()?;
+    let stored = quarry_core::job::StoredDefinition::of(definition).ok()?;
     let mut args = vec![
         "quarry-producer".to_owned(),
         "run".to_owned(),
@@ -325,10 +325,10 @@ pub fn rerun_command(run: &str, definition: &serde_json::Value, only: &str) -> O
     if let Some(patch) = &stored.patch {
         args.push("--patch".to_owned());
         args.push(match &patch.source {
-            quarry_shared::job::PatchSource::Registry => {
+            quarry_core::job::PatchSource::Registry => {
                 format!("{}={}", patch.name, patch.version)
             }
-            quarry_shared::job::PatchSource::Upload { .. } => format!("{}=FILE.crate", patch.name),
+            quarry_core::job::PatchSource::Upload { .. } => format!("{}=FILE.crate", patch.name),
         });
     }
     let experiment = &stored.experiment;

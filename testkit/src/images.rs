@@ -21,8 +21,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use quarry_shared::Config;
-use quarry_shared::config::Secret;
+use quarry_infra::Config;
+use quarry_infra::config::Secret;
 use tempfile::TempDir;
 
 use crate::TestStack;

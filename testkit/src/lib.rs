@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use quarry_consumer::ConsumerStats;
+use quarry_core::job::{Experiment, Mode, RunId, Toolchain};
+use quarry_core::progress::Progress;
+use quarry_infra::Config;
+use quarry_infra::config::Secret;
+use quarry_infra::store::Store;
 use quarry_registry::{Corpus, RunningRegistry};
-use quarry_shared::Config;
-use quarry_shared::config::Secret;
-use quarry_shared::job::{Experiment, Mode, RunId, Toolchain};
-use quarry_shared::store::{Progress, Store};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use quarry_core::job::Mode;
+use quarry_infra::store::Store;
 use quarry_producer::publish_run;
-use quarry_shared::job::Mode;
-use quarry_shared::store::Store;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::{TestStack, first_crates};
 use tokio_util::sync::CancellationToken;

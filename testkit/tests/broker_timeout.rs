@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use quarry_core::job::Mode;
 use quarry_producer::publish_run;
-use quarry_shared::job::Mode;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;

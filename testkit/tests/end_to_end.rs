@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use quarry_core::job::{Experiment, Mode};
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::{Experiment, Mode};
 use quarry_testkit::{Consumers, TestStack};
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +33,7 @@ fn check_first_crates(fresh: bool) -> RunDefinition {
 }
 
 /// Publishes a run and waits (at most 20 minutes) until every job has a result.
-async fn run_to_completion(
-    stack: &TestStack,
-    name: &str,
-    fresh: bool,
-) -> quarry_shared::job::RunId {
+async fn run_to_completion(stack: &TestStack, name: &str, fresh: bool) -> quarry_core::job::RunId {
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, name, &check_first_crates(fresh), &never)
         .await
@@ -202,7 +198,7 @@ async fn fifty_real_crates_three_times_through_two_consumers() {
 
     // Third run, memoized: every result is reused from the first run, nothing is fetched or run.
     let third = run_to_completion(&stack, "e2e-third", false).await;
-    let outcomes = |run: quarry_shared::job::RunId| {
+    let outcomes = |run: quarry_core::job::RunId| {
         let sql = &sql;
         async move {
             sql.query(

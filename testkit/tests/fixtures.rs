@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::Mode;
 use quarry_testkit::images::{self, Images};
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;

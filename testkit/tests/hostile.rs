@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, publish_run};
 use quarry_reporter::{PackageRow, Written};
-use quarry_shared::job::Mode;
 use quarry_testkit::images::Images;
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;

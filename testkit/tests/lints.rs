@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use quarry_core::job::{CapLints, Mode};
 use quarry_producer::publish_run;
-use quarry_shared::job::{CapLints, Mode};
 use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ async fn variants_are_sides_of_their_own_and_capped_lints_fail_nothing() {
         .await
         .unwrap();
     let plain = quarry_testkit::toolchain();
-    let strict: quarry_shared::job::Toolchain =
+    let strict: quarry_core::job::Toolchain =
         format!("{plain}+rustflags=-Dwarnings").parse().unwrap();
     let never = CancellationToken::new();
     let consumers = stack.start_consumers(&["lints-a", "lints-b"]);
@@ -84,10 +84,10 @@ async fn variants_are_sides_of_their_own_and_capped_lints_fail_nothing() {
 
     // A target built for explicitly works; one without its standard library here is an
     // error that names it, not a build failure of the package.
-    let host: quarry_shared::job::Toolchain = format!("{plain}+target=x86_64-unknown-linux-gnu")
+    let host: quarry_core::job::Toolchain = format!("{plain}+target=x86_64-unknown-linux-gnu")
         .parse()
         .unwrap();
-    let missing: quarry_shared::job::Toolchain =
+    let missing: quarry_core::job::Toolchain =
         format!("{plain}+target=riscv32imc-unknown-none-elf")
             .parse()
             .unwrap();

@@ -6,20 +6,16 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use quarry_core::job::{Mode, Toolchain};
+use quarry_infra::config::Secret;
+use quarry_infra::store::Store;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::config::Secret;
-use quarry_shared::job::{Mode, Toolchain};
-use quarry_shared::store::Store;
 use quarry_testkit::{Consumers, TestStack, experiment};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "a-test-token-of-some-length";
 
-async fn run(
-    stack: &TestStack,
-    name: &str,
-    toolchains: Vec<Toolchain>,
-) -> quarry_shared::job::RunId {
+async fn run(stack: &TestStack, name: &str, toolchains: Vec<Toolchain>) -> quarry_core::job::RunId {
     let definition = RunDefinition {
         patch: None,
         filter: Default::default(),

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use quarry_core::job::Mode;
+use quarry_infra::queue::Broker;
+use quarry_infra::s3::Bucket;
+use quarry_infra::store::Store;
 use quarry_producer::{PublishSummary, RunDefinition, Selection, Sort, publish_run};
 use quarry_registry::Fault;
-use quarry_shared::job::Mode;
-use quarry_shared::queue::Broker;
-use quarry_shared::s3::Bucket;
-use quarry_shared::store::Store;
 use quarry_testkit::{Consumers, TestStack, experiment};
 use tokio_util::sync::CancellationToken;
 
@@ -239,7 +239,7 @@ async fn packages_missing_from_the_index_are_reported_not_fatal() {
 }
 
 async fn stack_crate_name(stack: &TestStack) -> String {
-    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let registry = quarry_infra::registry::RegistryClient::new(&stack.config.registry).unwrap();
     let page = registry.crates_page(None, 1).await.unwrap();
     page.crates[0].name.clone()
 }
@@ -247,7 +247,7 @@ async fn stack_crate_name(stack: &TestStack) -> String {
 /// The kinds of a job's events, oldest first.
 async fn event_kinds(store: &Store, job: uuid::Uuid) -> Vec<String> {
     store
-        .events(quarry_shared::job::JobId(job))
+        .events(quarry_core::job::JobId(job))
         .await
         .unwrap()
         .into_iter()
@@ -284,7 +284,7 @@ async fn deliver_and_give_back_after(
         .unwrap()
         .expect("a message to deliver");
     if let Some((store, attempt)) = started {
-        let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+        let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
         store.start_attempt(&job, attempt, "doomed").await.unwrap();
     }
     message
@@ -310,7 +310,7 @@ async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error
     // A job merely held by consumers that died (given back before it started) is innocent:
     // it runs, however often that happened.
     let innocent = publish(&stack, "innocent", first(1)).await;
-    for _ in 0..quarry_shared::queue::CRASH_LIMIT + 1 {
+    for _ in 0..quarry_infra::queue::CRASH_LIMIT + 1 {
         deliver_and_give_back(&channel, &jobs).await;
     }
     let consumers = stack.start_consumers(&["runs-the-innocent"]);
@@ -319,7 +319,7 @@ async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error
     assert_eq!((stats.results, stats.dead_lettered), (1, 0), "{stats:?}");
 
     let summary = publish(&stack, "crash-loop", first(1)).await;
-    for attempt in 1..=quarry_shared::queue::CRASH_LIMIT {
+    for attempt in 1..=quarry_infra::queue::CRASH_LIMIT {
         deliver_and_give_back_after(&channel, &jobs, Some((&store, attempt as i32))).await;
     }
 
@@ -335,7 +335,7 @@ async fn a_job_that_keeps_killing_its_consumers_ends_dead_lettered_with_an_error
         .await
         .unwrap()
         .expect("the job is in the dead-letter queue");
-    let reason = quarry_shared::queue::dead_letter_reason(&dead.properties).unwrap();
+    let reason = quarry_infra::queue::dead_letter_reason(&dead.properties).unwrap();
     assert!(
         reason.contains("started 5 times without ending"),
         "{reason}"
@@ -432,7 +432,7 @@ async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on()
             .await
             .unwrap()
             .expect("a dead letter");
-        reasons.push(quarry_shared::queue::dead_letter_reason(&message.properties).unwrap());
+        reasons.push(quarry_infra::queue::dead_letter_reason(&message.properties).unwrap());
     }
     reasons.sort();
     assert!(reasons[0].contains("format 99"), "{reasons:?}");
@@ -443,7 +443,7 @@ async fn invalid_messages_are_dead_lettered_with_their_reason_and_work_goes_on()
 #[tokio::test(flavor = "multi_thread")]
 async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an_error() {
     let stack = TestStack::start().await.unwrap();
-    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let registry = quarry_infra::registry::RegistryClient::new(&stack.config.registry).unwrap();
     let page = registry.crates_page(None, 2).await.unwrap();
     let (flaky, corrupt) = (page.crates[0].name.clone(), page.crates[1].name.clone());
     stack.registry.set_faults(vec![
@@ -548,7 +548,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
     let token = "a-test-token-of-some-length";
     let mut config = stack.config.clone();
     config.reporter.listen = "127.0.0.1:0".into();
-    config.reporter.token = Some(quarry_shared::config::Secret::new(token));
+    config.reporter.token = Some(quarry_infra::config::Secret::new(token));
     let stop = CancellationToken::new();
     let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
     let requeue = format!("http://{addr}/runs/faulty-registry/requeue");
@@ -668,7 +668,7 @@ async fn a_cancelled_run_is_skipped_by_consumers_and_refused_by_the_producer() {
     let counts = store.outcome_counts(summary.run_id).await.unwrap();
     assert_eq!(
         counts,
-        [(quarry_shared::job::Outcome::Skipped, 6)],
+        [(quarry_core::job::Outcome::Skipped, 6)],
         "every job recorded as skipped, none run"
     );
 
@@ -737,7 +737,7 @@ async fn the_web_api_is_asked_politely_and_retry_after_is_honoured() {
     let stack = TestStack::start().await.unwrap();
     let mut config = stack.config.registry.clone();
     config.api_min_interval_ms = 300;
-    let registry = quarry_shared::registry::RegistryClient::new(&config).unwrap();
+    let registry = quarry_infra::registry::RegistryClient::new(&config).unwrap();
 
     // Three listing pages at most one per 300 ms: at least 600 ms between the first and last.
     let started = std::time::Instant::now();
@@ -847,7 +847,7 @@ async fn with_s3_down_the_registry_stands_in_and_the_run_completes() {
         .await
         .unwrap()
         .into_iter()
-        .filter(|(outcome, _)| *outcome == quarry_shared::job::Outcome::Error)
+        .filter(|(outcome, _)| *outcome == quarry_core::job::Outcome::Error)
         .count();
     assert_eq!(errors, 0, "an S3 outage is not the packages' fault");
     // S3 would not take the logs either: PostgreSQL kept them, whole.
@@ -971,7 +971,7 @@ async fn downloads_that_hang_are_cut_short_or_are_rate_limited_are_retried_until
     let mut stack = TestStack::start().await.unwrap();
     // A download that hangs is abandoned after a second, not waited for.
     stack.config.registry.request_timeout_secs = 1;
-    let registry = quarry_shared::registry::RegistryClient::new(&stack.config.registry).unwrap();
+    let registry = quarry_infra::registry::RegistryClient::new(&stack.config.registry).unwrap();
     let page = registry.crates_page(None, 3).await.unwrap();
     let names: Vec<String> = page.crates.iter().map(|c| c.name.clone()).collect();
     let once = |name: &str, fault: Fault| Fault {
@@ -1052,9 +1052,9 @@ async fn a_copy_of_a_job_another_consumer_holds_is_dropped_and_its_lapsed_lease_
         .await
         .unwrap()
         .expect("the job's message");
-    let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+    let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
     let other = uuid::Uuid::new_v4();
-    let lease = quarry_shared::store::NewLease {
+    let lease = quarry_infra::store::NewLease {
         job: job.id,
         run: job.run_id,
         holder: other,

@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment, fixtures};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;

@@ -4,7 +4,7 @@
 //! through the whole pipeline (two consumers, sandboxed resolution through the registry endpoint);
 //! a failure is Quarry's, and its log says why.
 
-use quarry_shared::job::Mode;
+use quarry_core::job::Mode;
 use quarry_testkit::{TestStack, experiment, packages_run, real_corpus};
 use tokio_util::sync::CancellationToken;
 

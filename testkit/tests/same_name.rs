@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use quarry_core::job::Mode;
 use quarry_producer::publish_run;
-use quarry_shared::job::Mode;
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
@@ -79,7 +79,7 @@ async fn a_consumer_stopping_breaks_nothing_of_another_with_its_name() {
     )
     .await
     .unwrap();
-    let store = quarry_shared::store::Store::connect(&stack.config.database)
+    let store = quarry_infra::store::Store::connect(&stack.config.database)
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use quarry_core::job::Mode;
 use quarry_producer::selection::{Dependents, Filter, Sample};
 use quarry_producer::{PublishSummary, RunDefinition, Selection, Sort, publish_run};
 use quarry_registry::Corpus;
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment};
 use tokio_util::sync::CancellationToken;
 

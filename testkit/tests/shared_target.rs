@@ -7,8 +7,8 @@
 //! (`sources.rs`): the victim's job must find them as the archive has them, without extracting
 //! them again.
 
+use quarry_core::job::Mode;
 use quarry_producer::publish_run;
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 

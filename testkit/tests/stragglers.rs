@@ -2,8 +2,8 @@
 //! before it pages the registry (and each page longest first), so that its last minutes are not
 //! spent waiting on one slow crate that happened to come last.
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         patch: None,
         filter: Default::default(),
         toolchains: vec![quarry_testkit::toolchain()],
-        experiment: quarry_shared::job::Experiment {
+        experiment: quarry_core::job::Experiment {
             fresh: true,
             ..experiment(Mode::Check, 120)
         },
@@ -66,7 +66,7 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
     .await
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let jobs_queue = quarry_shared::queue::Broker::connect(&stack.config.rabbitmq)
+    let jobs_queue = quarry_infra::queue::Broker::connect(&stack.config.rabbitmq)
         .await
         .unwrap()
         .topology()
@@ -81,7 +81,7 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         .await
         .unwrap()
     {
-        let job = quarry_shared::job::Job::from_message(&message.delivery.data).unwrap();
+        let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
         queued.push(job.package.name);
     }
     assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");

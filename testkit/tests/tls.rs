@@ -5,12 +5,12 @@
 //!
 //! This file's process points the test stack at its own servers, so it holds one test.
 
+use quarry_core::job::Mode;
+use quarry_infra::config::Secret;
+use quarry_infra::queue::Broker;
+use quarry_infra::s3::Bucket;
+use quarry_infra::store::Store;
 use quarry_producer::publish_run;
-use quarry_shared::config::Secret;
-use quarry_shared::job::Mode;
-use quarry_shared::queue::Broker;
-use quarry_shared::s3::Bucket;
-use quarry_shared::store::Store;
 use quarry_testkit::private_postgres::PrivatePostgres;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::tls::{TestCertificates, tls_proxy};

@@ -4,8 +4,8 @@
 //! file, one that does not match its checksum, a channel whose dist server is unreachable) end
 //! their jobs in `error` saying why, and the consumers carry on.
 
+use quarry_core::job::{Mode, Outcome, Toolchain};
 use quarry_producer::{RunDefinition, publish_run, resolve_toolchain_file};
-use quarry_shared::job::{Mode, Outcome, Toolchain};
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
@@ -29,11 +29,11 @@ fn consumers(stack: &TestStack, names: &[&str]) -> Consumers {
 
 /// `(side, outcome, toolchain build)` of each result of `run`.
 async fn results(stack: &TestStack, run: &str) -> Vec<(String, Outcome, Option<String>, String)> {
-    let store = quarry_shared::store::Store::connect(&stack.config.database)
+    let store = quarry_infra::store::Store::connect(&stack.config.database)
         .await
         .unwrap();
     let run = store.find_run(run).await.unwrap();
-    let bucket = quarry_shared::s3::Bucket::new(&stack.config.s3).unwrap();
+    let bucket = quarry_infra::s3::Bucket::new(&stack.config.s3).unwrap();
     let mut rows = Vec::new();
     for row in store.results(run.id).await.unwrap() {
         let log = bucket
@@ -79,7 +79,7 @@ async fn a_toolchain_file_is_installed_once_by_each_consumer_and_its_build_recor
     stack.wait_for_run(summary.run_id).await;
 
     // Each says which toolchains it has with its next heartbeat.
-    let store = quarry_shared::store::Store::connect(&stack.config.database)
+    let store = quarry_infra::store::Store::connect(&stack.config.database)
         .await
         .unwrap();
     let has_it = |toolchains: &[String]| {
@@ -181,7 +181,7 @@ async fn toolchains_that_cannot_be_had_end_their_jobs_in_error_saying_why() {
     let swapped = resolve_toolchain_file(&stack.config, &format!("swapped={}", good.display()))
         .await
         .unwrap();
-    let bucket = quarry_shared::s3::Bucket::new(&stack.config.s3).unwrap();
+    let bucket = quarry_infra::s3::Bucket::new(&stack.config.s3).unwrap();
     bucket
         .put_toolchain(&swapped.checksum, &corrupt_bytes(packed.path()), 10)
         .await

@@ -9,8 +9,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
+use quarry_core::job::{Experiment, Mode};
 use quarry_producer::{RunDefinition, Selection, publish_run};
-use quarry_shared::job::{Experiment, Mode};
 use quarry_testkit::TestStack;
 use tokio_util::sync::CancellationToken;
 
@@ -56,8 +56,8 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
         std::env::set_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint);
         std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
     }
-    let _telemetry = quarry_shared::telemetry::init("quarry-test");
-    assert!(quarry_shared::telemetry::tracing_enabled());
+    let _telemetry = quarry_infra::telemetry::init("quarry-test");
+    assert!(quarry_infra::telemetry::tracing_enabled());
 
     let corpus = quarry_registry::Corpus::load(&[quarry_testkit::crates_dir()])
         .unwrap()
@@ -92,7 +92,7 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
     stack.wait_for_run(summary.run_id).await;
     fleet.stop().await;
 
-    tokio::task::spawn_blocking(quarry_shared::telemetry::flush)
+    tokio::task::spawn_blocking(quarry_infra::telemetry::flush)
         .await
         .unwrap();
     let named = |name: &str| -> Vec<Span> {

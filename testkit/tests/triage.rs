@@ -4,8 +4,8 @@
 //! in `report.json`, `summary.md`, each regression's page (the diff of its logs, its history)
 //! and in a real headless browser, whose screenshot is kept under `target/test-artifacts/`.
 
+use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::Mode;
 use quarry_testkit::{TestStack, experiment, fixtures};
 use tokio_util::sync::CancellationToken;
 

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use quarry_core::job::Mode;
+use quarry_infra::store::Store;
 use quarry_producer::publish_run;
-use quarry_shared::job::Mode;
-use quarry_shared::store::Store;
 use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
+use quarry_core::job::{Experiment, Mode};
+use quarry_infra::store::Store;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_shared::job::{Experiment, Mode};
-use quarry_shared::store::Store;
 use quarry_testkit::{TestStack, crates_dir, fixtures};
 use tokio_util::sync::CancellationToken;
 
@@ -122,7 +122,7 @@ struct Measured {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = quarry_shared::telemetry::init("quarry-bench");
+    let _telemetry = quarry_infra::telemetry::init("quarry-bench");
     match Bench::parse() {
         Bench::Dispatch {
             jobs,
@@ -160,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Publish { versions, page } => publish(versions, page).await,
         Bench::Report { results } => report(results).await,
         Bench::ReportSide { config, output } => {
-            let config = quarry_shared::Config::from_file(&config)?;
+            let config = quarry_infra::Config::from_file(&config)?;
             let started = Instant::now();
             let written = quarry_reporter::generate(&config, "report-bench", &output).await?;
             let measured = Measured {
@@ -179,9 +179,9 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             amqp_url,
         } => {
-            let mut config = quarry_shared::Config::default();
-            config.database.url = quarry_shared::config::Secret::new(database_url);
-            config.rabbitmq.url = quarry_shared::config::Secret::new(amqp_url);
+            let mut config = quarry_infra::Config::default();
+            config.database.url = quarry_infra::config::Secret::new(database_url);
+            config.rabbitmq.url = quarry_infra::config::Secret::new(amqp_url);
             config.registry.dump_page_size = page;
             let started = Instant::now();
             let messages = match side {
@@ -659,7 +659,7 @@ fn corpus_roots(count: u64) -> anyhow::Result<Vec<String>> {
 /// its first start to its last result its experiments were running.
 async fn timeline(
     database: &tokio_postgres::Client,
-    run: quarry_shared::job::RunId,
+    run: quarry_core::job::RunId,
 ) -> anyhow::Result<String> {
     let row = database
         .query_one(
@@ -974,7 +974,7 @@ async fn publish(versions: u32, page: usize) -> anyhow::Result<()> {
 }
 
 /// The producer, as `quarry-producer run --dump FILE --all-versions` runs it.
-async fn publish_with_producer(config: &quarry_shared::Config, dump: &Path) -> anyhow::Result<u64> {
+async fn publish_with_producer(config: &quarry_infra::Config, dump: &Path) -> anyhow::Result<u64> {
     let definition = RunDefinition {
         patch: None,
         toolchains: vec![quarry_testkit::toolchain()],
@@ -998,7 +998,7 @@ async fn publish_with_producer(config: &quarry_shared::Config, dump: &Path) -> a
 /// The same messages, published by lapin alone into a queue of the same kind: a page at a time,
 /// waiting for the page's confirms.
 async fn publish_bare(
-    config: &quarry_shared::Config,
+    config: &quarry_infra::Config,
     versions: u32,
     page: usize,
 ) -> anyhow::Result<u64> {
@@ -1028,7 +1028,7 @@ async fn publish_bare(
             arguments,
         )
         .await?;
-    let run = quarry_shared::job::RunId::default();
+    let run = quarry_core::job::RunId::default();
     let toolchain = quarry_testkit::toolchain();
     let experiment = quarry_testkit::experiment(Mode::Check, 600);
     let mut published = 0;
@@ -1038,9 +1038,9 @@ async fn publish_bare(
         let mut confirms = Vec::with_capacity(page);
         for i in next..end {
             let (name, version, checksum) = generated_version(i);
-            let job = quarry_shared::job::Job::new(
+            let job = quarry_core::job::Job::new(
                 run,
-                quarry_shared::job::PackageVersion {
+                quarry_core::job::PackageVersion {
                     name,
                     version,
                     checksum,

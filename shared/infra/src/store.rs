@@ -18,13 +18,14 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
-use crate::category::{Category, Verdict, categorize};
 use crate::config::DatabaseConfig;
-use crate::cost::Cost;
-use crate::job::{BrokenReason, Job, JobId, Outcome, PackageVersion, Refusal, RunId};
+use quarry_core::category::{Category, Verdict, categorize};
+use quarry_core::cost::Cost;
+use quarry_core::job::{BrokenReason, Job, JobId, Outcome, PackageVersion, Refusal, RunId};
+use quarry_core::progress::{Progress, RunFigures};
 
 mod embedded {
-    refinery::embed_migrations!("../migrations");
+    refinery::embed_migrations!("../../migrations");
 }
 
 /// Key of the session advisory lock held while migrating ("quarry" in ASCII).
@@ -48,23 +49,6 @@ pub struct Run {
     pub cancelled_at: Option<DateTime<Utc>>,
     /// Where the producer got to in the registry listing (its own format).
     pub paging_position: Option<serde_json::Value>,
-}
-
-/// How far a run has got: progress, kept apart from outcomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Progress {
-    /// Jobs recorded by the producer so far.
-    pub recorded: i64,
-    /// Jobs with a final result.
-    pub finished: i64,
-    /// Known only once the producer has published everything.
-    pub total: Option<i64>,
-}
-
-impl Progress {
-    pub fn is_complete(&self) -> bool {
-        self.total.is_some_and(|total| self.finished >= total)
-    }
 }
 
 /// Where a delivered job stands, as far as the database knows.
@@ -278,28 +262,6 @@ impl FleetMember {
             "alive"
         }
     }
-}
-
-/// A run as the live view shows it: progress, pace and outcomes so far.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunFigures {
-    pub progress: Progress,
-    /// Jobs dead-lettered (each also has an `error` result).
-    pub dead_lettered: i64,
-    /// Results recorded in the last `window_secs`: the current pace.
-    pub recent: i64,
-    pub window_secs: i64,
-    /// What those results took to run, added up: the work the fleet gets through.
-    pub recent_work_ms: i64,
-    /// The expected durations of the recorded jobs without a result, added up (`expected_ms`:
-    /// from earlier runs), and how many of them have none.
-    pub pending_expected_ms: i64,
-    pub pending_unknown: i64,
-    /// The mean duration of the results computed in this run so far: what a job never run
-    /// before is expected to take.
-    pub mean_ms: Option<f64>,
-    /// Results per toolchain and outcome.
-    pub outcomes: Vec<(String, Outcome, i64)>,
 }
 
 /// A job result worth a look, for the live view.

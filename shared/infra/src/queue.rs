@@ -27,7 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::RabbitMqConfig;
-use crate::job::Job;
+use quarry_core::job::Job;
 
 /// Header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-quarry-reason";
@@ -301,7 +301,7 @@ impl Broker {
     /// an operator's action, not a hot path.
     pub async fn remove_dead_letters(
         &self,
-        jobs: &std::collections::HashSet<crate::job::JobId>,
+        jobs: &std::collections::HashSet<quarry_core::job::JobId>,
     ) -> anyhow::Result<u64> {
         let channel = self.connection.create_channel().await?;
         let dead = self.topology.dead.as_str();

@@ -187,7 +187,7 @@ impl fmt::Display for Toolchain {
 }
 
 /// What is done to each package, as in Crater.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// `cargo check`
@@ -206,6 +206,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub const ALL: [Mode; 6] = [
+        Mode::Check,
+        Mode::Build,
+        Mode::Test,
+        Mode::Clippy,
+        Mode::Doc,
+        Mode::Command,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Check => "check",
@@ -215,6 +224,16 @@ impl Mode {
             Mode::Doc => "doc",
             Mode::Command => "command",
         }
+    }
+}
+
+impl FromStr for Mode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown mode {s:?}"))
     }
 }
 
@@ -251,7 +270,7 @@ pub struct Experiment {
 }
 
 /// A lint level to cap every lint at (`rustc --cap-lints`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CapLints {
     Allow,
@@ -261,6 +280,13 @@ pub enum CapLints {
 }
 
 impl CapLints {
+    pub const ALL: [CapLints; 4] = [
+        CapLints::Allow,
+        CapLints::Warn,
+        CapLints::Deny,
+        CapLints::Forbid,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CapLints::Allow => "allow",
@@ -268,6 +294,16 @@ impl CapLints {
             CapLints::Deny => "deny",
             CapLints::Forbid => "forbid",
         }
+    }
+}
+
+impl FromStr for CapLints {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        CapLints::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown lint level {s:?}"))
     }
 }
 

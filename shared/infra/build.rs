@@ -2,5 +2,5 @@
 //! is added or changed, which cargo would not otherwise notice.
 
 fn main() {
-    println!("cargo:rerun-if-changed=../migrations");
+    println!("cargo:rerun-if-changed=../../migrations");
 }

@@ -667,7 +667,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_valid_and_matches_the_defaults() {
-        let example = Config::from_toml(include_str!("../../docs/quarry.example.toml")).unwrap();
+        let example = Config::from_toml(include_str!("../../../docs/quarry.example.toml")).unwrap();
         let defaults = Config::default();
         assert_eq!(
             toml::to_string(&example.database).unwrap(),

@@ -12,9 +12,9 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 
-use crate::job::{Job, StoredDefinition};
 use crate::queue::Broker;
 use crate::store::{Run, Store};
+use quarry_core::job::{Job, StoredDefinition};
 
 /// What a requeue did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

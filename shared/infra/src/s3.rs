@@ -20,7 +20,7 @@ use flate2::write::GzEncoder;
 use std::io::{Read as _, Write as _};
 
 use crate::config::S3Config;
-use crate::job::{JobId, PackageVersion, RunId};
+use quarry_core::job::{JobId, PackageVersion, RunId};
 
 #[derive(Clone)]
 pub struct Bucket {
