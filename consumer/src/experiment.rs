@@ -462,14 +462,7 @@ pub async fn check_host(env: &CargoEnv, jobs_dir: &Path) -> Result<(), String> {
             package_dir: &scratch,
             shared_target: None,
         },
-        mounts: Mounts {
-            writable: &scratch,
-            read_only: &[],
-            registry: None,
-            cargo_home: None,
-            shared_target: None,
-            sources: None,
-        },
+        mounts: Mounts::only(&scratch),
         name: "check",
         limits: Limits {
             time: Duration::from_secs(30),

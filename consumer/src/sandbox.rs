@@ -48,6 +48,21 @@ pub struct Mounts<'a> {
     pub shared_target: Option<(&'a Path, &'a Path)>,
 }
 
+impl<'a> Mounts<'a> {
+    /// Only `writable`: what a step that needs nothing of a job's sees (a probe, a
+    /// toolchain asked who it is).
+    pub fn only(writable: &'a Path) -> Mounts<'a> {
+        Mounts {
+            writable,
+            read_only: &[],
+            registry: None,
+            cargo_home: None,
+            sources: None,
+            shared_target: None,
+        }
+    }
+}
+
 /// Directories of the host visible (read-only) inside the sandbox, if they exist.
 const SYSTEM_DIRS: [&str; 8] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
@@ -356,12 +371,8 @@ mod tests {
         std::fs::write(store.path().join("dep/lib.rs"), "pub fn answer() {}").unwrap();
         let scratch = tempfile::tempdir().unwrap();
         let mounts = Mounts {
-            writable: scratch.path(),
-            read_only: &[],
-            registry: None,
-            cargo_home: None,
-            shared_target: None,
             sources: Some(store.path()),
+            ..Mounts::only(scratch.path())
         };
         let script = format!(
             "cat {SOURCES}/dep/lib.rs; echo poison >> {SOURCES}/dep/lib.rs; \
@@ -404,14 +415,7 @@ mod tests {
         sandbox.hide(&[secret.clone(), PathBuf::from("/nonexistent/secret")]);
         let scratch = tempfile::tempdir().unwrap();
         let read = |file: PathBuf| {
-            let mounts = Mounts {
-                writable: scratch.path(),
-                read_only: &[],
-                registry: None,
-                cargo_home: None,
-                shared_target: None,
-                sources: None,
-            };
+            let mounts = Mounts::only(scratch.path());
             let (program, args) = sandbox.command_line(
                 &mounts,
                 scratch.path(),
@@ -437,14 +441,7 @@ mod tests {
         assert!(sandbox.limits_tasks(), "prlimit is installed");
         let scratch = tempfile::tempdir().unwrap();
         std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let mounts = Mounts {
-            writable: scratch.path(),
-            read_only: &[],
-            registry: None,
-            cargo_home: None,
-            shared_target: None,
-            sources: None,
-        };
+        let mounts = Mounts::only(scratch.path());
         // As an unprivileged user (root's processes are never counted), with 30 processes of
         // that user already running outside the sandbox.
         let start = |processes: u32| {

@@ -605,14 +605,7 @@ impl Toolchains {
         let plus = format!("+{name}");
         let mut all = vec![plus.as_str()];
         all.extend(args);
-        let mounts = Mounts {
-            writable: &scratch,
-            read_only: &[],
-            registry: None,
-            cargo_home: None,
-            shared_target: None,
-            sources: None,
-        };
+        let mounts = Mounts::only(&scratch);
         let (program, line) = self
             .sandbox
             .command_line(&mounts, &scratch, "rustc", &all, None);

@@ -1555,9 +1555,7 @@ impl Store {
                 &client.prepare_cached("WITH pending AS (
                    SELECT j.expected_ms FROM jobs j
                    WHERE j.run_id = $1 AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id))
-                 SELECT (SELECT count(DISTINCT job_id) FROM job_events e
-                         WHERE e.run_id = $1 AND e.kind = 'dead-lettered' AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
-                                         AND q.kind = 'requeued' AND q.id > e.id)),
+                 SELECT (SELECT count(DISTINCT job_id) FROM dead_lettered WHERE run_id = $1),
                         (SELECT count(*) FROM results
                          WHERE run_id = $1 AND finished_at > now() - make_interval(secs => $2)),
                         (SELECT coalesce(sum(duration_ms), 0)::bigint FROM results
@@ -1710,10 +1708,8 @@ impl Store {
                 &client
                     .prepare_cached(
                         "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
-                 FROM job_events e JOIN jobs j ON j.id = e.job_id
-                 WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
-                   AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
-                                         AND q.kind = 'requeued' AND q.id > e.id)
+                 FROM dead_lettered e JOIN jobs j ON j.id = e.job_id
+                 WHERE e.run_id = $1
                  ORDER BY e.at DESC LIMIT $2",
                     )
                     .await?,
@@ -1748,10 +1744,7 @@ impl Store {
             .query(
                 &tx.prepare_cached(
                     "WITH dead AS (
-                     SELECT DISTINCT e.job_id FROM job_events e
-                     WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
-                       AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
-                                         AND q.kind = 'requeued' AND q.id > e.id)
+                     SELECT DISTINCT job_id FROM dead_lettered WHERE run_id = $1
                  ), removed AS (
                      DELETE FROM results r USING dead
                      WHERE r.job_id = dead.job_id AND r.outcome = 'error'
@@ -1838,10 +1831,8 @@ impl Store {
                              AND e.id > coalesce((SELECT max(q.id) FROM job_events q
                                                   WHERE q.job_id = r.job_id
                                                     AND q.kind = 'requeued'), 0)) <> 1),
-                   (SELECT count(DISTINCT e.job_id) FROM job_events e
-                      WHERE e.run_id = $1 AND e.kind = 'dead-lettered'
-                        AND NOT EXISTS (SELECT 1 FROM job_events q WHERE q.job_id = e.job_id
-                                         AND q.kind = 'requeued' AND q.id > e.id)
+                   (SELECT count(DISTINCT e.job_id) FROM dead_lettered e
+                      WHERE e.run_id = $1
                         AND NOT EXISTS (SELECT 1 FROM results r
                                         WHERE r.job_id = e.job_id AND r.outcome = 'error')),
                    (SELECT count(*) FROM jobs WHERE run_id = $1 AND recheck_of IS NOT NULL)",

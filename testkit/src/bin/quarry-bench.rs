@@ -847,14 +847,7 @@ const PLACE: &str = "/QUARRY_BENCH_DIR";
 /// The consumer's bubblewrap command line for `program args`, run in `$d/src` with `$d`
 /// writable, as shell words.
 fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -> String {
-    let mounts = quarry_consumer::Mounts {
-        writable: Path::new(PLACE),
-        read_only: &[],
-        registry: None,
-        cargo_home: None,
-        shared_target: None,
-        sources: None,
-    };
+    let mounts = quarry_consumer::Mounts::only(Path::new(PLACE));
     let (bwrap, line) =
         sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args, None);
     std::iter::once(bwrap.display().to_string())
