@@ -48,15 +48,36 @@ fn free_port() -> u16 {
         .expect("loopback has a free port")
 }
 
-fn admin_database_url() -> String {
-    env_or(
-        "QUARRY_TEST_DATABASE_URL",
-        "postgres://quarry:quarry@127.0.0.1:5432/postgres",
-    )
+/// The crates tests use by default (`crates_dir`), with what they depend on.
+pub fn local_corpus() -> anyhow::Result<Corpus> {
+    Ok(Corpus::load(&[crates_dir()])?.closed())
 }
 
-fn rabbitmq_api() -> String {
-    env_or("QUARRY_TEST_RABBITMQ_API", "http://127.0.0.1:15672")
+/// Where a test stack's services are: the machine's (`deploy/local/up`, or the
+/// `QUARRY_TEST_*` variables), or servers of a test's own (`private_postgres`,
+/// `private_rabbitmq`), given explicitly rather than through the process's environment.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// An admin connection to PostgreSQL: each stack creates its database there.
+    pub database_url: String,
+    /// RabbitMQ, without a vhost: each stack creates its own.
+    pub amqp_url: String,
+    /// RabbitMQ's management API.
+    pub rabbitmq_api: String,
+}
+
+impl Services {
+    /// The machine's, or where the `QUARRY_TEST_*` variables say.
+    pub fn from_env() -> Services {
+        Services {
+            database_url: env_or(
+                "QUARRY_TEST_DATABASE_URL",
+                "postgres://quarry:quarry@127.0.0.1:5432/postgres",
+            ),
+            amqp_url: env_or("QUARRY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672"),
+            rabbitmq_api: env_or("QUARRY_TEST_RABBITMQ_API", "http://127.0.0.1:15672"),
+        }
+    }
 }
 
 /// The toolchain tests run experiments with (the one pinned by rust-toolchain.toml).
@@ -282,21 +303,26 @@ pub struct TestStack {
     vhost: String,
     s3_server: Child,
     _s3_root: TempDir,
+    services: Services,
 }
 
 impl TestStack {
     pub async fn start() -> anyhow::Result<TestStack> {
-        let corpus = Corpus::load(&[crates_dir()])?.closed();
-        TestStack::start_with(corpus).await
+        TestStack::start_with(local_corpus()?).await
     }
 
     pub async fn start_with(corpus: Corpus) -> anyhow::Result<TestStack> {
+        TestStack::start_on(corpus, Services::from_env()).await
+    }
+
+    /// A stack on `services` (a test's own servers, say) serving `corpus`.
+    pub async fn start_on(corpus: Corpus, services: Services) -> anyhow::Result<TestStack> {
         built_confine()?;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("quarry_test_{id}");
         let vhost = format!("quarry-test-{id}");
 
-        let admin = admin_database_url();
+        let admin = services.database_url.clone();
         let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
             .await
             .context("cannot reach PostgreSQL for tests: run deploy/local/up (or set QUARRY_TEST_DATABASE_URL)")?;
@@ -308,8 +334,8 @@ impl TestStack {
         let mut database_url: url::Url = admin.parse()?;
         database_url.set_path(&database);
 
-        create_vhost(&vhost).await?;
-        let amqp_base = env_or("QUARRY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672");
+        create_vhost(&services.rabbitmq_api, &vhost).await?;
+        let amqp_base = services.amqp_url.clone();
 
         let s3_root = tempfile::tempdir()?;
         let (s3_server, s3_addr) = start_s3s_fs(s3_root.path())?;
@@ -350,6 +376,7 @@ impl TestStack {
             vhost,
             s3_server,
             _s3_root: s3_root,
+            services,
         })
     }
 
@@ -432,7 +459,7 @@ impl TestStack {
     /// restart or a network cut would. Returns how many were closed.
     pub async fn close_amqp_connections(&self) -> anyhow::Result<usize> {
         let http = reqwest::Client::new();
-        let api = rabbitmq_api();
+        let api = &self.services.rabbitmq_api;
         let connections: Vec<serde_json::Value> = http
             .get(format!("{api}/api/vhosts/{}/connections", self.vhost))
             .basic_auth("guest", Some("guest"))
@@ -477,6 +504,7 @@ impl Drop for TestStack {
         let _ = self.s3_server.wait();
         let database = self.database.clone();
         let vhost = self.vhost.clone();
+        let services = self.services.clone();
         // Drop cannot be async, and may run inside a runtime: clean up on a thread of its own.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -484,12 +512,12 @@ impl Drop for TestStack {
                 .build()?;
             runtime.block_on(async {
                 let (client, connection) =
-                    tokio_postgres::connect(&admin_database_url(), tokio_postgres::NoTls).await?;
+                    tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls).await?;
                 tokio::spawn(connection);
                 client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
                     .await?;
-                delete_vhost(&vhost).await
+                delete_vhost(&services.rabbitmq_api, &vhost).await
             })
         });
         match cleanup.join() {
@@ -541,9 +569,8 @@ impl Consumers {
     }
 }
 
-async fn create_vhost(vhost: &str) -> anyhow::Result<()> {
+async fn create_vhost(api: &str, vhost: &str) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    let api = rabbitmq_api();
     http.put(format!("{api}/api/vhosts/{vhost}"))
         .basic_auth("guest", Some("guest"))
         .send()
@@ -560,9 +587,9 @@ async fn create_vhost(vhost: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn delete_vhost(vhost: &str) -> anyhow::Result<()> {
+async fn delete_vhost(api: &str, vhost: &str) -> anyhow::Result<()> {
     reqwest::Client::new()
-        .delete(format!("{}/api/vhosts/{vhost}", rabbitmq_api()))
+        .delete(format!("{api}/api/vhosts/{vhost}"))
         .basic_auth("guest", Some("guest"))
         .send()
         .await?

@@ -7,19 +7,20 @@ use quarry_core::job::Mode;
 use quarry_infra::store::Store;
 use quarry_producer::publish_run;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
-use quarry_testkit::{TestStack, first_crates};
+use quarry_testkit::{Services, TestStack, first_crates, local_corpus};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rabbitmq_restarting_mid_run_loses_nothing_and_counts_nothing_twice() {
     let mut broker = PrivateRabbitMq::start().unwrap();
-    // SAFETY (of the test's intent): set before any thread of this process reads them; this
-    // file holds one test, so no other test in the process sees the change.
-    unsafe {
-        std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
-        std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
-    }
-    let stack = TestStack::start().await.unwrap();
+    let services = Services {
+        amqp_url: broker.amqp_url(),
+        rabbitmq_api: broker.management_api(),
+        ..Services::from_env()
+    };
+    let stack = TestStack::start_on(local_corpus().unwrap(), services)
+        .await
+        .unwrap();
     let definition = first_crates(Mode::Check, 10);
     let summary = publish_run(
         &stack.config,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use quarry_core::job::Mode;
 use quarry_producer::publish_run;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
-use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
+use quarry_testkit::{Consumers, Services, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 /// Each job's build script sleeps this long: past the broker's 3 s timeout, and a job waiting
@@ -24,16 +24,18 @@ async fn jobs_longer_than_the_brokers_delivery_timeout_run_once_and_a_closed_cha
         "[{rabbit, [{consumer_timeout, 3000}, {channel_tick_interval, 250}]}].\n",
     )
     .unwrap();
-    // SAFETY (of the test's intent): set before any thread of this process reads them; this
-    // file holds one test, so no other test in the process sees the change.
-    unsafe {
-        std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
-        std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
-    }
+    let services = Services {
+        amqp_url: broker.amqp_url(),
+        rabbitmq_api: broker.management_api(),
+        ..Services::from_env()
+    };
     let packed = tempfile::tempdir().unwrap();
-    let stack = TestStack::start_with(fixtures::slow(packed.path(), 12, JOB_SECS).unwrap())
-        .await
-        .unwrap();
+    let stack = TestStack::start_on(
+        fixtures::slow(packed.path(), 12, JOB_SECS).unwrap(),
+        services,
+    )
+    .await
+    .unwrap();
     let names: Vec<String> = (0..12).map(|i| format!("quarry-slow-{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
 

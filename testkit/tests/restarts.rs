@@ -8,16 +8,19 @@ use quarry_core::job::Mode;
 use quarry_infra::store::Store;
 use quarry_producer::publish_run;
 use quarry_testkit::private_postgres::PrivatePostgres;
-use quarry_testkit::{TestStack, first_crates};
+use quarry_testkit::{Services, TestStack, first_crates, local_corpus};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgresql_crashing_mid_run_loses_nothing_and_counts_nothing_twice() {
     let postgres = PrivatePostgres::start().unwrap();
-    // SAFETY (of the test's intent): set before any thread of this process reads it; this file
-    // holds one test, so no other test in the process sees the change.
-    unsafe { std::env::set_var("QUARRY_TEST_DATABASE_URL", postgres.admin_url()) };
-    let stack = TestStack::start().await.unwrap();
+    let services = Services {
+        database_url: postgres.admin_url(),
+        ..Services::from_env()
+    };
+    let stack = TestStack::start_on(local_corpus().unwrap(), services)
+        .await
+        .unwrap();
     let definition = first_crates(Mode::Check, 8);
     let summary = publish_run(
         &stack.config,

@@ -14,7 +14,7 @@ use quarry_producer::publish_run;
 use quarry_testkit::private_postgres::PrivatePostgres;
 use quarry_testkit::private_rabbitmq::PrivateRabbitMq;
 use quarry_testkit::tls::{TestCertificates, tls_proxy};
-use quarry_testkit::{TestStack, first_crates};
+use quarry_testkit::{Services, TestStack, first_crates, local_corpus};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -31,14 +31,14 @@ async fn a_run_goes_through_with_every_connection_over_verified_tls() {
         &certificates.ca_file(),
     )
     .unwrap();
-    // SAFETY (of the test's intent): set before any thread of this process reads them; this
-    // file holds one test, so no other test in the process sees the change.
-    unsafe {
-        std::env::set_var("QUARRY_TEST_DATABASE_URL", postgres.admin_url());
-        std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
-        std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
-    }
-    let mut stack = TestStack::start().await.unwrap();
+    let services = Services {
+        database_url: postgres.admin_url(),
+        amqp_url: broker.amqp_url(),
+        rabbitmq_api: broker.management_api(),
+    };
+    let mut stack = TestStack::start_on(local_corpus().unwrap(), services)
+        .await
+        .unwrap();
 
     // The stack's database over TCP with TLS required, and its S3 server behind HTTPS.
     let database_url: url::Url = stack.config.database.url.expose().parse().unwrap();

@@ -47,6 +47,9 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         })
 }
 
+// Configuring the exporter the standard way, through OTEL_* variables, is what is tested here:
+// the one place a test changes its process's environment.
+#[allow(unsafe_code)]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_continues_the_trace_its_producer_started() {
     let (endpoint, spans) = receiver().await;

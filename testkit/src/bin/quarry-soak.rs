@@ -74,11 +74,6 @@ fn main() -> anyhow::Result<()> {
         "[{{rabbit, [{{consumer_timeout, {}}}, {{channel_tick_interval, 250}}]}}].\n",
         soak.consumer_timeout_secs * 1000
     ))?;
-    // SAFETY: no other thread exists yet; the runtime is built below.
-    unsafe {
-        std::env::set_var("QUARRY_TEST_AMQP_URL", broker.amqp_url());
-        std::env::set_var("QUARRY_TEST_RABBITMQ_API", broker.management_api());
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -130,7 +125,12 @@ async fn run(soak: Soak, consumer: PathBuf, mut broker: PrivateRabbitMq) -> anyh
     let crates = tempfile::tempdir()?;
     eprintln!("generating {} packages", soak.jobs);
     let corpus = fixtures::synthetic(crates.path(), soak.jobs)?;
-    let stack = TestStack::start_with(corpus).await?;
+    let services = quarry_testkit::Services {
+        amqp_url: broker.amqp_url(),
+        rabbitmq_api: broker.management_api(),
+        ..quarry_testkit::Services::from_env()
+    };
+    let stack = TestStack::start_on(corpus, services).await?;
     let config_file = stack.dir.path().join("consumer.toml");
     std::fs::write(&config_file, toml::to_string(&stack.config)?)?;
 
