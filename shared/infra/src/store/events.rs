@@ -1,0 +1,75 @@
+//! The job event log: appended to, never updated; read back for `explain`.
+
+use super::*;
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub attempt: Option<i32>,
+    pub consumer: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl Store {
+    pub(super) async fn append_event(
+        &self,
+        job: &Job,
+        kind: &str,
+        attempt: Option<i32>,
+        consumer: &str,
+        detail: &str,
+    ) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &client
+                    .prepare_cached(
+                        "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .await?,
+                &[
+                    &job.id.0,
+                    &job.run_id.0,
+                    &kind,
+                    &attempt,
+                    &consumer,
+                    &detail,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A job's event log, oldest first.
+    pub async fn events(&self, job: JobId) -> anyhow::Result<Vec<JobEvent>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                // The `queued` event is the job's published_at: not a row of its own, since
+                // the producer writes it for every job of every run.
+                "SELECT at, kind, attempt, consumer, detail FROM (
+                     SELECT 0 AS position, published_at AS at, 'queued' AS kind,
+                            NULL::integer AS attempt, NULL AS consumer, NULL AS detail
+                     FROM jobs WHERE id = $1 AND published_at IS NOT NULL
+                     UNION ALL
+                     SELECT id, at, kind, attempt, consumer, detail FROM job_events
+                     WHERE job_id = $1
+                 ) events ORDER BY position",
+                &[&job.0],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| JobEvent {
+                at: row.get(0),
+                kind: row.get(1),
+                attempt: row.get(2),
+                consumer: row.get(3),
+                detail: row.get(4),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,398 @@
+//! Results: recorded once with their `finished` event (and, in a two-sided run, a regression's re-run, decided in the same transaction), reused from an earlier run, read back.
+
+use super::*;
+
+/// The final result of one job, as a consumer records it.
+#[derive(Debug, Clone)]
+pub struct NewResult {
+    pub job_id: JobId,
+    pub run_id: RunId,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration: Duration,
+    pub attempt: i32,
+    pub consumer: String,
+    /// The log itself, where it is not in S3 (or a note that goes before the S3 log).
+    pub log: Option<String>,
+    /// The S3 key of the gzip-compressed log.
+    pub log_key: Option<String>,
+    /// The job's identity across runs (`Job::memo_key`), when it is known.
+    pub memo_key: Option<String>,
+    /// The earlier job whose result this one reuses.
+    pub reused_from: Option<JobId>,
+    /// Why a failure points at the environment rather than the code (`network denied: ...`).
+    pub environment: Option<String>,
+    /// What the package tried that the consumer refused.
+    pub refused: Vec<Refusal>,
+    /// For a `broken` result: why it could not be prepared, where that is known.
+    pub broken_reason: Option<BrokenReason>,
+    /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
+    /// `dead-lettered` event in the same transaction as the (`error`) result.
+    pub dead_lettered: Option<String>,
+    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
+    pub toolchain_build: Option<String>,
+    /// What it used, where its steps ran here.
+    pub cost: Option<Cost>,
+    /// The job holds the computation of `memo_key` (`claim_computation`): released in the
+    /// result's own transaction, so an identical job finds the claim or the result, never
+    /// neither.
+    pub releases_claim: bool,
+    /// The holder (a consumer's fleet id) of the job's lease, released in the same transaction
+    /// unless the result also recorded a re-run still to be published.
+    pub lease_holder: Option<Uuid>,
+}
+
+/// What decides, when a job of a two-sided run gets its result, whether its package regressed
+/// and must be run again: the labels of the run's two sides, and the re-run to add if so.
+#[derive(Debug, Clone)]
+pub struct Pairing {
+    pub start: String,
+    pub end: String,
+    /// The end side's job of this package, re-run (`Job::recheck`).
+    pub end_rerun: Job,
+}
+
+/// An earlier result that a job can reuse.
+#[derive(Debug, Clone)]
+pub struct MemoizedResult {
+    pub job_id: JobId,
+    pub run_name: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub log_key: Option<String>,
+    pub log: Option<String>,
+    pub environment: Option<String>,
+    pub refused: Vec<Refusal>,
+    pub broken_reason: Option<BrokenReason>,
+}
+
+/// One row of a run's results, joined with its job, for reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultRow {
+    pub job_id: Uuid,
+    pub crate_name: String,
+    pub crate_version: String,
+    pub toolchain: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub attempt: i32,
+    pub consumer: String,
+    pub finished_at: DateTime<Utc>,
+    /// For a regression's re-run: the job it ran again.
+    pub recheck_of: Option<Uuid>,
+    /// Why its failure points at the environment, if it does.
+    pub environment: Option<String>,
+    /// What the package tried that the consumer refused.
+    pub refused: Vec<Refusal>,
+    /// For a `broken` result: why it could not be prepared, where that is known.
+    pub broken_reason: Option<BrokenReason>,
+    /// What it used, where its steps ran (not for a reused result).
+    pub cost: Option<Cost>,
+    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
+    pub toolchain_build: Option<String>,
+    /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
+    #[serde(skip)]
+    pub log: Option<String>,
+    /// The S3 key of the log.
+    #[serde(skip)]
+    pub log_key: Option<String>,
+}
+
+impl Store {
+    /// Stores a job's final result and its `finished` event in one transaction. Returns false,
+    /// changing nothing, when the job already had a result.
+    ///
+    /// With a `pairing` (a job of a two-sided run), the same transaction also decides whether
+    /// the package regressed, now that this side has its result, and if so records the end
+    /// side's re-run: returned when it still has to be published. The package's job rows are
+    /// locked first, so when both sides finish at once the second to commit sees the first.
+    pub async fn record_result(
+        &self,
+        result: &NewResult,
+        pairing: Option<&Pairing>,
+    ) -> anyhow::Result<(bool, Option<Job>)> {
+        let duration_ms = i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX);
+        let cost = result.cost.as_ref();
+        let steps = cost
+            .map(|c| serde_json::to_value(&c.steps))
+            .transpose()
+            .context("cannot encode the job's steps")?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if let Some(pairing) = pairing {
+            let package = &pairing.end_rerun.package;
+            tx.execute(
+                &tx.prepare_cached("SELECT 1 FROM jobs WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
+                 FOR UPDATE").await?,
+                &[&result.run_id.0, &package.name, &package.version],
+            )
+            .await
+            .context("cannot lock the package's jobs")?;
+        }
+        let inserted = tx
+            .execute(
+                &tx.prepare_cached(
+                    "INSERT INTO results (job_id, run_id, outcome, exit_code, duration_ms, attempt,
+                                      consumer, log, log_key, memo_key, reused_from, environment,
+                                      refused, broken_reason, toolchain_build, cpu_ms,
+                                      peak_memory_bytes, disk_bytes, slot_wait_ms, steps)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20)
+                 ON CONFLICT (job_id) DO NOTHING",
+                )
+                .await?,
+                &[
+                    &result.job_id.0,
+                    &result.run_id.0,
+                    &result.outcome.as_str(),
+                    &result.exit_code,
+                    &duration_ms,
+                    &result.attempt,
+                    &result.consumer,
+                    &result.log,
+                    &result.log_key,
+                    &result.memo_key,
+                    &result.reused_from.map(|j| j.0),
+                    &result.environment,
+                    &refusal_names(&result.refused),
+                    &result.broken_reason.map(BrokenReason::as_str),
+                    &result.toolchain_build,
+                    &cost.and_then(|c| c.cpu_ms).map(bigint),
+                    &cost.and_then(|c| c.peak_memory_bytes).map(bigint),
+                    &cost.map(|c| bigint(c.disk_bytes)),
+                    &cost.map(|c| bigint(c.slot_wait_ms)),
+                    &steps,
+                ],
+            )
+            .await
+            .context("cannot record the result")?;
+        if inserted == 1
+            && let Some(reason) = &result.dead_lettered
+        {
+            tx.execute(
+                &tx.prepare_cached(
+                    "INSERT INTO job_events (job_id, run_id, kind, consumer, detail)
+                 VALUES ($1, $2, 'dead-lettered', $3, $4)",
+                )
+                .await?,
+                &[&result.job_id.0, &result.run_id.0, &result.consumer, reason],
+            )
+            .await?;
+        }
+        if inserted == 1 {
+            tx.execute(
+                &tx.prepare_cached(
+                    "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+                 VALUES ($1, $2, 'finished', $3, $4, $5)",
+                )
+                .await?,
+                &[
+                    &result.job_id.0,
+                    &result.run_id.0,
+                    &result.attempt,
+                    &result.consumer,
+                    &result.outcome.as_str(),
+                ],
+            )
+            .await?;
+        }
+        if result.releases_claim
+            && let Some(memo_key) = &result.memo_key
+        {
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM computations WHERE memo_key = $1 AND job_id = $2")
+                    .await?,
+                &[memo_key, &result.job_id.0],
+            )
+            .await
+            .context("cannot release the computation")?;
+        }
+        let rerun = match pairing {
+            Some(pairing) => Self::record_rerun_if_regressed(&tx, pairing).await?,
+            None => None,
+        };
+        // A re-run to publish keeps the lease until it is published: if the consumer dies
+        // first, the lease lapses and the job's next delivery publishes it.
+        if rerun.is_none()
+            && let Some(holder) = result.lease_holder
+        {
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM leases WHERE job_id = $1 AND holder = $2")
+                    .await?,
+                &[&result.job_id.0, &holder],
+            )
+            .await
+            .context("cannot release the job's lease")?;
+        }
+        tx.commit().await.context("cannot commit the result")?;
+        Ok((inserted == 1, rerun))
+    }
+
+    /// Within `record_result`'s transaction: when the package's start side passed and its end
+    /// side failed, records the end side's re-run (once) and returns it if it is unpublished.
+    pub(super) async fn record_rerun_if_regressed(
+        tx: &deadpool_postgres::Transaction<'_>,
+        pairing: &Pairing,
+    ) -> anyhow::Result<Option<Job>> {
+        let rerun = &pairing.end_rerun;
+        let rows = tx
+            .query(
+                &tx.prepare_cached(
+                    "SELECT j.toolchain, r.outcome, r.environment IS NOT NULL
+                 FROM jobs j JOIN results r ON r.job_id = j.id
+                 WHERE j.run_id = $1 AND j.crate_name = $2 AND j.crate_version = $3
+                   AND j.toolchain IN ($4, $5)",
+                )
+                .await?,
+                &[
+                    &rerun.run_id.0,
+                    &rerun.package.name,
+                    &rerun.package.version,
+                    &pairing.start,
+                    &pairing.end,
+                ],
+            )
+            .await?;
+        let side = |label: &str| -> anyhow::Result<Option<Verdict>> {
+            rows.iter()
+                .find(|row| row.get::<_, &str>(0) == label)
+                .map(|row| {
+                    Ok(Verdict {
+                        outcome: row.get::<_, &str>(1).parse()?,
+                        environmental: row.get(2),
+                    })
+                })
+                .transpose()
+        };
+        let category = categorize(side(&pairing.start)?, side(&pairing.end)?, None);
+        if category != Category::Regressed {
+            return Ok(None);
+        }
+        let original = rerun
+            .recheck_of
+            .context("a pairing's end_rerun is a re-run")?;
+        tx.execute(
+            &tx.prepare_cached(
+                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain,
+                               recheck_of)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO NOTHING",
+            )
+            .await?,
+            &[
+                &rerun.id.0,
+                &rerun.run_id.0,
+                &rerun.package.name,
+                &rerun.package.version,
+                &rerun.package.checksum,
+                &rerun.side(),
+                &original.0,
+            ],
+        )
+        .await
+        .context("cannot record a regression's re-run")?;
+        let unpublished = tx
+            .query_one(
+                &tx.prepare_cached("SELECT published_at IS NULL FROM jobs WHERE id = $1")
+                    .await?,
+                &[&rerun.id.0],
+            )
+            .await?;
+        Ok(unpublished.get::<_, bool>(0).then(|| rerun.clone()))
+    }
+
+    /// A computed (not itself reused) result of an identical job, if any. Results that say
+    /// nothing about the package (errors, skips) are never reused.
+    pub async fn memoized_result(&self, memo_key: &str) -> anyhow::Result<Option<MemoizedResult>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &client.prepare_cached("SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
+                        r.log, r.environment, r.refused, r.broken_reason
+                 FROM results r JOIN runs ON runs.id = r.run_id
+                 WHERE r.memo_key = $1 AND r.reused_from IS NULL
+                   AND r.outcome NOT IN ('error', 'skipped')
+                 ORDER BY r.finished_at LIMIT 1").await?,
+                &[&memo_key],
+            )
+            .await?;
+        row.map(|row| {
+            Ok(MemoizedResult {
+                job_id: JobId(row.get(0)),
+                run_name: row.get(1),
+                outcome: row.get::<_, String>(2).parse()?,
+                exit_code: row.get(3),
+                duration_ms: row.get(4),
+                log_key: row.get(5),
+                log: row.get(6),
+                environment: row.get(7),
+                refused: parse_refusals(row.get(8))?,
+                broken_reason: parse_broken_reason(row.get(9))?,
+            })
+        })
+        .transpose()
+    }
+
+    // ---- leases (consumer side) ---------------------------------------------------------------
+
+    /// Every result of a run, ordered by package then toolchain.
+    pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {
+        use futures::TryStreamExt as _;
+        let client = self.client().await?;
+        // Streamed, one row at a time into the result: a run's million rows are not held twice.
+        let rows = client
+            .query_raw(
+                "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
+                        r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
+                        j.recheck_of, r.environment, r.refused, r.broken_reason, r.toolchain_build,
+                        r.cpu_ms, r.peak_memory_bytes, r.disk_bytes, r.slot_wait_ms, r.steps
+                 FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1
+                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                [&run.0],
+            )
+            .await?;
+        futures::pin_mut!(rows);
+        let mut results = Vec::new();
+        while let Some(row) = rows.try_next().await? {
+            let outcome: String = row.get(4);
+            results.push(ResultRow {
+                job_id: row.get(0),
+                crate_name: row.get(1),
+                crate_version: row.get(2),
+                toolchain: row.get(3),
+                outcome: outcome.parse()?,
+                exit_code: row.get(5),
+                duration_ms: row.get(6),
+                attempt: row.get(7),
+                consumer: row.get(8),
+                finished_at: row.get(9),
+                log: row.get(10),
+                log_key: row.get(11),
+                recheck_of: row.get(12),
+                environment: row.get(13),
+                refused: parse_refusals(row.get(14))?,
+                broken_reason: parse_broken_reason(row.get(15))?,
+                toolchain_build: row.get(16),
+                cost: cost_of(&row, 17)?,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Result counts per outcome, counted by the database (reports are checked against this).
+    pub async fn outcome_counts(&self, run: RunId) -> anyhow::Result<Vec<(Outcome, i64)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &client.prepare_cached("SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome").await?,
+                &[&run.0],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.get::<_, String>(0).parse()?, row.get(1))))
+            .collect()
+    }
+}
