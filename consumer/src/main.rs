@@ -39,15 +39,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_infra::telemetry::init("quarry-consumer");
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    quarry_infra::telemetry::main("quarry-consumer", || async {
+        run(Cli::parse()).await.map(|()| ExitCode::SUCCESS)
+    })
+    .await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

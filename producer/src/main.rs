@@ -356,15 +356,7 @@ impl RunArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_infra::telemetry::init("quarry-producer");
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    quarry_infra::telemetry::main("quarry-producer", || run(Cli::parse())).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

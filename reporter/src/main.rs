@@ -68,15 +68,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let _telemetry = quarry_infra::telemetry::init("quarry-reporter");
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    quarry_infra::telemetry::main("quarry-reporter", || run(Cli::parse())).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

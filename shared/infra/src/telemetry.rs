@@ -66,6 +66,22 @@ pub fn init(service: &'static str) -> Telemetry {
     Telemetry(())
 }
 
+/// A binary's `main`: telemetry set up for `service` for as long as `run` runs (its spans
+/// flushed at the end), and an error printed with its causes, exiting 1.
+pub async fn main<F>(service: &'static str, run: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    let _telemetry = init(service);
+    match run().await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Whether spans are exported: producers only start per-job traces when someone reads them.
 pub fn tracing_enabled() -> bool {
     PROVIDER.get().is_some()

@@ -2,30 +2,6 @@
 
 use super::*;
 
-/// A job's lease as a consumer takes it (`Store::take_lease`).
-pub struct NewLease<'a> {
-    pub job: JobId,
-    pub run: RunId,
-    /// The consumer's fleet id, and its name.
-    pub holder: Uuid,
-    pub consumer: &'a str,
-    /// The message as delivered, published again if the lease lapses.
-    pub message: &'a [u8],
-    pub failed_attempts: u32,
-}
-
-/// A lease whose holder stopped renewing it, as the sweeper publishes it again.
-#[derive(Debug, Clone)]
-pub struct LapsedLease {
-    pub job: JobId,
-    pub run: RunId,
-    /// The name of the consumer that held it.
-    pub holder: String,
-    pub message: Vec<u8>,
-    pub failed_attempts: u32,
-    pub lapsed_for: Duration,
-}
-
 impl Store {
     /// Claims the computation of `memo_key` for `job`: returns `None` when it is ours (no one
     /// had it, its holder's heartbeat is older than `stale_after`, or it was already ours), or
@@ -74,27 +50,21 @@ impl Store {
 
     /// Keeps a claimed computation alive.
     pub async fn heartbeat_computation(&self, memo_key: &str, job: JobId) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client.prepare_cached("UPDATE computations SET heartbeat_at = now() WHERE memo_key = $1 AND job_id = $2").await?,
-                &[&memo_key, &job.0],
-            )
-            .await?;
+        self.execute(
+            "UPDATE computations SET heartbeat_at = now() WHERE memo_key = $1 AND job_id = $2",
+            &[&memo_key, &job.0],
+        )
+        .await?;
         Ok(())
     }
 
     /// Gives up a claimed computation (done, or failed).
     pub async fn release_computation(&self, memo_key: &str, job: JobId) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached("DELETE FROM computations WHERE memo_key = $1 AND job_id = $2")
-                    .await?,
-                &[&memo_key, &job.0],
-            )
-            .await?;
+        self.execute(
+            "DELETE FROM computations WHERE memo_key = $1 AND job_id = $2",
+            &[&memo_key, &job.0],
+        )
+        .await?;
         Ok(())
     }
 
@@ -103,12 +73,9 @@ impl Store {
     /// it (this delivery is a copy of a job in hand somewhere: the holder finishes it, or its
     /// lease lapses and the job is published again).
     pub async fn take_lease(&self, lease: &NewLease<'_>, ttl: Duration) -> anyhow::Result<bool> {
-        let client = self.client().await?;
-        let taken = client
+        let taken = self
             .query_opt(
-                &client
-                    .prepare_cached(
-                        "INSERT INTO leases AS l (job_id, run_id, holder, consumer, message,
+                "INSERT INTO leases AS l (job_id, run_id, holder, consumer, message,
                                               failed_attempts, expires_at)
                          VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))
                          ON CONFLICT (job_id) DO UPDATE
@@ -118,8 +85,6 @@ impl Store {
                                taken_at = now(), expires_at = excluded.expires_at
                            WHERE l.expires_at <= now()
                          RETURNING 1",
-                    )
-                    .await?,
                 &[
                     &lease.job.0,
                     &lease.run.0,
@@ -181,18 +146,12 @@ impl Store {
         job: JobId,
         lapsed_only: bool,
     ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "DELETE FROM leases WHERE job_id = $1 AND holder = $2
+        self.execute(
+            "DELETE FROM leases WHERE job_id = $1 AND holder = $2
                            AND (NOT $3 OR expires_at <= now())",
-                    )
-                    .await?,
-                &[&job.0, &holder, &lapsed_only],
-            )
-            .await?;
+            &[&job.0, &holder, &lapsed_only],
+        )
+        .await?;
         Ok(())
     }
 

@@ -2,16 +2,6 @@
 
 use super::*;
 
-/// One entry of a job's event log.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobEvent {
-    pub at: DateTime<Utc>,
-    pub kind: String,
-    pub attempt: Option<i32>,
-    pub consumer: Option<String>,
-    pub detail: Option<String>,
-}
-
 impl Store {
     pub(super) async fn append_event(
         &self,
@@ -21,25 +11,19 @@ impl Store {
         consumer: &str,
         detail: &str,
     ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
+        self.execute(
+            "INSERT INTO job_events (job_id, run_id, kind, attempt, consumer, detail)
                  VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .await?,
-                &[
-                    &job.id.0,
-                    &job.run_id.0,
-                    &kind,
-                    &attempt,
-                    &consumer,
-                    &detail,
-                ],
-            )
-            .await?;
+            &[
+                &job.id.0,
+                &job.run_id.0,
+                &kind,
+                &attempt,
+                &consumer,
+                &detail,
+            ],
+        )
+        .await?;
         Ok(())
     }
 

@@ -2,35 +2,6 @@
 
 use super::*;
 
-/// A consumer of the fleet, as it registered and last reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct FleetMember {
-    pub id: Uuid,
-    pub name: String,
-    pub host: String,
-    pub started_at: DateTime<Utc>,
-    pub heartbeat_at: DateTime<Utc>,
-    pub current_jobs: Vec<Uuid>,
-    pub jobs_done: i64,
-    pub stopped_at: Option<DateTime<Utc>>,
-    /// The toolchains it has ready (`name: build`), as it last reported.
-    pub toolchains: Vec<String>,
-}
-
-impl FleetMember {
-    /// `stopped` (it said goodbye), `lost` (silent for over 30 s: three missed heartbeats) or
-    /// `alive`.
-    pub fn status(&self, now: DateTime<Utc>) -> &'static str {
-        if self.stopped_at.is_some() {
-            "stopped"
-        } else if (now - self.heartbeat_at).num_seconds() > 30 {
-            "lost"
-        } else {
-            "alive"
-        }
-    }
-}
-
 impl Store {
     /// Registers a consumer process; `secret` authenticates its later updates.
     pub async fn register_consumer(
@@ -40,18 +11,12 @@ impl Store {
         secret: &str,
         host: &str,
     ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
+        self.execute(
+            "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO NOTHING",
-                    )
-                    .await?,
-                &[&id, &name, &secret, &host],
-            )
-            .await?;
+            &[&id, &name, &secret, &host],
+        )
+        .await?;
         Ok(())
     }
 
@@ -65,12 +30,11 @@ impl Store {
         jobs_done: i64,
         toolchains: &[String],
     ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        let updated = client
+        let updated = self
             .execute(
-                &client.prepare_cached("UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4,
+                "UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4,
                         toolchains = $5
-                 WHERE id = $1 AND secret = $2").await?,
+                 WHERE id = $1 AND secret = $2",
                 &[&id, &secret, &current_jobs, &jobs_done, &toolchains],
             )
             .await?;
@@ -82,32 +46,20 @@ impl Store {
     }
 
     pub async fn consumer_stopped(&self, id: Uuid, secret: &str) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "UPDATE consumers SET stopped_at = now(), current_jobs = '{}'
+        self.execute(
+            "UPDATE consumers SET stopped_at = now(), current_jobs = '{}'
                  WHERE id = $1 AND secret = $2",
-                    )
-                    .await?,
-                &[&id, &secret],
-            )
-            .await?;
+            &[&id, &secret],
+        )
+        .await?;
         Ok(())
     }
 
     /// Consumers seen since `since`, most recent heartbeat first.
     pub async fn fleet(&self, since: DateTime<Utc>) -> anyhow::Result<Vec<FleetMember>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &client.prepare_cached("SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at,
+        let rows = self.query("SELECT id, name, host, started_at, heartbeat_at, current_jobs, jobs_done, stopped_at,
                         toolchains
-                 FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC").await?,
-                &[&since],
-            )
-            .await?;
+                 FROM consumers WHERE heartbeat_at >= $1 ORDER BY heartbeat_at DESC", &[&since]).await?;
         Ok(rows
             .into_iter()
             .map(|row| FleetMember {

@@ -2,37 +2,6 @@
 
 use super::*;
 
-/// Where a delivered job stands, as far as the database knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobState {
-    /// It already has a result (a redelivery or a duplicate).
-    Finished,
-    /// No such job is recorded (its run was deleted, or the message is forged).
-    Unknown,
-    /// Its run was cancelled.
-    RunCancelled,
-    /// It is to be done. `crashes`: its attempts that started running (took an experiment
-    /// slot) and never ended, since it was last requeued: each time, its consumer died.
-    ToDo { crashes: u32 },
-}
-
-/// A job as the database keeps it: (id, package, side label, the job it re-runs), from which
-/// `StoredDefinition::job` rebuilds it.
-pub type StoredJob = (JobId, PackageVersion, String, Option<JobId>);
-
-/// One job of a package in a run, for `explain`.
-#[derive(Debug, Clone)]
-pub struct PackageJob {
-    pub id: JobId,
-    pub version: String,
-    /// The side label (`Job::side`).
-    pub side: String,
-    /// Its result's outcome, once it has one.
-    pub outcome: Option<Outcome>,
-    /// What its package tried that the consumer refused.
-    pub refused: Vec<Refusal>,
-}
-
 impl Store {
     /// Records jobs (idempotently) and returns those still to publish: not yet confirmed by the
     /// broker and without a result, the longest expected first.
@@ -285,18 +254,13 @@ impl Store {
         name: &str,
         version: Option<&str>,
     ) -> anyhow::Result<Vec<PackageJob>> {
-        let client = self.client().await?;
-        let rows = client
+        let rows = self
             .query(
-                &client
-                    .prepare_cached(
-                        "SELECT j.id, j.crate_version, j.toolchain, r.outcome, r.refused
+                "SELECT j.id, j.crate_version, j.toolchain, r.outcome, r.refused
                  FROM jobs j LEFT JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2
                    AND ($3::text IS NULL OR j.crate_version = $3)
                  ORDER BY j.crate_version, j.toolchain",
-                    )
-                    .await?,
                 &[&run.0, &name, &version],
             )
             .await?;

@@ -18,8 +18,9 @@ use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::Serialize;
-use tokio_postgres::NoTls;
 use tokio_postgres::config::SslMode;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
@@ -35,15 +36,10 @@ mod fleet;
 mod jobs;
 mod reports;
 mod results;
+mod rows;
 mod runs;
 
-pub use claims::{LapsedLease, NewLease};
-pub use events::JobEvent;
-pub use fleet::FleetMember;
-pub use jobs::{JobState, PackageJob, StoredJob};
-pub use reports::{Change, HistoryRow, OutcomePair, Reconciliation, ResultBrief};
-pub use results::{MemoizedResult, NewResult, Pairing, ResultRow};
-pub use runs::Run;
+pub use rows::*;
 
 mod embedded {
     refinery::embed_migrations!("../../migrations");
@@ -81,6 +77,18 @@ fn stored_job(row: tokio_postgres::Row) -> StoredJob {
         row.get(4),
         row.get::<_, Option<Uuid>>(5).map(JobId),
     )
+}
+
+/// A `ResultBrief` from (crate_name, crate_version, toolchain, outcome, at, reason).
+fn brief_of(row: &Row) -> anyhow::Result<ResultBrief> {
+    Ok(ResultBrief {
+        crate_name: row.get(0),
+        crate_version: row.get(1),
+        toolchain: row.get(2),
+        outcome: row.get::<_, String>(3).parse()?,
+        at: row.get(4),
+        reason: row.get(5),
+    })
 }
 
 const RUN_COLUMNS: &str =
@@ -180,6 +188,43 @@ impl Store {
     /// happened.)
     async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
+    }
+
+    /// Runs one statement (prepared once per connection) on a pooled connection, for the
+    /// methods that need nothing else of it; returns the rows it changed.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<u64> {
+        let client = self.client().await?;
+        Ok(client
+            .execute(&client.prepare_cached(sql).await?, params)
+            .await?)
+    }
+
+    /// As [`Store::execute`], returning its rows.
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<Vec<Row>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(&client.prepare_cached(sql).await?, params)
+            .await?)
+    }
+
+    /// As [`Store::execute`], returning its one row.
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> anyhow::Result<Row> {
+        let client = self.client().await?;
+        Ok(client
+            .query_one(&client.prepare_cached(sql).await?, params)
+            .await?)
+    }
+
+    /// As [`Store::execute`], returning its row if there is one.
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> anyhow::Result<Option<Row>> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(&client.prepare_cached(sql).await?, params)
+            .await?)
     }
 
     /// Applies pending migrations. Safe to call from many processes at once: the session-level

@@ -2,58 +2,6 @@
 
 use super::*;
 
-/// Packages with these start and end results and end re-run outcome: how many.
-pub type OutcomePair = (Option<Verdict>, Option<Verdict>, Option<Outcome>, i64);
-
-/// A package's result in an earlier run.
-#[derive(Debug, Clone, Serialize)]
-pub struct HistoryRow {
-    pub crate_name: String,
-    pub crate_version: String,
-    pub run: String,
-    pub created_at: DateTime<Utc>,
-    pub side: String,
-    pub outcome: Outcome,
-}
-
-/// What `Store::reconcile` found: the figures the invariants are checked against.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Reconciliation {
-    pub jobs: i64,
-    /// Of the jobs, the re-runs of regressions that consumers added.
-    pub reruns: i64,
-    pub unpublished: i64,
-    pub results: i64,
-    /// Up to 20 jobs without a result, as `name@version (toolchain)`.
-    pub jobs_without_result: Vec<String>,
-    pub jobs_without_result_count: i64,
-    /// Results whose job has no `finished` event, or more than one.
-    pub results_without_one_finished_event: i64,
-    /// Dead-lettered jobs without an `error` result.
-    pub dead_letters_without_error_result: i64,
-}
-
-/// A job result worth a look, for the live view.
-#[derive(Debug, Clone, Serialize)]
-pub struct ResultBrief {
-    pub crate_name: String,
-    pub crate_version: String,
-    pub toolchain: String,
-    pub outcome: Outcome,
-    pub at: DateTime<Utc>,
-    /// Why, where there is a reason (a dead letter's).
-    pub reason: Option<String>,
-}
-
-/// A package whose outcome differs between two runs.
-#[derive(Debug, Clone, Serialize)]
-pub struct Change {
-    pub crate_name: String,
-    pub crate_version: String,
-    pub before: Outcome,
-    pub after: Outcome,
-}
-
 impl Store {
     /// Records what packages of `run` depend on, as (package, dependency) crate names: the
     /// direct normal and build dependencies of the versions tested. Recorded again, nothing
@@ -68,20 +16,14 @@ impl Store {
         }
         let packages: Vec<&str> = edges.iter().map(|(p, _)| p.as_str()).collect();
         let dependencies: Vec<&str> = edges.iter().map(|(_, d)| d.as_str()).collect();
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "INSERT INTO dependencies (run_id, crate_name, dependency)
+        self.execute(
+            "INSERT INTO dependencies (run_id, crate_name, dependency)
                          SELECT $1, * FROM unnest($2::text[], $3::text[])
                          ON CONFLICT DO NOTHING",
-                    )
-                    .await?,
-                &[&run.0, &packages, &dependencies],
-            )
-            .await
-            .context("cannot record the packages' dependencies")?;
+            &[&run.0, &packages, &dependencies],
+        )
+        .await
+        .context("cannot record the packages' dependencies")?;
         Ok(())
     }
 
@@ -154,10 +96,7 @@ impl Store {
     pub async fn run_figures(&self, run: RunId, window: Duration) -> anyhow::Result<RunFigures> {
         let progress = self.progress(run).await?;
         let window_secs = window.as_secs() as i64;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &client.prepare_cached("WITH pending AS (
+        let row = self.query_one("WITH pending AS (
                    SELECT j.expected_ms FROM jobs j
                    WHERE j.run_id = $1 AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id))
                  SELECT (SELECT count(DISTINCT job_id) FROM dead_lettered WHERE run_id = $1),
@@ -168,17 +107,9 @@ impl Store {
                         (SELECT coalesce(sum(expected_ms), 0)::bigint FROM pending),
                         (SELECT count(*) FROM pending WHERE expected_ms IS NULL),
                         (SELECT avg(duration_ms)::float8 FROM results
-                         WHERE run_id = $1 AND reused_from IS NULL)").await?,
-                &[&run.0, &(window_secs as f64)],
-            )
-            .await?;
-        let outcomes = client
-            .query(
-                &client.prepare_cached("SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
-                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2").await?,
-                &[&run.0],
-            )
-            .await?
+                         WHERE run_id = $1 AND reused_from IS NULL)", &[&run.0, &(window_secs as f64)]).await?;
+        let outcomes = self.query("SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2", &[&run.0]).await?
             .into_iter()
             .map(|row| Ok((row.get(0), row.get::<_, String>(1).parse()?, row.get(2))))
             .collect::<anyhow::Result<_>>()?;
@@ -245,33 +176,27 @@ impl Store {
         &self,
         run: RunId,
     ) -> anyhow::Result<Vec<(String, String, String, Verdict)>> {
-        let client = self.client().await?;
-        client
-            .query(
-                &client
-                    .prepare_cached(
-                        "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
+        self.query(
+            "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
                         r.environment IS NOT NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1
                  ORDER BY 1, 2, 3",
-                    )
-                    .await?,
-                &[&run.0],
-            )
-            .await?
-            .into_iter()
-            .map(|row| {
-                Ok((
-                    row.get(0),
-                    row.get(1),
-                    row.get(2),
-                    Verdict {
-                        outcome: row.get::<_, String>(3).parse()?,
-                        environmental: row.get(4),
-                    },
-                ))
-            })
-            .collect()
+            &[&run.0],
+        )
+        .await?
+        .into_iter()
+        .map(|row| {
+            Ok((
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                Verdict {
+                    outcome: row.get::<_, String>(3).parse()?,
+                    environmental: row.get(4),
+                },
+            ))
+        })
+        .collect()
     }
 
     /// The latest results that failed (build, tests, limits, resolution, infrastructure).
@@ -280,59 +205,33 @@ impl Store {
         run: RunId,
         limit: i64,
     ) -> anyhow::Result<Vec<ResultBrief>> {
-        let client = self.client().await?;
-        client
-            .query(
-                &client.prepare_cached("SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at
+        self.query(
+            "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at, NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1 AND r.outcome NOT IN ('build-pass', 'test-pass', 'skipped')
-                 ORDER BY r.finished_at DESC LIMIT $2").await?,
-                &[&run.0, &limit],
-            )
-            .await?
-            .into_iter()
-            .map(|row| {
-                Ok(ResultBrief {
-                    crate_name: row.get(0),
-                    crate_version: row.get(1),
-                    toolchain: row.get(2),
-                    outcome: row.get::<_, String>(3).parse()?,
-                    at: row.get(4),
-                    reason: None,
-                })
-            })
-            .collect()
+                 ORDER BY r.finished_at DESC LIMIT $2",
+            &[&run.0, &limit],
+        )
+        .await?
+        .iter()
+        .map(brief_of)
+        .collect()
     }
 
     /// The run's dead-lettered jobs (not since requeued), latest first, with the reason each
     /// was given up on.
     pub async fn dead_letters(&self, run: RunId, limit: i64) -> anyhow::Result<Vec<ResultBrief>> {
-        let client = self.client().await?;
-        client
-            .query(
-                &client
-                    .prepare_cached(
-                        "SELECT j.crate_name, j.crate_version, j.toolchain, e.at, e.detail
+        self.query(
+            "SELECT j.crate_name, j.crate_version, j.toolchain, 'error', e.at, e.detail
                  FROM dead_lettered e JOIN jobs j ON j.id = e.job_id
                  WHERE e.run_id = $1
                  ORDER BY e.at DESC LIMIT $2",
-                    )
-                    .await?,
-                &[&run.0, &limit],
-            )
-            .await?
-            .into_iter()
-            .map(|row| {
-                Ok(ResultBrief {
-                    crate_name: row.get(0),
-                    crate_version: row.get(1),
-                    toolchain: row.get(2),
-                    outcome: Outcome::Error,
-                    at: row.get(3),
-                    reason: row.get(4),
-                })
-            })
-            .collect()
+            &[&run.0, &limit],
+        )
+        .await?
+        .iter()
+        .map(brief_of)
+        .collect()
     }
 
     /// Takes the run's dead-lettered jobs (those not requeued since) out of the dead letters:
@@ -381,20 +280,15 @@ impl Store {
         (a, toolchain_a): (RunId, &str),
         (b, toolchain_b): (RunId, &str),
     ) -> anyhow::Result<(Vec<Change>, i64)> {
-        let client = self.client().await?;
-        let rows = client
+        let rows = self
             .query(
-                &client
-                    .prepare_cached(
-                        "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
+                "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
                  FROM jobs ja JOIN results ra ON ra.job_id = ja.id
                  JOIN jobs jb ON jb.run_id = $3 AND jb.toolchain = $4
                       AND jb.crate_name = ja.crate_name AND jb.crate_version = ja.crate_version
                  JOIN results rb ON rb.job_id = jb.id
                  WHERE ja.run_id = $1 AND ja.toolchain = $2
                  ORDER BY ja.crate_name, ja.crate_version",
-                    )
-                    .await?,
                 &[&a.0, &toolchain_a, &b.0, &toolchain_b],
             )
             .await?;
@@ -419,12 +313,9 @@ impl Store {
 
     /// The figures that `quarry-reporter verify` checks a run's invariants against.
     pub async fn reconcile(&self, run: RunId) -> anyhow::Result<Reconciliation> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_one(
-                &client
-                    .prepare_cached(
-                        "SELECT
+                "SELECT
                    (SELECT count(*) FROM jobs WHERE run_id = $1),
                    (SELECT count(*) FROM jobs WHERE run_id = $1 AND published_at IS NULL),
                    (SELECT count(*) FROM results WHERE run_id = $1),
@@ -441,17 +332,15 @@ impl Store {
                         AND NOT EXISTS (SELECT 1 FROM results r
                                         WHERE r.job_id = e.job_id AND r.outcome = 'error')),
                    (SELECT count(*) FROM jobs WHERE run_id = $1 AND recheck_of IS NOT NULL)",
-                    )
-                    .await?,
                 &[&run.0],
             )
             .await?;
-        let missing = client
+        let missing = self
             .query(
-                &client.prepare_cached("SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
+                "SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
                  FROM jobs j WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
-                 ORDER BY 1 LIMIT 20").await?,
+                 ORDER BY 1 LIMIT 20",
                 &[&run.0],
             )
             .await?;

@@ -2,104 +2,6 @@
 
 use super::*;
 
-/// The final result of one job, as a consumer records it.
-#[derive(Debug, Clone)]
-pub struct NewResult {
-    pub job_id: JobId,
-    pub run_id: RunId,
-    pub outcome: Outcome,
-    pub exit_code: Option<i32>,
-    pub duration: Duration,
-    pub attempt: i32,
-    pub consumer: String,
-    /// The log itself, where it is not in S3 (or a note that goes before the S3 log).
-    pub log: Option<String>,
-    /// The S3 key of the gzip-compressed log.
-    pub log_key: Option<String>,
-    /// The job's identity across runs (`Job::memo_key`), when it is known.
-    pub memo_key: Option<String>,
-    /// The earlier job whose result this one reuses.
-    pub reused_from: Option<JobId>,
-    /// Why a failure points at the environment rather than the code (`network denied: ...`).
-    pub environment: Option<String>,
-    /// What the package tried that the consumer refused.
-    pub refused: Vec<Refusal>,
-    /// For a `broken` result: why it could not be prepared, where that is known.
-    pub broken_reason: Option<BrokenReason>,
-    /// Why the job was given up on, for a job whose message was dead-lettered: logged as its
-    /// `dead-lettered` event in the same transaction as the (`error`) result.
-    pub dead_lettered: Option<String>,
-    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
-    pub toolchain_build: Option<String>,
-    /// What it used, where its steps ran here.
-    pub cost: Option<Cost>,
-    /// The job holds the computation of `memo_key` (`claim_computation`): released in the
-    /// result's own transaction, so an identical job finds the claim or the result, never
-    /// neither.
-    pub releases_claim: bool,
-    /// The holder (a consumer's fleet id) of the job's lease, released in the same transaction
-    /// unless the result also recorded a re-run still to be published.
-    pub lease_holder: Option<Uuid>,
-}
-
-/// What decides, when a job of a two-sided run gets its result, whether its package regressed
-/// and must be run again: the labels of the run's two sides, and the re-run to add if so.
-#[derive(Debug, Clone)]
-pub struct Pairing {
-    pub start: String,
-    pub end: String,
-    /// The end side's job of this package, re-run (`Job::recheck`).
-    pub end_rerun: Job,
-}
-
-/// An earlier result that a job can reuse.
-#[derive(Debug, Clone)]
-pub struct MemoizedResult {
-    pub job_id: JobId,
-    pub run_name: String,
-    pub outcome: Outcome,
-    pub exit_code: Option<i32>,
-    pub duration_ms: i64,
-    pub log_key: Option<String>,
-    pub log: Option<String>,
-    pub environment: Option<String>,
-    pub refused: Vec<Refusal>,
-    pub broken_reason: Option<BrokenReason>,
-}
-
-/// One row of a run's results, joined with its job, for reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct ResultRow {
-    pub job_id: Uuid,
-    pub crate_name: String,
-    pub crate_version: String,
-    pub toolchain: String,
-    pub outcome: Outcome,
-    pub exit_code: Option<i32>,
-    pub duration_ms: i64,
-    pub attempt: i32,
-    pub consumer: String,
-    pub finished_at: DateTime<Utc>,
-    /// For a regression's re-run: the job it ran again.
-    pub recheck_of: Option<Uuid>,
-    /// Why its failure points at the environment, if it does.
-    pub environment: Option<String>,
-    /// What the package tried that the consumer refused.
-    pub refused: Vec<Refusal>,
-    /// For a `broken` result: why it could not be prepared, where that is known.
-    pub broken_reason: Option<BrokenReason>,
-    /// What it used, where its steps ran (not for a reused result).
-    pub cost: Option<Cost>,
-    /// The exact build (`rustc -vV`) of the toolchain it ran with, where one was found.
-    pub toolchain_build: Option<String>,
-    /// The log kept in PostgreSQL (all of it, or a note before the S3 log).
-    #[serde(skip)]
-    pub log: Option<String>,
-    /// The S3 key of the log.
-    #[serde(skip)]
-    pub log_key: Option<String>,
-}
-
 impl Store {
     /// Stores a job's final result and its `finished` event in one transaction. Returns false,
     /// changing nothing, when the job already had a result.
@@ -306,15 +208,14 @@ impl Store {
     /// A computed (not itself reused) result of an identical job, if any. Results that say
     /// nothing about the package (errors, skips) are never reused.
     pub async fn memoized_result(&self, memo_key: &str) -> anyhow::Result<Option<MemoizedResult>> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_opt(
-                &client.prepare_cached("SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
+                "SELECT r.job_id, runs.name, r.outcome, r.exit_code, r.duration_ms, r.log_key,
                         r.log, r.environment, r.refused, r.broken_reason
                  FROM results r JOIN runs ON runs.id = r.run_id
                  WHERE r.memo_key = $1 AND r.reused_from IS NULL
                    AND r.outcome NOT IN ('error', 'skipped')
-                 ORDER BY r.finished_at LIMIT 1").await?,
+                 ORDER BY r.finished_at LIMIT 1",
                 &[&memo_key],
             )
             .await?;
@@ -384,13 +285,7 @@ impl Store {
 
     /// Result counts per outcome, counted by the database (reports are checked against this).
     pub async fn outcome_counts(&self, run: RunId) -> anyhow::Result<Vec<(Outcome, i64)>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &client.prepare_cached("SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome").await?,
-                &[&run.0],
-            )
-            .await?;
+        let rows = self.query("SELECT outcome, count(*) FROM results WHERE run_id = $1 GROUP BY outcome ORDER BY outcome", &[&run.0]).await?;
         rows.into_iter()
             .map(|row| Ok((row.get::<_, String>(0).parse()?, row.get(1))))
             .collect()

@@ -2,21 +2,6 @@
 
 use super::*;
 
-/// A run as stored.
-#[derive(Debug, Clone, Serialize)]
-pub struct Run {
-    pub id: RunId,
-    pub name: String,
-    pub definition: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub published_at: Option<DateTime<Utc>>,
-    pub jobs_total: Option<i64>,
-    pub producer_summary: Option<serde_json::Value>,
-    pub cancelled_at: Option<DateTime<Utc>>,
-    /// Where the producer got to in the registry listing (its own format).
-    pub paging_position: Option<serde_json::Value>,
-}
-
 impl Store {
     /// Creates the run named `name`, or returns the existing one if its definition is the same
     /// (`true` in the second field). A different definition under the same name is an error.
@@ -25,15 +10,10 @@ impl Store {
         name: &str,
         definition: &serde_json::Value,
     ) -> anyhow::Result<(Run, bool)> {
-        let client = self.client().await?;
-        let inserted = client
+        let inserted = self
             .execute(
-                &client
-                    .prepare_cached(
-                        "INSERT INTO runs (id, name, definition) VALUES ($1, $2, $3)
+                "INSERT INTO runs (id, name, definition) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO NOTHING",
-                    )
-                    .await?,
                 &[&RunId::new().0, &name, definition],
             )
             .await?;
@@ -97,10 +77,9 @@ impl Store {
 
     /// Cancels a run. Returns false if it was already cancelled.
     pub async fn cancel_run(&self, run: RunId) -> anyhow::Result<bool> {
-        let client = self.client().await?;
-        let changed = client
+        let changed = self
             .execute(
-                &client.prepare_cached("UPDATE runs SET cancelled_at = now() WHERE id = $1 AND cancelled_at IS NULL").await?,
+                "UPDATE runs SET cancelled_at = now() WHERE id = $1 AND cancelled_at IS NULL",
                 &[&run.0],
             )
             .await?;
@@ -109,15 +88,10 @@ impl Store {
 
     /// Jobs recorded for a run, and the distinct package versions they cover.
     pub async fn recorded(&self, run: RunId) -> anyhow::Result<(i64, i64)> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_one(
-                &client
-                    .prepare_cached(
-                        "SELECT count(*), count(DISTINCT (crate_name, crate_version))
+                "SELECT count(*), count(DISTINCT (crate_name, crate_version))
                  FROM jobs WHERE run_id = $1",
-                    )
-                    .await?,
                 &[&run.0],
             )
             .await?;
@@ -130,19 +104,13 @@ impl Store {
         run: RunId,
         summary: &serde_json::Value,
     ) -> anyhow::Result<()> {
-        let client = self.client().await?;
-        client
-            .execute(
-                &client
-                    .prepare_cached(
-                        "UPDATE runs SET published_at = now(), producer_summary = $2,
+        self.execute(
+            "UPDATE runs SET published_at = now(), producer_summary = $2,
                      jobs_total = (SELECT count(*) FROM jobs WHERE run_id = $1)
                  WHERE id = $1",
-                    )
-                    .await?,
-                &[&run.0, summary],
-            )
-            .await?;
+            &[&run.0, summary],
+        )
+        .await?;
         Ok(())
     }
 
