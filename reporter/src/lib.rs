@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use quarry_core::cost::Cost;
-use quarry_core::job::{BrokenReason, Outcome, Refusal};
+use quarry_core::job::{BrokenReason, EventKind, Outcome, Refusal};
 use quarry_core::progress::Progress;
 use quarry_infra::Config;
 use quarry_infra::s3::Bucket;
@@ -624,20 +624,20 @@ pub async fn explain(config: &Config, run: &str, package: &str) -> anyhow::Resul
             }
             text.push('\n');
         }
-        let now = match (outcome, events.last().map(|e| e.kind.as_str())) {
+        let now = match (outcome, events.last().map(|e| e.kind)) {
             (Some(outcome), _) => format!("finished as {outcome}"),
             (None, None) => "recorded but not yet published: the producer has not got to it".into(),
-            (None, Some("queued")) => "in the work queue, waiting for a consumer".into(),
-            (None, Some("started")) => {
+            (None, Some(EventKind::Queued)) => "in the work queue, waiting for a consumer".into(),
+            (None, Some(EventKind::Started)) => {
                 "running (or its consumer died and the broker will hand it to another)".into()
             }
-            (None, Some("attempt-failed")) => {
+            (None, Some(EventKind::AttemptFailed)) => {
                 "waiting in a retry delay queue before its next attempt".into()
             }
-            (None, Some("requeued")) => {
+            (None, Some(EventKind::Requeued)) => {
                 "requeued from the dead letters: in the work queue, waiting for a consumer".into()
             }
-            (None, Some("waiting")) => {
+            (None, Some(EventKind::Waiting)) => {
                 "waiting for an identical job of another run to finish, to reuse its result".into()
             }
             (None, Some(other)) => format!("last event: {other}"),

@@ -251,7 +251,7 @@ async fn event_kinds(store: &Store, job: uuid::Uuid) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|event| event.kind)
+        .map(|event| event.kind.as_str().to_owned())
         .collect()
 }
 

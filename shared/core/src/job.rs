@@ -931,6 +931,72 @@ impl FromStr for BrokenReason {
     }
 }
 
+/// What happened to a job, as its event log (`job_events.kind`) records it; a job's state is
+/// what its events say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// Published to the work queue (the job's `published_at`, not a row of its own).
+    Queued,
+    /// An attempt took a slot.
+    Started,
+    /// An attempt failed for the infrastructure's sake; the job waits in a retry queue.
+    AttemptFailed,
+    /// Put aside while an identical job of another run computes the same result.
+    Waiting,
+    /// Its result was recorded.
+    Finished,
+    /// Given up on: its message went to the dead letters, with an `error` result.
+    DeadLettered,
+    /// Taken out of the dead letters and published again.
+    Requeued,
+    /// Its lease lapsed (its consumer died) and a sweeper published it again.
+    LeaseLapsed,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 8] = [
+        EventKind::Queued,
+        EventKind::Started,
+        EventKind::AttemptFailed,
+        EventKind::Waiting,
+        EventKind::Finished,
+        EventKind::DeadLettered,
+        EventKind::Requeued,
+        EventKind::LeaseLapsed,
+    ];
+
+    /// Its name in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Queued => "queued",
+            EventKind::Started => "started",
+            EventKind::AttemptFailed => "attempt-failed",
+            EventKind::Waiting => "waiting",
+            EventKind::Finished => "finished",
+            EventKind::DeadLettered => "dead-lettered",
+            EventKind::Requeued => "requeued",
+            EventKind::LeaseLapsed => "lease-lapsed",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        EventKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| anyhow::anyhow!("unknown event kind {s:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ impl Store {
     pub(super) async fn append_event(
         &self,
         job: &Job,
-        kind: &str,
+        kind: EventKind,
         attempt: Option<i32>,
         consumer: &str,
         detail: &str,
@@ -17,7 +17,7 @@ impl Store {
             &[
                 &job.id.0,
                 &job.run_id.0,
-                &kind,
+                &kind.as_str(),
                 &attempt,
                 &consumer,
                 &detail,
@@ -45,15 +45,16 @@ impl Store {
                 &[&job.0],
             )
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|row| JobEvent {
-                at: row.get(0),
-                kind: row.get(1),
-                attempt: row.get(2),
-                consumer: row.get(3),
-                detail: row.get(4),
+        rows.into_iter()
+            .map(|row| {
+                Ok(JobEvent {
+                    at: row.get(0),
+                    kind: row.get::<_, String>(1).parse()?,
+                    attempt: row.get(2),
+                    consumer: row.get(3),
+                    detail: row.get(4),
+                })
             })
-            .collect())
+            .collect()
     }
 }

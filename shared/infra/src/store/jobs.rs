@@ -189,7 +189,7 @@ impl Store {
         attempt: i32,
         consumer: &str,
     ) -> anyhow::Result<()> {
-        self.append_event(job, "started", Some(attempt), consumer, "")
+        self.append_event(job, EventKind::Started, Some(attempt), consumer, "")
             .await
     }
 
@@ -200,8 +200,14 @@ impl Store {
         consumer: &str,
         reason: &str,
     ) -> anyhow::Result<()> {
-        self.append_event(job, "attempt-failed", Some(attempt), consumer, reason)
-            .await
+        self.append_event(
+            job,
+            EventKind::AttemptFailed,
+            Some(attempt),
+            consumer,
+            reason,
+        )
+        .await
     }
 
     /// Logs that the job waits for an identical job (`holder`) computing the same result.
@@ -214,7 +220,7 @@ impl Store {
     ) -> anyhow::Result<()> {
         let detail =
             format!("waiting for the identical job {holder}, which is computing the same result");
-        self.append_event(job, "waiting", Some(attempt), consumer, &detail)
+        self.append_event(job, EventKind::Waiting, Some(attempt), consumer, &detail)
             .await
     }
 

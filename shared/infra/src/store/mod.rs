@@ -27,7 +27,9 @@ use uuid::Uuid;
 use crate::config::DatabaseConfig;
 use quarry_core::category::{Category, Verdict, categorize};
 use quarry_core::cost::Cost;
-use quarry_core::job::{BrokenReason, Job, JobId, Outcome, PackageVersion, Refusal, RunId};
+use quarry_core::job::{
+    BrokenReason, EventKind, Job, JobId, Outcome, PackageVersion, Refusal, RunId,
+};
 use quarry_core::progress::{Progress, RunFigures};
 
 mod claims;

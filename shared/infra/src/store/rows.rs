@@ -175,7 +175,7 @@ pub struct ResultRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobEvent {
     pub at: DateTime<Utc>,
-    pub kind: String,
+    pub kind: EventKind,
     pub attempt: Option<i32>,
     pub consumer: Option<String>,
     pub detail: Option<String>,
