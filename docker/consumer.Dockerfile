@@ -25,7 +25,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY migrations ./migrations
 COPY docs/quarry.example.toml ./docs/quarry.example.toml
-COPY shared ./shared
+COPY shared/core ./shared/core
+COPY shared/infra ./shared/infra
 COPY producer ./producer
 COPY consumer ./consumer
 COPY reporter ./reporter
