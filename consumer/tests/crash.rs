@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quarry_core::job::Mode;
-use quarry_producer::{RunDefinition, Selection, publish_run};
-use quarry_testkit::{TestStack, experiment, fixtures};
+use quarry_producer::publish_run;
+use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 fn start_consumer(stack: &TestStack, name: &str) -> Child {
@@ -36,16 +36,7 @@ async fn a_consumer_killed_mid_job_loses_nothing_and_duplicates_nothing() {
     let stack = TestStack::start_with(fixtures::corpus(packed.path()).unwrap())
         .await
         .unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 300),
-        selection: Selection::Packages {
-            packages: vec!["quarry-fixture-slow".into()],
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = packages_run(experiment(Mode::Check, 300), &["quarry-fixture-slow"]);
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "crash", &definition, &never)
         .await
@@ -133,16 +124,8 @@ async fn a_stopping_consumer_finishes_its_running_job_and_gives_back_the_waiting
     // Two jobs of the slow package (one per toolchain) for one consumer with one slot: it holds
     // both, runs one and keeps the other ready for the slot.
     let second = std::env::var("QUARRY_TEST_SECOND_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain(), second.parse().unwrap()],
-        experiment: experiment(Mode::Check, 300),
-        selection: Selection::Packages {
-            packages: vec!["quarry-fixture-slow".into()],
-        },
-        toolchain_files: Vec::new(),
-    };
+    let mut definition = packages_run(experiment(Mode::Check, 300), &["quarry-fixture-slow"]);
+    definition.toolchains = vec![quarry_testkit::toolchain(), second.parse().unwrap()];
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "stopping", &definition, &never)
         .await

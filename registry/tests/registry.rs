@@ -55,20 +55,18 @@ fn the_closed_corpus_drops_what_cannot_resolve_transitively() {
     assert_eq!(names, ["base", "user"]);
 }
 
+/// The JSON answer to a GET of `url`.
+async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: String) -> T {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test]
 async fn serves_index_downloads_and_pages_like_crates_io() {
     let (_dir, corpus) = corpus();
     let registry = serve(corpus, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let http = reqwest::Client::new();
 
-    let config: IndexConfig = http
-        .get(format!("{}config.json", registry.index_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: IndexConfig = get_json(&http, format!("{}config.json", registry.index_url())).await;
 
     // Index file: every version, oldest first, with the real checksum of the file served.
     let index = http
@@ -105,14 +103,11 @@ async fn serves_index_downloads_and_pages_like_crates_io() {
     let mut names = Vec::new();
     let mut next = Some("?per_page=3".to_owned());
     while let Some(query) = next {
-        let page: CratesPage = http
-            .get(format!("{}/api/v1/crates{query}", registry.api_url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: CratesPage = get_json(
+            &http,
+            format!("{}/api/v1/crates{query}", registry.api_url()),
+        )
+        .await;
         assert_eq!(page.meta.total, 4);
         names.extend(page.crates.into_iter().map(|c| c.name));
         next = page.meta.next_page;

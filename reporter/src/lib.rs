@@ -776,6 +776,11 @@ fn compare_toolchains(
     Some(compare::compare(&start, &end, by_package))
 }
 
+/// `one` for a count of one, else `many` (`1 crate`, `2 crates`).
+pub(crate) fn plural(count: usize, one: &'static str, many: &'static str) -> &'static str {
+    if count == 1 { one } else { many }
+}
+
 /// Escapes text for HTML element content and quoted attribute values.
 pub fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

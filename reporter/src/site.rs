@@ -255,7 +255,7 @@ pub fn write(dir: &Path, report: &Report) -> anyhow::Result<std::path::PathBuf> 
             "packages/all-1.html",
             &format!(
                 "{pages} {} of {PAGE_ROWS}",
-                if pages == 1 { "page" } else { "pages" }
+                crate::plural(pages, "page", "pages")
             ),
             pages
         )
@@ -802,13 +802,9 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
         index,
         "<h2 id=\"regressions\">Regressions: <span data-count=\"regressed-crates\">{crates}</span> \
          {}, <span data-count=\"root-causes\">{}</span> root {}</h2>",
-        if crates == 1 { "crate" } else { "crates" },
+        crate::plural(crates, "crate", "crates"),
         report.regressions.len(),
-        if report.regressions.len() == 1 {
-            "cause"
-        } else {
-            "causes"
-        },
+        crate::plural(report.regressions.len(), "cause", "causes"),
     );
     if report.regressions.is_empty() {
         let _ = writeln!(
@@ -836,7 +832,7 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
                 "<div class=\"cause\" data-group=\"{cause}\"><h3>{cause} · \
                  <span data-count=\"group-{n}\">{}</span> {}</h3>\n<ol>",
                 group.crates,
-                if group.crates == 1 { "crate" } else { "crates" },
+                crate::plural(group.crates, "crate", "crates"),
                 cause = e(&group.cause),
                 n = g + 1,
             );
@@ -889,16 +885,8 @@ fn regressions(index: &mut String, dir: &Path, report: &Report) -> anyhow::Resul
                     "<details open><summary><span data-count=\"broken-by-{name}\">{}</span> {} \
                      failed because {} on it</summary><ol>",
                     root.broken.len(),
-                    if root.broken.len() == 1 {
-                        "crate"
-                    } else {
-                        "crates"
-                    },
-                    if root.broken.len() == 1 {
-                        "it depends"
-                    } else {
-                        "they depend"
-                    },
+                    crate::plural(root.broken.len(), "crate", "crates"),
+                    crate::plural(root.broken.len(), "it depends", "they depend"),
                     name = e(&root.name),
                 );
                 for dependent in root.broken.iter().take(SHOWN_DEPENDENTS) {

@@ -176,13 +176,9 @@ fn regressions(md: &mut Budget, report: &Report, end: &str) {
     let crates: usize = report.regressions.iter().map(|g| g.crates).sum();
     md.line(&format!(
         "### Regressions: {crates} {}, {} root {}",
-        if crates == 1 { "crate" } else { "crates" },
+        crate::plural(crates, "crate", "crates"),
         report.regressions.len(),
-        if report.regressions.len() == 1 {
-            "cause"
-        } else {
-            "causes"
-        },
+        crate::plural(report.regressions.len(), "cause", "causes"),
     ));
     md.blank();
     if let Some(command) = report.reruns.get("regressed") {
@@ -197,7 +193,7 @@ fn regressions(md: &mut Budget, report: &Report, end: &str) {
             n + 1,
             code(&group.cause),
             group.crates,
-            if group.crates == 1 { "crate" } else { "crates" }
+            crate::plural(group.crates, "crate", "crates")
         )) {
             break;
         }

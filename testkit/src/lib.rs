@@ -48,6 +48,11 @@ fn free_port() -> u16 {
         .expect("loopback has a free port")
 }
 
+/// The body of a GET of `url`, as text (a page of the live view, say).
+pub async fn get_text(url: impl reqwest::IntoUrl) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 /// The crates tests use by default (`crates_dir`), with what they depend on.
 pub fn local_corpus() -> anyhow::Result<Corpus> {
     Ok(Corpus::load(&[crates_dir()])?.closed())

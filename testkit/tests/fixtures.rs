@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
 use quarry_testkit::images::{self, Images};
-use quarry_testkit::{Consumers, TestStack, experiment, fixtures};
+use quarry_testkit::{Consumers, TestStack, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 const TIME_LIMIT_SECS: u64 = 30;
@@ -387,20 +387,14 @@ async fn identical_jobs_in_flight_are_computed_once() {
     let stack = TestStack::start_with(fixtures::corpus(packed.path()).unwrap())
         .await
         .unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, TIME_LIMIT_SECS),
-        selection: Selection::Packages {
-            packages: vec![
-                "quarry-fixture-slow".into(),
-                "quarry-fixture-pass".into(),
-                "quarry-fixture-build-fail".into(),
-            ],
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = packages_run(
+        experiment(Mode::Check, TIME_LIMIT_SECS),
+        &[
+            "quarry-fixture-slow",
+            "quarry-fixture-pass",
+            "quarry-fixture-build-fail",
+        ],
+    );
     let never = CancellationToken::new();
     let mut runs = Vec::new();
     for name in ["twin-a", "twin-b"] {

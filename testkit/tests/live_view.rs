@@ -145,12 +145,8 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         ],
     )
     .await;
-    let consumer_metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let consumer_metrics =
+        quarry_testkit::get_text(format!("http://127.0.0.1:{metrics_port}/metrics")).await;
     quarry_reporter::generate(&stack.config, "live-a", &stack.config.reporter.output_dir)
         .await
         .unwrap();
@@ -272,26 +268,17 @@ async fn the_live_view_shows_the_database_and_the_dashboards_query_real_metrics(
         .await
         .unwrap();
     assert_eq!(wrong.status(), reqwest::StatusCode::UNAUTHORIZED);
-    assert!(
-        store
-            .find_run("live-b")
-            .await
-            .unwrap()
-            .cancelled_at
-            .is_none()
-    );
+    assert!(!cancelled(&store, "live-b").await);
     let accepted = http.post(&cancel).bearer_auth(TOKEN).send().await.unwrap();
     assert!(accepted.status().is_success(), "{}", accepted.status());
-    assert!(
-        store
-            .find_run("live-b")
-            .await
-            .unwrap()
-            .cancelled_at
-            .is_some()
-    );
+    assert!(cancelled(&store, "live-b").await);
 
     stop.cancel();
     server.await.unwrap();
     consumers.stop().await;
+}
+
+/// Whether the run named `run` is cancelled, as the database says.
+async fn cancelled(store: &Store, run: &str) -> bool {
+    store.find_run(run).await.unwrap().cancelled_at.is_some()
 }

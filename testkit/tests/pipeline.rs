@@ -572,12 +572,7 @@ async fn transient_registry_failures_are_retried_and_a_wrong_checksum_ends_as_an
         0,
         "its spent copy left the dead letters"
     );
-    let live = reqwest::get(format!("http://{addr}/runs/faulty-registry"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let live = quarry_testkit::get_text(format!("http://{addr}/runs/faulty-registry")).await;
     assert!(
         !live.contains(&corrupt),
         "no longer listed as dead-lettered"
@@ -797,12 +792,7 @@ async fn the_consumer_serves_its_figures_as_prometheus_metrics() {
     let consumers = Consumers::start([config]);
     stack.wait_for_run(summary.run_id).await;
 
-    let exposition = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposition = quarry_testkit::get_text(format!("http://127.0.0.1:{port}/metrics")).await;
     let stats = consumers.stop().await;
 
     assert_eq!(

@@ -197,12 +197,8 @@ async fn a_broken_library_and_its_dependents_read_as_one_root_cause() {
     let stop = CancellationToken::new();
     let (addr, server) = quarry_reporter::serve(&config, stop.clone()).await.unwrap();
     // Between the two runs: the later one lacks the dependents, so their regressions are gone.
-    let compare = reqwest::get(format!("http://{addr}/compare/triage/triage-again"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let compare =
+        quarry_testkit::get_text(format!("http://{addr}/compare/triage/triage-again")).await;
     assert!(
         compare.contains("<span data-count=\"gone-regressions\">5</span>")
             && compare.contains("<span data-count=\"new-regressions\">0</span>")

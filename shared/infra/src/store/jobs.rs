@@ -137,8 +137,6 @@ impl Store {
         Ok(())
     }
 
-    // ---- results (consumer side) ------------------------------------------------------------
-
     /// What a consumer needs to know before taking a delivered job on, in one round trip.
     pub async fn job_state(&self, job: &Job) -> anyhow::Result<JobState> {
         let client = self.client().await?;

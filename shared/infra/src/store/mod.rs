@@ -249,6 +249,4 @@ impl Store {
         unlocked.context("cannot release the migration lock")?;
         Ok(())
     }
-
-    // ---- runs -------------------------------------------------------------------------------
 }

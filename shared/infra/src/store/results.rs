@@ -236,8 +236,6 @@ impl Store {
         .transpose()
     }
 
-    // ---- leases (consumer side) ---------------------------------------------------------------
-
     /// Every result of a run, ordered by package then toolchain.
     pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {
         use futures::TryStreamExt as _;
