@@ -241,8 +241,11 @@ struct RunArgs {
 /// The modes by name (the domain's types know nothing of the command line).
 fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
     use clap::builder::TypedValueParser as _;
-    clap::builder::PossibleValuesParser::new(Mode::ALL.map(Mode::as_str))
-        .map(|name| name.parse::<Mode>().expect("one of the possible values"))
+    clap::builder::PossibleValuesParser::new(
+        Mode::ALL
+            .map(|mode| clap::builder::PossibleValue::new(mode.as_str()).help(mode.describe())),
+    )
+    .map(|name| name.parse::<Mode>().expect("one of the possible values"))
 }
 
 /// The lint levels by name.

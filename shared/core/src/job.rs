@@ -225,6 +225,21 @@ impl Mode {
             Mode::Command => "command",
         }
     }
+
+    /// What it runs, in a line (for a command line's help).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Mode::Check => "`cargo check`",
+            Mode::Build => "`cargo build`",
+            Mode::Test => "`cargo build`, then `cargo test`",
+            Mode::Clippy => "`cargo clippy`",
+            Mode::Doc => "`cargo doc --no-deps`",
+            Mode::Command => {
+                "The experiment's own `command`, run in the sandbox in the unpacked package (exit \
+                 0 is `test-pass`, anything else `test-fail`)"
+            }
+        }
+    }
 }
 
 impl FromStr for Mode {
