@@ -1302,8 +1302,8 @@ impl Worker {
             .definition(job.run_id)
             .await
             .context("cannot read the run's definition to publish a re-run")?;
-        for (id, package, side, recheck_of) in reruns {
-            let rerun = definition.job(job.run_id, id, package, &side, recheck_of)?;
+        for stored in reruns {
+            let rerun = definition.job(job.run_id, stored)?;
             self.publish_rerun(publisher, &rerun).await?;
         }
         Ok(())

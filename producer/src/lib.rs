@@ -1360,14 +1360,14 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
     let mut republished = Republished::default();
     let mut jobs = Vec::new();
     let definition = StoredDefinition::of(&run.definition)?;
-    for (id, package, side, recheck_of) in store.unfinished_jobs(run.id).await? {
-        if in_hand.contains(&id.0) {
+    for stored in store.unfinished_jobs(run.id).await? {
+        if in_hand.contains(&stored.id.0) {
             republished.in_hand += 1;
             continue;
         }
         jobs.push(
             definition
-                .job(run.id, id, package, &side, recheck_of)
+                .job(run.id, stored)
                 .with_context(|| format!("cannot republish a job of run {}", run.name))?,
         );
     }

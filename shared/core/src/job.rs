@@ -447,6 +447,17 @@ pub struct StoredDefinition {
     pub toolchain_files: Vec<ToolchainFile>,
 }
 
+/// A job as the database keeps it (`jobs`: its id, package, side label and the job it re-runs):
+/// with its run's definition, enough to rebuild it as it was published
+/// ([`StoredDefinition::job`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJob {
+    pub id: JobId,
+    pub package: PackageVersion,
+    pub side: String,
+    pub recheck_of: Option<JobId>,
+}
+
 impl StoredDefinition {
     pub fn of(definition: &serde_json::Value) -> Result<StoredDefinition, InvalidJob> {
         serde_json::from_value(definition.clone())
@@ -462,16 +473,16 @@ impl StoredDefinition {
         side_labels(&self.sides())
     }
 
-    /// The job `id` of `run`, from what the database keeps of it (its package, side label and
-    /// the job it re-runs), exactly as it was published; an error if it cannot be rebuilt so.
-    pub fn job(
-        &self,
-        run: RunId,
-        id: JobId,
-        package: PackageVersion,
-        label: &str,
-        recheck_of: Option<JobId>,
-    ) -> Result<Job, InvalidJob> {
+    /// The job of `run` the database keeps as `stored`, exactly as it was published; an error
+    /// if it cannot be rebuilt so. The one way a job is rebuilt from a row.
+    pub fn job(&self, run: RunId, stored: StoredJob) -> Result<Job, InvalidJob> {
+        let StoredJob {
+            id,
+            package,
+            side: label,
+            recheck_of,
+        } = stored;
+        let label = label.as_str();
         let base = match recheck_of {
             Some(_) => label.strip_suffix(RECHECK_SUFFIX).unwrap_or(label),
             None => label,

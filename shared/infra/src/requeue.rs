@@ -42,9 +42,7 @@ pub async fn requeue_dead_letters(
         .requeue_dead_letters(run.id, by)
         .await?
         .into_iter()
-        .map(|(id, package, side, recheck_of)| {
-            definition.job(run.id, id, package, &side, recheck_of)
-        })
+        .map(|stored| definition.job(run.id, stored))
         .collect::<Result<Vec<Job>, _>>()?;
     let publisher = broker.publisher().await?;
     for chunk in jobs.chunks(500) {

@@ -225,27 +225,20 @@ impl Store {
     /// Re-runs of `job`'s package recorded but not yet published (their consumer died between
     /// recording and publishing them): as `StoredJob`s, to publish again.
     pub async fn unpublished_reruns(&self, job: &Job) -> anyhow::Result<Vec<StoredJob>> {
-        let client = self.client().await?;
-        Ok(client
+        Ok(self
             .query(
-                &client
-                    .prepare_cached(
-                        "SELECT id, toolchain, recheck_of FROM jobs
+                "SELECT id, toolchain, recheck_of FROM jobs
                  WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
                    AND recheck_of IS NOT NULL AND published_at IS NULL",
-                    )
-                    .await?,
                 &[&job.run_id.0, &job.package.name, &job.package.version],
             )
             .await?
             .into_iter()
-            .map(|row| {
-                (
-                    JobId(row.get(0)),
-                    job.package.clone(),
-                    row.get(1),
-                    Some(JobId(row.get(2))),
-                )
+            .map(|row| StoredJob {
+                id: JobId(row.get(0)),
+                package: job.package.clone(),
+                side: row.get(1),
+                recheck_of: Some(JobId(row.get(2))),
             })
             .collect())
     }

@@ -69,16 +69,16 @@ fn libpq_sslmode(url: &str) -> std::borrow::Cow<'_, str> {
 
 /// A `StoredJob` from a row of jobs.(id, crate_name, crate_version, checksum, toolchain, recheck_of).
 fn stored_job(row: tokio_postgres::Row) -> StoredJob {
-    (
-        JobId(row.get(0)),
-        PackageVersion {
+    StoredJob {
+        id: JobId(row.get(0)),
+        package: PackageVersion {
             name: row.get(1),
             version: row.get(2),
             checksum: row.get(3),
         },
-        row.get(4),
-        row.get::<_, Option<Uuid>>(5).map(JobId),
-    )
+        side: row.get(4),
+        recheck_of: row.get::<_, Option<Uuid>>(5).map(JobId),
+    }
 }
 
 /// A `ResultBrief` from (crate_name, crate_version, toolchain, outcome, at, reason).

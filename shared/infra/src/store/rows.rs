@@ -34,7 +34,7 @@ pub enum JobState {
 
 /// A job as the database keeps it: (id, package, side label, the job it re-runs), from which
 /// `StoredDefinition::job` rebuilds it.
-pub type StoredJob = (JobId, PackageVersion, String, Option<JobId>);
+pub use quarry_core::job::StoredJob;
 
 /// One job of a package in a run, for `explain`.
 #[derive(Debug, Clone)]
