@@ -1034,7 +1034,7 @@ mod tests {
             limit_mb,
             ..stack.config.consumer.toolchains.clone()
         };
-        let own = crate::rustup_home().unwrap();
+        let own = crate::host::rustup_home().unwrap();
         std::fs::create_dir_all(dir).unwrap();
         let sandbox = Sandbox::bubblewrap(vec![own.clone(), dir.to_owned(), cargo_bin()])
             .await
