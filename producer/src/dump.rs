@@ -24,7 +24,7 @@ use crate::Sort;
 use crate::selection::{Filter, NamePatterns, ReverseDependencies, sample};
 
 /// One page's worth of work: what goes to the producer's publishing loop.
-pub type Page = Vec<crate::Item>;
+pub type Page = Vec<crate::resolution::Item>;
 
 /// What the dump says of its crates.
 #[derive(Debug, Default)]
@@ -206,9 +206,14 @@ fn keep_if_newer(newest: &mut HashMap<u32, Newest>, filter: &Filter, row: &Versi
     }
 }
 
-fn item(name: &str, num: &str, checksum: &str, dependencies: Vec<String>) -> crate::Item {
+fn item(
+    name: &str,
+    num: &str,
+    checksum: &str,
+    dependencies: Vec<String>,
+) -> crate::resolution::Item {
     if checksum.len() == 64 && checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-        crate::Item::Resolved {
+        crate::resolution::Item::Resolved {
             package: PackageVersion {
                 name: name.to_owned(),
                 version: num.to_owned(),
@@ -217,7 +222,7 @@ fn item(name: &str, num: &str, checksum: &str, dependencies: Vec<String>) -> cra
             dependencies,
         }
     } else {
-        crate::Item::LeftOut {
+        crate::resolution::Item::LeftOut {
             package: format!("{name}@{num}"),
             why: "the database dump has no valid checksum for this version".to_owned(),
         }
@@ -234,7 +239,7 @@ struct Pager<'a, F> {
 }
 
 impl<F: FnMut(Page) -> ControlFlow<()>> Pager<'_, F> {
-    fn push(&mut self, item: crate::Item) -> ControlFlow<()> {
+    fn push(&mut self, item: crate::resolution::Item) -> ControlFlow<()> {
         if self.stopped {
             return ControlFlow::Break(());
         }
