@@ -3,14 +3,10 @@
 //! `quarry-reporter explain` read what this writes.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use quarry_core::job::JobId;
 
 use crate::Worker;
-
-/// How often a consumer tells the fleet table it is alive and what it has in hand.
-const FLEET_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Who this process is in the fleet: two consumers may share a name (a restart while the old
 /// process is still in its grace period), never an id. The secret keeps another process from
@@ -60,7 +56,7 @@ pub(crate) fn join(worker: Arc<Worker>, identity: Identity) -> tokio::task::Join
             if registered {
                 worker.fleet_heartbeat(&identity).await;
             }
-            tokio::time::sleep(FLEET_HEARTBEAT).await;
+            tokio::time::sleep(quarry_core::fleet::HEARTBEAT).await;
         }
     })
 }

@@ -456,7 +456,10 @@ mod tests {
 
     #[test]
     fn a_job_starts_from_its_state_when_taken() {
-        assert!(matches!(Next::first(JobState::ToDo { crashes: 0 }), Next::Run));
+        assert!(matches!(
+            Next::first(JobState::ToDo { crashes: 0 }),
+            Next::Run
+        ));
         assert!(matches!(
             Next::first(JobState::RunCancelled),
             Next::Verdict {

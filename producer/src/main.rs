@@ -457,7 +457,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             for member in store.fleet(since).await? {
                 let silent = (now - member.heartbeat_at).num_seconds();
-                let status = member.status(now);
+                let status = member.state(now);
                 let in_hand: Vec<String> =
                     member.current_jobs.iter().map(|j| j.to_string()).collect();
                 writeln!(

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use quarry_core::job::StoredDefinition;
 use quarry_infra::Config;
 use quarry_infra::queue::Broker;
-use quarry_infra::store::Store;
+use quarry_infra::store::{FleetState, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::definition::RunDefinition;
@@ -131,7 +131,7 @@ pub async fn republish(config: &Config, run: &str, force: bool) -> anyhow::Resul
         .fleet(now - chrono::Duration::hours(1))
         .await?
         .into_iter()
-        .filter(|member| member.status(now) == "alive")
+        .filter(|member| member.state(now) == FleetState::Alive)
         .flat_map(|member| member.current_jobs)
         .collect();
     let mut republished = Republished::default();

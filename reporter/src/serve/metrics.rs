@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use prometheus::{Encoder as _, GaugeVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use quarry_core::progress::Pace;
+use quarry_infra::store::FleetState;
 
 use super::{App, Failure, PACE_WINDOW, RECENT_RUNS};
 use crate::compare::categorize;
@@ -104,14 +105,15 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Result<Response, Fai
         }
     }
     let now = Utc::now();
-    let mut states: BTreeMap<&str, i64> = [("alive", 0), ("lost", 0)].into();
+    let mut states: BTreeMap<FleetState, i64> =
+        [(FleetState::Alive, 0), (FleetState::Lost, 0)].into();
     for member in app.store.fleet(now - chrono::Duration::hours(1)).await? {
-        if let Some(n) = states.get_mut(member.status(now)) {
+        if let Some(n) = states.get_mut(&member.state(now)) {
             *n += 1;
         }
     }
     for (state, n) in states {
-        fleet.with_label_values(&[state]).set(n);
+        fleet.with_label_values(&[state.as_str()]).set(n);
     }
     // The broker may be down while the database is not: the run figures still go out.
     match queue_depths(&app).await {

@@ -88,7 +88,7 @@ pub(super) async fn render_fleet(app: &App, body: &mut String) -> anyhow::Result
          <th>last heartbeat</th><th>jobs done</th><th>jobs in hand</th></tr>\n"
     );
     for member in fleet {
-        let status = member.status(now);
+        let status = member.state(now);
         let in_hand: Vec<String> = member.current_jobs.iter().map(|j| j.to_string()).collect();
         let _ = writeln!(
             body,

@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::config::DatabaseConfig;
 use quarry_core::category::{Category, Verdict, categorize};
 use quarry_core::cost::Cost;
+pub use quarry_core::fleet::FleetState;
 use quarry_core::job::{
     BrokenReason, EventKind, Job, JobId, Outcome, PackageVersion, Refusal, RunId,
 };

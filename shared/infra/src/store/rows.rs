@@ -197,16 +197,10 @@ pub struct FleetMember {
 }
 
 impl FleetMember {
-    /// `stopped` (it said goodbye), `lost` (silent for over 30 s: three missed heartbeats) or
-    /// `alive`.
-    pub fn status(&self, now: DateTime<Utc>) -> &'static str {
-        if self.stopped_at.is_some() {
-            "stopped"
-        } else if (now - self.heartbeat_at).num_seconds() > 30 {
-            "lost"
-        } else {
-            "alive"
-        }
+    /// Where it is at `now` (`FleetState::of`).
+    pub fn state(&self, now: DateTime<Utc>) -> FleetState {
+        let silent_for = (now - self.heartbeat_at).to_std().unwrap_or_default();
+        FleetState::of(self.stopped_at.is_some(), silent_for)
     }
 }
 
