@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use quarry_core::job::{Job, JobId, Outcome, RunId, StoredDefinition};
 use quarry_infra::queue::{self, Publisher};
-use quarry_infra::store::{JobState, NewResult, Pairing};
+use quarry_infra::store::{JobState, NewResult, Pairing, Recorded};
 
 use crate::claims::Claim;
 use crate::toolchains::Leased;
@@ -245,7 +245,10 @@ impl Worker {
             self.metrics.observe_cost(cost);
         }
         let pairing = self.pairing(job).await;
-        let (recorded, rerun) = self
+        let Recorded {
+            new: recorded,
+            rerun,
+        } = self
             .store
             .record_result(
                 &NewResult {
@@ -393,7 +396,7 @@ impl Worker {
         lease_holder: Option<uuid::Uuid>,
     ) -> anyhow::Result<()> {
         // An error or a skip is never a regression: nothing to pair.
-        let (recorded, _) = self
+        let Recorded { new: recorded, .. } = self
             .store
             .record_result(
                 &NewResult {

@@ -13,7 +13,6 @@ use quarry_core::progress::Pace;
 use quarry_infra::store::FleetState;
 
 use super::{App, Failure, PACE_WINDOW, RECENT_RUNS};
-use crate::compare::categorize;
 
 /// The reporter's Prometheus figures: every recent run's progress, pace and outcomes, the
 /// queues' depths and the fleet. Computed from the database (and the broker) on each scrape.
@@ -94,10 +93,8 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Result<Response, Fai
         }
         if let [start, end] = crate::toolchains(&run.definition).as_slice() {
             let mut by_category: BTreeMap<&str, i64> = BTreeMap::new();
-            for (s, t, rerun, n) in app.store.outcome_pairs(run.id, start, end).await? {
-                *by_category
-                    .entry(categorize(s, t, rerun).as_str())
-                    .or_default() += n;
+            for pair in app.store.outcome_pairs(run.id, start, end).await? {
+                *by_category.entry(pair.category().as_str()).or_default() += pair.packages;
             }
             for (category, n) in by_category {
                 categories.with_label_values(&[name, category]).set(n);

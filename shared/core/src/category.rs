@@ -175,6 +175,14 @@ pub fn package_categories(
         .collect()
 }
 
+/// Whether a package whose sides came to `start` and `end` is run once more on its end side, to
+/// tell a regression that happens again from a flaky one (as Crater re-runs its regressions).
+/// Only a regression as such: not one the end side's environment explains (spurious), not an
+/// error, a skip or a broken package, and not while a side has no result.
+pub fn rerun_wanted(start: Option<Verdict>, end: Option<Verdict>) -> bool {
+    categorize(start, end, None) == Category::Regressed
+}
+
 /// The category of a package from its start and end results, and for a regression the outcome
 /// of end's re-run (`None` while it has none: the regression is then not yet confirmed, and is
 /// counted as one).
@@ -208,5 +216,28 @@ pub fn categorize(
             (false, true) => Category::Fixed,
             (false, false) => Category::StillFailing,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_regression_is_run_again() {
+        let pass = Some(Verdict::from(Outcome::BuildPass));
+        let fail = Some(Verdict::from(Outcome::BuildFail));
+        assert!(rerun_wanted(pass, fail));
+        assert!(!rerun_wanted(pass, pass));
+        assert!(!rerun_wanted(fail, pass));
+        assert!(!rerun_wanted(fail, fail));
+        assert!(!rerun_wanted(pass, None), "the end side has no result yet");
+        assert!(!rerun_wanted(pass, Some(Verdict::from(Outcome::Timeout))));
+        let denied = Some(Verdict {
+            outcome: Outcome::BuildFail,
+            environmental: true,
+        });
+        assert!(!rerun_wanted(pass, denied), "the sandbox explains it");
+        assert!(!rerun_wanted(pass, Some(Verdict::from(Outcome::Error))));
     }
 }

@@ -165,7 +165,12 @@ impl Store {
                         environmental: row.get(at + 1),
                     }))
                 };
-                Ok((verdict(0)?, verdict(2)?, parse(row.get(4))?, row.get(5)))
+                Ok(OutcomePair {
+                    start: verdict(0)?,
+                    end: verdict(2)?,
+                    end_rerun: parse(row.get(4))?,
+                    packages: row.get(5),
+                })
             })
             .collect()
     }

@@ -6,15 +6,16 @@ impl Store {
     /// Stores a job's final result and its `finished` event in one transaction. Returns false,
     /// changing nothing, when the job already had a result.
     ///
-    /// With a `pairing` (a job of a two-sided run), the same transaction also decides whether
-    /// the package regressed, now that this side has its result, and if so records the end
-    /// side's re-run: returned when it still has to be published. The package's job rows are
+    /// With a `pairing` (a job of a two-sided run), the same transaction also reads both sides'
+    /// results, now that this one has its result, and where the domain wants the package run
+    /// again (`category::rerun_wanted`) records the end side's re-run: returned when it still
+    /// has to be published. The package's job rows are
     /// locked first, so when both sides finish at once the second to commit sees the first.
     pub async fn record_result(
         &self,
         result: &NewResult,
         pairing: Option<&Pairing>,
-    ) -> anyhow::Result<(bool, Option<Job>)> {
+    ) -> anyhow::Result<Recorded> {
         let duration_ms = i64::try_from(result.duration.as_millis()).unwrap_or(i64::MAX);
         let cost = result.cost.as_ref();
         let steps = cost
@@ -129,7 +130,10 @@ impl Store {
             .context("cannot release the job's lease")?;
         }
         tx.commit().await.context("cannot commit the result")?;
-        Ok((inserted == 1, rerun))
+        Ok(Recorded {
+            new: inserted == 1,
+            rerun,
+        })
     }
 
     /// Within `record_result`'s transaction: when the package's start side passed and its end
@@ -168,8 +172,9 @@ impl Store {
                 })
                 .transpose()
         };
-        let category = categorize(side(&pairing.start)?, side(&pairing.end)?, None);
-        if category != Category::Regressed {
+        // The domain decides; the transaction only makes sure the two sides' results are read
+        // together, once (the package's jobs are locked), so that one of them adds the re-run.
+        if !quarry_core::category::rerun_wanted(side(&pairing.start)?, side(&pairing.end)?) {
             return Ok(None);
         }
         let original = rerun

@@ -204,8 +204,31 @@ impl FleetMember {
     }
 }
 
-/// Packages with these start and end results and end re-run outcome: how many.
-pub type OutcomePair = (Option<Verdict>, Option<Verdict>, Option<Outcome>, i64);
+/// How many packages of a two-sided run have these start and end results and end re-run
+/// outcome (`None` where there is no result yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutcomePair {
+    pub start: Option<Verdict>,
+    pub end: Option<Verdict>,
+    pub end_rerun: Option<Outcome>,
+    pub packages: i64,
+}
+
+impl OutcomePair {
+    /// These packages' category (`categorize`).
+    pub fn category(&self) -> Category {
+        categorize(self.start, self.end, self.end_rerun)
+    }
+}
+
+/// What recording a result did.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The result is new: `false` when the job already had one (a duplicate), which is kept.
+    pub new: bool,
+    /// The regression's re-run it added, still to publish (the lease is kept until it is).
+    pub rerun: Option<Job>,
+}
 
 /// A package's result in an earlier run.
 #[derive(Debug, Clone, Serialize)]
