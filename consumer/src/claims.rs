@@ -94,7 +94,7 @@ impl Worker {
         let build = toolchain.installed.build.clone();
         let memo_key = job.memo_key(&build);
         // A re-run exists to see whether the first result happens again: never reused.
-        let fresh = job.experiment.fresh || job.recheck_of.is_some();
+        let fresh = job.experiment.fresh || job.rerun_of.is_some();
         if !fresh {
             if let Some(reused) = self.reuse(&memo_key, &build).await? {
                 return Ok(Next::Record(Box::new(reused)));

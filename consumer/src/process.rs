@@ -309,7 +309,7 @@ impl Worker {
     /// decide whether its package regressed. `None` for one-sided runs, and where the run's
     /// definition cannot be read (then nothing is re-run; the report still categorizes).
     async fn pairing(&self, job: &Job) -> Option<Pairing> {
-        if job.recheck_of.is_some() {
+        if job.rerun_of.is_some() {
             return None;
         }
         let definition = self.definition(job.run_id).await?;
@@ -325,7 +325,7 @@ impl Worker {
         Some(Pairing {
             start,
             end,
-            end_rerun: end_job.recheck(),
+            end_rerun: end_job.rerun(),
         })
     }
 
@@ -366,7 +366,7 @@ impl Worker {
         publisher: &Publisher,
         job: &Job,
     ) -> anyhow::Result<()> {
-        if job.recheck_of.is_some() {
+        if job.rerun_of.is_some() {
             return Ok(());
         }
         let reruns = self.store.unpublished_reruns(job).await?;

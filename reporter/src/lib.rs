@@ -96,7 +96,10 @@ pub struct ProgressInfo {
 pub struct PackageRow {
     pub name: String,
     pub version: String,
-    pub toolchain: String,
+    /// The job's side (`Job::side`): its toolchain, with its patch if any. Reports written
+    /// before it was named so call it `toolchain`.
+    #[serde(alias = "toolchain")]
+    pub side: String,
     pub outcome: String,
     pub exit_code: Option<i32>,
     pub duration_ms: i64,
@@ -327,10 +330,7 @@ struct ReadLog {
 
 /// The file name of a job's log in the report's `logs/` directory.
 fn log_file(row: &ResultRow) -> String {
-    format!(
-        "{}-{}-{}.txt",
-        row.crate_name, row.crate_version, row.toolchain
-    )
+    format!("{}-{}-{}.txt", row.crate_name, row.crate_version, row.side)
 }
 
 /// Writes the log of every job marked in `copy` into `logs`: what PostgreSQL keeps of it (all
@@ -358,7 +358,7 @@ async fn copy_logs(
                 .with_context(|| {
                     format!(
                         "cannot fetch the log of {}@{} ({})",
-                        row.crate_name, row.crate_version, row.toolchain
+                        row.crate_name, row.crate_version, row.side
                     )
                 })?;
             let cause = match row.outcome {
@@ -419,20 +419,15 @@ fn write_report(
             .as_deref()
             .and_then(|b| b.lines().next())
             && !builds
-                .get(&row.toolchain)
+                .get(&row.side)
                 .is_some_and(|seen| seen.contains(build))
         {
             builds
-                .entry(row.toolchain.clone())
+                .entry(row.side.clone())
                 .or_default()
                 .insert(build.to_owned());
         }
-        let job = || {
-            format!(
-                "{}@{} ({})",
-                row.crate_name, row.crate_version, row.toolchain
-            )
-        };
+        let job = || format!("{}@{} ({})", row.crate_name, row.crate_version, row.side);
         for refusal in &row.refused {
             refusals.entry(*refusal).or_default().push(job());
         }
@@ -459,7 +454,7 @@ fn write_report(
         let spurious =
             quarry_core::category::spurious_kind(row.outcome, row.environment.as_deref());
         // A re-run's failure is its package's failure again: counted once, with the first.
-        if row.recheck_of.is_none() {
+        if row.rerun_of.is_none() {
             if let Some(cause) = &cause {
                 groups.entry(cause.clone()).or_default().push(job());
             }
@@ -478,7 +473,7 @@ fn write_report(
         packages.push(PackageRow {
             name: row.crate_name,
             version: row.crate_version,
-            toolchain: row.toolchain,
+            side: row.side,
             outcome: row.outcome.to_string(),
             exit_code: row.exit_code,
             duration_ms: row.duration_ms,
@@ -493,7 +488,7 @@ fn write_report(
             cost: row.cost,
         });
     }
-    let comparison = compare_toolchains(&run.definition, &packages);
+    let comparison = compare_sides(&run.definition, &packages);
     let mut regressions = comparison
         .as_ref()
         .map(|c| triage::group(&c.packages, &packages, &c.end, &dependents))
@@ -737,17 +732,14 @@ pub async fn verify(config: &Config, run: &str, output_dir: &Path) -> anyhow::Re
 
 /// The run's sides, in order (start, then end), from its stored definition: its toolchains, or
 /// for a dependency-patch run its toolchain without and with the patch (as jobs are labelled).
-pub(crate) fn toolchains(definition: &serde_json::Value) -> Vec<String> {
+pub(crate) fn side_labels(definition: &serde_json::Value) -> Vec<String> {
     quarry_core::job::StoredDefinition::of(definition)
         .map(|definition| definition.side_labels())
         .unwrap_or_default()
 }
 
-fn compare_toolchains(
-    definition: &serde_json::Value,
-    packages: &[PackageRow],
-) -> Option<Comparison> {
-    let [start, end] = <[String; 2]>::try_from(toolchains(definition)).ok()?;
+fn compare_sides(definition: &serde_json::Value, packages: &[PackageRow]) -> Option<Comparison> {
+    let [start, end] = <[String; 2]>::try_from(side_labels(definition)).ok()?;
     let end_rerun = quarry_core::job::rerun_label(&end);
     let mut by_package: BTreeMap<(String, String), compare::Sides<'_>> = BTreeMap::new();
     for p in packages {
@@ -765,11 +757,11 @@ fn compare_toolchains(
         let entry = by_package
             .entry((p.name.clone(), p.version.clone()))
             .or_default();
-        if p.toolchain == start {
+        if p.side == start {
             entry.start = Some(side);
-        } else if p.toolchain == end {
+        } else if p.side == end {
             entry.end = Some(side);
-        } else if p.toolchain == end_rerun {
+        } else if p.side == end_rerun {
             entry.end_rerun = Some(side);
         }
     }
@@ -851,7 +843,7 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
         }
     }
     csv.write_all(
-        b"name,version,toolchain,outcome,exit_code,duration_ms,attempt,consumer,log,refused,\
+        b"name,version,side,outcome,exit_code,duration_ms,attempt,consumer,log,refused,\
           broken_reason,environment,cpu_ms,peak_memory_bytes,disk_bytes,slot_wait_ms\n",
     )?;
     for p in &report.packages {
@@ -859,7 +851,7 @@ fn render_csv(report: &Report, csv: &mut dyn std::io::Write) -> anyhow::Result<(
         let row = [
             field(&p.name),
             field(&p.version),
-            field(&p.toolchain),
+            field(&p.side),
             field(&p.outcome),
             exit_code,
             p.duration_ms.to_string(),
@@ -942,7 +934,7 @@ pub(crate) mod tests {
         PackageRow {
             name: name.into(),
             version: "1.0.0".into(),
-            toolchain: toolchain.into(),
+            side: toolchain.into(),
             outcome: "build-fail".into(),
             exit_code: Some(101),
             duration_ms: 1500,
@@ -980,7 +972,7 @@ pub(crate) mod tests {
     #[test]
     fn csv_fields_with_separators_are_quoted() {
         let report = report_of(vec![PackageRow {
-            toolchain: "stable".into(),
+            side: "stable".into(),
             consumer: "host,\"1\"".into(),
             log: Some("logs/a.txt".into()),
             cause: Some("E0308".into()),

@@ -385,7 +385,7 @@ fn package_header() -> [String; 10] {
     [
         "package",
         "version",
-        "toolchain",
+        "side",
         "outcome",
         "exit",
         "seconds",
@@ -420,7 +420,7 @@ fn package_row(p: &PackageRow, html: &mut String) {
          <td>{:.1}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
         package_link(&p.name),
         e(&p.version),
-        e(&p.toolchain),
+        e(&p.side),
         p.exit_code.map_or_else(String::new, |c| c.to_string()),
         p.duration_ms as f64 / 1000.0,
         p.cost
@@ -710,7 +710,7 @@ fn write_package_data(dir: &Path, report: &Report) -> anyhow::Result<()> {
                 serde_json::json!([
                     p.name,
                     p.version,
-                    p.toolchain,
+                    p.side,
                     p.outcome,
                     p.exit_code,
                     p.duration_ms,
@@ -735,7 +735,7 @@ fn package_page(run: &str) -> String {
     html.push_str(
         "<p><a href=\"index.html\">← summary</a></p>\n\
          <h1 id=\"name\"></h1><p id=\"status\">loading…</p>\n\
-         <table id=\"rows\" hidden><tr><th>version</th><th>toolchain</th><th>outcome</th>\
+         <table id=\"rows\" hidden><tr><th>version</th><th>side</th><th>outcome</th>\
          <th>category</th><th>exit</th><th>seconds</th><th>attempt</th><th>cause</th><th>cost</th>\
          <th>log</th></tr></table>\n\
          <script>\n\

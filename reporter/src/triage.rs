@@ -93,7 +93,7 @@ pub fn group(
         .collect();
     let end_rows: HashMap<(&str, &str), &PackageRow> = packages
         .iter()
-        .filter(|p| p.toolchain == end && wanted.contains(&(p.name.as_str(), p.version.as_str())))
+        .filter(|p| p.side == end && wanted.contains(&(p.name.as_str(), p.version.as_str())))
         .map(|p| ((p.name.as_str(), p.version.as_str()), p))
         .collect();
     let regressed: Vec<(&ComparedPackage, Option<&PackageRow>)> = regressions

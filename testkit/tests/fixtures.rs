@@ -339,7 +339,7 @@ async fn two_toolchains_are_compared_and_the_regression_stands_out() {
             .report
             .packages
             .iter()
-            .any(|p| p.name == "quarry-fixture-needs-network" && p.toolchain.ends_with("(re-run)")),
+            .any(|p| p.name == "quarry-fixture-needs-network" && p.side.ends_with("(re-run)")),
         "a spurious failure is not re-run"
     );
     let html = std::fs::read_to_string(&written.html).unwrap();

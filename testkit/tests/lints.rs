@@ -107,7 +107,7 @@ async fn variants_are_sides_of_their_own_and_capped_lints_fail_nothing() {
             .report
             .packages
             .iter()
-            .find(|p| p.toolchain == toolchain)
+            .find(|p| p.side == toolchain)
             .unwrap_or_else(|| panic!("no result with {toolchain}"))
             .clone()
     };

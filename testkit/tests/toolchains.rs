@@ -40,7 +40,7 @@ async fn results(stack: &TestStack, run: &str) -> Vec<(String, Outcome, Option<S
             .result_log(row.log.as_deref(), row.log_key.as_deref())
             .await
             .unwrap();
-        rows.push((row.toolchain, row.outcome, row.toolchain_build, log));
+        rows.push((row.side, row.outcome, row.toolchain_build, log));
     }
     rows
 }

@@ -35,8 +35,8 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Result<Response, Fai
     )?;
     let outcomes = gauge(
         "quarry_run_outcomes",
-        "Results of a run by toolchain and outcome",
-        &["run", "toolchain", "outcome"],
+        "Results of a run by side (its toolchain, with its patch if any) and outcome",
+        &["run", "side", "outcome"],
     )?;
     let rate = float(
         "quarry_run_rate_jobs_per_second",
@@ -91,7 +91,7 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Result<Response, Fai
         if let Some(secs) = pace.eta_secs {
             eta.with_label_values(&[name]).set(secs);
         }
-        if let [start, end] = crate::toolchains(&run.definition).as_slice() {
+        if let [start, end] = crate::side_labels(&run.definition).as_slice() {
             let mut by_category: BTreeMap<&str, i64> = BTreeMap::new();
             for pair in app.store.outcome_pairs(run.id, start, end).await? {
                 *by_category.entry(pair.category().as_str()).or_default() += pair.packages;

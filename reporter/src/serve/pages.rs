@@ -146,15 +146,15 @@ pub(super) async fn run_page(
     }
     let mut totals: BTreeMap<String, i64> = BTreeMap::new();
     body.push_str(
-        "<h2>Outcomes</h2>\n<table id=\"outcomes\"><tr><th>toolchain</th><th>outcome</th><th>jobs</th></tr>\n",
+        "<h2>Outcomes</h2>\n<table id=\"outcomes\"><tr><th>side</th><th>outcome</th><th>jobs</th></tr>\n",
     );
-    for (toolchain, outcome, count) in &figures.outcomes {
+    for (side, outcome, count) in &figures.outcomes {
         *totals.entry(outcome.to_string()).or_default() += count;
         let _ = writeln!(
             body,
             "<tr><td>{}</td><td>{outcome}</td><td data-count=\"{}/{outcome}\">{count}</td></tr>",
-            e(toolchain),
-            e(toolchain),
+            e(side),
+            e(side),
         );
     }
     for (outcome, count) in &totals {
@@ -168,14 +168,14 @@ pub(super) async fn run_page(
         live_regressions(&mut body, &run, &snapshot);
     }
     let failures = app.store.recent_failures(run.id, 50).await?;
-    body.push_str("<h2>Latest failures</h2>\n<table id=\"failures\"><tr><th>package</th><th>toolchain</th><th>outcome</th><th>at</th><th></th></tr>\n");
+    body.push_str("<h2>Latest failures</h2>\n<table id=\"failures\"><tr><th>package</th><th>side</th><th>outcome</th><th>at</th><th></th></tr>\n");
     for f in &failures {
         let package = format!("{}@{}", f.crate_name, f.crate_version);
         let _ = writeln!(
             body,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>quarry-reporter explain {} {}</code></td></tr>",
             e(&package),
-            e(&f.toolchain),
+            e(&f.side),
             f.outcome,
             f.at.format("%H:%M:%S"),
             e(&run.name),
@@ -194,14 +194,14 @@ pub(super) async fn run_page(
             e(&escape_href(&run.name)),
         );
     }
-    body.push_str("<table id=\"dead-letters\"><tr><th>package</th><th>toolchain</th><th>at</th><th>reason</th></tr>\n");
+    body.push_str("<table id=\"dead-letters\"><tr><th>package</th><th>side</th><th>at</th><th>reason</th></tr>\n");
     for d in &dead {
         let _ = writeln!(
             body,
             "<tr><td>{}@{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             e(&d.crate_name),
             e(&d.crate_version),
-            e(&d.toolchain),
+            e(&d.side),
             d.at.format("%H:%M:%S"),
             e(d.reason.as_deref().unwrap_or("")),
         );
@@ -259,10 +259,10 @@ pub(super) fn live_regressions(body: &mut String, run: &Run, snapshot: &crate::l
     body.push_str("</ol>\n");
 }
 
-/// The toolchain a run's results are compared on: its *end* toolchain (its only one, for a
-/// one-toolchain run).
-pub(super) fn end_toolchain(run: &Run) -> Option<String> {
-    crate::toolchains(&run.definition).pop()
+/// The side a run's results are compared on: its *end* side (its only one, for a one-sided
+/// run).
+pub(super) fn end_side(run: &Run) -> Option<String> {
+    crate::side_labels(&run.definition).pop()
 }
 
 pub(super) async fn compare_page(
@@ -270,7 +270,7 @@ pub(super) async fn compare_page(
     Path((a, b)): Path<(String, String)>,
 ) -> Result<Html<String>, Failure> {
     let (a, b) = (lookup(&app, &a).await?, lookup(&app, &b).await?);
-    let (Some(toolchain_a), Some(toolchain_b)) = (end_toolchain(&a), end_toolchain(&b)) else {
+    let (Some(toolchain_a), Some(toolchain_b)) = (end_side(&a), end_side(&b)) else {
         return Err(Failure(
             StatusCode::UNPROCESSABLE_ENTITY,
             "a run has no toolchain".into(),
@@ -349,7 +349,7 @@ pub(super) async fn regressed(
     store: &Store,
     run: &Run,
 ) -> anyhow::Result<Option<std::collections::BTreeSet<String>>> {
-    let [start, end] = match <[String; 2]>::try_from(crate::toolchains(&run.definition)) {
+    let [start, end] = match <[String; 2]>::try_from(crate::side_labels(&run.definition)) {
         Ok(sides) => sides,
         Err(_) => return Ok(None),
     };

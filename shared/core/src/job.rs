@@ -360,11 +360,16 @@ pub struct Job {
     /// dependency-patch run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch: Option<Patch>,
-    /// For a *recheck*: the job this one runs again. A package that regressed is run once more
+    /// For a *re-run*: the job this one runs again. A package that regressed is run once more
     /// on its failing side before it counts as regressed; the re-run is a job of its own, of the
-    /// side `<side> (re-run)`, and never reuses an earlier result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recheck_of: Option<JobId>,
+    /// side `<side> (re-run)`, and never reuses an earlier result. Named `recheck_of` in the
+    /// message, as format 1 has always named it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "recheck_of"
+    )]
+    pub rerun_of: Option<JobId>,
 }
 
 /// How a re-run's side is labelled: the side it re-runs, then this.
@@ -455,7 +460,7 @@ pub struct StoredJob {
     pub id: JobId,
     pub package: PackageVersion,
     pub side: String,
-    pub recheck_of: Option<JobId>,
+    pub rerun_of: Option<JobId>,
 }
 
 impl StoredDefinition {
@@ -480,10 +485,10 @@ impl StoredDefinition {
             id,
             package,
             side: label,
-            recheck_of,
+            rerun_of,
         } = stored;
         let label = label.as_str();
-        let base = match recheck_of {
+        let base = match rerun_of {
             Some(_) => label.strip_suffix(RECHECK_SUFFIX).unwrap_or(label),
             None => label,
         };
@@ -497,10 +502,10 @@ impl StoredDefinition {
                 ))
             })?;
         let mut job = Job::patched(run, package, toolchain, self.experiment.clone(), patch);
-        if recheck_of.is_some() {
-            job = job.recheck();
+        if rerun_of.is_some() {
+            job = job.rerun();
         }
-        if job.id != id || job.recheck_of != recheck_of {
+        if job.id != id || job.rerun_of != rerun_of {
             return Err(InvalidJob(format!(
                 "job {id} does not match its run's definition (was the definition changed by hand?)"
             )));
@@ -574,18 +579,18 @@ impl Job {
             toolchain,
             experiment,
             patch,
-            recheck_of: None,
+            rerun_of: None,
         }
     }
 
-    /// The job that runs this one again, fresh: a recheck of a regression.
-    pub fn recheck(&self) -> Job {
-        let mut recheck = Job {
-            recheck_of: Some(self.id),
+    /// The job that runs this one again, fresh: the re-run of a regression.
+    pub fn rerun(&self) -> Job {
+        let mut rerun = Job {
+            rerun_of: Some(self.id),
             ..self.clone()
         };
-        recheck.id = JobId::derive(self.run_id, &self.package, &recheck.side());
-        recheck
+        rerun.id = JobId::derive(self.run_id, &self.package, &rerun.side());
+        rerun
     }
 
     /// How the job's side of the run is named in the database and the report: the toolchain,
@@ -597,10 +602,10 @@ impl Job {
         }
     }
 
-    /// The job's side, as the database's `toolchain` column and the report name it.
+    /// The job's side, as the database's `side` column and the report name it.
     pub fn side(&self) -> String {
         let label = Job::side_label(self.toolchain.as_str(), self.patch.as_ref());
-        match self.recheck_of {
+        match self.rerun_of {
             Some(_) => rerun_label(&label),
             None => label,
         }
@@ -624,12 +629,12 @@ impl Job {
         let job: Job =
             serde_json::from_slice(body).map_err(|e| InvalidJob(format!("malformed job: {e}")))?;
         let expected = JobId::derive(job.run_id, &job.package, &job.side());
-        // A recheck names the job it re-runs: the same package and side without the suffix.
-        let rechecks_its_original = job.recheck_of.is_none_or(|of| {
+        // A re-run names the job it re-runs: the same package and side without the suffix.
+        let reruns_its_original = job.rerun_of.is_none_or(|of| {
             let original = Job::side_label(job.toolchain.as_str(), job.patch.as_ref());
             of == JobId::derive(job.run_id, &job.package, &original)
         });
-        if job.id != expected || !rechecks_its_original {
+        if job.id != expected || !reruns_its_original {
             return Err(InvalidJob(format!(
                 "job id {} does not match its content (expected {expected})",
                 job.id

@@ -738,7 +738,7 @@ async fn report(results: u64) -> anyhow::Result<()> {
         .await?;
     database
         .execute(
-            "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain, published_at)
+            "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, side, published_at)
              SELECT md5($3 || i || t)::uuid, $1, 'bench-crate-' || i, '1.0.' || (i % 7),
                     md5(i::text), t, now()
              FROM generate_series(0, $2::bigint - 1) AS i, unnest(ARRAY['1.94.0', '1.95.0']) AS t",
@@ -760,13 +760,13 @@ async fn report(results: u64) -> anyhow::Result<()> {
                         THEN E'error: could not compile `bench-crate-7` (lib) due to 1 previous error\n'
                         ELSE E'error[E0308]: mismatched types\n --> src/lib.rs:1:1\n' END
                     END
-             FROM (SELECT j.id, j.run_id, j.toolchain,
+             FROM (SELECT j.id, j.run_id, j.side,
                           substring(j.crate_name from 13)::bigint AS n,
                           CASE
                             WHEN substring(j.crate_name from 13)::bigint % 40 = 0 THEN 'build-fail'
                             WHEN substring(j.crate_name from 13)::bigint % 97 = 0 THEN 'test-fail'
                             WHEN substring(j.crate_name from 13)::bigint % 211 = 0
-                                 AND j.toolchain = '1.95.0' THEN 'build-fail'
+                                 AND j.side = '1.95.0' THEN 'build-fail'
                             WHEN substring(j.crate_name from 13)::bigint % 503 = 0 THEN 'timeout'
                             ELSE 'build-pass'
                           END AS outcome

@@ -14,27 +14,26 @@ impl Store {
         let names: Vec<&str> = jobs.iter().map(|j| j.package.name.as_str()).collect();
         let versions: Vec<&str> = jobs.iter().map(|j| j.package.version.as_str()).collect();
         let checksums: Vec<&str> = jobs.iter().map(|j| j.package.checksum.as_str()).collect();
-        // The column holds the job's side: its toolchain, and its patch if any.
         let sides: Vec<String> = jobs.iter().map(Job::side).collect();
-        let toolchains: Vec<&str> = sides.iter().map(String::as_str).collect();
+        let sides: Vec<&str> = sides.iter().map(String::as_str).collect();
         let client = self.client().await?;
         // Each new job's expected duration: the latest computed result of the same crate in
         // another run, its own side's first (`jobs_crate_name`, then `results`' primary key).
         let inserted = client
             .query(
                 &client.prepare_cached("WITH inserted AS (
-                   INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain, expected_ms)
-                   SELECT n.id, n.run_id, n.crate_name, n.crate_version, n.checksum, n.toolchain,
+                   INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, side, expected_ms)
+                   SELECT n.id, n.run_id, n.crate_name, n.crate_version, n.checksum, n.side,
                           (SELECT r.duration_ms FROM jobs p JOIN results r ON r.job_id = p.id
                            WHERE p.crate_name = n.crate_name AND p.run_id <> n.run_id
                              AND r.reused_from IS NULL
-                           ORDER BY p.toolchain = n.toolchain DESC, r.finished_at DESC LIMIT 1)
+                           ORDER BY p.side = n.side DESC, r.finished_at DESC LIMIT 1)
                    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-                        AS n(id, run_id, crate_name, crate_version, checksum, toolchain)
+                        AS n(id, run_id, crate_name, crate_version, checksum, side)
                    ON CONFLICT (id) DO NOTHING
                    RETURNING id, expected_ms)
                  SELECT id, expected_ms FROM inserted").await?,
-                &[&ids, &runs, &names, &versions, &checksums, &toolchains],
+                &[&ids, &runs, &names, &versions, &checksums, &sides],
             )
             .await
             .context("cannot record jobs")?;
@@ -94,11 +93,15 @@ impl Store {
         let client = self.client().await?;
         Ok(client
             .query(
-                &client.prepare_cached("SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain, j.recheck_of
+                &client
+                    .prepare_cached(
+                        "SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.side, j.rerun_of
                  FROM jobs j
                  WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
-                 ORDER BY j.crate_name, j.crate_version, j.toolchain").await?,
+                 ORDER BY j.crate_name, j.crate_version, j.side",
+                    )
+                    .await?,
                 &[&run.0],
             )
             .await?
@@ -227,9 +230,9 @@ impl Store {
     pub async fn unpublished_reruns(&self, job: &Job) -> anyhow::Result<Vec<StoredJob>> {
         Ok(self
             .query(
-                "SELECT id, toolchain, recheck_of FROM jobs
+                "SELECT id, side, rerun_of FROM jobs
                  WHERE run_id = $1 AND crate_name = $2 AND crate_version = $3
-                   AND recheck_of IS NOT NULL AND published_at IS NULL",
+                   AND rerun_of IS NOT NULL AND published_at IS NULL",
                 &[&job.run_id.0, &job.package.name, &job.package.version],
             )
             .await?
@@ -238,13 +241,13 @@ impl Store {
                 id: JobId(row.get(0)),
                 package: job.package.clone(),
                 side: row.get(1),
-                recheck_of: Some(JobId(row.get(2))),
+                rerun_of: Some(JobId(row.get(2))),
             })
             .collect())
     }
 
     /// The jobs of a run for one package (every version, or just `version`): id, version and
-    /// toolchain, and the outcome if it has one.
+    /// side, and the outcome if it has one.
     pub async fn package_jobs(
         &self,
         run: RunId,
@@ -253,11 +256,11 @@ impl Store {
     ) -> anyhow::Result<Vec<PackageJob>> {
         let rows = self
             .query(
-                "SELECT j.id, j.crate_version, j.toolchain, r.outcome, r.refused
+                "SELECT j.id, j.crate_version, j.side, r.outcome, r.refused
                  FROM jobs j LEFT JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2
                    AND ($3::text IS NULL OR j.crate_version = $3)
-                 ORDER BY j.crate_version, j.toolchain",
+                 ORDER BY j.crate_version, j.side",
                 &[&run.0, &name, &version],
             )
             .await?;

@@ -68,7 +68,7 @@ fn libpq_sslmode(url: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// A `StoredJob` from a row of jobs.(id, crate_name, crate_version, checksum, toolchain, recheck_of).
+/// A `StoredJob` from a row of jobs (id, crate_name, crate_version, checksum, side, rerun_of).
 fn stored_job(row: tokio_postgres::Row) -> StoredJob {
     StoredJob {
         id: JobId(row.get(0)),
@@ -78,16 +78,16 @@ fn stored_job(row: tokio_postgres::Row) -> StoredJob {
             checksum: row.get(3),
         },
         side: row.get(4),
-        recheck_of: row.get::<_, Option<Uuid>>(5).map(JobId),
+        rerun_of: row.get::<_, Option<Uuid>>(5).map(JobId),
     }
 }
 
-/// A `ResultBrief` from (crate_name, crate_version, toolchain, outcome, at, reason).
+/// A `ResultBrief` from (crate_name, crate_version, side, outcome, at, reason).
 fn brief_of(row: &Row) -> anyhow::Result<ResultBrief> {
     Ok(ResultBrief {
         crate_name: row.get(0),
         crate_version: row.get(1),
-        toolchain: row.get(2),
+        side: row.get(2),
         outcome: row.get::<_, String>(3).parse()?,
         at: row.get(4),
         reason: row.get(5),

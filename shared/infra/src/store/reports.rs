@@ -59,10 +59,10 @@ impl Store {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT crate_name, crate_version, run_name, created_at, toolchain, outcome
+                "SELECT crate_name, crate_version, run_name, created_at, side, outcome
                  FROM (
                      SELECT j.crate_name, j.crate_version, ru.name AS run_name, ru.created_at,
-                            j.toolchain, r.outcome,
+                            j.side, r.outcome,
                             dense_rank() OVER (PARTITION BY j.crate_name
                                                ORDER BY ru.created_at DESC, ru.id) AS nth
                      FROM jobs j
@@ -72,7 +72,7 @@ impl Store {
                        AND ru.created_at < (SELECT created_at FROM runs WHERE id = $1)
                  ) h
                  WHERE nth <= $3
-                 ORDER BY crate_name, created_at DESC, toolchain",
+                 ORDER BY crate_name, created_at DESC, side",
                 &[&run.0, &packages, &runs_each],
             )
             .await
@@ -108,8 +108,13 @@ impl Store {
                         (SELECT count(*) FROM pending WHERE expected_ms IS NULL),
                         (SELECT avg(duration_ms)::float8 FROM results
                          WHERE run_id = $1 AND reused_from IS NULL)", &[&run.0, &(window_secs as f64)]).await?;
-        let outcomes = self.query("SELECT j.toolchain, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
-                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2", &[&run.0]).await?
+        let outcomes = self
+            .query(
+                "SELECT j.side, r.outcome, count(*) FROM results r JOIN jobs j ON j.id = r.job_id
+                 WHERE r.run_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&run.0],
+            )
+            .await?
             .into_iter()
             .map(|row| Ok((row.get(0), row.get::<_, String>(1).parse()?, row.get(2))))
             .collect::<anyhow::Result<_>>()?;
@@ -144,12 +149,12 @@ impl Store {
                         "SELECT rs.outcome, rs.environment IS NOT NULL, re.outcome,
                         re.environment IS NOT NULL, rr.outcome, count(*)
                  FROM jobs js LEFT JOIN results rs ON rs.job_id = js.id
-                 JOIN jobs je ON je.run_id = js.run_id AND je.toolchain = $3
+                 JOIN jobs je ON je.run_id = js.run_id AND je.side = $3
                       AND je.crate_name = js.crate_name AND je.crate_version = js.crate_version
                  LEFT JOIN results re ON re.job_id = je.id
-                 LEFT JOIN jobs jr ON jr.recheck_of = je.id
+                 LEFT JOIN jobs jr ON jr.rerun_of = je.id
                  LEFT JOIN results rr ON rr.job_id = jr.id
-                 WHERE js.run_id = $1 AND js.toolchain = $2
+                 WHERE js.run_id = $1 AND js.side = $2
                  GROUP BY 1, 2, 3, 4, 5",
                     )
                     .await?,
@@ -175,14 +180,14 @@ impl Store {
             .collect()
     }
 
-    /// Every result of a run as (name, version, toolchain, verdict): what selecting from an
+    /// Every result of a run as (name, version, side, verdict): what selecting from an
     /// earlier run needs, without the logs.
     pub async fn package_outcomes(
         &self,
         run: RunId,
     ) -> anyhow::Result<Vec<(String, String, String, Verdict)>> {
         self.query(
-            "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome,
+            "SELECT j.crate_name, j.crate_version, j.side, r.outcome,
                         r.environment IS NOT NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1
                  ORDER BY 1, 2, 3",
@@ -211,7 +216,7 @@ impl Store {
         limit: i64,
     ) -> anyhow::Result<Vec<ResultBrief>> {
         self.query(
-            "SELECT j.crate_name, j.crate_version, j.toolchain, r.outcome, r.finished_at, NULL
+            "SELECT j.crate_name, j.crate_version, j.side, r.outcome, r.finished_at, NULL
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1 AND r.outcome NOT IN ('build-pass', 'test-pass', 'skipped')
                  ORDER BY r.finished_at DESC LIMIT $2",
@@ -227,7 +232,7 @@ impl Store {
     /// was given up on.
     pub async fn dead_letters(&self, run: RunId, limit: i64) -> anyhow::Result<Vec<ResultBrief>> {
         self.query(
-            "SELECT j.crate_name, j.crate_version, j.toolchain, 'error', e.at, e.detail
+            "SELECT j.crate_name, j.crate_version, j.side, 'error', e.at, e.detail
                  FROM dead_lettered e JOIN jobs j ON j.id = e.job_id
                  WHERE e.run_id = $1
                  ORDER BY e.at DESC LIMIT $2",
@@ -264,10 +269,10 @@ impl Store {
                      FROM removed
                      RETURNING job_id
                  )
-                 SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.toolchain,
-                        j.recheck_of
+                 SELECT j.id, j.crate_name, j.crate_version, j.checksum, j.side,
+                        j.rerun_of
                  FROM jobs j JOIN logged ON logged.job_id = j.id
-                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                 ORDER BY j.crate_name, j.crate_version, j.side",
                 )
                 .await?,
                 &[&run.0, &by],
@@ -278,23 +283,23 @@ impl Store {
         Ok(rows.into_iter().map(stored_job).collect())
     }
 
-    /// Packages whose outcome with `toolchain_a` in run `a` differs from that with `toolchain_b`
+    /// Packages whose outcome on side `side_a` in run `a` differs from that on side `side_b`
     /// in run `b` (the same name and version in both), and how many stayed the same.
     pub async fn changes(
         &self,
-        (a, toolchain_a): (RunId, &str),
-        (b, toolchain_b): (RunId, &str),
+        (a, side_a): (RunId, &str),
+        (b, side_b): (RunId, &str),
     ) -> anyhow::Result<(Vec<Change>, i64)> {
         let rows = self
             .query(
                 "SELECT ja.crate_name, ja.crate_version, ra.outcome, rb.outcome
                  FROM jobs ja JOIN results ra ON ra.job_id = ja.id
-                 JOIN jobs jb ON jb.run_id = $3 AND jb.toolchain = $4
+                 JOIN jobs jb ON jb.run_id = $3 AND jb.side = $4
                       AND jb.crate_name = ja.crate_name AND jb.crate_version = ja.crate_version
                  JOIN results rb ON rb.job_id = jb.id
-                 WHERE ja.run_id = $1 AND ja.toolchain = $2
+                 WHERE ja.run_id = $1 AND ja.side = $2
                  ORDER BY ja.crate_name, ja.crate_version",
-                &[&a.0, &toolchain_a, &b.0, &toolchain_b],
+                &[&a.0, &side_a, &b.0, &side_b],
             )
             .await?;
         let mut changes = Vec::new();
@@ -336,13 +341,13 @@ impl Store {
                       WHERE e.run_id = $1
                         AND NOT EXISTS (SELECT 1 FROM results r
                                         WHERE r.job_id = e.job_id AND r.outcome = 'error')),
-                   (SELECT count(*) FROM jobs WHERE run_id = $1 AND recheck_of IS NOT NULL)",
+                   (SELECT count(*) FROM jobs WHERE run_id = $1 AND rerun_of IS NOT NULL)",
                 &[&run.0],
             )
             .await?;
         let missing = self
             .query(
-                "SELECT j.crate_name || '@' || j.crate_version || ' (' || j.toolchain || ')'
+                "SELECT j.crate_name || '@' || j.crate_version || ' (' || j.side || ')'
                  FROM jobs j WHERE j.run_id = $1
                    AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = j.id)
                  ORDER BY 1 LIMIT 20",

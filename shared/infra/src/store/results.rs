@@ -146,10 +146,10 @@ impl Store {
         let rows = tx
             .query(
                 &tx.prepare_cached(
-                    "SELECT j.toolchain, r.outcome, r.environment IS NOT NULL
+                    "SELECT j.side, r.outcome, r.environment IS NOT NULL
                  FROM jobs j JOIN results r ON r.job_id = j.id
                  WHERE j.run_id = $1 AND j.crate_name = $2 AND j.crate_version = $3
-                   AND j.toolchain IN ($4, $5)",
+                   AND j.side IN ($4, $5)",
                 )
                 .await?,
                 &[
@@ -178,12 +178,12 @@ impl Store {
             return Ok(None);
         }
         let original = rerun
-            .recheck_of
+            .rerun_of
             .context("a pairing's end_rerun is a re-run")?;
         tx.execute(
             &tx.prepare_cached(
-                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, toolchain,
-                               recheck_of)
+                "INSERT INTO jobs (id, run_id, crate_name, crate_version, checksum, side,
+                               rerun_of)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO NOTHING",
             )
@@ -241,20 +241,20 @@ impl Store {
         .transpose()
     }
 
-    /// Every result of a run, ordered by package then toolchain.
+    /// Every result of a run, ordered by package then side.
     pub async fn results(&self, run: RunId) -> anyhow::Result<Vec<ResultRow>> {
         use futures::TryStreamExt as _;
         let client = self.client().await?;
         // Streamed, one row at a time into the result: a run's million rows are not held twice.
         let rows = client
             .query_raw(
-                "SELECT j.id, j.crate_name, j.crate_version, j.toolchain, r.outcome, r.exit_code,
+                "SELECT j.id, j.crate_name, j.crate_version, j.side, r.outcome, r.exit_code,
                         r.duration_ms, r.attempt, r.consumer, r.finished_at, r.log, r.log_key,
-                        j.recheck_of, r.environment, r.refused, r.broken_reason, r.toolchain_build,
+                        j.rerun_of, r.environment, r.refused, r.broken_reason, r.toolchain_build,
                         r.cpu_ms, r.peak_memory_bytes, r.disk_bytes, r.slot_wait_ms, r.steps
                  FROM results r JOIN jobs j ON j.id = r.job_id
                  WHERE r.run_id = $1
-                 ORDER BY j.crate_name, j.crate_version, j.toolchain",
+                 ORDER BY j.crate_name, j.crate_version, j.side",
                 [&run.0],
             )
             .await?;
@@ -266,7 +266,7 @@ impl Store {
                 job_id: row.get(0),
                 crate_name: row.get(1),
                 crate_version: row.get(2),
-                toolchain: row.get(3),
+                side: row.get(3),
                 outcome: outcome.parse()?,
                 exit_code: row.get(5),
                 duration_ms: row.get(6),
@@ -275,7 +275,7 @@ impl Store {
                 finished_at: row.get(9),
                 log: row.get(10),
                 log_key: row.get(11),
-                recheck_of: row.get(12),
+                rerun_of: row.get(12),
                 environment: row.get(13),
                 refused: parse_refusals(row.get(14))?,
                 broken_reason: parse_broken_reason(row.get(15))?,

@@ -119,7 +119,7 @@ pub struct NewResult {
 pub struct Pairing {
     pub start: String,
     pub end: String,
-    /// The end side's job of this package, re-run (`Job::recheck`).
+    /// The end side's job of this package, re-run (`Job::rerun`).
     pub end_rerun: Job,
 }
 
@@ -144,7 +144,7 @@ pub struct ResultRow {
     pub job_id: Uuid,
     pub crate_name: String,
     pub crate_version: String,
-    pub toolchain: String,
+    pub side: String,
     pub outcome: Outcome,
     pub exit_code: Option<i32>,
     pub duration_ms: i64,
@@ -152,7 +152,7 @@ pub struct ResultRow {
     pub consumer: String,
     pub finished_at: DateTime<Utc>,
     /// For a regression's re-run: the job it ran again.
-    pub recheck_of: Option<Uuid>,
+    pub rerun_of: Option<Uuid>,
     /// Why its failure points at the environment, if it does.
     pub environment: Option<String>,
     /// What the package tried that the consumer refused.
@@ -249,7 +249,7 @@ pub struct Reconciliation {
     pub reruns: i64,
     pub unpublished: i64,
     pub results: i64,
-    /// Up to 20 jobs without a result, as `name@version (toolchain)`.
+    /// Up to 20 jobs without a result, as `name@version (side)`.
     pub jobs_without_result: Vec<String>,
     pub jobs_without_result_count: i64,
     /// Results whose job has no `finished` event, or more than one.
@@ -263,7 +263,7 @@ pub struct Reconciliation {
 pub struct ResultBrief {
     pub crate_name: String,
     pub crate_version: String,
-    pub toolchain: String,
+    pub side: String,
     pub outcome: Outcome,
     pub at: DateTime<Utc>,
     /// Why, where there is a reason (a dead letter's).
