@@ -113,7 +113,7 @@ impl Store {
             .context("cannot release the computation")?;
         }
         let rerun = match pairing {
-            Some(pairing) => Self::record_rerun_if_regressed(&tx, pairing).await?,
+            Some(pairing) => Self::record_rerun_if_wanted(&tx, pairing).await?,
             None => None,
         };
         // A re-run to publish keeps the lease until it is published: if the consumer dies
@@ -138,7 +138,7 @@ impl Store {
 
     /// Within `record_result`'s transaction: when the package's start side passed and its end
     /// side failed, records the end side's re-run (once) and returns it if it is unpublished.
-    pub(super) async fn record_rerun_if_regressed(
+    pub(super) async fn record_rerun_if_wanted(
         tx: &deadpool_postgres::Transaction<'_>,
         pairing: &Pairing,
     ) -> anyhow::Result<Option<Job>> {
