@@ -3,7 +3,7 @@
 //! package specs, run names, patches, toolchain files).
 
 use anyhow::Context as _;
-use quarry_core::job::{Experiment, Patch, Toolchain, ToolchainFile};
+use quarry_core::job::{Experiment, Patch, StoredDefinition, Toolchain, ToolchainFile};
 use quarry_infra::Config;
 use quarry_infra::registry::RegistryClient;
 use serde::{Deserialize, Serialize};
@@ -66,15 +66,15 @@ pub struct RunDefinition {
 }
 
 impl RunDefinition {
-    /// The run's sides, in order (start, then end): one per toolchain, or for a patch run the
-    /// toolchain without and with the patch.
-    pub fn sides(&self) -> Vec<(Toolchain, Option<Patch>)> {
-        quarry_core::job::run_sides(&self.toolchains, self.patch.as_ref())
-    }
-
-    /// The sides' labels, as the database and the report name them.
-    pub fn side_labels(&self) -> Vec<String> {
-        quarry_core::job::side_labels(&self.sides())
+    /// The part of the definition every component reads (`StoredDefinition`): the run's sides
+    /// and what rebuilds its jobs. The one way the producer names its sides.
+    pub fn stored(&self) -> StoredDefinition {
+        StoredDefinition {
+            toolchains: self.toolchains.clone(),
+            experiment: self.experiment.clone(),
+            patch: self.patch.clone(),
+            toolchain_files: self.toolchain_files.clone(),
+        }
     }
 
     /// The definition stored with `run`.

@@ -42,7 +42,7 @@ pub async fn packages_from_run(
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
     let definition = RunDefinition::of(&run)?;
-    let pair = match definition.side_labels().as_slice() {
+    let pair = match definition.stored().side_labels().as_slice() {
         [start, end] => Some((start.clone(), end.clone())),
         _ => None,
     };

@@ -41,6 +41,7 @@ pub(crate) async fn page_jobs(
         .buffered(INDEX_CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
+    let sides = definition.stored().sides();
     let mut jobs = Vec::new();
     let mut dependencies = Vec::new();
     let mut left_out = Vec::new();
@@ -54,13 +55,13 @@ pub(crate) async fn page_jobs(
                 {
                     let dependent = package.name.to_ascii_lowercase();
                     dependencies.extend(depends_on.into_iter().map(|d| (dependent.clone(), d)));
-                    for (toolchain, patch) in definition.sides() {
+                    for (toolchain, patch) in &sides {
                         jobs.push(Job::patched(
                             run.id,
                             package.clone(),
-                            toolchain,
+                            toolchain.clone(),
                             definition.experiment.clone(),
-                            patch,
+                            patch.clone(),
                         ));
                     }
                 }
