@@ -390,6 +390,16 @@ pub async fn resolve(
             );
             log_line(&mut log, &refused.log_lines(before));
         }
+        // Not a refusal: the job goes on, cargo extracting in the sandbox what the consumer
+        // would not extract outside it.
+        for why in sources.iter().flat_map(|sources| sources.refused()) {
+            log_line(
+                &mut log,
+                &format!(
+                    "quarry: not stored outside the sandbox, {why}: cargo extracts it in the job"
+                ),
+            );
+        }
         drop(gateway);
         if let Some(ended) = ended {
             return Ok(Err(Execution {

@@ -87,6 +87,23 @@ pub struct JobSources {
     /// Where the job's steps see the store.
     seen_at: PathBuf,
     held: Mutex<Vec<String>>,
+    /// The dependencies whose archives the store would not extract, and why: said in the job's
+    /// log (cargo met them in the sandbox instead).
+    refused: Mutex<Vec<String>>,
+}
+
+/// Why a dependency's sources are not in the store; cargo extracts them in the job instead.
+enum NotStored {
+    /// The archive is not one to extract outside the sandbox (`unpack` refused it).
+    Refused(String),
+    /// The store or the job's cargo home could not take it.
+    Failed(String),
+}
+
+impl From<String> for NotStored {
+    fn from(why: String) -> NotStored {
+        NotStored::Failed(why)
+    }
 }
 
 impl Sources {
@@ -183,6 +200,7 @@ impl Sources {
                 cargo_home: cargo_home.to_owned(),
                 seen_at: seen_at.to_owned(),
                 held: Mutex::default(),
+                refused: Mutex::default(),
             })
         })
     }
@@ -216,10 +234,14 @@ impl Sources {
     /// Takes a use of `package`'s entry, extracting `archive` (its checksum verified) into the
     /// store first if it is not there: once, however many jobs ask at once. `Err` says why it
     /// cannot be stored.
-    async fn hold(&self, package: &PackageVersion, archive: &bytes::Bytes) -> Result<(), String> {
+    async fn hold(
+        &self,
+        package: &PackageVersion,
+        archive: &bytes::Bytes,
+    ) -> Result<(), NotStored> {
         let checksum = package.checksum.to_ascii_lowercase();
         if !is_checksum(&checksum) {
-            return Err(format!("{package}: {checksum:?} is not a sha256"));
+            return Err(format!("{package}: {checksum:?} is not a sha256").into());
         }
         if self.take(&checksum) {
             self.metrics.source("shared");
@@ -235,7 +257,7 @@ impl Sources {
         let entry = checksum.clone();
         let bytes = tokio::task::spawn_blocking(move || extract(&dir, &entry, &root, &archive))
             .await
-            .map_err(|e| format!("extracting panicked: {e}"))??;
+            .map_err(|e| NotStored::Failed(format!("extracting panicked: {e}")))??;
         let removed = {
             let mut index = self.lock();
             index.clock += 1;
@@ -301,18 +323,35 @@ impl JobSources {
         package: &PackageVersion,
         archive: &bytes::Bytes,
     ) -> Result<(), String> {
-        let linked = self.try_link(package, archive).await;
-        if linked.is_err() {
-            self.sources.metrics.source("left-to-cargo");
-        }
-        linked
+        let why = match self.try_link(package, archive).await {
+            Ok(()) => return Ok(()),
+            Err(NotStored::Refused(why)) => {
+                let refused = format!("{package}: {why}");
+                self.refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(refused.clone());
+                refused
+            }
+            Err(NotStored::Failed(why)) => why,
+        };
+        self.sources.metrics.source("left-to-cargo");
+        Err(why)
+    }
+
+    /// The dependencies whose archives the store would not extract, and why.
+    pub fn refused(&self) -> Vec<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn try_link(
         &self,
         package: &PackageVersion,
         archive: &bytes::Bytes,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotStored> {
         let into = self.registry_dir()?;
         let link = into.join(format!("{}-{}", package.name, package.version));
         if link.symlink_metadata().is_ok() {
@@ -340,10 +379,12 @@ impl JobSources {
             .join(format!("{}-{}", package.name, package.version))
             .is_dir()
         {
-            return Err(format!("{package}: its archive holds another package"));
+            return Err(NotStored::Refused(
+                "its archive holds another package".to_owned(),
+            ));
         }
         std::os::unix::fs::symlink(&target, &link)
-            .map_err(|e| format!("cannot link {}: {e}", link.display()))
+            .map_err(|e| NotStored::Failed(format!("cannot link {}: {e}", link.display())))
     }
 
     /// The job's `registry/src/<registry dir>`, created if need be. Cargo names the registry's
@@ -402,10 +443,10 @@ impl Drop for JobSources {
 
 /// Extracts `archive` (the package `root`, `<name>-<version>`) into the store at `dir` as the
 /// entry `checksum`, marked as cargo marks what it extracted; returns the disk it takes.
-fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64, String> {
+fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64, NotStored> {
     let partial = dir.join(format!("{PARTIAL}{}", uuid::Uuid::new_v4().simple()));
     let stored = (|| {
-        let package = crate::unpack::unpack(archive, &partial, root)?;
+        let package = crate::unpack::unpack(archive, &partial, root).map_err(NotStored::Refused)?;
         let write = |path: PathBuf, text: &str| {
             std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
         };

@@ -189,10 +189,26 @@ fn pack_hostile(template: &Path, out: &Path, fill: &Placeholders<'_>) -> anyhow:
     if beside_template.is_dir() {
         copy_filled(&beside_template, &beside, &fills)?;
     }
+    // `<template>.links`: lines `PATH -> TARGET`, each a link in the archive with a file
+    // written through it after (what `cargo package` never makes).
+    let mut links = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(template.with_extension("links")) {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (path, target) = line
+                .split_once(" -> ")
+                .with_context(|| format!("{line:?} is not `PATH -> TARGET`"))?;
+            let mut target = target.trim().to_owned();
+            for (placeholder, value) in &fills {
+                target = target.replace(placeholder, value);
+            }
+            links.push((path.trim().to_owned(), target));
+        }
+    }
     pack_with(
         &crate_dir,
         out,
         beside_template.is_dir().then_some(beside.as_path()),
+        &links,
     )
     .with_context(|| format!("cannot pack {}", template.display()))
 }
@@ -219,12 +235,18 @@ fn copy_filled(from: &Path, to: &Path, fills: &[(&str, &str)]) -> anyhow::Result
 /// Packs the crate in `crate_dir` into `<out>/<name>-<version>.crate`, as `cargo package` would
 /// lay it out, and returns the file's path.
 pub fn pack(crate_dir: &Path, out: &Path) -> anyhow::Result<PathBuf> {
-    pack_with(crate_dir, out, None)
+    pack_with(crate_dir, out, None, &[])
 }
 
 /// [`pack`], with the tree `beside` added at the archive's top, beside the package's own
-/// directory, where no real package has anything.
-fn pack_with(crate_dir: &Path, out: &Path, beside: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// directory, where no real package has anything, and for each (path, target) of `links` a
+/// link at that path in the package's directory and then a file `planted` through it.
+fn pack_with(
+    crate_dir: &Path,
+    out: &Path,
+    beside: Option<&Path>,
+    links: &[(String, String)],
+) -> anyhow::Result<PathBuf> {
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(crate_dir.join("Cargo.toml"))?)?;
     let package = manifest["package"].as_table().context("no [package]")?;
@@ -247,6 +269,19 @@ fn pack_with(crate_dir: &Path, out: &Path, beside: Option<&Path>) -> anyhow::Res
                 tar.append_path_with_name(entry.path(), entry.file_name())?;
             }
         }
+    }
+    for (path, target) in links {
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        link.set_mode(0o777);
+        tar.append_link(&mut link, format!("{root}/{path}"), target)?;
+        let planted = b"planted through a link in the archive\n";
+        let mut file = tar::Header::new_gnu();
+        file.set_size(planted.len() as u64);
+        file.set_mode(0o644);
+        file.set_cksum();
+        tar.append_data(&mut file, format!("{root}/{path}/planted"), &planted[..])?;
     }
     if name == "quarry-fixture-archive-bomb" {
         let mut header = tar::Header::new_gnu();

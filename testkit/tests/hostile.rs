@@ -176,8 +176,9 @@ impl Hostile {
             .unwrap()
     }
 
-    /// Nothing reached the outside world, nothing ran on the host, and the host's files a
-    /// fixture pointed a link at are still there.
+    /// Nothing reached the outside world, nothing ran on the host, the host's files a fixture
+    /// pointed a link at are still there, and nothing was written through a link in an archive
+    /// (`link-in-archive`), there or anywhere in the consumers' work directory.
     fn assert_outside_untouched(&self) {
         for file in ["config.toml", "rust-toolchain"] {
             assert!(
@@ -185,6 +186,15 @@ impl Hostile {
                 "{file} removed through a link"
             );
         }
+        let work = self.stack.config.consumer.work_dir.parent().unwrap();
+        let planted = [
+            files_named(self.victim.path(), "planted"),
+            files_named(work, "planted"),
+        ];
+        assert!(
+            planted.iter().all(Vec::is_empty),
+            "written through a link in an archive: {planted:?}"
+        );
         assert_eq!(
             self.outside.connections(),
             0,
@@ -264,6 +274,25 @@ async fn hostile_packages(fleet: Fleet) {
         "no escape from any step"
     );
     hostile.assert_outside_untouched();
+    // The consumers extract dependencies for every job outside the sandbox: an archive with a
+    // link is not one they store (cargo, in the job's sandbox, meets it instead).
+    let work = hostile.stack.config.consumer.work_dir.parent().unwrap();
+    let stored = files_named(work, "Cargo.toml")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/sources/"))
+        .collect::<Vec<_>>();
+    assert!(
+        stored
+            .iter()
+            .any(|p| p.to_string_lossy().contains("quarry-fixture-pass-1.0.0")),
+        "the regular dependency is stored: {stored:?}"
+    );
+    assert!(
+        !stored
+            .iter()
+            .any(|p| p.to_string_lossy().contains("link-in-archive")),
+        "the archive with a link is stored: {stored:?}"
+    );
     let above = hostile.escape_markers();
     assert!(
         above.is_empty(),
@@ -330,6 +359,12 @@ async fn hostile_packages(fleet: Fleet) {
         (
             "quarry-hostile-toolchain-file",
             "rust-toolchain.toml: removed (the run's toolchain is used)".to_owned(),
+        ),
+        (
+            "quarry-hostile-dependency-link",
+            "quarry: not stored outside the sandbox, quarry-hostile-link-in-archive@1.0.0: \
+             archive entry quarry-hostile-link-in-archive-1.0.0/victim is a Symlink"
+                .to_owned(),
         ),
     ] {
         let text = log_of(&written, name);
