@@ -47,17 +47,63 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-// Configuring the exporter the standard way, through OTEL_* variables, is what is tested here:
-// the one place a test changes its process's environment.
-#[allow(unsafe_code)]
+/// Where the traced run's process sends its spans.
+const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_consumer_continues_the_trace_its_producer_started() {
     let (endpoint, spans) = receiver().await;
-    // SAFETY: set before tracing starts, and nothing else in this test process reads or writes
-    // the environment concurrently.
-    unsafe {
-        std::env::set_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint);
-        std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    // The exporter is configured the standard way, through OTEL_* variables, which is what is
+    // tested: they are given to a process of its own (this test binary, running only
+    // `traced_run`) rather than set in this one, whose environment no test changes.
+    let status = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["traced_run", "--exact", "--ignored", "--nocapture"])
+        .env(ENDPOINT, &endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "the traced run failed: {status}");
+    let named = |name: &str| -> Vec<Span> {
+        let spans = spans.lock().unwrap();
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while named("run job").len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = named("publish job");
+    let ran = named("run job");
+    assert_eq!(published.len(), 3, "one producer span per job");
+    assert_eq!(ran.len(), 3, "one consumer span per delivery");
+    for consumer in &ran {
+        let job = attribute(consumer, "job").expect("the consumer's span names its job");
+        let producer = published
+            .iter()
+            .find(|p| attribute(p, "job").as_deref() == Some(job.as_str()))
+            .unwrap_or_else(|| panic!("no producer span for job {job}"));
+        assert_eq!(
+            consumer.trace_id, producer.trace_id,
+            "job {job}: the consumer's span is in the producer's trace"
+        );
+        assert_eq!(
+            consumer.parent_span_id, producer.span_id,
+            "job {job}: the producer's span is its parent"
+        );
+    }
+    let traces: std::collections::HashSet<_> = published.iter().map(|s| &s.trace_id).collect();
+    assert_eq!(traces.len(), 3, "one trace per job");
+}
+
+/// The run whose traces `a_consumer_continues_the_trace_its_producer_started` checks: three jobs
+/// published and run in this process, its exporter configured by the OTEL_* variables that test
+/// starts it with. Run alone, without them, there is nothing to trace, and it says so.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a process of a_consumer_continues_the_trace_its_producer_started, which sets OTEL_*"]
+async fn traced_run() {
+    if std::env::var_os(ENDPOINT).is_none() {
+        eprintln!("{ENDPOINT} is not set: run a_consumer_continues_the_trace_its_producer_started");
+        return;
     }
     let _telemetry = quarry_infra::telemetry::init("quarry-test");
     assert!(quarry_infra::telemetry::tracing_enabled());
@@ -98,33 +144,4 @@ async fn a_consumer_continues_the_trace_its_producer_started() {
     tokio::task::spawn_blocking(quarry_infra::telemetry::flush)
         .await
         .unwrap();
-    let named = |name: &str| -> Vec<Span> {
-        let spans = spans.lock().unwrap();
-        spans.iter().filter(|s| s.name == name).cloned().collect()
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while named("run job").len() < 3 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let published = named("publish job");
-    let ran = named("run job");
-    assert_eq!(published.len(), 3, "one producer span per job");
-    assert_eq!(ran.len(), 3, "one consumer span per delivery");
-    for consumer in &ran {
-        let job = attribute(consumer, "job").expect("the consumer's span names its job");
-        let producer = published
-            .iter()
-            .find(|p| attribute(p, "job").as_deref() == Some(job.as_str()))
-            .unwrap_or_else(|| panic!("no producer span for job {job}"));
-        assert_eq!(
-            consumer.trace_id, producer.trace_id,
-            "job {job}: the consumer's span is in the producer's trace"
-        );
-        assert_eq!(
-            consumer.parent_span_id, producer.span_id,
-            "job {job}: the producer's span is its parent"
-        );
-    }
-    let traces: std::collections::HashSet<_> = published.iter().map(|s| &s.trace_id).collect();
-    assert_eq!(traces.len(), 3, "one trace per job");
 }
