@@ -37,7 +37,7 @@ pub async fn packages_from_run(
     run: &str,
     only: &[Only],
 ) -> anyhow::Result<Vec<String>> {
-    use quarry_core::category::{Category, Verdict, package_categories};
+    use quarry_core::category::{Category, SideVerdict, Verdict, package_categories};
     use quarry_core::job::Outcome;
     let store = Store::connect(&config.database).await?;
     let run = store.find_run(run).await?;
@@ -62,8 +62,14 @@ pub async fn packages_from_run(
         .map(|(start, end)| package_categories(rows.clone(), start, end))
         .unwrap_or_default();
     let mut packages: BTreeMap<(String, String), Vec<Verdict>> = BTreeMap::new();
-    for (name, version, _, outcome) in rows {
-        packages.entry((name, version)).or_default().push(outcome);
+    for SideVerdict {
+        name,
+        version,
+        verdict,
+        ..
+    } in rows
+    {
+        packages.entry((name, version)).or_default().push(verdict);
     }
     let selected = packages
         .into_iter()

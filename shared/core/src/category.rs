@@ -145,17 +145,33 @@ pub fn spurious_kind(outcome: Outcome, environment: Option<&str>) -> Option<Stri
     }
 }
 
-/// Each package's category in a two-side run, from its results as (name, version, side label,
-/// verdict) rows: `start` and `end` are the sides' labels (end's re-run is found by its own).
+/// One side of one package in a run, as the comparison reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideVerdict {
+    pub name: String,
+    pub version: String,
+    /// The side's label (`Job::side`).
+    pub side: String,
+    pub verdict: Verdict,
+}
+
+/// Each package's category in a two-side run, from its sides' verdicts: `start` and `end` are
+/// the sides' labels (end's re-run is found by its own).
 pub fn package_categories(
-    rows: impl IntoIterator<Item = (String, String, String, Verdict)>,
+    rows: impl IntoIterator<Item = SideVerdict>,
     start: &str,
     end: &str,
 ) -> std::collections::BTreeMap<(String, String), Category> {
     let end_rerun = crate::job::rerun_label(end);
     let mut sides: std::collections::BTreeMap<(String, String), [Option<Verdict>; 3]> =
         std::collections::BTreeMap::new();
-    for (name, version, side, verdict) in rows {
+    for SideVerdict {
+        name,
+        version,
+        side,
+        verdict,
+    } in rows
+    {
         let slot = if side == start {
             0
         } else if side == end {

@@ -229,8 +229,8 @@ impl Store {
         Ok(published)
     }
 
-    /// Leases held now, per run: `(holder's name, job)` of a run's, for `status` and `verify`.
-    pub async fn leases(&self, run: RunId) -> anyhow::Result<Vec<(String, JobId, bool)>> {
+    /// The leases held on a run's jobs now, oldest first.
+    pub async fn leases(&self, run: RunId) -> anyhow::Result<Vec<LeaseRow>> {
         let client = self.client().await?;
         Ok(client
             .query(
@@ -244,7 +244,11 @@ impl Store {
             )
             .await?
             .iter()
-            .map(|row| (row.get(0), JobId(row.get(1)), row.get(2)))
+            .map(|row| LeaseRow {
+                holder: row.get(0),
+                job: JobId(row.get(1)),
+                lapsed: row.get(2),
+            })
             .collect())
     }
 }

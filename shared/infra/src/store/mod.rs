@@ -25,7 +25,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use crate::config::DatabaseConfig;
-use quarry_core::category::{Category, Verdict, categorize};
+use quarry_core::category::{Category, SideVerdict, Verdict, categorize};
 use quarry_core::cost::Cost;
 pub use quarry_core::fleet::FleetState;
 use quarry_core::job::{

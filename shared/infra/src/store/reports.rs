@@ -180,12 +180,9 @@ impl Store {
             .collect()
     }
 
-    /// Every result of a run as (name, version, side, verdict): what selecting from an
-    /// earlier run needs, without the logs.
-    pub async fn package_outcomes(
-        &self,
-        run: RunId,
-    ) -> anyhow::Result<Vec<(String, String, String, Verdict)>> {
+    /// Every result of a run as a side's verdict: what selecting from an earlier run needs,
+    /// without the logs.
+    pub async fn package_outcomes(&self, run: RunId) -> anyhow::Result<Vec<SideVerdict>> {
         self.query(
             "SELECT j.crate_name, j.crate_version, j.side, r.outcome,
                         r.environment IS NOT NULL
@@ -196,15 +193,15 @@ impl Store {
         .await?
         .into_iter()
         .map(|row| {
-            Ok((
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                Verdict {
+            Ok(SideVerdict {
+                name: row.get(0),
+                version: row.get(1),
+                side: row.get(2),
+                verdict: Verdict {
                     outcome: row.get::<_, String>(3).parse()?,
                     environmental: row.get(4),
                 },
-            ))
+            })
         })
         .collect()
     }

@@ -221,6 +221,16 @@ impl OutcomePair {
     }
 }
 
+/// A lease held on a job (`Store::leases`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// The name of the consumer holding it.
+    pub holder: String,
+    pub job: JobId,
+    /// Past its expiry: the sweeper publishes the job again.
+    pub lapsed: bool,
+}
+
 /// What recording a result did.
 #[derive(Debug, Clone)]
 pub struct Recorded {
