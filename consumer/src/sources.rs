@@ -327,10 +327,11 @@ impl JobSources {
             Ok(()) => return Ok(()),
             Err(NotStored::Refused(why)) => {
                 let refused = format!("{package}: {why}");
-                self.refused
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(refused.clone());
+                let mut said = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                // Once per job, though cargo may download it again (a second resolution).
+                if !said.contains(&refused) {
+                    said.push(refused.clone());
+                }
                 refused
             }
             Err(NotStored::Failed(why)) => why,
