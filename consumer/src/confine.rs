@@ -30,6 +30,8 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
+use crate::units;
+
 /// Where the sandbox shows this program.
 pub const SANDBOX_PATH: &str = "/run/quarry/bin/quarry-confine";
 
@@ -146,6 +148,7 @@ fn within(args: &[OsString]) -> Result<ExitCode, String> {
     let err = Command::new(program)
         .args(&command[1..])
         .env_remove(WRITABLE_ENV)
+        .env_remove(crate::units::POOL_ENV)
         .exec();
     Err(format!(
         "cannot run {}: {err}",
@@ -169,6 +172,7 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
         .arg0(argv0)
         .args(args.get(2..).unwrap_or_default())
         .env_remove(WRITABLE_ENV)
+        .env_remove(crate::units::POOL_ENV)
         .exec();
     Err(format!(
         "cannot run {}: {err}",
@@ -293,6 +297,34 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot run rustc: {e}"))?;
         return Ok(exit_code(status));
     };
+    // The pool, where the consumer shows one, for units from the store of sources.
+    let pool = std::env::var_os(units::POOL_ENV).map(units::Pool::at);
+    let target = Path::new(crate::sandbox::SHARED_TARGET);
+    let crate_name = invocation.crate_name.clone().unwrap_or_default();
+    let poolable = pool.as_ref().and_then(|_| {
+        let cwd = std::env::current_dir().ok()?;
+        let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        units::Poolable::of(
+            rustc,
+            &args,
+            &cwd,
+            &env,
+            Path::new(crate::sandbox::SOURCES),
+            target,
+        )
+    });
+    if let (Some(pool), Some(unit)) = (&pool, &poolable)
+        && let Some(hit) = pool.adopt(&unit.key, &invocation.out_dir, |name| {
+            invocation.is_output(name)
+        })
+    {
+        let _ = std::io::stderr().lock().write_all(&hit.stderr);
+        if invocation.is_build_script() {
+            behind_trampoline(&invocation)?;
+        }
+        units::note(target, units::Use::Reused, &crate_name);
+        return Ok(ExitCode::SUCCESS);
+    }
     let unit_dir = invocation
         .out_dir
         .join(format!("{UNIT_DIR_PREFIX}{}", invocation.tag()));
@@ -326,6 +358,8 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
     let mut reader = std::io::BufReader::new(stderr);
     let mut out = std::io::stderr().lock();
     let mut line = Vec::new();
+    // What cargo heard, for the pool to say again.
+    let mut said = Vec::new();
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line) {
@@ -338,6 +372,9 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
         }
         let forwarded = announced(&invocation, &unit_dir, &line).unwrap_or_else(|| line.clone());
         let _ = out.write_all(&forwarded);
+        if poolable.is_some() {
+            said.extend_from_slice(&forwarded);
+        }
     }
     drop(out);
     let status = child
@@ -345,7 +382,23 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot wait for rustc: {e}"))?;
     let moved = move_outputs(&invocation, &unit_dir);
     let _ = std::fs::remove_dir_all(&unit_dir);
-    moved?;
+    let moved = moved?;
+    if status.success()
+        && let (Some(pool), Some(unit)) = (&pool, &poolable)
+    {
+        // Before a build script goes behind its trampoline: the pool keeps the script itself.
+        let dep_info = invocation.out_dir.join(format!(
+            "{crate_name}{}.d",
+            invocation.extra_filename.as_deref().unwrap_or_default()
+        ));
+        if units::read_only_keyed_inputs(&dep_info, &unit.sources, unit.out_dir.as_deref())
+            && pool
+                .add(&unit.key, &invocation.out_dir, &moved, &said)
+                .is_ok()
+        {
+            units::note(target, units::Use::Added, &crate_name);
+        }
+    }
     if status.success() && invocation.is_build_script() {
         behind_trampoline(&invocation)?;
     }
@@ -397,19 +450,22 @@ fn link_output(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::hard_link(from, to)
 }
 
-/// Moves what the unit wrote into its `--out-dir`: its outputs only.
-fn move_outputs(invocation: &Invocation, unit_dir: &Path) -> Result<(), String> {
+/// Moves what the unit wrote into its `--out-dir`: its outputs only. Returns their names.
+fn move_outputs(invocation: &Invocation, unit_dir: &Path) -> Result<Vec<OsString>, String> {
     let entries = std::fs::read_dir(unit_dir)
         .map_err(|e| format!("cannot read {}: {e}", unit_dir.display()))?;
+    let mut moved = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         if invocation.is_output(&name) {
             // A link or a directory of that name is not moved: the unit then lacks the output
             // and its build fails, which is its own doing.
-            let _ = move_output(&entry.path(), &invocation.out_dir.join(&name));
+            if move_output(&entry.path(), &invocation.out_dir.join(&name)).is_ok() {
+                moved.push(name);
+            }
         }
     }
-    Ok(())
+    Ok(moved)
 }
 
 /// Sets a build script aside and puts in its place a script that runs it confined.

@@ -48,6 +48,9 @@ pub struct CargoEnv {
     pub confine: Option<PathBuf>,
     /// The store of extracted dependency sources, where jobs share them (`sources.rs`).
     pub sources: Option<Arc<Sources>>,
+    /// The pool of compiled units on this host (`units.rs`), shown to jobs that build in a
+    /// slot's kept target directory.
+    pub units: Option<crate::units::Pool>,
 }
 
 /// What running the experiment produced.
@@ -554,6 +557,11 @@ async fn run_steps(
                     .shared_target
                     .zip(env.confine.as_deref())
                     .filter(|_| !step.resolves),
+                units: env
+                    .units
+                    .as_ref()
+                    .map(crate::units::Pool::dir)
+                    .filter(|_| workspace.shared_target.is_some() && !step.resolves),
             },
             name: &step_name,
             limits,
@@ -715,6 +723,9 @@ async fn run_step(
             .env("CARGO_TARGET_DIR", sandbox::SHARED_TARGET)
             .env("RUSTC_WRAPPER", crate::confine::SANDBOX_PATH)
             .env(crate::confine::WRITABLE_ENV, scratch.join("src"));
+        if place.mounts.units.is_some() {
+            command.env(crate::units::POOL_ENV, crate::units::SANDBOX_PATH);
+        }
     } else {
         command.env("CARGO_TARGET_DIR", scratch.join("target"));
     }
@@ -959,6 +970,7 @@ mod tests {
             cgroups: None,
             confine: None,
             sources: None,
+            units: None,
         };
         let workspace = Workspace {
             scratch: scratch.path(),

@@ -126,7 +126,30 @@ pub(crate) async fn prepare_cargo_env(
         cgroups,
         confine,
         sources: None,
+        units: None,
     })
+}
+
+/// The pool of compiled units (`units.rs`) that this consumer's jobs share with every consumer on
+/// its work directory: only where slots keep target directories (so rustc and build scripts are
+/// confined) and sources are stored (only units from the store are pooled).
+pub(crate) fn open_units(
+    config: &Config,
+    cargo: &CargoEnv,
+) -> anyhow::Result<Option<crate::units::Pool>> {
+    if config.consumer.unit_pool_mb == 0 || cargo.confine.is_none() || cargo.sources.is_none() {
+        return Ok(None);
+    }
+    let dir = std::path::absolute(config.consumer.work_dir.join("units"))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    tracing::info!(
+        dir = %dir.display(),
+        "jobs reuse the compiled dependencies of every consumer on this work directory"
+    );
+    Ok(Some(crate::units::Pool::new(
+        dir,
+        config.consumer.unit_pool_mb.saturating_mul(1 << 20),
+    )))
 }
 
 /// The consumer's store of extracted dependency sources (`sources.rs`), where jobs can share

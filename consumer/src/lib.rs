@@ -43,6 +43,7 @@ mod shared_target;
 mod sources;
 mod spawn;
 mod toolchains;
+mod units;
 mod unpack;
 mod workspace;
 
@@ -246,6 +247,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     )
     .await?;
     cargo.sources = host::open_sources(config, &name, &cargo.sandbox, metrics.clone())?;
+    cargo.units = host::open_units(config, &cargo)?;
     let toolchains = Toolchains::new(
         (own_toolchains, on_demand),
         path,

@@ -60,12 +60,18 @@ pub struct Metrics {
     /// The dependency sources extracted once and shared (`sources.rs`).
     sources: IntCounterVec,
     sources_bytes: IntGauge,
+    /// The pool of compiled units (`units.rs`).
+    units: IntCounterVec,
+    unit_pool_bytes: IntGauge,
 }
 
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
 
 /// What became of a dependency's sources (`quarry_consumer_sources_total`).
 const SOURCES: [&str; 4] = ["extracted", "shared", "left-to-cargo", "removed"];
+
+/// What became of a compiled unit (`quarry_consumer_units_total`).
+const UNITS: [&str; 3] = ["reused", "added", "removed"];
 
 fn layer(source: Source) -> &'static str {
     match source {
@@ -241,6 +247,19 @@ impl Metrics {
                 "quarry_consumer_sources_bytes",
                 "Disk the consumer's store of extracted dependency sources takes",
             )?,
+            units: IntCounterVec::new(
+                Opts::new(
+                    "quarry_consumer_units_total",
+                    "Dependencies' compiled units of this consumer's jobs, by what became of them: \
+                     reused (copied from the pool, rustc not run), added (compiled and pooled); \
+                     and removed (pooled units removed past consumer.unit_pool_mb)",
+                ),
+                &["how"],
+            )?,
+            unit_pool_bytes: IntGauge::new(
+                "quarry_consumer_unit_pool_bytes",
+                "Disk the pool of compiled units on the consumer's work directory takes",
+            )?,
             toolchain_installs: counter(
                 "quarry_consumer_toolchain_installs_total",
                 "Toolchains this consumer installed on demand (with rustup, or from a run's toolchain file)",
@@ -298,6 +317,10 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.sources_bytes.clone()))?;
+        metrics.registry.register(Box::new(metrics.units.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.unit_pool_bytes.clone()))?;
         metrics
             .registry
             .register(Box::new(metrics.fetches.clone()))?;
@@ -319,6 +342,9 @@ impl Metrics {
         }
         for how in SOURCES {
             metrics.sources.with_label_values(&[how]);
+        }
+        for how in UNITS {
+            metrics.units.with_label_values(&[how]);
         }
         for layer in LAYERS {
             metrics.fetches.with_label_values(&[layer]);
@@ -365,6 +391,25 @@ impl Metrics {
     pub fn source(&self, how: &str) {
         debug_assert!(SOURCES.contains(&how), "{how}");
         self.sources.with_label_values(&[how]).inc();
+    }
+
+    /// A job's units came to `counts`.
+    pub fn units(&self, counts: crate::units::Counts) {
+        self.units
+            .with_label_values(&["reused"])
+            .inc_by(counts.reused);
+        self.units
+            .with_label_values(&["added"])
+            .inc_by(counts.added);
+    }
+
+    /// The pool of units takes `bytes` now, `removed` entries fewer.
+    pub fn unit_pool_trimmed(&self, bytes: u64, removed: usize) {
+        self.unit_pool_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.units
+            .with_label_values(&["removed"])
+            .inc_by(removed as u64);
     }
 
     /// The store of extracted sources takes `bytes` now.

@@ -46,6 +46,10 @@ pub struct Mounts<'a> {
     /// The slot's kept target directory on this host, shown writable at [`SHARED_TARGET`], and
     /// `quarry-confine` on this host, shown at [`crate::confine::SANDBOX_PATH`].
     pub shared_target: Option<(&'a Path, &'a Path)>,
+    /// The pool of compiled units on this host, shown writable at [`crate::units::SANDBOX_PATH`]
+    /// beside a shared target (only `quarry-confine` writes it: rustc and build scripts run
+    /// confined away from it).
+    pub units: Option<&'a Path>,
 }
 
 impl<'a> Mounts<'a> {
@@ -59,6 +63,7 @@ impl<'a> Mounts<'a> {
             cargo_home: None,
             sources: None,
             shared_target: None,
+            units: None,
         }
     }
 }
@@ -282,6 +287,13 @@ impl Sandbox {
                         confine.display().to_string(),
                         crate::confine::SANDBOX_PATH.to_owned(),
                     ]);
+                    if let Some(units) = mounts.units {
+                        line.extend([
+                            "--bind".to_owned(),
+                            units.display().to_string(),
+                            crate::units::SANDBOX_PATH.to_owned(),
+                        ]);
+                    }
                 }
                 if let Some(socket) = mounts.registry {
                     line.extend([

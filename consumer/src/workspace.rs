@@ -2,7 +2,7 @@
 //! resolved in it (running none of its code), then its experiment run once a slot is free, and
 //! the directory removed (or its package kept, `consumer.keep_packages`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use quarry_core::job::{BrokenReason, Job, PackageVersion, Patch, PatchSource, Refusal};
@@ -78,6 +78,9 @@ impl Worker {
         .await
         .map_err(|e| InfraError::host(format!("cannot set up or run the job's steps: {e}")))?;
         let ran_for = resolving + started.elapsed();
+        if let (Some(target), Some(pool)) = (shared_target.as_deref(), &self.cargo.units) {
+            self.units_after_job(target, pool, &mut execution).await;
+        }
         // Measured before the slot's next job adds to it.
         let kept = self.slots.after_job(&slot).await;
         if shared_target.is_some() {
@@ -89,6 +92,30 @@ impl Worker {
         execution.cost.disk_bytes = scratch.disk_used().await + kept.added_bytes;
         scratch.remove_in_background();
         Ok(Some((execution, ran_for)))
+    }
+
+    /// Counts what the job reused from the pool of units and added to it (its log says so),
+    /// and trims the pool if it grew.
+    async fn units_after_job(
+        &self,
+        target: &Path,
+        pool: &crate::units::Pool,
+        execution: &mut Execution,
+    ) {
+        let counts = crate::units::take_counts(target);
+        self.metrics.units(counts);
+        if counts.reused + counts.added > 0 {
+            execution.log.push_str(&format!(
+                "quarry: dependencies' compiled units: {} reused from the pool, {} added to it\n",
+                counts.reused, counts.added
+            ));
+        }
+        if counts.added > 0 {
+            let pool = pool.clone();
+            if let Ok((bytes, removed)) = tokio::task::spawn_blocking(move || pool.trim()).await {
+                self.metrics.unit_pool_trimmed(bytes, removed);
+            }
+        }
     }
 
     /// What a job's experiment may use.

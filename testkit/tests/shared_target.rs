@@ -5,7 +5,8 @@
 //! slot and must build against the artifacts as they were compiled, without compiling them
 //! again. The build script also attacks the dependency's sources, which jobs share read-only
 //! (`sources.rs`): the victim's job must find them as the archive has them, without extracting
-//! them again.
+//! them again. The proc macro also attacks the pool of compiled units (`units.rs`), from which
+//! a second consumer's slot then takes the dependency for the victim, without compiling it.
 
 use quarry_core::job::Mode;
 use quarry_producer::publish_run;
@@ -45,10 +46,46 @@ async fn no_job_alters_what_a_later_job_builds_against() {
         logs.push(log);
     }
     let stats = consumers.stop().await;
+
+    // Elsewhere: a consumer with slots of its own takes the dependency from the pool.
+    let mut config = stack.consumer_config("shared-elsewhere");
+    config.consumer.concurrency = 1;
+    let elsewhere = quarry_testkit::Consumers::start([config]);
+    // Fresh: run again, not the victim's result reused.
+    let definition = packages_run(
+        quarry_core::job::Experiment {
+            fresh: true,
+            ..experiment(Mode::Check, 300)
+        },
+        &["quarry-shared-victim"],
+    );
+    let summary = publish_run(&stack.config, "elsewhere", &definition, &never)
+        .await
+        .unwrap();
+    stack.wait_for_run(summary.run_id).await;
+    let written = quarry_reporter::generate(
+        &stack.config,
+        "elsewhere",
+        &stack.config.reporter.output_dir,
+    )
+    .await
+    .unwrap();
+    let row = written.report.packages[0].clone();
+    let from_pool = written.read_log(row.log.as_deref()).unwrap();
+    assert_eq!(row.outcome, "build-pass", "{from_pool}");
+    elsewhere.stop().await;
+    // The dependency's library and build script, as the poisoner's job compiled them.
+    assert!(
+        from_pool.contains(
+            "quarry: dependencies' compiled units: 2 reused from the pool, 0 added to it"
+        ),
+        "{from_pool}"
+    );
+
     let (poisoner, victim) = (&logs[0], &logs[1]);
 
     // The attacks found their target and none of their attempts took.
-    for attacker in ["build script", "proc macro", "sources"] {
+    for attacker in ["build script", "proc macro", "sources", "pool"] {
         let line = poisoner
             .lines()
             .find(|line| line.contains(&format!("quarry-poison: {attacker} found")))

@@ -278,6 +278,11 @@ pub struct ConsumerConfig {
     /// job, the slot's are removed whole. 0 keeps none: every job builds its tree from nothing.
     /// Kept only in the bubblewrap sandbox, where Landlock confines build scripts and rustc.
     pub shared_target_mb: u64,
+    /// Most MiB of compiled dependency units kept in the pool that every slot of every consumer
+    /// on `work_dir` reuses (`<work_dir>/units`), so that a dependency compiled by one slot is
+    /// not compiled again by another; past it, after a job, the least recently used are
+    /// removed. 0 keeps none. Only where slots keep target directories and sources are stored.
+    pub unit_pool_mb: u64,
     /// Most MiB of dependencies' sources the consumer keeps extracted for every job to read
     /// (`<work_dir>/<name>/sources`), instead of each job extracting its tree again; past it,
     /// the least recently used that no job in hand reads are removed. 0 keeps none. Kept only
@@ -325,6 +330,7 @@ impl Default for ConsumerConfig {
             work_dir: std::env::temp_dir().join("quarry-consumer"),
             concurrency: 1,
             shared_target_mb: 10 << 10,
+            unit_pool_mb: 10 << 10,
             sources_mb: 10 << 10,
             shutdown_grace_secs: 30,
             lease_secs: 60,

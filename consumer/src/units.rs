@@ -1,0 +1,547 @@
+//! The pool of compiled units: what rustc made of a dependency in one slot, reused by every
+//! slot of every consumer on the work directory instead of compiled again.
+//!
+//! A slot's kept target directory (`shared_target.rs`) saves a unit's compilation only for that
+//! slot's later jobs; a popular dependency still compiled once per slot. The pool is one
+//! directory beside the slots. `quarry-confine`, cargo's rustc wrapper, looks a unit up before
+//! it runs rustc and, on a hit, copies the unit's outputs where cargo expects them and replays
+//! what rustc said; on a miss it runs rustc confined as ever and adds what it made.
+//!
+//! What a unit is keyed by decides whether a copy is right. Cargo's own view (its fingerprints,
+//! `-C metadata`) does not suffice: a unit's metadata records the exact hash (SVH) of every
+//! crate it was compiled against, and a dependency whose build is not reproducible (a build
+//! script that embeds the time, as `built` or `vergen` do) has another hash in each slot, so a
+//! unit compiled in one slot would be refused next to another slot's copy of it (E0460). So the
+//! key is made of what rustc reads, by content where it can differ between slots:
+//!
+//! - the rustc command line (every path in it is the same in every job: the sandbox shows the
+//!   cargo home and the target directory at fixed places), its working directory, and its
+//!   environment but for the few variables that name the job or the jobserver ([`UNKEYED_ENV`]);
+//! - the unit's sources, by the checksum of their archive: only a unit whose crate root is in
+//!   the store of sources (`sources.rs`, read-only, one entry per checksum) is pooled;
+//! - the bytes of every crate it is given with `--extern`, of its build script's `OUT_DIR`, and
+//!   of every directory in the target it is told to search for native libraries.
+//!
+//! After rustc, the dependency file it wrote must name no file outside the unit's sources and
+//! `OUT_DIR`, and no environment variable the key leaves out; else the unit is not pooled.
+//!
+//! Who writes the pool: only this program's unconfined part, from the files a confined rustc
+//! wrote into its own unit directory, the same invariant as the slot's target directory. A build
+//! script or proc macro cannot write it (Landlock, `confine.rs`). Entries are whole directories
+//! renamed into place, so a reader sees an entry complete or not at all; their files are made
+//! read-only. Eviction ([`Pool::trim`], by the consumer after a job) removes the least recently
+//! used entries; a unit whose entry goes mid-copy is compiled instead.
+
+use std::ffi::{OsStr, OsString};
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::Digest as _;
+
+/// Where the sandbox shows the pool, writable for this program (rustc and build scripts run
+/// confined away from it).
+pub const SANDBOX_PATH: &str = "/run/quarry/units";
+
+/// Set for cargo when a pool is shown at [`SANDBOX_PATH`]; removed before rustc runs.
+pub const POOL_ENV: &str = "QUARRY_UNITS";
+
+/// Environment variables left out of a unit's key: they name the job (its home, its package as
+/// the working directory, the directory a
+/// confined process may write) or the jobserver, not anything the unit is built from.
+pub const UNKEYED_ENV: &[&str] = &[
+    "HOME",
+    "PWD",
+    "CARGO_MAKEFLAGS",
+    "MAKEFLAGS",
+    "MFLAGS",
+    crate::confine::WRITABLE_ENV,
+    POOL_ENV,
+];
+
+/// In each entry: the outputs' file names, one per line; written last.
+const OUTPUTS: &str = "outputs";
+/// In each entry: what rustc wrote to its standard error, as forwarded to cargo.
+const STDERR: &str = "stderr";
+/// Entries being written or removed.
+const PARTIAL: &str = ".partial-";
+const REMOVED: &str = ".removed-";
+/// What rustc may say of a unit for it to be pooled.
+const STDERR_LIMIT: usize = 1 << 20;
+/// In a slot's target directory: one line per unit this job reused or added, for the
+/// consumer's count.
+pub const JOURNAL: &str = ".quarry-units";
+
+/// What a unit is looked up by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key(String);
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A unit that may be pooled: its key, and the places its inputs may come from.
+#[derive(Debug)]
+pub struct Poolable {
+    pub key: Key,
+    /// Its sources: the store's entry (`<sources>/<checksum>/<name>-<version>`).
+    pub sources: PathBuf,
+    /// Its build script's `OUT_DIR`, if it has one.
+    pub out_dir: Option<PathBuf>,
+}
+
+impl Poolable {
+    /// rustc `rustc` run with `args` (expanded) in `cwd`, with `env`, where the store of
+    /// sources is `sources` and the target directory `target`; `None` when the unit is not one
+    /// to pool (its crate root is not in the store, or an input cannot be read as data).
+    pub fn of(
+        rustc: &OsStr,
+        args: &[OsString],
+        cwd: &Path,
+        env: &[(OsString, OsString)],
+        sources: &Path,
+        target: &Path,
+    ) -> Option<Poolable> {
+        let mut hash = sha2::Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        field(b"quarry-unit 1");
+        field(rustc.as_bytes());
+        // Cargo runs rustc in the job's package (the workspace root) and names a dependency's
+        // crate root by its absolute path: the working directory counts only where the command
+        // line is relative to it.
+        let root = crate_root(args)?;
+        if root.is_relative() {
+            field(cwd.as_os_str().as_bytes());
+        }
+        // The crate root: in the store, so its sources are its archive's, by checksum.
+        let root = std::fs::canonicalize(cwd.join(root)).ok()?;
+        let entry = store_entry(&root, sources)?;
+        field(entry.as_os_str().as_bytes());
+        for arg in args {
+            field(arg.as_bytes());
+        }
+        let mut keyed: Vec<&(OsString, OsString)> = env
+            .iter()
+            .filter(|(name, _)| !UNKEYED_ENV.iter().any(|u| name == *u))
+            .collect();
+        keyed.sort();
+        for (name, value) in keyed {
+            field(name.as_bytes());
+            field(value.as_bytes());
+        }
+        let text: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
+        for (i, arg) in text.iter().enumerate() {
+            let value = |flag: &str| {
+                if *arg == flag {
+                    text.get(i + 1).copied()
+                } else {
+                    arg.strip_prefix(flag).and_then(|v| v.strip_prefix('='))
+                }
+            };
+            if let Some(spec) = value("--extern") {
+                // `name=path` (a path-less `--extern name` is a sysroot crate).
+                if let Some((_, path)) = spec.split_once('=') {
+                    field(&file_digest(Path::new(path))?);
+                }
+            }
+            if let Some(spec) = value("-L") {
+                // The target's directories of native libraries are build scripts' outputs: by
+                // content. The crates' directory is searched only for crates, given by
+                // `--extern` or named by the hash their dependents record.
+                let dir = Path::new(spec.split_once('=').map_or(spec, |(_, dir)| dir));
+                if dir.starts_with(target) && !spec.starts_with("dependency=") {
+                    field(&tree_digest(dir)?);
+                }
+            }
+        }
+        let out_dir = env_value(env, "OUT_DIR").map(|(_, dir)| PathBuf::from(dir));
+        if let Some(dir) = &out_dir {
+            field(&tree_digest(dir)?);
+        }
+        Some(Poolable {
+            key: Key(hex::encode(hash.finalize())),
+            sources: entry,
+            out_dir,
+        })
+    }
+}
+
+fn env_value<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a (OsString, OsString)> {
+    env.iter().find(|(n, _)| n == name)
+}
+
+/// The crate root rustc is given: the one argument that is a `.rs` file and no flag's value.
+fn crate_root(args: &[OsString]) -> Option<&Path> {
+    let mut roots = args.iter().enumerate().filter(|(i, arg)| {
+        let text = arg.to_str().unwrap_or("");
+        let after_flag = i
+            .checked_sub(1)
+            .and_then(|p| args[p].to_str())
+            .is_some_and(|prev| prev.starts_with('-') && !prev.contains('='));
+        text.ends_with(".rs") && !text.starts_with('-') && !after_flag
+    });
+    let (_, root) = roots.next()?;
+    roots.next().is_none().then(|| Path::new(root))
+}
+
+/// The store entry (`<sources>/<checksum>/<name>-<version>`) that `file` is in.
+fn store_entry(file: &Path, sources: &Path) -> Option<PathBuf> {
+    let rest = file.strip_prefix(sources).ok()?;
+    let mut parts = rest.components();
+    let (Some(Component::Normal(checksum)), Some(Component::Normal(package))) =
+        (parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some(sources.join(checksum).join(package))
+}
+
+/// The sha256 of a regular file's bytes.
+fn file_digest(path: &Path) -> Option<Vec<u8>> {
+    let meta = path.symlink_metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hash = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hash).ok()?;
+    Some(hash.finalize().to_vec())
+}
+
+/// The sha256 of a directory's tree: names, kinds and bytes, in name order; `None` if it holds
+/// anything but directories and regular files. A directory that does not exist digests as
+/// empty (cargo names `OUT_DIR`s that a build script may leave unmade).
+fn tree_digest(root: &Path) -> Option<Vec<u8>> {
+    let mut hash = sha2::Sha256::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(root.join(&relative)) else {
+            if relative.as_os_str().is_empty() && !root.exists() {
+                break;
+            }
+            return None;
+        };
+        let mut entries: Vec<_> = entries.collect::<Result<_, _>>().ok()?;
+        entries.sort_by_key(|e| e.file_name());
+        let mut directories = Vec::new();
+        for entry in entries {
+            let name = relative.join(entry.file_name());
+            let kind = entry.file_type().ok()?;
+            hash.update((name.as_os_str().len() as u64).to_le_bytes());
+            hash.update(name.as_os_str().as_bytes());
+            if kind.is_dir() {
+                hash.update(b"d");
+                directories.push(name);
+            } else if kind.is_file() {
+                hash.update(b"f");
+                hash.update(file_digest(&root.join(&name))?);
+            } else {
+                return None;
+            }
+        }
+        // Depth first, in name order.
+        pending.extend(directories.into_iter().rev());
+    }
+    Some(hash.finalize().to_vec())
+}
+
+/// Whether rustc's dependency file `dep_info` names only files of the unit's sources (`entry`,
+/// the store's) and of its `OUT_DIR`, and no environment variable the key leaves out: then the
+/// key held everything the unit read.
+pub fn read_only_keyed_inputs(dep_info: &Path, entry: &Path, out_dir: Option<&Path>) -> bool {
+    let Ok(text) = std::fs::read_to_string(dep_info) else {
+        return false;
+    };
+    for line in text.lines() {
+        if let Some(env) = line.strip_prefix("# env-dep:") {
+            let name = env.split_once('=').map_or(env, |(name, _)| name);
+            if UNKEYED_ENV.contains(&name) {
+                return false;
+            }
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        // `outputs: inputs`, then `input:` for each input again; the inputs are what count.
+        let Some((_, inputs)) = line.split_once(": ") else {
+            continue;
+        };
+        let out_dir = out_dir.and_then(|dir| std::fs::canonicalize(dir).ok());
+        // Paths with spaces are escaped (`\ `); none of Quarry's fixed places have any, so
+        // such a path is one to refuse anyway.
+        for path in inputs.split(' ').filter(|p| !p.is_empty()) {
+            let Ok(path) = std::fs::canonicalize(path) else {
+                return false;
+            };
+            let inside = path.starts_with(entry)
+                || out_dir.as_ref().is_some_and(|dir| path.starts_with(dir));
+            if !inside {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The pool: what `quarry-confine` reads and adds to inside the sandbox, what the consumer
+/// trims outside.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    dir: PathBuf,
+    /// What [`Pool::trim`] keeps it within.
+    limit_bytes: u64,
+}
+
+/// An entry found for a key.
+pub struct Hit {
+    /// The outputs' file names.
+    pub outputs: Vec<OsString>,
+    /// What rustc said, to be said again.
+    pub stderr: Vec<u8>,
+}
+
+impl Pool {
+    /// The pool in `dir`, kept within `limit_bytes` by [`Pool::trim`].
+    pub fn new(dir: impl Into<PathBuf>, limit_bytes: u64) -> Pool {
+        Pool {
+            dir: dir.into(),
+            limit_bytes,
+        }
+    }
+
+    /// The pool as `quarry-confine` sees it (it never trims).
+    pub fn at(dir: impl Into<PathBuf>) -> Pool {
+        Pool::new(dir, u64::MAX)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Copies the entry of `key`, if there is one, into `out_dir` (each output replacing what
+    /// is there); `None` if there is none or it could not all be copied (what was copied is
+    /// removed: rustc then makes the unit).
+    pub fn adopt(
+        &self,
+        key: &Key,
+        out_dir: &Path,
+        is_output: impl Fn(&OsStr) -> bool,
+    ) -> Option<Hit> {
+        let entry = self.dir.join(key.as_str());
+        let listed = std::fs::read(entry.join(OUTPUTS)).ok()?;
+        let outputs: Vec<OsString> = listed
+            .split(|b| *b == b'\n')
+            .filter(|name| !name.is_empty())
+            .map(|name| OsStr::from_bytes(name).to_owned())
+            .collect();
+        // Names the wrapper wrote; checked all the same, as any path read back.
+        if outputs.iter().any(|name| {
+            Path::new(name).components().count() != 1
+                || !matches!(
+                    Path::new(name).components().next(),
+                    Some(Component::Normal(_))
+                )
+                || !is_output(name)
+        }) {
+            return None;
+        }
+        let stderr = std::fs::read(entry.join(STDERR)).ok()?;
+        let mut copied = Vec::new();
+        for name in &outputs {
+            let to = out_dir.join(name);
+            let _ = std::fs::remove_file(&to);
+            if copy_plain(&entry.join(name), &to).is_err() {
+                for name in copied {
+                    let _ = std::fs::remove_file(out_dir.join(name));
+                }
+                let _ = std::fs::remove_file(&to);
+                return None;
+            }
+            // rustc writes outputs writable; cargo may replace them later.
+            let _ = std::fs::set_permissions(&to, writable(&to));
+            copied.push(name.clone());
+        }
+        // Recently used: trimmed last.
+        if let Ok(file) = std::fs::File::open(entry.join(OUTPUTS)) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+        Some(Hit { outputs, stderr })
+    }
+
+    /// Adds the unit `key` whose `outputs` rustc just wrote into `out_dir`, having said
+    /// `stderr`. Losing a race to another slot adding the same unit is no error.
+    pub fn add(
+        &self,
+        key: &Key,
+        out_dir: &Path,
+        outputs: &[OsString],
+        stderr: &[u8],
+    ) -> std::io::Result<()> {
+        if stderr.len() > STDERR_LIMIT || outputs.is_empty() {
+            return Ok(());
+        }
+        let entry = self.dir.join(key.as_str());
+        if entry.exists() {
+            return Ok(());
+        }
+        let partial = self
+            .dir
+            .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
+        let written = (|| {
+            std::fs::create_dir_all(&partial)?;
+            for name in outputs {
+                let to = partial.join(name);
+                copy_plain(&out_dir.join(name), &to)?;
+                std::fs::set_permissions(&to, read_only(&to))?;
+            }
+            std::fs::write(partial.join(STDERR), stderr)?;
+            let mut listed = Vec::new();
+            for name in outputs {
+                listed.extend_from_slice(name.as_bytes());
+                listed.push(b'\n');
+            }
+            std::fs::write(partial.join(OUTPUTS), listed)?;
+            std::fs::rename(&partial, &entry)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+            if entry.join(OUTPUTS).exists() {
+                return Ok(());
+            }
+        }
+        written
+    }
+
+    /// The pool's size on disk, and past its limit removes the least recently used
+    /// entries until it is at most nine tenths of it. Returns the size after, and how many
+    /// entries went. Consumers sharing the pool may trim at once: an entry is renamed aside
+    /// before it is removed, and a rename that fails means another took it.
+    pub fn trim(&self) -> (u64, usize) {
+        let limit_bytes = self.limit_bytes;
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return (0, 0);
+        };
+        let mut sized = Vec::new();
+        let mut total = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let path = entry.path();
+            if name.as_bytes().starts_with(REMOVED.as_bytes()) {
+                let _ = std::fs::remove_dir_all(&path);
+                continue;
+            }
+            let bytes = crate::shared_target::disk_used(&path);
+            total += bytes;
+            if name.as_bytes().starts_with(b".") {
+                continue;
+            }
+            let used = path
+                .join(OUTPUTS)
+                .symlink_metadata()
+                .map_or(0, |meta| meta.mtime());
+            sized.push((used, bytes, path));
+        }
+        let mut removed = 0;
+        if total > limit_bytes {
+            sized.sort();
+            let goal = limit_bytes / 10 * 9;
+            for (_, bytes, path) in sized {
+                if total <= goal {
+                    break;
+                }
+                let aside = self
+                    .dir
+                    .join(format!("{REMOVED}{}", uuid::Uuid::new_v4().simple()));
+                if std::fs::rename(&path, &aside).is_ok() {
+                    let _ = std::fs::remove_dir_all(&aside);
+                    total = total.saturating_sub(bytes);
+                    removed += 1;
+                }
+            }
+        }
+        (total, removed)
+    }
+}
+
+/// Copies a regular file (a link or anything else is refused), its permissions with it.
+fn copy_plain(from: &Path, to: &Path) -> std::io::Result<()> {
+    if !from.symlink_metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    std::fs::copy(from, to).map(|_| ())
+}
+
+fn read_only(path: &Path) -> std::fs::Permissions {
+    let mode = path.metadata().map_or(0o444, |m| m.permissions().mode());
+    std::fs::Permissions::from_mode(mode & 0o555)
+}
+
+fn writable(path: &Path) -> std::fs::Permissions {
+    let mode = path.metadata().map_or(0o644, |m| m.permissions().mode());
+    std::fs::Permissions::from_mode(mode | 0o200)
+}
+
+/// How a unit went, for the job's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Copied from the pool: rustc did not run.
+    Reused,
+    /// Compiled and added.
+    Added,
+}
+
+/// Appends `how` for `crate_name` to the slot's journal (`<target>/` [`JOURNAL`]).
+pub fn note(target: &Path, how: Use, crate_name: &str) {
+    let word = match how {
+        Use::Reused => "reused",
+        Use::Added => "added",
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(target.join(JOURNAL))
+    {
+        let _ = file.write_all(format!("{word} {crate_name}\n").as_bytes());
+    }
+}
+
+/// What a job's units came to, read (and removed) from the slot's journal after the job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub reused: u64,
+    pub added: u64,
+}
+
+/// Reads and removes the journal in `target` (a slot's target directory on the host). Read as
+/// data: a plain file, at most 4 MiB of it.
+pub fn take_counts(target: &Path) -> Counts {
+    use std::io::Read as _;
+    let path = target.join(JOURNAL);
+    let mut counts = Counts::default();
+    let Ok(meta) = path.symlink_metadata() else {
+        return counts;
+    };
+    if meta.is_file()
+        && let Ok(file) = std::fs::File::open(&path)
+    {
+        let mut text = Vec::new();
+        let _ = file.take(4 << 20).read_to_end(&mut text);
+        for line in text.split(|b| *b == b'\n') {
+            if line.starts_with(b"reused ") {
+                counts.reused += 1;
+            } else if line.starts_with(b"added ") {
+                counts.added += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    counts
+}
