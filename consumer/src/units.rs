@@ -545,3 +545,205 @@ pub fn take_counts(target: &Path) -> Counts {
     let _ = std::fs::remove_file(&path);
     counts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store of sources holding one package, and a target directory holding a crate it is
+    /// built against.
+    struct Place {
+        _dir: tempfile::TempDir,
+        sources: PathBuf,
+        target: PathBuf,
+        root: PathBuf,
+    }
+
+    fn place() -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = dir.path().join("sources");
+        let package = sources.join("ab12/foo-1.0.0");
+        std::fs::create_dir_all(package.join("src")).unwrap();
+        std::fs::write(package.join("src/lib.rs"), "pub fn f() {}").unwrap();
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(target.join("debug/deps")).unwrap();
+        std::fs::create_dir_all(target.join("debug/build/foo-1/out")).unwrap();
+        std::fs::write(target.join("debug/deps/libbar-1.rmeta"), b"bar, one build").unwrap();
+        Place {
+            root: package.join("src/lib.rs"),
+            sources,
+            target,
+            _dir: dir,
+        }
+    }
+
+    fn args(place: &Place) -> Vec<OsString> {
+        [
+            "--crate-name",
+            "foo",
+            place.root.to_str().unwrap(),
+            "--extern",
+            &format!(
+                "bar={}",
+                place.target.join("debug/deps/libbar-1.rmeta").display()
+            ),
+            "-L",
+            &format!("dependency={}", place.target.join("debug/deps").display()),
+        ]
+        .map(OsString::from)
+        .to_vec()
+    }
+
+    fn key(place: &Place, env: &[(&str, &str)]) -> Option<Key> {
+        let env: Vec<(OsString, OsString)> = env
+            .iter()
+            .map(|(n, v)| (OsString::from(n), OsString::from(v)))
+            .collect();
+        Poolable::of(
+            OsStr::new("rustc"),
+            &args(place),
+            Path::new("/job"),
+            &env,
+            &place.sources,
+            &place.target,
+        )
+        .map(|unit| unit.key)
+    }
+
+    #[test]
+    fn a_units_key_follows_the_bytes_of_what_it_is_built_against() {
+        let place = place();
+        let out_dir = place.target.join("debug/build/foo-1/out");
+        let env = [("HOME", "/job-1"), ("OUT_DIR", out_dir.to_str().unwrap())];
+        let first = key(&place, &env).expect("a unit from the store is pooled");
+        // Another job's home is no difference.
+        let env_elsewhere = [("HOME", "/job-2"), ("OUT_DIR", out_dir.to_str().unwrap())];
+        assert_eq!(key(&place, &env_elsewhere).as_ref(), Some(&first));
+        // Another build of a crate it is given is.
+        std::fs::write(
+            place.target.join("debug/deps/libbar-1.rmeta"),
+            b"bar, another",
+        )
+        .unwrap();
+        let rebuilt = key(&place, &env).unwrap();
+        assert_ne!(rebuilt, first);
+        // So is what its build script wrote, and a variable it may read.
+        std::fs::write(out_dir.join("stamp.rs"), b"1").unwrap();
+        assert_ne!(key(&place, &env).unwrap(), rebuilt);
+        let featured = [("CARGO_FEATURE_STD", "1"), env[0], env[1]];
+        assert_ne!(key(&place, &featured).unwrap(), key(&place, &env).unwrap());
+        // A link in OUT_DIR is not data to key by: not pooled.
+        std::os::unix::fs::symlink("/etc/passwd", out_dir.join("link")).unwrap();
+        assert_eq!(key(&place, &env), None);
+    }
+
+    #[test]
+    fn only_a_unit_from_the_store_of_sources_is_pooled() {
+        let place = place();
+        let own = place.target.join("lib.rs");
+        std::fs::write(&own, "").unwrap();
+        let mut args = args(&place);
+        args[2] = own.into_os_string();
+        let pooled = Poolable::of(
+            OsStr::new("rustc"),
+            &args,
+            Path::new("/job"),
+            &[],
+            &place.sources,
+            &place.target,
+        );
+        assert!(pooled.is_none());
+    }
+
+    #[test]
+    fn a_unit_that_read_a_file_outside_its_sources_is_not_pooled() {
+        let place = place();
+        let entry = place.sources.join("ab12/foo-1.0.0");
+        let dep_info = place.target.join("foo-1.d");
+        let write = |inputs: &str| {
+            std::fs::write(
+                &dep_info,
+                format!(
+                    "/t/libfoo-1.rmeta: {inputs}\n\n{inputs}:\n\n# env-dep:CARGO_PKG_NAME=foo\n"
+                ),
+            )
+            .unwrap();
+        };
+        write(place.root.to_str().unwrap());
+        assert!(read_only_keyed_inputs(&dep_info, &entry, None));
+        write("/etc/hostname");
+        assert!(!read_only_keyed_inputs(&dep_info, &entry, None));
+        std::fs::write(&dep_info, "# env-dep:HOME\n").unwrap();
+        assert!(!read_only_keyed_inputs(&dep_info, &entry, None));
+    }
+
+    #[test]
+    fn an_entry_is_taken_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(dir.path().join("pool"), 1 << 20);
+        std::fs::create_dir_all(pool.dir()).unwrap();
+        let built = dir.path().join("built");
+        std::fs::create_dir(&built).unwrap();
+        std::fs::write(built.join("libfoo-1.rmeta"), b"meta").unwrap();
+        std::fs::write(built.join("foo-1.d"), b"deps").unwrap();
+        let outputs = [OsString::from("libfoo-1.rmeta"), OsString::from("foo-1.d")];
+        let key = Key("k1".to_owned());
+        pool.add(&key, &built, &outputs, b"said\n").unwrap();
+        let is_output = |name: &OsStr| name.to_string_lossy().contains("-1");
+
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let hit = pool.adopt(&key, &elsewhere, is_output).unwrap();
+        assert_eq!(hit.stderr, b"said\n");
+        assert_eq!(
+            std::fs::read(elsewhere.join("libfoo-1.rmeta")).unwrap(),
+            b"meta"
+        );
+        assert!(
+            pool.adopt(&Key("k2".to_owned()), &elsewhere, is_output)
+                .is_none()
+        );
+
+        // An entry missing a file (removed as it was read) leaves nothing behind.
+        let partly = dir.path().join("partly");
+        std::fs::create_dir(&partly).unwrap();
+        let mut mode = std::fs::metadata(pool.dir().join("k1"))
+            .unwrap()
+            .permissions();
+        mode.set_mode(0o755);
+        std::fs::set_permissions(pool.dir().join("k1"), mode).unwrap();
+        std::fs::remove_file(pool.dir().join("k1/foo-1.d")).unwrap();
+        assert!(pool.adopt(&key, &partly, is_output).is_none());
+        assert_eq!(std::fs::read_dir(&partly).unwrap().count(), 0);
+
+        // An entry naming another unit's file is not taken.
+        assert!(pool.adopt(&key, &partly, |_| false).is_none());
+    }
+
+    #[test]
+    fn past_its_limit_the_least_recently_used_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(dir.path().join("pool"), 96 << 10);
+        std::fs::create_dir_all(pool.dir()).unwrap();
+        let built = dir.path().join("built");
+        std::fs::create_dir(&built).unwrap();
+        std::fs::write(built.join("big"), vec![7u8; 40 << 10]).unwrap();
+        let outputs = [OsString::from("big")];
+        for (key, age) in [("old", 300), ("used", 200), ("new", 100)] {
+            pool.add(&Key(key.to_owned()), &built, &outputs, b"")
+                .unwrap();
+            let listed = std::fs::File::open(pool.dir().join(key).join(OUTPUTS)).unwrap();
+            listed
+                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age))
+                .unwrap();
+        }
+        // Taking an entry makes it the most recently used.
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        pool.adopt(&Key("old".to_owned()), &out, |_| true).unwrap();
+        let (after, removed) = pool.trim();
+        assert!(removed >= 1 && after <= 96 << 10, "{after} {removed}");
+        assert!(pool.dir().join("old").exists());
+        assert!(!pool.dir().join("used").exists());
+    }
+}
