@@ -89,9 +89,7 @@ impl<'a> Pages<'a> {
         if let Selection::Dump { path, sort, limit } = self.selection {
             return self.next_from_dump(path, *sort, *limit).await;
         }
-        if self.filter.needs_whole_registry() && self.chosen.is_none() {
-            self.chosen = Some(self.choose_over_registry().await?);
-        }
+        self.chosen().await?;
         let list: Option<Vec<Request>> = match (&self.chosen, self.selection) {
             (Some(chosen), _) => Some(chosen.clone()),
             (None, Selection::Packages { packages }) => {
@@ -257,6 +255,19 @@ impl<'a> Pages<'a> {
 
     pub(crate) fn filtered_out(&self) -> u64 {
         self.filtered_out.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The packages a sample or reverse dependencies choose over the whole registry, chosen
+    /// once (before the first page, or before that for the stragglers); `None` for a run that
+    /// pages without choosing first (a dump chooses as it reads).
+    pub(crate) async fn chosen(&mut self) -> anyhow::Result<Option<&[Request]>> {
+        if !self.filter.needs_whole_registry() || matches!(self.selection, Selection::Dump { .. }) {
+            return Ok(None);
+        }
+        if self.chosen.is_none() {
+            self.chosen = Some(self.choose_over_registry().await?);
+        }
+        Ok(self.chosen.as_deref())
     }
 
     /// For a sample or reverse dependencies: every crate the source offers (matching the name

@@ -149,7 +149,13 @@ pub async fn publish_run(
     // The crates slowest in earlier runs go first, before paging, so that the run does not
     // end waiting on one of them started last (as PkgEvalFarm orders its jobs).
     let longest = store.longest_packages(STRAGGLERS).await?;
-    let stragglers = straggler_requests(&definition.selection, &definition.filter, &longest)?;
+    let chosen = pages.chosen().await?.map(<[Request]>::to_vec);
+    let stragglers = straggler_requests(
+        &definition.selection,
+        &definition.filter,
+        &longest,
+        chosen.as_deref(),
+    )?;
     if !stragglers.is_empty() {
         tracing::info!(
             packages = stragglers.len(),
@@ -275,12 +281,14 @@ pub async fn publish_run(
 const STRAGGLERS: i64 = 1000;
 
 /// Of `longest` (crate names, slowest first), those the run selects whatever the paging
-/// order, as requests: the packages of a list, or every crate of a whole registry when only
-/// name patterns filter it (a limit, a sample or a dependents filter decides by the paging).
+/// order, as requests: the packages a sample or a dependents filter `chosen` over the whole
+/// registry, the packages of a list, or every crate of a whole registry when only name
+/// patterns filter it (a limit alone, or a dump's sample, decides by the paging).
 fn straggler_requests(
     selection: &Selection,
     filter: &Filter,
     longest: &[String],
+    chosen: Option<&[Request]>,
 ) -> anyhow::Result<Vec<Item>> {
     let order: std::collections::HashMap<&str, usize> = longest
         .iter()
@@ -288,6 +296,15 @@ fn straggler_requests(
         .map(|(i, name)| (name.as_str(), i))
         .collect();
     let mut requests: Vec<(usize, Request)> = match selection {
+        _ if chosen.is_some() => chosen
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|request| {
+                order
+                    .get(request.name.as_str())
+                    .map(|&i| (i, request.clone()))
+            })
+            .collect(),
         Selection::Packages { packages } => packages
             .iter()
             .map(|spec| parse_spec(spec))

@@ -72,18 +72,23 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         .topology()
         .jobs
         .clone();
-    let mut queued = Vec::new();
-    while let Some(message) = channel
-        .basic_get(
-            jobs_queue.as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
-        queued.push(job.package.name);
-    }
+    // Takes every message off the queue: the packages, in the order they were published.
+    let take_queued = || async {
+        let mut queued = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                jobs_queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
+            queued.push(job.package.name);
+        }
+        queued
+    };
+    let mut queued = take_queued().await;
     assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
     queued.sort();
     queued.dedup();
@@ -101,4 +106,33 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         expected.is_some_and(|ms| ms >= 4_000),
         "the second run expects the time the first took: {expected:?}"
     );
+
+    // A sample is chosen over the whole registry before paging: its slowest crates go first
+    // too (here a sample of four, with a seed that takes the slow crate).
+    let sampled = (0..64)
+        .map(|seed| quarry_producer::selection::Sample { size: 4, seed })
+        .find(|sample| {
+            let names: Vec<String> = ["a", "b", "c", "d", "z"]
+                .iter()
+                .map(|n| format!("quarry-timed-{n}"))
+                .collect();
+            quarry_producer::selection::sample(names, |n| n.clone(), *sample)
+                .iter()
+                .any(|n| n == SLOW)
+        })
+        .unwrap();
+    let definition = RunDefinition {
+        filter: quarry_producer::selection::Filter {
+            sample: Some(sampled),
+            ..Default::default()
+        },
+        ..definition
+    };
+    let summary = publish_run(&producer, "sampled", &definition, &never)
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 4);
+    let queued = take_queued().await;
+    assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
+    assert_eq!(queued.len(), 4, "every job once: {queued:?}");
 }
