@@ -70,7 +70,13 @@ struct Index {
     total_bytes: u64,
     /// Counts uses, for least recently used first.
     clock: u64,
+    /// Archives the store refused, by checksum, and why: a later job's download of the same
+    /// archive is refused at once rather than unpacked again ([`REFUSALS_KEPT`] at most).
+    refused: HashMap<String, String>,
 }
+
+/// Refused archives remembered; past it the memory starts over (each is then unpacked once more).
+const REFUSALS_KEPT: usize = 10_000;
 
 struct Entry {
     bytes: u64,
@@ -252,12 +258,27 @@ impl Sources {
             self.metrics.source("shared");
             return Ok(());
         }
+        if let Some(why) = self.lock().refused.get(&checksum) {
+            return Err(NotStored::Refused(why.clone()));
+        }
         let (dir, archive) = (self.dir.clone(), archive.clone());
         let root = format!("{}-{}", package.name, package.version);
         let entry = checksum.clone();
-        let bytes = tokio::task::spawn_blocking(move || extract(&dir, &entry, &root, &archive))
+        let extracted = tokio::task::spawn_blocking(move || extract(&dir, &entry, &root, &archive))
             .await
-            .map_err(|e| NotStored::Failed(format!("extracting panicked: {e}")))??;
+            .map_err(|e| NotStored::Failed(format!("extracting panicked: {e}")))?;
+        let bytes = match extracted {
+            Ok(bytes) => bytes,
+            Err(NotStored::Refused(why)) => {
+                let mut index = self.lock();
+                if index.refused.len() >= REFUSALS_KEPT {
+                    index.refused.clear();
+                }
+                index.refused.insert(checksum, why.clone());
+                return Err(NotStored::Refused(why));
+            }
+            Err(failed) => return Err(failed),
+        };
         let removed = {
             let mut index = self.lock();
             index.clock += 1;
@@ -605,6 +626,20 @@ mod tests {
             ],
         );
         let err = job.link(&package("b", &linked), &linked).await.unwrap_err();
+        assert!(err.contains("Symlink"), "{err}");
+        // Remembered: another job's download of that archive is refused without unpacking it
+        // again (here bytes that would unpack, under the refused archive's checksum).
+        let again = sources
+            .for_job(
+                &cargo_home(&dir.path().join("again")),
+                Path::new("/run/quarry/sources"),
+                BUILD,
+            )
+            .unwrap();
+        let err = again
+            .link(&package("b", &linked), &plain("b", 1))
+            .await
+            .unwrap_err();
         assert!(err.contains("Symlink"), "{err}");
         // Another package's archive under this one's checksum.
         let other = plain("c", 1);
