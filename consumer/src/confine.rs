@@ -158,6 +158,8 @@ fn within(args: &[OsString]) -> Result<ExitCode, String> {
 
 /// `build-script PROGRAM [ARGV0 ARGS...]`: a build script's trampoline runs it confined to its
 /// `OUT_DIR`, under the name cargo ran it by (what process listings and the script itself see).
+/// Where the pool of units is shown, a run of a dependency's build script is looked up there
+/// first and, if it must run, added after (`units.rs`).
 fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
     let program = args.first().ok_or("build-script: no program")?;
     let argv0 = args.get(1).unwrap_or(program);
@@ -165,6 +167,23 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
         .map(PathBuf::from)
         .filter(|dir| dir.is_absolute() && dir.ends_with("out"))
         .ok_or("build-script: cargo set no absolute OUT_DIR")?;
+    if let Some(pool) = std::env::var_os(units::POOL_ENV).map(units::Pool::at) {
+        let target = Path::new(crate::sandbox::SHARED_TARGET);
+        let run = std::env::current_dir().ok().and_then(|cwd| {
+            let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+            units::PoolableRun::of(
+                Path::new(program),
+                &args[1..],
+                &cwd,
+                &env,
+                Path::new(crate::sandbox::SOURCES),
+                target,
+            )
+        });
+        if let Some(run) = run {
+            return pooled_build_script(&pool, &run, args, target);
+        }
+    }
     let mut writable = vec![out_dir];
     writable.extend(common_writable());
     restrict(&writable)?;
@@ -178,6 +197,75 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
         "cannot run {}: {err}",
         Path::new(program).display()
     ))
+}
+
+/// A dependency's build script run from the pool, or run confined (by this program in a
+/// process of its own) and added to it, what it prints passed on to cargo as it comes.
+fn pooled_build_script(
+    pool: &units::Pool,
+    run: &units::PoolableRun,
+    args: &[OsString],
+    target: &Path,
+) -> Result<ExitCode, String> {
+    let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+    if let Some(hit) = pool.adopt_run(&run.key, &run.out_dir) {
+        let _ = std::io::stdout().lock().write_all(&hit.stdout);
+        let _ = std::io::stderr().lock().write_all(&hit.stderr);
+        units::note(target, units::Use::RunReused, &package);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
+    let mut child = Command::new(&me)
+        .arg("build-script")
+        .args(args)
+        .env_remove(units::POOL_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run the build script: {e}"))?;
+    let (stdout, stderr) = (
+        child.stdout.take().expect("piped"),
+        child.stderr.take().expect("piped"),
+    );
+    let printed = std::thread::spawn(move || pass_on(stdout, std::io::stdout()));
+    let said = pass_on(stderr, std::io::stderr());
+    let printed = printed.join().unwrap_or(None);
+    let status = child
+        .wait()
+        .map_err(|e| format!("cannot wait for the build script: {e}"))?;
+    if status.success()
+        && let (Some(printed), Some(said)) = (printed, said)
+        && pool
+            .add_run(&run.key, &run.out_dir, &printed, &said)
+            .is_ok()
+    {
+        units::note(target, units::Use::RunAdded, &package);
+    }
+    Ok(exit_code(status))
+}
+
+/// Copies `from` to `to` as it comes, and returns what it copied (`None` past 4 MiB: too much
+/// to pool, still all passed on).
+fn pass_on(from: impl std::io::Read, mut to: impl std::io::Write) -> Option<Vec<u8>> {
+    let mut reader = std::io::BufReader::new(from);
+    let mut kept = Some(Vec::new());
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let _ = to.write_all(&line);
+        let _ = to.flush();
+        if let Some(text) = &mut kept {
+            text.extend_from_slice(&line);
+            if text.len() > 4 << 20 {
+                kept = None;
+            }
+        }
+    }
+    kept
 }
 
 /// The parts of a rustc command line this program acts on.

@@ -71,7 +71,7 @@ const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
 const SOURCES: [&str; 4] = ["extracted", "shared", "left-to-cargo", "removed"];
 
 /// What became of a compiled unit (`quarry_consumer_units_total`).
-const UNITS: [&str; 3] = ["reused", "added", "removed"];
+const UNITS: [&str; 5] = ["reused", "added", "run-reused", "run-added", "removed"];
 
 fn layer(source: Source) -> &'static str {
     match source {
@@ -251,8 +251,10 @@ impl Metrics {
                 Opts::new(
                     "quarry_consumer_units_total",
                     "Dependencies' compiled units of this consumer's jobs, by what became of them: \
-                     reused (copied from the pool, rustc not run), added (compiled and pooled); \
-                     and removed (pooled units removed past consumer.unit_pool_mb)",
+                     reused (copied from the pool, rustc not run), added (compiled and pooled), \
+                     run-reused and run-added (a build script's output taken from the pool, or \
+                     run and pooled); and removed (pool entries removed past \
+                     consumer.unit_pool_mb)",
                 ),
                 &["how"],
             )?,
@@ -401,6 +403,12 @@ impl Metrics {
         self.units
             .with_label_values(&["added"])
             .inc_by(counts.added);
+        self.units
+            .with_label_values(&["run-reused"])
+            .inc_by(counts.runs_reused);
+        self.units
+            .with_label_values(&["run-added"])
+            .inc_by(counts.runs_added);
     }
 
     /// The pool of units takes `bytes` now, `removed` entries fewer.

@@ -60,8 +60,14 @@ pub const UNKEYED_ENV: &[&str] = &[
     POOL_ENV,
 ];
 
-/// In each entry: the outputs' file names, one per line; written last.
+/// In each unit's entry: the outputs' file names, one per line; written last.
 const OUTPUTS: &str = "outputs";
+/// In each build script run's entry: written last, empty.
+const RAN: &str = "ran";
+/// In each build script run's entry: its `OUT_DIR` as the run left it.
+const RUN_OUT: &str = "out";
+/// In each build script run's entry: what it printed (cargo reads its instructions there).
+const STDOUT: &str = "stdout";
 /// In each entry: what rustc wrote to its standard error, as forwarded to cargo.
 const STDERR: &str = "stderr";
 /// Entries being written or removed.
@@ -174,6 +180,81 @@ impl Poolable {
 
 fn env_value<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a (OsString, OsString)> {
     env.iter().find(|(n, _)| n == name)
+}
+
+/// A build script run that may be pooled: its key, and the `OUT_DIR` it writes.
+#[derive(Debug)]
+pub struct PoolableRun {
+    pub key: Key,
+    pub out_dir: PathBuf,
+}
+
+impl PoolableRun {
+    /// The build script `program` (the compiled script itself) run with `args` in `cwd`, with
+    /// `env`; `None` unless `cwd` is a package of the store of sources. Keyed by the script's
+    /// bytes, its command line, its package (the archive's checksum), its environment but for
+    /// [`UNKEYED_ENV`], and the bytes of every build script output in the target that its
+    /// environment names: its own `OUT_DIR` as cargo left it, a dependency's `DEP_*` paths.
+    /// What a build script reads of the machine (a C compiler, `pkg-config`) is the machine's,
+    /// the same for every job of the pool.
+    pub fn of(
+        program: &Path,
+        args: &[OsString],
+        cwd: &Path,
+        env: &[(OsString, OsString)],
+        sources: &Path,
+        target: &Path,
+    ) -> Option<PoolableRun> {
+        let mut hash = sha2::Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        field(b"quarry-run 1");
+        field(&file_digest(program)?);
+        for arg in args {
+            field(arg.as_bytes());
+        }
+        let package = std::fs::canonicalize(cwd).ok()?;
+        let entry = store_entry(&package, sources)?;
+        if entry != package {
+            return None;
+        }
+        field(entry.as_os_str().as_bytes());
+        let mut keyed: Vec<&(OsString, OsString)> = env
+            .iter()
+            .filter(|(name, _)| !UNKEYED_ENV.iter().any(|u| name == *u))
+            .collect();
+        keyed.sort();
+        for (name, value) in keyed {
+            field(name.as_bytes());
+            field(value.as_bytes());
+            for path in std::env::split_paths(value) {
+                if is_build_output(&path, target) {
+                    match path.symlink_metadata() {
+                        Ok(meta) if meta.is_dir() => field(&tree_digest(&path)?),
+                        Ok(meta) if meta.is_file() => field(&file_digest(&path)?),
+                        Ok(_) => return None,
+                        Err(_) => field(b"absent"),
+                    }
+                }
+            }
+        }
+        let out_dir = PathBuf::from(env_value(env, "OUT_DIR")?.1.clone());
+        Some(PoolableRun {
+            key: Key(hex::encode(hash.finalize())),
+            out_dir,
+        })
+    }
+}
+
+/// Whether `path` is in a build script's output in `target` (`<target>/[<triple>/]<profile>/build/`).
+fn is_build_output(path: &Path, target: &Path) -> bool {
+    path.strip_prefix(target).is_ok_and(|rest| {
+        rest.components()
+            .take(3)
+            .any(|part| part == Component::Normal(OsStr::new("build")))
+    })
 }
 
 /// The crate root rustc is given: the one argument that is a `.rs` file and no flag's value.
@@ -299,6 +380,13 @@ pub struct Pool {
     limit_bytes: u64,
 }
 
+/// A build script run's entry found for a key.
+pub struct RunHit {
+    /// What it printed, to be printed again.
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
 /// An entry found for a key.
 pub struct Hit {
     /// The outputs' file names.
@@ -419,6 +507,56 @@ impl Pool {
         written
     }
 
+    /// Fills `out_dir` from the entry of the build script run `key`, if there is one (each file
+    /// replacing what is there); `None` if there is none or it could not all be copied (the
+    /// script then runs: it writes its `OUT_DIR` again).
+    pub fn adopt_run(&self, key: &Key, out_dir: &Path) -> Option<RunHit> {
+        let entry = self.dir.join(key.as_str());
+        let ran = entry.join(RAN);
+        ran.symlink_metadata().ok()?;
+        let stdout = std::fs::read(entry.join(STDOUT)).ok()?;
+        let stderr = std::fs::read(entry.join(STDERR)).ok()?;
+        copy_tree(&entry.join(RUN_OUT), out_dir, false).ok()?;
+        if let Ok(file) = std::fs::File::open(&ran) {
+            let _ = file.set_modified(std::time::SystemTime::now());
+        }
+        Some(RunHit { stdout, stderr })
+    }
+
+    /// Adds the build script run `key` that left `out_dir` as it is and printed `stdout` and
+    /// `stderr`. Not added if the script left anything in `out_dir` but directories and
+    /// regular files.
+    pub fn add_run(
+        &self,
+        key: &Key,
+        out_dir: &Path,
+        stdout: &[u8],
+        stderr: &[u8],
+    ) -> std::io::Result<()> {
+        let entry = self.dir.join(key.as_str());
+        if entry.exists() {
+            return Ok(());
+        }
+        let partial = self
+            .dir
+            .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
+        let written = (|| {
+            std::fs::create_dir_all(&partial)?;
+            copy_tree(out_dir, &partial.join(RUN_OUT), true)?;
+            std::fs::write(partial.join(STDOUT), stdout)?;
+            std::fs::write(partial.join(STDERR), stderr)?;
+            std::fs::write(partial.join(RAN), b"")?;
+            std::fs::rename(&partial, &entry)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+            if entry.join(RAN).exists() {
+                return Ok(());
+            }
+        }
+        written
+    }
+
     /// The pool's size on disk, and past its limit removes the least recently used
     /// entries until it is at most nine tenths of it. Returns the size after, and how many
     /// entries went. Consumers sharing the pool may trim at once: an entry is renamed aside
@@ -443,10 +581,13 @@ impl Pool {
             if name.as_bytes().starts_with(b".") {
                 continue;
             }
-            let used = path
-                .join(OUTPUTS)
-                .symlink_metadata()
-                .map_or(0, |meta| meta.mtime());
+            // Touched on every hit: a unit's list of outputs, a run's marker.
+            let used = [OUTPUTS, RAN]
+                .iter()
+                .filter_map(|marker| path.join(marker).symlink_metadata().ok())
+                .map(|meta| meta.mtime())
+                .max()
+                .unwrap_or(0);
             sized.push((used, bytes, path));
         }
         let mut removed = 0;
@@ -479,6 +620,43 @@ fn copy_plain(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::copy(from, to).map(|_| ())
 }
 
+/// Copies the tree `from` into `to` (created): directories and regular files only, anything
+/// else an error. Files are made read-only if `read_only` (into the pool), writable if not
+/// (out of it).
+fn copy_tree(from: &Path, to: &Path, read_only_files: bool) -> std::io::Result<()> {
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let into = to.join(&relative);
+        std::fs::create_dir_all(&into)?;
+        for entry in std::fs::read_dir(from.join(&relative))? {
+            let entry = entry?;
+            let name = relative.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(name);
+            } else if kind.is_file() {
+                let target = to.join(&name);
+                if !read_only_files {
+                    let _ = std::fs::remove_file(&target);
+                }
+                copy_plain(&from.join(&name), &target)?;
+                let mode = if read_only_files {
+                    read_only(&target)
+                } else {
+                    writable(&target)
+                };
+                std::fs::set_permissions(&target, mode)?;
+            } else {
+                return Err(std::io::Error::other(format!(
+                    "{} is neither a directory nor a regular file",
+                    name.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_only(path: &Path) -> std::fs::Permissions {
     let mode = path.metadata().map_or(0o444, |m| m.permissions().mode());
     std::fs::Permissions::from_mode(mode & 0o555)
@@ -496,6 +674,10 @@ pub enum Use {
     Reused,
     /// Compiled and added.
     Added,
+    /// A build script's output copied from the pool: the script did not run.
+    RunReused,
+    /// A build script run and its output added.
+    RunAdded,
 }
 
 /// Appends `how` for `crate_name` to the slot's journal (`<target>/` [`JOURNAL`]).
@@ -503,6 +685,8 @@ pub fn note(target: &Path, how: Use, crate_name: &str) {
     let word = match how {
         Use::Reused => "reused",
         Use::Added => "added",
+        Use::RunReused => "run-reused",
+        Use::RunAdded => "run-added",
     };
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
@@ -518,6 +702,9 @@ pub fn note(target: &Path, how: Use, crate_name: &str) {
 pub struct Counts {
     pub reused: u64,
     pub added: u64,
+    /// Build script runs.
+    pub runs_reused: u64,
+    pub runs_added: u64,
 }
 
 /// Reads and removes the journal in `target` (a slot's target directory on the host). Read as
@@ -539,6 +726,10 @@ pub fn take_counts(target: &Path) -> Counts {
                 counts.reused += 1;
             } else if line.starts_with(b"added ") {
                 counts.added += 1;
+            } else if line.starts_with(b"run-reused ") {
+                counts.runs_reused += 1;
+            } else if line.starts_with(b"run-added ") {
+                counts.runs_added += 1;
             }
         }
     }

@@ -104,13 +104,14 @@ impl Worker {
     ) {
         let counts = crate::units::take_counts(target);
         self.metrics.units(counts);
-        if counts.reused + counts.added > 0 {
+        if counts != crate::units::Counts::default() {
             execution.log.push_str(&format!(
-                "quarry: dependencies' compiled units: {} reused from the pool, {} added to it\n",
-                counts.reused, counts.added
+                "quarry: dependencies' compiled units: {} reused from the pool, {} added to it; \
+                 build script runs: {} reused, {} added\n",
+                counts.reused, counts.added, counts.runs_reused, counts.runs_added
             ));
         }
-        if counts.added > 0 {
+        if counts.added + counts.runs_added > 0 {
             let pool = pool.clone();
             if let Ok((bytes, removed)) = tokio::task::spawn_blocking(move || pool.trim()).await {
                 self.metrics.unit_pool_trimmed(bytes, removed);

@@ -74,10 +74,12 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     let from_pool = written.read_log(row.log.as_deref()).unwrap();
     assert_eq!(row.outcome, "build-pass", "{from_pool}");
     elsewhere.stop().await;
-    // The dependency's library and build script, as the poisoner's job compiled them.
+    // The dependency's library and build script, as the poisoner's job compiled them, and what
+    // its build script's run printed.
     assert!(
         from_pool.contains(
-            "quarry: dependencies' compiled units: 2 reused from the pool, 0 added to it"
+            "quarry: dependencies' compiled units: 2 reused from the pool, 0 added to it; \
+             build script runs: 1 reused, 0 added"
         ),
         "{from_pool}"
     );
