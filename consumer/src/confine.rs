@@ -208,10 +208,21 @@ fn pooled_build_script(
     target: &Path,
 ) -> Result<ExitCode, String> {
     let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
-    if let Some(hit) = pool.adopt_run(&run.key, &run.out_dir) {
+    let adopted = || {
+        let Some(hit) = pool.adopt_run(&run.key, &run.out_dir) else {
+            return false;
+        };
         let _ = std::io::stdout().lock().write_all(&hit.stdout);
         let _ = std::io::stderr().lock().write_all(&hit.stderr);
         units::note(target, units::Use::RunReused, &package);
+        true
+    };
+    if adopted() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // As for a unit: one slot runs it, another waits and takes its output.
+    let making = pool.make(&run.key);
+    if making.is_some() && adopted() {
         return Ok(ExitCode::SUCCESS);
     }
     let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
@@ -241,6 +252,7 @@ fn pooled_build_script(
     {
         units::note(target, units::Use::RunAdded, &package);
     }
+    drop(making);
     Ok(exit_code(status))
 }
 
@@ -401,17 +413,30 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
             target,
         )
     });
-    if let (Some(pool), Some(unit)) = (&pool, &poolable)
-        && let Some(hit) = pool.adopt(&unit.key, &invocation.out_dir, |name| {
+    let adopted = |pool: &units::Pool, unit: &units::Poolable| -> Result<bool, String> {
+        let Some(hit) = pool.adopt(&unit.key, &invocation.out_dir, |name| {
             invocation.is_output(name)
-        })
-    {
+        }) else {
+            return Ok(false);
+        };
         let _ = std::io::stderr().lock().write_all(&hit.stderr);
         if invocation.is_build_script() {
             behind_trampoline(&invocation)?;
         }
         units::note(target, units::Use::Reused, &crate_name);
-        return Ok(ExitCode::SUCCESS);
+        Ok(true)
+    };
+    let mut making = None;
+    if let (Some(pool), Some(unit)) = (&pool, &poolable) {
+        if adopted(pool, unit)? {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Another slot may be compiling it: wait for it, then take it, rather than compile it
+        // twice at once.
+        making = pool.make(&unit.key);
+        if making.is_some() && adopted(pool, unit)? {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let unit_dir = invocation
         .out_dir
@@ -487,6 +512,7 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
             units::note(target, units::Use::Added, &crate_name);
         }
     }
+    drop(making);
     if status.success() && invocation.is_build_script() {
         behind_trampoline(&invocation)?;
     }

@@ -70,8 +70,9 @@ const RUN_OUT: &str = "out";
 const STDOUT: &str = "stdout";
 /// In each entry: what rustc wrote to its standard error, as forwarded to cargo.
 const STDERR: &str = "stderr";
-/// Entries being written or removed.
+/// Entries being written or removed, and the locks of those being made.
 const PARTIAL: &str = ".partial-";
+const MAKING: &str = ".making-";
 const REMOVED: &str = ".removed-";
 /// What rustc may say of a unit for it to be pooled.
 const STDERR_LIMIT: usize = 1 << 20;
@@ -380,6 +381,24 @@ pub struct Pool {
     limit_bytes: u64,
 }
 
+/// Held while a unit is compiled or a build script run for the pool (an exclusive `flock` on
+/// `.making-<key>`): another slot that wants the same waits for it, then takes it from the pool,
+/// instead of doing the same work at once. The kernel releases the lock however the process
+/// ends. Locks are taken one at a time (a build script's run may start a rustc, whose unit
+/// lock is the only one it takes), so none waits on another in a cycle.
+pub struct Making {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        // Before the lock goes: one who waited on it takes the entry; one who comes after makes
+        // a lock anew and finds the entry.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// A build script run's entry found for a key.
 pub struct RunHit {
     /// What it printed, to be printed again.
@@ -507,6 +526,20 @@ impl Pool {
         written
     }
 
+    /// Waits until no other process is making `key`, and holds it; `None` where the lock
+    /// cannot be had (then the caller makes it without: at worst, twice).
+    pub fn make(&self, key: &Key) -> Option<Making> {
+        let path = self.dir.join(format!("{MAKING}{}", key.as_str()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        file.lock().ok()?;
+        Some(Making { path, _file: file })
+    }
+
     /// Fills `out_dir` from the entry of the build script run `key`, if there is one (each file
     /// replacing what is there); `None` if there is none or it could not all be copied (the
     /// script then runs: it writes its `OUT_DIR` again).
@@ -574,6 +607,23 @@ impl Pool {
             let path = entry.path();
             if name.as_bytes().starts_with(REMOVED.as_bytes()) {
                 let _ = std::fs::remove_dir_all(&path);
+                continue;
+            }
+            // What a process killed mid-way left (a job past its time limit): no entry or lock
+            // is in hand that long.
+            let stale = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|at| {
+                    at.elapsed().unwrap_or_default() > std::time::Duration::from_secs(3600)
+                });
+            if stale
+                && (name.as_bytes().starts_with(PARTIAL.as_bytes())
+                    || name.as_bytes().starts_with(MAKING.as_bytes()))
+            {
+                let _ = std::fs::remove_dir_all(&path);
+                let _ = std::fs::remove_file(&path);
                 continue;
             }
             let bytes = crate::shared_target::disk_used(&path);
@@ -909,6 +959,38 @@ mod tests {
 
         // An entry naming another unit's file is not taken.
         assert!(pool.adopt(&key, &partly, |_| false).is_none());
+    }
+
+    #[test]
+    fn one_makes_a_unit_while_another_waits_and_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::new(dir.path().join("pool"), 1 << 30);
+        std::fs::create_dir_all(pool.dir()).unwrap();
+        let key = Key("k".to_owned());
+        let making = pool.make(&key).unwrap();
+        let waiter = {
+            let (pool, key) = (pool.clone(), key.clone());
+            std::thread::spawn(move || {
+                let _turn = pool.make(&key).unwrap();
+                // Its turn comes only once the maker is done: the entry is there.
+                pool.dir().join(key.as_str()).join(OUTPUTS).exists()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let built = dir.path().join("built");
+        std::fs::create_dir(&built).unwrap();
+        std::fs::write(built.join("libk.rmeta"), b"meta").unwrap();
+        pool.add(&key, &built, &[OsString::from("libk.rmeta")], b"")
+            .unwrap();
+        drop(making);
+        assert!(
+            waiter.join().unwrap(),
+            "the waiter took its turn before the entry was made"
+        );
+        assert!(
+            !pool.dir().join(".making-k").exists(),
+            "no lock is left behind"
+        );
     }
 
     #[test]

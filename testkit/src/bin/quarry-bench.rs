@@ -364,6 +364,7 @@ async fn check(
     let mut pipeline_cpu = Vec::new();
     for &(round, fresh) in rounds {
         let before = stack.registry.stats();
+        calibrate(&format!("pipeline, {round}"));
         let cpu_before = machine_cpu_seconds()?;
         let started = Instant::now();
         let summary = publish_run(
@@ -544,6 +545,7 @@ async fn check(
         ("one target per worker", true),
     ];
     for &(arm, kept_target) in arms {
+        calibrate(&format!("xargs -P{parallel}, {arm}"));
         let cpu_before = machine_cpu_seconds()?;
         let elapsed = xargs(&packages, parallel, &script(kept_target), work.path()).await?;
         let cpu = machine_cpu_seconds()? - cpu_before;
@@ -622,6 +624,25 @@ async fn check(
 /// CPU time the whole machine has spent so far (user, nice, system, interrupts, steal), from
 /// `/proc/stat`: the arms of a benchmark run one after another on an otherwise idle machine, so
 /// the difference over an arm is what it cost, services and all.
+/// How fast this machine is just before `arm`: the seconds one thread takes to hash 1 GiB,
+/// printed. The arms run one after another for the best part of an hour, and a shared machine's
+/// speed drifts in that time (the same bare arm has taken 25% less CPU an hour later): a ratio
+/// between two arms means something only where their calibrations agree.
+fn calibrate(arm: &str) {
+    use sha2::Digest as _;
+    let block = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let mut hash = sha2::Sha256::new();
+    for _ in 0..1024 {
+        hash.update(&block);
+    }
+    std::hint::black_box(hash.finalize());
+    eprintln!(
+        "calibration before {arm}: sha256 of 1 GiB in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 fn machine_cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("/proc/stat is empty")?;
