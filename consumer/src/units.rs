@@ -90,6 +90,42 @@ impl Key {
     }
 }
 
+/// A key being made: each field length-prefixed, so that no two different sequences of fields
+/// hash alike.
+struct KeyHasher(sha2::Sha256);
+
+impl KeyHasher {
+    /// A key of `kind` (what is keyed, and the version of how).
+    fn new(kind: &[u8]) -> KeyHasher {
+        let mut key = KeyHasher(sha2::Sha256::new());
+        key.field(kind);
+        key
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// Keys `env` but for [`UNKEYED_ENV`], in name order; returns the keyed values, in that order.
+    fn env<'a>(&mut self, env: &'a [(OsString, OsString)]) -> Vec<&'a OsString> {
+        let mut keyed: Vec<&(OsString, OsString)> = env
+            .iter()
+            .filter(|(name, _)| !UNKEYED_ENV.iter().any(|u| name == *u))
+            .collect();
+        keyed.sort();
+        for (name, value) in &keyed {
+            self.field(name.as_bytes());
+            self.field(value.as_bytes());
+        }
+        keyed.into_iter().map(|(_, value)| value).collect()
+    }
+
+    fn finish(self) -> Key {
+        Key(hex::encode(self.0.finalize()))
+    }
+}
+
 /// A unit that may be pooled: its key, and the places its inputs may come from.
 #[derive(Debug)]
 pub struct Poolable {
@@ -112,12 +148,8 @@ impl Poolable {
         sources: &Path,
         target: &Path,
     ) -> Option<Poolable> {
-        let mut hash = sha2::Sha256::new();
-        let mut field = |bytes: &[u8]| {
-            hash.update((bytes.len() as u64).to_le_bytes());
-            hash.update(bytes);
-        };
-        field(b"quarry-unit 1");
+        let mut key = KeyHasher::new(b"quarry-unit 1");
+        let mut field = |bytes: &[u8]| key.field(bytes);
         field(rustc.as_bytes());
         // Cargo runs rustc in the job's package (the workspace root) and names a dependency's
         // crate root by its absolute path: the working directory counts only where the command
@@ -133,15 +165,8 @@ impl Poolable {
         for arg in args {
             field(arg.as_bytes());
         }
-        let mut keyed: Vec<&(OsString, OsString)> = env
-            .iter()
-            .filter(|(name, _)| !UNKEYED_ENV.iter().any(|u| name == *u))
-            .collect();
-        keyed.sort();
-        for (name, value) in keyed {
-            field(name.as_bytes());
-            field(value.as_bytes());
-        }
+        key.env(env);
+        let mut field = |bytes: &[u8]| key.field(bytes);
         let text: Vec<&str> = args.iter().map(|a| a.to_str().unwrap_or("")).collect();
         for (i, arg) in text.iter().enumerate() {
             let value = |flag: &str| {
@@ -172,7 +197,7 @@ impl Poolable {
             field(&tree_digest(dir)?);
         }
         Some(Poolable {
-            key: Key(hex::encode(hash.finalize())),
+            key: key.finish(),
             sources: entry,
             out_dir,
         })
@@ -206,44 +231,32 @@ impl PoolableRun {
         sources: &Path,
         target: &Path,
     ) -> Option<PoolableRun> {
-        let mut hash = sha2::Sha256::new();
-        let mut field = |bytes: &[u8]| {
-            hash.update((bytes.len() as u64).to_le_bytes());
-            hash.update(bytes);
-        };
-        field(b"quarry-run 1");
-        field(&file_digest(program)?);
+        let mut key = KeyHasher::new(b"quarry-run 1");
+        key.field(&file_digest(program)?);
         for arg in args {
-            field(arg.as_bytes());
+            key.field(arg.as_bytes());
         }
         let package = std::fs::canonicalize(cwd).ok()?;
         let entry = store_entry(&package, sources)?;
         if entry != package {
             return None;
         }
-        field(entry.as_os_str().as_bytes());
-        let mut keyed: Vec<&(OsString, OsString)> = env
-            .iter()
-            .filter(|(name, _)| !UNKEYED_ENV.iter().any(|u| name == *u))
-            .collect();
-        keyed.sort();
-        for (name, value) in keyed {
-            field(name.as_bytes());
-            field(value.as_bytes());
+        key.field(entry.as_os_str().as_bytes());
+        for value in key.env(env) {
             for path in std::env::split_paths(value) {
                 if is_build_output(&path, target) {
                     match path.symlink_metadata() {
-                        Ok(meta) if meta.is_dir() => field(&tree_digest(&path)?),
-                        Ok(meta) if meta.is_file() => field(&file_digest(&path)?),
+                        Ok(meta) if meta.is_dir() => key.field(&tree_digest(&path)?),
+                        Ok(meta) if meta.is_file() => key.field(&file_digest(&path)?),
                         Ok(_) => return None,
-                        Err(_) => field(b"absent"),
+                        Err(_) => key.field(b"absent"),
                     }
                 }
             }
         }
         let out_dir = PathBuf::from(env_value(env, "OUT_DIR")?.1.clone());
         Some(PoolableRun {
-            key: Key(hex::encode(hash.finalize())),
+            key: key.finish(),
             out_dir,
         })
     }
@@ -494,15 +507,7 @@ impl Pool {
         if stderr.len() > STDERR_LIMIT || outputs.is_empty() {
             return Ok(());
         }
-        let entry = self.dir.join(key.as_str());
-        if entry.exists() {
-            return Ok(());
-        }
-        let partial = self
-            .dir
-            .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
-        let written = (|| {
-            std::fs::create_dir_all(&partial)?;
+        self.put(key, OUTPUTS, |partial| {
             for name in outputs {
                 let to = partial.join(name);
                 copy_plain(&out_dir.join(name), &to)?;
@@ -514,12 +519,32 @@ impl Pool {
                 listed.extend_from_slice(name.as_bytes());
                 listed.push(b'\n');
             }
-            std::fs::write(partial.join(OUTPUTS), listed)?;
-            std::fs::rename(&partial, &entry)
-        })();
+            std::fs::write(partial.join(OUTPUTS), listed)
+        })
+    }
+
+    /// Writes the entry of `key` with `write` into a directory of its own, then renames it into
+    /// place whole; `marker` is the file `write` writes last. An entry that is there already
+    /// (another slot's) is kept, and that is no error.
+    fn put(
+        &self,
+        key: &Key,
+        marker: &str,
+        write: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let entry = self.dir.join(key.as_str());
+        if entry.exists() {
+            return Ok(());
+        }
+        let partial = self
+            .dir
+            .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
+        let written = std::fs::create_dir_all(&partial)
+            .and_then(|()| write(&partial))
+            .and_then(|()| std::fs::rename(&partial, &entry));
         if written.is_err() {
             let _ = std::fs::remove_dir_all(&partial);
-            if entry.join(OUTPUTS).exists() {
+            if entry.join(marker).exists() {
                 return Ok(());
             }
         }
@@ -566,28 +591,12 @@ impl Pool {
         stdout: &[u8],
         stderr: &[u8],
     ) -> std::io::Result<()> {
-        let entry = self.dir.join(key.as_str());
-        if entry.exists() {
-            return Ok(());
-        }
-        let partial = self
-            .dir
-            .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
-        let written = (|| {
-            std::fs::create_dir_all(&partial)?;
+        self.put(key, RAN, |partial| {
             copy_tree(out_dir, &partial.join(RUN_OUT), true)?;
             std::fs::write(partial.join(STDOUT), stdout)?;
             std::fs::write(partial.join(STDERR), stderr)?;
-            std::fs::write(partial.join(RAN), b"")?;
-            std::fs::rename(&partial, &entry)
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_dir_all(&partial);
-            if entry.join(RAN).exists() {
-                return Ok(());
-            }
-        }
-        written
+            std::fs::write(partial.join(RAN), b"")
+        })
     }
 
     /// The pool's size on disk, and past its limit removes the least recently used
