@@ -445,6 +445,29 @@ impl TestStack {
         store.find_run(run).await.expect("the run exists").id
     }
 
+    /// Publishes `definition` as the run `run`, waits for it, and returns its first package's
+    /// outcome and log, as the report gives them to a user.
+    pub async fn run_one(
+        &self,
+        run: &str,
+        definition: &quarry_producer::RunDefinition,
+    ) -> (String, String) {
+        let summary =
+            quarry_producer::publish_run(&self.config, run, definition, &CancellationToken::new())
+                .await
+                .expect("the run is published");
+        self.wait_for_run(summary.run_id).await;
+        let written =
+            quarry_reporter::generate(&self.config, run, &self.config.reporter.output_dir)
+                .await
+                .expect("the report is written");
+        let row = written.report.packages[0].clone();
+        let log = written
+            .read_log(row.log.as_deref())
+            .expect("the job's log is stored");
+        (row.outcome, log)
+    }
+
     /// Checks the invariants of the run named `run` with `quarry-reporter verify`.
     pub async fn assert_verified(&self, run: &str) {
         let verification =

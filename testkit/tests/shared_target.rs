@@ -9,9 +9,7 @@
 //! a second consumer's slot then takes the dependency for the victim, without compiling it.
 
 use quarry_core::job::Mode;
-use quarry_producer::publish_run;
 use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_job_alters_what_a_later_job_builds_against() {
@@ -19,7 +17,6 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     let stack = TestStack::start_with(fixtures::group("shared-target", packed.path()).unwrap())
         .await
         .unwrap();
-    let never = CancellationToken::new();
     // One slot, so that both jobs use the same kept target directory.
     let mut config = stack.consumer_config("shared");
     config.consumer.concurrency = 1;
@@ -32,17 +29,8 @@ async fn no_job_alters_what_a_later_job_builds_against() {
         ("victim", "quarry-shared-victim"),
     ] {
         let definition = packages_run(experiment(Mode::Check, 300), &[package]);
-        let summary = publish_run(&stack.config, run, &definition, &never)
-            .await
-            .unwrap();
-        stack.wait_for_run(summary.run_id).await;
-        let written =
-            quarry_reporter::generate(&stack.config, run, &stack.config.reporter.output_dir)
-                .await
-                .unwrap();
-        let row = written.report.packages[0].clone();
-        let log = written.read_log(row.log.as_deref()).unwrap();
-        assert_eq!(row.outcome, "build-pass", "{package}:\n{log}");
+        let (outcome, log) = stack.run_one(run, &definition).await;
+        assert_eq!(outcome, "build-pass", "{package}:\n{log}");
         logs.push(log);
     }
     let stats = consumers.stop().await;
@@ -59,20 +47,8 @@ async fn no_job_alters_what_a_later_job_builds_against() {
         },
         &["quarry-shared-victim"],
     );
-    let summary = publish_run(&stack.config, "elsewhere", &definition, &never)
-        .await
-        .unwrap();
-    stack.wait_for_run(summary.run_id).await;
-    let written = quarry_reporter::generate(
-        &stack.config,
-        "elsewhere",
-        &stack.config.reporter.output_dir,
-    )
-    .await
-    .unwrap();
-    let row = written.report.packages[0].clone();
-    let from_pool = written.read_log(row.log.as_deref()).unwrap();
-    assert_eq!(row.outcome, "build-pass", "{from_pool}");
+    let (outcome, from_pool) = stack.run_one("elsewhere", &definition).await;
+    assert_eq!(outcome, "build-pass", "{from_pool}");
     elsewhere.stop().await;
     // The dependency's library and build script, as the poisoner's job compiled them, and what
     // its build script's run printed.

@@ -13,9 +13,7 @@
 //! (fresh): the build script's output and every unit come from the pool.
 
 use quarry_core::job::Mode;
-use quarry_producer::publish_run;
 use quarry_testkit::{TestStack, experiment, fixtures, packages_run};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consumers_reuse_each_others_units_only_where_they_are_the_same() {
@@ -23,7 +21,6 @@ async fn consumers_reuse_each_others_units_only_where_they_are_the_same() {
     let stack = TestStack::start_with(fixtures::group("unit-pool", packed.path()).unwrap())
         .await
         .unwrap();
-    let never = CancellationToken::new();
     let pool = stack.config.consumer.work_dir.join("units");
 
     let mut logs = Vec::new();
@@ -42,17 +39,8 @@ async fn consumers_reuse_each_others_units_only_where_they_are_the_same() {
             },
             &[package],
         );
-        let summary = publish_run(&stack.config, consumer, &definition, &never)
-            .await
-            .unwrap();
-        stack.wait_for_run(summary.run_id).await;
-        let written =
-            quarry_reporter::generate(&stack.config, consumer, &stack.config.reporter.output_dir)
-                .await
-                .unwrap();
-        let row = written.report.packages[0].clone();
-        let log = written.read_log(row.log.as_deref()).unwrap();
-        assert_eq!(row.outcome, "build-pass", "{package}:\n{log}");
+        let (outcome, log) = stack.run_one(consumer, &definition).await;
+        assert_eq!(outcome, "build-pass", "{package}:\n{log}");
         consumers.stop().await;
         logs.push(log);
         if consumer == "pool-one" {
