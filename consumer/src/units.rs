@@ -488,10 +488,7 @@ impl Pool {
             let _ = std::fs::set_permissions(&to, writable(&to));
             copied.push(name.clone());
         }
-        // Recently used: trimmed last.
-        if let Ok(file) = std::fs::File::open(entry.join(OUTPUTS)) {
-            let _ = file.set_modified(std::time::SystemTime::now());
-        }
+        used_now(&entry.join(OUTPUTS));
         Some(Hit { outputs, stderr })
     }
 
@@ -575,9 +572,7 @@ impl Pool {
         let stdout = std::fs::read(entry.join(STDOUT)).ok()?;
         let stderr = std::fs::read(entry.join(STDERR)).ok()?;
         copy_tree(&entry.join(RUN_OUT), out_dir, false).ok()?;
-        if let Ok(file) = std::fs::File::open(&ran) {
-            let _ = file.set_modified(std::time::SystemTime::now());
-        }
+        used_now(&ran);
         Some(RunHit { stdout, stderr })
     }
 
@@ -668,6 +663,14 @@ impl Pool {
             }
         }
         (total, removed)
+    }
+}
+
+/// Marks an entry recently used (its `marker`'s modification time, which trimming reads): it is
+/// trimmed last.
+fn used_now(marker: &Path) {
+    if let Ok(file) = std::fs::File::open(marker) {
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 }
 
