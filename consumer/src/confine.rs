@@ -24,6 +24,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead as _, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -52,14 +53,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     let result = match args.get(1).map(OsString::as_os_str) {
         Some(mode) if mode == "probe" => probe().map(|()| ExitCode::SUCCESS),
         Some(mode) if mode == "probe-confined" => probe_confined(&args[2..]),
-        Some(mode) if mode == "within" => within(&args[2..]),
         Some(mode) if mode == "build-script" => build_script(&args[2..]),
         Some(_) => wrap_rustc(&args[1], &args[2..]),
-        None => Err(
-            "usage: quarry-confine RUSTC ARGS... | within DIR... -- PROGRAM ARGS... | \
-             build-script PROGRAM | probe"
-                .to_owned(),
-        ),
+        None => {
+            Err("usage: quarry-confine RUSTC ARGS... | build-script PROGRAM | probe".to_owned())
+        }
     };
     match result {
         Ok(code) => code,
@@ -73,23 +71,39 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 /// Confines this process: from now on it and everything it starts may write only beneath
 /// `writable` (those that exist). Fails where the kernel cannot enforce all of it.
 fn restrict(writable: &[PathBuf]) -> Result<(), String> {
+    let ruleset = ruleset(writable)?;
+    crate::spawn::landlock_now(ruleset.as_raw_fd())
+        .map_err(|e| format!("cannot confine with Landlock: {e}"))
+}
+
+/// Has `command` confined as [`restrict`] would, from before its program starts: one process
+/// fewer than a confining program of its own between the two. The ruleset returned must be
+/// kept open until the command is spawned (the child closes it at exec).
+fn confine_child(command: &mut Command, writable: &[PathBuf]) -> Result<OwnedFd, String> {
+    let ruleset = ruleset(writable)?;
+    crate::spawn::landlock_at_exec(command, ruleset.as_raw_fd());
+    Ok(ruleset)
+}
+
+/// A Landlock ruleset (close-on-exec) that handles every write right of [`ABI`] and grants
+/// them beneath `writable` (those that exist).
+fn ruleset(writable: &[PathBuf]) -> Result<OwnedFd, String> {
     use landlock::{
         AccessFs, CompatLevel, Compatible as _, Ruleset, RulesetAttr as _, RulesetCreatedAttr as _,
         path_beneath_rules,
     };
     let existing: Vec<&PathBuf> = writable.iter().filter(|p| p.exists()).collect();
     let why = |e: landlock::RulesetError| format!("cannot confine with Landlock: {e}");
-    Ruleset::default()
+    let created = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_write(ABI))
         .map_err(why)?
         .create()
         .map_err(why)?
         .add_rules(path_beneath_rules(existing, AccessFs::from_write(ABI)))
-        .map_err(why)?
-        .restrict_self()
         .map_err(why)?;
-    Ok(())
+    Option::<OwnedFd>::from(created)
+        .ok_or_else(|| "cannot confine with Landlock: the kernel made no ruleset".to_owned())
 }
 
 /// What every confined process may write: `/tmp`, `/dev` and the job's package tree.
@@ -132,37 +146,12 @@ fn probe_confined(args: &[OsString]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `within DIR... -- PROGRAM ARGS...`: runs the program confined to the directories (and the
-/// common ones).
-fn within(args: &[OsString]) -> Result<ExitCode, String> {
-    let split = args
-        .iter()
-        .position(|a| a == "--")
-        .ok_or("within: no `--` before the program")?;
-    let (dirs, command) = (&args[..split], &args[split + 1..]);
-    let program = command.first().ok_or("within: no program")?;
-    let mut writable: Vec<PathBuf> = dirs.iter().map(PathBuf::from).collect();
-    writable.extend(common_writable());
-    restrict(&writable)?;
-    // Quarry's own setting, not the package's business.
-    let err = Command::new(program)
-        .args(&command[1..])
-        .env_remove(WRITABLE_ENV)
-        .env_remove(crate::units::POOL_ENV)
-        .exec();
-    Err(format!(
-        "cannot run {}: {err}",
-        Path::new(program).display()
-    ))
-}
-
 /// `build-script PROGRAM [ARGV0 ARGS...]`: a build script's trampoline runs it confined to its
 /// `OUT_DIR`, under the name cargo ran it by (what process listings and the script itself see).
 /// Where the pool of units is shown, a run of a dependency's build script is looked up there
 /// first and, if it must run, added after (`units.rs`).
 fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
     let program = args.first().ok_or("build-script: no program")?;
-    let argv0 = args.get(1).unwrap_or(program);
     let out_dir = std::env::var_os("OUT_DIR")
         .map(PathBuf::from)
         .filter(|dir| dir.is_absolute() && dir.ends_with("out"))
@@ -181,18 +170,13 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
             )
         });
         if let Some(run) = run {
-            return pooled_build_script(&pool, &run, args, target);
+            return pooled_build_script(&pool, &run, args, &out_dir, target);
         }
     }
     let mut writable = vec![out_dir];
     writable.extend(common_writable());
     restrict(&writable)?;
-    let err = Command::new(program)
-        .arg0(argv0)
-        .args(args.get(2..).unwrap_or_default())
-        .env_remove(WRITABLE_ENV)
-        .env_remove(crate::units::POOL_ENV)
-        .exec();
+    let err = without_quarry(&mut script_command(args)).exec();
     Err(format!(
         "cannot run {}: {err}",
         Path::new(program).display()
@@ -205,6 +189,7 @@ fn pooled_build_script(
     pool: &units::Pool,
     run: &units::PoolableRun,
     args: &[OsString],
+    out_dir: &Path,
     target: &Path,
 ) -> Result<ExitCode, String> {
     let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
@@ -225,15 +210,15 @@ fn pooled_build_script(
     if making.is_some() && adopted() {
         return Ok(ExitCode::SUCCESS);
     }
-    let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
-    let mut child = Command::new(&me)
-        .arg("build-script")
-        .args(args)
-        .env_remove(units::POOL_ENV)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut command = script_command(args);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut writable = vec![out_dir.to_owned()];
+    writable.extend(common_writable());
+    let ruleset = confine_child(without_quarry(&mut command), &writable)?;
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run the build script: {e}"))?;
+    drop(ruleset);
     let (stdout, stderr) = (
         child.stdout.take().expect("piped"),
         child.stderr.take().expect("piped"),
@@ -254,6 +239,23 @@ fn pooled_build_script(
     }
     drop(making);
     Ok(exit_code(status))
+}
+
+/// The build script of a trampoline's arguments (`PROGRAM [ARGV0 ARGS...]`), under the name
+/// cargo ran it by (what process listings and the script itself see).
+fn script_command(args: &[OsString]) -> Command {
+    let program = &args[0];
+    let mut command = Command::new(program);
+    command
+        .arg0(args.get(1).unwrap_or(program))
+        .args(args.get(2..).unwrap_or_default());
+    command
+}
+
+/// Leaves Quarry's own settings out of what a confined program sees: not the package's
+/// business.
+fn without_quarry(command: &mut Command) -> &mut Command {
+    command.env_remove(WRITABLE_ENV).env_remove(units::POOL_ENV)
 }
 
 /// Copies `from` to `to` as it comes, and returns what it copied (`None` past 4 MiB: too much
@@ -385,14 +387,12 @@ fn expand_argfiles(args: &[OsString]) -> Result<Vec<OsString>, String> {
 /// moves the unit's outputs to where cargo expects them.
 fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
     let args = expand_argfiles(args)?;
-    let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
     let Some(invocation) = Invocation::parse(&args) else {
         // Nothing written but its answer: confined to the common places all the same.
-        let status = Command::new(&me)
-            .arg("within")
-            .arg("--")
-            .arg(rustc)
-            .args(&args)
+        let mut command = Command::new(rustc);
+        command.args(&args);
+        let _ruleset = confine_child(without_quarry(&mut command), &common_writable())?;
+        let status = command
             .status()
             .map_err(|e| format!("cannot run rustc: {e}"))?;
         return Ok(exit_code(status));
@@ -458,15 +458,15 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
     } else {
         unit_dir.clone().into_os_string()
     };
-    let mut child = Command::new(&me)
-        .arg("within")
-        .arg(&unit_dir)
-        .arg("--")
-        .arg(rustc)
-        .args(&confined_args)
-        .stderr(Stdio::piped())
+    let mut command = Command::new(rustc);
+    command.args(&confined_args).stderr(Stdio::piped());
+    let mut writable = vec![unit_dir.clone()];
+    writable.extend(common_writable());
+    let ruleset = confine_child(without_quarry(&mut command), &writable)?;
+    let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run rustc: {e}"))?;
+    drop(ruleset);
     let stderr = child.stderr.take().expect("piped");
     let mut reader = std::io::BufReader::new(stderr);
     let mut out = std::io::stderr().lock();

@@ -10,7 +10,12 @@
 //! `check --crates N`: `cargo check` of real crates through the pipeline, cold then warm, against
 //! xargs doing the same fetch and sandboxed check. With `--real`, N roots of the real corpus
 //! (`deploy/local/corpus.list`, collected by `deploy/local/up`), cold caches only; either way
-//! every crate must come to the same outcome both ways.
+//! every crate must come to the same outcome both ways. Three bare arms: a fresh target per
+//! crate, one target per worker (Crater-style), and one target for every crate checked one at a
+//! time (the floor of what sharing compiled units can save). The pipeline's rounds also say
+//! what the pool of compiled units did, summed from the jobs' logs.
+//! `testkit/bench/cpu-by-program.py` runs it under `perf` and says which programs each arm's
+//! CPU went to.
 //!
 //! Both take `--rounds R` (each round a fresh stack; a last row gives the medians, as one round
 //! varies a lot on a shared machine) and print, for each pipeline run, a timeline from its event
@@ -438,6 +443,19 @@ async fn check(
             &work.path().join("reports"),
         )
         .await?;
+        // What the pool did, from each job's last log line.
+        let mut units = [0u64; 4];
+        for row in &written.report.packages {
+            let log = written.read_log(row.log.as_deref()).unwrap_or_default();
+            for (total, count) in units.iter_mut().zip(pool_counts(&log)) {
+                *total += count;
+            }
+        }
+        eprintln!(
+            "pipeline, {round}: compiled units {} reused from the pool, {} added; build script \
+             runs {} reused, {} added",
+            units[0], units[1], units[2], units[3]
+        );
         for row in written
             .report
             .packages
@@ -510,18 +528,18 @@ async fn check(
     // Two bare baselines: a fresh target directory per crate, and one per worker kept across
     // its crates as Crater does (moved into the crate's directory for its check, so that the
     // sandbox's one writable place holds it, and back after).
-    let script = |kept_target: bool| {
+    let script = |kept_target: bool, workers: usize, arm: usize| {
         let (take, give_back) = if kept_target {
             (
                 format!(
                     "for i in $(seq 0 {last}); do mkdir \"{work}/lock-$i\" 2>/dev/null && \
-                     {{ slot=$i; break; }}; done; mkdir -p \"{work}/target-$slot\" && \
-                     mv \"{work}/target-$slot\" \"$d/target\";",
-                    last = parallel - 1,
+                     {{ slot=$i; break; }}; done; mkdir -p \"{work}/target-{arm}-$slot\" && \
+                     mv \"{work}/target-{arm}-$slot\" \"$d/target\";",
+                    last = workers - 1,
                     work = work.path().display(),
                 ),
                 format!(
-                    "mv \"$d/target\" \"{work}/target-$slot\"; rmdir \"{work}/lock-$slot\";",
+                    "mv \"$d/target\" \"{work}/target-{arm}-$slot\"; rmdir \"{work}/lock-$slot\";",
                     work = work.path().display(),
                 ),
             )
@@ -540,14 +558,25 @@ async fn check(
     };
     let mut bare = Vec::new();
     let mut differ = Vec::new();
-    let arms: &[(&str, bool)] = &[
-        ("fresh target per crate", false),
-        ("one target per worker", true),
+    // The third arm is the floor of sharing: one target directory for every crate, one crate
+    // at a time (cargo still runs two rustc at once), so that each distinct unit is compiled
+    // exactly once in the whole arm. No pool can share more than that; its CPU-seconds say how
+    // far below the fresh arm any arm can get on these crates.
+    let arms: &[(&str, bool, usize)] = &[
+        ("fresh target per crate", false, parallel),
+        ("one target per worker", true, parallel),
+        ("one target for all crates, one at a time", true, 1),
     ];
-    for &(arm, kept_target) in arms {
-        calibrate(&format!("xargs -P{parallel}, {arm}"));
+    for (i, &(arm, kept_target, workers)) in arms.iter().enumerate() {
+        calibrate(&format!("xargs -P{workers}, {arm}"));
         let cpu_before = machine_cpu_seconds()?;
-        let elapsed = xargs(&packages, parallel, &script(kept_target), work.path()).await?;
+        let elapsed = xargs(
+            &packages,
+            workers,
+            &script(kept_target, workers, i),
+            work.path(),
+        )
+        .await?;
         let cpu = machine_cpu_seconds()? - cpu_before;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
         for line in statuses.lines() {
@@ -571,7 +600,7 @@ async fn check(
             .filter(|line| !line.starts_with("0 "))
             .collect();
         eprintln!(
-            "xargs -P{parallel}, {arm}: {elapsed:?}, {cpu:.1} CPU-s on the machine, {} of {} \
+            "xargs -P{workers}, {arm}: {elapsed:?}, {cpu:.1} CPU-s on the machine, {} of {} \
              passed; failed: {failed:?}",
             packages.len() - failed.len(),
             packages.len()
@@ -598,11 +627,12 @@ async fn check(
             elapsed.as_secs_f64() / crater.0.as_secs_f64(),
         );
     }
-    for (&(arm, _), (elapsed, cpu)) in arms.iter().zip(&bare) {
+    for (&(arm, _, workers), (elapsed, cpu)) in arms.iter().zip(&bare) {
         println!(
-            "| check, {count} {which}, bare cargo, xargs -P{parallel}, {arm} | {:.1} s | {cpu:.1} CPU-s ({:.2} per crate) | | |",
+            "| check, {count} {which}, bare cargo, xargs -P{workers}, {arm} | {:.1} s | {cpu:.1} CPU-s ({:.2} per crate, {:.3}× fresh) | | |",
             elapsed.as_secs_f64(),
             cpu / crates,
+            cpu / fresh.1,
         );
     }
     eprintln!(
@@ -619,6 +649,24 @@ async fn check(
     // Cold against the fresh arm (which starts with an empty cargo home), again against the
     // Crater-style one (which finds the home the fresh arm filled).
     Ok(vec![(pipeline[0].0, fresh.0), (pipeline[1].0, crater.0)])
+}
+
+/// The four counts of a job log's line about the pool of compiled units ("quarry: dependencies'
+/// compiled units: N reused from the pool, M added to it; build script runs: A reused, B
+/// added"); zeros where the job has none.
+fn pool_counts(log: &str) -> [u64; 4] {
+    let Some(line) = log
+        .lines()
+        .rev()
+        .find(|line| line.starts_with("quarry: dependencies' compiled units:"))
+    else {
+        return [0; 4];
+    };
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    std::array::from_fn(|i| numbers.get(i).copied().unwrap_or(0))
 }
 
 /// CPU time the whole machine has spent so far (user, nice, system, interrupts, steal), from
