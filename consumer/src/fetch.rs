@@ -77,6 +77,7 @@ impl Fetcher {
             IndexFetch::Downloaded => "downloaded",
             IndexFetch::NotModified => "not-modified",
             IndexFetch::Stale => "stale",
+            IndexFetch::Fresh => "fresh",
         };
         self.metrics.index_files.with_label_values(&[label]).inc();
     }

@@ -204,8 +204,9 @@ impl Metrics {
             index_files: IntCounterVec::new(
                 Opts::new(
                     "quarry_consumer_index_files_total",
-                    "Index files cargo asked for: downloaded, not-modified (revalidated, no body) \
-                     or stale (registry unreachable, cached copy used)",
+                    "Index files cargo asked for: downloaded, not-modified (revalidated, no body), \
+                     fresh (confirmed within registry.index_fresh_secs, not asked) or stale \
+                     (registry unreachable, cached copy used)",
                 ),
                 &["result"],
             )?,

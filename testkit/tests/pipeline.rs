@@ -186,10 +186,16 @@ async fn a_custom_command_runs_in_each_package_and_its_exit_status_is_the_outcom
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_second_run_revalidates_index_files_instead_of_downloading_them() {
+/// Two runs of the same packages, one after the other, through one consumer whose confirmed
+/// index files stay fresh for `fresh_secs`: what the registry saw of the second run's index
+/// requests (asked, answered 304) and of its downloads, before and after.
+async fn index_requests_of_a_second_run(
+    fresh_secs: u64,
+) -> (quarry_registry::Stats, quarry_registry::Stats) {
     let stack = TestStack::start().await.unwrap();
-    let consumers = stack.start_consumers(&["revalidating"]);
+    let mut config = stack.consumer_config("indexing");
+    config.registry.index_fresh_secs = fresh_secs;
+    let consumers = quarry_testkit::Consumers::start([config]);
     let first_run = publish(&stack, "index-first", first(3)).await;
     stack.wait_for_run(first_run.run_id).await;
     let after_first = stack.registry.stats();
@@ -206,7 +212,13 @@ async fn a_second_run_revalidates_index_files_instead_of_downloading_them() {
     .unwrap();
     stack.wait_for_run(second_run.run_id).await;
     consumers.stop().await;
-    let after_second = stack.registry.stats();
+    stack.assert_verified("index-second").await;
+    (after_first, stack.registry.stats())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_run_revalidates_index_files_instead_of_downloading_them() {
+    let (after_first, after_second) = index_requests_of_a_second_run(0).await;
     let asked = after_second.index_requests - after_first.index_requests;
     let unchanged = after_second.index_not_modified - after_first.index_not_modified;
     assert!(asked > 0, "{after_first:?} {after_second:?}");
@@ -215,7 +227,21 @@ async fn a_second_run_revalidates_index_files_instead_of_downloading_them() {
         "every index file the second run needed was answered 304, with no body"
     );
     assert_eq!(after_second.downloads, after_first.downloads);
-    stack.assert_verified("index-second").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_files_the_registry_just_confirmed_are_not_asked_for_again() {
+    let (after_first, after_second) = index_requests_of_a_second_run(3600).await;
+    // The producer (a process of its own, each run) still revalidates the index file of each
+    // of the run's three packages; the consumer's cargo asks for many more, and for none of
+    // them does the consumer ask the registry again.
+    assert!(after_first.index_requests > 3, "{after_first:?}");
+    assert_eq!(
+        after_second.index_requests - after_first.index_requests,
+        3,
+        "only the producer's requests: {after_first:?} {after_second:?}"
+    );
+    assert_eq!(after_second.downloads, after_first.downloads);
 }
 
 #[tokio::test(flavor = "multi_thread")]

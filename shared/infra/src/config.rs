@@ -198,6 +198,12 @@ pub struct RegistryConfig {
     /// re-run asks only whether each changed [default: `$XDG_CACHE_HOME/quarry/index`, else
     /// `~/.cache/quarry/index`]. Consumers keep theirs in their work directory.
     pub index_cache_dir: Option<PathBuf>,
+    /// How long an index file the registry confirmed (sent, or answered 304 for) is used
+    /// without asking again. Every job resolves its dependencies afresh, so without it a fleet
+    /// asks the registry for the same popular index files thousands of times a minute, and
+    /// waits for each answer; crates.io's own CDN serves index files up to a minute old. 0 asks
+    /// every time.
+    pub index_fresh_secs: u64,
 }
 
 impl Default for RegistryConfig {
@@ -216,6 +222,7 @@ impl Default for RegistryConfig {
             page_size: 100,
             dump_page_size: 1000,
             index_cache_dir: None,
+            index_fresh_secs: 60,
         }
     }
 }

@@ -73,6 +73,11 @@ pub struct RegistryClient {
     /// Index files kept on disk with their validators, so an unchanged file is not downloaded
     /// again (conditional requests: `If-None-Match`, `If-Modified-Since`).
     index_cache: Option<std::path::PathBuf>,
+    /// How long a confirmed index file is used without asking (`index_fresh_secs`).
+    index_fresh: Duration,
+    /// When the registry last confirmed each cached index file, by file name.
+    confirmed:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
 
 /// What `index_file` had to do.
@@ -84,6 +89,8 @@ pub enum IndexFetch {
     NotModified,
     /// The registry could not be reached; the cached copy was used.
     Stale,
+    /// The registry confirmed the cached copy less than `index_fresh_secs` ago: not asked.
+    Fresh,
 }
 
 impl RegistryClient {
@@ -107,6 +114,8 @@ impl RegistryClient {
             api_slot: std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
             api_interval: Duration::from_millis(config.api_min_interval_ms),
             index_cache: None,
+            index_fresh: Duration::from_secs(config.index_fresh_secs),
+            confirmed: Default::default(),
         })
     }
 
@@ -158,8 +167,9 @@ impl RegistryClient {
         Ok(self.index_file_cached(name).await?.0)
     }
 
-    /// An index file and how it was had. With an index cache, a cached file is revalidated
-    /// (a 304 costs no body), and used as it is when the registry cannot be reached.
+    /// An index file and how it was had. With an index cache, a cached file is used as it is
+    /// for `index_fresh_secs` after the registry confirmed it, then revalidated (a 304 costs no
+    /// body), and used as it is when the registry cannot be reached.
     pub async fn index_file_cached(
         &self,
         name: &str,
@@ -170,7 +180,14 @@ impl RegistryClient {
         };
         // One file per index file: its validators as a JSON line, then the body, replaced
         // whole (written beside, then renamed) so validators and body always go together.
-        let file = dir.join(name.to_ascii_lowercase());
+        let file_name = name.to_ascii_lowercase();
+        let file = dir.join(&file_name);
+        let fresh = self
+            .confirmed
+            .lock()
+            .expect("no panic holds the lock")
+            .get(&file_name)
+            .is_some_and(|at| at.elapsed() < self.index_fresh);
         let cached: Option<(Bytes, Vec<(String, String)>)> =
             tokio::fs::read(&file).await.ok().and_then(|stored| {
                 let stored = Bytes::from(stored);
@@ -178,12 +195,21 @@ impl RegistryClient {
                 let validators = serde_json::from_slice(&stored[..end]).ok()?;
                 Some((stored.slice(end + 1..), validators))
             });
+        if fresh && let Some((body, _)) = &cached {
+            return Ok((body.clone(), IndexFetch::Fresh));
+        }
         let validators = cached.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
         let fetched = (|| self.get_conditional(&url, &validators))
             .retry(self.backoff)
             .when(RegistryError::is_transient)
             .adjust(|err, backoff| err.next_delay(backoff))
             .await;
+        if matches!((&fetched, &cached), (Ok(Some(_)), _) | (Ok(None), Some(_))) {
+            self.confirmed
+                .lock()
+                .expect("no panic holds the lock")
+                .insert(file_name, std::time::Instant::now());
+        }
         match (fetched, cached) {
             (Ok(None), Some((body, _))) => Ok((body, IndexFetch::NotModified)),
             (Ok(None), None) => Err(RegistryError::Permanent(format!(
