@@ -199,7 +199,7 @@ fn pooled_build_script(
         };
         let _ = std::io::stdout().lock().write_all(&hit.stdout);
         let _ = std::io::stderr().lock().write_all(&hit.stderr);
-        units::note(target, units::Use::RunReused, &package);
+        units::note(target, units::Use::RunReused, &package, 0);
         true
     };
     if adopted() {
@@ -231,11 +231,9 @@ fn pooled_build_script(
         .map_err(|e| format!("cannot wait for the build script: {e}"))?;
     if status.success()
         && let (Some(printed), Some(said)) = (printed, said)
-        && pool
-            .add_run(&run.key, &run.out_dir, &printed, &said)
-            .is_ok()
+        && let Ok(bytes) = pool.add_run(&run.key, &run.out_dir, &printed, &said)
     {
-        units::note(target, units::Use::RunAdded, &package);
+        units::note(target, units::Use::RunAdded, &package, bytes);
     }
     drop(making);
     Ok(exit_code(status))
@@ -423,7 +421,7 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
         if invocation.is_build_script() {
             behind_trampoline(&invocation)?;
         }
-        units::note(target, units::Use::Reused, &crate_name);
+        units::note(target, units::Use::Reused, &crate_name, 0);
         Ok(true)
     };
     let mut making = None;
@@ -505,11 +503,9 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
             invocation.extra_filename.as_deref().unwrap_or_default()
         ));
         if units::read_only_keyed_inputs(&dep_info, &unit.sources, unit.out_dir.as_deref())
-            && pool
-                .add(&unit.key, &invocation.out_dir, &moved, &said)
-                .is_ok()
+            && let Ok(bytes) = pool.add(&unit.key, &invocation.out_dir, &moved, &said)
         {
-            units::note(target, units::Use::Added, &crate_name);
+            units::note(target, units::Use::Added, &crate_name, bytes);
         }
     }
     drop(making);

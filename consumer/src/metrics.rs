@@ -261,7 +261,8 @@ impl Metrics {
             )?,
             unit_pool_bytes: IntGauge::new(
                 "quarry_consumer_unit_pool_bytes",
-                "Disk the pool of compiled units on the consumer's work directory takes",
+                "Disk the pool of compiled units on the consumer's work directory takes: as \
+                 measured at most ten minutes ago, plus what this consumer added since",
             )?,
             toolchain_installs: counter(
                 "quarry_consumer_toolchain_installs_total",
@@ -412,7 +413,7 @@ impl Metrics {
             .inc_by(counts.runs_added);
     }
 
-    /// The pool of units takes `bytes` now, `removed` entries fewer.
+    /// The pool of units takes `bytes` now (measured or estimated), `removed` entries fewer.
     pub fn unit_pool_trimmed(&self, bytes: u64, removed: usize) {
         self.unit_pool_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));

@@ -392,7 +392,22 @@ pub struct Pool {
     dir: PathBuf,
     /// What [`Pool::trim`] keeps it within.
     limit_bytes: u64,
+    /// The pool's size as this process last measured it, and when, plus what this process's
+    /// jobs added since: [`Pool::after_adding`] walks the pool only when that passes the limit
+    /// or the measure is [`REMEASURE`] old.
+    estimate: std::sync::Arc<std::sync::Mutex<Estimate>>,
 }
+
+#[derive(Debug, Default)]
+struct Estimate {
+    bytes: u64,
+    measured: Option<std::time::Instant>,
+}
+
+/// How long a measure of the pool stands before it is walked again though this process's
+/// additions keep it below its limit: other consumers on the work directory add to it too, and
+/// that is the longest their additions go uncounted.
+pub const REMEASURE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Held while a unit is compiled or a build script run for the pool (an exclusive `flock` on
 /// `.making-<key>`): another slot that wants the same waits for it, then takes it from the pool,
@@ -433,6 +448,7 @@ impl Pool {
         Pool {
             dir: dir.into(),
             limit_bytes,
+            estimate: Default::default(),
         }
     }
 
@@ -500,9 +516,9 @@ impl Pool {
         out_dir: &Path,
         outputs: &[OsString],
         stderr: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         if stderr.len() > STDERR_LIMIT || outputs.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         self.put(key, OUTPUTS, |partial| {
             for name in outputs {
@@ -522,27 +538,28 @@ impl Pool {
 
     /// Writes the entry of `key` with `write` into a directory of its own, then renames it into
     /// place whole; `marker` is the file `write` writes last. An entry that is there already
-    /// (another slot's) is kept, and that is no error.
+    /// (another slot's) is kept, and that is no error. Returns the bytes it added.
     fn put(
         &self,
         key: &Key,
         marker: &str,
         write: impl FnOnce(&Path) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         let entry = self.dir.join(key.as_str());
         if entry.exists() {
-            return Ok(());
+            return Ok(0);
         }
         let partial = self
             .dir
             .join(format!("{PARTIAL}{}-{}", key.as_str(), std::process::id()));
         let written = std::fs::create_dir_all(&partial)
             .and_then(|()| write(&partial))
-            .and_then(|()| std::fs::rename(&partial, &entry));
+            .map(|()| crate::shared_target::disk_used(&partial))
+            .and_then(|bytes| std::fs::rename(&partial, &entry).map(|()| bytes));
         if written.is_err() {
             let _ = std::fs::remove_dir_all(&partial);
             if entry.join(marker).exists() {
-                return Ok(());
+                return Ok(0);
             }
         }
         written
@@ -585,13 +602,37 @@ impl Pool {
         out_dir: &Path,
         stdout: &[u8],
         stderr: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         self.put(key, RAN, |partial| {
             copy_tree(out_dir, &partial.join(RUN_OUT), true)?;
             std::fs::write(partial.join(STDOUT), stdout)?;
             std::fs::write(partial.join(STDERR), stderr)?;
             std::fs::write(partial.join(RAN), b"")
         })
+    }
+
+    /// After a job whose units added `added_bytes` to the pool: trims it ([`Pool::trim`], a
+    /// walk of all of it) if it may be past its limit by now, or if the last measure is
+    /// [`REMEASURE`] old; else counts the bytes on. Returns the pool's size as measured or
+    /// estimated, and the entries removed.
+    pub fn after_adding(&self, added_bytes: u64) -> (u64, usize) {
+        {
+            let mut estimate = self.estimate.lock().unwrap_or_else(|p| p.into_inner());
+            estimate.bytes = estimate.bytes.saturating_add(added_bytes);
+            let recent = estimate.measured.is_some_and(|at| at.elapsed() < REMEASURE);
+            if recent && estimate.bytes <= self.limit_bytes {
+                return (estimate.bytes, 0);
+            }
+            // Another slot that finishes meanwhile counts on instead of walking too.
+            estimate.measured = Some(std::time::Instant::now());
+        }
+        let (bytes, removed) = self.trim();
+        let mut estimate = self.estimate.lock().unwrap_or_else(|p| p.into_inner());
+        *estimate = Estimate {
+            bytes,
+            measured: Some(std::time::Instant::now()),
+        };
+        (bytes, removed)
     }
 
     /// The pool's size on disk, and past its limit removes the least recently used
@@ -743,7 +784,7 @@ pub enum Use {
 }
 
 /// Appends `how` for `crate_name` to the slot's journal (`<target>/` [`JOURNAL`]).
-pub fn note(target: &Path, how: Use, crate_name: &str) {
+pub fn note(target: &Path, how: Use, crate_name: &str, bytes: u64) {
     let word = match how {
         Use::Reused => "reused",
         Use::Added => "added",
@@ -755,7 +796,7 @@ pub fn note(target: &Path, how: Use, crate_name: &str) {
         .append(true)
         .open(target.join(JOURNAL))
     {
-        let _ = file.write_all(format!("{word} {crate_name}\n").as_bytes());
+        let _ = file.write_all(format!("{word} {crate_name} {bytes}\n").as_bytes());
     }
 }
 
@@ -767,6 +808,8 @@ pub struct Counts {
     /// Build script runs.
     pub runs_reused: u64,
     pub runs_added: u64,
+    /// What the units and runs added take in the pool.
+    pub added_bytes: u64,
 }
 
 /// Reads and removes the journal in `target` (a slot's target directory on the host). Read as
@@ -784,14 +827,23 @@ pub fn take_counts(target: &Path) -> Counts {
         let mut text = Vec::new();
         let _ = file.take(4 << 20).read_to_end(&mut text);
         for line in text.split(|b| *b == b'\n') {
+            // `<use> <crate> <bytes>`: the bytes are the last word.
+            let bytes = || {
+                line.rsplit(|b| *b == b' ')
+                    .next()
+                    .and_then(|word| std::str::from_utf8(word).ok()?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
             if line.starts_with(b"reused ") {
                 counts.reused += 1;
             } else if line.starts_with(b"added ") {
                 counts.added += 1;
+                counts.added_bytes = counts.added_bytes.saturating_add(bytes());
             } else if line.starts_with(b"run-reused ") {
                 counts.runs_reused += 1;
             } else if line.starts_with(b"run-added ") {
                 counts.runs_added += 1;
+                counts.added_bytes = counts.added_bytes.saturating_add(bytes());
             }
         }
     }
@@ -1030,5 +1082,49 @@ mod tests {
         assert!(removed >= 1 && after <= 96 << 10, "{after} {removed}");
         assert!(pool.dir().join("old").exists());
         assert!(!pool.dir().join("used").exists());
+    }
+
+    #[test]
+    fn the_pool_is_walked_only_when_what_was_added_may_take_it_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 128 << 10;
+        let pool = Pool::new(dir.path().join("pool"), limit);
+        std::fs::create_dir_all(pool.dir()).unwrap();
+        let built = dir.path().join("built");
+        std::fs::create_dir(&built).unwrap();
+        std::fs::write(built.join("big"), vec![7u8; 40 << 10]).unwrap();
+        let outputs = [OsString::from("big")];
+        // A job adds an entry and journals its bytes, as quarry-confine does; then the consumer.
+        let target = dir.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let add = |key: &str| {
+            let bytes = pool
+                .add(&Key(key.to_owned()), &built, &outputs, b"")
+                .unwrap();
+            assert!(bytes >= 40 << 10, "{bytes}");
+            note(&target, Use::Added, key, bytes);
+            let counts = take_counts(&target);
+            assert_eq!((counts.added, counts.added_bytes), (1, bytes));
+            (bytes, pool.after_adding(counts.added_bytes))
+        };
+        // The first is measured: a walk.
+        let (_, (first, removed)) = add("one");
+        assert!(first >= 40 << 10 && removed == 0, "{first} {removed}");
+        // Another consumer's entry: not counted until the pool is walked again.
+        std::fs::create_dir(pool.dir().join("elsewhere")).unwrap();
+        std::fs::write(
+            pool.dir().join("elsewhere").join(OUTPUTS),
+            vec![1u8; 40 << 10],
+        )
+        .unwrap();
+        let (bytes, (second, removed)) = add("two");
+        assert_eq!(
+            (second, removed),
+            (first + bytes, 0),
+            "counted on, not walked"
+        );
+        // The third takes the count past the limit: walked, and trimmed back within it.
+        let (_, (third, removed)) = add("three");
+        assert!(removed >= 1 && third <= limit, "{third} {removed}");
     }
 }

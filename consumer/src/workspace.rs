@@ -95,7 +95,7 @@ impl Worker {
     }
 
     /// Counts what the job reused from the pool of units and added to it (its log says so),
-    /// and trims the pool if it grew.
+    /// and trims the pool if it may have grown past its limit.
     async fn units_after_job(
         &self,
         target: &Path,
@@ -113,7 +113,10 @@ impl Worker {
         }
         if counts.added + counts.runs_added > 0 {
             let pool = pool.clone();
-            if let Ok((bytes, removed)) = tokio::task::spawn_blocking(move || pool.trim()).await {
+            let added = counts.added_bytes;
+            if let Ok((bytes, removed)) =
+                tokio::task::spawn_blocking(move || pool.after_adding(added)).await
+            {
                 self.metrics.unit_pool_trimmed(bytes, removed);
             }
         }
