@@ -76,12 +76,13 @@ fn restrict(writable: &[PathBuf]) -> Result<(), String> {
         .map_err(|e| format!("cannot confine with Landlock: {e}"))
 }
 
-/// Has `command` confined as [`restrict`] would, from before its program starts: one process
-/// fewer than a confining program of its own between the two. The ruleset returned must be
-/// kept open until the command is spawned (the child closes it at exec).
-fn confine_child(command: &mut Command, writable: &[PathBuf]) -> Result<OwnedFd, String> {
-    let ruleset = ruleset(writable)?;
-    crate::spawn::landlock_at_exec(command, ruleset.as_raw_fd());
+/// Has `command` confined, from before its program starts, to writing beneath `own` and the
+/// common places ([`writable`]), with Quarry's settings left out of its environment: one
+/// process fewer than a confining program of its own between the two. The ruleset returned
+/// must be kept open until the command is spawned (the child closes it at exec).
+fn confine_child(command: &mut Command, own: &[&Path]) -> Result<OwnedFd, String> {
+    let ruleset = ruleset(&writable(own))?;
+    crate::spawn::landlock_at_exec(without_quarry(command), ruleset.as_raw_fd());
     Ok(ruleset)
 }
 
@@ -106,9 +107,11 @@ fn ruleset(writable: &[PathBuf]) -> Result<OwnedFd, String> {
         .ok_or_else(|| "cannot confine with Landlock: the kernel made no ruleset".to_owned())
 }
 
-/// What every confined process may write: `/tmp`, `/dev` and the job's package tree.
-fn common_writable() -> Vec<PathBuf> {
-    let mut dirs = vec![PathBuf::from("/tmp"), PathBuf::from("/dev")];
+/// What a confined process may write: `own`, and what every confined process may: `/tmp`,
+/// `/dev` and the job's package tree.
+fn writable(own: &[&Path]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = own.iter().map(|dir| dir.to_path_buf()).collect();
+    dirs.extend([PathBuf::from("/tmp"), PathBuf::from("/dev")]);
     if let Some(extra) = std::env::var_os(WRITABLE_ENV) {
         dirs.extend(std::env::split_paths(&extra).filter(|p| p.is_absolute()));
     }
@@ -173,9 +176,7 @@ fn build_script(args: &[OsString]) -> Result<ExitCode, String> {
             return pooled_build_script(&pool, &run, args, &out_dir, target);
         }
     }
-    let mut writable = vec![out_dir];
-    writable.extend(common_writable());
-    restrict(&writable)?;
+    restrict(&writable(&[&out_dir]))?;
     let err = without_quarry(&mut script_command(args)).exec();
     Err(format!(
         "cannot run {}: {err}",
@@ -212,9 +213,7 @@ fn pooled_build_script(
     }
     let mut command = script_command(args);
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut writable = vec![out_dir.to_owned()];
-    writable.extend(common_writable());
-    let ruleset = confine_child(without_quarry(&mut command), &writable)?;
+    let ruleset = confine_child(&mut command, &[out_dir])?;
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run the build script: {e}"))?;
@@ -389,7 +388,7 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
         // Nothing written but its answer: confined to the common places all the same.
         let mut command = Command::new(rustc);
         command.args(&args);
-        let _ruleset = confine_child(without_quarry(&mut command), &common_writable())?;
+        let _ruleset = confine_child(&mut command, &[])?;
         let status = command
             .status()
             .map_err(|e| format!("cannot run rustc: {e}"))?;
@@ -458,9 +457,7 @@ fn wrap_rustc(rustc: &OsString, args: &[OsString]) -> Result<ExitCode, String> {
     };
     let mut command = Command::new(rustc);
     command.args(&confined_args).stderr(Stdio::piped());
-    let mut writable = vec![unit_dir.clone()];
-    writable.extend(common_writable());
-    let ruleset = confine_child(without_quarry(&mut command), &writable)?;
+    let ruleset = confine_child(&mut command, &[&unit_dir])?;
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run rustc: {e}"))?;
