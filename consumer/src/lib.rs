@@ -44,7 +44,7 @@ mod sources;
 mod spawn;
 mod toolchains;
 mod units;
-mod unpack;
+pub mod unpack;
 mod workspace;
 
 use std::collections::HashMap;

@@ -468,13 +468,15 @@ impl Drop for JobSources {
 fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64, NotStored> {
     let partial = dir.join(format!("{PARTIAL}{}", uuid::Uuid::new_v4().simple()));
     let stored = (|| {
-        let package = crate::unpack::unpack(archive, &partial, root).map_err(NotStored::Refused)?;
+        let unpacked =
+            crate::unpack::unpack(archive, &partial, root).map_err(NotStored::Refused)?;
         let write = |path: PathBuf, text: &str| {
             std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
         };
         // Over any the archive had (cargo skips those).
-        write(package.join(".cargo-ok"), EXTRACTED)?;
-        let bytes = crate::shared_target::disk_used(&partial);
+        write(unpacked.root.join(".cargo-ok"), EXTRACTED)?;
+        // With the marker and this file, a block each.
+        let bytes = unpacked.bytes + 2 * 4096;
         write(partial.join(SIZE), &bytes.to_string())?;
         std::fs::rename(&partial, dir.join(checksum))
             .map_err(|e| format!("cannot store {root}: {e}"))?;

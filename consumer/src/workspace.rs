@@ -292,9 +292,11 @@ async fn unpack_off_thread(
     into: PathBuf,
     root: String,
 ) -> Result<Result<PathBuf, String>, InfraError> {
-    tokio::task::spawn_blocking(move || unpack::unpack(&archive, &into, &root))
-        .await
-        .map_err(|err| InfraError::from(format!("unpacking panicked: {err}")))
+    tokio::task::spawn_blocking(move || {
+        unpack::unpack(&archive, &into, &root).map(|unpacked| unpacked.root)
+    })
+    .await
+    .map_err(|err| InfraError::from(format!("unpacking panicked: {err}")))
 }
 
 fn broken(why: &str) -> Execution {

@@ -243,6 +243,12 @@ pub fn crates_dir() -> PathBuf {
 /// The real corpus `deploy/local/up` collects (`deploy/local/corpus.list` with every crate its
 /// roots need), loaded whole; an error naming the fix when it has not been collected.
 pub fn real_corpus() -> anyhow::Result<Corpus> {
+    Corpus::load(&[real_corpus_dir()?.join("crates")])
+}
+
+/// Where the real corpus is (its `.crate` files under `crates/`); an error naming the fix when it
+/// has not been collected.
+pub fn real_corpus_dir() -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("QUARRY_CORPUS_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
@@ -253,7 +259,7 @@ pub fn real_corpus() -> anyhow::Result<Corpus> {
         "no real corpus in {}: run deploy/local/up, which collects it (or set QUARRY_CORPUS_DIR)",
         dir.display()
     );
-    Corpus::load(&[dir.join("crates")])
+    Ok(dir)
 }
 
 /// Makes sure `quarry-confine` is where an in-process consumer looks for it (one directory up

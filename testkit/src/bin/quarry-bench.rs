@@ -71,6 +71,16 @@ enum Bench {
         #[arg(long)]
         real: bool,
     },
+    /// Extracting every `.crate` of the real corpus (else cargo's download cache) with the
+    /// consumer's `unpack`, against `tar`'s `unpack_in` per entry, as cargo extracts.
+    Unpack {
+        /// Rounds, each both ways in turn over the whole set; the summary is the median.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Archives: this many, spread evenly over all of them in name order.
+        #[arg(long, default_value_t = 500)]
+        archives: usize,
+    },
     /// The producer publishing every version of a generated dump, against a bare lapin loop.
     Publish {
         /// Package versions in the generated dump.
@@ -162,6 +172,16 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Bench::Unpack { rounds, archives } => {
+            print_temporary_place();
+            let archives = archives_to_unpack(archives)?;
+            let mut measured = Vec::new();
+            for _ in 0..rounds {
+                measured.push(unpack_both_ways(&archives)?);
+            }
+            summarize("unpack, every archive of the corpus", &measured);
+            Ok(())
+        }
         Bench::Publish { versions, page } => publish(versions, page).await,
         Bench::Report { results } => report(results).await,
         Bench::ReportSide { config, output } => {
@@ -202,6 +222,91 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `count` archives of the real corpus (else of cargo's download cache), spread evenly over
+/// them in name order, read into memory: (package root, bytes).
+fn archives_to_unpack(count: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let dir = match quarry_testkit::real_corpus_dir() {
+        Ok(corpus) => corpus.join("crates"),
+        Err(_) => crates_dir(),
+    };
+    let mut archives = Vec::new();
+    let mut pending = vec![dir.clone()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                pending.push(path);
+            } else if let Some(root) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(".crate"))
+            {
+                archives.push((root.to_owned(), path));
+            }
+        }
+    }
+    anyhow::ensure!(!archives.is_empty(), "no .crate files in {}", dir.display());
+    archives.sort();
+    let step = (archives.len() as f64 / count.max(1) as f64).max(1.0);
+    let archives = (0..count.min(archives.len()))
+        .map(|i| {
+            let (root, path) = &archives[(i as f64 * step) as usize];
+            Ok((root.clone(), std::fs::read(path)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bytes: usize = archives.iter().map(|(_, archive)| archive.len()).sum();
+    eprintln!(
+        "{} archives ({} MiB) from {}",
+        archives.len(),
+        bytes >> 20,
+        dir.display()
+    );
+    Ok(archives)
+}
+
+/// One round of `unpack`: the CPU time (user and system) of extracting every archive with the
+/// consumer's `unpack`, then with `unpack_in` per entry. Both write under `TMPDIR`; what they
+/// wrote is removed between the two, untimed.
+fn unpack_both_ways(archives: &[(String, Vec<u8>)]) -> anyhow::Result<(Duration, Duration)> {
+    let cpu = || -> anyhow::Result<Duration> {
+        let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)?;
+        let seconds = |t: nix::sys::time::TimeVal| {
+            Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+        };
+        Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
+    };
+    let mut refused = 0;
+    let into = tempfile::tempdir()?;
+    let before = cpu()?;
+    for (n, (root, archive)) in archives.iter().enumerate() {
+        let place = into.path().join(n.to_string());
+        if quarry_consumer::unpack::unpack(archive, &place, root).is_err() {
+            refused += 1;
+        }
+    }
+    let ours = cpu()? - before;
+    drop(into);
+    let into = tempfile::tempdir()?;
+    let before = cpu()?;
+    for (n, (root, archive)) in archives.iter().enumerate() {
+        let place = into.path().join(n.to_string());
+        std::fs::create_dir_all(&place)?;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&archive[..]));
+        tar.set_preserve_permissions(false);
+        tar.set_mask(0o022);
+        for entry in tar.entries()? {
+            let mut entry = entry?;
+            if entry.path()?.starts_with(root) && entry.unpack_in(&place).is_err() {
+                break;
+            }
+        }
+    }
+    let theirs = cpu()? - before;
+    drop(into);
+    eprintln!("unpack: {ours:?} CPU ({refused} refused); unpack_in per entry: {theirs:?} CPU");
+    Ok((ours, theirs))
 }
 
 /// One round of `dispatch`: the pipeline's time and xargs's.
