@@ -88,6 +88,12 @@ impl Fetcher {
         self.s3_writes.wait().await;
     }
 
+    /// Where the disk cache keeps `package`'s archive (there if a fetch just returned it, unless
+    /// the disk was full).
+    pub fn cached_file(&self, package: &PackageVersion) -> PathBuf {
+        self.disk.path(package)
+    }
+
     pub fn registry(&self) -> &RegistryClient {
         &self.registry
     }

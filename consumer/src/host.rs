@@ -142,6 +142,7 @@ pub(crate) fn open_units(
     }
     let dir = std::path::absolute(config.consumer.work_dir.join("units"))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    spread_trees(&dir);
     tracing::info!(
         dir = %dir.display(),
         "jobs reuse the compiled dependencies of every consumer on this work directory"
@@ -150,6 +151,33 @@ pub(crate) fn open_units(
         dir,
         config.consumer.unit_pool_mb.saturating_mul(1 << 20),
     )))
+}
+
+/// Marks `dir` as the top of independent directory trees (`chattr +T`, the ext4 flag for its
+/// Orlov allocator) where the filesystem takes the hint: each directory made in `dir` (a job's
+/// scratch directory, an entry of the store of sources or of the pool, a slot's target) is then
+/// placed in a group of inodes of its own, chosen over the whole disk, rather than packed beside
+/// `dir` with all the others.
+///
+/// Why it matters: on ext4 without a journal, creating a file scans every free inode of its group
+/// that was freed in the last minutes (`recently_deleted`, a lookup each) before it takes one. A
+/// consumer removes each job's scratch directory, thousands of inodes, and keeps creating files;
+/// packed in one group, every file a job or the store creates paid for the scratch
+/// directories removed before it (measured: BENCHMARKS.md). Elsewhere the flag only moves where
+/// new directories go; a filesystem without it (tmpfs, XFS, overlayfs) refuses it, which
+/// changes nothing.
+pub(crate) fn spread_trees(dir: &std::path::Path) {
+    use rustix::fs::IFlags;
+    let marked = std::fs::File::open(dir).and_then(|dir| {
+        let flags = rustix::fs::ioctl_getflags(&dir)?;
+        if !flags.contains(IFlags::TOPDIR) {
+            rustix::fs::ioctl_setflags(&dir, flags | IFlags::TOPDIR)?;
+        }
+        Ok(())
+    });
+    if let Err(err) = marked {
+        tracing::debug!(dir = %dir.display(), %err, "the filesystem takes no top-directory hint");
+    }
 }
 
 /// The consumer's store of extracted dependency sources (`sources.rs`), where jobs can share
@@ -181,6 +209,7 @@ pub(crate) fn open_sources(
     .with_context(|| format!("cannot open the store of sources {}", dir.display()))?;
     match opened {
         Some(sources) => {
+            spread_trees(&dir);
             tracing::info!(
                 dir = %dir.display(),
                 "dependencies' sources are extracted once and shared read-only by every job"

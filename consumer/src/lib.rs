@@ -259,6 +259,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     std::fs::create_dir_all(&jobs_dir)
         .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
     let jobs_dir = std::path::absolute(&jobs_dir)?;
+    host::spread_trees(&jobs_dir);
     host::check_jobs_dir(&jobs_dir, &cargo.sandbox)?;
     workspace::remove_leftover_scratch(&jobs_dir);
     let slots = shared_target::Slots::new(

@@ -155,11 +155,16 @@ async fn download(
     };
     match shared.fetcher.fetch(&package).await {
         Ok((bytes, _)) => {
-            // Before cargo has the file, so that it finds the sources extracted.
-            if let Some(sources) = sources
-                && let Err(why) = sources.link(&package, &bytes).await
-            {
-                tracing::debug!(%package, %why, "cargo extracts the sources itself");
+            // Before cargo has the file, so that it finds the sources extracted and the
+            // archive in place.
+            if let Some(sources) = sources {
+                if let Err(why) = sources.link(&package, &bytes).await {
+                    tracing::debug!(%package, %why, "cargo extracts the sources itself");
+                }
+                let cached = shared.fetcher.cached_file(&package);
+                if let Err(why) = sources.link_archive(&package, &cached) {
+                    tracing::debug!(%package, %why, "cargo writes the archive itself");
+                }
             }
             ([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response()
         }

@@ -75,6 +75,7 @@ impl Slots {
         let targets = match targets {
             Some((dir, limit_bytes)) if limit_bytes > 0 => {
                 std::fs::create_dir_all(&dir)?;
+                crate::host::spread_trees(&dir);
                 remove_set_aside(&dir);
                 Some(SharedTargets {
                     dir,

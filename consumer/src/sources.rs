@@ -374,7 +374,7 @@ impl JobSources {
         package: &PackageVersion,
         archive: &bytes::Bytes,
     ) -> Result<(), NotStored> {
-        let into = self.registry_dir()?;
+        let into = self.registry_dir("src")?;
         let link = into.join(format!("{}-{}", package.name, package.version));
         if link.symlink_metadata().is_ok() {
             // Linked already (a second resolution), or extracted by cargo.
@@ -409,11 +409,38 @@ impl JobSources {
             .map_err(|e| NotStored::Failed(format!("cannot link {}: {e}", link.display())))
     }
 
-    /// The job's `registry/src/<registry dir>`, created if need be. Cargo names the registry's
-    /// directory (`registry.quarry.invalid-<hash of the source>`, the hash its own), and has
-    /// made it under `registry/index` by the time it downloads. Every directory on the way is
-    /// checked to be one, not a link: nothing but cargo has run there, but nothing is followed.
-    fn registry_dir(&self) -> Result<PathBuf, String> {
+    /// Before cargo, in this job's resolving step, hears that `package` is downloaded: links
+    /// the consumer's copy of its archive, `cached` (the disk cache's file, whose sha256 the
+    /// fetch just checked), where cargo keeps what it downloads. Cargo finds the file there,
+    /// not empty, and keeps it rather than writing what it was sent (`finish_download`): the
+    /// job creates no file for it, and removing the job frees no inode (on ext4 without a
+    /// journal, freed inodes slow every file created after them, `host::spread_trees`).
+    ///
+    /// Safe to share: the cargo home is read-only to every step after the resolving one, which
+    /// runs only cargo; and the disk cache checks a file's sha256 whenever it reads it, so even
+    /// a copy changed through the link would be fetched again, never served. `Err` says why not;
+    /// cargo then writes the file itself, as before.
+    pub fn link_archive(&self, package: &PackageVersion, cached: &Path) -> Result<(), String> {
+        let into = self.registry_dir("cache")?;
+        let link = into.join(format!("{}-{}.crate", package.name, package.version));
+        if link.symlink_metadata().is_ok() {
+            return Ok(());
+        }
+        std::fs::hard_link(cached, &link).map_err(|e| {
+            format!(
+                "cannot link {} to {}: {e}",
+                link.display(),
+                cached.display()
+            )
+        })
+    }
+
+    /// The job's `registry/<sub>/<registry dir>` (`src` or `cache`), created if need be. Cargo
+    /// names the registry's directory (`registry.quarry.invalid-<hash of the source>`, the hash
+    /// its own), and has made it under `registry/index` by the time it downloads. Every
+    /// directory on the way is checked to be one, not a link: nothing but cargo has run there,
+    /// but nothing is followed.
+    fn registry_dir(&self, sub: &str) -> Result<PathBuf, String> {
         let registry = self.cargo_home.join("registry");
         let mut names = Vec::new();
         for sub in ["index", "cache"] {
@@ -434,9 +461,9 @@ impl JobSources {
                 registry.display()
             ));
         };
-        let src = registry.join("src");
-        let into = src.join(name);
-        for dir in [&registry, &src, &into] {
+        let parent = registry.join(sub);
+        let into = parent.join(name);
+        for dir in [&registry, &parent, &into] {
             match std::fs::create_dir(dir) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -610,6 +637,32 @@ mod tests {
             std::fs::read_to_string(copy.join("src/lib.rs")).unwrap(),
             "x".repeat(10)
         );
+    }
+
+    #[test]
+    fn the_archive_cargo_would_write_is_the_disk_caches_file_linked() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let sources = store(dir.path(), 1 << 30);
+        let bytes = plain("a", 10);
+        let a = package("a", &bytes);
+        let cached = dir.path().join("a-1.0.0-cached.crate");
+        std::fs::write(&cached, &bytes).unwrap();
+        let home = cargo_home(dir.path());
+        let job = sources
+            .for_job(&home, Path::new("/run/quarry/sources"), BUILD)
+            .unwrap();
+        job.link_archive(&a, &cached).unwrap();
+        // A second download of it in the job (a second resolution): nothing changes.
+        job.link_archive(&a, &cached).unwrap();
+        let placed = home.join("registry/cache/registry.quarry.invalid-0123abcd/a-1.0.0.crate");
+        let (placed, cached) = (placed.metadata().unwrap(), cached.metadata().unwrap());
+        assert_eq!(placed.ino(), cached.ino(), "one file, no new inode");
+        assert_eq!(placed.nlink(), 2);
+        // Gone from the disk cache: cargo writes it itself.
+        let b = package("b", &plain("b", 1));
+        let missing = dir.path().join("b-1.0.0-cached.crate");
+        assert!(job.link_archive(&b, &missing).is_err());
     }
 
     #[tokio::test]

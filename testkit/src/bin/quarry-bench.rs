@@ -783,6 +783,7 @@ fn pool_counts(log: &str) -> [u64; 4] {
 /// between two arms means something only where their calibrations agree.
 fn calibrate(arm: &str) {
     use sha2::Digest as _;
+    settle();
     let block = vec![0x5au8; 1 << 20];
     let started = Instant::now();
     let mut hash = sha2::Sha256::new();
@@ -794,6 +795,18 @@ fn calibrate(arm: &str) {
         "calibration before {arm}: sha256 of 1 GiB in {:.3} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Lets the filesystem forget what the arm before removed, so that no arm pays for another's
+/// files. On ext4 without a journal (this project's benchmark machines), creating a file scans
+/// the inodes of its group freed in the last minute (five, while their inode table is not yet
+/// written back) before it takes one; an arm that starts right after another removed its
+/// hundreds of thousands of files would pay for them. So: write everything back, then wait
+/// that minute out.
+fn settle() {
+    const FORGOTTEN: Duration = Duration::from_secs(61);
+    nix::unistd::sync();
+    std::thread::sleep(FORGOTTEN);
 }
 
 fn machine_cpu_seconds() -> anyhow::Result<f64> {
