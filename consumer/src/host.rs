@@ -303,6 +303,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn on_ext4_the_directories_of_independent_trees_are_marked_as_such() {
+        use rustix::fs::IFlags;
+        const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+        let dir = tempfile::tempdir().unwrap();
+        let on_ext4 = rustix::fs::statfs(dir.path()).is_ok_and(|fs| fs.f_type == EXT4_SUPER_MAGIC);
+        spread_trees(dir.path());
+        // Twice: a directory already marked stays as it is.
+        spread_trees(dir.path());
+        let opened = std::fs::File::open(dir.path()).unwrap();
+        let flags = rustix::fs::ioctl_getflags(&opened);
+        if on_ext4 {
+            assert!(flags.unwrap().contains(IFlags::TOPDIR));
+        } else {
+            eprintln!("not on ext4: the hint is not asserted");
+        }
+    }
+
+    #[test]
     fn a_cargo_configuration_above_the_jobs_directory_keeps_the_consumer_from_starting() {
         let root = tempfile::tempdir().unwrap();
         let jobs = root.path().join("work/consumer/jobs");

@@ -15,7 +15,11 @@
 //! time (the floor of what sharing compiled units can save). The pipeline's rounds also say
 //! what the pool of compiled units did, summed from the jobs' logs.
 //! `testkit/bench/cpu-by-program.py` runs it under `perf` and says which programs each arm's
-//! CPU went to.
+//! CPU went to. Before each arm, the filesystem is written back and left a minute, so that no
+//! arm pays for the files the one before it removed (see `settle`).
+//!
+//! `unpack --archives N`: the CPU time of extracting N `.crate` files of the real corpus with
+//! the consumer's `unpack`, against `tar`'s `unpack_in` per entry as cargo extracts.
 //!
 //! Both take `--rounds R` (each round a fresh stack; a last row gives the medians, as one round
 //! varies a lot on a shared machine) and print, for each pipeline run, a timeline from its event
@@ -268,7 +272,7 @@ fn archives_to_unpack(count: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 
 /// One round of `unpack`: the CPU time (user and system) of extracting every archive with the
 /// consumer's `unpack`, then with `unpack_in` per entry. Both write under `TMPDIR`; what they
-/// wrote is removed between the two, untimed.
+/// wrote is removed between the two, untimed, and the filesystem settled before each.
 fn unpack_both_ways(archives: &[(String, Vec<u8>)]) -> anyhow::Result<(Duration, Duration)> {
     let cpu = || -> anyhow::Result<Duration> {
         let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)?;
@@ -278,6 +282,7 @@ fn unpack_both_ways(archives: &[(String, Vec<u8>)]) -> anyhow::Result<(Duration,
         Ok(seconds(usage.user_time()) + seconds(usage.system_time()))
     };
     let mut refused = 0;
+    settle();
     let into = tempfile::tempdir()?;
     let before = cpu()?;
     for (n, (root, archive)) in archives.iter().enumerate() {
@@ -288,6 +293,7 @@ fn unpack_both_ways(archives: &[(String, Vec<u8>)]) -> anyhow::Result<(Duration,
     }
     let ours = cpu()? - before;
     drop(into);
+    settle();
     let into = tempfile::tempdir()?;
     let before = cpu()?;
     for (n, (root, archive)) in archives.iter().enumerate() {
