@@ -96,6 +96,10 @@ pub struct JobSources {
     /// The dependencies whose archives the store would not extract, and why: said in the job's
     /// log (cargo met them in the sandbox instead).
     refused: Mutex<Vec<String>>,
+    /// Cargo's name for the registry's directory, looked up at the job's first download: it
+    /// names the source, which does not change within a job, so two lookups per download
+    /// (sources and archive) would only list the same directories again.
+    registry_name: std::sync::OnceLock<String>,
 }
 
 /// Why a dependency's sources are not in the store; cargo extracts them in the job instead.
@@ -207,6 +211,7 @@ impl Sources {
                 seen_at: seen_at.to_owned(),
                 held: Mutex::default(),
                 refused: Mutex::default(),
+                registry_name: std::sync::OnceLock::new(),
             })
         })
     }
@@ -442,24 +447,12 @@ impl JobSources {
     /// but nothing is followed.
     fn registry_dir(&self, sub: &str) -> Result<PathBuf, String> {
         let registry = self.cargo_home.join("registry");
-        let mut names = Vec::new();
-        for sub in ["index", "cache"] {
-            if let Ok(entries) = std::fs::read_dir(registry.join(sub)) {
-                names.extend(
-                    entries
-                        .flatten()
-                        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                        .filter(|name| is_registry_dir(name)),
-                );
+        let name = match self.registry_name.get() {
+            Some(name) => name.clone(),
+            None => {
+                let name = registry_name(&registry)?;
+                self.registry_name.get_or_init(|| name).clone()
             }
-        }
-        names.sort();
-        names.dedup();
-        let [name] = names.as_slice() else {
-            return Err(format!(
-                "cargo's directory for the registry is not one in {}: {names:?}",
-                registry.display()
-            ));
         };
         let parent = registry.join(sub);
         let into = parent.join(name);
@@ -513,6 +506,31 @@ fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64
         let _ = std::fs::remove_dir_all(&partial);
     }
     stored
+}
+
+/// The one directory in the cargo home's `registry/index` and `registry/cache` that names
+/// Quarry's registry endpoint.
+fn registry_name(registry: &Path) -> Result<String, String> {
+    let mut names = Vec::new();
+    for sub in ["index", "cache"] {
+        if let Ok(entries) = std::fs::read_dir(registry.join(sub)) {
+            names.extend(
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .filter(|name| is_registry_dir(name)),
+            );
+        }
+    }
+    names.sort();
+    names.dedup();
+    match <[String; 1]>::try_from(names) {
+        Ok([name]) => Ok(name),
+        Err(names) => Err(format!(
+            "cargo's directory for the registry is not one in {}: {names:?}",
+            registry.display()
+        )),
+    }
 }
 
 fn is_checksum(name: &str) -> bool {
