@@ -54,10 +54,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Some(mode) if mode == "probe" => probe().map(|()| ExitCode::SUCCESS),
         Some(mode) if mode == "probe-confined" => probe_confined(&args[2..]),
         Some(mode) if mode == "build-script" => build_script(&args[2..]),
+        Some(mode) if mode == "reap" => crate::reap::main(&args[2..]),
         Some(_) => wrap_rustc(&args[1], &args[2..]),
-        None => {
-            Err("usage: quarry-confine RUSTC ARGS... | build-script PROGRAM | probe".to_owned())
-        }
+        None => Err(
+            "usage: quarry-confine RUSTC ARGS... | build-script PROGRAM | reap FD PROGRAM \
+                 ARGS... | probe"
+                .to_owned(),
+        ),
     };
     match result {
         Ok(code) => code,

@@ -700,9 +700,24 @@ async fn run_step(
     let limits = place.limits;
     // Without a cgroup, the sandbox counts the step's processes.
     let tasks = env.cgroups.is_none().then_some(limits.tasks);
-    let (program, args) =
-        env.sandbox
-            .command_line(&place.mounts, package_dir, &argv[0], &args, tasks);
+    // Nor does anything count what the step used but the sandbox's reaper, on a pipe of its own.
+    // Non-blocking: read once the step has ended, when the report is there or never will be.
+    let report = (tasks.is_some() && env.sandbox.reaps())
+        .then(|| {
+            use nix::fcntl::OFlag;
+            nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        })
+        .transpose()
+        .map_err(std::io::Error::from)?
+        .map(|(read, write)| (std::fs::File::from(read), write));
+    let (program, args) = env.sandbox.command_line(
+        &place.mounts,
+        package_dir,
+        &argv[0],
+        &args,
+        tasks,
+        report.is_some(),
+    );
     // Nothing of the consumer's environment (credentials included) reaches the package; its
     // own process group, so a timeout kills rustc, build scripts and tests too.
     let mut command = Spawn::new(program, package_dir);
@@ -773,6 +788,10 @@ async fn run_step(
         .stderr(output_writer);
     // Spawned from this thread, not a blocking one: bubblewrap's `--die-with-parent` is tied to
     // the thread that started it, and blocking threads exit when idle.
+    let report = report.map(|(read, write)| {
+        command.fd3(write);
+        read
+    });
     let mut child = command.spawn()?;
     let group = ProcessGroup(Pid::from_raw(child.id()));
     let mut capture = Capture {
@@ -811,21 +830,36 @@ async fn run_step(
     })
     .await;
     let out_of_memory = cgroup.as_ref().is_some_and(|c| c.out_of_memory());
-    let usage = child.usage().unwrap_or_default();
-    // The cgroup counts every process the step had; without one, the rusage of the process
-    // waited for covers its tree only unsandboxed (bubblewrap's init passes none on).
-    let unsandboxed = matches!(env.sandbox, Sandbox::Unsandboxed);
+    // The cgroup counts every process the step had. Without one: unsandboxed, the rusage of
+    // the process waited for covers its tree; sandboxed, bubblewrap's init passes none on, and
+    // the reaper's report does (written before it exited, so in the pipe now, or never).
+    let usage = match report {
+        Some(mut report) => {
+            let mut text = [0u8; 256];
+            let mut len = 0;
+            while let Ok(read @ 1..) = std::io::Read::read(&mut report, &mut text[len..]) {
+                len += read;
+            }
+            std::str::from_utf8(&text[..len])
+                .ok()
+                .and_then(crate::reap::Report::parse)
+                .map(|r| (r.cpu, r.max_rss_bytes))
+        }
+        None => matches!(env.sandbox, Sandbox::Unsandboxed)
+            .then(|| child.usage().unwrap_or_default())
+            .map(|u| (u.cpu, u.max_rss_bytes)),
+    };
     let cost = StepCost {
         name: String::new(),
         wall_ms: millis(started.elapsed()),
         cpu_ms: match cgroup.as_ref().and_then(|c| c.cpu_time()) {
             Some(cpu) => Some(millis(cpu)),
-            None => unsandboxed.then(|| millis(usage.cpu)),
+            None => usage.map(|(cpu, _)| millis(cpu)),
         },
-        // The whole tree's; unsandboxed without a cgroup, the largest process's.
+        // The whole tree's; without a cgroup, the largest process's.
         peak_memory_bytes: match cgroup.as_ref().and_then(|c| c.peak_memory_bytes()) {
             Some(peak) => Some(peak),
-            None => unsandboxed.then_some(usage.max_rss_bytes),
+            None => usage.map(|(_, rss)| rss),
         },
     };
     if let Some(cgroup) = cgroup {
@@ -966,6 +1000,7 @@ mod tests {
                 read_only: vec![scratch.path().join("gone")],
                 hidden: Vec::new(),
                 prlimit: None,
+                reaper: None,
             },
             cgroups: None,
             confine: None,
@@ -1012,6 +1047,77 @@ mod tests {
             "{}",
             ended.log
         );
+    }
+
+    /// Where no cgroup counts a step (a pod), its reaper does: the CPU of every process the
+    /// step had, one orphaned by its parent included.
+    #[tokio::test]
+    async fn a_steps_cpu_is_counted_without_a_cgroup() {
+        let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
+        let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
+        sandbox.reap_with(reaper);
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+        let env = CargoEnv {
+            path: "/usr/bin:/bin".to_owned(),
+            log_limit_bytes: 64 << 10,
+            task_limit: 64,
+            sandbox,
+            cgroups: None,
+            confine: None,
+            sources: None,
+            units: None,
+        };
+        let workspace = Workspace {
+            scratch: scratch.path(),
+            package_dir: scratch.path(),
+            shared_target: None,
+        };
+        // The work (about 0.3 CPU-seconds) is done by a grandchild whose parent has exited:
+        // bubblewrap's init would have reaped it, and what it used with it. Another orphan
+        // outlives the step's command: the step still ends with the command.
+        let script = "( (awk 'BEGIN { for (i = 0; i < 5000000; i++); }'; touch done) & ); \
+                      ( sleep 60 & ); \
+                      while [ ! -e done ]; do sleep 0.05; done; echo finished";
+        let step = Step {
+            name: "check",
+            argv: ["sh", "-c", script].map(str::to_owned).to_vec(),
+            resolves: false,
+            on_failure: Outcome::BuildFail,
+            rustflags: None,
+        };
+        let limits = Limits {
+            time: Duration::from_secs(60),
+            memory_bytes: 512 << 20,
+            tasks: 64,
+        };
+        let mut log = Log::new(64 << 10);
+        let mut refused = Refused::default();
+        let mut cost = Cost::default();
+        let ended = run_steps(
+            &env,
+            workspace,
+            (None, None),
+            vec![step],
+            limits,
+            Instant::now() + limits.time,
+            (&mut log, &mut refused, &mut cost),
+        )
+        .await
+        .unwrap();
+        assert!(ended.is_none(), "the step failed: {}", log.text());
+        let text = log.text();
+        assert!(text.trim_end().ends_with("\nfinished"), "{text}");
+        assert!(
+            !text.contains("cpu_us"),
+            "the report is not in the log: {text}"
+        );
+        let step = &cost.steps[0];
+        let cpu = step.cpu_ms.expect("the step's CPU is counted");
+        assert!(cpu >= 150, "{step:?}");
+        assert!(cpu <= step.wall_ms * 2 + 50, "{step:?}");
+        assert!(step.wall_ms < 30_000, "the leftover sleep was waited for: {step:?}");
+        assert!(step.peak_memory_bytes.is_some_and(|b| b > 0), "{step:?}");
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub(crate) async fn prepare_cargo_env(
     toolchains: [&PathBuf; 2],
     path: String,
 ) -> anyhow::Result<CargoEnv> {
-    let sandbox = if config.consumer.unsandboxed {
+    let mut sandbox = if config.consumer.unsandboxed {
         tracing::warn!(
             "RUNNING UNSANDBOXED: packages' build scripts and tests run with this consumer's \
              privileges, network and files"
@@ -96,6 +96,22 @@ pub(crate) async fn prepare_cargo_env(
             None
         }
     };
+    if cgroups.is_none() && !matches!(sandbox, Sandbox::Unsandboxed) {
+        match confine_program() {
+            Ok(reaper) => {
+                tracing::info!(
+                    reaper = %reaper.display(),
+                    "no cgroups: what each step's processes used is counted by its first \
+                     process in the sandbox (CPU time; memory as the largest process's)"
+                );
+                sandbox.reap_with(reaper);
+            }
+            Err(why) => tracing::warn!(
+                %why,
+                "no cgroups: what the steps use (CPU time, memory) is not counted"
+            ),
+        }
+    }
     let confine = if config.consumer.shared_target_mb == 0 {
         None
     } else {
@@ -227,21 +243,25 @@ pub(crate) fn open_sources(
     }
 }
 
-/// `quarry-confine`, found and checked to confine on this machine (`confine.rs`): beside this
-/// program (or, for a test binary, one directory up), else on `PATH`.
-async fn confine_here(sandbox: &Sandbox) -> Result<PathBuf, String> {
-    if matches!(sandbox, Sandbox::Unsandboxed) {
-        return Err("unsandboxed: nothing would hold the package's code to it".to_owned());
-    }
+/// `quarry-confine`: beside this program (or, for a test binary, one directory up), else on
+/// `PATH`.
+pub(crate) fn confine_program() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let confine = exe
-        .ancestors()
+    exe.ancestors()
         .skip(1)
         .take(2)
         .map(|dir| dir.join("quarry-confine"))
         .find(|path| path.is_file())
         .or_else(|| sandbox::find_on_path("quarry-confine"))
-        .ok_or("quarry-confine is not installed beside the consumer nor on PATH")?;
+        .ok_or_else(|| "quarry-confine is not installed beside the consumer nor on PATH".to_owned())
+}
+
+/// `quarry-confine` ([`confine_program`]), checked to confine on this machine (`confine.rs`).
+async fn confine_here(sandbox: &Sandbox) -> Result<PathBuf, String> {
+    if matches!(sandbox, Sandbox::Unsandboxed) {
+        return Err("unsandboxed: nothing would hold the package's code to it".to_owned());
+    }
+    let confine = confine_program()?;
     let probe = tokio::process::Command::new(&confine)
         .arg("probe")
         .current_dir(std::env::temp_dir())

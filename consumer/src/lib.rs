@@ -38,6 +38,7 @@ mod metrics;
 mod mirror;
 mod prepare;
 mod process;
+mod reap;
 mod sandbox;
 mod shared_target;
 mod sources;

@@ -83,6 +83,9 @@ pub enum Sandbox {
         hidden: Vec<Hidden>,
         /// util-linux's `prlimit`, which limits a step's processes where no cgroup does.
         prlimit: Option<PathBuf>,
+        /// `quarry-confine` on this host, whose `reap` counts what a step used where no cgroup
+        /// does (`reap.rs`).
+        reaper: Option<PathBuf>,
     },
     /// Steps run as plain child processes. Only with the operator's explicit consent.
     Unsandboxed,
@@ -125,7 +128,27 @@ impl Sandbox {
             read_only,
             hidden,
             prlimit: find_on_path("prlimit"),
+            reaper: None,
         })
+    }
+
+    /// Has steps asked to report what they used run under `confine`'s `reap` (the program on
+    /// this host), which counts it where no cgroup does.
+    pub fn reap_with(&mut self, confine: PathBuf) {
+        if let Sandbox::Bubblewrap { reaper, .. } = self {
+            *reaper = Some(confine);
+        }
+    }
+
+    /// Whether [`Sandbox::command_line`] can have a step report what it used.
+    pub fn reaps(&self) -> bool {
+        matches!(
+            self,
+            Sandbox::Bubblewrap {
+                reaper: Some(_),
+                ..
+            }
+        )
     }
 
     /// Hides `paths` too (the consumer's own secret files), wherever the sandbox would show
@@ -199,7 +222,9 @@ impl Sandbox {
     }
 
     /// The program and arguments that run `program args` in the sandbox, in `dir`, with
-    /// `mounts`; with `tasks`, at most that many processes and threads at once.
+    /// `mounts`; with `tasks`, at most that many processes and threads at once; with `report`
+    /// (where [`Sandbox::reaps`]), under `quarry-confine reap`, which writes what the step's
+    /// processes used to the step's descriptor 3 ([`crate::reap::Report`]).
     ///
     /// `tasks` is for where no cgroup counts them: `RLIMIT_NPROC`, set by `prlimit` inside the
     /// sandbox. The kernel counts it per user namespace (Linux >= 5.14), and each step has its
@@ -212,6 +237,7 @@ impl Sandbox {
         program: &str,
         args: &[&str],
         tasks: Option<u64>,
+        report: bool,
     ) -> (PathBuf, Vec<String>) {
         match self {
             Sandbox::Unsandboxed => (
@@ -223,6 +249,7 @@ impl Sandbox {
                 read_only,
                 hidden,
                 prlimit,
+                reaper,
             } => {
                 let mut line: Vec<String> = [
                     "--unshare-all",
@@ -304,9 +331,22 @@ impl Sandbox {
                 }
                 // The root bubblewrap made, and the directories it made in it for the binds:
                 // nothing there is for a step to write.
+                let reaper = reaper.as_ref().filter(|_| report);
+                // The same program a shared target shows there already.
+                if let Some(reaper) = reaper.filter(|_| mounts.shared_target.is_none()) {
+                    line.extend([
+                        "--ro-bind".to_owned(),
+                        reaper.display().to_string(),
+                        crate::confine::SANDBOX_PATH.to_owned(),
+                    ]);
+                }
                 line.extend(["--remount-ro".to_owned(), "/".to_owned()]);
                 line.extend(["--chdir".to_owned(), dir.display().to_string()]);
                 line.push("--".to_owned());
+                if reaper.is_some() {
+                    // First, so that it is the parent of everything the step runs.
+                    line.extend([crate::confine::SANDBOX_PATH, "reap", "3"].map(str::to_owned));
+                }
                 if let (Some(tasks), Some(prlimit)) = (tasks, prlimit) {
                     // Hard and soft: the package cannot raise it again.
                     line.push(prlimit.display().to_string());
@@ -392,7 +432,7 @@ mod tests {
              touch {SOURCES}/planted; true"
         );
         let (program, args) =
-            sandbox.command_line(&mounts, scratch.path(), "sh", &["-c", &script], None);
+            sandbox.command_line(&mounts, scratch.path(), "sh", &["-c", &script], None, false);
         let output = std::process::Command::new(program)
             .args(args)
             .output()
@@ -434,6 +474,7 @@ mod tests {
                 "cat",
                 &[file.to_str().unwrap()],
                 None,
+                false,
             );
             let output = std::process::Command::new(program)
                 .args(args)
@@ -466,6 +507,7 @@ mod tests {
                     &format!("for i in $(seq {processes}); do sleep 1 & done; wait"),
                 ],
                 Some(8),
+                false,
             );
             let mut line = vec![program.display().to_string()];
             line.extend(args);

@@ -64,6 +64,19 @@ pub fn landlock_at_exec(command: &mut std::process::Command, ruleset: RawFd) {
     }
 }
 
+/// Takes descriptor `fd`, which this program's invoker left open for it (`quarry-confine
+/// reap`'s report), as its own, marked close-on-exec so that nothing it starts inherits it.
+/// Called once, at start, for a number nothing else in the process owns.
+pub fn inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fcntl` on a number touches no memory; an unopened one fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (above), and by this function's contract nothing else in
+    // this process owns or closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The stack the child runs on until `execve`: it calls a few system calls and nothing else.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
@@ -75,6 +88,8 @@ pub struct Spawn {
     dir: PathBuf,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// Becomes the child's descriptor 3.
+    fd3: Option<OwnedFd>,
     /// Open `cgroup.procs` (or v1 `tasks`) files the child writes `0` to, joining the
     /// cgroups, before anything else runs.
     cgroups: Vec<RawFd>,
@@ -93,6 +108,7 @@ impl Spawn {
             dir: dir.to_owned(),
             stdout: None,
             stderr: None,
+            fd3: None,
             cgroups: Vec::new(),
             rlimits: Vec::new(),
         }
@@ -121,6 +137,13 @@ impl Spawn {
 
     pub fn stderr(&mut self, fd: OwnedFd) -> &mut Spawn {
         self.stderr = Some(fd);
+        self
+    }
+
+    /// The child gets `fd` as its descriptor 3 (not close-on-exec): how `quarry-confine reap`
+    /// gets its report's pipe through bubblewrap.
+    pub fn fd3(&mut self, fd: OwnedFd) -> &mut Spawn {
+        self.fd3 = Some(fd);
         self
     }
 
@@ -171,6 +194,8 @@ impl Spawn {
             Some(fd) => fd,
             None => null_out()?,
         };
+        // Taken, as stdout and stderr are: the parent's copy closes when the spawn returns.
+        let fd3 = self.fd3.take();
         let argv_ptrs = null_terminated(&argv);
         let envp_ptrs = null_terminated(&envp);
         let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = self
@@ -194,6 +219,7 @@ impl Spawn {
             envp: envp_ptrs.as_ptr(),
             dir: dir.as_ptr(),
             stdio: [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            fd3: fd3.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
             cgroups: &self.cgroups,
             rlimits: &rlimits,
             // SAFETY: a zeroed sigset_t is a valid (empty) set; filled in below.
@@ -435,6 +461,8 @@ struct ChildPlan<'a> {
     dir: *const libc::c_char,
     /// Becomes the child's stdin, stdout and stderr.
     stdio: [RawFd; 3],
+    /// Becomes the child's descriptor 3, if not -1.
+    fd3: RawFd,
     cgroups: &'a [RawFd],
     rlimits: &'a [(libc::__rlimit_resource_t, libc::rlimit)],
     /// The parent's signal mask, the child's once it has reset the signals' handlers.
@@ -493,6 +521,16 @@ extern "C" fn child_main(plan: *mut libc::c_void) -> libc::c_int {
             if libc::dup2(source, target as libc::c_int) < 0 {
                 return fail(&"cannot set up its stdin, stdout and stderr");
             }
+        }
+        // After stdio, whose sources may be 3: those copies are made. `dup2` onto itself
+        // would leave the descriptor close-on-exec.
+        let passed = match plan.fd3 {
+            -1 => 0,
+            3 => libc::fcntl(3, libc::F_SETFD, 0),
+            fd => libc::dup2(fd, 3),
+        };
+        if passed < 0 {
+            return fail(&"cannot pass it descriptor 3");
         }
         if libc::chdir(plan.dir) != 0 {
             return fail(&"cannot change to its directory");

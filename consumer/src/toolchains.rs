@@ -608,7 +608,7 @@ impl Toolchains {
         let mounts = Mounts::only(&scratch);
         let (program, line) = self
             .sandbox
-            .command_line(&mounts, &scratch, "rustc", &all, None);
+            .command_line(&mounts, &scratch, "rustc", &all, None, false);
         let output = tokio::process::Command::new(program)
             .args(line)
             .current_dir(&scratch)

@@ -45,6 +45,8 @@ def main():
         if line.startswith("calibration before "):
             arm = line[len("calibration before "):].split(":")[0]
             marks.append((time.monotonic(), arm))
+        elif line.startswith("arm finished: "):
+            marks.append((time.monotonic(), None))
     bench.wait()
     marks.append((time.monotonic(), None))
     perf.send_signal(2)
@@ -59,6 +61,11 @@ def main():
         os.unlink(data)
     per_arm = collections.defaultdict(collections.Counter)
     per_object = collections.defaultdict(collections.Counter)
+    # The processes a program ran as, by pid: those sampled at least once (at 199 Hz, nearly
+    # every rustc; it says whether an arm compiled more units, not only longer ones).
+    processes = collections.defaultdict(set)
+    # Busy samples per tenth of each arm: where in an arm CPUs sat idle (its start, its tail).
+    tenths = collections.defaultdict(lambda: [0.0] * 10)
     for line in script.splitlines():
         # "COMM PID/TID TIME: IP (DSO)" where COMM may hold spaces. A thread's own name, not
         # its process's first: a pid keeps its number across exec (quarry-confine becomes rustc).
@@ -68,21 +75,32 @@ def main():
         name = program(match.group(1))
         at = float(match.group(4))
         for (start, arm), (end, _) in zip(marks, marks[1:]):
-            if start <= at < end:
+            if arm is not None and start <= at < end:
                 per_arm[arm][name] += 1 / FREQUENCY
                 per_object[(arm, name)][os.path.basename(match.group(5))] += 1 / FREQUENCY
+                processes[(arm, name)].add(match.group(2))
+                if name != "swapper":
+                    tenths[arm][min(9, int(10 * (at - start) / (end - start)))] += 1 / FREQUENCY
                 break
     for _, arm in marks[:-1]:
+        if arm is None:
+            continue
         counts = per_arm[arm]
         busy = sum(v for k, v in counts.items() if k != "swapper")
         print(f"== {arm}: {busy:.1f} CPU-s busy")
+        start, end = next((s, e) for (s, a), (e, _) in zip(marks, marks[1:]) if a == arm)
+        print(f"   {end - start:.1f} s from the calibration to the arm's end")
+        tenth = (end - start) / 10
+        print("   CPUs busy per tenth of the arm: " + " ".join(
+            f"{seconds / tenth:.2f}" for seconds in tenths[arm]))
         for name, seconds in counts.most_common(16):
             if name != "swapper" and seconds >= 0.5:
                 objects = ", ".join(
                     f"{dso} {share:.1f}"
                     for dso, share in per_object[(arm, name)].most_common(3)
                 )
-                print(f"   {seconds:8.1f}  {name}  ({objects})")
+                seen = len(processes[(arm, name)])
+                print(f"   {seconds:8.1f}  {name}  [{seen} processes]  ({objects})")
     sys.exit(bench.returncode)
 
 

@@ -8,12 +8,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cost {
     /// CPU time, user and system, of every step's processes, where the kernel counted it for
-    /// each step (its cgroup; unsandboxed, its process tree). A sandboxed step without a
-    /// cgroup has none: bubblewrap's init does not pass on what its children used.
+    /// each step: its cgroup; without one, its process tree, as the process waited for
+    /// (unsandboxed) or the sandbox's reaper (`quarry-confine reap`) reaped it. None where
+    /// neither could (a sandboxed step without a cgroup and without `quarry-confine`).
     pub cpu_ms: Option<u64>,
     /// The most memory one step used: all its processes together, where its cgroup counted
-    /// them (unsandboxed without a cgroup, its largest process). Like `cpu_ms`, none for a
-    /// sandboxed step without a cgroup.
+    /// them (without a cgroup, its largest process). Like `cpu_ms`, none where nothing
+    /// counted it.
     pub peak_memory_bytes: Option<u64>,
     /// What the job's scratch directory (package, cargo home, target directory) held at its end.
     pub disk_bytes: u64,

@@ -497,6 +497,7 @@ async fn check(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let elapsed = started.elapsed();
+        eprintln!("{ARM_FINISHED}pipeline, {round}");
         let cpu = machine_cpu_seconds()? - cpu_before;
         let after = stack.registry.stats();
         let database = stack.sql().await?;
@@ -688,6 +689,7 @@ async fn check(
             work.path(),
         )
         .await?;
+        eprintln!("{ARM_FINISHED}xargs -P{workers}, {arm}");
         let cpu = machine_cpu_seconds()? - cpu_before;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
         for line in statuses.lines() {
@@ -787,6 +789,10 @@ fn pool_counts(log: &str) -> [u64; 4] {
 /// printed. The arms run one after another for the best part of an hour, and a shared machine's
 /// speed drifts in that time (the same bare arm has taken 25% less CPU an hour later): a ratio
 /// between two arms means something only where their calibrations agree.
+/// What the bench prints when an arm's measured part ends (`cpu-by-program.py` stops counting
+/// the arm there: the settling and calibration before the next are no arm's).
+const ARM_FINISHED: &str = "arm finished: ";
+
 fn calibrate(arm: &str) {
     use sha2::Digest as _;
     settle();
@@ -1041,8 +1047,14 @@ const PLACE: &str = "/QUARRY_BENCH_DIR";
 /// writable, as shell words.
 fn sandboxed(sandbox: &quarry_consumer::Sandbox, program: &str, args: &[&str]) -> String {
     let mounts = quarry_consumer::Mounts::only(Path::new(PLACE));
-    let (bwrap, line) =
-        sandbox.command_line(&mounts, &Path::new(PLACE).join("src"), program, args, None);
+    let (bwrap, line) = sandbox.command_line(
+        &mounts,
+        &Path::new(PLACE).join("src"),
+        program,
+        args,
+        None,
+        false,
+    );
     std::iter::once(bwrap.display().to_string())
         .chain(line)
         .map(|arg| {
