@@ -103,9 +103,6 @@ pub struct ConsumerStats {
     pub sources_extracted: u64,
     /// Dependencies' sources a job found in the store, extracted by an earlier job.
     pub sources_shared: u64,
-    /// Versions in the store linked into a job as its cargo read their index file, so that it
-    /// downloads none of them it picks.
-    pub sources_offered: u64,
 }
 
 impl std::ops::AddAssign for ConsumerStats {
@@ -127,7 +124,6 @@ impl std::ops::AddAssign for ConsumerStats {
         self.leases_lapsed += other.leases_lapsed;
         self.sources_extracted += other.sources_extracted;
         self.sources_shared += other.sources_shared;
-        self.sources_offered += other.sources_offered;
     }
 }
 

@@ -68,7 +68,7 @@ pub struct Metrics {
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
 
 /// What became of a dependency's sources (`quarry_consumer_sources_total`).
-const SOURCES: [&str; 5] = ["extracted", "shared", "offered", "left-to-cargo", "removed"];
+const SOURCES: [&str; 4] = ["extracted", "shared", "left-to-cargo", "removed"];
 
 /// What became of a compiled unit (`quarry_consumer_units_total`).
 const UNITS: [&str; 5] = ["reused", "added", "run-reused", "run-added", "removed"];
@@ -239,9 +239,7 @@ impl Metrics {
                     "quarry_consumer_sources_total",
                     "Dependency sources cargo downloaded, by what became of them: extracted \
                      (into the consumer's store, once), shared (linked to the stored copy), \
-                     left-to-cargo (not storable: cargo extracted it in the job); offered \
-                     (versions in the store linked, with their archives, as the job's cargo read \
-                     their index file: cargo downloads none it picks of them); and removed \
+                     left-to-cargo (not storable: cargo extracted it in the job); and removed \
                      (stored copies removed past consumer.sources_mb)",
                 ),
                 &["how"],
@@ -399,13 +397,6 @@ impl Metrics {
         self.sources.with_label_values(&[how]).inc();
     }
 
-    /// `count` versions' sources were linked into a job before its cargo asked for them.
-    pub fn sources_offered(&self, count: usize) {
-        self.sources
-            .with_label_values(&["offered"])
-            .inc_by(count as u64);
-    }
-
     /// A job's units came to `counts`.
     pub fn units(&self, counts: crate::units::Counts) {
         self.units
@@ -482,7 +473,6 @@ impl Metrics {
             toolchain_installs: self.toolchain_installs.get(),
             sources_extracted: self.sources.with_label_values(&["extracted"]).get(),
             sources_shared: self.sources.with_label_values(&["shared"]).get(),
-            sources_offered: self.sources.with_label_values(&["offered"]).get(),
         }
     }
 }

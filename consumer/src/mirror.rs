@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use quarry_core::index::{IndexConfig, IndexEntry, parse_index_file};
+use quarry_core::index::{IndexConfig, parse_index_file};
 use quarry_core::job::PackageVersion;
 use quarry_infra::registry::RegistryError;
 use tokio::sync::RwLock;
@@ -95,11 +95,7 @@ fn is_version(version: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
 }
 
-async fn index_file(
-    State(shared): State<Arc<Shared>>,
-    Extension(JobLinks(sources)): Extension<JobLinks>,
-    Path(path): Path<String>,
-) -> Response {
+async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>) -> Response {
     let name = path.rsplit('/').next().unwrap_or_default().to_owned();
     if !is_crate_name(&name) {
         return (StatusCode::NOT_FOUND, "not a crate's name").into_response();
@@ -107,11 +103,7 @@ async fn index_file(
     match shared.fetcher.registry().index_file_cached(&name).await {
         Ok((body, how)) => {
             shared.fetcher.count_index_file(how);
-            let entries = parse_index_file(&body).unwrap_or_default();
-            remember_checksums(&shared, &entries).await;
-            if let Some(sources) = sources {
-                offer(&shared, &sources, &name, entries).await;
-            }
+            remember_checksums(&shared, &body).await;
             ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
         }
         Err(RegistryError::NotFound(_)) => StatusCode::NOT_FOUND.into_response(),
@@ -120,44 +112,14 @@ async fn index_file(
     }
 }
 
-async fn remember_checksums(shared: &Shared, entries: &[IndexEntry]) {
+async fn remember_checksums(shared: &Shared, body: &[u8]) {
+    let Ok(entries) = parse_index_file(body) else {
+        return;
+    };
     let mut checksums = shared.checksums.write().await;
     for entry in entries {
-        checksums.insert(
-            (entry.name.to_ascii_lowercase(), entry.vers.clone()),
-            entry.cksum.clone(),
-        );
+        checksums.insert((entry.name.to_ascii_lowercase(), entry.vers), entry.cksum);
     }
-}
-
-/// Before cargo reads the index file of `name`, whose versions are `entries`: the versions the
-/// consumer holds extracted are linked into the job's cargo home, archives too, so that cargo
-/// downloads none of them ([`JobSources::offer`]). Only entries of that crate, with names and
-/// versions that cannot be paths.
-async fn offer(
-    shared: &Arc<Shared>,
-    sources: &Arc<JobSources>,
-    name: &str,
-    entries: Vec<IndexEntry>,
-) {
-    let versions: Vec<PackageVersion> = entries
-        .into_iter()
-        .filter(|entry| {
-            entry.name.eq_ignore_ascii_case(name)
-                && is_crate_name(&entry.name)
-                && is_version(&entry.vers)
-        })
-        .map(|entry| PackageVersion {
-            name: entry.name,
-            version: entry.vers,
-            checksum: entry.cksum,
-        })
-        .collect();
-    let (shared, sources) = (shared.clone(), sources.clone());
-    let _ = tokio::task::spawn_blocking(move || {
-        sources.offer(&versions, |package| shared.fetcher.cached_file(package))
-    })
-    .await;
 }
 
 async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<String> {
@@ -167,7 +129,7 @@ async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<Strin
     }
     // Cargo normally reads the index first; if not, read it now.
     let body = shared.fetcher.registry().index_file(name).await.ok()?;
-    remember_checksums(shared, &parse_index_file(&body).unwrap_or_default()).await;
+    remember_checksums(shared, &body).await;
     shared.checksums.read().await.get(&key).cloned()
 }
 

@@ -382,16 +382,10 @@ impl JobSources {
         let into = self.registry_dir("src")?;
         let link = into.join(format!("{}-{}", package.name, package.version));
         if link.symlink_metadata().is_ok() {
-            // Linked already (a second resolution, or offered), or extracted by cargo.
+            // Linked already (a second resolution), or extracted by cargo.
             return Ok(());
         }
         self.sources.hold(package, archive).await?;
-        self.link_held(package, &link)
-    }
-
-    /// Links `link` to `package`'s entry, of which this job has just taken a use (kept until
-    /// the job ends, so that no eviction takes what it links).
-    fn link_held(&self, package: &PackageVersion, link: &Path) -> Result<(), NotStored> {
         let checksum = package.checksum.to_ascii_lowercase();
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -416,52 +410,8 @@ impl JobSources {
                 "its archive holds another package".to_owned(),
             ));
         }
-        std::os::unix::fs::symlink(&target, link)
+        std::os::unix::fs::symlink(&target, &link)
             .map_err(|e| NotStored::Failed(format!("cannot link {}: {e}", link.display())))
-    }
-
-    /// Before cargo, in this job's resolving step, reads the index file listing `versions`:
-    /// for each version the store holds already and whose archive the disk cache has
-    /// (`archive_of`), links both where cargo looks before it downloads (as [`JobSources::link`]
-    /// and [`JobSources::link_archive`] do when it downloads). Cargo takes a non-empty archive
-    /// in its cache as downloaded and sources marked extracted as extracted, so whichever of
-    /// them it picks, it asks for nothing: no request, no body received and hashed, no bytes
-    /// through the gateway. Versions it does not pick cost two links. Returns how many were
-    /// offered; none before cargo has named its registry directory.
-    pub fn offer(
-        &self,
-        versions: &[PackageVersion],
-        archive_of: impl Fn(&PackageVersion) -> PathBuf,
-    ) -> usize {
-        let (Ok(sources), Ok(archives)) = (self.registry_dir("src"), self.registry_dir("cache"))
-        else {
-            return 0;
-        };
-        let mut offered = 0;
-        for package in versions {
-            let checksum = package.checksum.to_ascii_lowercase();
-            let link = sources.join(format!("{}-{}", package.name, package.version));
-            let archive = archive_of(package);
-            if !is_checksum(&checksum) || link.symlink_metadata().is_ok() || !archive.is_file() {
-                continue;
-            }
-            if !self.sources.take(&checksum) {
-                continue;
-            }
-            if self.link_held(package, &link).is_err() {
-                continue;
-            }
-            let copy = archives.join(format!("{}-{}.crate", package.name, package.version));
-            if copy.symlink_metadata().is_err() && std::fs::hard_link(&archive, &copy).is_err() {
-                // Cargo downloads it, and finds its sources linked.
-                continue;
-            }
-            offered += 1;
-        }
-        if offered > 0 {
-            self.sources.metrics.sources_offered(offered);
-        }
-        offered
     }
 
     /// Before cargo, in this job's resolving step, hears that `package` is downloaded: links
@@ -731,57 +681,6 @@ mod tests {
         let b = package("b", &plain("b", 1));
         let missing = dir.path().join("b-1.0.0-cached.crate");
         assert!(job.link_archive(&b, &missing).is_err());
-    }
-
-    /// As a job's cargo reads a crate's index file, the versions the store holds (and the disk
-    /// cache has the archive of) are linked where cargo looks before downloading; the others
-    /// are left to the download.
-    #[tokio::test]
-    async fn stored_versions_are_offered_before_cargo_downloads() {
-        let dir = tempfile::tempdir().unwrap();
-        let sources = store(dir.path(), 1 << 30);
-        let archive_of = |package: &PackageVersion| {
-            dir.path()
-                .join(format!("{}-{}-cached.crate", package.name, package.version))
-        };
-        let (a, b, c) = (plain("a", 10), plain("b", 10), plain("c", 10));
-        let (a, a_bytes, b, c, c_bytes) =
-            (package("a", &a), a, package("b", &b), package("c", &c), c);
-        let first = sources
-            .for_job(
-                &cargo_home(&dir.path().join("one")),
-                Path::new("/seen"),
-                BUILD,
-            )
-            .unwrap();
-        first.link(&a, &a_bytes).await.unwrap();
-        first.link(&c, &c_bytes).await.unwrap();
-        // `b` is not stored; `c` is, but the disk cache no longer has its archive.
-        std::fs::write(archive_of(&a), &a_bytes).unwrap();
-        std::fs::write(archive_of(&b), b"b").unwrap();
-        let home = cargo_home(&dir.path().join("two"));
-        let second = sources.for_job(&home, Path::new("/seen"), BUILD).unwrap();
-        let versions = [a.clone(), b.clone(), c.clone()];
-        assert_eq!(second.offer(&versions, archive_of), 1);
-        let registry = home.join("registry");
-        let linked = |sub: &str, name: &str| {
-            registry
-                .join(sub)
-                .join("registry.quarry.invalid-0123abcd")
-                .join(name)
-                .symlink_metadata()
-                .is_ok()
-        };
-        assert!(linked("src", "a-1.0.0") && linked("cache", "a-1.0.0.crate"));
-        assert!(!linked("src", "b-1.0.0") && !linked("cache", "b-1.0.0.crate"));
-        assert!(!linked("src", "c-1.0.0") && !linked("cache", "c-1.0.0.crate"));
-        // Read again (a second resolution): nothing more.
-        assert_eq!(second.offer(&versions, archive_of), 0);
-        // Before cargo has named its registry directory, nothing is offered.
-        let early = dir.path().join("three/cargo-home");
-        std::fs::create_dir_all(&early).unwrap();
-        let third = sources.for_job(&early, Path::new("/seen"), BUILD).unwrap();
-        assert_eq!(third.offer(&versions, archive_of), 0);
     }
 
     #[tokio::test]

@@ -91,17 +91,9 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     }
 
     // Extracted once, by the consumer, for the poisoner's job (the dependency, the attack and
-    // the macro), and offered to the victim's as its cargo read the dependency's index file, so
-    // that its cargo downloaded nothing: each package came from the registry once, and from the
-    // disk cache only each job's own package (read again to unpack it). As the archive has them.
+    // the macro), and found there by the victim's; as the archive has them.
     assert_eq!(stats.sources_extracted, 3, "{stats:?}");
-    assert_eq!(stats.sources_offered, 1, "{stats:?}");
-    assert_eq!(stats.sources_shared, 0, "{stats:?}");
-    assert_eq!(
-        (stats.registry_fetches, stats.disk_hits),
-        (5, stats.results),
-        "{stats:?}"
-    );
+    assert_eq!(stats.sources_shared, 1, "{stats:?}");
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shared-target/dep");
     let stored: Vec<_> = std::fs::read_dir(&store)
