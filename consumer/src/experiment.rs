@@ -1116,7 +1116,10 @@ mod tests {
         let cpu = step.cpu_ms.expect("the step's CPU is counted");
         assert!(cpu >= 150, "{step:?}");
         assert!(cpu <= step.wall_ms * 2 + 50, "{step:?}");
-        assert!(step.wall_ms < 30_000, "the leftover sleep was waited for: {step:?}");
+        assert!(
+            step.wall_ms < 30_000,
+            "the leftover sleep was waited for: {step:?}"
+        );
         assert!(step.peak_memory_bytes.is_some_and(|b| b > 0), "{step:?}");
     }
 
