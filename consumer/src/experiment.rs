@@ -983,81 +983,14 @@ impl Log {
 mod tests {
     use super::*;
 
-    /// A sandbox that cannot start a step (here: told to mount what is not there) is the
-    /// machine's failure, said as such, not the package's.
-    #[tokio::test]
-    async fn a_step_the_sandbox_cannot_start_fails_for_the_environment() {
-        let Some(bwrap) = crate::sandbox::find_on_path("bwrap") else {
-            panic!("bubblewrap is needed: deploy/local/up installs it");
-        };
-        let scratch = tempfile::tempdir().unwrap();
-        let env = CargoEnv {
-            path: "/usr/bin:/bin".to_owned(),
-            log_limit_bytes: 64 << 10,
-            task_limit: 64,
-            sandbox: Sandbox::Bubblewrap {
-                bwrap,
-                read_only: vec![scratch.path().join("gone")],
-                hidden: Vec::new(),
-                prlimit: None,
-                reaper: None,
-            },
-            cgroups: None,
-            confine: None,
-            sources: None,
-            units: None,
-        };
-        let workspace = Workspace {
-            scratch: scratch.path(),
-            package_dir: scratch.path(),
-            shared_target: None,
-        };
-        let step = Step {
-            name: "check",
-            argv: vec!["true".to_owned()],
-            resolves: false,
-            on_failure: Outcome::BuildFail,
-            rustflags: None,
-        };
-        let limits = Limits {
-            time: Duration::from_secs(30),
-            memory_bytes: 512 << 20,
-            tasks: 64,
-        };
-        let mut log = Log::new(64 << 10);
-        let mut refused = Refused::default();
-        let mut cost = Cost::default();
-        let ended = run_steps(
-            &env,
-            workspace,
-            (None, None),
-            vec![step],
-            limits,
-            Instant::now() + limits.time,
-            (&mut log, &mut refused, &mut cost),
-        )
-        .await
-        .unwrap()
-        .expect("the step failed");
-        assert_eq!(ended.outcome, Outcome::BuildFail);
-        let why = ended.environment().unwrap();
-        assert!(why.starts_with("sandbox error: bwrap: "), "{why}");
-        assert!(
-            ended.log.contains("the sandbox could not start this step"),
-            "{}",
-            ended.log
-        );
-    }
-
-    /// Where no cgroup counts a step (a pod), its reaper does: the CPU of every process the
-    /// step had, one orphaned by its parent included.
-    #[tokio::test]
-    async fn a_steps_cpu_is_counted_without_a_cgroup() {
-        let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
-        let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
-        sandbox.reap_with(reaper);
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+    /// Runs `argv` as one `check` step in `sandbox` without a cgroup, with `scratch` as the
+    /// job's scratch directory and package; what it ended as (`None`: it passed), its log and
+    /// its cost.
+    async fn one_step(
+        sandbox: Sandbox,
+        scratch: &Path,
+        argv: &[&str],
+    ) -> (Option<Execution>, Log, Cost) {
         let env = CargoEnv {
             path: "/usr/bin:/bin".to_owned(),
             log_limit_bytes: 64 << 10,
@@ -1069,19 +1002,13 @@ mod tests {
             units: None,
         };
         let workspace = Workspace {
-            scratch: scratch.path(),
-            package_dir: scratch.path(),
+            scratch,
+            package_dir: scratch,
             shared_target: None,
         };
-        // The work (about 0.3 CPU-seconds) is done by a grandchild whose parent has exited:
-        // bubblewrap's init would have reaped it, and what it used with it. Another orphan
-        // outlives the step's command: the step still ends with the command.
-        let script = "( (awk 'BEGIN { for (i = 0; i < 5000000; i++); }'; touch done) & ); \
-                      ( sleep 60 & ); \
-                      while [ ! -e done ]; do sleep 0.05; done; echo finished";
         let step = Step {
             name: "check",
-            argv: ["sh", "-c", script].map(str::to_owned).to_vec(),
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             resolves: false,
             on_failure: Outcome::BuildFail,
             rustflags: None,
@@ -1105,6 +1032,52 @@ mod tests {
         )
         .await
         .unwrap();
+        (ended, log, cost)
+    }
+
+    /// A sandbox that cannot start a step (here: told to mount what is not there) is the
+    /// machine's failure, said as such, not the package's.
+    #[tokio::test]
+    async fn a_step_the_sandbox_cannot_start_fails_for_the_environment() {
+        let Some(bwrap) = crate::sandbox::find_on_path("bwrap") else {
+            panic!("bubblewrap is needed: deploy/local/up installs it");
+        };
+        let scratch = tempfile::tempdir().unwrap();
+        let sandbox = Sandbox::Bubblewrap {
+            bwrap,
+            read_only: vec![scratch.path().join("gone")],
+            hidden: Vec::new(),
+            prlimit: None,
+            reaper: None,
+        };
+        let (ended, _, _) = one_step(sandbox, scratch.path(), &["true"]).await;
+        let ended = ended.expect("the step failed");
+        assert_eq!(ended.outcome, Outcome::BuildFail);
+        let why = ended.environment().unwrap();
+        assert!(why.starts_with("sandbox error: bwrap: "), "{why}");
+        assert!(
+            ended.log.contains("the sandbox could not start this step"),
+            "{}",
+            ended.log
+        );
+    }
+
+    /// Where no cgroup counts a step (a pod), its reaper does: the CPU of every process the
+    /// step had, one orphaned by its parent included.
+    #[tokio::test]
+    async fn a_steps_cpu_is_counted_without_a_cgroup() {
+        let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
+        let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
+        sandbox.reap_with(reaper);
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+        // The work (about 0.3 CPU-seconds) is done by a grandchild whose parent has exited:
+        // bubblewrap's init would have reaped it, and what it used with it. Another orphan
+        // outlives the step's command: the step still ends with the command.
+        let script = "( (awk 'BEGIN { for (i = 0; i < 5000000; i++); }'; touch done) & ); \
+                      ( sleep 60 & ); \
+                      while [ ! -e done ]; do sleep 0.05; done; echo finished";
+        let (ended, log, cost) = one_step(sandbox, scratch.path(), &["sh", "-c", script]).await;
         assert!(ended.is_none(), "the step failed: {}", log.text());
         let text = log.text();
         assert!(text.trim_end().ends_with("\nfinished"), "{text}");
