@@ -843,7 +843,7 @@ async fn run_step(
             std::str::from_utf8(&text[..len])
                 .ok()
                 .and_then(crate::reap::Report::parse)
-                .map(|r| (r.cpu, r.max_rss_bytes))
+                .map(|r| (r.cpu, r.peak_memory_bytes))
         }
         None => matches!(env.sandbox, Sandbox::Unsandboxed)
             .then(|| child.usage().unwrap_or_default())
@@ -1094,6 +1094,28 @@ mod tests {
             "the leftover sleep was waited for: {step:?}"
         );
         assert!(step.peak_memory_bytes.is_some_and(|b| b > 0), "{step:?}");
+    }
+
+    /// Without a cgroup, a step's peak memory is its processes' together, not its largest
+    /// one's: three processes holding 64 MiB each at once.
+    #[tokio::test]
+    async fn a_steps_memory_is_counted_together_without_a_cgroup() {
+        let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
+        let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
+        sandbox.reap_with(reaper);
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+        let hold = "x = b'q' * (64 << 20); import time; time.sleep(1.5)";
+        let script =
+            format!("for i in 1 2 3; do python3 -c \"{hold}\" & done; wait; echo finished");
+        let (ended, log, cost) = one_step(sandbox, scratch.path(), &["sh", "-c", &script]).await;
+        assert!(ended.is_none(), "the step failed: {}", log.text());
+        let step = &cost.steps[0];
+        let peak = step
+            .peak_memory_bytes
+            .expect("the step's memory is counted");
+        assert!(peak >= 3 * (64 << 20), "{step:?}");
+        assert!(peak < 1 << 30, "{step:?}");
     }
 
     #[test]

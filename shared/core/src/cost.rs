@@ -13,8 +13,9 @@ pub struct Cost {
     /// neither could (a sandboxed step without a cgroup and without `quarry-confine`).
     pub cpu_ms: Option<u64>,
     /// The most memory one step used: all its processes together, where its cgroup counted
-    /// them (without a cgroup, its largest process). Like `cpu_ms`, none where nothing
-    /// counted it.
+    /// them; sandboxed without a cgroup, their anonymous memory together as the reaper sampled
+    /// it (or its largest process, if more); unsandboxed, its largest process. Like `cpu_ms`,
+    /// none where nothing counted it.
     pub peak_memory_bytes: Option<u64>,
     /// What the job's scratch directory (package, cargo home, target directory) held at its end.
     pub disk_bytes: u64,
