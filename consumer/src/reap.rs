@@ -111,9 +111,15 @@ pub fn main(args: &[OsString]) -> Result<ExitCode, String> {
         let _ = poll(&mut fds, SAMPLE_MS);
     };
     // What is left would die with the sandbox; killed here, what it used so far is counted.
+    // Killed again before each wait: a process that forked while the last kill went round
+    // (a fork bomb) is not waited for alive.
     if sandboxed {
-        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-        while !matches!(waitpid(None, None), Err(Errno::ECHILD)) {}
+        loop {
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            if matches!(waitpid(None, None), Err(Errno::ECHILD)) {
+                break;
+            }
+        }
     }
     let used = getrusage(UsageWho::RUSAGE_CHILDREN)
         .map_err(|e| format!("cannot read what the step used: {e}"))?;
