@@ -856,7 +856,8 @@ async fn run_step(
             Some(cpu) => Some(millis(cpu)),
             None => usage.map(|(cpu, _)| millis(cpu)),
         },
-        // The whole tree's; without a cgroup, the largest process's.
+        // The whole tree's: the cgroup's count, else the reaper's samples (unsandboxed, the largest
+        // process's).
         peak_memory_bytes: match cgroup.as_ref().and_then(|c| c.peak_memory_bytes()) {
             Some(peak) => Some(peak),
             None => usage.map(|(_, rss)| rss),
