@@ -1063,15 +1063,22 @@ mod tests {
         );
     }
 
-    /// Where no cgroup counts a step (a pod), its reaper does: the CPU of every process the
-    /// step had, one orphaned by its parent included.
-    #[tokio::test]
-    async fn a_steps_cpu_is_counted_without_a_cgroup() {
+    /// A sandbox whose steps run under the reaper (as without cgroups), and a scratch
+    /// directory for one step.
+    async fn reaping() -> (Sandbox, tempfile::TempDir) {
         let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
         let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
         sandbox.reap_with(reaper);
         let scratch = tempfile::tempdir().unwrap();
         std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+        (sandbox, scratch)
+    }
+
+    /// Where no cgroup counts a step (a pod), its reaper does: the CPU of every process the
+    /// step had, one orphaned by its parent included.
+    #[tokio::test]
+    async fn a_steps_cpu_is_counted_without_a_cgroup() {
+        let (sandbox, scratch) = reaping().await;
         // The work (about 0.3 CPU-seconds) is done by a grandchild whose parent has exited:
         // bubblewrap's init would have reaped it, and what it used with it. Another orphan
         // outlives the step's command: the step still ends with the command.
@@ -1101,11 +1108,7 @@ mod tests {
     /// one's: three processes holding 64 MiB each at once.
     #[tokio::test]
     async fn a_steps_memory_is_counted_together_without_a_cgroup() {
-        let mut sandbox = Sandbox::bubblewrap(Vec::new()).await.unwrap();
-        let reaper = crate::host::confine_program().expect("cargo test builds quarry-confine");
-        sandbox.reap_with(reaper);
-        let scratch = tempfile::tempdir().unwrap();
-        std::fs::create_dir(scratch.path().join("cargo-home")).unwrap();
+        let (sandbox, scratch) = reaping().await;
         let hold = "x = b'q' * (64 << 20); import time; time.sleep(1.5)";
         let script =
             format!("for i in 1 2 3; do python3 -c \"{hold}\" & done; wait; echo finished");

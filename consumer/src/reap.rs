@@ -99,13 +99,17 @@ pub fn main(args: &[OsString]) -> Result<ExitCode, String> {
             rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
                 .map_err(|_| "cannot open a pidfd (Linux 5.3 or later)")
         })?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |size| size as u64);
     let mut together = 0;
     let code = loop {
         if let Some(code) = reap_ended(command)? {
             break code;
         }
         if sandboxed {
-            together = together.max(anonymous_bytes());
+            together = together.max(anonymous_bytes(page));
         }
         let mut fds = [PollFd::new(ended.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, SAMPLE_MS);
@@ -157,13 +161,9 @@ fn reap_ended(command: Pid) -> Result<Option<i32>, String> {
 }
 
 /// The anonymous memory (resident, not backed by a file: what the processes allocated) of
-/// every process `/proc` lists but the sandbox's init, together. Shared libraries are left
+/// every process `/proc` lists but the sandbox's init, together, with pages of `page` bytes. Shared libraries are left
 /// out, as each process would count them again.
-fn anonymous_bytes() -> u64 {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |size| size as u64);
+fn anonymous_bytes(page: u64) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
