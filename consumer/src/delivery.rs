@@ -40,11 +40,15 @@ impl Hand {
     /// Forgets the tasks that ended.
     fn reap(&mut self) {
         while let Some(ended) = self.tasks.try_join_next() {
-            if let Err(err) = ended
-                && err.is_panic()
-            {
-                tracing::error!(%err, "a job's task panicked; its lease lapses and it is published again");
-            }
+            Hand::forget(ended);
+        }
+    }
+
+    fn forget(ended: Result<(), tokio::task::JoinError>) {
+        if let Err(err) = ended
+            && err.is_panic()
+        {
+            tracing::error!(%err, "a job's task panicked; its lease lapses and it is published again");
         }
     }
 
@@ -65,6 +69,19 @@ impl Hand {
             worker.leases.lapse_all().await;
         }
     }
+}
+
+/// How often a consumer that holds back from taking a job it could not start yet looks at the
+/// queue again.
+const AHEAD_RECHECK: Duration = Duration::from_millis(500);
+
+/// Whether to take a job that no slot of this consumer is free for (it is prepared meanwhile,
+/// then waits), the queue holding `queued` jobs at the last look: only if every other slot of
+/// the fleet (`fleet_slots` in all, `own_slots` of them this consumer's) could take one and one
+/// would still be left. Otherwise, at the end of a run, the job waits for this consumer's slot
+/// while another consumer has nothing left to take and idles.
+fn may_take_ahead(queued: Option<u32>, fleet_slots: u32, own_slots: u16) -> bool {
+    queued.is_none_or(|queued| queued > fleet_slots.saturating_sub(u32::from(own_slots)))
 }
 
 /// Consumes from one broker connection until it fails or `shutdown` is cancelled. The jobs it
@@ -128,18 +145,43 @@ pub(crate) async fn consume(
     };
     let taking = async {
         let mut deliveries = std::pin::pin!(deliveries);
-        loop {
+        // The jobs the queue held at the last look, `None` before the first.
+        let mut queued: Option<u32> = None;
+        'taking: loop {
             hand.reap();
             let room = tokio::select! {
                 room = hand.room.clone().acquire_owned() => room.expect("the room is never closed"),
                 () = session.cancelled() => break,
             };
+            // With as many jobs in hand as slots, the next one would be prepared and then wait:
+            // taken only while the queue holds enough for the rest of the fleet's slots too.
+            while hand.tasks.len() >= usize::from(worker.concurrency)
+                && !may_take_ahead(
+                    queued,
+                    worker
+                        .fleet_slots
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    worker.concurrency,
+                )
+            {
+                tokio::select! {
+                    Some(ended) = hand.tasks.join_next() => Hand::forget(ended),
+                    () = tokio::time::sleep(AHEAD_RECHECK) => {
+                        match broker.ready_messages(&broker.topology().jobs).await {
+                            Ok(ready) => queued = Some(ready),
+                            Err(err) => tracing::debug!(error = %format!("{err:#}"), "cannot look at the queue"),
+                        }
+                    }
+                    () = session.cancelled() => break 'taking,
+                }
+            }
             let delivery = tokio::select! {
                 delivery = deliveries.next() => delivery,
                 () = session.cancelled() => break,
             };
             match delivery {
-                Some(Ok(delivery)) => {
+                Some(Ok((delivery, left))) => {
+                    queued = Some(left);
                     let worker = worker.clone();
                     hand.tasks.spawn(async move {
                         worker.handle(delivery).await;
@@ -437,4 +479,25 @@ async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
         .await
         .context("cannot ack the delivery")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_take_ahead;
+
+    #[test]
+    fn a_job_is_taken_ahead_only_while_the_queue_holds_work_for_the_other_slots() {
+        // Alone, one slot: any job left in the queue is this consumer's to prepare.
+        assert!(may_take_ahead(Some(1), 1, 1));
+        assert!(!may_take_ahead(Some(0), 1, 1));
+        // Two consumers of one slot: the last job in the queue is left to the other one,
+        // which may be idle; with two left, each gets one.
+        assert!(!may_take_ahead(Some(1), 2, 1));
+        assert!(may_take_ahead(Some(2), 2, 1));
+        // A fleet of 336 consumers of two slots: ahead only while every other slot has one.
+        assert!(!may_take_ahead(Some(670), 672, 2));
+        assert!(may_take_ahead(Some(671), 672, 2));
+        // Nothing known of the queue yet.
+        assert!(may_take_ahead(None, 672, 2));
+    }
 }

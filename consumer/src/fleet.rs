@@ -44,7 +44,13 @@ pub(crate) fn join(worker: Arc<Worker>, identity: Identity) -> tokio::task::Join
             if !registered {
                 match worker
                     .store
-                    .register_consumer(identity.id, &worker.name, &identity.secret, &host)
+                    .register_consumer(
+                        identity.id,
+                        &worker.name,
+                        &identity.secret,
+                        &host,
+                        worker.concurrency,
+                    )
                     .await
                 {
                     Ok(()) => registered = true,
@@ -103,12 +109,17 @@ impl Worker {
         let current: Vec<uuid::Uuid> = self.in_hand_jobs().iter().map(|j| j.0).collect();
         let done = self.metrics.stats().results as i64;
         let toolchains = self.toolchains.known();
-        if let Err(err) = self
+        match self
             .store
             .consumer_heartbeat(identity.id, &identity.secret, &current, done, &toolchains)
             .await
         {
-            tracing::warn!(error = %format!("{err:#}"), "cannot renew the fleet heartbeat");
+            Ok(slots) => self
+                .fleet_slots
+                .store(slots, std::sync::atomic::Ordering::Relaxed),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot renew the fleet heartbeat")
+            }
         }
     }
 }

@@ -174,6 +174,10 @@ struct Worker {
     /// One per experiment that may run at once (`consumer.concurrency`); the consumer holds
     /// twice as many jobs, preparing and recording the others meanwhile.
     slots: shared_target::Slots,
+    /// How many: `consumer.concurrency`.
+    concurrency: u16,
+    /// The slots of the whole fleet alive at the last heartbeat, this consumer's included.
+    fleet_slots: std::sync::atomic::AtomicU32,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
     /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
@@ -294,6 +298,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         slots,
+        concurrency: config.consumer.concurrency.max(1),
+        fleet_slots: u32::from(config.consumer.concurrency.max(1)).into(),
         in_hand: Default::default(),
         stopping: shutdown.clone(),
         broken: Default::default(),

@@ -1,6 +1,7 @@
 //! The slowest crates start first: a run publishes the crates that took longest in earlier runs
 //! before it pages the registry (and each page longest first), so that its last minutes are not
-//! spent waiting on one slow crate that happened to come last.
+//! spent waiting on one slow crate that happened to come last. And the last jobs go to a
+//! consumer with nothing to do, not into a busy consumer's hand to wait for its slot.
 
 use quarry_core::job::Mode;
 use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
@@ -135,4 +136,107 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
     let queued = take_queued().await;
     assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
     assert_eq!(queued.len(), 4, "every job once: {queued:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
+    let packed = tempfile::tempdir().unwrap();
+    // First in the registry's order, and slow; then one quick job, the last in the queue.
+    let packages = [
+        ("quarry-timed-a".to_owned(), 8),
+        ("quarry-timed-b".to_owned(), 0),
+    ];
+    let stack = TestStack::start_with(fixtures::timed(packed.path(), &packages).unwrap())
+        .await
+        .unwrap();
+    let config = |name: &str| {
+        let mut config = stack.consumer_config(name);
+        config.consumer.concurrency = 1;
+        config
+    };
+    let store = quarry_infra::store::Store::connect(&stack.config.database)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    // Another consumer of the fleet, alive and idle, before the first starts: its one slot is
+    // free for the quick job (it stands for the second consumer until that starts).
+    let waiting = uuid::Uuid::new_v4();
+    store
+        .register_consumer(waiting, "tail-waiting", "secret", "elsewhere", 1)
+        .await
+        .unwrap();
+    let first = quarry_testkit::Consumers::start([config("tail-1")]);
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: experiment(Mode::Check, 120),
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: None,
+        },
+        toolchain_files: Vec::new(),
+    };
+    let summary = publish_run(
+        &stack.config,
+        "tail",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.jobs_queued, 2);
+    let database = stack.sql().await.unwrap();
+    let started = |name: &'static str| {
+        let database = &database;
+        async move {
+            database
+                .query_one(
+                    "SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id
+                     WHERE j.crate_name = $1 AND e.kind = 'started'",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        }
+    };
+    while !started("quarry-timed-a").await {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The slow job holds the first consumer's slot: the quick one stays in the queue, where
+    // the idle consumer can take it, rather than being prepared here to wait for that slot.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let broker = quarry_infra::queue::Broker::connect(&stack.config.rabbitmq)
+        .await
+        .unwrap();
+    let queued = broker
+        .ready_messages(&broker.topology().jobs)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the quick job is left in the queue");
+    assert!(!started("quarry-timed-b").await);
+    let second = quarry_testkit::Consumers::start([config("tail-2")]);
+    stack.wait_for_run(summary.run_id).await;
+    first.stop().await;
+    second.stop().await;
+
+    let rows = database
+        .query(
+            "SELECT j.crate_name, r.consumer, r.finished_at FROM results r
+             JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1 ORDER BY j.crate_name",
+            &[&summary.run_id.0],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let [(_, slow_by, slow_at), (_, quick_by, quick_at)] = got.as_slice() else {
+        panic!("two results: {got:?}");
+    };
+    assert_eq!((slow_by.as_str(), quick_by.as_str()), ("tail-1", "tail-2"));
+    assert!(quick_at < slow_at, "{got:?}");
 }

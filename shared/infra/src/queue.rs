@@ -209,11 +209,12 @@ impl Broker {
     /// has no room to start (RabbitMQ's `consumer_timeout` would close the channel over it).
     /// While the queue is empty the stream asks again after a pause that grows from
     /// `POLL_PAUSE.0` to `POLL_PAUSE.1`. It ends with the first error (the channel is gone).
+    /// Each delivery comes with the number of jobs the queue held after it was taken.
     pub async fn take_jobs(
         &self,
     ) -> anyhow::Result<(
         Channel,
-        impl futures::Stream<Item = Result<lapin::message::Delivery, lapin::Error>> + use<>,
+        impl futures::Stream<Item = Result<(lapin::message::Delivery, u32), lapin::Error>> + use<>,
     )> {
         let channel = self.connection.create_channel().await?;
         let queue = self.topology.jobs.clone();
@@ -228,7 +229,8 @@ impl Broker {
                         .await
                     {
                         Ok(Some(message)) => {
-                            return Some((Ok(message.delivery), Some(POLL_PAUSE.0)));
+                            let left = message.message_count;
+                            return Some((Ok((message.delivery, left)), Some(POLL_PAUSE.0)));
                         }
                         Ok(None) => {
                             tokio::time::sleep(pause).await;

@@ -10,18 +10,21 @@ impl Store {
         name: &str,
         secret: &str,
         host: &str,
+        slots: u16,
     ) -> anyhow::Result<()> {
         self.execute(
-            "INSERT INTO consumers (id, name, secret, host) VALUES ($1, $2, $3, $4)
+            "INSERT INTO consumers (id, name, secret, host, slots) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (id) DO NOTHING",
-            &[&id, &name, &secret, &host],
+            &[&id, &name, &secret, &host, &i32::from(slots)],
         )
         .await?;
         Ok(())
     }
 
     /// Renews a consumer's heartbeat with the jobs it has in hand, its total so far and the
-    /// toolchains it has ready.
+    /// toolchains it has ready, and returns the slots of the whole fleet alive now, its own
+    /// included: a consumer takes a job it cannot start yet only while the queue holds enough
+    /// for the others' slots too.
     pub async fn consumer_heartbeat(
         &self,
         id: Uuid,
@@ -29,20 +32,39 @@ impl Store {
         current_jobs: &[Uuid],
         jobs_done: i64,
         toolchains: &[String],
-    ) -> anyhow::Result<()> {
-        let updated = self
-            .execute(
-                "UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4,
-                        toolchains = $5
-                 WHERE id = $1 AND secret = $2",
-                &[&id, &secret, &current_jobs, &jobs_done, &toolchains],
+    ) -> anyhow::Result<u32> {
+        let lost_after = quarry_core::fleet::LOST_AFTER.as_secs_f64();
+        // The other rows as they were before this statement, and this one as it updated it.
+        let row = self
+            .query_one(
+                "WITH beat AS (
+                     UPDATE consumers SET heartbeat_at = now(), current_jobs = $3, jobs_done = $4,
+                            toolchains = $5
+                     WHERE id = $1 AND secret = $2
+                     RETURNING slots
+                 )
+                 SELECT (SELECT count(*) FROM beat),
+                        (SELECT coalesce(sum(slots), 0) FROM beat)
+                        + (SELECT coalesce(sum(slots), 0) FROM consumers
+                           WHERE id <> $1 AND stopped_at IS NULL
+                             AND heartbeat_at >= now() - make_interval(secs => $6))",
+                &[
+                    &id,
+                    &secret,
+                    &current_jobs,
+                    &jobs_done,
+                    &toolchains,
+                    &lost_after,
+                ],
             )
             .await?;
+        let updated: i64 = row.get(0);
         anyhow::ensure!(
             updated == 1,
             "consumer {id} is not registered (or its secret is wrong)"
         );
-        Ok(())
+        let slots: i64 = row.get(1);
+        Ok(u32::try_from(slots).unwrap_or(u32::MAX))
     }
 
     pub async fn consumer_stopped(&self, id: Uuid, secret: &str) -> anyhow::Result<()> {
