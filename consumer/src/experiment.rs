@@ -51,6 +51,8 @@ pub struct CargoEnv {
     /// The pool of compiled units on this host (`units.rs`), shown to jobs that build in a
     /// slot's kept target directory.
     pub units: Option<crate::units::Pool>,
+    /// What cargo asked rustc in an earlier job's resolution, per toolchain (`target_info.rs`).
+    pub target_info: Arc<crate::target_info::TargetInfo>,
 }
 
 /// What running the experiment produced.
@@ -327,6 +329,10 @@ pub async fn resolve(
         )
     });
     if !steps.is_empty() {
+        // The resolving steps' target directory (`run_step`), with what cargo learned of the
+        // toolchain in an earlier job.
+        let target_dir = workspace.scratch.join("target");
+        env.target_info.give(&toolchain.rustup_name, &target_dir)?;
         let gateway = mirror.gateway(&socket, sources.clone())?;
         // A lockfile there now is the package's own (`prepare` kept it).
         let lockfile = workspace.package_dir.join("Cargo.lock");
@@ -404,6 +410,9 @@ pub async fn resolve(
             );
         }
         drop(gateway);
+        if ended.is_none() {
+            env.target_info.keep(&toolchain.rustup_name, &target_dir);
+        }
         if let Some(ended) = ended {
             return Ok(Err(Execution {
                 log: log.text(),
@@ -1001,6 +1010,7 @@ mod tests {
             confine: None,
             sources: None,
             units: None,
+            target_info: Default::default(),
         };
         let workspace = Workspace {
             scratch,

@@ -143,6 +143,7 @@ pub(crate) async fn prepare_cargo_env(
         confine,
         sources: None,
         units: None,
+        target_info: Default::default(),
     })
 }
 

@@ -43,6 +43,7 @@ mod sandbox;
 mod shared_target;
 mod sources;
 mod spawn;
+mod target_info;
 mod toolchains;
 mod units;
 pub mod unpack;
