@@ -332,7 +332,7 @@ pub async fn resolve(
         // The resolving steps' target directory (`run_step`), with what cargo learned of the
         // toolchain in an earlier job.
         let target_dir = workspace.scratch.join("target");
-        env.target_info.give(&toolchain.rustup_name, &target_dir)?;
+        env.target_info.give(&toolchain.rustup_name, &target_dir);
         let gateway = mirror.gateway(&socket, sources.clone())?;
         // A lockfile there now is the package's own (`prepare` kept it).
         let lockfile = workspace.package_dir.join("Cargo.lock");

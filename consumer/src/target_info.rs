@@ -33,20 +33,25 @@ pub struct TargetInfo {
 
 impl TargetInfo {
     /// Before a job's resolution: creates its target directory `target_dir` (so that cargo
-    /// writes what it learns there) with the file kept for `toolchain`, if any.
-    pub fn give(&self, toolchain: &str, target_dir: &Path) -> std::io::Result<()> {
-        std::fs::create_dir_all(target_dir)?;
+    /// writes what it learns there) with the file kept for `toolchain`, if any. A failure
+    /// costs only the queries: cargo asks rustc, as it would without.
+    pub fn give(&self, toolchain: &str, target_dir: &Path) {
         let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bytes) = kept.get(toolchain) {
-            use std::io::Write as _;
-            // A new file: nothing there is written through.
-            std::fs::File::options()
-                .write(true)
-                .create_new(true)
-                .open(target_dir.join(FILE))?
-                .write_all(bytes)?;
+        let given = std::fs::create_dir_all(target_dir).and_then(|()| match kept.get(toolchain) {
+            Some(bytes) => {
+                use std::io::Write as _;
+                // A new file: nothing there is written through.
+                std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(target_dir.join(FILE))?
+                    .write_all(bytes)
+            }
+            None => Ok(()),
+        });
+        if let Err(err) = given {
+            tracing::debug!(dir = %target_dir.display(), %err, "cargo asks rustc again");
         }
-        Ok(())
     }
 
     /// After a job's resolution succeeded: keeps the file cargo wrote in `target_dir` for
@@ -102,25 +107,25 @@ mod tests {
         let info = TargetInfo::default();
         let (first, second) = (dir.path().join("a/target"), dir.path().join("b/target"));
         // Nothing kept yet: the directory is made, for cargo to write in.
-        info.give("stable", &first).unwrap();
+        info.give("stable", &first);
         assert!(first.is_dir() && !first.join(FILE).exists());
         std::fs::write(first.join(FILE), br#"{"rustc_fingerprint":1}"#).unwrap();
         info.keep("stable", &first);
-        info.give("stable", &second).unwrap();
+        info.give("stable", &second);
         assert_eq!(
             std::fs::read(second.join(FILE)).unwrap(),
             br#"{"rustc_fingerprint":1}"#
         );
         // Another toolchain's is its own.
         let third = dir.path().join("c/target");
-        info.give("nightly", &third).unwrap();
+        info.give("nightly", &third);
         assert!(!third.join(FILE).exists());
         // A link where the file should be is not read through.
         let secret = dir.path().join("secret");
         std::fs::write(&secret, b"the host's").unwrap();
         std::os::unix::fs::symlink(&secret, third.join(FILE)).unwrap();
         info.keep("nightly", &third);
-        info.give("nightly", &dir.path().join("d/target")).unwrap();
+        info.give("nightly", &dir.path().join("d/target"));
         assert!(!dir.path().join("d/target").join(FILE).exists());
     }
 }

@@ -891,8 +891,44 @@ async fn timeline(
         })
         .collect::<Vec<_>>()
         .join("; ");
+    // How each consumer's share ended: a job that waited for its slot while the other
+    // consumer had nothing left is the end of a run idling.
+    let ends = database
+        .query(
+            "SELECT consumer, crate_name, started, finished, slot_wait FROM (
+                 SELECT r.consumer, j.crate_name,
+                        extract(epoch FROM (SELECT max(e.at) FROM job_events e
+                            WHERE e.job_id = r.job_id AND e.kind = 'started') - ru.created_at)::float8
+                            AS started,
+                        extract(epoch FROM r.finished_at - ru.created_at)::float8 AS finished,
+                        r.slot_wait_ms::float8 / 1000 AS slot_wait,
+                        row_number() OVER (PARTITION BY r.consumer ORDER BY r.finished_at DESC) AS n
+                 FROM results r JOIN jobs j ON j.id = r.job_id JOIN runs ru ON ru.id = r.run_id
+                 WHERE r.run_id = $1) last
+             WHERE n <= 3 ORDER BY consumer, finished",
+            &[&run.0],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let (consumer, name, started, finished, wait): (
+                String,
+                String,
+                Option<f64>,
+                f64,
+                Option<f64>,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            format!(
+                "{consumer} {name} {:.1}-{finished:.1} s (waited {:.1} s for its slot)",
+                started.unwrap_or_default(),
+                wait.unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     Ok(format!(
-        "timeline: first job started after {:.3} s, last result after {:.3} s; {consumers}",
+        "timeline: first job started after {:.3} s, last result after {:.3} s; {consumers}\n\
+         timeline, the last jobs: {ends}",
         first.unwrap_or_default(),
         last.unwrap_or_default()
     ))
