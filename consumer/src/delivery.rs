@@ -214,8 +214,11 @@ pub(crate) async fn consume(
                     room = hand.room.clone().acquire_owned() => {
                         break room.expect("the room is never closed")
                     }
-                    () = tokio::time::sleep(AHEAD_RECHECK), if worker.near_the_end() => {
-                        worker.look_at_queue(broker).await
+                    // Asked again at each pause: a heartbeat may have changed the answer.
+                    () = tokio::time::sleep(AHEAD_RECHECK) => {
+                        if worker.near_the_end() {
+                            worker.look_at_queue(broker).await
+                        }
                     }
                     () = session.cancelled() => break 'taking,
                 }
