@@ -138,34 +138,19 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
     assert_eq!(queued.len(), 4, "every job once: {queued:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
-    let packed = tempfile::tempdir().unwrap();
-    // First in the registry's order, and slow; then one quick job, the last in the queue.
-    let packages = [
-        ("quarry-timed-a".to_owned(), 8),
-        ("quarry-timed-b".to_owned(), 0),
-    ];
-    let stack = TestStack::start_with(fixtures::timed(packed.path(), &packages).unwrap())
+/// A stack over the timed packages `packages` (name, seconds its build script sleeps), a
+/// consumer configuration of one slot by name, and a `check` run of them all in name order.
+async fn timed_stack(
+    packed: &std::path::Path,
+    packages: &[(&str, u64)],
+) -> (TestStack, RunDefinition) {
+    let packages: Vec<(String, u64)> = packages
+        .iter()
+        .map(|(name, seconds)| ((*name).to_owned(), *seconds))
+        .collect();
+    let stack = TestStack::start_with(fixtures::timed(packed, &packages).unwrap())
         .await
         .unwrap();
-    let config = |name: &str| {
-        let mut config = stack.consumer_config(name);
-        config.consumer.concurrency = 1;
-        config
-    };
-    let store = quarry_infra::store::Store::connect(&stack.config.database)
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    // Another consumer of the fleet, alive and idle, before the first starts: its one slot is
-    // free for the quick job (it stands for the second consumer until that starts).
-    let waiting = uuid::Uuid::new_v4();
-    store
-        .register_consumer(waiting, "tail-waiting", "secret", "elsewhere", 1)
-        .await
-        .unwrap();
-    let first = quarry_testkit::Consumers::start([config("tail-1")]);
     let definition = RunDefinition {
         patch: None,
         filter: Default::default(),
@@ -177,6 +162,54 @@ async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
         },
         toolchain_files: Vec::new(),
     };
+    (stack, definition)
+}
+
+fn one_slot(stack: &TestStack, name: &str) -> quarry_infra::Config {
+    let mut config = stack.consumer_config(name);
+    config.consumer.concurrency = 1;
+    config
+}
+
+/// Each result of `run` by crate name: who ran it, and when it finished.
+async fn results_by_crate(
+    database: &tokio_postgres::Client,
+    run: quarry_core::job::RunId,
+) -> Vec<(String, String, chrono::DateTime<chrono::Utc>)> {
+    database
+        .query(
+            "SELECT j.crate_name, r.consumer, r.finished_at FROM results r
+             JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1 ORDER BY j.crate_name",
+            &[&run.0],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
+    let packed = tempfile::tempdir().unwrap();
+    // First in the registry's order, and slow; then one quick job, the last in the queue.
+    let (stack, definition) = timed_stack(
+        packed.path(),
+        &[("quarry-timed-a", 8), ("quarry-timed-b", 0)],
+    )
+    .await;
+    let store = quarry_infra::store::Store::connect(&stack.config.database)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    // Another consumer of the fleet, alive and idle, before the first starts: its one slot is
+    // free for the quick job (it stands for the second consumer until that starts).
+    let waiting = uuid::Uuid::new_v4();
+    store
+        .register_consumer(waiting, "tail-waiting", "secret", "elsewhere", 1)
+        .await
+        .unwrap();
+    let first = quarry_testkit::Consumers::start([one_slot(&stack, "tail-1")]);
     let summary = publish_run(
         &stack.config,
         "tail",
@@ -217,23 +250,12 @@ async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
         .unwrap();
     assert_eq!(queued, 1, "the quick job is left in the queue");
     assert!(!started("quarry-timed-b").await);
-    let second = quarry_testkit::Consumers::start([config("tail-2")]);
+    let second = quarry_testkit::Consumers::start([one_slot(&stack, "tail-2")]);
     stack.wait_for_run(summary.run_id).await;
     first.stop().await;
     second.stop().await;
 
-    let rows = database
-        .query(
-            "SELECT j.crate_name, r.consumer, r.finished_at FROM results r
-             JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1 ORDER BY j.crate_name",
-            &[&summary.run_id.0],
-        )
-        .await
-        .unwrap();
-    let got: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = rows
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+    let got = results_by_crate(&database, summary.run_id).await;
     let [(_, slow_by, slow_at), (_, quick_by, quick_at)] = got.as_slice() else {
         panic!("two results: {got:?}");
     };
@@ -245,32 +267,14 @@ async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
 async fn a_job_waiting_for_a_busy_slot_gives_way_to_a_consumer_that_joins_idle() {
     let packed = tempfile::tempdir().unwrap();
     // Two slow jobs: whichever is prepared first takes the slot, and the other waits.
-    let packages = [
-        ("quarry-timed-a".to_owned(), 15),
-        ("quarry-timed-b".to_owned(), 15),
-    ];
-    let stack = TestStack::start_with(fixtures::timed(packed.path(), &packages).unwrap())
-        .await
-        .unwrap();
-    let config = |name: &str| {
-        let mut config = stack.consumer_config(name);
-        config.consumer.concurrency = 1;
-        config
-    };
+    let (stack, definition) = timed_stack(
+        packed.path(),
+        &[("quarry-timed-a", 15), ("quarry-timed-b", 15)],
+    )
+    .await;
     // Alone in the fleet, the first consumer takes both jobs: one runs, the other is prepared
     // and waits for its slot.
-    let first = quarry_testkit::Consumers::start([config("give-way-1")]);
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 120),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    };
+    let first = quarry_testkit::Consumers::start([one_slot(&stack, "give-way-1")]);
     let summary = publish_run(
         &stack.config,
         "give-way",
@@ -304,23 +308,12 @@ async fn a_job_waiting_for_a_busy_slot_gives_way_to_a_consumer_that_joins_idle()
     }
     // A second consumer joins with a free slot: once the first hears of it (its next
     // heartbeat), the waiting job goes back to the queue and the second one runs it.
-    let second = quarry_testkit::Consumers::start([config("give-way-2")]);
+    let second = quarry_testkit::Consumers::start([one_slot(&stack, "give-way-2")]);
     stack.wait_for_run(summary.run_id).await;
     first.stop().await;
     second.stop().await;
 
-    let rows = database
-        .query(
-            "SELECT j.crate_name, r.consumer, r.finished_at FROM results r
-             JOIN jobs j ON j.id = r.job_id WHERE r.run_id = $1 ORDER BY j.crate_name",
-            &[&summary.run_id.0],
-        )
-        .await
-        .unwrap();
-    let got: Vec<(String, String, chrono::DateTime<chrono::Utc>)> = rows
-        .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
-        .collect();
+    let got = results_by_crate(&database, summary.run_id).await;
     let [(_, a_by, _), (_, b_by, _)] = got.as_slice() else {
         panic!("two results: {got:?}");
     };
