@@ -138,6 +138,8 @@ impl Worker {
                 && let Some(queued) = self.queued()
                 && !may_take_ahead(Some(queued.saturating_add(1)), fleet, own)
             {
+                // It will be there: another job waiting here judges with it counted.
+                self.saw_queue(queued.saturating_add(1));
                 return;
             }
         }
