@@ -84,68 +84,6 @@ fn may_take_ahead(queued: Option<u32>, fleet_slots: u32, own_slots: u16) -> bool
     queued.is_none_or(|queued| queued > fleet_slots.saturating_sub(u32::from(own_slots)))
 }
 
-impl Worker {
-    /// The jobs the work queue held at the last look, if any.
-    fn queued(&self) -> Option<u32> {
-        let queued = self.queued.load(std::sync::atomic::Ordering::Relaxed);
-        (queued != u32::MAX).then_some(queued)
-    }
-
-    fn saw_queue(&self, queued: u32) {
-        self.queued.store(
-            queued.min(u32::MAX - 1),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    async fn look_at_queue(&self, broker: &Broker) {
-        match broker.ready_messages(&broker.topology().jobs).await {
-            Ok(ready) => self.saw_queue(ready),
-            Err(err) => tracing::debug!(error = %format!("{err:#}"), "cannot look at the queue"),
-        }
-    }
-
-    fn fleet_slots(&self) -> u32 {
-        self.fleet_slots.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether to take a job no slot of this consumer is free for (`may_take_ahead`).
-    fn may_take_ahead(&self) -> bool {
-        may_take_ahead(self.queued(), self.fleet_slots(), self.concurrency)
-    }
-
-    /// Whether a job waits for a slot here while the queue's count may be about to tell it to
-    /// give way: looked at only then, not all run long.
-    fn near_the_end(&self) -> bool {
-        self.waiting_for_slot
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-            && self
-                .queued()
-                .is_none_or(|queued| queued <= self.fleet_slots().saturating_mul(2))
-    }
-
-    /// Returns once a job waiting for a slot here should go back to the queue: this consumer
-    /// would not take it ahead were it there, one more job in the queue (so no other
-    /// consumer with its slots busy takes it either, and none hands it on again), and the
-    /// fleet has other slots, which may be free. Handed back, it goes to the first free slot
-    /// of the fleet, at the price of being prepared again. Cancel-safe.
-    pub(crate) async fn give_way(&self) {
-        loop {
-            tokio::time::sleep(AHEAD_RECHECK).await;
-            let (fleet, own) = (self.fleet_slots(), self.concurrency);
-            if fleet > u32::from(own)
-                && let Some(queued) = self.queued()
-                && !may_take_ahead(Some(queued.saturating_add(1)), fleet, own)
-            {
-                // It will be there: another job waiting here judges with it counted.
-                self.saw_queue(queued.saturating_add(1));
-                return;
-            }
-        }
-    }
-}
-
 /// Consumes from one broker connection until it fails or `shutdown` is cancelled. The jobs it
 /// took go on in `hand` when the session ends (their leases hold them, not the connection); on
 /// shutdown, they are given `grace` to finish while the connection is still there to publish
@@ -207,30 +145,33 @@ pub(crate) async fn consume(
     };
     let taking = async {
         let mut deliveries = std::pin::pin!(deliveries);
+        // The jobs the queue held at the last look, `None` before the first.
+        let mut queued: Option<u32> = None;
         'taking: loop {
             hand.reap();
-            // Near the end of the work, while a job in hand waits for a slot, the queue is
-            // looked at now and then: that job gives way when it runs out (`Worker::give_way`).
-            let room = loop {
-                tokio::select! {
-                    room = hand.room.clone().acquire_owned() => {
-                        break room.expect("the room is never closed")
-                    }
-                    // Asked again at each pause: a heartbeat may have changed the answer.
-                    () = tokio::time::sleep(AHEAD_RECHECK) => {
-                        if worker.near_the_end() {
-                            worker.look_at_queue(broker).await
-                        }
-                    }
-                    () = session.cancelled() => break 'taking,
-                }
+            let room = tokio::select! {
+                room = hand.room.clone().acquire_owned() => room.expect("the room is never closed"),
+                () = session.cancelled() => break,
             };
             // With as many jobs in hand as slots, the next one would be prepared and then wait:
             // taken only while the queue holds enough for the rest of the fleet's slots too.
-            while hand.tasks.len() >= usize::from(worker.concurrency) && !worker.may_take_ahead() {
+            while hand.tasks.len() >= usize::from(worker.concurrency)
+                && !may_take_ahead(
+                    queued,
+                    worker
+                        .fleet_slots
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    worker.concurrency,
+                )
+            {
                 tokio::select! {
                     Some(ended) = hand.tasks.join_next() => Hand::forget(ended),
-                    () = tokio::time::sleep(AHEAD_RECHECK) => worker.look_at_queue(broker).await,
+                    () = tokio::time::sleep(AHEAD_RECHECK) => {
+                        match broker.ready_messages(&broker.topology().jobs).await {
+                            Ok(ready) => queued = Some(ready),
+                            Err(err) => tracing::debug!(error = %format!("{err:#}"), "cannot look at the queue"),
+                        }
+                    }
                     () = session.cancelled() => break 'taking,
                 }
             }
@@ -240,7 +181,7 @@ pub(crate) async fn consume(
             };
             match delivery {
                 Some(Ok((delivery, left))) => {
-                    worker.saw_queue(left);
+                    queued = Some(left);
                     let worker = worker.clone();
                     hand.tasks.spawn(async move {
                         worker.handle(delivery).await;

@@ -179,10 +179,6 @@ struct Worker {
     concurrency: u16,
     /// The slots of the whole fleet alive at the last heartbeat, this consumer's included.
     fleet_slots: std::sync::atomic::AtomicU32,
-    /// The jobs the work queue held at this consumer's last look (`u32::MAX`: none yet).
-    queued: std::sync::atomic::AtomicU32,
-    /// Jobs in hand, prepared, waiting for a slot.
-    waiting_for_slot: std::sync::atomic::AtomicUsize,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
     /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
@@ -305,8 +301,6 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         slots,
         concurrency: config.consumer.concurrency.max(1),
         fleet_slots: u32::from(config.consumer.concurrency.max(1)).into(),
-        queued: u32::MAX.into(),
-        waiting_for_slot: 0.into(),
         in_hand: Default::default(),
         stopping: shutdown.clone(),
         broken: Default::default(),

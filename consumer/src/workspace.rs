@@ -42,22 +42,14 @@ impl Worker {
             Err(ended) => return Ok(Some((ended, preparing.elapsed()))),
         };
         let waiting = Instant::now();
-        let slot = {
-            let _waiting = WaitingForSlot::new(&self.waiting_for_slot);
-            tokio::select! {
-                // Biased: a stopping consumer starts nothing, even where a slot is free.
-                biased;
-                () = self.stopping.cancelled() => {
-                    tracing::info!(job = %job.id, package = %job.package, "stopping before the job started; giving it back");
-                    return Ok(None);
-                }
-                slot = self.slots.acquire() => slot,
-                () = self.give_way() => {
-                    tracing::info!(job = %job.id, package = %job.package, "the queue has too few jobs left for the fleet's other slots: giving back a job waiting for this consumer's slot, for the first free slot to take");
-                    self.metrics.given_way.inc();
-                    return Ok(None);
-                }
+        let slot = tokio::select! {
+            // Biased: a stopping consumer starts nothing, even where a slot is free.
+            biased;
+            () = self.stopping.cancelled() => {
+                tracing::info!(job = %job.id, package = %job.package, "stopping before the job started; giving it back");
+                return Ok(None);
             }
+            slot = self.slots.acquire() => slot,
         };
         self.store
             .start_attempt(job, attempt as i32, &self.name)
@@ -413,21 +405,5 @@ pub(crate) fn remove_leftover_scratch(jobs_dir: &std::path::Path) {
         if name.starts_with(REMOVED_SCRATCH) {
             remove_scratch(&entry.path());
         }
-    }
-}
-
-/// Counts a job as waiting for a slot while it lives.
-struct WaitingForSlot<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl<'a> WaitingForSlot<'a> {
-    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        WaitingForSlot(count)
-    }
-}
-
-impl Drop for WaitingForSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
