@@ -1089,10 +1089,12 @@ mod tests {
     #[tokio::test]
     async fn a_steps_cpu_is_counted_without_a_cgroup() {
         let (sandbox, scratch) = reaping().await;
-        // The work (about 0.3 CPU-seconds) is done by a grandchild whose parent has exited:
-        // bubblewrap's init would have reaped it, and what it used with it. Another orphan
-        // outlives the step's command: the step still ends with the command.
-        let script = "( (awk 'BEGIN { for (i = 0; i < 5000000; i++); }'; touch done) & ); \
+        // The work (0.5 to 1 CPU-seconds, as fast as the machine is: at least three times
+        // the 150 ms asserted below) is done by a grandchild whose parent has exited:
+        // bubblewrap's init would have reaped it, and what it used with it (9 ms were counted
+        // without the reaper). Another orphan outlives the step's command: the step still
+        // ends with the command.
+        let script = "( (awk 'BEGIN { for (i = 0; i < 20000000; i++); }'; touch done) & ); \
                       ( sleep 60 & ); \
                       while [ ! -e done ]; do sleep 0.05; done; echo finished";
         let (ended, log, cost) = one_step(sandbox, scratch.path(), &["sh", "-c", script]).await;
