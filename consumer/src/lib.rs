@@ -268,8 +268,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     host::spread_trees(&jobs_dir);
     host::check_jobs_dir(&jobs_dir, &cargo.sandbox)?;
     workspace::remove_leftover_scratch(&jobs_dir);
+    let concurrency = config.consumer.concurrency.max(1);
     let slots = shared_target::Slots::new(
-        usize::from(config.consumer.concurrency.max(1)),
+        usize::from(concurrency),
         cargo.confine.as_ref().map(|_| {
             (
                 config.consumer.work_dir.join(&name).join("targets"),
@@ -299,8 +300,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         definitions: Mutex::new(HashMap::new()),
         metrics: metrics.clone(),
         slots,
-        concurrency: config.consumer.concurrency.max(1),
-        fleet_slots: u32::from(config.consumer.concurrency.max(1)).into(),
+        concurrency,
+        fleet_slots: u32::from(concurrency).into(),
         in_hand: Default::default(),
         stopping: shutdown.clone(),
         broken: Default::default(),
@@ -319,9 +320,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             }
         }
     }));
-    let concurrency = config.consumer.concurrency.max(1);
     let grace = Duration::from_secs(config.consumer.shutdown_grace_secs);
-    let mut hand = delivery::Hand::new(concurrency);
+    let mut hand = delivery::Hand::new(worker.concurrency);
     let mut broker = Some(first_broker);
     loop {
         let current = match broker.take() {
