@@ -170,6 +170,28 @@ pub(crate) fn open_units(
     )))
 }
 
+/// Raises this process's limit of open files to the most it may have: a consumer keeps a lock
+/// open on each entry of the store of sources its jobs in hand link (hundreds per job), and
+/// the soft limit many hosts start processes with is 1,024.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    // `None` is no limit.
+    let below = match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) => current < maximum,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(?before, after = ?limit.current, "open files limit raised"),
+            Err(err) => tracing::warn!(%err, ?before, "cannot raise the open files limit"),
+        }
+    }
+}
+
 /// Marks `dir` as the top of independent directory trees (`chattr +T`, the ext4 flag for its
 /// Orlov allocator) where the filesystem takes the hint: each directory made in `dir` (a job's
 /// scratch directory, an entry of the store of sources or of the pool, a slot's target) is then
@@ -197,9 +219,9 @@ pub(crate) fn spread_trees(dir: &std::path::Path) {
     }
 }
 
-/// The consumer's store of extracted dependency sources (`sources.rs`), where jobs can share
-/// one: only in the sandbox (unsandboxed, a build script could write it), within
-/// `consumer.sources_mb`, and owned by this process alone.
+/// The store of extracted dependency sources (`sources.rs`) that this consumer's jobs share with
+/// every consumer on its work directory: only in the sandbox (unsandboxed, a build script could
+/// write it), within `consumer.sources_mb`.
 pub(crate) fn open_sources(
     config: &Config,
     name: &str,
@@ -217,31 +239,28 @@ pub(crate) fn open_sources(
         );
         return Ok(None);
     }
-    let dir = std::path::absolute(config.consumer.work_dir.join(name).join("sources"))?;
-    let opened = sources::Sources::open(
+    // Where a consumer kept a store of its own before stores were shared: nothing reads it now.
+    let own = config.consumer.work_dir.join(name).join("sources");
+    if own.is_dir() {
+        std::thread::spawn(move || {
+            let _ = std::fs::remove_dir_all(own);
+        });
+    }
+    raise_open_files_limit();
+    let dir = std::path::absolute(config.consumer.work_dir.join("sources"))?;
+    let sources = sources::Sources::open(
         dir.clone(),
         config.consumer.sources_mb.saturating_mul(1 << 20),
         metrics,
     )
     .with_context(|| format!("cannot open the store of sources {}", dir.display()))?;
-    match opened {
-        Some(sources) => {
-            spread_trees(&dir);
-            tracing::info!(
-                dir = %dir.display(),
-                "dependencies' sources are extracted once and shared read-only by every job"
-            );
-            Ok(Some(Arc::new(sources)))
-        }
-        None => {
-            tracing::warn!(
-                dir = %dir.display(),
-                "another consumer of this name owns the store of sources: every job extracts \
-                 its dependencies' sources"
-            );
-            Ok(None)
-        }
-    }
+    spread_trees(&dir);
+    tracing::info!(
+        dir = %dir.display(),
+        "dependencies' sources are extracted once and shared read-only by every job of every \
+         consumer on this work directory"
+    );
+    Ok(Some(Arc::new(sources)))
 }
 
 /// `quarry-confine`: beside this program (or, for a test binary, one directory up), else on

@@ -238,7 +238,7 @@ impl Metrics {
                 Opts::new(
                     "quarry_consumer_sources_total",
                     "Dependency sources cargo downloaded, by what became of them: extracted \
-                     (into the consumer's store, once), shared (linked to the stored copy), \
+                     (into the work directory's store, once), shared (linked to the stored copy), \
                      left-to-cargo (not storable: cargo extracted it in the job); and removed \
                      (stored copies removed past consumer.sources_mb)",
                 ),

@@ -1,4 +1,5 @@
-//! Dependency sources, extracted once per consumer and shown read-only to every job.
+//! Dependency sources, extracted once per work directory and shown read-only to every job of
+//! every consumer on it.
 //!
 //! Cargo extracts every dependency it downloads into its cargo home (`registry/src/<registry
 //! dir>/<name>-<version>/`, marked done by a `.cargo-ok` file), and each job has a cargo home of
@@ -21,13 +22,28 @@
 //! Only for toolchains whose cargo reads `.cargo-ok` as `{"v":1}` (1.72 and later); an older
 //! cargo would find the marker foreign and extract over the read-only copy. Bounded by
 //! `consumer.sources_mb`: past it, the least recently used entries that no job in hand links are
-//! removed. One consumer process owns a store (a lock file): a second of the same name shares
-//! none.
+//! removed.
+//!
+//! Every consumer on a work directory shares its store (`<work_dir>/sources`), so that two
+//! consumers of one node extract a popular dependency once, not once each. What they agree on
+//! goes through the filesystem, so a consumer that dies leaves nothing held:
+//! - an entry is extracted under an exclusive `flock` of its `.making-<sha256>` file
+//!   ([`crate::units::Making`]): a second consumer that needs it waits, then takes the first's;
+//! - while a consumer's jobs link an entry, it holds a shared `flock` on the entry's directory,
+//!   and an entry is removed only by one who got an exclusive lock on it (without waiting): no
+//!   consumer removes what another's job reads;
+//! - an entry is whole or absent (renamed into place), and a lock is trusted only when the
+//!   directory it is on is still the one at the entry's name (not one renamed aside meanwhile).
+//!
+//! Each consumer counts what it knows of the store against the limit, and looks at the whole
+//! store again at most [`crate::units::REMEASURE`] after its last look, as the pool does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use quarry_core::job::PackageVersion;
 
@@ -44,15 +60,20 @@ const EXTRACTED: &str = r#"{"v":1}"#;
 /// The oldest release whose cargo reads [`EXTRACTED`] as done.
 const OLDEST_RELEASE: (u64, u64) = (1, 72);
 
-/// A consumer's store of extracted dependency sources.
+/// How old a half-extracted entry must be before a consumer that is not alone on the store
+/// removes it: no extraction takes that long, so its extractor died.
+const ABANDONED: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The store of extracted dependency sources of a work directory, as one consumer uses it.
 pub struct Sources {
     dir: PathBuf,
     limit_bytes: u64,
     index: Mutex<Index>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
-    /// Held for the process's life: no other process manages this store.
-    _owner: File,
+    /// A shared lock on `.open`, held for the consumer's life: one that opens the store while
+    /// no other holds it may clear what dead consumers left.
+    _open: File,
 }
 
 impl std::fmt::Debug for Sources {
@@ -70,6 +91,8 @@ struct Index {
     total_bytes: u64,
     /// Counts uses, for least recently used first.
     clock: u64,
+    /// When the store's directory was last read whole (for what other consumers added).
+    looked: Option<Instant>,
     /// Archives the store refused, by checksum, and why: a later job's download of the same
     /// archive is refused at once rather than unpacked again ([`REFUSALS_KEPT`] at most).
     refused: HashMap<String, String>,
@@ -83,6 +106,9 @@ struct Entry {
     last_used: u64,
     /// Jobs in hand that link it.
     users: usize,
+    /// While `users` is not 0: the entry's directory, with a shared lock that keeps every
+    /// consumer from removing it.
+    held: Option<File>,
 }
 
 /// One job's use of the store: where its cargo home is, and the entries it links, which are
@@ -117,71 +143,34 @@ impl From<String> for NotStored {
 }
 
 impl Sources {
-    /// The store in `dir`, up to `limit_bytes`, keeping what an earlier process of the same
-    /// name left there (written by it, as here). `Ok(None)` if another process owns it.
-    pub fn open(
-        dir: PathBuf,
-        limit_bytes: u64,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<Option<Sources>> {
+    /// The store in `dir`, up to `limit_bytes`, keeping what is there (written by consumers, as
+    /// here), shared with every other consumer that opens it.
+    pub fn open(dir: PathBuf, limit_bytes: u64, metrics: Arc<Metrics>) -> std::io::Result<Sources> {
         std::fs::create_dir_all(&dir)?;
-        let owner = File::options()
+        let open = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join(".owner"))?;
-        match owner.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            .open(dir.join(".open"))?;
+        let alone = match open.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) => false,
             Err(std::fs::TryLockError::Error(err)) => return Err(err),
-        }
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            let size = std::fs::read_to_string(path.join(SIZE))
-                .ok()
-                .and_then(|size| size.trim().parse::<u64>().ok());
-            match size {
-                Some(bytes) if is_checksum(&name) => {
-                    let modified = entry
-                        .metadata()
-                        .and_then(|meta| meta.modified())
-                        .unwrap_or(std::time::UNIX_EPOCH);
-                    found.push((modified, name, bytes));
-                }
-                // Left half done, or being removed, by a process that died.
-                _ if entry.file_type().is_ok_and(|kind| kind.is_dir()) => {
-                    let _ = std::fs::remove_dir_all(&path);
-                }
-                _ => {}
-            }
-        }
-        // Oldest first: what an earlier process extracted earliest goes first.
-        found.sort();
+        };
         let mut index = Index::default();
-        for (_, name, bytes) in found {
-            index.clock += 1;
-            index.total_bytes += bytes;
-            index.entries.insert(
-                name,
-                Entry {
-                    bytes,
-                    last_used: index.clock,
-                    users: 0,
-                },
-            );
-        }
+        look(&dir, &mut index, alone);
+        // Waits for one that is clearing the store (it holds `.open` exclusively until done).
+        open.lock_shared()?;
         metrics.sources_size(index.total_bytes);
-        Ok(Some(Sources {
+        Ok(Sources {
             dir,
             limit_bytes,
             index: Mutex::new(index),
             in_flight: InFlight::default(),
             metrics,
-            _owner: owner,
-        }))
+            _open: open,
+        })
     }
 
     /// The store's directory on this host.
@@ -220,25 +209,38 @@ impl Sources {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a use of the entry `checksum` if the store has it.
+    /// Takes a use of the entry `checksum` if the store has it, without waiting: an entry
+    /// another consumer removed (or is removing) is forgotten.
     fn take(&self, checksum: &str) -> bool {
         let mut index = self.lock();
         index.clock += 1;
         let now = index.clock;
-        match index.entries.get_mut(checksum) {
-            Some(entry) => {
-                entry.users += 1;
-                entry.last_used = now;
-                true
+        let Some(entry) = index.entries.get_mut(checksum) else {
+            return false;
+        };
+        if entry.users == 0 {
+            match hold_entry(&self.dir.join(checksum), false) {
+                Some(held) => entry.held = Some(held),
+                None => {
+                    let bytes = entry.bytes;
+                    index.entries.remove(checksum);
+                    index.total_bytes = index.total_bytes.saturating_sub(bytes);
+                    return false;
+                }
             }
-            None => false,
         }
+        entry.users += 1;
+        entry.last_used = now;
+        true
     }
 
     fn give_back(&self, checksum: &str) {
         let mut index = self.lock();
         if let Some(entry) = index.entries.get_mut(checksum) {
             entry.users = entry.users.saturating_sub(1);
+            if entry.users == 0 {
+                entry.held = None;
+            }
         }
     }
 
@@ -269,11 +271,11 @@ impl Sources {
         let (dir, archive) = (self.dir.clone(), archive.clone());
         let root = format!("{}-{}", package.name, package.version);
         let entry = checksum.clone();
-        let extracted = tokio::task::spawn_blocking(move || extract(&dir, &entry, &root, &archive))
+        let stored = tokio::task::spawn_blocking(move || store(&dir, &entry, &root, &archive))
             .await
             .map_err(|e| NotStored::Failed(format!("extracting panicked: {e}")))?;
-        let bytes = match extracted {
-            Ok(bytes) => bytes,
+        let (bytes, held, how) = match stored {
+            Ok(stored) => stored,
             Err(NotStored::Refused(why)) => {
                 let mut index = self.lock();
                 if index.refused.len() >= REFUSALS_KEPT {
@@ -286,22 +288,31 @@ impl Sources {
         };
         let removed = {
             let mut index = self.lock();
+            if index
+                .looked
+                .is_none_or(|at| at.elapsed() > crate::units::REMEASURE)
+            {
+                look(&self.dir, &mut index, false);
+            }
             index.clock += 1;
             let now = index.clock;
-            index.total_bytes += bytes;
-            index.entries.insert(
+            let known = index.entries.insert(
                 checksum,
                 Entry {
                     bytes,
                     last_used: now,
                     users: 1,
+                    held: Some(held),
                 },
             );
+            // Just seen by a look at the store: counted already.
+            let counted = known.map_or(0, |entry| entry.bytes);
+            index.total_bytes = index.total_bytes - counted + bytes;
             let removed = self.evict(&mut index);
             self.metrics.sources_size(index.total_bytes);
             removed
         };
-        self.metrics.source("extracted");
+        self.metrics.source(how);
         if !removed.is_empty() {
             tokio::task::spawn_blocking(move || {
                 for dir in removed {
@@ -312,29 +323,44 @@ impl Sources {
         Ok(())
     }
 
-    /// Past the limit, takes the least recently used entries no job links out of the store
-    /// (renamed aside at once, so none is linked again) and returns where they are now.
+    /// Past the limit, takes the least recently used entries no job of any consumer links out
+    /// of the store (renamed aside at once, under an exclusive lock, so none is linked again)
+    /// and returns where they are now.
     fn evict(&self, index: &mut Index) -> Vec<PathBuf> {
         let mut removed = Vec::new();
+        // Entries another consumer's jobs link: kept, this time.
+        let mut linked_elsewhere = HashSet::new();
         while index.total_bytes > self.limit_bytes {
             let Some(oldest) = index
                 .entries
                 .iter()
-                .filter(|(_, entry)| entry.users == 0)
+                .filter(|(checksum, entry)| {
+                    entry.users == 0 && !linked_elsewhere.contains(*checksum)
+                })
                 .min_by_key(|(_, entry)| entry.last_used)
                 .map(|(checksum, _)| checksum.clone())
             else {
                 break;
             };
-            let entry = index.entries.remove(&oldest).expect("just found");
-            index.total_bytes -= entry.bytes;
-            let aside = self
-                .dir
-                .join(format!("{REMOVED}{}", uuid::Uuid::new_v4().simple()));
-            if std::fs::rename(self.dir.join(&oldest), &aside).is_ok() {
-                removed.push(aside);
+            let path = self.dir.join(&oldest);
+            match take_for_removal(&path) {
+                Removal::Linked => {
+                    linked_elsewhere.insert(oldest);
+                    continue;
+                }
+                Removal::Gone => {}
+                Removal::Held(_lock) => {
+                    let aside = self
+                        .dir
+                        .join(format!("{REMOVED}{}", uuid::Uuid::new_v4().simple()));
+                    if std::fs::rename(&path, &aside).is_ok() {
+                        removed.push(aside);
+                        self.metrics.source("removed");
+                    }
+                }
             }
-            self.metrics.source("removed");
+            let entry = index.entries.remove(&oldest).expect("just found");
+            index.total_bytes = index.total_bytes.saturating_sub(entry.bytes);
         }
         removed
     }
@@ -483,6 +509,160 @@ impl Drop for JobSources {
     }
 }
 
+/// Reads the store at `dir` into `index`: each whole entry not in it yet, as used before every
+/// entry it has (into an empty index, the oldest directory first). What was left half made or half removed goes, if
+/// the reader is `alone` on the store or it is [`ABANDONED`].
+fn look(dir: &Path, index: &mut Index, alone: bool) {
+    index.looked = Some(Instant::now());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let modified = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if is_checksum(&name) {
+            if index.entries.contains_key(&name) {
+                continue;
+            }
+            if let Some(bytes) = std::fs::read_to_string(path.join(SIZE))
+                .ok()
+                .and_then(|size| size.trim().parse::<u64>().ok())
+            {
+                found.push((modified, name, bytes));
+            }
+            continue;
+        }
+        let left = [PARTIAL, REMOVED, crate::units::MAKING]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+        if left && (alone || modified.elapsed().unwrap_or_default() > ABANDONED) {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                let _ = std::fs::remove_dir_all(&path);
+            } else if alone {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    found.sort();
+    let empty = index.entries.is_empty();
+    for (_, name, bytes) in found {
+        index.total_bytes += bytes;
+        // Uses count from 1: 0 comes before any use.
+        let last_used = if empty {
+            index.clock += 1;
+            index.clock
+        } else {
+            0
+        };
+        index.entries.insert(
+            name,
+            Entry {
+                bytes,
+                last_used,
+                users: 0,
+                held: None,
+            },
+        );
+    }
+}
+
+/// The entry's directory at `path`, held with a shared lock (waiting for one who is removing
+/// it, if `wait`); `None` if it is not there, or no longer there once locked.
+fn hold_entry(path: &Path, wait: bool) -> Option<File> {
+    let dir = open_directory(path)?;
+    if wait {
+        dir.lock_shared().ok()?;
+    } else {
+        dir.try_lock_shared().ok()?;
+    }
+    same_directory(&dir, path).then_some(dir)
+}
+
+/// The directory at `path`, opened to be locked; `None` if it is not one (or is a link).
+fn open_directory(path: &Path) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+    .map(File::from)
+}
+
+/// Whether the directory `dir` is open on is still the one at `path` (not renamed aside).
+fn same_directory(dir: &File, path: &Path) -> bool {
+    match (dir.metadata(), path.symlink_metadata()) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// What taking an entry out of the store found.
+enum Removal {
+    /// Held exclusively: no consumer links it, and none can until the lock goes.
+    Held(File),
+    /// Some consumer's job links it.
+    Linked,
+    /// Not there (another consumer took it out).
+    Gone,
+}
+
+fn take_for_removal(path: &Path) -> Removal {
+    let Some(dir) = open_directory(path) else {
+        return Removal::Gone;
+    };
+    match dir.try_lock() {
+        Ok(()) if same_directory(&dir, path) => Removal::Held(dir),
+        Ok(()) => Removal::Gone,
+        Err(_) => Removal::Linked,
+    }
+}
+
+/// The entry `checksum` of the store at `dir`, held: another consumer's if it is there, else
+/// `archive` (the package `root`) extracted, once however many consumers ask at once. Returns
+/// its size, its lock, and how it came ("shared" or "extracted").
+fn store(
+    dir: &Path,
+    checksum: &str,
+    root: &str,
+    archive: &[u8],
+) -> Result<(u64, File, &'static str), NotStored> {
+    let adopt = || {
+        let held = hold_entry(&dir.join(checksum), true)?;
+        let bytes = std::fs::read_to_string(dir.join(checksum).join(SIZE))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+        Some((bytes, held, "shared"))
+    };
+    if let Some(adopted) = adopt() {
+        return Ok(adopted);
+    }
+    let _making =
+        crate::units::Making::take(dir.join(format!("{}{checksum}", crate::units::MAKING)));
+    if let Some(adopted) = adopt() {
+        return Ok(adopted);
+    }
+    let extracted = extract(dir, checksum, root, archive);
+    match (extracted, adopt()) {
+        (Ok(_), Some((bytes, held, _))) => Ok((bytes, held, "extracted")),
+        (Ok(_), None) => Err(NotStored::Failed(format!(
+            "{root} was removed from the store as soon as it was extracted"
+        ))),
+        // Extracted by another consumer meanwhile (the lock could not be had): this one's
+        // extraction still happened, and counts.
+        (Err(NotStored::Failed(_)), Some((bytes, held, _))) => Ok((bytes, held, "extracted")),
+        (Err(err), _) => Err(err),
+    }
+}
+
 /// Extracts `archive` (the package `root`, `<name>-<version>`) into the store at `dir` as the
 /// entry `checksum`, marked as cargo marks what it extracted; returns the disk it takes.
 fn extract(dir: &Path, checksum: &str, root: &str, archive: &[u8]) -> Result<u64, NotStored> {
@@ -601,11 +781,7 @@ mod tests {
 
     fn store(dir: &Path, limit_bytes: u64) -> Arc<Sources> {
         let metrics = Arc::new(Metrics::new().unwrap());
-        Arc::new(
-            Sources::open(dir.join("store"), limit_bytes, metrics)
-                .unwrap()
-                .unwrap(),
-        )
+        Arc::new(Sources::open(dir.join("store"), limit_bytes, metrics).unwrap())
     }
 
     fn stored(sources: &Sources) -> Vec<String> {
@@ -767,7 +943,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cargo_older_than_the_marker_shares_nothing_and_one_process_owns_a_store() {
+    fn a_cargo_older_than_the_marker_shares_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let sources = store(dir.path(), 1 << 30);
         let home = dir.path().join("cargo-home");
@@ -782,11 +958,91 @@ mod tests {
                 .for_job(&home, seen, "release: 1.96.0-nightly\n")
                 .is_some()
         );
-        let metrics = Arc::new(Metrics::new().unwrap());
-        assert!(
-            Sources::open(dir.path().join("store"), 1, metrics)
+    }
+
+    /// Two consumers on one work directory (each its own `Sources`, as two processes have).
+    #[tokio::test]
+    async fn consumers_on_one_work_directory_extract_a_dependency_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (store(dir.path(), 1 << 30), store(dir.path(), 1 << 30));
+        let bytes = plain("a", 1 << 20);
+        let a = package("a", &bytes);
+        let seen = Path::new("/run/quarry/sources");
+        let jobs: Vec<_> = [(&first, "one"), (&second, "two"), (&first, "three")]
+            .into_iter()
+            .map(|(sources, job)| {
+                sources
+                    .for_job(&cargo_home(&dir.path().join(job)), seen, BUILD)
+                    .unwrap()
+            })
+            .collect();
+        // All at once: one extracts, the others wait for it and take its copy.
+        let linked = futures::future::join_all(jobs.iter().map(|job| job.link(&a, &bytes))).await;
+        assert!(linked.iter().all(Result::is_ok), "{linked:?}");
+        let extracted = |sources: &Sources| {
+            let text = sources.metrics.render();
+            text.lines()
+                .find_map(|line| {
+                    line.strip_prefix(r#"quarry_consumer_sources_total{how="extracted"} "#)
+                })
+                .map_or(0, |count| count.parse::<u64>().unwrap())
+        };
+        assert_eq!(extracted(&first) + extracted(&second), 1);
+        assert_eq!(stored(&first), std::slice::from_ref(&a.checksum));
+        let making: Vec<_> = std::fs::read_dir(first.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".making-"))
+            .collect();
+        assert!(making.is_empty(), "no lock is left behind: {making:?}");
+    }
+
+    #[tokio::test]
+    async fn no_consumer_removes_what_another_consumers_job_links() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for about two; the second consumer's view of the store is from its opening.
+        let first = store(dir.path(), 192 << 10);
+        let second = store(dir.path(), 192 << 10);
+        let seen = Path::new("/run/quarry/sources");
+        let archives: Vec<_> = ["a", "b", "c"]
+            .map(|name| (name, plain(name, 60 << 10)))
+            .into();
+        let packages: Vec<_> = archives
+            .iter()
+            .map(|(name, bytes)| package(name, bytes))
+            .collect();
+        let job = |sources: &Arc<Sources>, name: &str| {
+            sources
+                .for_job(&cargo_home(&dir.path().join(name)), seen, BUILD)
                 .unwrap()
-                .is_none()
-        );
+        };
+        // The first consumer's job links `a`; the second consumer's jobs add `b` and `c`.
+        let holding_a = job(&first, "one");
+        holding_a.link(&packages[0], &archives[0].1).await.unwrap();
+        {
+            let two = job(&second, "two");
+            two.link(&packages[0], &archives[0].1).await.unwrap();
+            two.link(&packages[1], &archives[1].1).await.unwrap();
+        }
+        let three = job(&second, "three");
+        three.link(&packages[2], &archives[2].1).await.unwrap();
+        // The second saw `a` as its least recently used, but the first's job links it.
+        let mut expected = vec![packages[0].checksum.clone(), packages[2].checksum.clone()];
+        expected.sort();
+        assert_eq!(stored(&second), expected);
+        let a = first
+            .dir()
+            .join(&packages[0].checksum)
+            .join("a-1.0.0/src/lib.rs");
+        assert_eq!(std::fs::read(&a).unwrap().len(), 60 << 10);
+        // Once that job is done, `a` may go; a job of the first consumer that needs it again
+        // (its view still has it) finds it gone and extracts it anew.
+        drop(holding_a);
+        let four = job(&second, "four");
+        four.link(&packages[1], &archives[1].1).await.unwrap();
+        assert!(!stored(&second).contains(&packages[0].checksum));
+        let five = job(&first, "five");
+        five.link(&packages[0], &archives[0].1).await.unwrap();
+        assert_eq!(std::fs::read(&a).unwrap().len(), 60 << 10);
     }
 }

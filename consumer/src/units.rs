@@ -72,7 +72,7 @@ const STDOUT: &str = "stdout";
 const STDERR: &str = "stderr";
 /// Entries being written or removed, and the locks of those being made.
 const PARTIAL: &str = ".partial-";
-const MAKING: &str = ".making-";
+pub(crate) const MAKING: &str = ".making-";
 const REMOVED: &str = ".removed-";
 /// What rustc may say of a unit for it to be pooled.
 const STDERR_LIMIT: usize = 1 << 20;
@@ -410,13 +410,29 @@ struct Estimate {
 pub const REMEASURE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Held while a unit is compiled or a build script run for the pool (an exclusive `flock` on
-/// `.making-<key>`): another slot that wants the same waits for it, then takes it from the pool,
-/// instead of doing the same work at once. The kernel releases the lock however the process
+/// `.making-<key>`), or a dependency extracted into the store of sources (`sources.rs`): another
+/// slot or consumer that wants the same waits for it, then takes what it made, instead of doing
+/// the same work at once. The kernel releases the lock however the process
 /// ends. Locks are taken one at a time (a build script's run may start a rustc, whose unit
 /// lock is the only one it takes), so none waits on another in a cycle.
 pub struct Making {
     path: PathBuf,
     _file: std::fs::File,
+}
+
+impl Making {
+    /// Waits until no other holder of the lock file `path` has it, and holds it; `None` where
+    /// the lock cannot be had (then the caller makes it without: at worst, twice).
+    pub fn take(path: PathBuf) -> Option<Making> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()?;
+        file.lock().ok()?;
+        Some(Making { path, _file: file })
+    }
 }
 
 impl Drop for Making {
@@ -568,15 +584,7 @@ impl Pool {
     /// Waits until no other process is making `key`, and holds it; `None` where the lock
     /// cannot be had (then the caller makes it without: at worst, twice).
     pub fn make(&self, key: &Key) -> Option<Making> {
-        let path = self.dir.join(format!("{MAKING}{}", key.as_str()));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ok()?;
-        file.lock().ok()?;
-        Some(Making { path, _file: file })
+        Making::take(self.dir.join(format!("{MAKING}{}", key.as_str())))
     }
 
     /// Fills `out_dir` from the entry of the build script run `key`, if there is one (each file

@@ -20,7 +20,7 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     // One slot, so that both jobs use the same kept target directory.
     let mut config = stack.consumer_config("shared");
     config.consumer.concurrency = 1;
-    let store = config.consumer.work_dir.join("shared").join("sources");
+    let store = config.consumer.work_dir.join("sources");
     let consumers = quarry_testkit::Consumers::start([config]);
 
     let mut logs = Vec::new();

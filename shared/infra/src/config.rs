@@ -290,9 +290,9 @@ pub struct ConsumerConfig {
     /// not compiled again by another; past it, after a job, the least recently used are
     /// removed. 0 keeps none. Only where slots keep target directories and sources are stored.
     pub unit_pool_mb: u64,
-    /// Most MiB of dependencies' sources the consumer keeps extracted for every job to read
-    /// (`<work_dir>/<name>/sources`), instead of each job extracting its tree again; past it,
-    /// the least recently used that no job in hand reads are removed. 0 keeps none. Kept only
+    /// Most MiB of dependencies' sources kept extracted for every job of every consumer on
+    /// `work_dir` to read (`<work_dir>/sources`), instead of each job extracting its tree again;
+    /// past it, the least recently used that no job in hand reads are removed. 0 keeps none. Kept only
     /// in the bubblewrap sandbox, which shows them read-only.
     pub sources_mb: u64,
 }
