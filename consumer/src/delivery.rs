@@ -84,6 +84,72 @@ fn may_take_ahead(queued: Option<u32>, fleet_slots: u32, own_slots: u16) -> bool
     queued.is_none_or(|queued| queued > fleet_slots.saturating_sub(u32::from(own_slots)))
 }
 
+/// How long a consumer with a free slot waits on an empty queue before it says it is idle.
+const IDLE_AFTER: Duration = Duration::from_millis(300);
+
+impl Worker {
+    /// The jobs the work queue held at the last look, if any.
+    fn queued(&self) -> Option<u32> {
+        let queued = self.queued.load(std::sync::atomic::Ordering::Relaxed);
+        (queued != u32::MAX).then_some(queued)
+    }
+
+    fn saw_queue(&self, queued: u32) {
+        self.queued.store(
+            queued.min(u32::MAX - 1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    async fn look_at_queue(&self, broker: &Broker) {
+        match broker.ready_messages(&broker.topology().jobs).await {
+            Ok(ready) => self.saw_queue(ready),
+            Err(err) => tracing::debug!(error = %format!("{err:#}"), "cannot look at the queue"),
+        }
+    }
+
+    /// Whether to take a job no slot of this consumer is free for (`may_take_ahead`).
+    fn may_take_ahead(&self) -> bool {
+        may_take_ahead(
+            self.queued(),
+            self.fleet_slots.load(std::sync::atomic::Ordering::Relaxed),
+            self.concurrency,
+        )
+    }
+
+    /// Returns once a job waiting for a slot here should go back to the queue: another
+    /// consumer of the fleet has a free slot and found the queue empty (it said so in the fleet
+    /// table). Handed back, the job starts there at once, at the price of being prepared
+    /// again, rather than after this consumer's running job. Asked only while the queue, at
+    /// this consumer's last look, held too few jobs for the rest of the fleet's slots (before
+    /// that, no consumer is idle). Cancel-safe.
+    pub(crate) async fn give_way(&self) {
+        loop {
+            tokio::time::sleep(AHEAD_RECHECK).await;
+            if self.may_take_ahead() {
+                continue;
+            }
+            match self.store.idle_elsewhere(self.identity.id).await {
+                Ok(true) => {
+                    // It will be in the queue: another job waiting here judges with it counted,
+                    // and this consumer does not take it back for want of a heartbeat that
+                    // counted the idle one's slot.
+                    self.saw_queue(self.queued().unwrap_or(0).saturating_add(1));
+                    self.fleet_slots.fetch_max(
+                        u32::from(self.concurrency) + 1,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    return;
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::debug!(error = %format!("{err:#}"), "cannot ask whether another consumer is idle")
+                }
+            }
+        }
+    }
+}
+
 /// Consumes from one broker connection until it fails or `shutdown` is cancelled. The jobs it
 /// took go on in `hand` when the session ends (their leases hold them, not the connection); on
 /// shutdown, they are given `grace` to finish while the connection is still there to publish
@@ -145,43 +211,59 @@ pub(crate) async fn consume(
     };
     let taking = async {
         let mut deliveries = std::pin::pin!(deliveries);
-        // The jobs the queue held at the last look, `None` before the first.
-        let mut queued: Option<u32> = None;
+        // What this consumer last said in the fleet table: a free slot and nothing to take
+        // (not said yet in this session; a session lost while idle may have left it said).
+        worker.say_idle(false).await;
+        let mut idle = false;
         'taking: loop {
             hand.reap();
-            let room = tokio::select! {
-                room = hand.room.clone().acquire_owned() => room.expect("the room is never closed"),
-                () = session.cancelled() => break,
-            };
-            // With as many jobs in hand as slots, the next one would be prepared and then wait:
-            // taken only while the queue holds enough for the rest of the fleet's slots too.
-            while hand.tasks.len() >= usize::from(worker.concurrency)
-                && !may_take_ahead(
-                    queued,
-                    worker
-                        .fleet_slots
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    worker.concurrency,
-                )
-            {
+            // While jobs in hand wait for a slot, the queue is looked at now and then: each
+            // gives way when another consumer is idle and the queue runs low
+            // (`Worker::give_way`).
+            let room = loop {
                 tokio::select! {
-                    Some(ended) = hand.tasks.join_next() => Hand::forget(ended),
+                    room = hand.room.clone().acquire_owned() => {
+                        break room.expect("the room is never closed")
+                    }
                     () = tokio::time::sleep(AHEAD_RECHECK) => {
-                        match broker.ready_messages(&broker.topology().jobs).await {
-                            Ok(ready) => queued = Some(ready),
-                            Err(err) => tracing::debug!(error = %format!("{err:#}"), "cannot look at the queue"),
+                        if hand.tasks.len() > usize::from(worker.concurrency) {
+                            worker.look_at_queue(broker).await
                         }
                     }
                     () = session.cancelled() => break 'taking,
                 }
-            }
-            let delivery = tokio::select! {
-                delivery = deliveries.next() => delivery,
-                () = session.cancelled() => break,
             };
+            // With as many jobs in hand as slots, the next one would be prepared and then wait:
+            // taken only while the queue holds enough for the rest of the fleet's slots too.
+            while hand.tasks.len() >= usize::from(worker.concurrency) && !worker.may_take_ahead() {
+                tokio::select! {
+                    Some(ended) = hand.tasks.join_next() => Hand::forget(ended),
+                    () = tokio::time::sleep(AHEAD_RECHECK) => worker.look_at_queue(broker).await,
+                    () = session.cancelled() => break 'taking,
+                }
+            }
+            // A free slot and no job for it a moment later: said in the fleet table, so that a
+            // job waiting for another consumer's busy slot comes here. The same `next` is
+            // polled throughout: a `basic.get` under way is never dropped.
+            let free = hand.tasks.len() < usize::from(worker.concurrency);
+            let mut next = deliveries.next();
+            let delivery = loop {
+                tokio::select! {
+                    delivery = &mut next => break delivery,
+                    () = tokio::time::sleep(IDLE_AFTER), if free && !idle => {
+                        worker.say_idle(true).await;
+                        idle = true;
+                    }
+                    () = session.cancelled() => break 'taking,
+                }
+            };
+            if idle && matches!(delivery, Some(Ok(_))) {
+                worker.say_idle(false).await;
+                idle = false;
+            }
             match delivery {
                 Some(Ok((delivery, left))) => {
-                    queued = Some(left);
+                    worker.saw_queue(left);
                     let worker = worker.clone();
                     hand.tasks.spawn(async move {
                         worker.handle(delivery).await;

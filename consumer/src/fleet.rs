@@ -105,6 +105,17 @@ impl Worker {
         InHand { worker: self, job }
     }
 
+    /// Says in the fleet table whether this consumer has a free slot and nothing to take.
+    pub(crate) async fn say_idle(&self, idle: bool) {
+        let said = self
+            .store
+            .consumer_idle(self.identity.id, &self.identity.secret, idle)
+            .await;
+        if let Err(err) = said {
+            tracing::debug!(error = %format!("{err:#}"), idle, "cannot say whether the consumer is idle");
+        }
+    }
+
     async fn fleet_heartbeat(&self, identity: &Identity) {
         let current: Vec<uuid::Uuid> = self.in_hand_jobs().iter().map(|j| j.0).collect();
         let done = self.metrics.stats().results as i64;

@@ -179,6 +179,10 @@ struct Worker {
     concurrency: u16,
     /// The slots of the whole fleet alive at the last heartbeat, this consumer's included.
     fleet_slots: std::sync::atomic::AtomicU32,
+    /// Who it is in the fleet, to say it is idle and ask whether another consumer is.
+    identity: fleet::Identity,
+    /// The jobs the work queue held at this consumer's last look (`u32::MAX`: none yet).
+    queued: std::sync::atomic::AtomicU32,
     /// Jobs in hand, for the fleet table.
     in_hand: std::sync::Mutex<std::collections::BTreeSet<JobId>>,
     /// Cancelled when the consumer is told to stop: jobs still waiting for a slot are given
@@ -302,6 +306,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         slots,
         concurrency,
         fleet_slots: u32::from(concurrency).into(),
+        identity: identity.clone(),
+        queued: u32::MAX.into(),
         in_hand: Default::default(),
         stopping: shutdown.clone(),
         broken: Default::default(),

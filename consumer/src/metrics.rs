@@ -53,6 +53,8 @@ pub struct Metrics {
     pub channels_lost: IntCounter,
     pub leases_lapsed: IntCounter,
     pub waits: IntCounter,
+    /// Jobs handed back while waiting for a slot, for another consumer's free one.
+    pub given_way: IntCounter,
     pub toolchain_installs: IntCounter,
     /// The slots' kept target directories (`shared_target.rs`).
     shared_target_bytes: IntGauge,
@@ -267,6 +269,10 @@ impl Metrics {
             toolchain_installs: counter(
                 "quarry_consumer_toolchain_installs_total",
                 "Toolchains this consumer installed on demand (with rustup, or from a run's toolchain file)",
+            )?,
+            given_way: counter(
+                "quarry_consumer_jobs_given_way_total",
+                "Jobs handed back while waiting for this consumer's busy slot, for another consumer of the fleet that was idle",
             )?,
             waits: counter(
                 "quarry_consumer_waits_total",

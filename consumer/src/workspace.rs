@@ -50,6 +50,11 @@ impl Worker {
                 return Ok(None);
             }
             slot = self.slots.acquire() => slot,
+            () = self.give_way() => {
+                tracing::info!(job = %job.id, package = %job.package, "another consumer of the fleet is idle: giving back a job waiting for this consumer's busy slot, for it to take");
+                self.metrics.given_way.inc();
+                return Ok(None);
+            }
         };
         self.store
             .start_attempt(job, attempt as i32, &self.name)

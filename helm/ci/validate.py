@@ -55,6 +55,7 @@ ALLOWED_METRICS = {
     "quarry_consumer_sandbox_kills_total",
     "quarry_consumer_refused_total",
     "quarry_consumer_waits_total",
+    "quarry_consumer_jobs_given_way_total",
     "quarry_consumer_broker_connections_total",
     "quarry_consumer_channels_lost_total",
     "quarry_consumer_leases_lapsed_total",

@@ -262,3 +262,61 @@ async fn the_last_job_goes_to_an_idle_consumer_not_behind_a_busy_slot() {
     assert_eq!((slow_by.as_str(), quick_by.as_str()), ("tail-1", "tail-2"));
     assert!(quick_at < slow_at, "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_waiting_for_a_busy_slot_gives_way_to_a_consumer_that_joins_idle() {
+    let packed = tempfile::tempdir().unwrap();
+    // Two slow jobs: whichever is prepared first takes the slot, and the other waits.
+    let (stack, definition) = timed_stack(
+        packed.path(),
+        &[("quarry-timed-a", 15), ("quarry-timed-b", 15)],
+    )
+    .await;
+    // Alone in the fleet, the first consumer takes both jobs: one runs, the other is prepared
+    // and waits for its slot.
+    let first = quarry_testkit::Consumers::start([one_slot(&stack, "give-way-1")]);
+    let summary = publish_run(
+        &stack.config,
+        "give-way",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.jobs_queued, 2);
+    let broker = quarry_infra::queue::Broker::connect(&stack.config.rabbitmq)
+        .await
+        .unwrap();
+    let database = stack.sql().await.unwrap();
+    loop {
+        let started: i64 = database
+            .query_one(
+                "SELECT count(*) FROM job_events WHERE run_id = $1 AND kind = 'started'",
+                &[&summary.run_id.0],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let queued = broker
+            .ready_messages(&broker.topology().jobs)
+            .await
+            .unwrap();
+        if started == 1 && queued == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A second consumer joins with a free slot and finds the queue empty: it says it is idle
+    // in the fleet table, the waiting job goes back to the queue, and the second one runs it.
+    let second = quarry_testkit::Consumers::start([one_slot(&stack, "give-way-2")]);
+    stack.wait_for_run(summary.run_id).await;
+    first.stop().await;
+    second.stop().await;
+
+    let got = results_by_crate(&database, summary.run_id).await;
+    let [(_, a_by, _), (_, b_by, _)] = got.as_slice() else {
+        panic!("two results: {got:?}");
+    };
+    // One each: the waiting job did not stay behind the busy slot.
+    assert_ne!(a_by, b_by, "{got:?}");
+}

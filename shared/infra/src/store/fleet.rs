@@ -21,6 +21,33 @@ impl Store {
         Ok(())
     }
 
+    /// Says whether a consumer has a free slot and found the queue empty (`idle`), for
+    /// [`Store::idle_elsewhere`].
+    pub async fn consumer_idle(&self, id: Uuid, secret: &str, idle: bool) -> anyhow::Result<()> {
+        self.execute(
+            "UPDATE consumers SET idle_since = CASE WHEN $3 THEN coalesce(idle_since, now()) END
+                 WHERE id = $1 AND secret = $2",
+            &[&id, &secret, &idle],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Whether a consumer of the fleet alive now, other than `id`, said it is idle: a job
+    /// waiting for `id`'s busy slot would start sooner there.
+    pub async fn idle_elsewhere(&self, id: Uuid) -> anyhow::Result<bool> {
+        let lost_after = quarry_core::fleet::LOST_AFTER.as_secs_f64();
+        let row = self
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM consumers
+                                 WHERE id <> $1 AND stopped_at IS NULL AND idle_since IS NOT NULL
+                                   AND heartbeat_at >= now() - make_interval(secs => $2))",
+                &[&id, &lost_after],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Renews a consumer's heartbeat with the jobs it has in hand, its total so far and the
     /// toolchains it has ready, and returns the slots of the whole fleet alive now, its own
     /// included: a consumer takes a job it cannot start yet only while the queue holds enough
