@@ -771,6 +771,19 @@ mod tests {
         )
     }
 
+    /// The packages `a`, `b` and `c`, each about 60 KiB extracted: their archives, and what
+    /// the index says of them.
+    fn three_of_60_kib() -> (Vec<bytes::Bytes>, Vec<PackageVersion>) {
+        ["a", "b", "c"]
+            .into_iter()
+            .map(|name| {
+                let archive = plain(name, 60 << 10);
+                let package = package(name, &archive);
+                (archive, package)
+            })
+            .unzip()
+    }
+
     /// A job's cargo home as cargo leaves it by the time it downloads.
     fn cargo_home(dir: &Path) -> PathBuf {
         let home = dir.join("cargo-home");
@@ -919,23 +932,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Room for about two.
         let sources = store(dir.path(), 192 << 10);
-        let archives: Vec<_> = ["a", "b", "c"]
-            .map(|name| (name, plain(name, 60 << 10)))
-            .into();
-        let packages: Vec<_> = archives
-            .iter()
-            .map(|(name, bytes)| package(name, bytes))
-            .collect();
+        let (archives, packages) = three_of_60_kib();
         let home = |job: &str| cargo_home(&dir.path().join(job));
         let seen = Path::new("/run/quarry/sources");
         let holding_a = sources.for_job(&home("one"), seen, BUILD).unwrap();
-        holding_a.link(&packages[0], &archives[0].1).await.unwrap();
+        holding_a.link(&packages[0], &archives[0]).await.unwrap();
         {
             let job = sources.for_job(&home("two"), seen, BUILD).unwrap();
-            job.link(&packages[1], &archives[1].1).await.unwrap();
+            job.link(&packages[1], &archives[1]).await.unwrap();
         }
         let job = sources.for_job(&home("three"), seen, BUILD).unwrap();
-        job.link(&packages[2], &archives[2].1).await.unwrap();
+        job.link(&packages[2], &archives[2]).await.unwrap();
         // `a` is older than `b`, but a job in hand links it.
         let mut expected = vec![packages[0].checksum.clone(), packages[2].checksum.clone()];
         expected.sort();
@@ -1004,13 +1011,7 @@ mod tests {
         let first = store(dir.path(), 192 << 10);
         let second = store(dir.path(), 192 << 10);
         let seen = Path::new("/run/quarry/sources");
-        let archives: Vec<_> = ["a", "b", "c"]
-            .map(|name| (name, plain(name, 60 << 10)))
-            .into();
-        let packages: Vec<_> = archives
-            .iter()
-            .map(|(name, bytes)| package(name, bytes))
-            .collect();
+        let (archives, packages) = three_of_60_kib();
         let job = |sources: &Arc<Sources>, name: &str| {
             sources
                 .for_job(&cargo_home(&dir.path().join(name)), seen, BUILD)
@@ -1018,14 +1019,14 @@ mod tests {
         };
         // The first consumer's job links `a`; the second consumer's jobs add `b` and `c`.
         let holding_a = job(&first, "one");
-        holding_a.link(&packages[0], &archives[0].1).await.unwrap();
+        holding_a.link(&packages[0], &archives[0]).await.unwrap();
         {
             let two = job(&second, "two");
-            two.link(&packages[0], &archives[0].1).await.unwrap();
-            two.link(&packages[1], &archives[1].1).await.unwrap();
+            two.link(&packages[0], &archives[0]).await.unwrap();
+            two.link(&packages[1], &archives[1]).await.unwrap();
         }
         let three = job(&second, "three");
-        three.link(&packages[2], &archives[2].1).await.unwrap();
+        three.link(&packages[2], &archives[2]).await.unwrap();
         // The second saw `a` as its least recently used, but the first's job links it.
         let mut expected = vec![packages[0].checksum.clone(), packages[2].checksum.clone()];
         expected.sort();
@@ -1039,10 +1040,10 @@ mod tests {
         // (its view still has it) finds it gone and extracts it anew.
         drop(holding_a);
         let four = job(&second, "four");
-        four.link(&packages[1], &archives[1].1).await.unwrap();
+        four.link(&packages[1], &archives[1]).await.unwrap();
         assert!(!stored(&second).contains(&packages[0].checksum));
         let five = job(&first, "five");
-        five.link(&packages[0], &archives[0].1).await.unwrap();
+        five.link(&packages[0], &archives[0]).await.unwrap();
         assert_eq!(std::fs::read(&a).unwrap().len(), 60 << 10);
     }
 }
