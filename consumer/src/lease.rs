@@ -88,9 +88,10 @@ impl Leases {
         }))
     }
 
-    /// Hands a job over to a queue: `publish` puts its message there. The lease lapses first,
-    /// so that the copy, whoever takes it and however soon, finds it free; it is removed after,
-    /// unless the copy's consumer took it meanwhile. If `publish` fails, the lease stays lapsed
+    /// Hands a job over to a queue: `publish` puts its message there, while the lease is
+    /// lapsed and locked (`Store::hand_over_lease`), and then it is removed: the copy's
+    /// consumer, however soon it comes, waits for that and holds a new lease, and no sweeper
+    /// publishes the job a second time meanwhile. If `publish` fails, the lease stays lapsed
     /// and a sweep publishes the job.
     pub async fn hand_over(
         &self,
@@ -98,17 +99,13 @@ impl Leases {
         publish: impl Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<()> {
         self.store
-            .lapse_leases(self.holder, Some(lease.job))
-            .await?;
-        publish.await?;
-        self.store.release_lease(self.holder, lease.job, true).await
+            .hand_over_lease(self.holder, lease.job, publish)
+            .await
     }
 
     /// Releases a lease whose job has its result (and nothing left to publish).
     pub async fn release(&self, lease: &Lease) -> anyhow::Result<()> {
-        self.store
-            .release_lease(self.holder, lease.job, false)
-            .await
+        self.store.release_lease(self.holder, lease.job).await
     }
 
     /// Renews the leases of the jobs in hand.

@@ -138,18 +138,48 @@ impl Store {
             .await?)
     }
 
-    /// Releases `holder`'s lease of `job`. With `lapsed_only`, only if it has lapsed (after
-    /// handing the job back: taken over by the copy's consumer meanwhile, it is theirs).
-    pub async fn release_lease(
+    /// Hands `holder`'s lease of `job` over to a copy of the job that `publish` puts on a queue:
+    /// in one transaction, the lease lapses (which locks it), the copy is published, and the
+    /// lease is removed. A sweeper skips the locked lease, so it cannot publish the job a
+    /// second time while `publish` runs; a consumer taking the copy waits for the removal and
+    /// then holds a new lease. If `publish` fails, the lease stays lapsed, for a sweep.
+    pub async fn hand_over_lease<Fut>(
         &self,
         holder: Uuid,
         job: JobId,
-        lapsed_only: bool,
-    ) -> anyhow::Result<()> {
+        publish: Fut,
+    ) -> anyhow::Result<()>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE leases SET expires_at = now() WHERE holder = $1 AND job_id = $2",
+            )
+            .await?,
+            &[&holder, &job.0],
+        )
+        .await?;
+        let published = publish.await;
+        if published.is_ok() {
+            tx.execute(
+                &tx.prepare_cached("DELETE FROM leases WHERE job_id = $1 AND holder = $2")
+                    .await?,
+                &[&job.0, &holder],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        published
+    }
+
+    /// Releases `holder`'s lease of `job`.
+    pub async fn release_lease(&self, holder: Uuid, job: JobId) -> anyhow::Result<()> {
         self.execute(
-            "DELETE FROM leases WHERE job_id = $1 AND holder = $2
-                           AND (NOT $3 OR expires_at <= now())",
-            &[&job.0, &holder, &lapsed_only],
+            "DELETE FROM leases WHERE job_id = $1 AND holder = $2",
+            &[&job.0, &holder],
         )
         .await?;
         Ok(())
