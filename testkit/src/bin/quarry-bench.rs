@@ -607,7 +607,7 @@ async fn check(
 
     // The same packages with xargs, each in a copy of the directory the pipeline prepared (its
     // manifest as Quarry repaired it, the lockfile cargo resolved): fetch outside the sandbox,
-    // check inside; one cargo home for all the crates of an arm, emptied before each arm.
+    // check inside, twice (an empty cargo home, then the same one again).
     let bare_home = work.path().join("cargo-home");
     std::fs::create_dir_all(&bare_home)?;
     let index = &stack.config.registry.index_url;
@@ -680,13 +680,6 @@ async fn check(
         ("one target for all crates, one at a time", true, 1),
     ];
     for (i, &(arm, kept_target, workers)) in arms.iter().enumerate() {
-        // Each arm starts from an empty cargo home, as Quarry's cold arm starts from empty
-        // caches and Crater from a new run's: it downloads and extracts each dependency once,
-        // itself, rather than finding what the arm before it left.
-        match std::fs::remove_dir_all(bare_home.join("registry")) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
-            _ => {}
-        }
         calibrate(&format!("xargs -P{workers}, {arm}"));
         let cpu_before = machine_cpu_seconds()?;
         let elapsed = xargs(
@@ -766,8 +759,8 @@ async fn check(
         differ.len(),
         differ.join("\n")
     );
-    // Cold against the fresh arm, again against the Crater-style one (both start with an empty
-    // cargo home; until 2026-12-07 the Crater-style arm found the home the fresh arm filled).
+    // Cold against the fresh arm (which starts with an empty cargo home), again against the
+    // Crater-style one (which finds the home the fresh arm filled).
     Ok(vec![(pipeline[0].0, fresh.0), (pipeline[1].0, crater.0)])
 }
 
