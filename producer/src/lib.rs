@@ -11,7 +11,8 @@
 //! run's source), `resolution.rs` (a page turned into jobs), `publishing.rs` (recorded,
 //! published, confirmed, page by page), `progress.rs`, `recovery.rs` (runs made from earlier
 //! ones, and jobs published again), `dump.rs` (a crates.io database dump), `selection.rs`
-//! (filters, samples, reverse dependencies).
+//! (filters, samples, reverse dependencies), `tree.rs` (the
+//! size of a package's dependency tree, which orders the jobs no earlier run timed).
 
 mod definition;
 mod dump;
@@ -21,6 +22,7 @@ mod publishing;
 mod recovery;
 mod resolution;
 pub mod selection;
+mod tree;
 
 pub use definition::{
     RunDefinition, Selection, Sort, check_package_spec, read_package_list, resolve_patch,

@@ -18,6 +18,7 @@ use crate::pages::{Pages, PagingPosition};
 use crate::progress::PublishProgress;
 use crate::resolution::{Item, Request, page_jobs, parse_spec};
 use crate::selection::{Filter, NamePatterns};
+use crate::tree::Trees;
 
 /// What one producer invocation did: the outcome output, printed and stored with the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +147,8 @@ pub async fn publish_run(
         pages.position = position;
     }
     let page_size = usize::try_from(config.registry.page_size)?;
+    // The dependency trees read so far, for the jobs no earlier run timed.
+    let trees = Trees::default();
     // The crates slowest in earlier runs go first, before paging, so that the run does not
     // end waiting on one of them started last (as PkgEvalFarm orders its jobs).
     let longest = store.longest_packages(STRAGGLERS).await?;
@@ -163,7 +166,7 @@ pub async fn publish_run(
         );
         let position = serde_json::to_value(&pages.position)?;
         let (queued, left_out) = publish_out_of_order(
-            (&store, &publisher, &registry),
+            (&store, &publisher, &registry, &trees),
             (&run, definition),
             stragglers,
             (&position, page_size),
@@ -193,7 +196,7 @@ pub async fn publish_run(
             };
             let position = serde_json::to_value(&pages.position)?;
             let paged = page_jobs(&registry, &run, definition, page).await;
-            let pending = paged.record(&store, run.id).await?;
+            let pending = paged.record((&store, &registry, &trees), run.id).await?;
             anyhow::Ok(Some((
                 RecordedPage {
                     jobs: paged.jobs,
@@ -252,7 +255,7 @@ pub async fn publish_run(
             .map(|label| Item::Request(parse_spec(label)))
             .collect();
         let (queued, left_out) = publish_out_of_order(
-            (&store, &publisher, &registry),
+            (&store, &publisher, &registry, &trees),
             (&run, definition),
             page,
             (&position, page_size),
@@ -342,7 +345,7 @@ fn straggler_requests(
 /// packages left out before), in pages of the configured size, leaving the paging position as
 /// it is: how many jobs it queued, and the packages it had to leave out.
 async fn publish_out_of_order(
-    (store, publisher, registry): (&Store, &Publisher, &RegistryClient),
+    (store, publisher, registry, trees): (&Store, &Publisher, &RegistryClient, &Trees),
     (run, definition): (&quarry_infra::store::Run, &RunDefinition),
     page: Vec<Item>,
     (position, page_size): (&serde_json::Value, usize),
@@ -352,7 +355,7 @@ async fn publish_out_of_order(
     while items.peek().is_some() {
         let chunk: Vec<Item> = items.by_ref().take(page_size.max(1)).collect();
         let paged = page_jobs(registry, run, definition, chunk).await;
-        let pending = paged.record(store, run.id).await?;
+        let pending = paged.record((store, registry, trees), run.id).await?;
         let page = RecordedPage {
             jobs: paged.jobs,
             pending,

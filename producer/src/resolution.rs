@@ -7,8 +7,11 @@ use quarry_core::job::{Job, PackageVersion, RunId};
 use quarry_infra::registry::{RegistryClient, RegistryError};
 use quarry_infra::store::Store;
 
+use std::collections::HashMap;
+
 use crate::definition::RunDefinition;
 use crate::selection::Filter;
+use crate::tree::Trees;
 
 /// Index files fetched at once while expanding a page.
 pub(crate) const INDEX_CONCURRENCY: usize = 8;
@@ -87,15 +90,54 @@ pub(crate) struct PagedJobs {
 
 impl PagedJobs {
     /// Records the page's jobs and what its packages depend on; returns the jobs still to
-    /// publish.
+    /// publish, in the order to publish them: the longest expected from earlier runs first,
+    /// then those no run has timed, the largest dependency tree first.
     pub(crate) async fn record(
         &self,
-        store: &Store,
+        (store, registry, trees): (&Store, &RegistryClient, &Trees),
         run: RunId,
     ) -> anyhow::Result<Vec<quarry_core::job::JobId>> {
         let pending = store.record_jobs(&self.jobs).await?;
         store.record_dependencies(run, &self.dependencies).await?;
-        Ok(pending)
+        let timed = pending
+            .iter()
+            .take_while(|(_, expected)| expected.is_some());
+        let mut order: Vec<quarry_core::job::JobId> = timed.map(|(id, _)| *id).collect();
+        let untimed = &pending[order.len()..];
+        if untimed.len() > 1 {
+            let names: HashMap<_, String> = self
+                .jobs
+                .iter()
+                .map(|j| (j.id, j.package.name.to_ascii_lowercase()))
+                .collect();
+            let mut direct: HashMap<&str, Vec<String>> = HashMap::new();
+            for (dependent, dependency) in &self.dependencies {
+                direct
+                    .entry(dependent.as_str())
+                    .or_default()
+                    .push(dependency.clone());
+            }
+            let roots: Vec<&[String]> = untimed
+                .iter()
+                .map(|(id, _)| {
+                    names
+                        .get(id)
+                        .and_then(|name| direct.get(name.as_str()))
+                        .map_or(&[][..], Vec::as_slice)
+                })
+                .collect();
+            let sizes = trees.sizes(registry, &roots).await;
+            let mut sized: Vec<(usize, quarry_core::job::JobId)> = sizes
+                .into_iter()
+                .zip(untimed.iter().map(|(id, _)| *id))
+                .collect();
+            // Stable: equal trees keep the order given.
+            sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+            order.extend(sized.into_iter().map(|(_, id)| id));
+        } else {
+            order.extend(untimed.iter().map(|(id, _)| *id));
+        }
+        Ok(order)
     }
 }
 

@@ -75,7 +75,7 @@ pub fn prepare_corpus(out: &Path) -> anyhow::Result<Corpus> {
 pub fn synthetic(out: &Path, count: usize) -> anyhow::Result<Corpus> {
     let sources = tempfile::tempdir()?;
     for i in 0..count {
-        write_package(sources.path(), &format!("quarry-bench-{i}"), None, out)?;
+        write_package(sources.path(), &format!("quarry-bench-{i}"), None, &[], out)?;
     }
     Corpus::load(&[out.to_owned()])
 }
@@ -100,26 +100,43 @@ pub fn timed(out: &Path, packages: &[(String, u64)]) -> anyhow::Result<Corpus> {
                 "fn main() {{\n    std::thread::sleep(std::time::Duration::from_secs({seconds}));\n}}\n"
             )
         });
-        write_package(sources.path(), name, build.as_deref(), out)?;
+        write_package(sources.path(), name, build.as_deref(), &[], out)?;
     }
     Corpus::load(&[out.to_owned()])
 }
 
-/// Writes a package `name` 1.0.0 (an empty library, and `build` as its build script) under
-/// `sources` and packs it into `out`.
+/// Writes packages `name` 1.0.0, each an empty library depending on the packages named with it
+/// (`"1"` of each, from the same registry), into `out` as `.crate` files, and loads them as a
+/// corpus: dependency trees of chosen sizes.
+pub fn trees(out: &Path, packages: &[(&str, &[&str])]) -> anyhow::Result<Corpus> {
+    let sources = tempfile::tempdir()?;
+    for (name, dependencies) in packages {
+        write_package(sources.path(), name, None, dependencies, out)?;
+    }
+    Corpus::load(&[out.to_owned()])
+}
+
+/// Writes a package `name` 1.0.0 (an empty library, `build` as its build script, depending on
+/// `"1"` of each of `dependencies`) under `sources` and packs it into `out`.
 fn write_package(
     sources: &Path,
     name: &str,
     build: Option<&str>,
+    dependencies: &[&str],
     out: &Path,
 ) -> anyhow::Result<PathBuf> {
     let dir = sources.join(name);
     std::fs::create_dir_all(dir.join("src"))?;
+    let dependencies: String = dependencies
+        .iter()
+        .map(|d| format!("{d} = \"1\"\n"))
+        .collect();
     std::fs::write(
         dir.join("Cargo.toml"),
         format!(
             "[package]\nname = \"{name}\"\nversion = \"1.0.0\"\nedition = \"2021\"\n\
-             description = \"Quarry test package\"\nlicense = \"MIT\"\n"
+             description = \"Quarry test package\"\nlicense = \"MIT\"\n\
+             [dependencies]\n{dependencies}"
         ),
     )?;
     std::fs::write(dir.join("src/lib.rs"), "")?;

@@ -60,36 +60,7 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         .await
         .unwrap();
     assert_eq!(summary.jobs_queued, 5, "each job published once");
-    let connection = lapin::Connection::connect(
-        stack.config.rabbitmq.url.expose(),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let jobs_queue = quarry_infra::queue::Broker::connect(&stack.config.rabbitmq)
-        .await
-        .unwrap()
-        .topology()
-        .jobs
-        .clone();
-    // Takes every message off the queue: the packages, in the order they were published.
-    let take_queued = || async {
-        let mut queued = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
-                jobs_queue.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
-            queued.push(job.package.name);
-        }
-        queued
-    };
-    let mut queued = take_queued().await;
+    let mut queued = take_queued(&stack).await;
     assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
     queued.sort();
     queued.dedup();
@@ -133,9 +104,90 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
         .await
         .unwrap();
     assert_eq!(summary.jobs_queued, 4);
-    let queued = take_queued().await;
+    let queued = take_queued(&stack).await;
     assert_eq!(queued.first().map(String::as_str), Some(SLOW), "{queued:?}");
     assert_eq!(queued.len(), 4, "every job once: {queued:?}");
+}
+
+/// A first run has no earlier durations: its jobs go largest dependency tree first, as the index
+/// tells, counting what the dependencies pull in (`z` depends on one package, like `b`, but that
+/// one brings two more).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_run_publishes_the_largest_dependency_tree_first() {
+    let packed = tempfile::tempdir().unwrap();
+    let corpus = fixtures::trees(
+        packed.path(),
+        &[
+            ("quarry-tree-a", &[]),
+            ("quarry-tree-b", &["quarry-tree-leaf-1"]),
+            ("quarry-tree-leaf-1", &[]),
+            ("quarry-tree-leaf-2", &[]),
+            (
+                "quarry-tree-mid",
+                &["quarry-tree-leaf-1", "quarry-tree-leaf-2"],
+            ),
+            ("quarry-tree-z", &["quarry-tree-mid"]),
+        ],
+    )
+    .unwrap();
+    let stack = TestStack::start_with(corpus).await.unwrap();
+    let definition = RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![quarry_testkit::toolchain()],
+        experiment: experiment(Mode::Check, 120),
+        selection: Selection::Listing {
+            sort: Sort::Alpha,
+            limit: None,
+        },
+        toolchain_files: Vec::new(),
+    };
+    let summary = publish_run(
+        &stack.config,
+        "first",
+        &definition,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.jobs_queued, 6);
+    let queued = take_queued(&stack).await;
+    let short: Vec<&str> = queued
+        .iter()
+        .map(|n| n.trim_start_matches("quarry-tree-"))
+        .collect();
+    assert_eq!(short, ["z", "mid", "b", "a", "leaf-1", "leaf-2"]);
+}
+
+/// Takes every message off the stack's job queue: the packages, in the order they were
+/// published.
+async fn take_queued(stack: &TestStack) -> Vec<String> {
+    let connection = lapin::Connection::connect(
+        stack.config.rabbitmq.url.expose(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let jobs_queue = quarry_infra::queue::Broker::connect(&stack.config.rabbitmq)
+        .await
+        .unwrap()
+        .topology()
+        .jobs
+        .clone();
+    let mut queued = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            jobs_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let job = quarry_core::job::Job::from_message(&message.delivery.data).unwrap();
+        queued.push(job.package.name);
+    }
+    queued
 }
 
 /// A stack over the timed packages `packages` (name, seconds its build script sleeps), and a

@@ -607,40 +607,45 @@ async fn check(
 
     // The same packages with xargs, each in a copy of the directory the pipeline prepared (its
     // manifest as Quarry repaired it, the lockfile cargo resolved): fetch outside the sandbox,
-    // check inside, twice (an empty cargo home, then the same one again).
-    let bare_home = work.path().join("cargo-home");
-    std::fs::create_dir_all(&bare_home)?;
+    // check inside. Each arm has a cargo home of its own, made new for it, so that every arm
+    // downloads and extracts its sources as Quarry's cold round does (and as Crater does once
+    // per run). An arm that found the previous arm's home filled would not pay for them; one
+    // that emptied it first would pay the removal's freed inodes in its own file creations.
     let index = &stack.config.registry.index_url;
-    std::fs::write(
-        bare_home.join("config.toml"),
-        format!(
-            "[source.crates-io]\nreplace-with = \"bench\"\n\
-             [source.bench]\nregistry = \"sparse+{index}\"\n"
-        ),
-    )?;
     let cargo_bin = quarry_consumer::find_on_path("cargo")
         .and_then(|cargo| cargo.parent().map(std::path::PathBuf::from))
         .context("cargo is not on PATH")?;
-    let sandbox = quarry_consumer::Sandbox::bubblewrap(vec![
-        rustup_home()?,
-        cargo_bin.clone(),
-        bare_home.clone(),
-    ])
-    .await?;
     let toolchain = quarry_testkit::toolchain().to_string();
-    let env = format!(
-        "env -i PATH='{}:/usr/bin:/bin' HOME=\"$d\" CARGO_HOME='{}' RUSTUP_HOME='{}' \
-         RUSTUP_TOOLCHAIN='{toolchain}' CARGO_TARGET_DIR=\"$d/target\" CARGO_TERM_COLOR=never \
-         CARGO_INCREMENTAL=0",
-        cargo_bin.display(),
-        bare_home.display(),
-        rustup_home()?.display(),
-    );
     let plus = format!("+{toolchain}");
+    // The arm's cargo home, the sandbox that sees it, and the environment that names it.
+    let home_for = |arm: usize| -> anyhow::Result<(std::path::PathBuf, String)> {
+        let home = work.path().join(format!("cargo-home-{arm}"));
+        std::fs::create_dir_all(&home)?;
+        std::fs::write(
+            home.join("config.toml"),
+            format!(
+                "[source.crates-io]\nreplace-with = \"bench\"\n\
+                 [source.bench]\nregistry = \"sparse+{index}\"\n"
+            ),
+        )?;
+        let env = format!(
+            "env -i PATH='{}:/usr/bin:/bin' HOME=\"$d\" CARGO_HOME='{}' RUSTUP_HOME='{}' \
+             RUSTUP_TOOLCHAIN='{toolchain}' CARGO_TARGET_DIR=\"$d/target\" CARGO_TERM_COLOR=never \
+             CARGO_INCREMENTAL=0",
+            cargo_bin.display(),
+            home.display(),
+            rustup_home()?.display(),
+        );
+        Ok((home, env))
+    };
     // Two bare baselines: a fresh target directory per crate, and one per worker kept across
     // its crates as Crater does (moved into the crate's directory for its check, so that the
     // sandbox's one writable place holds it, and back after).
-    let script = |kept_target: bool, workers: usize, arm: usize| {
+    let script = |kept_target: bool,
+                  workers: usize,
+                  arm: usize,
+                  env: &str,
+                  sandbox: &quarry_consumer::Sandbox| {
         let (take, give_back) = if kept_target {
             (
                 format!(
@@ -665,7 +670,7 @@ async fn check(
              (cd \"$d/src\" && {env} {check} >/dev/null 2>&1); \
              echo \"$? $1\" >> {work}/statuses; {give_back} rm -rf \"$d\"; exit 0",
             work = work.path().display(),
-            check = sandboxed(&sandbox, "cargo", &[&plus, "check", "--frozen"]),
+            check = sandboxed(sandbox, "cargo", &[&plus, "check", "--frozen"]),
         )
     };
     let mut bare = Vec::new();
@@ -680,15 +685,17 @@ async fn check(
         ("one target for all crates, one at a time", true, 1),
     ];
     for (i, &(arm, kept_target, workers)) in arms.iter().enumerate() {
+        let (home, env) = home_for(i)?;
+        let sandbox = quarry_consumer::Sandbox::bubblewrap(vec![
+            rustup_home()?,
+            cargo_bin.clone(),
+            home.clone(),
+        ])
+        .await?;
+        let script = script(kept_target, workers, i, &env, &sandbox);
         calibrate(&format!("xargs -P{workers}, {arm}"));
         let cpu_before = machine_cpu_seconds()?;
-        let elapsed = xargs(
-            &packages,
-            workers,
-            &script(kept_target, workers, i),
-            work.path(),
-        )
-        .await?;
+        let elapsed = xargs(&packages, workers, &script, work.path()).await?;
         eprintln!("{ARM_FINISHED}xargs -P{workers}, {arm}");
         let cpu = machine_cpu_seconds()? - cpu_before;
         let statuses = std::fs::read_to_string(work.path().join("statuses"))?;
@@ -759,8 +766,8 @@ async fn check(
         differ.len(),
         differ.join("\n")
     );
-    // Cold against the fresh arm (which starts with an empty cargo home), again against the
-    // Crater-style one (which finds the home the fresh arm filled).
+    // Cold against the fresh arm, again against the Crater-style one (each from an empty cargo
+    // home of its own).
     Ok(vec![(pipeline[0].0, fresh.0), (pipeline[1].0, crater.0)])
 }
 

@@ -3,9 +3,10 @@
 use super::*;
 
 impl Store {
-    /// Records jobs (idempotently) and returns those still to publish: not yet confirmed by the
-    /// broker and without a result, the longest expected first.
-    pub async fn record_jobs(&self, jobs: &[Job]) -> anyhow::Result<Vec<JobId>> {
+    /// Records jobs (idempotently) and returns those still to publish (not yet confirmed by the
+    /// broker and without a result) with their expected durations: the longest expected first,
+    /// then those no earlier run timed, in the order given.
+    pub async fn record_jobs(&self, jobs: &[Job]) -> anyhow::Result<Vec<(JobId, Option<i64>)>> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -64,7 +65,10 @@ impl Store {
                 given.get(id).copied(),
             )
         });
-        Ok(pending.into_iter().map(|(id, _)| JobId(id)).collect())
+        Ok(pending
+            .into_iter()
+            .map(|(id, expected)| (JobId(id), expected))
+            .collect())
     }
 
     /// The crates whose latest computed results took longest, longest first, at most `limit`:
