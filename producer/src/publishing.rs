@@ -153,16 +153,28 @@ pub async fn publish_run(
     // end waiting on one of them started last (as PkgEvalFarm orders its jobs).
     let longest = store.longest_packages(STRAGGLERS).await?;
     let chosen = pages.chosen().await?.map(<[Request]>::to_vec);
-    let stragglers = straggler_requests(
+    let mut stragglers = straggler_requests(
         &definition.selection,
         &definition.filter,
         &longest,
         chosen.as_deref(),
     )?;
+    let timed = stragglers.len();
+    stragglers.extend(
+        largest_trees_first(
+            (&store, &registry, &trees),
+            run.id,
+            &definition.selection,
+            chosen.as_deref(),
+        )
+        .await?,
+    );
     if !stragglers.is_empty() {
         tracing::info!(
-            packages = stragglers.len(),
-            "publishing first the packages slowest in earlier runs"
+            timed,
+            untimed = stragglers.len() - timed,
+            "publishing first the packages slowest in earlier runs, then the largest trees \
+             of those no run timed"
         );
         let position = serde_json::to_value(&pages.position)?;
         let (queued, left_out) = publish_out_of_order(
@@ -339,6 +351,41 @@ fn straggler_requests(
         .into_iter()
         .map(|(_, request)| Item::Request(request))
         .collect())
+}
+
+/// The packages of a list known before paging (a package list, or what a sample or a
+/// dependents filter chose over the whole registry) that no earlier run timed, largest
+/// dependency tree first: published before paging like the stragglers, so that a first run of a
+/// list starts its slowest crates first too, not only within each page. Only for lists of up to
+/// `STRAGGLERS` such packages, whose trees can be read before the first job goes out; longer
+/// ones are ordered page by page (`PagedJobs::record`).
+async fn largest_trees_first(
+    (store, registry, trees): (&Store, &RegistryClient, &Trees),
+    run: RunId,
+    selection: &Selection,
+    chosen: Option<&[Request]>,
+) -> anyhow::Result<Vec<Item>> {
+    let listed: Vec<Request> = match (selection, chosen) {
+        (_, Some(chosen)) => chosen.to_vec(),
+        (Selection::Packages { packages }, None) => {
+            packages.iter().map(|spec| parse_spec(spec)).collect()
+        }
+        _ => return Ok(Vec::new()),
+    };
+    let names: Vec<String> = listed.iter().map(|r| r.name.clone()).collect();
+    let timed = store.timed_packages(&names, run).await?;
+    let untimed: Vec<Request> = listed
+        .into_iter()
+        .filter(|r| !timed.contains(&r.name))
+        .collect();
+    if untimed.len() < 2 || untimed.len() > STRAGGLERS as usize {
+        return Ok(Vec::new());
+    }
+    let untimed = untimed
+        .into_iter()
+        .map(|r| (r.name.clone(), Item::Request(r)))
+        .collect();
+    Ok(trees.largest_first(registry, untimed).await)
 }
 
 /// Records and publishes `page` outside the paging order (the slowest crates first, the

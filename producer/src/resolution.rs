@@ -103,40 +103,16 @@ impl PagedJobs {
             .iter()
             .take_while(|(_, expected)| expected.is_some());
         let mut order: Vec<quarry_core::job::JobId> = timed.map(|(id, _)| *id).collect();
-        let untimed = &pending[order.len()..];
-        if untimed.len() > 1 {
-            let names: HashMap<_, String> = self
-                .jobs
-                .iter()
-                .map(|j| (j.id, j.package.name.to_ascii_lowercase()))
-                .collect();
-            let mut direct: HashMap<&str, Vec<String>> = HashMap::new();
-            for (dependent, dependency) in &self.dependencies {
-                direct
-                    .entry(dependent.as_str())
-                    .or_default()
-                    .push(dependency.clone());
-            }
-            let roots: Vec<&[String]> = untimed
-                .iter()
-                .map(|(id, _)| {
-                    names
-                        .get(id)
-                        .and_then(|name| direct.get(name.as_str()))
-                        .map_or(&[][..], Vec::as_slice)
-                })
-                .collect();
-            let sizes = trees.sizes(registry, &roots).await;
-            let mut sized: Vec<(usize, quarry_core::job::JobId)> = sizes
-                .into_iter()
-                .zip(untimed.iter().map(|(id, _)| *id))
-                .collect();
-            // Stable: equal trees keep the order given.
-            sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
-            order.extend(sized.into_iter().map(|(_, id)| id));
-        } else {
-            order.extend(untimed.iter().map(|(id, _)| *id));
-        }
+        let names: HashMap<_, &str> = self
+            .jobs
+            .iter()
+            .map(|j| (j.id, j.package.name.as_str()))
+            .collect();
+        let untimed = pending[order.len()..]
+            .iter()
+            .map(|(id, _)| (names.get(id).copied().unwrap_or_default().to_owned(), *id))
+            .collect();
+        order.extend(trees.largest_first(registry, untimed).await);
         Ok(order)
     }
 }

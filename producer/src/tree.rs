@@ -25,9 +25,31 @@ pub(crate) struct Trees {
 }
 
 impl Trees {
-    /// How many distinct packages the trees under `roots` reach (each root's direct dependencies,
-    /// by lowercase name), one count per root.
-    pub(crate) async fn sizes(&self, registry: &RegistryClient, roots: &[&[String]]) -> Vec<usize> {
+    /// `items` (each with the name of its package) reordered largest dependency tree first,
+    /// counting each package's newest version's tree: an estimate either way. Items of equal
+    /// trees keep their order.
+    pub(crate) async fn largest_first<T>(
+        &self,
+        registry: &RegistryClient,
+        items: Vec<(String, T)>,
+    ) -> Vec<T> {
+        let roots: Vec<[String; 1]> = items
+            .iter()
+            .map(|(name, _)| [name.to_ascii_lowercase()])
+            .collect();
+        let roots: Vec<&[String]> = roots.iter().map(|r| &r[..]).collect();
+        let sizes = self.sizes(registry, &roots).await;
+        let mut sized: Vec<(usize, T)> = sizes
+            .into_iter()
+            .zip(items.into_iter().map(|(_, item)| item))
+            .collect();
+        sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+        sized.into_iter().map(|(_, item)| item).collect()
+    }
+
+    /// How many distinct packages each of the trees of `roots` holds (a tree's roots by
+    /// lowercase name: usually one package, counted with what it pulls in).
+    async fn sizes(&self, registry: &RegistryClient, roots: &[&[String]]) -> Vec<usize> {
         // Learn every name any of the trees reaches, a level at a time, reading the index files
         // of a level at once.
         let mut wanted: Vec<String> = roots.iter().flat_map(|r| r.iter().cloned()).collect();

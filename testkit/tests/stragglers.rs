@@ -157,6 +157,30 @@ async fn a_first_run_publishes_the_largest_dependency_tree_first() {
         .map(|n| n.trim_start_matches("quarry-tree-"))
         .collect();
     assert_eq!(short, ["z", "mid", "b", "a", "leaf-1", "leaf-2"]);
+
+    // A list is ordered as a whole before paging, not page by page: with pages of one, the
+    // largest tree, last in the list, still goes first.
+    let listed = RunDefinition {
+        selection: Selection::Packages {
+            packages: ["a", "b", "mid", "z"]
+                .iter()
+                .map(|n| format!("quarry-tree-{n}"))
+                .collect(),
+        },
+        ..definition
+    };
+    let mut producer = stack.config.clone();
+    producer.registry.page_size = 1;
+    let summary = publish_run(&producer, "listed", &listed, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(summary.jobs_queued, 4);
+    let queued = take_queued(&stack).await;
+    let short: Vec<&str> = queued
+        .iter()
+        .map(|n| n.trim_start_matches("quarry-tree-"))
+        .collect();
+    assert_eq!(short, ["z", "mid", "b", "a"]);
 }
 
 /// Takes every message off the stack's job queue: the packages, in the order they were

@@ -92,6 +92,32 @@ impl Store {
             .collect())
     }
 
+    /// Of `names`, the crates with a computed result in a run other than `run`: those whose
+    /// jobs in `run` get an expected duration.
+    pub async fn timed_packages(
+        &self,
+        names: &[String],
+        run: RunId,
+    ) -> anyhow::Result<std::collections::HashSet<String>> {
+        let client = self.client().await?;
+        Ok(client
+            .query(
+                &client
+                    .prepare_cached(
+                        "SELECT DISTINCT j.crate_name FROM jobs j
+                 WHERE j.crate_name = ANY($1) AND j.run_id <> $2
+                   AND EXISTS (SELECT 1 FROM results r
+                               WHERE r.job_id = j.id AND r.reused_from IS NULL)",
+                    )
+                    .await?,
+                &[&names, &run.0],
+            )
+            .await?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect())
+    }
+
     /// The run's jobs that have no result yet, as (id, package, side, the job it re-runs).
     pub async fn unfinished_jobs(&self, run: RunId) -> anyhow::Result<Vec<StoredJob>> {
         let client = self.client().await?;
