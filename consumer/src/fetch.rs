@@ -222,10 +222,13 @@ impl DiskCache {
         Some(Bytes::from(bytes))
     }
 
-    /// Stores a verified file (written aside, then renamed: readers never see half a file).
-    pub async fn put(&self, package: &PackageVersion, bytes: &Bytes) {
+    /// Stores a verified file (written aside, then renamed: readers never see half a file);
+    /// whether it could. The staged name is unique to the call: two consumers of one process
+    /// (or of two containers, each its own pid 1) storing the same package at once must not
+    /// write the same staged file.
+    pub async fn put(&self, package: &PackageVersion, bytes: &Bytes) -> bool {
         let path = self.path(package);
-        let staged = path.with_extension(format!("part.{}", std::process::id()));
+        let staged = path.with_extension(format!("part.{}", uuid::Uuid::new_v4().simple()));
         let stored = async {
             tokio::fs::write(&staged, bytes).await?;
             tokio::fs::rename(&staged, &path).await
@@ -234,7 +237,7 @@ impl DiskCache {
         if let Err(err) = stored {
             tracing::warn!(path = %path.display(), %err, "cannot write to the disk cache");
             let _ = tokio::fs::remove_file(&staged).await;
-            return;
+            return false;
         }
         use std::sync::atomic::Ordering;
         let used = self
@@ -242,13 +245,14 @@ impl DiskCache {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed)
             + bytes.len() as u64;
         if used <= self.max_bytes {
-            return;
+            return true;
         }
         let dir = self.dir.clone();
         let max_bytes = self.max_bytes;
         if let Ok(left) = tokio::task::spawn_blocking(move || evict(&dir, max_bytes)).await {
             self.used_bytes.store(left, Ordering::Relaxed);
         }
+        true
     }
 }
 
@@ -314,6 +318,24 @@ mod tests {
             "a corrupt file is never used"
         );
         assert!(!cache.path(&a).exists(), "and it is removed");
+    }
+
+    /// The two consumers of one process (as in the benchmark) share a work directory: storing
+    /// the same package at once, both succeed and the file is whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_caches_on_one_directory_store_the_same_package_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = DiskCache::new(dir.path().to_owned(), 1 << 30).unwrap();
+        let two = DiskCache::new(dir.path().to_owned(), 1 << 30).unwrap();
+        let bytes = Bytes::from(vec![7u8; 1 << 20]);
+        let a = package("a", &bytes);
+        for _ in 0..50 {
+            let (first, second) = tokio::join!(one.put(&a, &bytes), two.put(&a, &bytes));
+            assert!(first && second, "both stored");
+        }
+        assert_eq!(one.get(&a).await.unwrap(), bytes);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no staged file left behind");
     }
 
     #[tokio::test]

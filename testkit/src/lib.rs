@@ -144,6 +144,21 @@ pub fn first_crates(mode: Mode, limit: u64) -> quarry_producer::RunDefinition {
     }
 }
 
+/// A run of `experiment` with the test toolchain over every crate of the registry, in name order.
+pub fn every_crate(experiment: Experiment) -> quarry_producer::RunDefinition {
+    quarry_producer::RunDefinition {
+        patch: None,
+        filter: Default::default(),
+        toolchains: vec![toolchain()],
+        experiment,
+        selection: quarry_producer::Selection::Listing {
+            sort: quarry_producer::Sort::Alpha,
+            limit: None,
+        },
+        toolchain_files: Vec::new(),
+    }
+}
+
 /// A run of `experiment` with the test toolchain over exactly `packages` (newest versions).
 pub fn packages_run(experiment: Experiment, packages: &[&str]) -> quarry_producer::RunDefinition {
     quarry_producer::RunDefinition {
@@ -161,24 +176,10 @@ pub fn packages_run(experiment: Experiment, packages: &[&str]) -> quarry_produce
 /// The run of the dispatch benchmark and the soak: every crate of the registry, its job `true`
 /// in the sandbox, nothing built.
 pub fn no_op_run() -> quarry_producer::RunDefinition {
-    quarry_producer::RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![toolchain()],
-        experiment: Experiment {
-            mode: Mode::Command,
-            timeout_secs: 60,
-            fresh: false,
-            memory_limit_mb: 1024,
-            cap_lints: None,
-            command: Some(vec!["true".to_owned()]),
-        },
-        selection: quarry_producer::Selection::Listing {
-            sort: quarry_producer::Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    }
+    every_crate(Experiment {
+        command: Some(vec!["true".to_owned()]),
+        ..experiment(Mode::Command, 60)
+    })
 }
 
 /// The repository's root directory.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use quarry_core::job::Mode;
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
+use quarry_producer::publish_run;
 use quarry_testkit::{TestStack, experiment, fixtures};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -34,17 +34,7 @@ async fn each_preparation_rule_and_broken_reason_is_applied_said_and_counted() {
         &std::fs::read(fixtures::dir().join("prepare/expected.json")).unwrap(),
     )
     .unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 120),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = quarry_testkit::every_crate(experiment(Mode::Check, 120));
     let never = CancellationToken::new();
     let summary = publish_run(&stack.config, "prepare", &definition, &never)
         .await

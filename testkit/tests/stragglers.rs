@@ -4,8 +4,8 @@
 //! consumer with nothing to do, not into a busy consumer's hand to wait for its slot.
 
 use quarry_core::job::Mode;
-use quarry_producer::{RunDefinition, Selection, Sort, publish_run};
-use quarry_testkit::{TestStack, experiment, fixtures};
+use quarry_producer::{RunDefinition, publish_run};
+use quarry_testkit::{TestStack, every_crate, experiment, fixtures, packages_run};
 use tokio_util::sync::CancellationToken;
 
 const SLOW: &str = "quarry-timed-z";
@@ -27,20 +27,10 @@ async fn a_crate_slow_in_an_earlier_run_is_published_first() {
     let mut config = stack.consumer_config("stragglers");
     config.consumer.concurrency = 1;
     let consumers = quarry_testkit::Consumers::start([config]);
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: quarry_core::job::Experiment {
-            fresh: true,
-            ..experiment(Mode::Check, 120)
-        },
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = every_crate(quarry_core::job::Experiment {
+        fresh: true,
+        ..experiment(Mode::Check, 120)
+    });
     let database = stack.sql().await.unwrap();
     // Pages of two: the slow crate, last in the registry's order, is on the last page.
     let mut producer = stack.config.clone();
@@ -131,17 +121,7 @@ async fn a_first_run_publishes_the_largest_dependency_tree_first() {
     )
     .unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 120),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = every_crate(experiment(Mode::Check, 120));
     let summary = publish_run(
         &stack.config,
         "first",
@@ -160,15 +140,15 @@ async fn a_first_run_publishes_the_largest_dependency_tree_first() {
 
     // A list is ordered as a whole before paging, not page by page: with pages of one, the
     // largest tree, last in the list, still goes first.
-    let listed = RunDefinition {
-        selection: Selection::Packages {
-            packages: ["a", "b", "mid", "z"]
-                .iter()
-                .map(|n| format!("quarry-tree-{n}"))
-                .collect(),
-        },
-        ..definition
-    };
+    let listed = packages_run(
+        experiment(Mode::Check, 120),
+        &[
+            "quarry-tree-a",
+            "quarry-tree-b",
+            "quarry-tree-mid",
+            "quarry-tree-z",
+        ],
+    );
     let mut producer = stack.config.clone();
     producer.registry.page_size = 1;
     let summary = publish_run(&producer, "listed", &listed, &CancellationToken::new())
@@ -227,17 +207,7 @@ async fn timed_stack(
     let stack = TestStack::start_with(fixtures::timed(packed, &packages).unwrap())
         .await
         .unwrap();
-    let definition = RunDefinition {
-        patch: None,
-        filter: Default::default(),
-        toolchains: vec![quarry_testkit::toolchain()],
-        experiment: experiment(Mode::Check, 120),
-        selection: Selection::Listing {
-            sort: Sort::Alpha,
-            limit: None,
-        },
-        toolchain_files: Vec::new(),
-    };
+    let definition = every_crate(experiment(Mode::Check, 120));
     (stack, definition)
 }
 
