@@ -15,7 +15,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use quarry_core::index::{IndexConfig, parse_index_file};
+use quarry_core::index::{IndexConfig, is_crate_name, parse_index_file};
 use quarry_core::job::PackageVersion;
 use quarry_infra::registry::RegistryError;
 use tokio::sync::RwLock;
@@ -73,17 +73,6 @@ async fn config_json() -> Json<IndexConfig> {
         dl: format!("http://{REGISTRY_HOST}/dl/{{crate}}/{{version}}"),
         api: None,
     })
-}
-
-/// Whether `name` can be a crate's name (what crates.io allows: ASCII letters, digits, `-` and
-/// `_`). Requests come from cargo reading a hostile manifest; a name never becomes a path that
-/// leaves the caches.
-fn is_crate_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Whether `version` can be a semver version (letters, digits, `.`, `-`, `+`).

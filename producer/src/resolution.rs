@@ -1,13 +1,13 @@
 //! Resolution: a page's entries turned into jobs, one per package version and side, by
 //! reading each package's index file (its versions, checksums and dependencies).
 
+use std::collections::HashMap;
+
 use futures::StreamExt as _;
 use quarry_core::index::IndexEntry;
 use quarry_core::job::{Job, PackageVersion, RunId};
 use quarry_infra::registry::{RegistryClient, RegistryError};
 use quarry_infra::store::Store;
-
-use std::collections::HashMap;
 
 use crate::definition::RunDefinition;
 use crate::selection::Filter;

@@ -120,7 +120,7 @@ fn newest_edges(entries: &[IndexEntry]) -> Vec<String> {
 /// What building `entry` with its default features compiles: its normal and build dependencies
 /// on the same registry, the optional ones only where a default feature enables them, none
 /// meant only for another platform than Linux.
-pub(crate) fn build_edges(entry: &IndexEntry) -> Vec<String> {
+fn build_edges(entry: &IndexEntry) -> Vec<String> {
     let enabled = default_enabled(entry);
     let mut names: Vec<String> = entry
         .deps

@@ -95,6 +95,17 @@ pub struct PageMeta {
 }
 
 /// The path of a crate's file inside the index (`se/rd/serde`, `3/s/syn`, `1/a`).
+/// Whether `name` can be a crate's name (what crates.io allows: ASCII letters, digits, `-` and
+/// `_`, at most 64 bytes). Names come from hostile manifests (through cargo's requests, or a
+/// dependency list in the index): only such a name ever becomes a path or a URL.
+pub fn is_crate_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 pub fn index_path(name: &str) -> String {
     let name = name.to_ascii_lowercase();
     match name.len() {

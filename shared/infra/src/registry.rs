@@ -174,6 +174,12 @@ impl RegistryClient {
         &self,
         name: &str,
     ) -> Result<(Bytes, IndexFetch), RegistryError> {
+        // A name from a dependency list is a manifest's: never a path in the cache, nor a URL.
+        if !quarry_core::index::is_crate_name(name) {
+            return Err(RegistryError::Permanent(format!(
+                "{name:?} is not a crate name"
+            )));
+        }
         let url = format!("{}{}", self.index_url, index_path(name));
         let Some(dir) = &self.index_cache else {
             return Ok((self.get(&url).await?, IndexFetch::Downloaded));
@@ -391,6 +397,49 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dependency lists are manifests': a name that is not a crate name is refused before it
+    /// becomes a URL or a file of the index cache (a path out of it, or bytes that would split a
+    /// character where the index path cuts the name).
+    #[tokio::test]
+    async fn a_name_that_is_not_a_crate_name_is_never_asked_for() {
+        let cache = tempfile::tempdir().unwrap();
+        // Nothing listens there: asking would end in another error than this one.
+        let config = RegistryConfig {
+            index_url: "http://127.0.0.1:9/index/".into(),
+            ..Default::default()
+        };
+        let client = RegistryClient::new(&config)
+            .unwrap()
+            .with_index_cache(cache.path().join("index"))
+            .unwrap();
+        for name in ["../../escaped", "a/b", "a\u{e9}b", "", &"a".repeat(65)] {
+            match client.index_entries(name).await {
+                Err(RegistryError::Permanent(why)) => {
+                    assert!(why.contains("is not a crate name"), "{why}")
+                }
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        let written: Vec<_> = walk(cache.path());
+        assert_eq!(
+            written.len(),
+            2,
+            "the cache's directories only: {written:?}"
+        );
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            }
+            found.push(path);
+        }
+        found
+    }
 
     #[test]
     fn retry_after_is_honoured_within_bounds() {
