@@ -121,21 +121,30 @@ async fn a_first_run_publishes_the_largest_dependency_tree_first() {
     )
     .unwrap();
     let stack = TestStack::start_with(corpus).await.unwrap();
-    let definition = every_crate(experiment(Mode::Check, 120));
-    let summary = publish_run(
-        &stack.config,
+    // Publishes a run with no consumer running: its jobs queued, and their packages (without
+    // the common prefix) in the order they were published.
+    let published =
+        |config: quarry_infra::Config, name: &'static str, definition: RunDefinition| {
+            let stack = &stack;
+            async move {
+                let summary = publish_run(&config, name, &definition, &CancellationToken::new())
+                    .await
+                    .unwrap();
+                let queued: Vec<String> = take_queued(stack)
+                    .await
+                    .iter()
+                    .map(|n| n.trim_start_matches("quarry-tree-").to_owned())
+                    .collect();
+                (summary.jobs_queued, queued)
+            }
+        };
+    let (jobs, short) = published(
+        stack.config.clone(),
         "first",
-        &definition,
-        &CancellationToken::new(),
+        every_crate(experiment(Mode::Check, 120)),
     )
-    .await
-    .unwrap();
-    assert_eq!(summary.jobs_queued, 6);
-    let queued = take_queued(&stack).await;
-    let short: Vec<&str> = queued
-        .iter()
-        .map(|n| n.trim_start_matches("quarry-tree-"))
-        .collect();
+    .await;
+    assert_eq!(jobs, 6);
     assert_eq!(short, ["z", "mid", "b", "a", "leaf-1", "leaf-2"]);
 
     // A list is ordered as a whole before paging, not page by page: with pages of one, the
@@ -151,15 +160,8 @@ async fn a_first_run_publishes_the_largest_dependency_tree_first() {
     );
     let mut producer = stack.config.clone();
     producer.registry.page_size = 1;
-    let summary = publish_run(&producer, "listed", &listed, &CancellationToken::new())
-        .await
-        .unwrap();
-    assert_eq!(summary.jobs_queued, 4);
-    let queued = take_queued(&stack).await;
-    let short: Vec<&str> = queued
-        .iter()
-        .map(|n| n.trim_start_matches("quarry-tree-"))
-        .collect();
+    let (jobs, short) = published(producer, "listed", listed).await;
+    assert_eq!(jobs, 4);
     assert_eq!(short, ["z", "mid", "b", "a"]);
 }
 
