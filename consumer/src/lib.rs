@@ -102,8 +102,12 @@ pub struct ConsumerStats {
     pub toolchain_installs: u64,
     /// Dependencies' sources it extracted into its store (`sources.rs`), once each.
     pub sources_extracted: u64,
-    /// Dependencies' sources a job found in the store, extracted by an earlier job.
+    /// Dependencies' sources a job found in the store, extracted by an earlier job, when cargo
+    /// downloaded them.
     pub sources_shared: u64,
+    /// Stored versions linked into a job's cargo home as cargo read their index file, so that
+    /// cargo downloads none of them.
+    pub sources_linked_ahead: u64,
 }
 
 impl std::ops::AddAssign for ConsumerStats {
@@ -125,6 +129,7 @@ impl std::ops::AddAssign for ConsumerStats {
         self.leases_lapsed += other.leases_lapsed;
         self.sources_extracted += other.sources_extracted;
         self.sources_shared += other.sources_shared;
+        self.sources_linked_ahead += other.sources_linked_ahead;
     }
 }
 

@@ -70,7 +70,13 @@ pub struct Metrics {
 const LAYERS: [&str; 3] = ["disk", "s3", "registry"];
 
 /// What became of a dependency's sources (`quarry_consumer_sources_total`).
-const SOURCES: [&str; 4] = ["extracted", "shared", "left-to-cargo", "removed"];
+const SOURCES: [&str; 5] = [
+    "extracted",
+    "shared",
+    "linked-ahead",
+    "left-to-cargo",
+    "removed",
+];
 
 /// What became of a compiled unit (`quarry_consumer_units_total`).
 const UNITS: [&str; 5] = ["reused", "added", "run-reused", "run-added", "removed"];
@@ -241,7 +247,8 @@ impl Metrics {
                     "quarry_consumer_sources_total",
                     "Dependency sources cargo downloaded, by what became of them: extracted \
                      (into the work directory's store, once), shared (linked to the stored copy), \
-                     left-to-cargo (not storable: cargo extracted it in the job); and removed \
+                     linked-ahead (a stored version linked as cargo read its index file, so \
+                     that cargo downloads none it picks), left-to-cargo (not storable: cargo extracted it in the job); and removed \
                      (stored copies removed past consumer.sources_mb)",
                 ),
                 &["how"],
@@ -479,6 +486,7 @@ impl Metrics {
             toolchain_installs: self.toolchain_installs.get(),
             sources_extracted: self.sources.with_label_values(&["extracted"]).get(),
             sources_shared: self.sources.with_label_values(&["shared"]).get(),
+            sources_linked_ahead: self.sources.with_label_values(&["linked-ahead"]).get(),
         }
     }
 }

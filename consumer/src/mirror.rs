@@ -4,7 +4,9 @@
 //! (`If-None-Match`: an unchanged file costs a 304 and no body; an unreachable registry, the
 //! cached copy). Downloads go through the same cache layers as the packages under test (disk,
 //! S3, registry), checked against the index's checksum. So a dependency is downloaded from the
-//! registry once, ever, and a second run downloads no `.crate` from it.
+//! registry once, ever, and a second run downloads no `.crate` from it. A dependency whose
+//! sources the work directory's store holds is not downloaded by the job at all: serving its
+//! index file links it into the job's cargo home first ([`crate::sources`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use quarry_core::index::{IndexConfig, is_crate_name, parse_index_file};
+use quarry_core::index::{IndexConfig, is_crate_name, parse_checksums};
 use quarry_core::job::PackageVersion;
 use quarry_infra::registry::RegistryError;
 use tokio::sync::RwLock;
@@ -26,9 +28,21 @@ use crate::sources::JobSources;
 
 struct Shared {
     fetcher: Arc<Fetcher>,
-    /// Checksums from the index files served so far, by (name, version).
-    checksums: RwLock<HashMap<(String, String), String>>,
+    /// The versions' checksums of the index files served so far, by crate (lowercase name).
+    versions: RwLock<HashMap<String, Versions>>,
 }
+
+/// One crate's versions and their checksums, as read from one index file.
+struct Versions {
+    /// Which file they were read from (its length and hash): a file served again unchanged,
+    /// as in every job that resolves this crate, is not read again.
+    file: (usize, u64),
+    checksums: Arc<HashMap<String, String>>,
+}
+
+/// Crates whose versions are kept; past it the memory starts over (each file is then read once
+/// more). A whole registry's run serves far more crates than one machine's jobs reuse.
+const CRATES_KEPT: usize = 50_000;
 
 /// The endpoint, served on each job's gateway.
 pub struct Mirror {
@@ -39,7 +53,7 @@ impl Mirror {
     pub fn new(fetcher: Arc<Fetcher>) -> Mirror {
         let shared = Arc::new(Shared {
             fetcher,
-            checksums: RwLock::default(),
+            versions: RwLock::default(),
         });
         let endpoint = Router::new()
             .route("/index/config.json", get(config_json))
@@ -84,7 +98,11 @@ fn is_version(version: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'+'))
 }
 
-async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>) -> Response {
+async fn index_file(
+    State(shared): State<Arc<Shared>>,
+    Extension(JobLinks(sources)): Extension<JobLinks>,
+    Path(path): Path<String>,
+) -> Response {
     let name = path.rsplit('/').next().unwrap_or_default().to_owned();
     if !is_crate_name(&name) {
         return (StatusCode::NOT_FOUND, "not a crate's name").into_response();
@@ -92,7 +110,11 @@ async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>)
     match shared.fetcher.registry().index_file_cached(&name).await {
         Ok((body, how)) => {
             shared.fetcher.count_index_file(how);
-            remember_checksums(&shared, &body).await;
+            let checksums = versions_of(&shared, &name, &body).await;
+            // Before cargo has the file, so before it resolves with it and downloads.
+            if let (Some(sources), Some(checksums)) = (sources, checksums) {
+                link_stored(&shared, &sources, &name, &checksums);
+            }
             ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
         }
         Err(RegistryError::NotFound(_)) => StatusCode::NOT_FOUND.into_response(),
@@ -101,25 +123,74 @@ async fn index_file(State(shared): State<Arc<Shared>>, Path(path): Path<String>)
     }
 }
 
-async fn remember_checksums(shared: &Shared, body: &[u8]) {
-    let Ok(entries) = parse_index_file(body) else {
-        return;
-    };
-    let mut checksums = shared.checksums.write().await;
-    for entry in entries {
-        checksums.insert((entry.name.to_ascii_lowercase(), entry.vers), entry.cksum);
+/// The versions and checksums of `name`'s index file `body`, read once per file, whichever
+/// job is served it; `None` if the file cannot be read (cargo will say so).
+async fn versions_of(
+    shared: &Shared,
+    name: &str,
+    body: &[u8],
+) -> Option<Arc<HashMap<String, String>>> {
+    use std::hash::{Hash as _, Hasher as _};
+    let key = name.to_ascii_lowercase();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    let file = (body.len(), hasher.finish());
+    if let Some(known) = shared.versions.read().await.get(&key)
+        && known.file == file
+    {
+        return Some(known.checksums.clone());
+    }
+    let checksums: Arc<HashMap<String, String>> =
+        Arc::new(parse_checksums(body).ok()?.into_iter().collect());
+    let mut versions = shared.versions.write().await;
+    if versions.len() >= CRATES_KEPT {
+        versions.clear();
+    }
+    versions.insert(
+        key,
+        Versions {
+            file,
+            checksums: checksums.clone(),
+        },
+    );
+    Some(checksums)
+}
+
+/// Links, in the job's cargo home, each version of `name` whose sources the store holds, with
+/// its archive, as a download would (`download` below): cargo then finds those versions
+/// downloaded and extracted, and asks for none of them. Which of them the resolution picks is
+/// not known yet; a version linked and not picked costs two links in a cargo home that goes
+/// with the job. Versions the store lacks are downloaded as ever.
+fn link_stored(
+    shared: &Shared,
+    sources: &JobSources,
+    name: &str,
+    checksums: &HashMap<String, String>,
+) {
+    for package in sources.stored(name, checksums) {
+        let cached = shared.fetcher.cached_file(&package);
+        if let Err(why) = sources.link_stored(&package, &cached) {
+            tracing::debug!(%package, %why, "cargo downloads it");
+        }
     }
 }
 
 async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<String> {
-    let key = (name.to_ascii_lowercase(), version.to_owned());
-    if let Some(cksum) = shared.checksums.read().await.get(&key) {
-        return Some(cksum.clone());
+    let known = shared
+        .versions
+        .read()
+        .await
+        .get(&name.to_ascii_lowercase())
+        .and_then(|known| known.checksums.get(version).cloned());
+    if known.is_some() {
+        return known;
     }
     // Cargo normally reads the index first; if not, read it now.
     let body = shared.fetcher.registry().index_file(name).await.ok()?;
-    remember_checksums(shared, &body).await;
-    shared.checksums.read().await.get(&key).cloned()
+    versions_of(shared, name, &body)
+        .await?
+        .get(version)
+        .cloned()
 }
 
 async fn download(

@@ -9,7 +9,9 @@
 //! that every step sees read-only at [`crate::sandbox::SOURCES`]; when cargo downloads a
 //! dependency, the mirror first links `registry/src/<registry dir>/<name>-<version>` in the job's
 //! cargo home to the stored copy, so cargo finds it extracted (`.cargo-ok` says `{"v":1}`) and
-//! extracts nothing.
+//! extracts nothing. A version the store already holds is linked earlier still, as cargo reads
+//! the crate's index file ([`JobSources::link_stored`]), with its archive: cargo then finds it
+//! downloaded and extracted, and asks the mirror for nothing.
 //!
 //! What makes sharing safe: the store is written only by the consumer, outside any sandbox, with
 //! the same refusals as a package under test (`unpack.rs`: no links, devices or escaping
@@ -126,6 +128,9 @@ pub struct JobSources {
     /// names the source, which does not change within a job, so two lookups per download
     /// (sources and archive) would only list the same directories again.
     registry_name: std::sync::OnceLock<String>,
+    /// The `registry/<sub>/<registry dir>` directories made so far (a job links a dependency
+    /// at a time, each into both).
+    made: Mutex<Vec<(&'static str, PathBuf)>>,
 }
 
 /// Why a dependency's sources are not in the store; cargo extracts them in the job instead.
@@ -201,6 +206,7 @@ impl Sources {
                 held: Mutex::default(),
                 refused: Mutex::default(),
                 registry_name: std::sync::OnceLock::new(),
+                made: Mutex::default(),
             })
         })
     }
@@ -269,7 +275,7 @@ impl Sources {
             return Err(NotStored::Refused(why.clone()));
         }
         let (dir, archive) = (self.dir.clone(), archive.clone());
-        let root = format!("{}-{}", package.name, package.version);
+        let root = package_dir(package);
         let entry = checksum.clone();
         let stored = tokio::task::spawn_blocking(move || store(&dir, &entry, &root, &archive))
             .await
@@ -405,13 +411,54 @@ impl JobSources {
         package: &PackageVersion,
         archive: &bytes::Bytes,
     ) -> Result<(), NotStored> {
-        let into = self.registry_dir("src")?;
-        let link = into.join(format!("{}-{}", package.name, package.version));
+        let link = self.registry_dir("src")?.join(package_dir(package));
         if link.symlink_metadata().is_ok() {
-            // Linked already (a second resolution), or extracted by cargo.
+            // Linked already (ahead of the download, or by a second resolution), or extracted
+            // by cargo.
             return Ok(());
         }
         self.sources.hold(package, archive).await?;
+        self.link_held(package, &link)
+    }
+
+    /// Which of `name`'s versions (with their checksums, from the index file) the store holds.
+    pub fn stored(&self, name: &str, checksums: &HashMap<String, String>) -> Vec<PackageVersion> {
+        let index = self.sources.lock();
+        checksums
+            .iter()
+            .filter(|(_, checksum)| index.entries.contains_key(&checksum.to_ascii_lowercase()))
+            .map(|(version, checksum)| PackageVersion {
+                name: name.to_owned(),
+                version: version.clone(),
+                checksum: checksum.clone(),
+            })
+            .collect()
+    }
+
+    /// While cargo, in this job's resolving step, reads the index: links `package`, which the
+    /// store holds, and its archive `cached` (see [`JobSources::link_archive`]) where cargo
+    /// would download and extract it, so that cargo finds it done and asks for nothing. The
+    /// archive is linked only once the sources are: cargo reads no archive whose sources it
+    /// finds extracted, and one it finds alone it would extract itself. `Err` says why not;
+    /// cargo then downloads it, and the download links it.
+    pub fn link_stored(&self, package: &PackageVersion, cached: &Path) -> Result<(), String> {
+        let link = self.registry_dir("src")?.join(package_dir(package));
+        if link.symlink_metadata().is_ok() {
+            return Ok(());
+        }
+        let checksum = package.checksum.to_ascii_lowercase();
+        if !is_checksum(&checksum) || !self.sources.take(&checksum) {
+            return Err("not in the store".to_owned());
+        }
+        self.link_held(package, &link).map_err(|why| match why {
+            NotStored::Refused(why) | NotStored::Failed(why) => why,
+        })?;
+        self.sources.metrics.source("linked-ahead");
+        self.link_archive(package, cached)
+    }
+
+    /// Links `link` to `package`'s entry, which the job has just taken a use of.
+    fn link_held(&self, package: &PackageVersion, link: &Path) -> Result<(), NotStored> {
         let checksum = package.checksum.to_ascii_lowercase();
         {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -421,22 +468,19 @@ impl JobSources {
                 held.push(checksum.clone());
             }
         }
-        let target = self
-            .seen_at
-            .join(&checksum)
-            .join(format!("{}-{}", package.name, package.version));
+        let target = self.seen_at.join(&checksum).join(package_dir(package));
         if !self
             .sources
             .dir
             .join(&checksum)
-            .join(format!("{}-{}", package.name, package.version))
+            .join(package_dir(package))
             .is_dir()
         {
             return Err(NotStored::Refused(
                 "its archive holds another package".to_owned(),
             ));
         }
-        std::os::unix::fs::symlink(&target, &link)
+        std::os::unix::fs::symlink(&target, link)
             .map_err(|e| NotStored::Failed(format!("cannot link {}: {e}", link.display())))
     }
 
@@ -471,7 +515,11 @@ impl JobSources {
     /// its own), and has made it under `registry/index` by the time it downloads. Every
     /// directory on the way is checked to be one, not a link: nothing but cargo has run there,
     /// but nothing is followed.
-    fn registry_dir(&self, sub: &str) -> Result<PathBuf, String> {
+    fn registry_dir(&self, sub: &'static str) -> Result<PathBuf, String> {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, into)) = made.iter().find(|(made, _)| *made == sub) {
+            return Ok(into.clone());
+        }
         let registry = self.cargo_home.join("registry");
         let name = match self.registry_name.get() {
             Some(name) => name.clone(),
@@ -492,6 +540,7 @@ impl JobSources {
                 return Err(format!("{} is not a directory", dir.display()));
             }
         }
+        made.push((sub, into.clone()));
         Ok(into)
     }
 }
@@ -713,6 +762,11 @@ fn registry_name(registry: &Path) -> Result<String, String> {
     }
 }
 
+/// The directory a package's archive extracts to, and cargo's name for it: `<name>-<version>`.
+fn package_dir(package: &PackageVersion) -> String {
+    format!("{}-{}", package.name, package.version)
+}
+
 fn is_checksum(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -870,6 +924,72 @@ mod tests {
         let b = package("b", &plain("b", 1));
         let missing = dir.path().join("b-1.0.0-cached.crate");
         assert!(job.link_archive(&b, &missing).is_err());
+    }
+
+    #[tokio::test]
+    async fn stored_versions_are_linked_as_cargo_reads_the_index_and_only_they() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let sources = store(dir.path(), 1 << 30);
+        let bytes = plain("a", 10);
+        let a = package("a", &bytes);
+        let cached = dir.path().join("a-1.0.0-cached.crate");
+        std::fs::write(&cached, &bytes).unwrap();
+        // An earlier job downloaded 1.0.0.
+        let earlier = sources
+            .for_job(
+                &cargo_home(&dir.path().join("earlier")),
+                Path::new("/run/quarry/sources"),
+                BUILD,
+            )
+            .unwrap();
+        earlier.link(&a, &bytes).await.unwrap();
+        drop(earlier);
+        // The index has 1.0.0 and 1.1.0, which no job downloaded; and a version whose
+        // checksum is not the stored one's (another upload): neither is linked.
+        let home = cargo_home(&dir.path().join("job"));
+        let job = sources
+            .for_job(&home, Path::new("/run/quarry/sources"), BUILD)
+            .unwrap();
+        let index: HashMap<String, String> = [
+            ("1.0.0".to_owned(), a.checksum.to_uppercase()),
+            ("1.1.0".to_owned(), "ab".repeat(32)),
+        ]
+        .into();
+        let stored = job.stored("a", &index);
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!(stored[0].version, "1.0.0");
+        job.link_stored(&stored[0], &cached).unwrap();
+        // Read again (a second resolution): nothing changes.
+        job.link_stored(&stored[0], &cached).unwrap();
+        let registry = home.join("registry");
+        assert_eq!(
+            std::fs::read_link(registry.join("src/registry.quarry.invalid-0123abcd/a-1.0.0"))
+                .unwrap(),
+            Path::new("/run/quarry/sources")
+                .join(&a.checksum)
+                .join("a-1.0.0")
+        );
+        let placed = registry
+            .join("cache/registry.quarry.invalid-0123abcd/a-1.0.0.crate")
+            .metadata()
+            .unwrap();
+        assert_eq!(placed.ino(), cached.metadata().unwrap().ino());
+        // Cargo would download the version the store lacks, and the download links it.
+        let other = PackageVersion {
+            version: "1.1.0".to_owned(),
+            checksum: "ab".repeat(32),
+            ..a.clone()
+        };
+        assert!(job.link_stored(&other, &cached).is_err());
+        assert!(
+            !registry
+                .join("src/registry.quarry.invalid-0123abcd/a-1.1.0")
+                .exists()
+        );
+        // Held while the job is in hand: past the limit, nothing it linked ahead goes.
+        let index = sources.lock();
+        assert_eq!(index.entries[&a.checksum].users, 1);
     }
 
     #[tokio::test]

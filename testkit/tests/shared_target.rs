@@ -91,9 +91,14 @@ async fn no_job_alters_what_a_later_job_builds_against() {
     }
 
     // Extracted once, by the consumer, for the poisoner's job (the dependency, the attack and
-    // the macro), and found there by the victim's; as the archive has them.
+    // the macro), and found there for the victim's, linked into its cargo home as cargo read the
+    // dependency's index file: so cargo downloaded nothing (the disk cache was read once per
+    // job, for the package under test, after its download; not for the dependency); as the
+    // archive has them.
     assert_eq!(stats.sources_extracted, 3, "{stats:?}");
-    assert_eq!(stats.sources_shared, 1, "{stats:?}");
+    assert_eq!(stats.sources_linked_ahead, 1, "{stats:?}");
+    assert_eq!(stats.sources_shared, 0, "{stats:?}");
+    assert_eq!(stats.disk_hits, 2, "{stats:?}");
     let fixture =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/shared-target/dep");
     let stored: Vec<_> = std::fs::read_dir(&store)

@@ -126,6 +126,29 @@ pub fn parse_index_file(body: &[u8]) -> Result<Vec<IndexEntry>, String> {
         .collect()
 }
 
+/// The version and checksum of each line of a sparse index file, and nothing else of it: what
+/// a download needs, read without building every line's dependencies and features (a popular
+/// crate's file holds hundreds of versions, and a resolution asks for it in every job).
+pub fn parse_checksums(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    #[derive(Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow)]
+        vers: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        cksum: std::borrow::Cow<'a, str>,
+    }
+    let text = std::str::from_utf8(body).map_err(|e| e.to_string())?;
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(n, line)| {
+            serde_json::from_str::<Line>(line)
+                .map(|line| (line.vers.into_owned(), line.cksum.into_owned()))
+                .map_err(|e| format!("line {}: {e}", n + 1))
+        })
+        .collect()
+}
+
 /// Expands the `dl` template of `config.json` as cargo does.
 pub fn download_url(dl: &str, name: &str, version: &str) -> String {
     const MARKERS: [&str; 5] = [
@@ -152,6 +175,33 @@ pub fn download_url(dl: &str, name: &str, version: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksums_are_read_from_full_lines_and_a_bad_line_is_an_error() {
+        let body = concat!(
+            r#"{"name":"a","vers":"1.0.0","deps":[{"name":"b","req":"^1","features":[],"optional":false,"default_features":true,"target":null,"kind":"normal"}],"cksum":"11","features":{"x":["b/y"]},"yanked":false}"#,
+            "\n\n",
+            r#"{"name":"a","vers":"1.1.0-rc.1","deps":[],"cksum":"22","features":{},"yanked":true,"rust_version":"1.70"}"#,
+            "\n"
+        );
+        assert_eq!(
+            parse_checksums(body.as_bytes()).unwrap(),
+            [
+                ("1.0.0".to_owned(), "11".to_owned()),
+                ("1.1.0-rc.1".to_owned(), "22".to_owned())
+            ]
+        );
+        // An escaped string is read as a plain one.
+        assert_eq!(
+            parse_checksums(br#"{"vers":"1.0.0","cksum":"\u0061b"}"#).unwrap(),
+            [("1.0.0".to_owned(), "ab".to_owned())]
+        );
+        assert!(
+            parse_checksums(b"{\"vers\":\"1.0.0\"}")
+                .unwrap_err()
+                .starts_with("line 1")
+        );
+    }
 
     #[test]
     fn index_paths_follow_cargos_layout() {
