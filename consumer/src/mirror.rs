@@ -37,7 +37,16 @@ struct Versions {
     /// Which file they were read from (its length and hash): a file served again unchanged,
     /// as in every job that resolves this crate, is not read again.
     file: (usize, u64),
-    checksums: Arc<HashMap<String, String>>,
+    read: Arc<Read>,
+}
+
+/// What an index file says of its crate's versions.
+struct Read {
+    /// The crate's name as published (cargo's directories carry it; the file's path is
+    /// lowercase).
+    name: String,
+    /// Each version's checksum.
+    checksums: HashMap<String, String>,
 }
 
 /// Crates whose versions are kept; past it the memory starts over (each file is then read once
@@ -110,10 +119,10 @@ async fn index_file(
     match shared.fetcher.registry().index_file_cached(&name).await {
         Ok((body, how)) => {
             shared.fetcher.count_index_file(how);
-            let checksums = versions_of(&shared, &name, &body).await;
+            let read = versions_of(&shared, &name, &body).await;
             // Before cargo has the file, so before it resolves with it and downloads.
-            if let (Some(sources), Some(checksums)) = (sources, checksums) {
-                link_stored(&shared, &sources, &name, &checksums);
+            if let (Some(sources), Some(read)) = (sources, read) {
+                link_stored(&shared, &sources, &read);
             }
             ([(header::CONTENT_TYPE, "text/plain")], body).into_response()
         }
@@ -125,11 +134,7 @@ async fn index_file(
 
 /// The versions and checksums of `name`'s index file `body`, read once per file, whichever
 /// job is served it; `None` if the file cannot be read (cargo will say so).
-async fn versions_of(
-    shared: &Shared,
-    name: &str,
-    body: &[u8],
-) -> Option<Arc<HashMap<String, String>>> {
+async fn versions_of(shared: &Shared, name: &str, body: &[u8]) -> Option<Arc<Read>> {
     use std::hash::{Hash as _, Hasher as _};
     let key = name.to_ascii_lowercase();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -138,10 +143,18 @@ async fn versions_of(
     if let Some(known) = shared.versions.read().await.get(&key)
         && known.file == file
     {
-        return Some(known.checksums.clone());
+        return Some(known.read.clone());
     }
-    let checksums: Arc<HashMap<String, String>> =
-        Arc::new(parse_checksums(body).ok()?.into_iter().collect());
+    let lines = parse_checksums(body).ok()?;
+    let read = Arc::new(Read {
+        name: lines
+            .first()
+            .map_or_else(|| name.to_owned(), |(name, _, _)| name.clone()),
+        checksums: lines
+            .into_iter()
+            .map(|(_, version, checksum)| (version, checksum))
+            .collect(),
+    });
     let mut versions = shared.versions.write().await;
     if versions.len() >= CRATES_KEPT {
         versions.clear();
@@ -150,24 +163,19 @@ async fn versions_of(
         key,
         Versions {
             file,
-            checksums: checksums.clone(),
+            read: read.clone(),
         },
     );
-    Some(checksums)
+    Some(read)
 }
 
-/// Links, in the job's cargo home, each version of `name` whose sources the store holds, with
-/// its archive, as a download would (`download` below): cargo then finds those versions
+/// Links, in the job's cargo home, each version of the crate whose sources the store holds,
+/// with its archive, as a download would (`download` below): cargo then finds those versions
 /// downloaded and extracted, and asks for none of them. Which of them the resolution picks is
 /// not known yet; a version linked and not picked costs two links in a cargo home that goes
 /// with the job. Versions the store lacks are downloaded as ever.
-fn link_stored(
-    shared: &Shared,
-    sources: &JobSources,
-    name: &str,
-    checksums: &HashMap<String, String>,
-) {
-    for package in sources.stored(name, checksums) {
+fn link_stored(shared: &Shared, sources: &JobSources, read: &Read) {
+    for package in sources.stored(&read.name, &read.checksums) {
         let cached = shared.fetcher.cached_file(&package);
         if let Err(why) = sources.link_stored(&package, &cached) {
             tracing::debug!(%package, %why, "cargo downloads it");
@@ -181,7 +189,7 @@ async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<Strin
         .read()
         .await
         .get(&name.to_ascii_lowercase())
-        .and_then(|known| known.checksums.get(version).cloned());
+        .and_then(|known| known.read.checksums.get(version).cloned());
     if known.is_some() {
         return known;
     }
@@ -189,6 +197,7 @@ async fn checksum_of(shared: &Shared, name: &str, version: &str) -> Option<Strin
     let body = shared.fetcher.registry().index_file(name).await.ok()?;
     versions_of(shared, name, &body)
         .await?
+        .checksums
         .get(version)
         .cloned()
 }

@@ -126,12 +126,15 @@ pub fn parse_index_file(body: &[u8]) -> Result<Vec<IndexEntry>, String> {
         .collect()
 }
 
-/// The version and checksum of each line of a sparse index file, and nothing else of it: what
-/// a download needs, read without building every line's dependencies and features (a popular
-/// crate's file holds hundreds of versions, and a resolution asks for it in every job).
-pub fn parse_checksums(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+/// The name (as published: the index file's path is lowercase), version and checksum of each
+/// line of a sparse index file, and nothing else of it: what a download needs, read without
+/// building every line's dependencies and features (a popular crate's file holds hundreds of
+/// versions, and a resolution asks for it in every job).
+pub fn parse_checksums(body: &[u8]) -> Result<Vec<(String, String, String)>, String> {
     #[derive(Deserialize)]
     struct Line<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
         #[serde(borrow)]
         vers: std::borrow::Cow<'a, str>,
         #[serde(borrow)]
@@ -143,7 +146,13 @@ pub fn parse_checksums(body: &[u8]) -> Result<Vec<(String, String)>, String> {
         .enumerate()
         .map(|(n, line)| {
             serde_json::from_str::<Line>(line)
-                .map(|line| (line.vers.into_owned(), line.cksum.into_owned()))
+                .map(|line| {
+                    (
+                        line.name.into_owned(),
+                        line.vers.into_owned(),
+                        line.cksum.into_owned(),
+                    )
+                })
                 .map_err(|e| format!("line {}: {e}", n + 1))
         })
         .collect()
@@ -179,25 +188,25 @@ mod tests {
     #[test]
     fn checksums_are_read_from_full_lines_and_a_bad_line_is_an_error() {
         let body = concat!(
-            r#"{"name":"a","vers":"1.0.0","deps":[{"name":"b","req":"^1","features":[],"optional":false,"default_features":true,"target":null,"kind":"normal"}],"cksum":"11","features":{"x":["b/y"]},"yanked":false}"#,
+            r#"{"name":"Inflector","vers":"1.0.0","deps":[{"name":"b","req":"^1","features":[],"optional":false,"default_features":true,"target":null,"kind":"normal"}],"cksum":"11","features":{"x":["b/y"]},"yanked":false}"#,
             "\n\n",
-            r#"{"name":"a","vers":"1.1.0-rc.1","deps":[],"cksum":"22","features":{},"yanked":true,"rust_version":"1.70"}"#,
+            r#"{"name":"Inflector","vers":"1.1.0-rc.1","deps":[],"cksum":"22","features":{},"yanked":true,"rust_version":"1.70"}"#,
             "\n"
         );
+        let line =
+            |vers: &str, cksum: &str| ("Inflector".to_owned(), vers.to_owned(), cksum.to_owned());
         assert_eq!(
             parse_checksums(body.as_bytes()).unwrap(),
-            [
-                ("1.0.0".to_owned(), "11".to_owned()),
-                ("1.1.0-rc.1".to_owned(), "22".to_owned())
-            ]
+            [line("1.0.0", "11"), line("1.1.0-rc.1", "22")]
         );
         // An escaped string is read as a plain one.
         assert_eq!(
-            parse_checksums(br#"{"vers":"1.0.0","cksum":"\u0061b"}"#).unwrap(),
-            [("1.0.0".to_owned(), "ab".to_owned())]
+            parse_checksums(br#"{"name":"Inflector","vers":"1.0.0","cksum":"\u0031\u0031"}"#)
+                .unwrap(),
+            [line("1.0.0", "11")]
         );
         assert!(
-            parse_checksums(b"{\"vers\":\"1.0.0\"}")
+            parse_checksums(b"{\"name\":\"a\",\"vers\":\"1.0.0\"}")
                 .unwrap_err()
                 .starts_with("line 1")
         );
