@@ -426,11 +426,12 @@ impl JobSources {
         let index = self.sources.lock();
         checksums
             .iter()
-            .filter(|(_, checksum)| index.entries.contains_key(&checksum.to_ascii_lowercase()))
+            .map(|(version, checksum)| (version, checksum.to_ascii_lowercase()))
+            .filter(|(_, checksum)| index.entries.contains_key(checksum))
             .map(|(version, checksum)| PackageVersion {
                 name: name.to_owned(),
                 version: version.clone(),
-                checksum: checksum.clone(),
+                checksum,
             })
             .collect()
     }
@@ -945,8 +946,8 @@ mod tests {
             .unwrap();
         earlier.link(&a, &bytes).await.unwrap();
         drop(earlier);
-        // The index has 1.0.0 and 1.1.0, which no job downloaded; and a version whose
-        // checksum is not the stored one's (another upload): neither is linked.
+        // The index has 1.0.0 (its checksum in capitals, as the store's names never are) and
+        // 1.1.0, which no job downloaded: only 1.0.0 is linked, under the store's name.
         let home = cargo_home(&dir.path().join("job"));
         let job = sources
             .for_job(&home, Path::new("/run/quarry/sources"), BUILD)
@@ -958,7 +959,10 @@ mod tests {
         .into();
         let stored = job.stored("a", &index);
         assert_eq!(stored.len(), 1, "{stored:?}");
-        assert_eq!(stored[0].version, "1.0.0");
+        assert_eq!(
+            (stored[0].version.as_str(), stored[0].checksum.as_str()),
+            ("1.0.0", a.checksum.as_str())
+        );
         job.link_stored(&stored[0], &cached).unwrap();
         // Read again (a second resolution): nothing changes.
         job.link_stored(&stored[0], &cached).unwrap();
