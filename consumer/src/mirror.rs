@@ -145,16 +145,7 @@ async fn versions_of(shared: &Shared, name: &str, body: &[u8]) -> Option<Arc<Rea
     {
         return Some(known.read.clone());
     }
-    let lines = parse_checksums(body).ok()?;
-    let read = Arc::new(Read {
-        name: lines
-            .first()
-            .map_or_else(|| name.to_owned(), |(name, _, _)| name.clone()),
-        checksums: lines
-            .into_iter()
-            .map(|(_, version, checksum)| (version, checksum))
-            .collect(),
-    });
+    let read = Arc::new(Read::of(name, parse_checksums(body).ok()?));
     let mut versions = shared.versions.write().await;
     if versions.len() >= CRATES_KEPT {
         versions.clear();
@@ -167,6 +158,27 @@ async fn versions_of(shared: &Shared, name: &str, body: &[u8]) -> Option<Arc<Rea
         },
     );
     Some(read)
+}
+
+impl Read {
+    /// What the lines of the index file asked for as `requested` say. Their name and versions
+    /// become paths in a job's cargo home (`<name>-<version>`), so only a crate name that is
+    /// `requested` but for case, and versions that can be semver versions, are taken from them.
+    fn of(requested: &str, lines: Vec<(String, String, String)>) -> Read {
+        let name = lines
+            .first()
+            .map(|(name, _, _)| name)
+            .filter(|name| is_crate_name(name) && name.eq_ignore_ascii_case(requested))
+            .map_or_else(|| requested.to_owned(), String::clone);
+        Read {
+            name,
+            checksums: lines
+                .into_iter()
+                .filter(|(_, version, _)| is_version(version))
+                .map(|(_, version, checksum)| (version, checksum))
+                .collect(),
+        }
+    }
 }
 
 /// Links, in the job's cargo home, each version of the crate whose sources the store holds,
@@ -259,6 +271,25 @@ mod tests {
         }
         for version in ["", "../1", "1/0", "1 0"] {
             assert!(!is_version(version), "{version}");
+        }
+    }
+
+    #[test]
+    fn an_index_files_lines_name_no_path_outside_the_crates_own() {
+        let line =
+            |name: &str, version: &str| (name.to_owned(), version.to_owned(), "c".repeat(64));
+        // The name as published, when it is the one asked for.
+        let read = Read::of("inflector", vec![line("Inflector", "0.11.4")]);
+        assert_eq!(read.name, "Inflector");
+        assert_eq!(read.checksums.keys().collect::<Vec<_>>(), ["0.11.4"]);
+        // Another name, or one that is a path, is not taken; nor is a version that is a path.
+        for hostile in ["../../x", "serde"] {
+            let read = Read::of(
+                "inflector",
+                vec![line(hostile, "1.0.0"), line(hostile, "../../1")],
+            );
+            assert_eq!(read.name, "inflector", "{hostile}");
+            assert_eq!(read.checksums.keys().collect::<Vec<_>>(), ["1.0.0"]);
         }
     }
 }
